@@ -1,0 +1,244 @@
+"""Finding, verifying and loading committed checkpoints. No Lightning imports; no pickle on this path."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+from .errors import CheckpointCorruptError, CheckpointError, CheckpointNotFoundError
+from .format import manifest as mf
+from .format.checksum import crc32c
+from .format.codec import decode
+from .format.tensorfile import dtype_from_name, header_end_from_prefix, iter_regions
+from .writer.dcp_storage import LCStorageReader, unwrap_dcp_error
+
+log = logging.getLogger("lightning_ckpt")
+
+_VERIFY_BLOCK = 64 << 20
+
+
+@dataclass
+class CheckpointInfo:
+    """A committed checkpoint as listed by :func:`list_checkpoints` (read from its manifest, not verified)."""
+
+    name: str
+    path: str
+    step: int
+    epoch: int | None
+    tags: list[str]
+    metrics: dict[str, Any]
+    size_bytes: int
+    kind: str
+    created_unix: float | None
+    manifest: dict = field(repr=False, default_factory=dict)
+
+
+def _info(path: str, m: dict) -> CheckpointInfo:
+    return CheckpointInfo(
+        name=os.path.basename(path),
+        path=path,
+        step=int(m["step"]),
+        epoch=m.get("epoch"),
+        tags=list(m.get("tags") or []),
+        metrics=dict(m.get("metrics") or {}),
+        size_bytes=sum(int(f["size"]) for f in m["files"].values()),
+        kind=str(m.get("kind", "full")),
+        created_unix=m.get("created_unix"),
+        manifest=m,
+    )
+
+
+def list_checkpoints(dirpath: str) -> list[CheckpointInfo]:
+    """Committed checkpoints in ``dirpath``, oldest first (by step, then commit time).
+
+    Partial folders of interrupted saves are never listed; a folder whose manifest cannot be read is skipped with a
+    warning. Checksums are not verified here (see :func:`verify_checkpoint`).
+    """
+    dirpath = os.fspath(dirpath)
+    if not os.path.isdir(dirpath):
+        if os.path.exists(dirpath):
+            raise CheckpointNotFoundError(f"{dirpath} is a file; pass the folder that holds the checkpoints")
+        return []
+    out = []
+    for e in os.listdir(dirpath):
+        if e.startswith("."):
+            continue
+        p = os.path.join(dirpath, e)
+        if not os.path.isfile(os.path.join(p, mf.MANIFEST)):
+            continue
+        try:
+            out.append(_info(p, mf.read_manifest(p)))
+        except CheckpointError as err:
+            warnings.warn(f"lightning_ckpt: skipping {p}: {err}", stacklevel=2)
+    out.sort(key=lambda c: (c.step, c.created_unix or 0.0, c.name))
+    return out
+
+
+def verify_checkpoint(path: str) -> None:
+    """Check every byte of the checkpoint at ``path`` against its manifest.
+
+    Raises:
+        CheckpointNotFoundError: ``path`` is not a committed checkpoint.
+        CheckpointCorruptError: a file is missing, has the wrong size, or fails its checksum.
+    """
+    path = os.fspath(path)
+    m = mf.read_manifest(path)
+    for fname, entry in m["files"].items():
+        fpath = os.path.join(path, fname)
+        try:
+            f = open(fpath, "rb", buffering=0)
+        except FileNotFoundError:
+            raise CheckpointCorruptError(f"{fpath} is missing; the checkpoint is incomplete, use an earlier one") from None
+        with f:
+            size = os.fstat(f.fileno()).st_size
+            if size != entry["size"]:
+                raise CheckpointCorruptError(
+                    f"{fpath} has {size} bytes where the manifest says {entry['size']}: the file was truncated or "
+                    "replaced. Use an earlier checkpoint."
+                )
+            if entry.get("tensors"):
+                head = f.read(8)
+                if header_end_from_prefix(head, size, fpath) != entry["header_end"]:
+                    raise CheckpointCorruptError(f"{fpath} has a header that does not match the manifest; it is corrupt")
+                f.seek(0)
+            buf = bytearray(_VERIFY_BLOCK)
+            mv = memoryview(buf)
+            for begin, end, expected in sorted(iter_regions(entry)):
+                f.seek(begin)
+                crc = 0
+                left = end - begin
+                while left:
+                    k = f.readinto(mv[: min(left, _VERIFY_BLOCK)])
+                    if not k:
+                        raise CheckpointCorruptError(f"{fpath} ended early; it is truncated")
+                    crc = crc32c(mv[:k], crc)
+                    left -= k
+                if crc != expected:
+                    raise CheckpointCorruptError(
+                        f"{fpath}: checksum mismatch in bytes [{begin}, {end}); the file is corrupt. "
+                        "Use an earlier checkpoint (latest_checkpoint skips corrupt ones)."
+                    )
+
+
+def latest_checkpoint(dirpath: str, *, verify: bool = True) -> str | None:
+    """Path of the newest committed checkpoint in ``dirpath`` that passes verification, or ``None``.
+
+    Corrupt or unreadable checkpoints are skipped with a warning; interrupted saves are never considered.
+    """
+    ckpts = list_checkpoints(dirpath)
+    for c in reversed(ckpts):
+        if not verify:
+            return c.path
+        try:
+            verify_checkpoint(c.path)
+            return c.path
+        except CheckpointError as e:
+            warnings.warn(f"lightning_ckpt: skipping corrupt checkpoint {c.path}: {e}", stacklevel=2)
+            log.warning("skipping corrupt checkpoint %s: %s", c.path, e)
+    return None
+
+
+def read_state_doc(path: str, m: dict, rank: int = 0) -> Any:
+    """The non-tensor state (JSON) of one rank, checksum-verified."""
+    files = m.get("state_files") or {}
+    fname = files.get(str(rank)) or files.get("0")
+    if fname is None:
+        raise CheckpointCorruptError(f"{path}: the manifest lists no state file; the checkpoint is corrupt")
+    entry = m["files"][fname]
+    fpath = os.path.join(path, fname)
+    try:
+        with open(fpath, "rb") as f:
+            raw = f.read(entry["size"] + 1)
+    except FileNotFoundError:
+        raise CheckpointCorruptError(f"{fpath} is missing; the checkpoint is incomplete, use an earlier one") from None
+    if len(raw) != entry["size"]:
+        raise CheckpointCorruptError(f"{fpath} has {len(raw)} bytes where the manifest says {entry['size']}; it is truncated or replaced")
+    if crc32c(raw) != entry["header_crc32c"]:
+        raise CheckpointCorruptError(f"{fpath}: checksum mismatch; the state file is corrupt. Use an earlier checkpoint.")
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointCorruptError(f"{fpath} is not valid JSON ({e}); the state file is corrupt or hostile") from None
+
+
+def load_tensors(path: str, m: dict, keys: list[str] | None = None, *, verify: bool = True) -> dict[str, torch.Tensor]:
+    """Read tensors (all, or ``keys``) of a checkpoint through DCP into freshly allocated CPU tensors."""
+    index = m.get("tensors", {})
+    wanted = list(index) if keys is None else keys
+    targets: dict[str, torch.Tensor] = {}
+    for k in wanted:
+        if k not in index:
+            raise CheckpointCorruptError(f"{path}: the state refers to tensor {k!r}, which the manifest does not list")
+        t = index[k]
+        targets[k] = torch.empty([int(s) for s in t["shape"]], dtype=dtype_from_name(t["dtype"]))
+    if not targets:
+        return targets
+    reader = LCStorageReader(path, m, verify=verify)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+            dcp.load(targets, storage_reader=reader, planner=DefaultLoadPlanner(allow_partial_load=False), no_dist=True)
+    except BaseException as e:
+        err = unwrap_dcp_error(e)
+        if isinstance(err, CheckpointError):
+            raise err from None
+        if isinstance(err, OSError):
+            raise CheckpointCorruptError(f"reading {path} failed: {err}") from err
+        raise
+    return targets
+
+
+def load_checkpoint(path: str, map_location: Any = "cpu", *, verify: bool = True, rank: int = 0) -> dict:
+    """Load a checkpoint written by this package as the Lightning checkpoint dictionary.
+
+    Every byte read is checked against its CRC32C (``verify=False`` skips the checks). Nothing is unpickled.
+
+    Args:
+        path: a checkpoint folder (one that holds ``manifest.json``).
+        map_location: device (or ``torch.load``-style mapping) the tensors are moved to; ``"cpu"`` by default.
+        rank: whose non-tensor state to read in a checkpoint saved by several ranks.
+    """
+    path = os.fspath(path)
+    m = mf.read_manifest(path)
+    doc = read_state_doc(path, m, rank)
+    tensors = load_tensors(path, m, verify=verify)
+
+    def get(key: str) -> torch.Tensor:
+        try:
+            t = tensors[key]
+        except KeyError:
+            raise CheckpointCorruptError(f"{path}: the state refers to tensor {key!r}, which the manifest does not list") from None
+        return _map(t, map_location)
+
+    return decode(doc, get)
+
+
+def _map(t: torch.Tensor, map_location: Any) -> torch.Tensor:
+    if map_location is None or map_location == "cpu" or map_location == torch.device("cpu"):
+        return t
+    if callable(map_location):
+        return map_location(t, "cpu")
+    if isinstance(map_location, dict):
+        dev = map_location.get("cpu", "cpu")
+        return t.to(dev)
+    return t.to(map_location)
+
+
+def read_checkpoint_manifest(path: str) -> dict:
+    """The validated manifest of the checkpoint at ``path``."""
+    return mf.read_manifest(os.fspath(path))
+
+
+def is_checkpoint_dir(path: Any) -> bool:
+    try:
+        p = os.fspath(path)
+    except TypeError:
+        return False
+    return os.path.isdir(p) and os.path.isfile(os.path.join(p, mf.MANIFEST))

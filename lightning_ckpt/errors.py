@@ -1,0 +1,27 @@
+"""Error types a user can act on. Every message says what is wrong and what to do."""
+from __future__ import annotations
+
+
+class CheckpointError(Exception):
+    """Base class of every error raised by lightning_ckpt about a checkpoint."""
+
+
+class CheckpointCorruptError(CheckpointError):
+    """A checkpoint exists but its bytes do not match its manifest (missing file, wrong size, bad checksum,
+    malformed or hostile content). Use an earlier checkpoint (``latest_checkpoint`` skips corrupt ones)."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """No committed checkpoint at the given path."""
+
+
+class CheckpointFormatError(CheckpointError):
+    """The checkpoint was written in a format this release cannot read (for example by a newer release)."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A save failed (disk full, permission denied, ...). Earlier checkpoints are untouched."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """The checkpoint does not fit the object it is loaded into (tensor shapes, missing keys, partial content)."""

@@ -1,0 +1,338 @@
+"""torch.distributed.checkpoint ``StorageWriter`` / ``StorageReader`` for the lightning_ckpt format.
+
+DCP plans who writes which tensor (and, on load, which bytes each rank reads, which is how resharding works);
+these classes put the bytes in checksummed safetensors files and describe them in a JSON manifest instead of
+DCP's pickled ``.metadata``. Nothing on the read path unpickles.
+
+Call order (see ``torch/distributed/checkpoint/storage.py``): every rank runs ``write_data`` into the
+``.partial-*`` folder and fsyncs; DCP gathers every rank's ``WriteResult`` list to the coordinator (a collective);
+the coordinator's ``finish`` hands the gathered records to the commit callback, which writes the manifest and
+renames the folder. If any rank raises, DCP raises on every rank and nothing is committed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections import defaultdict
+from concurrent.futures import Executor
+from typing import Any, Callable
+
+import torch
+from torch.futures import Future
+from torch.distributed.checkpoint.metadata import (
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, SavePlan, SavePlanner, WriteItemType
+from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
+
+from ..errors import CheckpointCorruptError, CheckpointError
+from ..format import manifest as mf
+from ..format.checksum import crc32c
+from ..format.tensorfile import (
+    FileRecord,
+    byte_view,
+    dtype_from_name,
+    header_end_from_prefix,
+    readinto_exact,
+    write_bytes_file,
+    write_tensor_file,
+)
+
+# First path segment of a flat key -> file group. Everything else goes to "extra".
+GROUPS = {"state_dict": "model", "optimizer_states": "optim"}
+
+
+def group_of(key: str) -> str:
+    return GROUPS.get(key.split("/", 1)[0], "extra")
+
+
+def name_in_file(key: str, offsets: tuple[int, ...], is_shard: bool) -> str:
+    """Tensor name inside its safetensors file: the model's own parameter names in the model file."""
+    head, _, rest = key.partition("/")
+    name = rest if head == "state_dict" and rest and "/" not in rest else key
+    if is_shard:
+        name += "@" + ",".join(str(o) for o in offsets)
+    return name
+
+
+@dataclasses.dataclass(frozen=True)
+class _FileResult:
+    """Carried to the coordinator inside a WriteResult: one written file's record."""
+
+    rank: int
+    record: dict
+
+
+@dataclasses.dataclass(frozen=True)
+class _ChunkInfo:
+    file: str
+    name: str
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+
+
+class LCStorageWriter(StorageWriter):
+    """Writes one rank's tensors (and its non-tensor state bytes) into ``partial_dir``."""
+
+    def __init__(
+        self,
+        partial_dir: str,
+        *,
+        state_bytes: bytes,
+        on_finish: Callable[[list[_FileResult], dict[str, dict]], None],
+        crc_executor: Executor | None = None,
+        fsync: bool = True,
+    ) -> None:
+        super().__init__()
+        self.partial_dir = partial_dir
+        self.state_bytes = state_bytes
+        self.on_finish = on_finish
+        self.crc_executor = crc_executor
+        self.fsync = fsync
+        self.rank = 0
+        self.is_coordinator = True
+
+    def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
+        pass
+
+    def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        self.is_coordinator = is_coordinator
+        self.rank = int(kwargs.get("rank", 0) or 0)
+
+    def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
+        return plan
+
+    def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
+        return [dataclasses.replace(p, storage_data=i) for i, p in enumerate(plans)]
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        rank = plan.storage_data if isinstance(plan.storage_data, int) else self.rank
+        by_group: dict[str, list] = defaultdict(list)
+        for item in plan.items:
+            if item.type == WriteItemType.BYTE_IO:
+                raise CheckpointError(
+                    f"{item.index.fqn!r} is not a tensor; non-tensor state must go through the JSON state file"
+                )
+            by_group[group_of(item.index.fqn)].append(item)
+        results: list[WriteResult] = []
+        files: list[_FileResult] = []
+        for group in sorted(by_group):
+            items = by_group[group]
+            fname = mf.shard_file_name(group, rank)
+            named = []
+            for item in items:
+                t = planner.resolve_data(item)
+                assert isinstance(t, torch.Tensor)
+                t = t.detach()
+                chunk = item.tensor_data.chunk
+                is_shard = item.type == WriteItemType.SHARD or tuple(chunk.sizes) != tuple(item.tensor_data.size)
+                named.append((name_in_file(item.index.fqn, tuple(chunk.offsets), is_shard), t, item))
+            rec = write_tensor_file(
+                os.path.join(self.partial_dir, fname),
+                [(n, t) for n, t, _ in named],
+                metadata={"format": "pt", "lightning_ckpt": str(mf.FORMAT_VERSION)},
+                fsync=self.fsync,
+                crc_executor=self.crc_executor,
+            )
+            by_name = {tr.name: tr for tr in rec.tensors}
+            for n, t, item in named:
+                tr = by_name[n]
+                chunk = item.tensor_data.chunk
+                info = _ChunkInfo(fname, n, tuple(int(o) for o in chunk.offsets), tuple(int(s) for s in chunk.sizes))
+                results.append(WriteResult(index=item.index, size_in_bytes=tr.end - tr.begin, storage_data=info))
+            files.append(_FileResult(rank, _record_json(rec, rank)))
+        srec = write_bytes_file(os.path.join(self.partial_dir, mf.state_file_name(rank)), self.state_bytes, fsync=self.fsync)
+        files.append(_FileResult(rank, _record_json(srec, rank)))
+        for fr in files:
+            results.append(WriteResult(index=MetadataIndex(f"$file/{fr.record['name']}"), size_in_bytes=fr.record["size"], storage_data=fr))
+        fut: Future[list[WriteResult]] = Future()
+        fut.set_result(results)
+        return fut
+
+    def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        files: list[_FileResult] = []
+        tensors: dict[str, dict] = {}
+        for rank_results in results:
+            for wr in rank_results:
+                if isinstance(wr.storage_data, _FileResult):
+                    files.append(wr.storage_data)
+        for rank_results in results:
+            for wr in rank_results:
+                info = wr.storage_data
+                if not isinstance(info, _ChunkInfo):
+                    continue
+                md = metadata.state_dict_metadata[wr.index.fqn]
+                assert isinstance(md, TensorStorageMetadata)
+                entry = tensors.setdefault(
+                    wr.index.fqn,
+                    {"dtype": _dtype_str(md.properties.dtype), "shape": [int(s) for s in md.size], "chunks": []},
+                )
+                entry["chunks"].append({"file": info.file, "name": info.name, "offsets": list(info.offsets), "sizes": list(info.sizes)})
+        self.on_finish(files, tensors)
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
+        return True
+
+    def storage_meta(self):
+        return None
+
+
+def _dtype_str(dtype: torch.dtype) -> str:
+    from ..format.tensorfile import dtype_name
+
+    return dtype_name(dtype)
+
+
+def _record_json(rec: FileRecord, rank: int) -> dict:
+    d = {"name": rec.name, "size": rec.size, "header_end": rec.header_end, "header_crc32c": rec.header_crc32c, "rank": rank}
+    if rec.tensors:
+        d["tensors"] = {t.name: t.to_json() for t in rec.tensors}
+    return d
+
+
+class LCStorageReader(StorageReader):
+    """Reads tensors of a committed checkpoint, verifying the CRC32C of every region it reads.
+
+    A tensor chunk read whole is read straight into the destination tensor's memory when it is a contiguous CPU
+    tensor of the same dtype (no intermediate copy), and its checksum is computed on those bytes.
+    """
+
+    def __init__(self, path: str, manifest: dict, *, verify: bool = True) -> None:
+        super().__init__()
+        self.path = path
+        self.manifest = manifest
+        self.verify = verify
+        self.storage_data: dict[MetadataIndex, _ChunkInfo] = {}
+        self._headers_checked: set[str] = set()
+
+    def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
+        pass
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        sd_md: dict[str, Any] = {}
+        storage: dict[MetadataIndex, _ChunkInfo] = {}
+        for key, t in self.manifest.get("tensors", {}).items():
+            chunks = []
+            for c in t["chunks"]:
+                offsets, sizes = tuple(int(o) for o in c["offsets"]), tuple(int(s) for s in c["sizes"])
+                chunks.append(ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes)))
+                storage[MetadataIndex(key, offsets)] = _ChunkInfo(c["file"], c["name"], offsets, sizes)
+            sd_md[key] = TensorStorageMetadata(
+                properties=TensorProperties(dtype=dtype_from_name(t["dtype"])),
+                size=torch.Size(int(s) for s in t["shape"]),
+                chunks=chunks,
+            )
+        return Metadata(state_dict_metadata=sd_md, storage_data=storage)
+
+    def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        self.storage_data = metadata.storage_data
+
+    def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
+        return plan
+
+    def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
+        return plans
+
+    def _check_header(self, f, fname: str) -> None:
+        if fname in self._headers_checked:
+            return
+        entry = self.manifest["files"][fname]
+        where = os.path.join(self.path, fname)
+        size = os.fstat(f.fileno()).st_size
+        if size != entry["size"]:
+            raise CheckpointCorruptError(
+                f"{where} has {size} bytes, the manifest says {entry['size']}: the file was truncated or replaced. "
+                "Use an earlier checkpoint (latest_checkpoint skips corrupt ones)."
+            )
+        f.seek(0)
+        head = f.read(entry["header_end"])
+        if len(head) != entry["header_end"] or header_end_from_prefix(head, size, where) != entry["header_end"]:
+            raise CheckpointCorruptError(f"{where} has a header that does not match the manifest; the file is corrupt")
+        if self.verify and crc32c(head) != entry["header_crc32c"]:
+            raise CheckpointCorruptError(f"{where}: checksum mismatch in the header; the file is corrupt")
+        self._headers_checked.add(fname)
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        per_file: dict[str, list] = defaultdict(list)
+        for item in plan.items:
+            info = self.storage_data[item.storage_index]
+            per_file[info.file].append((item, info))
+        for fname, items in per_file.items():
+            entry = self.manifest["files"][fname]
+            where = os.path.join(self.path, fname)
+            items.sort(key=lambda it: entry["tensors"][it[1].name]["begin"])
+            try:
+                f = open(where, "rb", buffering=0)
+            except FileNotFoundError:
+                raise CheckpointCorruptError(f"{where} is missing; the checkpoint is incomplete, use an earlier one") from None
+            with f:
+                self._check_header(f, fname)
+                cache: dict[str, torch.Tensor] = {}
+                for item, info in items:
+                    self._read_item(f, where, entry, item, info, planner, cache)
+        fut: Future[None] = Future()
+        fut.set_result(None)
+        return fut
+
+    def _read_chunk(self, f, where: str, t: dict, into: torch.Tensor | None) -> torch.Tensor:
+        dtype = dtype_from_name(t["dtype"])
+        shape = [int(s) for s in t["shape"]]
+        n = t["end"] - t["begin"]
+        buf = into if into is not None else torch.empty(shape, dtype=dtype)
+        if buf.numel() * buf.element_size() != n:
+            raise CheckpointCorruptError(f"{where}: a tensor's byte range does not match its shape and dtype")
+        mv = byte_view(buf)
+        f.seek(t["begin"])
+        readinto_exact(f, mv, where)
+        if self.verify and crc32c(mv) != t["crc32c"]:
+            raise CheckpointCorruptError(
+                f"{where}: checksum mismatch in tensor {t.get('_name', '')!r}; the file is corrupt. "
+                "Use an earlier checkpoint (latest_checkpoint skips corrupt ones)."
+            )
+        return buf
+
+    def _read_item(self, f, where, entry, item, info: _ChunkInfo, planner: LoadPlanner, cache) -> None:
+        t = dict(entry["tensors"][info.name], _name=info.name)
+        if tuple(int(s) for s in t["shape"]) != info.sizes:
+            raise CheckpointCorruptError(f"{where}: tensor {info.name!r} has a shape that does not match the manifest index")
+        target = planner.resolve_tensor(item).detach()
+        whole = all(o == 0 for o in item.storage_offsets) and tuple(item.lengths) == info.sizes
+        if (
+            whole
+            and target.device.type == "cpu"
+            and target.is_contiguous()
+            and target.dtype == dtype_from_name(t["dtype"])
+            and tuple(target.shape) == info.sizes
+        ):
+            self._read_chunk(f, where, t, target)
+        else:
+            src = cache.get(info.name)
+            if src is None:
+                src = self._read_chunk(f, where, t, None)
+                cache[info.name] = src
+            for dim, (off, ln) in enumerate(zip(item.storage_offsets, item.lengths)):
+                src = src.narrow(dim, off, ln)
+            if tuple(target.shape) != tuple(src.shape):
+                raise CheckpointCorruptError(f"{where}: tensor {info.name!r} does not fit its destination")
+            target.copy_(src)
+        planner.commit_tensor(item, target)
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
+        return True
+
+
+def unwrap_dcp_error(e: BaseException) -> BaseException:
+    """DCP wraps every rank's error in a ``CheckpointException``; return the first underlying one."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    if isinstance(e, CheckpointException) and e.failures:
+        first = e.failures[min(e.failures)]
+        if isinstance(first, tuple) and first and isinstance(first[0], BaseException):
+            return first[0]
+    return e

@@ -1,0 +1,51 @@
+"""Host buffers that are allocated once and reused across saves.
+
+``HostBuffers.snapshot(tensors)`` copies every tensor into a CPU buffer of the same shape and dtype (pinned
+when CUDA is present, so device-to-host copies run at full bandwidth and asynchronously), allocating only for keys
+whose shape or dtype changed since the last save. Training may resume as soon as it returns.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class HostBuffers:
+    def __init__(self, pin_memory: bool | None = None) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+        self._pin = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.allocations = 0  # how many buffers were allocated in total (tests check reuse)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self._buffers.values())
+
+    def _buffer_for(self, key: str, t: torch.Tensor) -> torch.Tensor:
+        buf = self._buffers.get(key)
+        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+            pin = self._pin and t.device.type == "cuda"
+            buf = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=pin)
+            self._buffers[key] = buf
+            self.allocations += 1
+        return buf
+
+    def snapshot(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        needs_sync = False
+        for key, t in tensors.items():
+            t = t.detach()
+            if t.layout != torch.strided:
+                raise ValueError(f"tensor {key!r} has layout {t.layout}; only dense tensors can be checkpointed")
+            buf = self._buffer_for(key, t)
+            non_blocking = t.device.type == "cuda" and buf.is_pinned()
+            buf.copy_(t, non_blocking=non_blocking)
+            needs_sync |= non_blocking
+            out[key] = buf
+        for key in list(self._buffers):
+            if key not in tensors:
+                del self._buffers[key]
+        if needs_sync:
+            torch.cuda.synchronize()
+        return out
+
+    def clear(self) -> None:
+        self._buffers.clear()

@@ -1,0 +1,473 @@
+"""The checkpoint writer: snapshot, persist (sync or in the background), commit. No Lightning imports.
+
+Commit protocol (see ``../shared/DESIGN.md``): shards and state are written and fsynced into
+``<dirpath>/.partial-<name>-<id>/``; the coordinator writes ``manifest.json`` last and fsyncs it, renames the folder
+to ``<dirpath>/<name>``, fsyncs ``<dirpath>``, then replaces ``latest.json`` atomically. A crash at any point leaves
+the previous checkpoints and either no new one or a complete one; leftover partial folders are never listed and are
+removed by ``cleanup_partials``.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import logging
+import os
+import platform
+import socket
+import string
+import subprocess
+import sys
+import threading
+import time
+import uuid
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Literal
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+
+from ..errors import CheckpointError, CheckpointWriteError
+from ..format import manifest as mf
+from ..format.codec import encode, warn_unsupported
+from ..storage.local import atomic_write_bytes, fsync_dir, remove_tree
+from .dcp_storage import LCStorageWriter, _FileResult, unwrap_dcp_error
+from .snapshot import HostBuffers
+
+log = logging.getLogger("lightning_ckpt")
+
+IfBusy = Literal["wait", "skip"]
+
+
+def validate_name_template(template: str) -> str:
+    """A template must produce a plain folder name from ``step`` and ``epoch``."""
+    if not isinstance(template, str) or not template:
+        raise ValueError(f"name_template={template!r} is invalid: give a format string such as 'step={{step:06d}}'")
+    try:
+        fields = {f for _, f, _, _ in string.Formatter().parse(template) if f}
+        sample = template.format(step=123, epoch=4)
+    except (ValueError, KeyError, IndexError) as e:
+        raise ValueError(
+            f"name_template={template!r} is invalid ({e}); it may use only the fields {{step}} and {{epoch}}, "
+            "for example 'step={step:06d}' or 'epoch={epoch}-step={step}'"
+        ) from None
+    if "step" not in fields and "epoch" not in fields or not fields <= {"step", "epoch"}:
+        raise ValueError(
+            f"name_template={template!r} is invalid: it must contain {{step}} (or {{epoch}}) and no other fields"
+        )
+    try:
+        mf.check_member_name(sample, "name_template")
+    except CheckpointError:
+        raise ValueError(
+            f"name_template={template!r} gives the folder name {sample!r}; names must be plain (letters, digits, "
+            "'_.=+@,-'), must not start with '.', and must not contain '/'"
+        ) from None
+    return template
+
+
+def _git_commit(cwd: str | None = None) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5, check=False
+        )
+        if out.returncode == 0:
+            commit = out.stdout.strip()
+            dirty = subprocess.run(["git", "status", "--porcelain", "-uno"], cwd=cwd, capture_output=True, text=True, timeout=5)
+            return commit + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return None
+
+
+_RUN_INFO: dict | None = None
+
+
+def run_info() -> dict:
+    """Metadata about the process that writes checkpoints; computed once."""
+    global _RUN_INFO
+    if _RUN_INFO is None:
+        versions = {"python": platform.python_version(), "torch": torch.__version__}
+        for mod in ("lightning", "numpy", "safetensors"):
+            m = sys.modules.get(mod)
+            if m is not None and hasattr(m, "__version__"):
+                versions[mod] = m.__version__
+        from .. import __version__
+
+        versions["lightning_ckpt"] = __version__
+        _RUN_INFO = {
+            "versions": versions,
+            "git_commit": _git_commit(),
+            "host": socket.gethostname(),
+            "platform": platform.platform(),
+            "argv": list(sys.argv),
+            "cwd": os.getcwd(),
+        }
+    info = dict(_RUN_INFO)
+    info["pid"] = os.getpid()
+    info["seed"] = os.environ.get("PL_GLOBAL_SEED")
+    return info
+
+
+@dataclass
+class SaveResult:
+    """What a finished save produced."""
+
+    name: str
+    path: str
+    step: int
+    bytes: int
+    snapshot_s: float
+    write_s: float
+    tags: list[str] = field(default_factory=list)
+
+
+class PendingSave:
+    """Handle of a save: ``result()`` waits for the commit and returns a :class:`SaveResult` or raises."""
+
+    def __init__(self, future: cf.Future, step: int) -> None:
+        self._future = future
+        self.step = step
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def result(self, timeout: float | None = None) -> SaveResult:
+        return self._future.result(timeout)
+
+
+class CheckpointWriter:
+    """Writes checkpoints of a state dictionary into ``dirpath``.
+
+    Args:
+        dirpath: folder that holds the checkpoints of a run (created if missing).
+        async_save: persist in a background thread after a snapshot into reused host buffers.
+        name_template: folder name of each checkpoint; fields ``{step}`` and ``{epoch}``.
+        if_busy: when a save is requested while the previous one is still being written: ``"wait"`` for it, or
+            ``"skip"`` the new one.
+        fsync: make files durable before the commit (turn off only for throwaway runs).
+    """
+
+    def __init__(
+        self,
+        dirpath: str,
+        *,
+        async_save: bool = True,
+        name_template: str = "step={step:06d}",
+        if_busy: IfBusy = "wait",
+        fsync: bool = True,
+    ) -> None:
+        if if_busy not in ("wait", "skip"):
+            raise ValueError(f"if_busy={if_busy!r} is invalid; use 'wait' or 'skip'")
+        self.dirpath = os.path.abspath(os.fspath(dirpath))
+        self.async_save = bool(async_save)
+        self.name_template = validate_name_template(name_template)
+        self.if_busy = if_busy
+        self.fsync = fsync
+        self._buffers = HostBuffers()
+        self._executor = cf.ThreadPoolExecutor(1, thread_name_prefix="lightning_ckpt-writer") if self.async_save else None
+        self._crc_pool = cf.ThreadPoolExecutor(1, thread_name_prefix="lightning_ckpt-crc")
+        self._inflight: PendingSave | None = None
+        self._error: BaseException | None = None
+        self._lock = threading.Lock()
+        self.last_result: SaveResult | None = None
+        self.history: list[SaveResult] = []
+        self.committed_names: set[str] = set()
+
+    # ----------------------------------------------------------------- public
+    def prepare_dir(self) -> None:
+        """Create ``dirpath`` and check it is a writable folder; raise a clear error otherwise."""
+        check_writable_dir(self.dirpath)
+
+    def save(
+        self,
+        state: dict,
+        *,
+        step: int,
+        epoch: int | None = None,
+        tags: Iterable[str] = (),
+        metrics: dict | None = None,
+        hparams: Any = None,
+        meta: dict | None = None,
+        kind: str = "full",
+    ) -> PendingSave | None:
+        """Save ``state``. Returns a handle (already finished in sync mode), or ``None`` if skipped as busy.
+
+        Raises the error of an earlier background save, if there was one, before starting.
+        """
+        self.raise_if_failed()
+        if self._inflight is not None and not self._inflight.done():
+            if self.if_busy == "skip":
+                log.warning("lightning_ckpt: save at step %s skipped: the previous save is still being written", step)
+                return None
+        self._wait_inflight()
+        t0 = time.perf_counter()
+        doc, tensors = encode(state, on_unsupported=warn_unsupported)
+        if self.async_save:
+            tensors = self._buffers.snapshot(tensors)
+        else:
+            tensors = {k: (v.detach().cpu() if v.device.type != "cpu" else v.detach()) for k, v in tensors.items()}
+        state_bytes = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode("utf-8")
+        snapshot_s = time.perf_counter() - t0
+        name = self.name_template.format(step=int(step), epoch=int(epoch or 0))
+        job = _SaveJob(
+            writer=self,
+            name=name,
+            tensors=tensors,
+            state_bytes=state_bytes,
+            header=self._manifest_header(step, epoch, tags, metrics, hparams, meta, kind),
+            snapshot_s=snapshot_s,
+        )
+        if self._executor is not None:
+            fut = self._executor.submit(job.run_logged)
+        else:
+            fut = cf.Future()
+            try:
+                fut.set_result(job.run())
+            except BaseException as e:  # noqa: BLE001 - re-raised right below for sync saves
+                fut.set_exception(e)
+        pending = PendingSave(fut, int(step))
+        self._inflight = pending
+        if self._executor is None:
+            self._collect(pending)
+        return pending
+
+    def wait(self) -> SaveResult | None:
+        """Wait until the in-flight save (if any) is committed; raise its error if it failed."""
+        self._wait_inflight()
+        self.raise_if_failed()
+        return self.last_result
+
+    def raise_if_failed(self) -> None:
+        with self._lock:
+            err, self._error = self._error, None
+        if err is not None:
+            if isinstance(err, CheckpointError):
+                raise err
+            raise CheckpointWriteError(f"an earlier checkpoint save failed: {err!r}; earlier checkpoints are intact") from err
+
+    def close(self) -> None:
+        try:
+            self._wait_inflight()
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+            self._crc_pool.shutdown(wait=True)
+            self._buffers.clear()
+
+    @property
+    def busy(self) -> bool:
+        return self._inflight is not None and not self._inflight.done()
+
+    # ----------------------------------------------------------------- internals
+    def _wait_inflight(self) -> None:
+        p = self._inflight
+        if p is None:
+            return
+        cf.wait([p._future])
+        self._collect(p)
+
+    def _collect(self, p: PendingSave) -> None:
+        if self._inflight is p:
+            self._inflight = None
+        exc = p._future.exception()
+        if exc is not None:
+            with self._lock:
+                if self._error is None:
+                    self._error = exc
+            if self._executor is None:
+                self.raise_if_failed()
+        else:
+            res = p._future.result()
+            self.last_result = res
+            self.history.append(res)
+
+    def _manifest_header(self, step, epoch, tags, metrics, hparams, meta, kind) -> dict:
+        h = {
+            "format": mf.FORMAT_NAME,
+            "format_version": mf.FORMAT_VERSION,
+            "step": int(step),
+            "epoch": None if epoch is None else int(epoch),
+            "kind": kind,
+            "world_size": 1,
+            "tags": sorted(set(tags)),
+            "metrics": _json_safe(metrics or {}),
+            "hparams": _json_safe(hparams) if hparams is not None else None,
+            "run": run_info(),
+        }
+        if meta:
+            h.update(_json_safe(meta))
+        return h
+
+
+class _SaveJob:
+    def __init__(self, writer: CheckpointWriter, name: str, tensors: dict, state_bytes: bytes, header: dict, snapshot_s: float):
+        self.w = writer
+        self.name = name
+        self.tensors = tensors
+        self.state_bytes = state_bytes
+        self.header = header
+        self.snapshot_s = snapshot_s
+
+    def run_logged(self) -> SaveResult:
+        try:
+            return self.run()
+        except BaseException as e:
+            log.error("lightning_ckpt: background save of %s failed: %r (earlier checkpoints are intact)", self.name, e)
+            raise
+
+    def run(self) -> SaveResult:
+        w = self.w
+        t0 = time.perf_counter()
+        partial = os.path.join(w.dirpath, f"{mf.PARTIAL_PREFIX}{self.name}-{uuid.uuid4().hex[:8]}")
+        committed: dict = {}
+        try:
+            os.makedirs(w.dirpath, exist_ok=True)
+            os.mkdir(partial)
+
+            def on_finish(files: list[_FileResult], tensor_index: dict) -> None:
+                committed.update(self._commit(partial, files, tensor_index, t0))
+
+            storage_writer = LCStorageWriter(
+                partial, state_bytes=self.state_bytes, on_finish=on_finish, crc_executor=w._crc_pool, fsync=w.fsync
+            )
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+                dcp.save(self.tensors, storage_writer=storage_writer, planner=DefaultSavePlanner(), no_dist=True)
+        except BaseException as e:
+            if not committed:
+                remove_tree(partial)
+            err = unwrap_dcp_error(e)
+            if isinstance(err, CheckpointError):
+                raise err from None
+            if isinstance(err, OSError):
+                raise CheckpointWriteError(
+                    f"writing checkpoint {self.name!r} into {w.dirpath} failed: {err}. Free disk space or fix "
+                    "permissions; earlier checkpoints are intact and nothing partial was committed."
+                ) from err
+            if err is not e and isinstance(err, Exception):
+                raise CheckpointWriteError(f"writing checkpoint {self.name!r} failed: {err!r}") from err
+            raise
+        return SaveResult(
+            name=committed["name"],
+            path=committed["path"],
+            step=self.header["step"],
+            bytes=committed["bytes"],
+            snapshot_s=self.snapshot_s,
+            write_s=committed["write_s"],
+            tags=list(self.header["tags"]),
+        )
+
+    def _commit(self, partial: str, files: list[_FileResult], tensor_index: dict, t0: float) -> dict:
+        w = self.w
+        name = self.name
+        final = os.path.join(w.dirpath, name)
+        v = 1
+        while os.path.exists(final):
+            v += 1
+            name = f"{self.name}-v{v}"
+            final = os.path.join(w.dirpath, name)
+        m = dict(self.header)
+        m["name"] = name
+        m["world_size"] = 1 + max((f.rank for f in files), default=0)
+        m["files"] = {f.record["name"]: {k: v for k, v in f.record.items() if k != "name"} for f in files}
+        m["tensors"] = tensor_index
+        m["state_files"] = {str(f.rank): f.record["name"] for f in files if f.record["name"].startswith("state-")}
+        total = sum(f.record["size"] for f in files)
+        write_s = time.perf_counter() - t0
+        m["timings"] = {
+            "snapshot_s": round(self.snapshot_s, 6),
+            "write_s": round(write_s, 6),
+            "bytes": total,
+            "throughput_gbps": round(total / write_s / 1e9, 4) if write_s > 0 else None,
+        }
+        m["created_unix"] = time.time()
+        mf.validate_manifest(json.loads(mf.dumps(m)), "the manifest being written")
+        mpath = os.path.join(partial, mf.MANIFEST)
+        fd = os.open(mpath, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            data = memoryview(mf.dumps(m))
+            while data:
+                data = data[os.write(fd, data):]
+            if w.fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        if w.fsync:
+            fsync_dir(partial)
+        os.rename(partial, final)  # the commit point
+        if w.fsync:
+            fsync_dir(w.dirpath)
+        atomic_write_bytes(
+            os.path.join(w.dirpath, mf.LATEST),
+            json.dumps({"name": name, "step": m["step"], "epoch": m["epoch"]}).encode(),
+            fsync=w.fsync,
+        )
+        w.committed_names.add(name)
+        log.info("lightning_ckpt: committed %s (%.1f MB in %.2fs)", final, total / 1e6, write_s)
+        return {"name": name, "path": final, "bytes": total, "write_s": write_s}
+
+
+def check_writable_dir(dirpath: str) -> None:
+    if os.path.exists(dirpath) and not os.path.isdir(dirpath):
+        raise CheckpointWriteError(
+            f"dirpath {dirpath!r} is a file, not a folder. Give a folder path for checkpoints (it is created if missing)."
+        )
+    try:
+        os.makedirs(dirpath, exist_ok=True)
+        probe = os.path.join(dirpath, f".probe-{uuid.uuid4().hex[:8]}")
+        with open(probe, "wb") as f:
+            f.write(b"ok")
+        os.unlink(probe)
+    except OSError as e:
+        raise CheckpointWriteError(
+            f"dirpath {dirpath!r} is not writable ({e.strerror or e}). Choose a folder this process can write to, or fix "
+            "its permissions."
+        ) from e
+
+
+def cleanup_partials(dirpath: str) -> list[str]:
+    """Remove folders of interrupted saves (``.partial-*``, ``.trash-*``) and stray temp files. Returns what was removed."""
+    removed = []
+    try:
+        entries = os.listdir(dirpath)
+    except OSError:
+        return removed
+    for e in entries:
+        p = os.path.join(dirpath, e)
+        if e.startswith(mf.PARTIAL_PREFIX) or e.startswith(mf.TRASH_PREFIX):
+            remove_tree(p)
+            removed.append(p)
+        elif e.startswith(".tmp-") or e.startswith(".probe-"):
+            try:
+                os.unlink(p)
+                removed.append(p)
+            except OSError:
+                pass
+    if removed:
+        log.warning("lightning_ckpt: removed %d leftover partial save(s) in %s", len(removed), dirpath)
+    return removed
+
+
+def _json_safe(x: Any) -> Any:
+    """Metrics and hparams for the manifest: plain JSON, tensors as numbers, the rest as strings."""
+    if isinstance(x, torch.Tensor):
+        if x.numel() == 1:
+            return _json_safe(x.item())
+        return _json_safe(x.tolist()) if x.numel() <= 64 else f"<tensor {list(x.shape)} {x.dtype}>"
+    if x is None or isinstance(x, (bool, str)):
+        return x
+    if isinstance(x, int):
+        return int(x)
+    if isinstance(x, float):
+        return x if x == x and x not in (float("inf"), float("-inf")) else str(x)
+    if isinstance(x, dict):
+        return {str(k): _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple, set)):
+        return [_json_safe(v) for v in x]
+    if hasattr(x, "item") and callable(x.item):
+        try:
+            return _json_safe(x.item())
+        except Exception:  # noqa: BLE001
+            pass
+    return str(x)
