@@ -142,6 +142,8 @@ class BaseCheckpointCallback(Checkpoint):
         if shared.users <= 0:
             per_trainer = _SHARED.get(trainer, {})
             per_trainer.pop(self.dirpath, None)
+            self._last_buffer_allocations = shared.writer._buffers.allocations
+            self._last_buffer_tensors = len(shared.writer._buffers._buffers)
             try:
                 shared.writer.close()
             except CheckpointError as e:  # already reported at on_train_end / on_exception

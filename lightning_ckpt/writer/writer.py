@@ -201,6 +201,7 @@ class CheckpointWriter:
                 log.warning("lightning_ckpt: save at step %s skipped: the previous save is still being written", step)
                 return None
         self._wait_inflight()
+        self.raise_if_failed()
         t0 = time.perf_counter()
         doc, tensors = encode(state, on_unsupported=warn_unsupported)
         if self.async_save:
