@@ -1,0 +1,61 @@
+"""The `lightning-ckpt` console script: ls, show, verify."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+from lightning_ckpt import CheckpointWriter
+from lightning_ckpt.cli import main
+
+
+def _make(tmp_path, steps=(5, 10)):
+    w = CheckpointWriter(str(tmp_path), async_save=False)
+    for s in steps:
+        w.save({"state_dict": {"w": torch.full((4, 4), float(s))}, "global_step": s}, step=s, epoch=0,
+               tags=["periodic"], metrics={"loss": 1.0 / s})
+    w.close()
+    return [os.path.join(str(tmp_path), f"step={s:06d}") for s in steps]
+
+
+def test_ls_table_and_json(tmp_path, capsys):
+    _make(tmp_path)
+    assert main(["ls", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "step=000005" in out and "step=000010" in out and "loss=0.1" in out and "periodic" in out
+    assert main(["ls", str(tmp_path), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["step"] for r in rows] == [5, 10]
+
+
+def test_show(tmp_path, capsys):
+    paths = _make(tmp_path)
+    assert main(["show", paths[1]]) == 0
+    out = capsys.readouterr().out
+    assert "step         10" in out and "model-rank00000.safetensors" in out and "loss" in out
+    assert main(["show", paths[1], "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["step"] == 10
+
+
+def test_verify_ok_and_corrupt_exit_codes(tmp_path, capsys):
+    paths = _make(tmp_path)
+    assert main(["verify", *paths]) == 0
+    assert capsys.readouterr().out.count("OK") == 2
+    f = os.path.join(paths[0], "model-rank00000.safetensors")
+    data = bytearray(open(f, "rb").read())
+    data[-3] ^= 0x10
+    open(f, "wb").write(bytes(data))
+    assert main(["verify", *paths]) == 1
+    captured = capsys.readouterr()
+    assert "FAILED" in captured.err and "checksum mismatch" in captured.err and "OK" in captured.out
+    assert main(["verify", str(tmp_path / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_console_script_entry_point(tmp_path):
+    _make(tmp_path, steps=(3,))
+    p = subprocess.run([sys.executable, "-m", "lightning_ckpt.cli", "ls", str(tmp_path)], capture_output=True, text=True)
+    assert p.returncode == 0 and "step=000003" in p.stdout
