@@ -83,6 +83,55 @@ def median(xs: list[float]) -> float:
     return float(statistics.median(xs))
 
 
+class ForeignLoad:
+    """CPU used by *other* processes (in cores) over a window: busy time from /proc/stat minus this process's
+    CPU time. This machine may be shared (tests running next to the benchmark); such load skews every timing."""
+
+    _tck = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+    @classmethod
+    def _busy_s(cls) -> Optional[float]:
+        try:
+            with open("/proc/stat") as f:
+                v = [int(x) for x in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        idle = v[3] + (v[4] if len(v) > 4 else 0)
+        return (sum(v[:8]) - idle) / cls._tck
+
+    def __init__(self) -> None:
+        self.t = time.perf_counter()
+        self.busy = self._busy_s()
+        tm = os.times()
+        self.own = tm.user + tm.system
+
+    def cores(self) -> float:
+        busy = self._busy_s()
+        if busy is None or self.busy is None:
+            return float("nan")
+        tm = os.times()
+        dt = max(1e-6, time.perf_counter() - self.t)
+        return max(0.0, ((busy - self.busy) - (tm.user + tm.system - self.own)) / dt)
+
+
+LOAD_SEEN: list[float] = []
+_QUIET_BUDGET = [0.0]
+
+
+def wait_quiet(threshold: float = 0.25) -> float:
+    """Wait (from the --wait-idle budget) until other processes use under ``threshold`` cores. Returns the last
+    sampled foreign load."""
+    if _QUIET_BUDGET[0] <= 0:
+        return float("nan")
+    while True:
+        m = ForeignLoad()
+        time.sleep(0.5)
+        load = m.cores()
+        _QUIET_BUDGET[0] -= 0.5
+        if not (load >= threshold) or _QUIET_BUDGET[0] <= 0:
+            return load
+
+
 def drop_page_cache(paths: list[str]) -> str:
     """Evict ``paths`` from the page cache. Returns how: 'cold (drop_caches)', 'cold (fadvise)' or 'warm'."""
     os.sync()
@@ -191,6 +240,33 @@ def machine_facts(args: argparse.Namespace) -> dict:
     }
 
 
+def prefault(gib: float) -> float:
+    """Touch ``gib`` GiB of fresh memory, all at once, then free it. On VMs whose guest memory is backed lazily
+    (firecracker, ...), the first touch of a physical page costs several times a later one; without this the
+    variant that happens to run first pays for it. Returns the seconds it took."""
+    t0 = time.perf_counter()
+    chunks = []
+    try:
+        for _ in range(int(gib)):
+            chunks.append(torch.ones(1 << 30, dtype=torch.uint8))
+    except RuntimeError:
+        pass
+    del chunks
+    gc.collect()
+    return time.perf_counter() - t0
+
+
+def mem_available_gib() -> float:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return 0.0
+
+
 def model_hparams(target_gb: float, layers: int) -> dict:
     """An MLP whose full training state (weights + Adam exp_avg + exp_avg_sq, fp32) is about ``target_gb``."""
     params = target_gb * 1e9 / 12.0
@@ -295,26 +371,30 @@ def run_fit(variant: str, hp: dict, args, base: str, max_steps: int, every: int)
             log(f"  WARNING: Lightning added {extra} next to PeriodicCheckpoint; the comparison is unfair")
     gc.collect()
     os.sync()
+    wait_quiet()
+    meter = ForeignLoad()
     t0 = time.perf_counter()
     trainer.fit(model, dm)
     trainer.strategy.checkpoint_io.teardown()  # no-op if fit already tore down (it does); waits for async IO
     wall = time.perf_counter() - t0
+    foreign = meter.cores()
+    LOAD_SEEN.append(foreign)
     # durability debt: bytes the fit left dirty in the page cache (Lightning does not fsync)
     t1 = time.perf_counter()
     os.sync()
     sync_after = time.perf_counter() - t1
     if variant.startswith("lightning"):
-        ckpts = sorted(os.path.join(ckdir, f) for f in os.listdir(ckdir) if f.endswith(".ckpt")) if os.path.isdir(ckdir) else []
+        ckpts = [os.path.join(ckdir, f) for f in os.listdir(ckdir) if f.endswith(".ckpt")] if os.path.isdir(ckdir) else []
     elif variant.startswith("ours"):
-        ckpts = sorted(p for p in (os.path.join(ckdir, e) for e in os.listdir(ckdir))
-                       if os.path.isfile(os.path.join(p, "manifest.json")))
+        ckpts = [p for p in (os.path.join(ckdir, e) for e in os.listdir(ckdir)) if os.path.isfile(os.path.join(p, "manifest.json"))]
     else:
         ckpts = []
+    ckpts.sort(key=os.path.getmtime)  # oldest first; names do not sort by step ("step=8" > "step=32")
     stray = [f for f in files_under(d) if f.endswith(".ckpt") and not f.startswith(ckdir)]
     if stray:
         log(f"  WARNING: {variant}: unexpected .ckpt files {stray}")
     res = {"variant": variant, "wall_s": wall, "ckpts": ckpts, "n_ckpts": len(ckpts), "intervals": clock.intervals(),
-           "sync_after_s": sync_after, "dir": d, "global_step": int(trainer.global_step)}
+           "sync_after_s": sync_after, "dir": d, "foreign_cores": foreign, "global_step": int(trainer.global_step)}
     del trainer, model, dm, callbacks, plugins
     gc.collect()
     return res
@@ -338,7 +418,7 @@ def bench_training(hp: dict, args, base: str) -> tuple[dict, dict]:
             runs[v].append(res)
             med_int = median(res["intervals"]) if res["intervals"] else float("nan")
             log(f"  {v:16s} round {r + 1}: fit {res['wall_s']:7.2f}s  ckpts {res['n_ckpts']}  median step "
-                f"{med_int:.3f}s  os.sync after fit {res['sync_after_s']:.2f}s")
+                f"{med_int:.3f}s  os.sync after fit {res['sync_after_s']:.2f}s  outside {res['foreign_cores']:.2f} cores")
             if v != "none" and res["n_ckpts"] != n:
                 log(f"  WARNING: {v} wrote {res['n_ckpts']} checkpoints, expected {n}")
             # keep the last checkpoint of the last round for the restore section; free the rest
@@ -374,6 +454,7 @@ def bench_training(hp: dict, args, base: str) -> tuple[dict, dict]:
             "max_step_s": max(max(x["intervals"] or [0.0]) for x in runs[v]),
             "sync_after_fit_s": median([x["sync_after_s"] for x in runs[v]]),
             "n_ckpts": k,
+            "foreign_cores": max(x["foreign_cores"] for x in runs[v]),
         }
     ref = out["variants"]["lightning"]["lost_per_ckpt_s"]
     log("")
@@ -481,6 +562,8 @@ def bench_save(hp: dict, args, base: str) -> dict:
         for m in seq:
             d = tempfile.mkdtemp(prefix=f"save-{m}-", dir=base)
             os.sync()
+            wait_quiet()
+            meter = ForeignLoad()
             if m == "ours":
                 dt, nb = save_ours(state, d, r)
                 nbytes_ref = nb
@@ -490,7 +573,9 @@ def bench_save(hp: dict, args, base: str) -> dict:
                 dt, nb = save_torch(state, d)
             times[m].append(dt)
             sizes[m] = nb
-            log(f"  {m:10s} repeat {r + 1}: {dt:6.2f}s  {nb / dt / 1e9:6.3f} GB/s  ({gb(nb)})")
+            fl = meter.cores()
+            LOAD_SEEN.append(fl)
+            log(f"  {m:10s} repeat {r + 1}: {dt:6.2f}s  {nb / dt / 1e9:6.3f} GB/s  ({gb(nb)})  outside {fl:.2f} cores")
             shutil.rmtree(d, ignore_errors=True)
     del state
     gc.collect()
@@ -579,6 +664,8 @@ def bench_restore(hp: dict, args, base: str, keep: dict, train_steps: int) -> di
     for r in range(args.io_repeats):
         seq = methods[r % len(methods):] + methods[: r % len(methods)]
         for m in seq:
+            wait_quiet()
+            meter = ForeignLoad()
             if m == "raw":
                 modes.add(drop_page_cache(paths))
                 t0 = time.perf_counter()
@@ -604,8 +691,10 @@ def bench_restore(hp: dict, args, base: str, keep: dict, train_steps: int) -> di
                 dt, rs = resume_fit(hp, args, base, None, 1, train_steps, ours=True)
                 restore_times[m].append(rs)
             times[m].append(dt)
+            fl = meter.cores()
+            LOAD_SEEN.append(fl)
             extra = f"  setup->train_start {restore_times[m][-1]:.2f}s" if restore_times[m] else ""
-            log(f"  {m:13s} repeat {r + 1}: {dt:6.2f}s{extra}")
+            log(f"  {m:13s} repeat {r + 1}: {dt:6.2f}s{extra}  outside {fl:.2f} cores")
     del buf
     gc.collect()
     mode = " + ".join(sorted(modes))
@@ -671,10 +760,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--layers", type=int, default=4, help="hidden layers of the MLP")
     p.add_argument("--fit-repeats", type=int, default=1, help="rounds of the four checkpointing fits")
     p.add_argument("--io-repeats", type=int, default=3, help="repeats of each save / restore measurement")
+    p.add_argument("--prefault-gib", type=float, default=None,
+                   help="GiB of memory to touch once before measuring (default: min(4 + 14 x gb, 70%% of available))")
+    p.add_argument("--wait-idle", type=float, default=120.0,
+                   help="seconds (in total) the benchmark may wait for other processes to go quiet before a measurement")
     p.add_argument("--only", default="train,save,restore", help="comma-separated subset of train,save,restore")
     args = p.parse_args(argv)
     quiet()
     sections = set(args.only.split(","))
+    _QUIET_BUDGET[0] = args.wait_idle
 
     t_start = time.perf_counter()
     facts = machine_facts(args)
@@ -689,6 +783,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     log(f"  model            DemoModel({', '.join(f'{k}={v}' for k, v in hp.items())})")
     log(f"  parameters       {P:,}  -> full state (weights + Adam exp_avg + exp_avg_sq) {state_gb:.3f} GB")
 
+    pf = args.prefault_gib if args.prefault_gib is not None else min(4 + 14 * args.gb, 0.7 * mem_available_gib())
+    if pf >= 1:
+        log(f"  prefault        touched {int(pf)} GiB once in {prefault(pf):.1f}s (first-touch cost kept out of the timings)")
     base = tempfile.mkdtemp(prefix="lc-bench-", dir=args.dir)
     results: dict[str, Any] = {"machine": facts, "args": vars(args), "model": {"hparams": hp, "params": P, "state_gb": state_gb}}
     try:
@@ -725,6 +822,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         summary["restore_fit_vs_raw"] = r["ratio_fit_vs_raw"]
         summary["restore_fit_diff_vs_raw"] = r["ratio_fit_diff_vs_raw"]
     summary["total_wall_s"] = time.perf_counter() - t_start
+    summary["max_foreign_load_cores"] = max(LOAD_SEEN) if LOAD_SEEN else None
+    summary["median_foreign_load_cores"] = median(LOAD_SEEN) if LOAD_SEEN else None
     results["summary"] = summary
 
     log("\n== SUMMARY  (ratios from this run; machine: "
@@ -741,6 +840,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         log(f"  load_checkpoint vs raw read                       {fmt_ratio('restore_load_vs_raw', summary['restore_load_vs_raw'])}")
         log(f"  Trainer.fit(ckpt_path) restore vs raw (hooks)     {fmt_ratio('restore_fit_vs_raw', summary['restore_fit_vs_raw'])}")
         log(f"  Trainer.fit(ckpt_path) restore vs raw (fit diff)  {fmt_ratio('restore_fit_vs_raw', summary['restore_fit_diff_vs_raw'])}")
+    if LOAD_SEEN:
+        worst = max(LOAD_SEEN)
+        log(f"  CPU used outside this process (other processes, kernel writeback) during measurements: median {median(LOAD_SEEN):.2f}, max {worst:.2f} "
+            f"of {facts['cores']} cores" + ("   WARNING: the machine was shared; timings are skewed" if worst > 0.25 else ""))
     log(f"  total benchmark wall time {summary['total_wall_s']:.0f}s")
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

@@ -72,6 +72,10 @@ def encode(obj: Any, on_unsupported: Callable[[str, Any], None] | None = None) -
             return x
         if isinstance(x, enum.Enum):
             return {"$enum": [_qualname(type(x)), enc(x.value, path)]}
+        if isinstance(x, np.generic):  # before int/float: np.float64 is a float subclass
+            return {"$npscalar": [str(x.dtype), enc(x.item(), path)]}
+        if isinstance(x, torch.Size):  # before tuple: torch.Size is a tuple subclass
+            return {"$size": [int(s) for s in x]}
         if isinstance(x, int):
             return int(x)
         if isinstance(x, float):
@@ -82,7 +86,12 @@ def encode(obj: Any, on_unsupported: Callable[[str, Any], None] | None = None) -
             items = list(x.items())
             if all(isinstance(k, str) and not k.startswith("$") for k, _ in items):
                 return {k: enc(v, path + (k,)) for k, v in items}
-            return {"$dict": [[enc(k, path + ("$key", str(i))), enc(v, path + (str(k),))] for i, (k, v) in enumerate(items)]}
+            # value paths use str(key) (readable tensor names such as optimizer_states/0/state/3/exp_avg) unless two
+            # keys print the same (0 and "0") or look like a tag; then the position keeps them apart
+            names = [str(k) for k, _ in items]
+            if len(set(names)) != len(names) or any(n.startswith("$") for n in names):
+                names = [f"$v{i}" for i in range(len(items))]
+            return {"$dict": [[enc(k, path + ("$key", str(i))), enc(v, path + (n,))] for i, ((k, v), n) in enumerate(zip(items, names))]}
         if isinstance(x, tuple):
             if hasattr(x, "_fields"):  # namedtuple: keep the values
                 return {"$tuple": [enc(v, path + (str(i),)) for i, v in enumerate(x)]}
@@ -98,12 +107,8 @@ def encode(obj: Any, on_unsupported: Callable[[str, Any], None] | None = None) -
                 key = join_key(path)
                 tensors[key] = torch.from_numpy(np.ascontiguousarray(x))
                 return {"$np": key}
-        if isinstance(x, np.generic):
-            return {"$npscalar": [str(x.dtype), enc(x.item(), path)]}
         if isinstance(x, torch.dtype):
             return {"$dtype": str(x).removeprefix("torch.")}
-        if isinstance(x, torch.Size):
-            return {"$size": [int(s) for s in x]}
         if isinstance(x, torch.device):
             return {"$device": str(x)}
         if isinstance(x, pathlib.PurePath):
@@ -164,7 +169,12 @@ def decode(doc: Any, tensor_getter: Callable[[str], torch.Tensor]) -> Any:
             if tag == "$size":
                 return torch.Size([int(v) for v in val])
             if tag == "$device":
-                return torch.device(val)
+                if not isinstance(val, str):
+                    raise bad(f"device {val!r}")
+                try:
+                    return torch.device(val)
+                except RuntimeError:
+                    raise bad(f"device {val!r}") from None
             if tag == "$path":
                 return pathlib.Path(val)
             if tag == "$namespace":

@@ -120,20 +120,39 @@ class SaveResult:
     snapshot_s: float
     write_s: float
     tags: list[str] = field(default_factory=list)
+    kind: str = "full"
+    metrics: dict = field(default_factory=dict)
 
 
 class PendingSave:
-    """Handle of a save: ``result()`` waits for the commit and returns a :class:`SaveResult` or raises."""
+    """Handle of a save. ``result()`` waits for the commit and returns a :class:`SaveResult` or raises.
 
-    def __init__(self, future: cf.Future, step: int) -> None:
+    Until the save is committed, :meth:`CheckpointWriter.merge` can add tags and metrics to it (several callbacks
+    asking for the same step get one checkpoint with all their tags).
+    """
+
+    def __init__(self, job: "_SaveJob", future: cf.Future, step: int) -> None:
+        self._job = job
         self._future = future
         self.step = step
+
+    @property
+    def kind(self) -> str:
+        return self._job.header["kind"]
+
+    @property
+    def tags(self) -> list[str]:
+        return sorted(self._job.tags)
 
     def done(self) -> bool:
         return self._future.done()
 
     def result(self, timeout: float | None = None) -> SaveResult:
         return self._future.result(timeout)
+
+
+# which content satisfies which request: a full checkpoint also serves as a weights one
+_CONTENT_COVERS = {"full": {"full", "weights", "light"}, "weights": {"weights", "light"}, "light": {"light"}, "partial": set()}
 
 
 class CheckpointWriter:
@@ -146,6 +165,9 @@ class CheckpointWriter:
         if_busy: when a save is requested while the previous one is still being written: ``"wait"`` for it, or
             ``"skip"`` the new one.
         fsync: make files durable before the commit (turn off only for throwaway runs).
+        auto_seal: commit each save as soon as its files are written. With ``False`` the commit waits for
+            :meth:`seal` (the callbacks seal at the next step boundary, so that every callback that wants the
+            same step adds its tags to one checkpoint); files are still written right away.
     """
 
     def __init__(
@@ -156,6 +178,7 @@ class CheckpointWriter:
         name_template: str = "step={step:06d}",
         if_busy: IfBusy = "wait",
         fsync: bool = True,
+        auto_seal: bool = True,
     ) -> None:
         if if_busy not in ("wait", "skip"):
             raise ValueError(f"if_busy={if_busy!r} is invalid; use 'wait' or 'skip'")
@@ -164,6 +187,7 @@ class CheckpointWriter:
         self.name_template = validate_name_template(name_template)
         self.if_busy = if_busy
         self.fsync = fsync
+        self.auto_seal = auto_seal
         self._buffers = HostBuffers()
         self._executor = cf.ThreadPoolExecutor(1, thread_name_prefix="lightning_ckpt-writer") if self.async_save else None
         self._crc_pool = cf.ThreadPoolExecutor(1, thread_name_prefix="lightning_ckpt-crc")
@@ -173,11 +197,26 @@ class CheckpointWriter:
         self.last_result: SaveResult | None = None
         self.history: list[SaveResult] = []
         self.committed_names: set[str] = set()
+        self.on_commit: list = []  # callables(SaveResult), run in the committing thread after latest.json
 
     # ----------------------------------------------------------------- public
     def prepare_dir(self) -> None:
         """Create ``dirpath`` and check it is a writable folder; raise a clear error otherwise."""
         check_writable_dir(self.dirpath)
+
+    @property
+    def pending(self) -> PendingSave | None:
+        """The save not yet committed, if any."""
+        p = self._inflight
+        return p if p is not None and not p.done() else None
+
+    def merge(self, step: int, tags: Iterable[str] = (), metrics: dict | None = None, kind: str = "full") -> bool:
+        """Add ``tags``/``metrics`` to the uncommitted save of ``step`` if it has content that covers ``kind``.
+        Returns False (nothing merged) otherwise."""
+        p = self.pending
+        if p is None or p.step != int(step) or kind not in _CONTENT_COVERS.get(p.kind, set()):
+            return False
+        return p._job.add(tags, metrics)
 
     def save(
         self,
@@ -191,13 +230,13 @@ class CheckpointWriter:
         meta: dict | None = None,
         kind: str = "full",
     ) -> PendingSave | None:
-        """Save ``state``. Returns a handle (already finished in sync mode), or ``None`` if skipped as busy.
+        """Save ``state``. Returns a handle, or ``None`` if skipped because the previous save is still writing.
 
         Raises the error of an earlier background save, if there was one, before starting.
         """
         self.raise_if_failed()
         if self._inflight is not None and not self._inflight.done():
-            if self.if_busy == "skip":
+            if self.if_busy == "skip" and self._inflight._job.sealed.is_set():
                 log.warning("lightning_ckpt: save at step %s skipped: the previous save is still being written", step)
                 return None
         self._wait_inflight()
@@ -218,23 +257,40 @@ class CheckpointWriter:
             state_bytes=state_bytes,
             header=self._manifest_header(step, epoch, tags, metrics, hparams, meta, kind),
             snapshot_s=snapshot_s,
+            sealed=self.auto_seal,
         )
         if self._executor is not None:
             fut = self._executor.submit(job.run_logged)
         else:
             fut = cf.Future()
             try:
-                fut.set_result(job.run())
+                job.write()
+                if job.sealed.is_set():
+                    fut.set_result(job.commit())
             except BaseException as e:  # noqa: BLE001 - re-raised right below for sync saves
                 fut.set_exception(e)
-        pending = PendingSave(fut, int(step))
+        pending = PendingSave(job, fut, int(step))
         self._inflight = pending
-        if self._executor is None:
+        job.future = fut
+        if self._executor is None and fut.done():
             self._collect(pending)
         return pending
 
+    def seal(self) -> None:
+        """Let the pending save commit (sync mode: commit it now)."""
+        p = self._inflight
+        if p is None or p._job.sealed.is_set():
+            return
+        p._job.sealed.set()
+        if self._executor is None and not p._future.done():
+            try:
+                p._future.set_result(p._job.commit())
+            except BaseException as e:  # noqa: BLE001
+                p._future.set_exception(e)
+            self._collect(p)
+
     def wait(self) -> SaveResult | None:
-        """Wait until the in-flight save (if any) is committed; raise its error if it failed."""
+        """Seal and wait until the in-flight save (if any) is committed; raise its error if it failed."""
         self._wait_inflight()
         self.raise_if_failed()
         return self.last_result
@@ -256,6 +312,15 @@ class CheckpointWriter:
             self._crc_pool.shutdown(wait=True)
             self._buffers.clear()
 
+    def abandon(self) -> None:
+        """Drop an uncommitted save (its partial folder is removed); used when training failed before its step ended."""
+        p = self._inflight
+        if p is None or p._job.sealed.is_set():
+            return
+        p._job.abandoned = True
+        self.seal()
+        self._wait_inflight()
+
     @property
     def busy(self) -> bool:
         return self._inflight is not None and not self._inflight.done()
@@ -265,6 +330,7 @@ class CheckpointWriter:
         p = self._inflight
         if p is None:
             return
+        self.seal()
         cf.wait([p._future])
         self._collect(p)
 
@@ -273,6 +339,8 @@ class CheckpointWriter:
             self._inflight = None
         exc = p._future.exception()
         if exc is not None:
+            if isinstance(exc, _Abandoned):
+                return
             with self._lock:
                 if self._error is None:
                     self._error = exc
@@ -280,8 +348,9 @@ class CheckpointWriter:
                 self.raise_if_failed()
         else:
             res = p._future.result()
-            self.last_result = res
-            self.history.append(res)
+            if res is not None and (not self.history or self.history[-1] is not res):
+                self.last_result = res
+                self.history.append(res)
 
     def _manifest_header(self, step, epoch, tags, metrics, hparams, meta, kind) -> dict:
         h = {
@@ -301,66 +370,114 @@ class CheckpointWriter:
         return h
 
 
+class _Abandoned(Exception):
+    pass
+
+
 class _SaveJob:
-    def __init__(self, writer: CheckpointWriter, name: str, tensors: dict, state_bytes: bytes, header: dict, snapshot_s: float):
+    def __init__(self, writer: CheckpointWriter, name: str, tensors: dict, state_bytes: bytes, header: dict, snapshot_s: float, sealed: bool):
         self.w = writer
         self.name = name
         self.tensors = tensors
         self.state_bytes = state_bytes
         self.header = header
+        self.tags: set[str] = set(header["tags"])
         self.snapshot_s = snapshot_s
+        self.sealed = threading.Event()
+        if sealed:
+            self.sealed.set()
+        self.abandoned = False
+        self.future: cf.Future | None = None
+        self._lock = threading.Lock()
+        self._committing = False
+        self.partial: str | None = None
+        self.files: list[_FileResult] = []
+        self.tensor_index: dict = {}
+        self.t0 = time.perf_counter()
+
+    def add(self, tags: Iterable[str], metrics: dict | None) -> bool:
+        with self._lock:
+            if self._committing:
+                return False
+            self.tags.update(tags)
+            if metrics:
+                self.header["metrics"].update(_json_safe(metrics))
+            return True
 
     def run_logged(self) -> SaveResult:
         try:
-            return self.run()
+            self.write()
+            self.sealed.wait()
+            return self.commit()
+        except _Abandoned:
+            raise
         except BaseException as e:
             log.error("lightning_ckpt: background save of %s failed: %r (earlier checkpoints are intact)", self.name, e)
             raise
 
-    def run(self) -> SaveResult:
+    def write(self) -> None:
+        """Phase 1: every file into the partial folder, fsynced."""
         w = self.w
-        t0 = time.perf_counter()
-        partial = os.path.join(w.dirpath, f"{mf.PARTIAL_PREFIX}{self.name}-{uuid.uuid4().hex[:8]}")
-        committed: dict = {}
+        self.t0 = time.perf_counter()
+        self.partial = os.path.join(w.dirpath, f"{mf.PARTIAL_PREFIX}{self.name}-{uuid.uuid4().hex[:8]}")
         try:
             os.makedirs(w.dirpath, exist_ok=True)
-            os.mkdir(partial)
+            os.mkdir(self.partial)
 
             def on_finish(files: list[_FileResult], tensor_index: dict) -> None:
-                committed.update(self._commit(partial, files, tensor_index, t0))
+                self.files, self.tensor_index = files, tensor_index
 
             storage_writer = LCStorageWriter(
-                partial, state_bytes=self.state_bytes, on_finish=on_finish, crc_executor=w._crc_pool, fsync=w.fsync
+                self.partial, state_bytes=self.state_bytes, on_finish=on_finish, crc_executor=w._crc_pool, fsync=w.fsync
             )
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
                 dcp.save(self.tensors, storage_writer=storage_writer, planner=DefaultSavePlanner(), no_dist=True)
         except BaseException as e:
-            if not committed:
-                remove_tree(partial)
-            err = unwrap_dcp_error(e)
-            if isinstance(err, CheckpointError):
-                raise err from None
-            if isinstance(err, OSError):
-                raise CheckpointWriteError(
-                    f"writing checkpoint {self.name!r} into {w.dirpath} failed: {err}. Free disk space or fix "
-                    "permissions; earlier checkpoints are intact and nothing partial was committed."
-                ) from err
-            if err is not e and isinstance(err, Exception):
-                raise CheckpointWriteError(f"writing checkpoint {self.name!r} failed: {err!r}") from err
-            raise
-        return SaveResult(
-            name=committed["name"],
-            path=committed["path"],
-            step=self.header["step"],
-            bytes=committed["bytes"],
-            snapshot_s=self.snapshot_s,
-            write_s=committed["write_s"],
-            tags=list(self.header["tags"]),
-        )
+            remove_tree(self.partial)
+            raise self._translate(e)
+        finally:
+            self.tensors = {}  # the buffers are the writer's; do not keep references
 
-    def _commit(self, partial: str, files: list[_FileResult], tensor_index: dict, t0: float) -> dict:
+    def _translate(self, e: BaseException) -> BaseException:
+        err = unwrap_dcp_error(e)
+        if isinstance(err, CheckpointError):
+            return err
+        if isinstance(err, OSError):
+            wrapped = CheckpointWriteError(
+                f"writing checkpoint {self.name!r} into {self.w.dirpath} failed: {err}. Free disk space or fix "
+                "permissions; earlier checkpoints are intact and nothing partial was committed."
+            )
+            wrapped.__cause__ = err
+            return wrapped
+        if err is not e and isinstance(err, Exception):
+            wrapped = CheckpointWriteError(f"writing checkpoint {self.name!r} failed: {err!r}")
+            wrapped.__cause__ = err
+            return wrapped
+        return e
+
+    def commit(self) -> SaveResult:
+        """Phase 2: manifest last, rename, latest.json, then the on-commit hooks (retention)."""
+        with self._lock:
+            self._committing = True
+        if self.abandoned:
+            remove_tree(self.partial)
+            raise _Abandoned()
+        try:
+            res = self._commit()
+        except BaseException as e:
+            remove_tree(self.partial)
+            raise self._translate(e)
+        for hook in list(self.w.on_commit):
+            try:
+                hook(res)
+            except Exception as e:  # noqa: BLE001 - retention must never fail a committed save
+                log.error("lightning_ckpt: post-commit hook failed: %r", e)
+        return res
+
+    def _commit(self) -> SaveResult:
         w = self.w
+        files, partial = self.files, self.partial
         name = self.name
         final = os.path.join(w.dirpath, name)
         v = 1
@@ -369,13 +486,14 @@ class _SaveJob:
             name = f"{self.name}-v{v}"
             final = os.path.join(w.dirpath, name)
         m = dict(self.header)
+        m["tags"] = sorted(self.tags)
         m["name"] = name
         m["world_size"] = 1 + max((f.rank for f in files), default=0)
         m["files"] = {f.record["name"]: {k: v for k, v in f.record.items() if k != "name"} for f in files}
-        m["tensors"] = tensor_index
+        m["tensors"] = self.tensor_index
         m["state_files"] = {str(f.rank): f.record["name"] for f in files if f.record["name"].startswith("state-")}
         total = sum(f.record["size"] for f in files)
-        write_s = time.perf_counter() - t0
+        write_s = time.perf_counter() - self.t0
         m["timings"] = {
             "snapshot_s": round(self.snapshot_s, 6),
             "write_s": round(write_s, 6),
@@ -406,7 +524,10 @@ class _SaveJob:
         )
         w.committed_names.add(name)
         log.info("lightning_ckpt: committed %s (%.1f MB in %.2fs)", final, total / 1e6, write_s)
-        return {"name": name, "path": final, "bytes": total, "write_s": write_s}
+        return SaveResult(
+            name=name, path=final, step=m["step"], bytes=total, snapshot_s=self.snapshot_s, write_s=write_s,
+            tags=m["tags"], kind=m["kind"], metrics=dict(m["metrics"]),
+        )
 
 
 def check_writable_dir(dirpath: str) -> None:
