@@ -1,8 +1,22 @@
 """lightning_ckpt: checkpointing for PyTorch Lightning that does not stall training and can be trusted."""
 __version__ = "0.1.0"
 
-from .callbacks import LightningCkptIO, PeriodicCheckpoint
-from .checkpoints import CheckpointInfo, latest_checkpoint, list_checkpoints, load_checkpoint, verify_checkpoint
+from .callbacks import (
+    BestMetricCheckpoint,
+    EarlyStopAndSave,
+    LightningCkptIO,
+    MonitorNotFoundError,
+    PeriodicCheckpoint,
+    RetentionPolicy,
+)
+from .checkpoints import (
+    CheckpointInfo,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    load_weights,
+    verify_checkpoint,
+)
 from .errors import (
     CheckpointCorruptError,
     CheckpointError,
@@ -14,6 +28,11 @@ from .errors import (
 from .writer import CheckpointWriter
 
 __all__ = [
+    "BestMetricCheckpoint",
+    "EarlyStopAndSave",
+    "MonitorNotFoundError",
+    "RetentionPolicy",
+    "load_weights",
     "CheckpointCorruptError",
     "CheckpointError",
     "CheckpointFormatError",

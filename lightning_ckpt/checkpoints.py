@@ -12,7 +12,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
-from .errors import CheckpointCorruptError, CheckpointError, CheckpointNotFoundError
+from .errors import CheckpointCorruptError, CheckpointError, CheckpointMismatchError, CheckpointNotFoundError
 from .format import manifest as mf
 from .format.checksum import crc32c
 from .format.codec import decode
@@ -90,6 +90,10 @@ def verify_checkpoint(path: str) -> None:
     """
     path = os.fspath(path)
     m = mf.read_manifest(path)
+    largest = max((e - b for entry in m["files"].values() for b, e, _ in iter_regions(entry)), default=0)
+    buf = bytearray(max(1, min(largest, _VERIFY_BLOCK)))
+    mv = memoryview(buf)
+    block = len(buf)
     for fname, entry in m["files"].items():
         fpath = os.path.join(path, fname)
         try:
@@ -108,14 +112,12 @@ def verify_checkpoint(path: str) -> None:
                 if header_end_from_prefix(head, size, fpath) != entry["header_end"]:
                     raise CheckpointCorruptError(f"{fpath} has a header that does not match the manifest; it is corrupt")
                 f.seek(0)
-            buf = bytearray(_VERIFY_BLOCK)
-            mv = memoryview(buf)
             for begin, end, expected in sorted(iter_regions(entry)):
                 f.seek(begin)
                 crc = 0
                 left = end - begin
                 while left:
-                    k = f.readinto(mv[: min(left, _VERIFY_BLOCK)])
+                    k = f.readinto(mv[: min(left, block)])
                     if not k:
                         raise CheckpointCorruptError(f"{fpath} ended early; it is truncated")
                     crc = crc32c(mv[:k], crc)
@@ -125,6 +127,16 @@ def verify_checkpoint(path: str) -> None:
                         f"{fpath}: checksum mismatch in bytes [{begin}, {end}); the file is corrupt. "
                         "Use an earlier checkpoint (latest_checkpoint skips corrupt ones)."
                     )
+    # the non-tensor state must also parse and refer only to tensors the manifest lists
+    index = m.get("tensors", {})
+
+    def check_key(key: str) -> torch.Tensor:
+        if not isinstance(key, str) or key not in index:
+            raise CheckpointCorruptError(f"{path}: the state refers to tensor {key!r}, which the manifest does not list")
+        return torch.zeros(0)
+
+    for rank in (m.get("state_files") or {}):
+        decode(read_state_doc(path, m, int(rank)), check_key)
 
 
 def latest_checkpoint(dirpath: str, *, verify: bool = True) -> str | None:
@@ -164,7 +176,7 @@ def read_state_doc(path: str, m: dict, rank: int = 0) -> Any:
         raise CheckpointCorruptError(f"{fpath}: checksum mismatch; the state file is corrupt. Use an earlier checkpoint.")
     try:
         return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise CheckpointCorruptError(f"{fpath} is not valid JSON ({e}); the state file is corrupt or hostile") from None
 
 
@@ -218,6 +230,36 @@ def load_checkpoint(path: str, map_location: Any = "cpu", *, verify: bool = True
         return _map(t, map_location)
 
     return decode(doc, get)
+
+
+def load_weights(path: str, model: torch.nn.Module, *, strict: bool = True, map_location: Any = "cpu"):
+    """Load the model weights of any checkpoint that has them (full, weights, partial) into ``model``.
+
+    Only the model's tensors are read (and verified). A partial checkpoint needs ``strict=False``.
+    Returns what ``model.load_state_dict`` returns (missing and unexpected keys).
+    """
+    path = os.fspath(path)
+    m = mf.read_manifest(path)
+    kind = m.get("kind", "full")
+    doc = read_state_doc(path, m)
+    sd_doc = doc.get("state_dict") if isinstance(doc, dict) else None
+    if sd_doc is None:
+        raise CheckpointMismatchError(
+            f"{path} is a {kind!r} checkpoint without model weights; use one saved with content='full' or 'weights'"
+        )
+    if kind == "partial" and strict:
+        raise CheckpointMismatchError(
+            f"{path} is a partial checkpoint (include={m.get('include')}, exclude={m.get('exclude')}); it holds only "
+            "some of the model's tensors. Load it with strict=False."
+        )
+    keys = [k for k in m.get("tensors", {}) if k.startswith("state_dict/")]
+    tensors = load_tensors(path, m, keys)
+    sd = decode(sd_doc, lambda k: _map(tensors[k], map_location) if k in tensors else _missing(path, k))
+    return model.load_state_dict(sd, strict=strict)
+
+
+def _missing(path: str, key: str):
+    raise CheckpointCorruptError(f"{path}: the state refers to tensor {key!r}, which the manifest does not list")
 
 
 def _map(t: torch.Tensor, map_location: Any) -> torch.Tensor:

@@ -358,7 +358,9 @@ def test_pickle_payload_in_state_file_is_refused_and_never_run(run, tmp_path, pr
     marker = tmp_path / "PWNED"
     payload = pickle.dumps({"global_step": 2, "x": _Evil(str(marker))}, protocol=protocol)
     run.replace_state(payload)
-    verify_checkpoint(str(run.bad))  # the bytes match the (rewritten) manifest: only the content is hostile
+    # the bytes match the (rewritten) manifest, only the content is hostile: verification parses the state too
+    with pytest.raises(CheckpointCorruptError, match="JSON"):
+        verify_checkpoint(str(run.bad))
     with pytest.raises(CheckpointCorruptError) as ei:
         load_checkpoint(str(run.bad))
     assert STATE in str(ei.value) and "JSON" in str(ei.value)
@@ -410,9 +412,17 @@ def test_state_file_that_is_not_json_is_corrupt(run, payload):
         load_checkpoint(str(run.bad))
 
 
-def test_deeply_nested_state_is_corrupt_not_a_recursion_error(run):
-    depth = 200_000
-    run.replace_state(b"[" * depth + b"]" * depth)
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"[" * 200_000 + b"]" * 200_000,  # too deep for the JSON parser
+        b'{"$tuple": [' * 450 + b"1" + b"]}" * 450,  # parses, but too deep to decode recursively
+        b'{"a": ' * 900 + b"1" + b"}" * 900,
+    ],
+    ids=["json-depth", "tag-depth", "dict-depth"],
+)
+def test_deeply_nested_state_is_corrupt_not_a_recursion_error(run, raw):
+    run.replace_state(raw)
     with pytest.raises(CheckpointCorruptError):
         load_checkpoint(str(run.bad))
 

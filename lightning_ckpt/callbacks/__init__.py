@@ -1,6 +1,12 @@
 """Lightning callbacks: when a hook fires, ask a policy, hand the state to the writer."""
-from .base import BaseCheckpointCallback
+from .base import BaseCheckpointCallback, MonitorNotFoundError
+from .best import BestMetricCheckpoint
+from .early_stop import EarlyStopAndSave
 from .io import LightningCkptIO, install_checkpoint_io
 from .periodic import PeriodicCheckpoint
+from .retention import RetentionPolicy
 
-__all__ = ["BaseCheckpointCallback", "LightningCkptIO", "PeriodicCheckpoint", "install_checkpoint_io"]
+__all__ = [
+    "BaseCheckpointCallback", "BestMetricCheckpoint", "EarlyStopAndSave", "LightningCkptIO", "MonitorNotFoundError",
+    "PeriodicCheckpoint", "RetentionPolicy", "install_checkpoint_io",
+]

@@ -1,18 +1,37 @@
-"""Machinery shared by the saving callbacks: one writer per (trainer, dirpath), the CheckpointIO that reads our
-folders, RNG capture and restore, metrics, and waiting for background saves at the end of ``fit``."""
+"""Machinery shared by the saving callbacks.
+
+- One :class:`_Shared` per (trainer, dirpath): the writer, the callbacks using it, the save requests of the
+  current hook, what must never be deleted, and a background deleter.
+- Within one Lightning hook every callback *requests* a save; the last of our callbacks on that folder (Lightning
+  calls them in list order) *flushes*: the training state is dumped once, after every callback updated its own
+  bookkeeping, and written once with the union of the tags.
+- A save is committed at the next step boundary (``seal``), not right away; a callback that asks for the same step
+  in a later hook (a metric that validation produced after a periodic save at that step) replaces the uncommitted
+  save, so the committed state is always the newest one of that step and carries every tag.
+- RNG states are captured with each save and restored right before the first training batch after a resume.
+"""
 from __future__ import annotations
 
+import concurrent.futures as cf
+import fnmatch
 import logging
 import os
 import time
+import uuid
 import weakref
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Literal, Optional
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Checkpoint
 
+from ..checkpoints import list_checkpoints
 from ..errors import CheckpointError
+from ..format import manifest as mf
+from ..policy.conditions import Monitor, moved_enough
 from ..rng import capture_rng, restore_rng
+from ..storage.local import remove_tree
 from ..writer import CheckpointWriter, cleanup_partials
 from ..writer.writer import validate_name_template
 from .io import install_checkpoint_io
@@ -20,24 +39,105 @@ from .io import install_checkpoint_io
 log = logging.getLogger("lightning_ckpt")
 
 STATE_KEY = "lightning_ckpt"
+Content = Literal["full", "weights", "light"]
 
 
-class _SharedWriter:
-    """One writer and its bookkeeping for every callback of a trainer that saves into the same folder."""
+class MonitorNotFoundError(CheckpointError, KeyError):
+    """The monitored metric was never logged."""
 
-    def __init__(self, writer: CheckpointWriter) -> None:
-        self.writer = writer
-        self.users = 0
-        self.last_saved_step: Optional[int] = None
-        self.last_save_time = time.monotonic()
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
 
 
-_SHARED: "weakref.WeakKeyDictionary[Any, dict[str, _SharedWriter]]" = weakref.WeakKeyDictionary()
+def metric_value(trainer: "pl.Trainer", monitor: str, who: str) -> float:
+    metrics = trainer.callback_metrics
+    if monitor not in metrics:
+        logged = sorted(metrics)
+        raise MonitorNotFoundError(
+            f"{who} monitors {monitor!r}, which was not logged. Metrics logged so far: "
+            f"{', '.join(logged) if logged else '(none)'}. Log it with self.log({monitor!r}, value) or fix `monitor`."
+        )
+    v = metrics[monitor]
+    return float(v.item() if isinstance(v, torch.Tensor) else v)
+
+
+@dataclass
+class _Request:
+    tags: set
+    content: str
+    include: tuple
+    exclude: tuple
+
+    @property
+    def group(self) -> tuple:
+        return (self.content, self.include, self.exclude)
+
+
+@dataclass
+class _Shared:
+    """Everything the callbacks of one trainer share for one folder."""
+
+    writer: CheckpointWriter
+    dirpath: str
+    users: list = field(default_factory=list)
+    requests: list = field(default_factory=list)
+    last_saved_step: Optional[int] = None
+    last_save_time: float = field(default_factory=time.monotonic)
+    last_save_tags: set = field(default_factory=set)
+    resumed_from: Optional[str] = None
+    protectors: list = field(default_factory=list)  # callables -> set of checkpoint names never to delete
+    deleter: cf.ThreadPoolExecutor = field(default_factory=lambda: cf.ThreadPoolExecutor(1, thread_name_prefix="lightning_ckpt-delete"))
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    last_stall_s: Optional[float] = None
+
+    def protected(self) -> set[str]:
+        names: set[str] = set()
+        if self.resumed_from:
+            names.add(os.path.basename(os.path.normpath(self.resumed_from)))
+        for p in list(self.protectors):
+            try:
+                names |= set(p())
+            except Exception as e:  # noqa: BLE001
+                log.error("lightning_ckpt: protector failed: %r", e)
+        return names
+
+    def delete(self, names: Iterable[str], reason: str) -> list[str]:
+        """Delete committed checkpoints in the background (never a protected one). Returns the names queued."""
+        protected = self.protected()
+        queued = []
+        for name in names:
+            if name in protected or name.startswith("."):
+                continue
+            path = os.path.join(self.dirpath, name)
+            trash = os.path.join(self.dirpath, f"{mf.TRASH_PREFIX}{name}-{uuid.uuid4().hex[:6]}")
+            try:
+                os.rename(path, trash)  # atomic: from here on it is not listed
+            except FileNotFoundError:
+                continue
+            log.info("lightning_ckpt: deleting %s (%s)", path, reason)
+            self.deleter.submit(remove_tree, trash)
+            queued.append(name)
+        return queued
+
+
+_SHARED: "weakref.WeakKeyDictionary[Any, dict[str, _Shared]]" = weakref.WeakKeyDictionary()
 _PENDING_RNG: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
 
 
+def shared_for(trainer: Any, dirpath: str) -> Optional[_Shared]:
+    return _SHARED.get(trainer, {}).get(os.path.abspath(dirpath))
+
+
+def _validate_patterns(name: str, patterns: Optional[list[str]]) -> tuple:
+    if patterns is None:
+        return ()
+    if isinstance(patterns, str) or not all(isinstance(p, str) and p for p in patterns):
+        raise ValueError(f"{name}={patterns!r} is invalid; give a list of glob patterns such as ['state_dict/adapter.*']")
+    return tuple(patterns)
+
+
 class BaseCheckpointCallback(Checkpoint):
-    """Base of the saving callbacks. Subclasses decide *when*; this class knows *how*.
+    """Base of the saving callbacks. Subclasses decide *when* (``_want_save_on_*``); this class knows *how*.
 
     Args:
         dirpath: folder for this run's checkpoints; created if missing.
@@ -46,6 +146,16 @@ class BaseCheckpointCallback(Checkpoint):
         if_busy: a save requested while the previous one is still being written either ``"wait"``s or is
             ``"skip"``ped.
         fsync: make every file durable before committing (keep on unless the run is throwaway).
+        content: ``"full"`` (everything to resume), ``"weights"`` (model weights, loops, hparams) or ``"light"``
+            (metrics, hparams, metadata; no tensors).
+        include: glob patterns over state keys to keep (a partial checkpoint), e.g. ``["state_dict/adapter.*"]``
+            or ``["optimizer_states/*"]``. Keys are ``state_dict/<param name>``, ``optimizer_states/<i>/...``.
+        exclude: glob patterns over state keys to leave out.
+        monitor: metric for conditional saving (``only_on_improvement`` / ``on_change``).
+        mode: ``"min"`` or ``"max"``: the direction in which ``monitor`` improves.
+        min_delta: smallest change of ``monitor`` that counts as an improvement.
+        only_on_improvement: skip a save unless ``monitor`` improved on every earlier save of this callback.
+        on_change: skip a save unless ``monitor`` moved by more than this fraction since this callback's last save.
     """
 
     def __init__(
@@ -56,6 +166,14 @@ class BaseCheckpointCallback(Checkpoint):
         name_template: str = "step={step:06d}",
         if_busy: Literal["wait", "skip"] = "wait",
         fsync: bool = True,
+        content: Content = "full",
+        include: Optional[list[str]] = None,
+        exclude: Optional[list[str]] = None,
+        monitor: Optional[str] = None,
+        mode: Literal["min", "max"] = "min",
+        min_delta: float = 0.0,
+        only_on_improvement: bool = False,
+        on_change: Optional[float] = None,
     ) -> None:
         super().__init__()
         if not isinstance(dirpath, (str, os.PathLike)) or not os.fspath(dirpath):
@@ -64,12 +182,48 @@ class BaseCheckpointCallback(Checkpoint):
             raise ValueError(f"if_busy={if_busy!r} is invalid; use 'wait' or 'skip'")
         if not isinstance(async_save, bool):
             raise ValueError(f"async_save={async_save!r} is invalid; use True or False")
+        if content not in ("full", "weights", "light"):
+            raise ValueError(f"content={content!r} is invalid; use 'full', 'weights' or 'light'")
+        self.include = _validate_patterns("include", include)
+        self.exclude = _validate_patterns("exclude", exclude)
+        if (self.include or self.exclude) and content == "light":
+            raise ValueError("include/exclude select tensors, but content='light' saves none; use content='full' or 'weights'")
+        if on_change is not None and (not isinstance(on_change, (int, float)) or isinstance(on_change, bool) or on_change <= 0):
+            raise ValueError(f"on_change={on_change!r} is invalid; it must be a positive fraction such as 0.05")
+        if only_on_improvement and on_change is not None:
+            raise ValueError("only_on_improvement and on_change are mutually exclusive; set one of them")
+        if (only_on_improvement or on_change is not None) and not monitor:
+            raise ValueError("only_on_improvement/on_change need monitor='<metric name>'")
         self.dirpath = os.path.abspath(os.fspath(dirpath))
         self.async_save = async_save
         self.name_template = validate_name_template(name_template)
         self.if_busy = if_busy
         self.fsync = fsync
-        self._shared: Optional[_SharedWriter] = None
+        self.content = content
+        self.monitor_spec = Monitor(monitor, mode, min_delta) if monitor else None
+        if monitor is None:
+            Monitor("x", mode, min_delta)  # validate mode and min_delta all the same
+        self.monitor = monitor
+        self.mode = mode
+        self.min_delta = min_delta
+        self.only_on_improvement = bool(only_on_improvement)
+        self.on_change = on_change
+        self._shared: Optional[_Shared] = None
+        self._cond_best: Optional[float] = None  # conditional saving: best value at a save of this callback
+        self._cond_last: Optional[float] = None  # conditional saving: value at this callback's last save
+
+    # ------------------------------------------------------------ subclass hooks: return tags to save, or None
+    def _want_save_on_train_batch_end(self, trainer: "pl.Trainer") -> Optional[Iterable[str]]:
+        return None
+
+    def _want_save_on_validation_end(self, trainer: "pl.Trainer") -> Optional[Iterable[str]]:
+        return None
+
+    def _want_save_on_train_epoch_end(self, trainer: "pl.Trainer") -> Optional[Iterable[str]]:
+        return None
+
+    def _want_save_on_train_end(self, trainer: "pl.Trainer") -> Optional[Iterable[str]]:
+        return None
 
     # ------------------------------------------------------------ Lightning
     @property
@@ -89,22 +243,37 @@ class BaseCheckpointCallback(Checkpoint):
         per_trainer = _SHARED.setdefault(trainer, {})
         shared = per_trainer.get(self.dirpath)
         if shared is None:
-            shared = _SharedWriter(
+            shared = _Shared(
                 CheckpointWriter(
                     self.dirpath,
                     async_save=self.async_save,
                     name_template=self.name_template,
                     if_busy=self.if_busy,
                     fsync=self.fsync,
-                )
+                    auto_seal=False,
+                ),
+                self.dirpath,
             )
             per_trainer[self.dirpath] = shared
             if trainer.is_global_zero:
                 shared.writer.prepare_dir()
                 cleanup_partials(self.dirpath)
             trainer.strategy.barrier("lightning_ckpt.setup")
-        shared.users += 1
+        else:
+            w = shared.writer
+            mine = (self.async_save, self.name_template, self.if_busy, self.fsync)
+            theirs = (w.async_save, w.name_template, w.if_busy, w.fsync)
+            if mine != theirs:
+                raise ValueError(
+                    f"callbacks saving into {self.dirpath} disagree on (async_save, name_template, if_busy, fsync): "
+                    f"{theirs} vs {mine}. Callbacks on one folder share one writer; give them the same settings."
+                )
+        shared.users.append(self)
         self._shared = shared
+
+    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self._shared is not None and trainer.ckpt_path:
+            self._shared.resumed_from = str(trainer.ckpt_path)
 
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self._shared is not None:
@@ -119,6 +288,13 @@ class BaseCheckpointCallback(Checkpoint):
             self._shared.last_saved_step = int(checkpoint.get("global_step", -1))
 
     def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int) -> None:
+        shared = self._shared
+        if shared is not None:
+            if shared.requests:  # a hook we expected later in the last step did not come; save what was asked
+                log.warning("lightning_ckpt: saving requests of step %s late (expected validation did not run)", shared.last_saved_step)
+                self._flush(trainer)
+            # a step boundary: the previous step's save may commit now
+            shared.writer.seal()
         # Restore RNG states as late as possible: right before the first training step after a resume, where the
         # uninterrupted run was when it saved. Lightning's own set-up (sanity check, iterator creation) may consume
         # random numbers before this point; restoring here makes those draws irrelevant.
@@ -126,30 +302,142 @@ class BaseCheckpointCallback(Checkpoint):
         if rng is not None:
             restore_rng(rng)
 
+    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._hook(trainer, self._want_save_on_train_batch_end, hook="batch_end")
+
+    def on_validation_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        self._hook(trainer, self._want_save_on_validation_end, hook="validation_end")
+
+    def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._hook(trainer, self._want_save_on_train_epoch_end, hook="epoch_end")
+
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        self._wait(raise_errors=True)
+        self._hook(trainer, self._want_save_on_train_end, final=True)
+        if self._shared is not None and self._is_last(self._shared):
+            self._wait(raise_errors=True)
 
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
-        # keep an in-flight save (it becomes a valid checkpoint) but never mask the training error
+        shared = self._shared
+        if shared is None:
+            return
+        shared.requests.clear()
+        # keep a save that was fully requested (it becomes a valid checkpoint) but never mask the training error
         self._wait(raise_errors=False)
+        if self._is_last(shared) and trainer.is_global_zero:
+            _record_failed_run(shared, exception)
 
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         shared = self._shared
         if shared is None or stage != "fit":
             return
         self._shared = None
-        shared.users -= 1
-        if shared.users <= 0:
-            per_trainer = _SHARED.get(trainer, {})
-            per_trainer.pop(self.dirpath, None)
+        if self in shared.users:
+            shared.users.remove(self)
+        if not shared.users:
+            _SHARED.get(trainer, {}).pop(self.dirpath, None)
             self._last_buffer_allocations = shared.writer._buffers.allocations
             self._last_buffer_tensors = len(shared.writer._buffers._buffers)
             try:
                 shared.writer.close()
             except CheckpointError as e:  # already reported at on_train_end / on_exception
                 log.error("lightning_ckpt: %s", e)
+            shared.deleter.shutdown(wait=True)
 
-    # ------------------------------------------------------------ saving
+    # ------------------------------------------------------------ conditional saving
+    def _condition_allows(self, trainer: "pl.Trainer") -> bool:
+        if self.monitor_spec is None or not (self.only_on_improvement or self.on_change is not None):
+            return True
+        v = metric_value(trainer, self.monitor_spec.monitor, type(self).__name__)
+        if self.only_on_improvement:
+            ok = self.monitor_spec.better(v, self._cond_best)
+        else:
+            ok = moved_enough(v, self._cond_last, float(self.on_change))  # type: ignore[arg-type]
+        if ok:
+            self._cond_last = v
+            if self.monitor_spec.better(v, self._cond_best):
+                self._cond_best = v
+        return ok
+
+    # ------------------------------------------------------------ request / flush
+    def _is_last(self, shared: _Shared) -> bool:
+        return bool(shared.users) and shared.users[-1] is self
+
+    def _hook(self, trainer: "pl.Trainer", want, final: bool = False, hook: str = "") -> None:
+        shared = self._shared
+        if shared is None:
+            return
+        tags = want(trainer)
+        if tags is not None:
+            self.request_save(trainer, tags)
+        if self._is_last(shared) and not (shared.requests and _step_goes_on(trainer, hook)):
+            self._flush(trainer, final=final)
+
+    def request_save(self, trainer: "pl.Trainer", tags: Iterable[str], *, force: bool = False) -> None:
+        """Ask for a save at the current step; it is written once per hook for all callbacks on this folder."""
+        shared = self._shared
+        if shared is None or trainer.sanity_checking:
+            return
+        if not force and not self._condition_allows(trainer):
+            return
+        shared.requests.append(_Request(set(tags), self.content, self.include, self.exclude))
+
+    def _flush(self, trainer: "pl.Trainer", final: bool = False) -> None:
+        shared = self._shared
+        assert shared is not None
+        requests, shared.requests = shared.requests, []
+        if not requests:
+            return
+        step = int(trainer.global_step)
+        groups: dict[tuple, set] = {}
+        for r in requests:
+            groups.setdefault(r.group, set()).update(r.tags)
+        # a full checkpoint also serves weights/light requests without include/exclude
+        if ("full", (), ()) in groups:
+            for g in list(groups):
+                if g != ("full", (), ()) and not g[1] and not g[2]:
+                    groups[("full", (), ())] |= groups.pop(g)
+        metrics = dict(trainer.callback_metrics)
+        for (content, include, exclude), tags in groups.items():
+            kind = "partial" if (include or exclude) else content
+            pending = shared.writer.pending
+            if pending is not None and pending.step == step and final and shared.writer.merge(step, tags, metrics, kind):
+                continue  # the end of fit adds its tag to the save of the last step
+            if shared.last_saved_step == step and pending is None and tags <= shared.last_save_tags | {"final"}:
+                continue  # already committed at this step (e.g. the step we resumed from)
+            if pending is not None and pending.step == step and pending.kind == kind:
+                tags = tags | set(pending.tags)
+                shared.writer.abandon()  # replaced by a newer state of the same step
+            self._save(trainer, shared, step, tags, content, include, exclude, kind, metrics)
+
+    def _save(self, trainer, shared: _Shared, step: int, tags: set, content: str, include: tuple, exclude: tuple, kind: str, metrics: dict) -> None:
+        t0 = time.perf_counter()
+        checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=content != "full")
+        if content == "light":
+            checkpoint.pop("state_dict", None)
+        if include or exclude:
+            checkpoint = filter_state(checkpoint, include, exclude)
+        checkpoint[STATE_KEY] = {"rng": capture_rng(), "format": 1, "kind": kind}
+        pl_module = trainer.lightning_module
+        hparams = dict(pl_module.hparams) if pl_module is not None and pl_module.hparams else None
+        pending = shared.writer.save(
+            checkpoint,
+            step=step,
+            epoch=int(trainer.current_epoch),
+            tags=tags,
+            metrics=metrics,
+            hparams=hparams,
+            meta={"resumed_from": shared.resumed_from, "run_id": shared.run_id, "include": list(include), "exclude": list(exclude)},
+            kind=kind,
+        )
+        if pending is None:
+            return
+        shared.last_stall_s = time.perf_counter() - t0
+        shared.last_saved_step = step
+        shared.last_save_tags = set(tags)
+        shared.last_save_time = time.monotonic()
+
     def _wait(self, raise_errors: bool) -> None:
         if self._shared is None:
             return
@@ -160,34 +448,83 @@ class BaseCheckpointCallback(Checkpoint):
                 raise
             log.error("lightning_ckpt: a background save failed: %s", e)
 
+    # kept for callers of the first release
     def save_now(self, trainer: "pl.Trainer", tags: Iterable[str] = ()) -> bool:
-        """Save the full training state at the current step. Returns False when skipped (already saved at this
-        step, or busy with ``if_busy="skip"``)."""
-        shared = self._shared
-        if shared is None or trainer.sanity_checking:
+        """Request a save now and write it at once (outside the usual hooks)."""
+        if self._shared is None:
             return False
-        step = int(trainer.global_step)
-        if shared.last_saved_step == step:
-            return False
-        checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
-        checkpoint[STATE_KEY] = {"rng": capture_rng(), "format": 1}
-        pl_module = trainer.lightning_module
-        hparams = dict(pl_module.hparams) if pl_module is not None and pl_module.hparams else None
-        pending = shared.writer.save(
-            checkpoint,
-            step=step,
-            epoch=int(trainer.current_epoch),
-            tags=tags,
-            metrics=dict(trainer.callback_metrics),
-            hparams=hparams,
-            meta={"resumed_from": _str_or_none(trainer.ckpt_path)},
-        )
-        if pending is None:
-            return False
-        shared.last_saved_step = step
-        shared.last_save_time = time.monotonic()
+        self.request_save(trainer, tags, force=True)
+        self._flush(trainer)
         return True
 
 
-def _str_or_none(x: Any) -> Optional[str]:
-    return None if x is None else str(x)
+def _step_goes_on(trainer: "pl.Trainer", hook: str) -> bool:
+    """Will another of our hooks run in this same training step? Then the save waits for it, so one state (the
+    latest of the step, after validation) is written once. Mirrors Lightning's ``_TrainingEpochLoop.on_advance_end``."""
+    try:
+        el = trainer.fit_loop.epoch_loop
+        last_batch = bool(el.batch_progress.is_last_batch)
+        if hook == "batch_end":
+            if not el._skip_next_val and el._should_check_val_fx(trainer.fit_loop._data_fetcher):
+                return True  # validation runs next
+            return last_batch  # on_train_epoch_end runs next
+        if hook == "validation_end":
+            return last_batch and not trainer.sanity_checking
+    except Exception:  # noqa: BLE001 - private Lightning API changed: save right away
+        return False
+    return False
+
+
+def filter_state(checkpoint: dict, include: tuple, exclude: tuple) -> dict:
+    """Drop tensors whose flat key (``state_dict/<name>``, ``optimizer_states/0/state/3/exp_avg``) is not selected.
+
+    Tensors inside dicts are removed; inside lists and tuples they become ``None``. Non-tensor values stay.
+    """
+
+    def selected(key: str) -> bool:
+        if include and not any(fnmatch.fnmatchcase(key, p) for p in include):
+            return False
+        return not any(fnmatch.fnmatchcase(key, p) for p in exclude)
+
+    drop = object()
+
+    def walk(x: Any, path: str) -> Any:
+        if isinstance(x, torch.Tensor):
+            return x if selected(path) else drop
+        if isinstance(x, dict):
+            out = type(x)() if type(x) is not dict else {}
+            for k, v in x.items():
+                r = walk(v, f"{path}/{k}" if path else str(k))
+                if r is not drop:
+                    out[k] = r
+            return out
+        if isinstance(x, (list, tuple)) and not hasattr(x, "_fields"):
+            items = [walk(v, f"{path}/{i}") for i, v in enumerate(x)]
+            items = [None if r is drop else r for r in items]
+            return type(x)(items) if isinstance(x, tuple) else items
+        return x
+
+    return walk(checkpoint, "")
+
+
+def _record_failed_run(shared: _Shared, exception: BaseException) -> None:
+    """Leave a note that this run ended in an exception (``lightning-ckpt prune --failed`` reads it)."""
+    import json
+
+    d = os.path.join(shared.dirpath, ".runs")
+    try:
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, f"{shared.run_id}.json"), "w") as f:
+            json.dump({"run_id": shared.run_id, "status": "failed", "error": repr(exception)[:2000], "time": time.time()}, f)
+    except OSError as e:
+        log.error("lightning_ckpt: could not record the failed run: %s", e)
+
+
+def committed_records(dirpath: str):
+    """Retention records of the committed checkpoints in ``dirpath``."""
+    from ..policy.retention import Record
+
+    return [
+        Record(c.name, c.step, c.size_bytes, dict(c.metrics), tuple(c.tags), c.created_unix or 0.0)
+        for c in list_checkpoints(dirpath)
+    ]

@@ -11,7 +11,7 @@ from typing import Any, Optional
 from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from ..checkpoints import is_checkpoint_dir, load_checkpoint
+from ..checkpoints import is_checkpoint_dir, load_checkpoint, read_checkpoint_manifest
 from ..errors import CheckpointMismatchError
 
 
@@ -28,6 +28,7 @@ class LightningCkptIO(CheckpointIO):
 
     def load_checkpoint(self, path: Any, map_location: Optional[Any] = None, weights_only: Optional[bool] = None) -> dict[str, Any]:
         if is_checkpoint_dir(path):
+            self._check_kind(str(path))
             ckpt = load_checkpoint(path, map_location=map_location if map_location is not None else "cpu")
             self._check_fits_model(ckpt, str(path))
             return ckpt
@@ -41,6 +42,19 @@ class LightningCkptIO(CheckpointIO):
 
     def teardown(self) -> None:
         self.wrapped.teardown()
+
+    def _check_kind(self, path: str) -> None:
+        kind = read_checkpoint_manifest(path).get("kind", "full")
+        trainer = self.trainer
+        fn = getattr(getattr(trainer, "state", None), "fn", None)
+        if kind != "full" and (fn is None or fn == "fit"):
+            raise CheckpointMismatchError(
+                f"{path} is a {kind!r} checkpoint: it does not hold the full training state, so training cannot "
+                "resume from it. Resume from a checkpoint saved with content='full', or load its weights with "
+                "lightning_ckpt.load_weights(path, model, strict=False)"
+                + (" (it has no weights)" if kind == "light" else "")
+                + " or pass it to trainer.validate/test."
+            )
 
     def _check_fits_model(self, ckpt: dict, path: str) -> None:
         trainer = self.trainer

@@ -1,20 +1,25 @@
-"""PeriodicCheckpoint: save every N steps, N epochs or N seconds, and once at the end of training."""
+"""PeriodicCheckpoint: save every N steps, N epochs, N seconds or at an adaptive interval, and at the end."""
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any, Literal, Optional
 
 import lightning.pytorch as pl
 
+from ..policy.adaptive import AdaptiveInterval
 from ..policy.triggers import SaveTrigger
-from .base import BaseCheckpointCallback
+from .base import BaseCheckpointCallback, Content
+
+log = logging.getLogger("lightning_ckpt")
 
 
 class PeriodicCheckpoint(BaseCheckpointCallback):
-    """Save the full training state on a fixed schedule, without stalling training (``async_save=True``).
+    """Save the training state on a schedule, without stalling training (``async_save=True``).
 
-    Exactly one of ``every_n_train_steps``, ``every_n_epochs``, ``every_n_seconds`` may be set; none means every
-    epoch. A checkpoint is also written when training ends (tag ``final``) unless one was just written at that step.
+    Exactly one of ``every_n_train_steps``, ``every_n_epochs``, ``every_n_seconds``, ``every="auto"`` may be set;
+    none means every epoch. A checkpoint is also written when training ends (tag ``final``); when the last step was
+    just saved, that checkpoint gets the tag instead.
 
     Example::
 
@@ -27,11 +32,25 @@ class PeriodicCheckpoint(BaseCheckpointCallback):
         every_n_train_steps: save after every N optimizer steps.
         every_n_epochs: save at the end of every N-th training epoch.
         every_n_seconds: save at the first step boundary at least N seconds after the previous save.
+        every: ``"auto"``: measure the training stall of each save and the step time, and save as often as keeps
+            the stall under ``max_overhead`` of the training time (or at the Young/Daly interval when ``mtbf_s`` is
+            given, never more often than the budget allows). The chosen interval is logged as
+            ``checkpoint/interval_steps``.
+        max_overhead: fraction of training time that saves may cost with ``every="auto"`` (0.05 = 5 %).
+        mtbf_s: mean time between failures in seconds, for the Young/Daly interval with ``every="auto"``.
         async_save: snapshot into reused host buffers and write in the background.
         save_on_train_end: also save when ``fit`` finishes (tag ``final``).
         name_template: folder name of each checkpoint, fields ``{step}`` and ``{epoch}``.
         if_busy: ``"wait"`` for the previous save, or ``"skip"`` the new one, when a save is still being written.
         fsync: make files durable before the commit.
+        content: ``"full"``, ``"weights"`` or ``"light"`` (see :class:`BaseCheckpointCallback`).
+        include: glob patterns over state keys for a partial checkpoint.
+        exclude: glob patterns over state keys to leave out.
+        monitor: metric for ``only_on_improvement`` / ``on_change``.
+        mode: ``"min"`` or ``"max"``.
+        min_delta: smallest change of ``monitor`` that counts as an improvement.
+        only_on_improvement: when a save is due, skip it unless ``monitor`` improved since this callback's saves.
+        on_change: when a save is due, skip it unless ``monitor`` moved by more than this fraction since the last.
     """
 
     def __init__(
@@ -40,40 +59,112 @@ class PeriodicCheckpoint(BaseCheckpointCallback):
         every_n_train_steps: Optional[int] = None,
         every_n_epochs: Optional[int] = None,
         every_n_seconds: Optional[float] = None,
+        every: Optional[Literal["auto"]] = None,
+        max_overhead: float = 0.05,
+        mtbf_s: Optional[float] = None,
         async_save: bool = True,
         save_on_train_end: bool = True,
         name_template: str = "step={step:06d}",
         if_busy: Literal["wait", "skip"] = "wait",
         fsync: bool = True,
+        content: Content = "full",
+        include: Optional[list[str]] = None,
+        exclude: Optional[list[str]] = None,
+        monitor: Optional[str] = None,
+        mode: Literal["min", "max"] = "min",
+        min_delta: float = 0.0,
+        only_on_improvement: bool = False,
+        on_change: Optional[float] = None,
     ) -> None:
-        super().__init__(dirpath, async_save=async_save, name_template=name_template, if_busy=if_busy, fsync=fsync)
-        self.trigger = SaveTrigger(every_n_train_steps, every_n_epochs, every_n_seconds)
+        super().__init__(
+            dirpath, async_save=async_save, name_template=name_template, if_busy=if_busy, fsync=fsync, content=content,
+            include=include, exclude=exclude, monitor=monitor, mode=mode, min_delta=min_delta,
+            only_on_improvement=only_on_improvement, on_change=on_change,
+        )
+        if every not in (None, "auto"):
+            raise ValueError(f"every={every!r} is invalid; the only value is 'auto' (or use every_n_train_steps=...)")
+        if every == "auto":
+            others = [n for n, v in (("every_n_train_steps", every_n_train_steps), ("every_n_epochs", every_n_epochs), ("every_n_seconds", every_n_seconds)) if v is not None]
+            if others:
+                raise ValueError(f"every='auto' and {others[0]} are both set; set exactly one trigger")
+            self.adaptive: Optional[AdaptiveInterval] = AdaptiveInterval(max_overhead=max_overhead, mtbf_s=mtbf_s)
+            self.trigger = SaveTrigger(every_n_train_steps=1)  # validated placeholder; the adaptive interval decides
+        else:
+            if mtbf_s is not None:
+                raise ValueError("mtbf_s is only used with every='auto'")
+            self.adaptive = None
+            self.trigger = SaveTrigger(every_n_train_steps, every_n_epochs, every_n_seconds)
+        self.every = every
         self.save_on_train_end = bool(save_on_train_end)
+        self.interval_steps: Optional[int] = None
+        self._next_auto_step: Optional[int] = None
+        self._last_batch_end: Optional[float] = None
+        self._awaiting_stall: Optional[int] = None
 
-    def on_train_batch_end(
-        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
+    # ---------------------------------------------------------------- every="auto"
+    def _auto_due(self, trainer: "pl.Trainer") -> bool:
+        """Measure, then decide. Step time is the time between batch ends minus our own stall."""
+        ad, shared = self.adaptive, self._shared
+        assert ad is not None and shared is not None
+        now = time.perf_counter()
+        stall = 0.0
+        if self._awaiting_stall is not None:
+            if shared.last_saved_step == self._awaiting_stall and shared.last_stall_s is not None:
+                stall = shared.last_stall_s
+                ad.observe_stall(stall)
+        if self._last_batch_end is not None:
+            ad.observe_step(now - self._last_batch_end - stall)
+        self._last_batch_end = now
+        if self._awaiting_stall is not None:
+            self._schedule_next(trainer, from_step=self._awaiting_stall)
+            self._awaiting_stall = None
+        if self._next_auto_step is None:
+            self._next_auto_step = ad.interval()
+        return trainer.global_step >= self._next_auto_step and trainer.global_step != shared.last_saved_step
+
+    def _schedule_next(self, trainer: "pl.Trainer", from_step: int) -> None:
+        ad = self.adaptive
+        assert ad is not None
+        n = int(trainer.strategy.broadcast(ad.interval(), src=0))
+        if n != self.interval_steps:
+            log.info(
+                "lightning_ckpt: checkpoint interval is now %d steps (step %.4fs, stall per save %.4fs, budget %.1f%%%s)",
+                n, ad.step_s or 0.0, ad.stall_s or 0.0, 100 * ad.max_overhead,
+                f", MTBF {ad.mtbf_s:.0f}s" if ad.mtbf_s else "",
+            )
+            for lg in trainer.loggers:
+                lg.log_metrics({"checkpoint/interval_steps": float(n)}, step=trainer.global_step)
+        self.interval_steps = n
+        self._next_auto_step = from_step + n
+
+    def _want_save_on_train_batch_end(self, trainer: "pl.Trainer"):
         shared = self._shared
         if shared is None:
-            return
+            return None
+        if self.adaptive is not None:
+            due = bool(trainer.strategy.broadcast(self._auto_due(trainer), src=0))
+            if due:
+                self._awaiting_stall = trainer.global_step
+                return ("periodic",)
+            return None
         due = self.trigger.due_on_step(trainer.global_step, shared.last_saved_step, time.monotonic(), shared.last_save_time)
         if self.trigger.every_n_seconds is not None:
             due = bool(trainer.strategy.broadcast(due, src=0))  # ranks must agree on a wall-clock decision
-        if due:
-            self.save_now(trainer, tags=("periodic",))
+        return ("periodic",) if due else None
 
-    def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def _want_save_on_train_epoch_end(self, trainer: "pl.Trainer"):
         shared = self._shared
-        if shared is None:
-            return
+        if shared is None or self.adaptive is not None:
+            return None
         if self.trigger.due_on_epoch_end(trainer.current_epoch, trainer.global_step, shared.last_saved_step):
-            self.save_now(trainer, tags=("periodic",))
+            return ("periodic",)
+        return None
 
-    def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if self.save_on_train_end:
-            self.save_now(trainer, tags=("final",))
-        super().on_train_end(trainer, pl_module)
+    def _want_save_on_train_end(self, trainer: "pl.Trainer"):
+        return ("final",) if self.save_on_train_end else None
 
     def state_dict(self) -> dict[str, Any]:
-        shared = self._shared
-        return {"dirpath": self.dirpath, "last_saved_step": None if shared is None else shared.last_saved_step}
+        return {"dirpath": self.dirpath, "interval_steps": self.interval_steps}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.interval_steps = state_dict.get("interval_steps")

@@ -125,6 +125,15 @@ def encode(obj: Any, on_unsupported: Callable[[str, Any], None] | None = None) -
 
 
 def decode(doc: Any, tensor_getter: Callable[[str], torch.Tensor]) -> Any:
+    try:
+        return _decode(doc, tensor_getter)
+    except RecursionError:
+        raise CheckpointCorruptError(
+            "non-tensor state is nested too deeply to be a checkpoint; the state file is corrupt or hostile"
+        ) from None
+
+
+def _decode(doc: Any, tensor_getter: Callable[[str], torch.Tensor]) -> Any:
     def bad(what: str) -> CheckpointCorruptError:
         return CheckpointCorruptError(f"non-tensor state is malformed ({what}); the checkpoint is corrupt or was not written by lightning_ckpt")
 

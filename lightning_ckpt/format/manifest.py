@@ -144,7 +144,7 @@ def read_manifest(path: str) -> dict:
         if len(raw) > 64 * 1024 * 1024:
             raise CheckpointCorruptError(f"{mpath} is larger than 64 MiB; refusing to parse it")
         m = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise CheckpointCorruptError(f"{mpath} is not valid JSON ({e}); the checkpoint is corrupt, use an earlier one") from None
     return validate_manifest(m, mpath)
 

@@ -216,7 +216,7 @@ def read_header(path: str) -> tuple[int, dict]:
         raw = f.read(end - 8)
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise CheckpointCorruptError(f"{path} has a header that is not valid JSON ({e}); the file is corrupt") from None
     if not isinstance(header, dict):
         raise CheckpointCorruptError(f"{path} has a header that is not a JSON object; the file is corrupt")

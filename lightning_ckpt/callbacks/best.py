@@ -1,0 +1,199 @@
+"""BestMetricCheckpoint: keep the ``top_k`` best checkpoints by a logged metric."""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+from typing import Any, Literal, Optional
+
+import lightning.pytorch as pl
+
+from ..checkpoints import list_checkpoints
+from ..policy.conditions import Monitor
+from .base import BaseCheckpointCallback, Content, metric_value
+
+log = logging.getLogger("lightning_ckpt")
+
+
+class BestMetricCheckpoint(BaseCheckpointCallback):
+    """Save when ``monitor`` enters the ``top_k`` best so far (tag ``best``) and delete the checkpoints that fall out.
+
+    The metric is read when validation ends (or, with validation off, at the end of each training epoch; or every
+    ``every_n_train_steps`` for a training metric). A checkpoint that another callback also wanted (another tag) is
+    never deleted by this one. After a resume, the best-k list is rebuilt from the checkpoints on disk, so nothing the
+    resumed run should keep is deleted.
+
+    Example::
+
+        BestMetricCheckpoint("ckpts/", monitor="val_loss", mode="min", top_k=3)
+
+    Args:
+        dirpath: folder for the checkpoints.
+        monitor: metric logged with ``self.log``; an error lists the logged ones when it is missing.
+        mode: ``"min"`` or ``"max"``.
+        top_k: how many best checkpoints to keep (``-1`` keeps every improvement).
+        min_delta: smallest change that counts as an improvement over the current k-th best.
+        every_n_train_steps: also check the metric every N steps (for metrics logged in ``training_step``).
+        async_save, name_template, if_busy, fsync, content, include, exclude: see :class:`BaseCheckpointCallback`.
+    """
+
+    def __init__(
+        self,
+        dirpath: str,
+        monitor: str,
+        mode: Literal["min", "max"] = "min",
+        top_k: int = 1,
+        min_delta: float = 0.0,
+        every_n_train_steps: Optional[int] = None,
+        async_save: bool = True,
+        name_template: str = "step={step:06d}",
+        if_busy: Literal["wait", "skip"] = "wait",
+        fsync: bool = True,
+        content: Content = "full",
+        include: Optional[list[str]] = None,
+        exclude: Optional[list[str]] = None,
+    ) -> None:
+        super().__init__(
+            dirpath, async_save=async_save, name_template=name_template, if_busy=if_busy, fsync=fsync,
+            content=content, include=include, exclude=exclude,
+        )
+        self.spec = Monitor(monitor, mode, min_delta)
+        if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k == 0 or top_k < -1:
+            raise ValueError(f"top_k={top_k!r} is invalid; use a positive integer, or -1 to keep every improvement")
+        if every_n_train_steps is not None and (not isinstance(every_n_train_steps, int) or every_n_train_steps < 1):
+            raise ValueError(f"every_n_train_steps={every_n_train_steps!r} is invalid; it must be a positive integer or None")
+        self.monitor = monitor
+        self.mode = mode
+        self.top_k = top_k
+        self.every_n_train_steps = every_n_train_steps
+        self.best_k: list[dict] = []  # [{"step", "score"}], best first
+        self._evicted: list[int] = []  # steps to delete once a newer save committed
+        self._lock = threading.Lock()
+        self._loaded_state: Optional[dict] = None
+        self._validated_this_epoch = False
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(dirpath=self.dirpath, monitor=self.monitor, mode=self.mode)
+
+    @property
+    def best_model_path(self) -> Optional[str]:
+        """Path of the best checkpoint so far (committed once ``fit`` returns)."""
+        if not self.best_k:
+            return None
+        return self._path_of_step(self.best_k[0]["step"])
+
+    @property
+    def best_model_score(self) -> Optional[float]:
+        return self.best_k[0]["score"] if self.best_k else None
+
+    def _path_of_step(self, step: int) -> Optional[str]:
+        for c in reversed(list_checkpoints(self.dirpath)):
+            if c.step == step and "best" in c.tags:
+                return c.path
+        return None
+
+    # --------------------------------------------------------------- lifecycle
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        shared = self._shared
+        if shared is not None and self._protect not in shared.protectors:
+            shared.protectors.append(self._protect)
+            shared.writer.on_commit.append(self._after_commit)
+
+    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        shared = self._shared
+        if shared is not None:
+            if self._protect in shared.protectors:
+                shared.protectors.remove(self._protect)
+            if self._after_commit in shared.writer.on_commit:
+                shared.writer.on_commit.remove(self._after_commit)
+        super().teardown(trainer, pl_module, stage)
+
+    def _rebuild_from_disk(self, upto_step: int) -> None:
+        """The manifests on disk are the truth: tags and metrics are final once committed."""
+        scored = []
+        for c in list_checkpoints(self.dirpath):
+            v = c.metrics.get(self.monitor)
+            if "best" in c.tags and c.step <= upto_step and isinstance(v, (int, float)) and math.isfinite(v):
+                scored.append({"step": c.step, "score": float(v)})
+        scored.sort(key=lambda d: (self.spec.sort_key(d["score"]), -d["step"]))
+        with self._lock:
+            self.best_k = scored if self.top_k == -1 else scored[: self.top_k]
+
+    def _protect(self) -> set[str]:
+        with self._lock:
+            steps = {d["step"] for d in self.best_k}
+        return {c.name for c in list_checkpoints(self.dirpath) if c.step in steps and "best" in c.tags}
+
+    # --------------------------------------------------------------- decisions
+    def _check(self, trainer: "pl.Trainer"):
+        value = metric_value(trainer, self.monitor, "BestMetricCheckpoint")
+        step = int(trainer.global_step)
+        if not math.isfinite(value):
+            return None
+        with self._lock:
+            if any(d["step"] == step for d in self.best_k):
+                return None
+            full = self.top_k != -1 and len(self.best_k) >= self.top_k
+            worst = self.best_k[-1]["score"] if self.best_k else None
+            if full and not self.spec.better(value, worst):
+                return None
+            self.best_k.append({"step": step, "score": value})
+            self.best_k.sort(key=lambda d: (self.spec.sort_key(d["score"]), -d["step"]))
+            if self.top_k != -1:
+                for d in self.best_k[self.top_k :]:
+                    self._evicted.append(d["step"])
+                self.best_k = self.best_k[: self.top_k]
+        log.info("lightning_ckpt: %s=%.6g at step %d is among the best %s", self.monitor, value, step, self.top_k)
+        return ("best",)
+
+    def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._validated_this_epoch = False
+
+    def _want_save_on_validation_end(self, trainer: "pl.Trainer"):
+        self._validated_this_epoch = True
+        return self._check(trainer)
+
+    def _want_save_on_train_epoch_end(self, trainer: "pl.Trainer"):
+        if self._validated_this_epoch:
+            return None  # checked when validation ended
+        return self._check(trainer)
+
+    def _want_save_on_train_batch_end(self, trainer: "pl.Trainer"):
+        if self.every_n_train_steps and trainer.global_step % self.every_n_train_steps == 0:
+            return self._check(trainer)
+        return None
+
+    def _after_commit(self, result: Any) -> None:
+        """Runs in the committing thread: delete evicted best-only checkpoints now that a newer one is committed."""
+        shared = self._shared
+        if shared is None:
+            return
+        with self._lock:
+            evicted, self._evicted = self._evicted, []
+            keep_steps = {d["step"] for d in self.best_k}
+        if not evicted:
+            return
+        names = [
+            c.name for c in list_checkpoints(self.dirpath)
+            if c.step in evicted and c.step not in keep_steps and set(c.tags) <= {"best"} and c.name != result.name
+        ]
+        shared.delete(names, reason=f"no longer among the best {self.top_k} by {self.monitor}")
+
+    # --------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        with self._lock:
+            return {"monitor": self.monitor, "mode": self.mode, "top_k": self.top_k, "best_k": [dict(d) for d in self.best_k]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._loaded_state = dict(state_dict)
+
+    def on_load_checkpoint(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(trainer, pl_module, checkpoint)
+        if self._loaded_state is None:
+            self._loaded_state = {}
+        self._loaded_state["global_step"] = int(checkpoint.get("global_step", 0))
+        if os.path.isdir(self.dirpath):
+            self._rebuild_from_disk(self._loaded_state["global_step"])
