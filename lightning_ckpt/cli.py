@@ -3,6 +3,8 @@
     lightning-ckpt ls DIR [--json]        committed checkpoints in a run folder
     lightning-ckpt show PATH [--json]     one checkpoint's manifest, summarised
     lightning-ckpt verify PATH [PATH...]  check every byte; exit status 1 if any fails
+    lightning-ckpt prune DIR --keep-last N [--keep-best K --monitor M] [--keep-every-n-steps S]
+                         [--max-total-bytes B] [--failed] [--dry-run]
 
 Exit codes: 0 success, 1 a checkpoint failed verification, 2 bad usage or nothing found.
 """
@@ -117,6 +119,50 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return status
 
 
+def cmd_prune(args: argparse.Namespace) -> int:
+    from .policy.retention import RetentionRules, plan_retention
+    from .prune import failed_run_ids, remove_checkpoint, remove_partials
+
+    if not os.path.isdir(args.dir):
+        print(f"lightning-ckpt: {args.dir} is not a folder", file=sys.stderr)
+        return 2
+    try:
+        rules = RetentionRules(args.keep_last, args.keep_best, args.monitor, args.mode, args.keep_every_n_steps, args.max_total_bytes)
+    except ValueError as e:
+        print(f"lightning-ckpt prune: {e}", file=sys.stderr)
+        return 2
+    if not rules.has_keep_rule and args.max_total_bytes is None and not args.failed:
+        print("lightning-ckpt prune: give at least one rule (--keep-last, --keep-best, --keep-every-n-steps, "
+              "--max-total-bytes) or --failed", file=sys.stderr)
+        return 2
+    verb = "would delete" if args.dry_run else "deleted"
+    ckpts = list_checkpoints(args.dir)
+    doomed: dict[str, str] = {}
+    if rules.has_keep_rule or args.max_total_bytes is not None:
+        from .callbacks.base import committed_records
+
+        records = committed_records(args.dir)
+        for r, keep in zip(records, plan_retention(records, rules)):
+            if not keep:
+                doomed[r.name] = "retention rules"
+    if args.failed:
+        failed = failed_run_ids(args.dir)
+        newest = ckpts[-1].name if ckpts else None
+        for c in ckpts:
+            if c.manifest.get("run_id") in failed and c.name != newest:
+                doomed.setdefault(c.name, "its run ended in an exception")
+        for p in remove_partials(args.dir, dry_run=args.dry_run):
+            print(f"{verb} {p}  (interrupted save)")
+    for c in ckpts:
+        if c.name in doomed:
+            if not args.dry_run:
+                remove_checkpoint(c.path)
+            print(f"{verb} {c.path}  ({doomed[c.name]}, {_human_bytes(c.size_bytes)})")
+    kept = [c for c in ckpts if c.name not in doomed]
+    print(f"kept {len(kept)} checkpoint(s), {_human_bytes(sum(c.size_bytes for c in kept))}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lightning-ckpt", description="Inspect and verify lightning_ckpt checkpoints.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -131,6 +177,18 @@ def build_parser() -> argparse.ArgumentParser:
     ver = sub.add_parser("verify", help="check every byte of checkpoints against their checksums")
     ver.add_argument("paths", nargs="+")
     ver.set_defaults(func=cmd_verify)
+    pr = sub.add_parser("prune", help="delete checkpoints that no retention rule keeps (the newest is always kept)")
+    pr.add_argument("dir")
+    pr.add_argument("--keep-last", type=int, help="keep the N newest")
+    pr.add_argument("--keep-best", type=int, help="keep the N best by --monitor")
+    pr.add_argument("--monitor", help="metric recorded in the manifests, for --keep-best")
+    pr.add_argument("--mode", choices=["min", "max"], default="min")
+    pr.add_argument("--keep-every-n-steps", type=int, help="keep checkpoints whose step is a multiple of N")
+    pr.add_argument("--max-total-bytes", type=int, help="drop the oldest kept ones until the folder fits")
+    pr.add_argument("--failed", action="store_true",
+                    help="also remove interrupted saves and the checkpoints of runs that ended in an exception")
+    pr.add_argument("--dry-run", action="store_true", help="only print what would be deleted")
+    pr.set_defaults(func=cmd_prune)
     return p
 
 
