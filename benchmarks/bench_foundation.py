@@ -49,7 +49,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint  # noqa: E402
 from lightning.pytorch.plugins.io import AsyncCheckpointIO  # noqa: E402
 
 import lightning_ckpt  # noqa: E402
-from lightning_ckpt import CheckpointWriter, PeriodicCheckpoint, latest_checkpoint, load_checkpoint  # noqa: E402
+from lightning_ckpt import CheckpointWriter, PeriodicCheckpoint, load_checkpoint  # noqa: E402
 from lightning_ckpt.demo import DemoDataModule, DemoModel  # noqa: E402
 
 IN_FEATURES = 512

@@ -25,6 +25,7 @@ from .errors import (
     CheckpointNotFoundError,
     CheckpointWriteError,
 )
+from .merge import merge_checkpoint
 from .writer import CheckpointWriter
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "MonitorNotFoundError",
     "RetentionPolicy",
     "load_weights",
+    "merge_checkpoint",
     "CheckpointCorruptError",
     "CheckpointError",
     "CheckpointFormatError",

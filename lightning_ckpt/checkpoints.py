@@ -220,7 +220,16 @@ def load_checkpoint(path: str, map_location: Any = "cpu", *, verify: bool = True
     path = os.fspath(path)
     m = mf.read_manifest(path)
     doc = read_state_doc(path, m, rank)
-    tensors = load_tensors(path, m, verify=verify)
+    wanted: list[str] = []
+
+    def collect(key: str) -> torch.Tensor:
+        if not isinstance(key, str):
+            raise CheckpointCorruptError(f"{path}: the state refers to a tensor by an invalid key {key!r}")
+        wanted.append(key)
+        return torch.zeros(0)
+
+    decode(doc, collect)  # the tensors this rank's state refers to (in a multi-rank checkpoint: not the others')
+    tensors = load_tensors(path, m, list(dict.fromkeys(wanted)), verify=verify)
 
     def get(key: str) -> torch.Tensor:
         try:

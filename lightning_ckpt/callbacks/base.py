@@ -50,15 +50,22 @@ class MonitorNotFoundError(CheckpointError, KeyError):
 
 
 def metric_value(trainer: "pl.Trainer", monitor: str, who: str) -> float:
+    """The monitored value as rank 0 sees it (broadcast, so every rank takes the same save decisions)."""
     metrics = trainer.callback_metrics
-    if monitor not in metrics:
-        logged = sorted(metrics)
+    present = monitor in metrics
+    value = None
+    if present:
+        v = metrics[monitor]
+        value = float(v.item() if isinstance(v, torch.Tensor) else v)
+    logged = sorted(metrics)
+    if trainer.world_size > 1:
+        present, value, logged = trainer.strategy.broadcast((present, value, logged), src=0)
+    if not present:
         raise MonitorNotFoundError(
             f"{who} monitors {monitor!r}, which was not logged. Metrics logged so far: "
             f"{', '.join(logged) if logged else '(none)'}. Log it with self.log({monitor!r}, value) or fix `monitor`."
         )
-    v = metrics[monitor]
-    return float(v.item() if isinstance(v, torch.Tensor) else v)
+    return float(value)
 
 
 @dataclass
@@ -156,6 +163,11 @@ class BaseCheckpointCallback(Checkpoint):
         min_delta: smallest change of ``monitor`` that counts as an improvement.
         only_on_improvement: skip a save unless ``monitor`` improved on every earlier save of this callback.
         on_change: skip a save unless ``monitor`` moved by more than this fraction since this callback's last save.
+        distributed: with several ranks, ``"sharded"`` (every rank writes its share; with ``async_save`` each rank
+            persists in the background and rank 0 commits when all are done) or ``"rank0"`` (rank 0 writes all).
+        save_timeout_s: how long a multi-rank save waits for the other ranks before failing on every rank.
+        merge_on_train_end: when ``fit`` ends, rank 0 consolidates the newest checkpoint into
+            ``<dirpath>/merged/model.safetensors``.
     """
 
     def __init__(
@@ -174,8 +186,18 @@ class BaseCheckpointCallback(Checkpoint):
         min_delta: float = 0.0,
         only_on_improvement: bool = False,
         on_change: Optional[float] = None,
+        distributed: Literal["sharded", "rank0"] = "sharded",
+        save_timeout_s: float = 600.0,
+        merge_on_train_end: bool = False,
     ) -> None:
         super().__init__()
+        if distributed not in ("sharded", "rank0"):
+            raise ValueError(f"distributed={distributed!r} is invalid; use 'sharded' (every rank writes its share) or 'rank0'")
+        if not isinstance(save_timeout_s, (int, float)) or isinstance(save_timeout_s, bool) or save_timeout_s <= 0:
+            raise ValueError(f"save_timeout_s={save_timeout_s!r} is invalid; it must be a positive number of seconds")
+        self.distributed = distributed
+        self.save_timeout_s = float(save_timeout_s)
+        self.merge_on_train_end = bool(merge_on_train_end)
         if not isinstance(dirpath, (str, os.PathLike)) or not os.fspath(dirpath):
             raise ValueError(f"dirpath={dirpath!r} is invalid; give the folder where checkpoints go, e.g. 'ckpts/'")
         if if_busy not in ("wait", "skip"):
@@ -251,6 +273,8 @@ class BaseCheckpointCallback(Checkpoint):
                     if_busy=self.if_busy,
                     fsync=self.fsync,
                     auto_seal=False,
+                    mode=self.distributed,
+                    timeout_s=self.save_timeout_s,
                 ),
                 self.dirpath,
             )
@@ -261,11 +285,11 @@ class BaseCheckpointCallback(Checkpoint):
             trainer.strategy.barrier("lightning_ckpt.setup")
         else:
             w = shared.writer
-            mine = (self.async_save, self.name_template, self.if_busy, self.fsync)
-            theirs = (w.async_save, w.name_template, w.if_busy, w.fsync)
+            mine = (self.async_save, self.name_template, self.if_busy, self.fsync, self.distributed)
+            theirs = (w.async_save, w.name_template, w.if_busy, w.fsync, w.mode)
             if mine != theirs:
                 raise ValueError(
-                    f"callbacks saving into {self.dirpath} disagree on (async_save, name_template, if_busy, fsync): "
+                    f"callbacks saving into {self.dirpath} disagree on (async_save, name_template, if_busy, fsync, distributed): "
                     f"{theirs} vs {mine}. Callbacks on one folder share one writer; give them the same settings."
                 )
         shared.users.append(self)
@@ -315,8 +339,23 @@ class BaseCheckpointCallback(Checkpoint):
 
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._hook(trainer, self._want_save_on_train_end, final=True)
-        if self._shared is not None and self._is_last(self._shared):
+        shared = self._shared
+        if shared is not None and self._is_last(shared):
             self._wait(raise_errors=True)
+            trainer.strategy.barrier("lightning_ckpt.train_end")  # every rank sees the last commit
+            if any(getattr(u, "merge_on_train_end", False) for u in shared.users) and trainer.is_global_zero:
+                self._merge_latest()
+
+    def _merge_latest(self) -> None:
+        from ..checkpoints import latest_checkpoint
+        from ..merge import merge_checkpoint
+
+        latest = latest_checkpoint(self.dirpath, verify=False)
+        if latest is None:
+            return
+        out = os.path.join(self.dirpath, "merged", "model.safetensors")
+        res = merge_checkpoint(latest, out)
+        log.info("lightning_ckpt: merged %s into %s (%d tensors, %.1f MB, %.2fs)", latest, out, res.tensors, res.bytes / 1e6, res.seconds)
 
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
         shared = self._shared

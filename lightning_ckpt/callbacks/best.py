@@ -35,7 +35,8 @@ class BestMetricCheckpoint(BaseCheckpointCallback):
         top_k: how many best checkpoints to keep (``-1`` keeps every improvement).
         min_delta: smallest change that counts as an improvement over the current k-th best.
         every_n_train_steps: also check the metric every N steps (for metrics logged in ``training_step``).
-        async_save, name_template, if_busy, fsync, content, include, exclude: see :class:`BaseCheckpointCallback`.
+        async_save, name_template, if_busy, fsync, content, include, exclude, distributed, save_timeout_s,
+            merge_on_train_end: see :class:`BaseCheckpointCallback`.
     """
 
     def __init__(
@@ -53,10 +54,14 @@ class BestMetricCheckpoint(BaseCheckpointCallback):
         content: Content = "full",
         include: Optional[list[str]] = None,
         exclude: Optional[list[str]] = None,
+        distributed: Literal["sharded", "rank0"] = "sharded",
+        save_timeout_s: float = 600.0,
+        merge_on_train_end: bool = False,
     ) -> None:
         super().__init__(
             dirpath, async_save=async_save, name_template=name_template, if_busy=if_busy, fsync=fsync,
             content=content, include=include, exclude=exclude,
+            distributed=distributed, save_timeout_s=save_timeout_s, merge_on_train_end=merge_on_train_end,
         )
         self.spec = Monitor(monitor, mode, min_delta)
         if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k == 0 or top_k < -1:
@@ -136,10 +141,14 @@ class BestMetricCheckpoint(BaseCheckpointCallback):
         with self._lock:
             if any(d["step"] == step for d in self.best_k):
                 return None
-            full = self.top_k != -1 and len(self.best_k) >= self.top_k
-            worst = self.best_k[-1]["score"] if self.best_k else None
-            if full and not self.spec.better(value, worst):
-                return None
+            if self.top_k == -1:  # keep every improvement: the value must beat the best so far
+                if not self.spec.better(value, self.best_k[0]["score"] if self.best_k else None):
+                    return None
+            else:
+                full = len(self.best_k) >= self.top_k
+                worst = self.best_k[-1]["score"] if self.best_k else None
+                if full and not self.spec.better(value, worst):
+                    return None
             self.best_k.append({"step": step, "score": value})
             self.best_k.sort(key=lambda d: (self.spec.sort_key(d["score"]), -d["step"]))
             if self.top_k != -1:
@@ -167,18 +176,20 @@ class BestMetricCheckpoint(BaseCheckpointCallback):
         return None
 
     def _after_commit(self, result: Any) -> None:
-        """Runs in the committing thread: delete evicted best-only checkpoints now that a newer one is committed."""
+        """Runs in the committing thread. Deletes evicted best-only checkpoints once a newer best one is committed
+        (the replacement exists before anything is deleted)."""
         shared = self._shared
-        if shared is None:
+        if shared is None or "best" not in result.tags:
             return
         with self._lock:
-            evicted, self._evicted = self._evicted, []
+            ready = [e for e in self._evicted if e < result.step]
+            self._evicted = [e for e in self._evicted if e >= result.step]
             keep_steps = {d["step"] for d in self.best_k}
-        if not evicted:
+        if not ready:
             return
         names = [
             c.name for c in list_checkpoints(self.dirpath)
-            if c.step in evicted and c.step not in keep_steps and set(c.tags) <= {"best"} and c.name != result.name
+            if c.step in ready and c.step not in keep_steps and set(c.tags) <= {"best"}
         ]
         shared.delete(names, reason=f"no longer among the best {self.top_k} by {self.monitor}")
 

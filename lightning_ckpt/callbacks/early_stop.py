@@ -36,8 +36,8 @@ class EarlyStopAndSave(BaseCheckpointCallback):
         divergence_threshold: stop once the metric is worse than this.
         check_finite: stop when the metric becomes NaN or infinite.
         check_on_train_epoch_end: check at the end of each training epoch instead of at validation end.
-        async_save, name_template, if_busy, fsync, content: see :class:`BaseCheckpointCallback` (``content`` applies to
-            the best checkpoint; the early-stop one is always full).
+        async_save, name_template, if_busy, fsync, content, distributed, save_timeout_s, merge_on_train_end: see
+            :class:`BaseCheckpointCallback` (``content`` applies to the best checkpoint; the early-stop one is full).
     """
 
     def __init__(
@@ -57,8 +57,11 @@ class EarlyStopAndSave(BaseCheckpointCallback):
         if_busy: Literal["wait", "skip"] = "wait",
         fsync: bool = True,
         content: Content = "full",
+        distributed: Literal["sharded", "rank0"] = "sharded",
+        save_timeout_s: float = 600.0,
+        merge_on_train_end: bool = False,
     ) -> None:
-        super().__init__(dirpath, async_save=async_save, name_template=name_template, if_busy=if_busy, fsync=fsync, content=content)
+        super().__init__(dirpath, async_save=async_save, name_template=name_template, if_busy=if_busy, fsync=fsync, content=content, distributed=distributed, save_timeout_s=save_timeout_s, merge_on_train_end=merge_on_train_end)
         self.spec = Monitor(monitor, mode, min_delta)
         if not isinstance(patience, int) or isinstance(patience, bool) or patience < 1:
             raise ValueError(f"patience={patience!r} is invalid; it must be a positive integer")
@@ -125,9 +128,10 @@ class EarlyStopAndSave(BaseCheckpointCallback):
         shared = self._shared
         if shared is None or "best" not in result.tags:
             return
-        old, self._previous_best_steps = self._previous_best_steps, []
+        ready = [e for e in self._previous_best_steps if e < result.step]
+        self._previous_best_steps = [e for e in self._previous_best_steps if e >= result.step]
         names = [c.name for c in list_checkpoints(self.dirpath)
-                 if c.step in old and c.step != self.best_step and set(c.tags) <= {"best"} and c.name != result.name]
+                 if c.step in ready and c.step != self.best_step and set(c.tags) <= {"best"}]
         shared.delete(names, reason=f"a better {self.monitor} was saved")
 
     # ------------------------------------------------------------------ decisions

@@ -43,6 +43,9 @@ class PeriodicCheckpoint(BaseCheckpointCallback):
         name_template: folder name of each checkpoint, fields ``{step}`` and ``{epoch}``.
         if_busy: ``"wait"`` for the previous save, or ``"skip"`` the new one, when a save is still being written.
         fsync: make files durable before the commit.
+        distributed: ``"sharded"`` (every rank writes its share) or ``"rank0"``; see :class:`BaseCheckpointCallback`.
+        save_timeout_s: how long a multi-rank save waits for the other ranks before failing on every rank.
+        merge_on_train_end: rank 0 writes ``<dirpath>/merged/model.safetensors`` from the newest checkpoint.
         content: ``"full"``, ``"weights"`` or ``"light"`` (see :class:`BaseCheckpointCallback`).
         include: glob patterns over state keys for a partial checkpoint.
         exclude: glob patterns over state keys to leave out.
@@ -75,11 +78,15 @@ class PeriodicCheckpoint(BaseCheckpointCallback):
         min_delta: float = 0.0,
         only_on_improvement: bool = False,
         on_change: Optional[float] = None,
+        distributed: Literal["sharded", "rank0"] = "sharded",
+        save_timeout_s: float = 600.0,
+        merge_on_train_end: bool = False,
     ) -> None:
         super().__init__(
             dirpath, async_save=async_save, name_template=name_template, if_busy=if_busy, fsync=fsync, content=content,
             include=include, exclude=exclude, monitor=monitor, mode=mode, min_delta=min_delta,
             only_on_improvement=only_on_improvement, on_change=on_change,
+            distributed=distributed, save_timeout_s=save_timeout_s, merge_on_train_end=merge_on_train_end,
         )
         if every not in (None, "auto"):
             raise ValueError(f"every={every!r} is invalid; the only value is 'auto' (or use every_n_train_steps=...)")

@@ -60,12 +60,18 @@ def _allowed_type(name: str) -> Any:
     return name
 
 
-def encode(obj: Any, on_unsupported: Callable[[str, Any], None] | None = None) -> tuple[Any, dict[str, torch.Tensor]]:
+def encode(
+    obj: Any,
+    on_unsupported: Callable[[str, Any], None] | None = None,
+    key_fn: Callable[[str], str] | None = None,
+) -> tuple[Any, dict[str, torch.Tensor]]:
+    """``key_fn`` may rename tensor keys (the writer prefixes a rank's own tensors with its rank)."""
     tensors: dict[str, torch.Tensor] = {}
+    kf = key_fn or (lambda k: k)
 
     def enc(x: Any, path: tuple[str, ...]) -> Any:
         if isinstance(x, torch.Tensor):
-            key = join_key(path)
+            key = kf(join_key(path))
             tensors[key] = x
             return {"$t": key}
         if x is None or isinstance(x, (bool, str)):
@@ -104,7 +110,7 @@ def encode(obj: Any, on_unsupported: Callable[[str, Any], None] | None = None) -
             return {"$bytes": base64.b64encode(bytes(x)).decode("ascii")}
         if isinstance(x, np.ndarray):
             if x.dtype.kind in "biuf" or x.dtype == np.bool_:
-                key = join_key(path)
+                key = kf(join_key(path))
                 tensors[key] = torch.from_numpy(np.ascontiguousarray(x))
                 return {"$np": key}
         if isinstance(x, torch.dtype):

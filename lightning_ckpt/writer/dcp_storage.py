@@ -82,7 +82,7 @@ class LCStorageWriter(StorageWriter):
         self,
         partial_dir: str,
         *,
-        state_bytes: bytes,
+        state_bytes: bytes | None,
         on_finish: Callable[[list[_FileResult], dict[str, dict]], None],
         crc_executor: Executor | None = None,
         fsync: bool = True,
@@ -145,8 +145,13 @@ class LCStorageWriter(StorageWriter):
                 info = _ChunkInfo(fname, n, tuple(int(o) for o in chunk.offsets), tuple(int(s) for s in chunk.sizes))
                 results.append(WriteResult(index=item.index, size_in_bytes=tr.end - tr.begin, storage_data=info))
             files.append(_FileResult(rank, _record_json(rec, rank)))
-        srec = write_bytes_file(os.path.join(self.partial_dir, mf.state_file_name(rank)), self.state_bytes, fsync=self.fsync)
-        files.append(_FileResult(rank, _record_json(srec, rank)))
+        if self.state_bytes is not None:
+            srec = write_bytes_file(os.path.join(self.partial_dir, mf.state_file_name(rank)), self.state_bytes, fsync=self.fsync)
+            files.append(_FileResult(rank, _record_json(srec, rank)))
+        if self.fsync and files:
+            from ..storage.local import fsync_dir
+
+            fsync_dir(self.partial_dir)
         for fr in files:
             results.append(WriteResult(index=MetadataIndex(f"$file/{fr.record['name']}"), size_in_bytes=fr.record["size"], storage_data=fr))
         fut: Future[list[WriteResult]] = Future()

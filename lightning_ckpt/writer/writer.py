@@ -25,14 +25,16 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Literal
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from datetime import timedelta
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
 from ..errors import CheckpointError, CheckpointWriteError
 from ..format import manifest as mf
 from ..format.codec import encode, warn_unsupported
 from ..storage.local import atomic_write_bytes, fsync_dir, remove_tree
-from .dcp_storage import LCStorageWriter, _FileResult, unwrap_dcp_error
+from .dcp_storage import LCStorageWriter, _FileResult, group_of, unwrap_dcp_error
 from .snapshot import HostBuffers
 
 log = logging.getLogger("lightning_ckpt")
@@ -168,6 +170,13 @@ class CheckpointWriter:
         auto_seal: commit each save as soon as its files are written. With ``False`` the commit waits for
             :meth:`seal` (the callbacks seal at the next step boundary, so that every callback that wants the
             same step adds its tags to one checkpoint); files are still written right away.
+        mode: with several ranks, ``"sharded"`` (every rank writes its share: replicated tensors are split across
+            ranks so each writes about 1/N, sharded ones are written by their owners) or ``"rank0"`` (rank 0 writes
+            everything, the others only take part in the commit).
+        timeout_s: with several ranks, how long a save may wait for the others before every rank fails with a
+            clear error (a dead or stuck rank never hangs the run).
+        process_group: group for the save's collectives; by default a dedicated gloo group is created (so saves
+            can run in background threads next to training's NCCL collectives). All ranks must create the writer.
     """
 
     def __init__(
@@ -179,9 +188,29 @@ class CheckpointWriter:
         if_busy: IfBusy = "wait",
         fsync: bool = True,
         auto_seal: bool = True,
+        mode: Literal["sharded", "rank0"] = "sharded",
+        timeout_s: float = 600.0,
+        process_group: Any = None,
     ) -> None:
         if if_busy not in ("wait", "skip"):
             raise ValueError(f"if_busy={if_busy!r} is invalid; use 'wait' or 'skip'")
+        if mode not in ("sharded", "rank0"):
+            raise ValueError(f"mode={mode!r} is invalid; use 'sharded' (every rank writes its share) or 'rank0'")
+        if not isinstance(timeout_s, (int, float)) or isinstance(timeout_s, bool) or timeout_s <= 0:
+            raise ValueError(f"timeout_s={timeout_s!r} is invalid; it must be a positive number of seconds")
+        self.mode = mode
+        self.timeout_s = float(timeout_s)
+        self.rank, self.world_size, self.pg = 0, 1, None
+        self.writer_id = uuid.uuid4().hex[:8]
+        self._seq = 0
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+            self.pg = process_group if process_group is not None else dist.new_group(
+                backend="gloo", timeout=timedelta(seconds=self.timeout_s)
+            )
+            ids = [self.writer_id]
+            dist.broadcast_object_list(ids, src=dist.get_global_rank(self.pg, 0) if process_group is not None else 0, group=self.pg)
+            self.writer_id = ids[0]
         self.dirpath = os.path.abspath(os.fspath(dirpath))
         self.async_save = bool(async_save)
         self.name_template = validate_name_template(name_template)
@@ -242,14 +271,25 @@ class CheckpointWriter:
         self._wait_inflight()
         self.raise_if_failed()
         t0 = time.perf_counter()
-        doc, tensors = encode(state, on_unsupported=warn_unsupported)
+        key_fn = None
+        if self.world_size > 1:
+            # model and optimizer tensors are the same on every rank (DDP) or sharded (FSDP); anything else (RNG
+            # states, callback tensors) is this rank's own and must not be deduplicated against the other ranks'
+            prefix = f"rank{self.rank:05d}/"
+            key_fn = lambda k: k if group_of(k) in ("model", "optim") else prefix + k  # noqa: E731
+        doc, tensors = encode(state, on_unsupported=warn_unsupported, key_fn=key_fn)
+        if self.mode == "rank0" and self.rank != 0:
+            tensors = {}
         if self.async_save:
             tensors = self._buffers.snapshot(tensors)
         else:
             tensors = {k: (v.detach().cpu() if v.device.type != "cpu" else v.detach()) for k, v in tensors.items()}
         state_bytes = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode("utf-8")
+        if self.mode == "rank0" and self.rank != 0:
+            state_bytes = None
         snapshot_s = time.perf_counter() - t0
         name = self.name_template.format(step=int(step), epoch=int(epoch or 0))
+        self._seq += 1
         job = _SaveJob(
             writer=self,
             name=name,
@@ -258,6 +298,7 @@ class CheckpointWriter:
             header=self._manifest_header(step, epoch, tags, metrics, hparams, meta, kind),
             snapshot_s=snapshot_s,
             sealed=self.auto_seal,
+            seq=self._seq,
         )
         if self._executor is not None:
             fut = self._executor.submit(job.run_logged)
@@ -359,7 +400,8 @@ class CheckpointWriter:
             "step": int(step),
             "epoch": None if epoch is None else int(epoch),
             "kind": kind,
-            "world_size": 1,
+            "world_size": self.world_size,
+            "mode": self.mode,
             "tags": sorted(set(tags)),
             "metrics": _json_safe(metrics or {}),
             "hparams": _json_safe(hparams) if hparams is not None else None,
@@ -375,8 +417,9 @@ class _Abandoned(Exception):
 
 
 class _SaveJob:
-    def __init__(self, writer: CheckpointWriter, name: str, tensors: dict, state_bytes: bytes, header: dict, snapshot_s: float, sealed: bool):
+    def __init__(self, writer: CheckpointWriter, name: str, tensors: dict, state_bytes: bytes | None, header: dict, snapshot_s: float, sealed: bool, seq: int = 0):
         self.w = writer
+        self.seq = seq
         self.name = name
         self.tensors = tensors
         self.state_bytes = state_bytes
@@ -419,10 +462,9 @@ class _SaveJob:
         """Phase 1: every file into the partial folder, fsynced."""
         w = self.w
         self.t0 = time.perf_counter()
-        self.partial = os.path.join(w.dirpath, f"{mf.PARTIAL_PREFIX}{self.name}-{uuid.uuid4().hex[:8]}")
+        self.partial = os.path.join(w.dirpath, f"{mf.PARTIAL_PREFIX}{self.name}-{w.writer_id}-{self.seq}")
         try:
-            os.makedirs(w.dirpath, exist_ok=True)
-            os.mkdir(self.partial)
+            os.makedirs(self.partial, exist_ok=True)  # every rank: the folder may be shared or node-local
 
             def on_finish(files: list[_FileResult], tensor_index: dict) -> None:
                 self.files, self.tensor_index = files, tensor_index
@@ -432,9 +474,13 @@ class _SaveJob:
             )
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-                dcp.save(self.tensors, storage_writer=storage_writer, planner=DefaultSavePlanner(), no_dist=True)
+                if w.world_size > 1:
+                    dcp.save(self.tensors, storage_writer=storage_writer, planner=DefaultSavePlanner(), process_group=w.pg)
+                else:
+                    dcp.save(self.tensors, storage_writer=storage_writer, planner=DefaultSavePlanner(), no_dist=True)
         except BaseException as e:
-            remove_tree(self.partial)
+            if w.rank == 0:
+                remove_tree(self.partial)
             raise self._translate(e)
         finally:
             self.tensors = {}  # the buffers are the writer's; do not keep references
@@ -461,8 +507,13 @@ class _SaveJob:
         with self._lock:
             self._committing = True
         if self.abandoned:
-            remove_tree(self.partial)
+            if self.w.rank == 0:
+                remove_tree(self.partial)
             raise _Abandoned()
+        if self.w.rank != 0:  # rank 0 commits for everyone (DCP already gathered every rank's results)
+            return SaveResult(name=self.name, path=os.path.join(self.w.dirpath, self.name), step=self.header["step"],
+                              bytes=0, snapshot_s=self.snapshot_s, write_s=time.perf_counter() - self.t0,
+                              tags=sorted(self.tags), kind=self.header["kind"], metrics=dict(self.header["metrics"]))
         try:
             res = self._commit()
         except BaseException as e:
@@ -488,7 +539,7 @@ class _SaveJob:
         m = dict(self.header)
         m["tags"] = sorted(self.tags)
         m["name"] = name
-        m["world_size"] = 1 + max((f.rank for f in files), default=0)
+        m["world_size"] = max(w.world_size, 1 + max((f.rank for f in files), default=0))
         m["files"] = {f.record["name"]: {k: v for k, v in f.record.items() if k != "name"} for f in files}
         m["tensors"] = self.tensor_index
         m["state_files"] = {str(f.rank): f.record["name"] for f in files if f.record["name"].startswith("state-")}

@@ -1,0 +1,258 @@
+"""Consolidate a (possibly sharded, multi-rank) checkpoint into one plain ``model.safetensors``.
+
+Streaming: the output header is computed from the manifest's tensor index, then each tensor is assembled from its
+chunks (read straight into place, checksums verified on the way in), converted to ``dtype`` if asked, written, and
+released. Peak memory is about the largest tensor, not the model. Above ``max_shard_bytes`` the output is split into
+``model-00001-of-0000N.safetensors`` files with a ``model.safetensors.index.json`` (the Hugging Face layout).
+Checksums of the output (CRC32C of the header and of every tensor) go to ``<out>.checksums.json``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from ..errors import CheckpointCorruptError, CheckpointError
+from ..format import manifest as mf
+from ..format.checksum import crc32c
+from ..format.codec import split_key
+from ..format.tensorfile import _header_bytes, _write_all, byte_view, dtype_from_name, dtype_name, readinto_exact
+
+_WRAPPER_PREFIXES = ("_forward_module.", "module.", "_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64}
+
+
+def clean_name(name: str) -> str:
+    """Strip wrapper artefacts (DDP ``module.``, ``torch.compile``'s ``_orig_mod.``, FSDP wrappers) from a name."""
+    changed = True
+    while changed:
+        changed = False
+        for p in _WRAPPER_PREFIXES:
+            if name.startswith(p):
+                name, changed = name[len(p):], True
+        for p in ("._fsdp_wrapped_module.", "._checkpoint_wrapped_module.", "._orig_mod."):
+            if p in name:
+                name, changed = name.replace(p, "."), True
+    return name
+
+
+def parse_dtype(dtype: Optional[object]) -> Optional[torch.dtype]:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    d = _DTYPES.get(str(dtype).lower().removeprefix("torch."))
+    if d is None:
+        raise ValueError(f"dtype={dtype!r} is invalid; use one of {sorted(_DTYPES)} or None to keep each tensor's dtype")
+    return d
+
+
+def parse_size(value: object) -> Optional[int]:
+    """'5GB', '500MB', 1000 -> bytes."""
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value <= 0:
+            raise ValueError(f"max_shard_bytes={value!r} is invalid; it must be positive")
+        return value
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?B?)\s*", str(value).upper())
+    if not m:
+        raise ValueError(f"size {value!r} is invalid; write it like 5GB, 500MB or a number of bytes")
+    mult = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "M": 1e6, "MB": 1e6, "G": 1e9, "GB": 1e9, "T": 1e12, "TB": 1e12}[m.group(2)]
+    return int(float(m.group(1)) * mult)
+
+
+@dataclass
+class MergeResult:
+    files: list[str]
+    index_path: Optional[str]
+    checksums_path: str
+    tensors: int
+    bytes: int
+    seconds: float
+    peak_buffer_bytes: int
+
+
+def _plan(m: dict, dtype: Optional[torch.dtype]) -> list[tuple[str, str, torch.dtype, list[int]]]:
+    out = []
+    seen: dict[str, str] = {}
+    for key, t in m.get("tensors", {}).items():
+        parts = split_key(key)
+        if parts[0] != "state_dict" or len(parts) != 2:
+            continue
+        name = clean_name(parts[1])
+        if name in seen:
+            raise CheckpointError(f"two tensors map to the merged name {name!r} ({seen[name]!r} and {key!r})")
+        seen[name] = key
+        src_dtype = dtype_from_name(t["dtype"])
+        out_dtype = dtype if (dtype is not None and src_dtype.is_floating_point) else src_dtype
+        out.append((name, key, out_dtype, [int(s) for s in t["shape"]]))
+    return out
+
+
+def merge_checkpoint(
+    path: str,
+    out_path: str,
+    dtype: Optional[object] = None,
+    *,
+    max_shard_bytes: Optional[object] = None,
+    verify: bool = True,
+    progress: Optional[Callable[[int, int], None]] = None,
+) -> MergeResult:
+    """Write the model weights of the checkpoint at ``path`` as one safetensors file (or a sharded set).
+
+    Args:
+        path: checkpoint folder (any world size, any mode).
+        out_path: output file (``.../model.safetensors``); with sharding, its folder receives the shards and
+            ``model.safetensors.index.json``.
+        dtype: convert floating-point tensors (``"bf16"``, ``torch.float16``, ...); ``None`` keeps them.
+        max_shard_bytes: split the output above this size (``"5GB"``); ``None`` writes one file.
+        verify: check the CRC32C of every chunk read.
+        progress: called with (bytes done, bytes total).
+    """
+    t0 = time.perf_counter()
+    dtype = parse_dtype(dtype)
+    limit = parse_size(max_shard_bytes)
+    m = mf.read_manifest(os.fspath(path))
+    plan = _plan(m, dtype)
+    if not plan:
+        raise CheckpointError(f"{path} holds no model weights (kind {m.get('kind')!r}); nothing to merge")
+    nbytes = [torch.empty((), dtype=d).element_size() * _numel(shape) for _, _, d, shape in plan]
+    total = sum(nbytes)
+    # group into output shards in the model's order
+    shards: list[list[int]] = [[]]
+    size = 0
+    for i, n in enumerate(nbytes):
+        if limit is not None and shards[-1] and size + n > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(i)
+        size += n
+    out_path = os.fspath(out_path)
+    out_dir = os.path.dirname(os.path.abspath(out_path))
+    os.makedirs(out_dir, exist_ok=True)
+    if len(shards) == 1:
+        names = [out_path]
+    else:
+        stem = os.path.basename(out_path).removesuffix(".safetensors")
+        names = [os.path.join(out_dir, f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors") for i in range(len(shards))]
+    done = 0
+    peak = 0
+    checksums: dict = {"algorithm": "crc32c", "files": {}}
+    readers: dict[str, object] = {}
+    try:
+        for fname, idxs in zip(names, shards):
+            header, offsets = _header_bytes([(plan[i][0], plan[i][2], plan[i][3], nbytes[i]) for i in idxs], {"format": "pt"})
+            tmp = fname + ".tmp"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            tensor_sums = {}
+            try:
+                _write_all(fd, memoryview(header))
+                for i, (b, e) in zip(idxs, offsets):
+                    name, key, out_dtype, shape = plan[i]
+                    t = _assemble(path, m, key, readers, verify)
+                    peak = max(peak, t.numel() * t.element_size() * (2 if t.dtype != out_dtype else 1))
+                    if t.dtype != out_dtype:
+                        t = t.to(out_dtype)
+                    mv = byte_view(t)
+                    _write_all(fd, mv)
+                    tensor_sums[name] = {"begin": len(header) + b, "end": len(header) + e, "crc32c": crc32c(mv)}
+                    done += nbytes[i]
+                    del t, mv
+                    if progress is not None:
+                        progress(done, total)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, fname)
+            checksums["files"][os.path.basename(fname)] = {
+                "size": os.path.getsize(fname), "header_end": len(header), "header_crc32c": crc32c(header), "tensors": tensor_sums,
+            }
+    finally:
+        for f in readers.values():
+            f.close()  # type: ignore[attr-defined]
+    index_path = None
+    if len(names) > 1:
+        index_path = os.path.join(out_dir, os.path.basename(out_path).removesuffix(".safetensors") + ".safetensors.index.json")
+        weight_map = {plan[i][0]: os.path.basename(fname) for fname, idxs in zip(names, shards) for i in idxs}
+        with open(index_path, "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
+    checksums["source"] = {"path": os.path.abspath(os.fspath(path)), "step": m.get("step"), "name": m.get("name")}
+    checksums_path = out_path + ".checksums.json"
+    with open(checksums_path, "w") as f:
+        json.dump(checksums, f, indent=1)
+    return MergeResult(names, index_path, checksums_path, len(plan), total, time.perf_counter() - t0, peak)
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _assemble(path: str, m: dict, key: str, readers: dict, verify: bool) -> torch.Tensor:
+    """The full tensor ``key`` from its chunks, each read straight into its place when contiguous there."""
+    t = m["tensors"][key]
+    dtype = dtype_from_name(t["dtype"])
+    shape = [int(s) for s in t["shape"]]
+    out = torch.empty(shape, dtype=dtype)
+    covered = 0
+    for c in t["chunks"]:
+        entry = m["files"][c["file"]]
+        rec = entry["tensors"][c["name"]]
+        where = os.path.join(path, c["file"])
+        f = readers.get(c["file"])
+        if f is None:
+            try:
+                f = open(where, "rb", buffering=0)
+            except FileNotFoundError:
+                raise CheckpointCorruptError(f"{where} is missing; the checkpoint is incomplete") from None
+            size = os.fstat(f.fileno()).st_size
+            if size != entry["size"]:
+                raise CheckpointCorruptError(f"{where} has {size} bytes where the manifest says {entry['size']}")
+            if verify and crc32c(f.read(entry["header_end"])) != entry["header_crc32c"]:
+                raise CheckpointCorruptError(f"{where}: checksum mismatch in the header; the file is corrupt")
+            readers[c["file"]] = f
+        offsets, sizes = [int(o) for o in c["offsets"]], [int(s) for s in c["sizes"]]
+        dst = out
+        for dim, (o, s) in enumerate(zip(offsets, sizes)):
+            dst = dst.narrow(dim, o, s)
+        n = rec["end"] - rec["begin"]
+        if dst.numel() * dst.element_size() != n:
+            raise CheckpointCorruptError(f"{where}: chunk {c['name']!r} does not match its shape and dtype")
+        buf = dst if dst.is_contiguous() else torch.empty(sizes, dtype=dtype)
+        mv = byte_view(buf)
+        f.seek(rec["begin"])
+        readinto_exact(f, mv, where)
+        if verify and crc32c(mv) != rec["crc32c"]:
+            raise CheckpointCorruptError(f"{where}: checksum mismatch in tensor {c['name']!r}; the checkpoint is corrupt")
+        if buf is not dst:
+            dst.copy_(buf)
+        covered += _numel(sizes)
+    if covered != _numel(shape):
+        raise CheckpointCorruptError(f"{path}: the chunks of {key!r} cover {covered} of {_numel(shape)} elements")
+    return out
+
+
+def verify_merged(out_path: str) -> None:
+    """Check a merged file (or set) against its ``.checksums.json``."""
+    with open(os.fspath(out_path) + ".checksums.json") as f:
+        sums = json.load(f)
+    folder = os.path.dirname(os.path.abspath(out_path))
+    for fname, entry in sums["files"].items():
+        p = os.path.join(folder, fname)
+        with open(p, "rb") as f:
+            data = f.read()
+        if len(data) != entry["size"] or crc32c(data[: entry["header_end"]]) != entry["header_crc32c"]:
+            raise CheckpointCorruptError(f"{p} does not match its checksums")
+        for name, t in entry["tensors"].items():
+            if crc32c(data[t["begin"] : t["end"]]) != t["crc32c"]:
+                raise CheckpointCorruptError(f"{p}: tensor {name!r} does not match its checksum")
+
+
+__all__ = ["MergeResult", "clean_name", "merge_checkpoint", "verify_merged", "dtype_name"]

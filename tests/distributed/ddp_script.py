@@ -1,0 +1,84 @@
+"""A DDP run on CPU (gloo) under torchrun, used by the distributed tests and examples/ddp_torchrun.sh.
+
+    torchrun --standalone --nproc_per_node 2 tests/distributed/ddp_script.py --dir D --max-steps N --every K
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import warnings
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+warnings.filterwarnings("ignore")
+logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+
+import lightning.pytorch as pl  # noqa: E402
+import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from lightning_ckpt import BestMetricCheckpoint, PeriodicCheckpoint, latest_checkpoint  # noqa: E402
+from lightning_ckpt.demo import DemoDataModule, DemoModel  # noqa: E402
+
+
+class DieInSave(pl.Callback):
+    """Makes one rank exit abruptly while it writes its shards of the save at ``step``."""
+
+    def __init__(self, rank: int, step: int) -> None:
+        self.rank, self.step = rank, step
+
+    def setup(self, trainer, pl_module, stage):
+        if trainer.global_rank != self.rank:
+            return
+        import lightning_ckpt.writer.dcp_storage as s
+
+        real, target = s.write_tensor_file, f"step={self.step:06d}"
+
+        def dying(path, *a, **k):
+            if target in path:
+                os._exit(17)
+            return real(path, *a, **k)
+
+        s.write_tensor_file = dying
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dir", required=True)
+    ap.add_argument("--max-steps", type=int, default=8)
+    ap.add_argument("--every", type=int, default=4)
+    ap.add_argument("--mode", default="sharded")
+    ap.add_argument("--sync", action="store_true")
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--die-rank", type=int)
+    ap.add_argument("--die-step", type=int)
+    ap.add_argument("--timeout", type=float, default=60.0)
+    ap.add_argument("--merge", action="store_true")
+    ap.add_argument("--hidden", type=int, default=64)
+    ap.add_argument("--out")
+    a = ap.parse_args()
+    pl.seed_everything(3, verbose=False)
+    ckpt = PeriodicCheckpoint(a.dir, every_n_train_steps=a.every, async_save=not a.sync, distributed=a.mode,
+                              save_timeout_s=a.timeout, merge_on_train_end=a.merge)
+    callbacks = [ckpt, BestMetricCheckpoint(a.dir, monitor="val_loss", top_k=1, async_save=not a.sync, distributed=a.mode,
+                                            save_timeout_s=a.timeout)]
+    if a.die_rank is not None:
+        callbacks.append(DieInSave(a.die_rank, a.die_step))
+    trainer = pl.Trainer(
+        accelerator="cpu", strategy="ddp", devices=int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
+        num_nodes=int(os.environ.get("GROUP_WORLD_SIZE", os.environ.get("NNODES", 1)) or 1),
+        max_steps=a.max_steps, callbacks=callbacks, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, val_check_interval=a.every, check_val_every_n_epoch=None, num_sanity_val_steps=0,
+    )
+    path = latest_checkpoint(a.dir) if a.resume else None
+    trainer.fit(DemoModel(hidden=a.hidden), DemoDataModule(n_train=128, n_val=32, batch_size=16), ckpt_path=path)
+    if a.out and trainer.global_rank == 0:
+        save_file({k: v.contiguous() for k, v in trainer.lightning_module.state_dict().items()}, a.out)
+        with open(a.out + ".json", "w") as f:
+            json.dump({"world_size": trainer.world_size, "global_step": trainer.global_step, "resumed_from": path}, f)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""Multi-rank saves with real process groups: 2 and 3 CPU processes (gloo) started by torchrun."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lightning_ckpt import (
+    PeriodicCheckpoint,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    merge_checkpoint,
+    verify_checkpoint,
+)
+from lightning_ckpt.demo import DemoDataModule, DemoModel
+
+SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ddp_script.py")
+
+
+def torchrun(nproc: int, *args: str, ok: bool = True, timeout: float = 240) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", SCRIPT, *args]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if ok:
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    return p
+
+
+def rank_bytes(path: str) -> dict[int, int]:
+    m = list_checkpoints(os.path.dirname(path))[-1].manifest
+    out: dict[int, int] = {}
+    for name, f in m["files"].items():
+        if name.startswith(("model-", "optim-")):
+            out[f["rank"]] = out.get(f["rank"], 0) + f["size"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def ddp2(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ddp2")
+    torchrun(2, "--dir", str(d / "ckpts"), "--max-steps", "8", "--every", "4", "--hidden", "128",
+             "--out", str(d / "final.safetensors"), "--merge")
+    return d
+
+
+def test_sharded_ddp_save_splits_replicated_state_across_ranks(ddp2):
+    ckpts = list_checkpoints(str(ddp2 / "ckpts"))
+    assert [c.step for c in ckpts] == [4, 8]
+    latest = ckpts[-1]
+    verify_checkpoint(latest.path)
+    m = latest.manifest
+    assert m["world_size"] == 2 and m["mode"] == "sharded"
+    assert set(m["state_files"]) == {"0", "1"}  # each rank's own RNG and loader state
+    per_rank = rank_bytes(latest.path)
+    total = sum(per_rank.values())
+    assert set(per_rank) == {0, 1}
+    for r, b in per_rank.items():  # replicated state written once in total, about half by each rank
+        assert 0.3 * total <= b <= 0.7 * total, per_rank
+    # every model/optimizer tensor is stored exactly once
+    for key, t in m["tensors"].items():
+        if key.startswith(("state_dict/", "optimizer_states/")):
+            assert len(t["chunks"]) == 1
+
+
+def test_checkpoint_of_two_ranks_loads_in_one_process(ddp2):
+    final = load_file(str(ddp2 / "final.safetensors"))
+    ck = load_checkpoint(latest_checkpoint(str(ddp2 / "ckpts")))
+    assert ck["global_step"] == 8
+    for k, v in final.items():
+        assert torch.equal(v, ck["state_dict"][k])
+    # each rank's own non-tensor state and tensors (RNG, loader position) are kept apart, not deduplicated
+    m = list_checkpoints(str(ddp2 / "ckpts"))[-1].manifest
+    assert any(k.startswith("rank00000/") for k in m["tensors"]) and any(k.startswith("rank00001/") for k in m["tensors"])
+    ck1 = load_checkpoint(latest_checkpoint(str(ddp2 / "ckpts")), rank=1)
+    assert ck1["global_step"] == 8 and "rng" in ck1["lightning_ckpt"]
+
+
+def test_resume_two_ranks_in_one_process(ddp2, tmp_path):
+    """Resharding 2 -> 1: a plain single-process Trainer resumes the 2-rank checkpoint (model and optimizer)."""
+    src = latest_checkpoint(str(ddp2 / "ckpts"))
+    model = DemoModel(hidden=128)
+    cb = PeriodicCheckpoint(str(tmp_path / "one"), every_n_train_steps=100)
+    t = pl.Trainer(max_steps=10, callbacks=[cb], logger=False, enable_progress_bar=False, enable_model_summary=False,
+                   num_sanity_val_steps=0, limit_val_batches=0)
+    t.fit(model, DemoDataModule(n_train=128, n_val=32, batch_size=16), ckpt_path=src)
+    assert t.global_step == 10
+    opt_state = t.optimizers[0].state_dict()["state"]
+    assert opt_state and all(int(s["step"]) == 10 for s in opt_state.values())
+
+
+def test_merge_on_train_end_equals_the_trained_model(ddp2):
+    merged = load_file(str(ddp2 / "ckpts" / "merged" / "model.safetensors"))
+    final = load_file(str(ddp2 / "final.safetensors"))
+    assert merged.keys() == final.keys()
+    for k in final:
+        assert torch.equal(merged[k], final[k])
+    model = DemoModel(hidden=128)
+    model.load_state_dict(merged)  # clean names, strict
+
+
+def test_resume_one_process_checkpoint_with_two_ranks(tmp_path):
+    """Resharding 1 -> 2."""
+    d = str(tmp_path / "ckpts")
+    pl.seed_everything(3, verbose=False)
+    cb = PeriodicCheckpoint(d, every_n_train_steps=4)
+    t = pl.Trainer(max_steps=4, callbacks=[cb], logger=False, enable_progress_bar=False, enable_model_summary=False,
+                   num_sanity_val_steps=0, limit_val_batches=0)
+    t.fit(DemoModel(), DemoDataModule(n_train=128, n_val=32, batch_size=16))
+    torchrun(2, "--dir", d, "--max-steps", "8", "--every", "4", "--resume", "--out", str(tmp_path / "w.safetensors"))
+    info = json.load(open(str(tmp_path / "w.safetensors.json")))
+    assert info["world_size"] == 2 and info["global_step"] == 8 and info["resumed_from"].endswith("step=000004")
+    m = list_checkpoints(d)[-1].manifest
+    assert m["world_size"] == 2 and m["resumed_from"].endswith("step=000004")
+
+
+def test_three_ranks_sync_and_rank0_mode(tmp_path):
+    d3 = str(tmp_path / "three")
+    torchrun(3, "--dir", d3, "--max-steps", "4", "--every", "4", "--sync")
+    per_rank = rank_bytes(latest_checkpoint(d3))
+    assert set(per_rank) == {0, 1, 2}
+    d0 = str(tmp_path / "rank0")
+    torchrun(2, "--dir", d0, "--max-steps", "4", "--every", "4", "--mode", "rank0")
+    m = list_checkpoints(d0)[-1].manifest
+    assert {f["rank"] for f in m["files"].values()} == {0} and m["mode"] == "rank0"
+    verify_checkpoint(latest_checkpoint(d0))
+    ck = load_checkpoint(latest_checkpoint(d0), rank=1)  # a rank without its own state file reads rank 0's
+    assert ck["global_step"] == 4
+
+
+def test_rank_killed_during_a_save_leaves_no_commit_and_no_hang(tmp_path):
+    d = str(tmp_path / "ckpts")
+    t0 = time.monotonic()
+    p = torchrun(2, "--dir", d, "--max-steps", "12", "--every", "4", "--die-rank", "1", "--die-step", "8",
+                 "--timeout", "20", ok=False)
+    assert p.returncode != 0
+    assert time.monotonic() - t0 < 120
+    steps = [c.step for c in list_checkpoints(d)]
+    assert steps == [4], steps  # the save at step 8 was never committed, nothing after it either
+    verify_checkpoint(latest_checkpoint(d))
+    merge_checkpoint(latest_checkpoint(d), str(tmp_path / "m" / "model.safetensors"))
