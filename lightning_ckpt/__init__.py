@@ -14,6 +14,7 @@ from .checkpoints import (
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
+    load_into,
     load_weights,
     verify_checkpoint,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "EarlyStopAndSave",
     "MonitorNotFoundError",
     "RetentionPolicy",
+    "load_into",
     "load_weights",
     "merge_checkpoint",
     "CheckpointCorruptError",

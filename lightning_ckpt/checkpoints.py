@@ -241,6 +241,53 @@ def load_checkpoint(path: str, map_location: Any = "cpu", *, verify: bool = True
     return decode(doc, get)
 
 
+def load_into(path: str, state: dict, *, process_group: Any = None, verify: bool = True, rank: int | None = None) -> None:
+    """Load a checkpoint's tensors in place into ``state``, a (nested) dict shaped like the saved one, whose tensors
+    may be plain, ``DTensor`` (FSDP2) or ``ShardedTensor``, laid out for any world size: DCP plans which bytes each
+    rank reads (resharding N ranks -> M). Nothing is gathered. Every byte read is verified.
+
+    Example (FSDP2, any number of ranks)::
+
+        state = {"state_dict": get_model_state_dict(model), "optimizer_states": [get_optimizer_state_dict(model, opt)]}
+        load_into(path, state)
+        set_model_state_dict(model, state["state_dict"]); set_optimizer_state_dict(model, opt, state["optimizer_states"][0])
+    """
+    import torch.distributed as dist
+
+    from .format.codec import encode
+    from .writer.dcp_storage import group_of
+
+    path = os.fspath(path)
+    m = mf.read_manifest(path)
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size(process_group) > 1
+    my_rank = (dist.get_rank() if distributed else 0) if rank is None else rank
+    prefix = f"rank{my_rank:05d}/"
+    _, tensors = encode(state)
+    targets: dict[str, torch.Tensor] = {}
+    for k, t in tensors.items():
+        if group_of(k) in ("model", "optim") or k in m.get("tensors", {}):
+            targets[k] = t
+        elif prefix + k in m.get("tensors", {}):
+            targets[prefix + k] = t
+        else:
+            raise CheckpointMismatchError(f"{path} has no tensor {k!r}; the state does not match the checkpoint")
+    reader = LCStorageReader(path, m, verify=verify)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+            if distributed:
+                dcp.load(targets, storage_reader=reader, planner=DefaultLoadPlanner(), process_group=process_group)
+            else:
+                dcp.load(targets, storage_reader=reader, planner=DefaultLoadPlanner(), no_dist=True)
+    except BaseException as e:
+        err = unwrap_dcp_error(e)
+        if isinstance(err, CheckpointError):
+            raise err from None
+        if isinstance(err, (RuntimeError, ValueError)) and "Missing key" in str(err):
+            raise CheckpointMismatchError(f"{path} does not hold every tensor of the given state: {err}") from None
+        raise
+
+
 def load_weights(path: str, model: torch.nn.Module, *, strict: bool = True, map_location: Any = "cpu"):
     """Load the model weights of any checkpoint that has them (full, weights, partial) into ``model``.
 

@@ -5,6 +5,7 @@
     lightning-ckpt verify PATH [PATH...]  check every byte; exit status 1 if any fails
     lightning-ckpt prune DIR --keep-last N [--keep-best K --monitor M] [--keep-every-n-steps S]
                          [--max-total-bytes B] [--failed] [--dry-run]
+    lightning-ckpt merge PATH OUT [--dtype bf16] [--max-shard-size 5GB]   one consolidated model.safetensors
 
 Exit codes: 0 success, 1 a checkpoint failed verification, 2 bad usage or nothing found.
 """
@@ -163,6 +164,38 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    from .merge import merge_checkpoint
+
+    bar = None
+    try:
+        from tqdm import tqdm
+
+        bar = tqdm(total=0, unit="B", unit_scale=True, desc="merging", disable=args.quiet or None)
+    except ImportError:  # pragma: no cover
+        pass
+
+    def progress(done: int, total: int) -> None:
+        if bar is not None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+    try:
+        res = merge_checkpoint(args.path, args.out, dtype=args.dtype, max_shard_bytes=args.max_shard_size, progress=progress)
+    except ValueError as e:
+        print(f"lightning-ckpt merge: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if bar is not None:
+            bar.close()
+    gbps = res.bytes / res.seconds / 1e9 if res.seconds > 0 else 0.0
+    print(f"wrote {', '.join(res.files)}: {res.tensors} tensors, {_human_bytes(res.bytes)} in {res.seconds:.2f}s ({gbps:.2f} GB/s)")
+    if res.index_path:
+        print(f"index {res.index_path}")
+    print(f"checksums {res.checksums_path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lightning-ckpt", description="Inspect and verify lightning_ckpt checkpoints.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -189,6 +222,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also remove interrupted saves and the checkpoints of runs that ended in an exception")
     pr.add_argument("--dry-run", action="store_true", help="only print what would be deleted")
     pr.set_defaults(func=cmd_prune)
+    mg = sub.add_parser("merge", help="consolidate a checkpoint's model weights into one safetensors file")
+    mg.add_argument("path")
+    mg.add_argument("out", help="output file, e.g. export/model.safetensors")
+    mg.add_argument("--dtype", help="convert floating-point tensors: bf16, fp16, fp32")
+    mg.add_argument("--max-shard-size", help="split the output above this size (e.g. 5GB) with an index json")
+    mg.add_argument("--quiet", action="store_true", help="no progress bar")
+    mg.set_defaults(func=cmd_merge)
     return p
 
 

@@ -29,17 +29,26 @@ class HostBuffers:
         return buf
 
     def snapshot(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Copies of ``tensors`` in host buffers. A ``DTensor`` (FSDP2, tensor parallel) is copied shard-locally and
+        comes back as a ``DTensor`` over the host copy of its local shard: nothing is gathered."""
         out: dict[str, torch.Tensor] = {}
         needs_sync = False
         for key, t in tensors.items():
             t = t.detach()
-            if t.layout != torch.strided:
-                raise ValueError(f"tensor {key!r} has layout {t.layout}; only dense tensors can be checkpointed")
-            buf = self._buffer_for(key, t)
-            non_blocking = t.device.type == "cuda" and buf.is_pinned()
-            buf.copy_(t, non_blocking=non_blocking)
+            dt = _as_dtensor(t)
+            local = dt.to_local() if dt is not None else t
+            if local.layout != torch.strided:
+                raise ValueError(f"tensor {key!r} has layout {local.layout}; only dense tensors can be checkpointed")
+            buf = self._buffer_for(key, local)
+            non_blocking = local.device.type == "cuda" and buf.is_pinned()
+            buf.copy_(local, non_blocking=non_blocking)
             needs_sync |= non_blocking
-            out[key] = buf
+            if dt is not None:
+                from torch.distributed.tensor import DTensor
+
+                out[key] = DTensor.from_local(buf, dt.device_mesh, dt.placements, run_check=False, shape=dt.shape, stride=dt.stride())
+            else:
+                out[key] = buf
         for key in list(self._buffers):
             if key not in tensors:
                 del self._buffers[key]
@@ -49,3 +58,11 @@ class HostBuffers:
 
     def clear(self) -> None:
         self._buffers.clear()
+
+
+def _as_dtensor(t: torch.Tensor):
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover
+        return None
+    return t if isinstance(t, DTensor) else None

@@ -283,7 +283,7 @@ class CheckpointWriter:
         if self.async_save:
             tensors = self._buffers.snapshot(tensors)
         else:
-            tensors = {k: (v.detach().cpu() if v.device.type != "cpu" else v.detach()) for k, v in tensors.items()}
+            tensors = {k: v.detach() for k, v in tensors.items()}  # DCP copies device tensors to host as it writes
         state_bytes = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode("utf-8")
         if self.mode == "rank0" and self.rank != 0:
             state_bytes = None
