@@ -168,6 +168,8 @@ class BestMetricCheckpoint(BaseCheckpointCallback):
     def _want_save_on_train_epoch_end(self, trainer: "pl.Trainer"):
         if self._validated_this_epoch:
             return None  # checked when validation ended
+        if trainer.enable_validation and self.monitor not in trainer.callback_metrics:
+            return None  # validation runs on a step schedule and has not produced the metric yet
         return self._check(trainer)
 
     def _want_save_on_train_batch_end(self, trainer: "pl.Trainer"):
