@@ -496,6 +496,16 @@ class _SaveJob:
             )
             wrapped.__cause__ = err
             return wrapped
+        text = str(err).lower()
+        if self.w.world_size > 1 and ("timed out" in text or "timeout" in text or "connection closed" in text
+                                      or "connection reset" in text or "broken pipe" in text):
+            wrapped = CheckpointWriteError(
+                f"checkpoint {self.name!r} was not committed: another rank did not finish its part within "
+                f"save_timeout_s={self.w.timeout_s:g} or went away ({err}). Earlier checkpoints are intact; check the "
+                "other ranks' logs, or raise save_timeout_s if their storage is slow."
+            )
+            wrapped.__cause__ = err
+            return wrapped
         if err is not e and isinstance(err, Exception):
             wrapped = CheckpointWriteError(f"writing checkpoint {self.name!r} failed: {err!r}")
             wrapped.__cause__ = err

@@ -44,6 +44,29 @@ class DieInSave(pl.Callback):
         s.write_tensor_file = dying
 
 
+class HangInSave(pl.Callback):
+    """Makes one rank stall (alive, not dead) while it writes its shards of the save at ``step``."""
+
+    def __init__(self, rank: int, step: int) -> None:
+        self.rank, self.step = rank, step
+
+    def setup(self, trainer, pl_module, stage):
+        if trainer.global_rank != self.rank:
+            return
+        import time
+
+        import lightning_ckpt.writer.dcp_storage as s
+
+        real, target = s.write_tensor_file, f"step={self.step:06d}"
+
+        def stalling(path, *a, **k):
+            if target in path:
+                time.sleep(600)
+            return real(path, *a, **k)
+
+        s.write_tensor_file = stalling
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dir", required=True)
@@ -55,6 +78,8 @@ def main() -> None:
     ap.add_argument("--die-rank", type=int)
     ap.add_argument("--die-step", type=int)
     ap.add_argument("--timeout", type=float, default=60.0)
+    ap.add_argument("--hang-rank", type=int)
+    ap.add_argument("--hang-step", type=int)
     ap.add_argument("--merge", action="store_true")
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--out")
@@ -66,6 +91,8 @@ def main() -> None:
                                             save_timeout_s=a.timeout)]
     if a.die_rank is not None:
         callbacks.append(DieInSave(a.die_rank, a.die_step))
+    if a.hang_rank is not None:
+        callbacks.append(HangInSave(a.hang_rank, a.hang_step))
     trainer = pl.Trainer(
         accelerator="cpu", strategy="ddp", devices=int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
         num_nodes=int(os.environ.get("GROUP_WORLD_SIZE", os.environ.get("NNODES", 1)) or 1),

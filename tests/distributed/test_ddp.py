@@ -145,3 +145,16 @@ def test_rank_killed_during_a_save_leaves_no_commit_and_no_hang(tmp_path):
     assert steps == [4], steps  # the save at step 8 was never committed, nothing after it either
     verify_checkpoint(latest_checkpoint(d))
     merge_checkpoint(latest_checkpoint(d), str(tmp_path / "m" / "model.safetensors"))
+
+
+def test_stuck_rank_fails_the_save_on_the_others_within_the_timeout(tmp_path):
+    """A rank that stalls (alive) in a save: the others get a clear error after save_timeout_s, not a hang."""
+    d = str(tmp_path / "ckpts")
+    t0 = time.monotonic()
+    p = torchrun(2, "--dir", d, "--max-steps", "12", "--every", "4", "--hang-rank", "1", "--hang-step", "8",
+                 "--timeout", "5", "--sync", ok=False, timeout=200)
+    elapsed = time.monotonic() - t0
+    assert p.returncode != 0
+    assert elapsed < 120, elapsed
+    assert "CheckpointWriteError" in p.stderr and "save_timeout_s" in p.stderr, p.stderr[-3000:]
+    assert [c.step for c in list_checkpoints(d)] == [4]
