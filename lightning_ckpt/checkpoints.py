@@ -180,8 +180,9 @@ def read_state_doc(path: str, m: dict, rank: int = 0) -> Any:
         raise CheckpointCorruptError(f"{fpath} is not valid JSON ({e}); the state file is corrupt or hostile") from None
 
 
-def load_tensors(path: str, m: dict, keys: list[str] | None = None, *, verify: bool = True) -> dict[str, torch.Tensor]:
-    """Read tensors (all, or ``keys``) of a checkpoint through DCP into freshly allocated CPU tensors."""
+def load_tensors(path: str, m: dict, keys: list[str] | None = None, *, verify: bool = True, device: Any = "cpu") -> dict[str, torch.Tensor]:
+    """Read tensors (all, or ``keys``) of a checkpoint through DCP into freshly allocated tensors on ``device``
+    (on a GPU, through pinned staging pieces whose copies overlap the disk reads)."""
     index = m.get("tensors", {})
     wanted = list(index) if keys is None else keys
     targets: dict[str, torch.Tensor] = {}
@@ -189,7 +190,7 @@ def load_tensors(path: str, m: dict, keys: list[str] | None = None, *, verify: b
         if k not in index:
             raise CheckpointCorruptError(f"{path}: the state refers to tensor {k!r}, which the manifest does not list")
         t = index[k]
-        targets[k] = torch.empty([int(s) for s in t["shape"]], dtype=dtype_from_name(t["dtype"]))
+        targets[k] = torch.empty([int(s) for s in t["shape"]], dtype=dtype_from_name(t["dtype"]), device=device)
     if not targets:
         return targets
     reader = LCStorageReader(path, m, verify=verify)
@@ -229,7 +230,11 @@ def load_checkpoint(path: str, map_location: Any = "cpu", *, verify: bool = True
         return torch.zeros(0)
 
     decode(doc, collect)  # the tensors this rank's state refers to (in a multi-rank checkpoint: not the others')
-    tensors = load_tensors(path, m, list(dict.fromkeys(wanted)), verify=verify)
+    device = "cpu"
+    if isinstance(map_location, (str, torch.device)) and torch.device(map_location).type == "cuda":
+        device = torch.device(map_location)  # read straight onto the GPU, overlapping disk and copies
+        map_location = None
+    tensors = load_tensors(path, m, list(dict.fromkeys(wanted)), verify=verify, device=device)
 
     def get(key: str) -> torch.Tensor:
         try:

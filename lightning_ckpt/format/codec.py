@@ -161,7 +161,7 @@ def _decode(doc: Any, tensor_getter: Callable[[str], torch.Tensor]) -> Any:
             if tag == "$t":
                 return tensor_getter(val)
             if tag == "$np":
-                return tensor_getter(val).numpy()
+                return tensor_getter(val).cpu().numpy()
             if tag == "$tuple":
                 return tuple(dec(v) for v in val)
             if tag == "$dict":

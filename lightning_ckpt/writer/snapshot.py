@@ -28,11 +28,34 @@ class HostBuffers:
             self.allocations += 1
         return buf
 
+    def _allocate_missing(self, items: list[tuple[str, torch.Tensor]]) -> None:
+        """Allocate every missing pinned buffer as views of one slab: one cudaHostAlloc instead of thousands."""
+        missing = [(k, t) for k, t in items if t.device.type == "cuda" and self._pin and not (
+            k in self._buffers and self._buffers[k].shape == t.shape and self._buffers[k].dtype == t.dtype)]
+        if len(missing) < 2:
+            return
+        align = 64
+        offsets, total = [], 0
+        for _, t in missing:
+            offsets.append(total)
+            total += (t.numel() * t.element_size() + align - 1) // align * align
+        slab = torch.empty(total, dtype=torch.uint8, pin_memory=True)
+        for (k, t), off in zip(missing, offsets):
+            n = t.numel() * t.element_size()
+            view = slab[off : off + n].view(t.dtype) if n else torch.empty(0, dtype=t.dtype, pin_memory=True)
+            self._buffers[k] = view.view(t.shape) if n else view.reshape(t.shape)
+            self.allocations += 1
+
     def snapshot(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Copies of ``tensors`` in host buffers. A ``DTensor`` (FSDP2, tensor parallel) is copied shard-locally and
         comes back as a ``DTensor`` over the host copy of its local shard: nothing is gathered."""
         out: dict[str, torch.Tensor] = {}
         needs_sync = False
+        locals_ = []
+        for key, t in tensors.items():
+            d = _as_dtensor(t)
+            locals_.append((key, (d.to_local() if d is not None else t).detach()))
+        self._allocate_missing(locals_)
         for key, t in tensors.items():
             t = t.detach()
             dt = _as_dtensor(t)
