@@ -457,7 +457,9 @@ class BaseCheckpointCallback(Checkpoint):
             checkpoint.pop("state_dict", None)
         if include or exclude:
             checkpoint = filter_state(checkpoint, include, exclude)
-        checkpoint[STATE_KEY] = {"rng": capture_rng(), "format": 1, "kind": kind}
+        checkpoint[STATE_KEY] = {"format": 1, "kind": kind}
+        if kind == "full":  # only a full checkpoint resumes training; the others carry no RNG tensors
+            checkpoint[STATE_KEY]["rng"] = capture_rng()
         pl_module = trainer.lightning_module
         hparams = dict(pl_module.hparams) if pl_module is not None and pl_module.hparams else None
         pending = shared.writer.save(
