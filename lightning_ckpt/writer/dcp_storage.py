@@ -267,7 +267,7 @@ class LCStorageReader(StorageReader):
         self._headers_checked.add(fname)
 
     #: parallel readers: on NVMe several requests in flight beat one, and page faults of fresh memory overlap I/O
-    read_threads = 8
+    read_threads = max(2, min(8, os.cpu_count() or 2))
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
         per_file: dict[str, list] = defaultdict(list)

@@ -218,8 +218,13 @@ class CheckpointWriter:
         self.fsync = fsync
         self.auto_seal = auto_seal
         self._buffers = HostBuffers()
-        self._executor = cf.ThreadPoolExecutor(1, thread_name_prefix="lightning_ckpt-writer") if self.async_save else None
-        self._crc_pool = cf.ThreadPoolExecutor(1, thread_name_prefix="lightning_ckpt-crc")
+        self._executor = (
+            cf.ThreadPoolExecutor(1, thread_name_prefix="lightning_ckpt-writer", initializer=_background_priority)
+            if self.async_save else None
+        )
+        self._crc_pool = cf.ThreadPoolExecutor(
+            1, thread_name_prefix="lightning_ckpt-crc", initializer=_background_priority if self.async_save else None
+        )
         self._inflight: PendingSave | None = None
         self._error: BaseException | None = None
         self._lock = threading.Lock()
@@ -589,6 +594,17 @@ class _SaveJob:
             name=name, path=final, step=m["step"], bytes=total, snapshot_s=self.snapshot_s, write_s=write_s,
             tags=m["tags"], kind=m["kind"], metrics=dict(m["metrics"]),
         )
+
+
+BACKGROUND_NICE = 5
+
+
+def _background_priority() -> None:
+    """Background saves yield the CPU to training: on Linux a thread's nice value is its own (by thread id)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
+    except (AttributeError, OSError):
+        pass
 
 
 def check_writable_dir(dirpath: str) -> None:
