@@ -34,8 +34,8 @@ def test_merge_writes_clean_names_and_equal_tensors(tmp_path):
         assert torch.equal(merged[clean_name(k)], v)
     assert not any(k.startswith("optimizer") or "exp_avg" in k for k in merged)  # weights only
     verify_merged(str(tmp_path / "out" / "model.safetensors"))
-    # streaming: the largest buffer held is one tensor, not the model
-    assert res.peak_buffer_bytes == 64 * 64 * 4 and res.bytes > 8 * res.peak_buffer_bytes
+    # streaming: at most two tensors are held (one written, the next being read), not the model
+    assert res.peak_buffer_bytes <= 2 * 64 * 64 * 4 and res.bytes > 4 * res.peak_buffer_bytes
 
 
 def test_merge_dtype_and_sharded_output_with_index(tmp_path):

@@ -2,12 +2,14 @@
 
 Streaming: the output header is computed from the manifest's tensor index, then each tensor is assembled from its
 chunks (read straight into place, checksums verified on the way in), converted to ``dtype`` if asked, written, and
-released. Peak memory is about the largest tensor, not the model. Above ``max_shard_bytes`` the output is split into
+released; a reader thread prepares the next tensor while one is written. Peak memory is about two of the largest
+tensors, not the model. Above ``max_shard_bytes`` the output is split into
 ``model-00001-of-0000N.safetensors`` files with a ``model.safetensors.index.json`` (the Hugging Face layout).
 Checksums of the output (CRC32C of the header and of every tensor) go to ``<out>.checksums.json``.
 """
 from __future__ import annotations
 
+import concurrent.futures as cf
 import json
 import os
 import re
@@ -152,19 +154,26 @@ def merge_checkpoint(
             tensor_sums = {}
             try:
                 _write_all(fd, memoryview(header))
-                for i, (b, e) in zip(idxs, offsets):
-                    name, key, out_dtype, shape = plan[i]
-                    t = _assemble(path, m, key, readers, verify)
-                    peak = max(peak, t.numel() * t.element_size() * (2 if t.dtype != out_dtype else 1))
-                    if t.dtype != out_dtype:
-                        t = t.to(out_dtype)
-                    mv = byte_view(t)
-                    _write_all(fd, mv)
-                    tensor_sums[name] = {"begin": len(header) + b, "end": len(header) + e, "crc32c": crc32c(mv)}
-                    done += nbytes[i]
-                    del t, mv
-                    if progress is not None:
-                        progress(done, total)
+                # two stages: a reader thread assembles (and verifies) tensor i+1 while this thread writes tensor i
+                with cf.ThreadPoolExecutor(1, thread_name_prefix="lightning_ckpt-merge") as ex:
+                    nxt = ex.submit(_assemble, path, m, plan[idxs[0]][1], readers, verify) if idxs else None
+                    for j, (i, (b, e)) in enumerate(zip(idxs, offsets)):
+                        name, key, out_dtype, shape = plan[i]
+                        t, src_crc = nxt.result()
+                        nxt = ex.submit(_assemble, path, m, plan[idxs[j + 1]][1], readers, verify) if j + 1 < len(idxs) else None
+                        # held at once: this tensor (and its converted copy) plus the next one being read
+                        peak = max(peak, t.numel() * t.element_size() * (2 if t.dtype != out_dtype else 1)
+                                   + (nbytes[idxs[j + 1]] if j + 1 < len(idxs) else 0))
+                        if t.dtype != out_dtype:
+                            t, src_crc = t.to(out_dtype), None
+                        mv = byte_view(t)
+                        _write_all(fd, mv)
+                        crc = src_crc if (src_crc is not None and verify) else crc32c(mv)
+                        tensor_sums[name] = {"begin": len(header) + b, "end": len(header) + e, "crc32c": crc}
+                        done += nbytes[i]
+                        del t, mv
+                        if progress is not None:
+                            progress(done, total)
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -195,8 +204,9 @@ def _numel(shape: list[int]) -> int:
     return n
 
 
-def _assemble(path: str, m: dict, key: str, readers: dict, verify: bool) -> torch.Tensor:
-    """The full tensor ``key`` from its chunks, each read straight into its place when contiguous there."""
+def _assemble(path: str, m: dict, key: str, readers: dict, verify: bool) -> tuple[torch.Tensor, Optional[int]]:
+    """The full tensor ``key`` from its chunks, each read straight into its place when contiguous there.
+    Also returns the CRC32C of its bytes when it is one chunk (then the verified source checksum is the output's)."""
     t = m["tensors"][key]
     dtype = dtype_from_name(t["dtype"])
     shape = [int(s) for s in t["shape"]]
@@ -236,7 +246,9 @@ def _assemble(path: str, m: dict, key: str, readers: dict, verify: bool) -> torc
         covered += _numel(sizes)
     if covered != _numel(shape):
         raise CheckpointCorruptError(f"{path}: the chunks of {key!r} cover {covered} of {_numel(shape)} elements")
-    return out
+    single = t["chunks"][0] if len(t["chunks"]) == 1 else None
+    crc = m["files"][single["file"]]["tensors"][single["name"]]["crc32c"] if single is not None else None
+    return out, crc
 
 
 def verify_merged(out_path: str) -> None:
