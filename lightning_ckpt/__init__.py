@@ -4,6 +4,7 @@ __version__ = "0.1.0"
 from .callbacks import (
     BestMetricCheckpoint,
     EarlyStopAndSave,
+    ExportOnTrainEnd,
     LightningCkptIO,
     MonitorNotFoundError,
     PeriodicCheckpoint,
@@ -26,14 +27,19 @@ from .errors import (
     CheckpointNotFoundError,
     CheckpointWriteError,
 )
+from .diff import diff_checkpoints
+from .export import export_checkpoint
 from .merge import merge_checkpoint
 from .writer import CheckpointWriter
 
 __all__ = [
     "BestMetricCheckpoint",
     "EarlyStopAndSave",
+    "ExportOnTrainEnd",
     "MonitorNotFoundError",
     "RetentionPolicy",
+    "diff_checkpoints",
+    "export_checkpoint",
     "load_into",
     "load_weights",
     "merge_checkpoint",

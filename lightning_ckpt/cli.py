@@ -1,11 +1,12 @@
 """``lightning-ckpt``: inspect and check checkpoints from the shell.
 
-    lightning-ckpt ls DIR [--json]        committed checkpoints in a run folder
+    lightning-ckpt ls DIR [--json] [--verify]   committed checkpoints in a run folder
     lightning-ckpt show PATH [--json]     one checkpoint's manifest, summarised
     lightning-ckpt verify PATH [PATH...]  check every byte; exit status 1 if any fails
     lightning-ckpt prune DIR --keep-last N [--keep-best K --monitor M] [--keep-every-n-steps S]
                          [--max-total-bytes B] [--failed] [--dry-run]
     lightning-ckpt merge PATH OUT [--dtype bf16] [--max-shard-size 5GB]   one consolidated model.safetensors
+    lightning-ckpt diff A B [--model-only] [--all] [--json]   metric changes and per-tensor differences
 
 Exit codes: 0 success, 1 a checkpoint failed verification, 2 bad usage or nothing found.
 """
@@ -49,24 +50,37 @@ def cmd_ls(args: argparse.Namespace) -> int:
         print(f"lightning-ckpt: {args.dir} is not a folder", file=sys.stderr)
         return 2
     ckpts = list_checkpoints(args.dir)
+    verified: dict[str, str] = {}
+    if args.verify:
+        for c in ckpts:
+            try:
+                verify_checkpoint(c.path)
+                verified[c.name] = "ok"
+            except CheckpointError as e:
+                verified[c.name] = "CORRUPT"
+                print(f"lightning-ckpt: {e}", file=sys.stderr)
     if args.json:
         print(json.dumps([
             {"name": c.name, "path": c.path, "step": c.step, "epoch": c.epoch, "tags": c.tags, "metrics": c.metrics,
-             "size_bytes": c.size_bytes, "kind": c.kind, "created_unix": c.created_unix}
+             "size_bytes": c.size_bytes, "kind": c.kind, "created_unix": c.created_unix,
+             "verified": {"ok": True, "CORRUPT": False}.get(verified.get(c.name, ""))}
             for c in ckpts
         ], indent=1))
-        return 0
+        return 1 if "CORRUPT" in verified.values() else 0
     if not ckpts:
         print(f"no committed checkpoints in {args.dir}")
         return 0
-    rows = [("NAME", "STEP", "EPOCH", "TAGS", "METRICS", "SIZE", "AGE")]
+    rows = [("NAME", "STEP", "EPOCH", "TAGS", "METRICS", "SIZE", "AGE", "VERIFIED")]
     for c in ckpts:
         metrics = " ".join(f"{k}={_fmt_metric(v)}" for k, v in sorted(c.metrics.items())[:4])
-        rows.append((c.name, str(c.step), str(c.epoch), ",".join(c.tags), metrics, _human_bytes(c.size_bytes), _human_age(c.created_unix)))
+        rows.append((c.name, str(c.step), str(c.epoch), ",".join(c.tags), metrics, _human_bytes(c.size_bytes),
+                     _human_age(c.created_unix), verified.get(c.name, "-")))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
-    return 0
+    if not args.verify:
+        print("(VERIFIED: run with --verify to check every byte)")
+    return 1 if "CORRUPT" in verified.values() else 0
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -196,12 +210,42 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_diff(args: argparse.Namespace) -> int:
+    from .diff import diff_checkpoints, format_metric_change
+
+    d = diff_checkpoints(args.a, args.b, prefix="state_dict/" if args.model_only else None)
+    if args.json:
+        print(json.dumps({
+            "a": d.a, "b": d.b, "step_a": d.step_a, "step_b": d.step_b,
+            "metrics": {k: {"a": va, "b": vb} for k, (va, vb) in d.metrics.items()},
+            "tensors": [t.__dict__ for t in d.tensors],
+        }, indent=1))
+        return 0
+    print(f"A  {d.a}  (step {d.step_a})")
+    print(f"B  {d.b}  (step {d.step_b})")
+    if d.metrics:
+        print("metrics")
+        for k, (va, vb) in d.metrics.items():
+            print(f"  {k:30s} {format_metric_change(va, vb)}")
+    rows = d.tensors if args.all else d.changed
+    print(f"tensors: {len(d.changed)} of {len(d.tensors)} differ")
+    for t in rows:
+        extra = ""
+        if t.status == "changed":
+            extra = f"max |A-B| = {t.max_abs_diff:.6g}"
+        elif t.status in ("shape", "dtype"):
+            extra = f"{t.shape_a} vs {t.shape_b}"
+        print(f"  {t.status:10s} {t.key}  {extra}".rstrip())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lightning-ckpt", description="Inspect and verify lightning_ckpt checkpoints.")
     sub = p.add_subparsers(dest="command", required=True)
     ls = sub.add_parser("ls", help="list committed checkpoints in a run folder")
     ls.add_argument("dir")
     ls.add_argument("--json", action="store_true", help="machine-readable output")
+    ls.add_argument("--verify", action="store_true", help="check every byte of every checkpoint (exit 1 if any fails)")
     ls.set_defaults(func=cmd_ls)
     show = sub.add_parser("show", help="summarise one checkpoint")
     show.add_argument("path")
@@ -229,6 +273,13 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--max-shard-size", help="split the output above this size (e.g. 5GB) with an index json")
     mg.add_argument("--quiet", action="store_true", help="no progress bar")
     mg.set_defaults(func=cmd_merge)
+    df = sub.add_parser("diff", help="metric changes and, per tensor, whether it changed and by how much")
+    df.add_argument("a")
+    df.add_argument("b")
+    df.add_argument("--model-only", action="store_true", help="only the model's tensors")
+    df.add_argument("--all", action="store_true", help="list unchanged tensors too")
+    df.add_argument("--json", action="store_true")
+    df.set_defaults(func=cmd_diff)
     return p
 
 

@@ -61,6 +61,10 @@ def test_full_recipe(tmp_path):
         verify_checkpoint(c.path)
     assert len({c.step for c in ckpts}) == len(ckpts)  # one checkpoint per step, whatever fired
     assert latest_checkpoint(d) == ckpts[-1].path
+    export = tmp_path / "runs" / "full" / "export"
+    cfg = yaml.safe_load((export / "config.yaml").read_text())  # the resolved LightningCLI config
+    assert cfg["model"]["hidden"] == 64 and cfg["trainer"]["max_steps"] == 300
+    assert (export / "model.safetensors").is_file() and (export / "MODEL_CARD.md").is_file()
 
 
 def _write_variant(tmp_path, base: str, edit) -> str:

@@ -2,11 +2,12 @@
 from .base import BaseCheckpointCallback, MonitorNotFoundError
 from .best import BestMetricCheckpoint
 from .early_stop import EarlyStopAndSave
+from .export import ExportOnTrainEnd
 from .io import LightningCkptIO, install_checkpoint_io
 from .periodic import PeriodicCheckpoint
 from .retention import RetentionPolicy
 
 __all__ = [
-    "BaseCheckpointCallback", "BestMetricCheckpoint", "EarlyStopAndSave", "LightningCkptIO", "MonitorNotFoundError",
+    "BaseCheckpointCallback", "BestMetricCheckpoint", "EarlyStopAndSave", "ExportOnTrainEnd", "LightningCkptIO", "MonitorNotFoundError",
     "PeriodicCheckpoint", "RetentionPolicy", "install_checkpoint_io",
 ]

@@ -96,6 +96,9 @@ class _Shared:
     deleter: cf.ThreadPoolExecutor = field(default_factory=lambda: cf.ThreadPoolExecutor(1, thread_name_prefix="lightning_ckpt-delete"))
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     last_stall_s: Optional[float] = None
+    committed: list = field(default_factory=list)  # SaveResults not yet reported to the Trainer's loggers
+    stalls: dict = field(default_factory=dict)  # step -> training stall of its save (seconds)
+    end_hooks: list = field(default_factory=list)  # callables(trainer) run on every rank after the last commit
 
     def protected(self) -> set[str]:
         names: set[str] = set()
@@ -279,6 +282,7 @@ class BaseCheckpointCallback(Checkpoint):
                 self.dirpath,
             )
             per_trainer[self.dirpath] = shared
+            shared.writer.on_commit.append(lambda res, sh=shared: _after_commit(sh, res))
             if trainer.is_global_zero:
                 shared.writer.prepare_dir()
                 cleanup_partials(self.dirpath)
@@ -319,6 +323,8 @@ class BaseCheckpointCallback(Checkpoint):
                 self._flush(trainer)
             # a step boundary: the previous step's save may commit now
             shared.writer.seal()
+            if self._is_last(shared):
+                _report(trainer, shared)
         # Restore RNG states as late as possible: right before the first training step after a resume, where the
         # uninterrupted run was when it saved. Lightning's own set-up (sanity check, iterator creation) may consume
         # random numbers before this point; restoring here makes those draws irrelevant.
@@ -343,6 +349,9 @@ class BaseCheckpointCallback(Checkpoint):
         if shared is not None and self._is_last(shared):
             self._wait(raise_errors=True)
             trainer.strategy.barrier("lightning_ckpt.train_end")  # every rank sees the last commit
+            _report(trainer, shared)
+            for hook in list(shared.end_hooks):
+                hook(trainer)
             if any(getattr(u, "merge_on_train_end", False) for u in shared.users) and trainer.is_global_zero:
                 self._merge_latest()
 
@@ -475,6 +484,7 @@ class BaseCheckpointCallback(Checkpoint):
         if pending is None:
             return
         shared.last_stall_s = time.perf_counter() - t0
+        shared.stalls[step] = shared.last_stall_s
         shared.last_saved_step = step
         shared.last_save_tags = set(tags)
         shared.last_save_time = time.monotonic()
@@ -488,15 +498,6 @@ class BaseCheckpointCallback(Checkpoint):
             if raise_errors:
                 raise
             log.error("lightning_ckpt: a background save failed: %s", e)
-
-    # kept for callers of the first release
-    def save_now(self, trainer: "pl.Trainer", tags: Iterable[str] = ()) -> bool:
-        """Request a save now and write it at once (outside the usual hooks)."""
-        if self._shared is None:
-            return False
-        self.request_save(trainer, tags, force=True)
-        self._flush(trainer)
-        return True
 
 
 def _step_goes_on(trainer: "pl.Trainer", hook: str) -> bool:
@@ -546,6 +547,40 @@ def filter_state(checkpoint: dict, include: tuple, exclude: tuple) -> dict:
         return x
 
     return walk(checkpoint, "")
+
+
+def _after_commit(shared: _Shared, res: Any) -> None:
+    """Runs in the committing thread (rank 0): the run's metric history and the queue for the loggers."""
+    import json
+
+    shared.committed.append(res)  # commit hooks run on rank 0 only
+    line = {"step": res.step, "name": res.name, "tags": res.tags, "time": time.time(), "metrics": res.metrics}
+    try:
+        with open(os.path.join(shared.dirpath, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(line, allow_nan=False, default=str) + "\n")
+    except (OSError, ValueError) as e:
+        log.error("lightning_ckpt: could not append to metrics.jsonl: %s", e)
+
+
+def _report(trainer: "pl.Trainer", shared: _Shared) -> None:
+    """Report committed saves to the Trainer's loggers under ``checkpoint/`` (on the training thread)."""
+    while shared.committed:
+        res = shared.committed.pop(0)
+        if not trainer.is_global_zero:
+            continue
+        stall = shared.stalls.pop(res.step, res.snapshot_s)
+        metrics = {
+            "checkpoint/bytes": float(res.bytes),
+            "checkpoint/stall_s": float(stall),
+            "checkpoint/write_s": float(res.write_s),
+            "checkpoint/throughput_gbps": float(res.bytes / res.write_s / 1e9) if res.write_s > 0 else 0.0,
+            "checkpoint/step": float(res.step),
+        }
+        for lg in trainer.loggers:
+            try:
+                lg.log_metrics(metrics, step=res.step)
+            except Exception as e:  # noqa: BLE001 - a logger problem must not stop training
+                log.error("lightning_ckpt: logger %s failed: %r", type(lg).__name__, e)
 
 
 def _record_failed_run(shared: _Shared, exception: BaseException) -> None:

@@ -75,7 +75,6 @@ class BestMetricCheckpoint(BaseCheckpointCallback):
         self.best_k: list[dict] = []  # [{"step", "score"}], best first
         self._evicted: list[int] = []  # steps to delete once a newer save committed
         self._lock = threading.Lock()
-        self._loaded_state: Optional[dict] = None
         self._validated_this_epoch = False
 
     @property
@@ -201,12 +200,9 @@ class BestMetricCheckpoint(BaseCheckpointCallback):
             return {"monitor": self.monitor, "mode": self.mode, "top_k": self.top_k, "best_k": [dict(d) for d in self.best_k]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._loaded_state = dict(state_dict)
+        pass  # the best-k list is rebuilt from the manifests on disk (on_load_checkpoint): they are the truth
 
     def on_load_checkpoint(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(trainer, pl_module, checkpoint)
-        if self._loaded_state is None:
-            self._loaded_state = {}
-        self._loaded_state["global_step"] = int(checkpoint.get("global_step", 0))
         if os.path.isdir(self.dirpath):
-            self._rebuild_from_disk(self._loaded_state["global_step"])
+            self._rebuild_from_disk(int(checkpoint.get("global_step", 0)))

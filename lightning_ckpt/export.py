@@ -1,0 +1,139 @@
+"""Post-training export: one folder with everything needed to use and reproduce the trained model.
+
+    <out_dir>/
+      model.safetensors            consolidated weights (clean names), + model.safetensors.checksums.json
+      metrics.json                 the metrics recorded with the exported checkpoint
+      metrics.jsonl                the run's metric history (one line per committed checkpoint), when there is one
+      config.yaml                  the resolved LightningCLI configuration, when there is one
+      metadata.json                source checkpoint, step, seeds, versions, git commit, host, data fingerprint
+      MODEL_CARD.md                a short model card
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from typing import Any, Optional
+
+from .checkpoints import read_checkpoint_manifest
+from .merge import merge_checkpoint
+
+
+def data_fingerprint(datamodule: Any) -> Optional[str]:
+    """A fingerprint of the data: ``datamodule.fingerprint()`` when it has one, else a hash of its class and hparams."""
+    if datamodule is None:
+        return None
+    fp = getattr(datamodule, "fingerprint", None)
+    if callable(fp):
+        return str(fp())
+    hp = getattr(datamodule, "hparams", None)
+    payload = json.dumps({"class": f"{type(datamodule).__module__}.{type(datamodule).__qualname__}",
+                          "hparams": dict(hp) if hp else {}}, sort_keys=True, default=str)
+    return "sha256:" + hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+
+def export_checkpoint(
+    path: str,
+    out_dir: str,
+    *,
+    config_yaml: Optional[str] = None,
+    data_fp: Optional[str] = None,
+    dtype: Optional[str] = None,
+    history: Optional[str] = None,
+) -> str:
+    """Write the export folder for the checkpoint at ``path`` into ``out_dir`` (replaced atomically). Returns it.
+
+    Args:
+        path: a checkpoint folder with model weights.
+        out_dir: the export folder.
+        config_yaml: the resolved configuration as YAML text (LightningCLI's), if any.
+        data_fp: a fingerprint of the training data (see :func:`data_fingerprint`).
+        dtype: convert floating-point weights (``"bf16"``, ``"fp16"``); ``None`` keeps them.
+        history: a ``metrics.jsonl`` to copy alongside.
+    """
+    path, out_dir = os.fspath(path), os.path.abspath(os.fspath(out_dir))
+    m = read_checkpoint_manifest(path)
+    tmp = out_dir + f".tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    res = merge_checkpoint(path, os.path.join(tmp, "model.safetensors"), dtype=dtype)
+    metrics = m.get("metrics") or {}
+    with open(os.path.join(tmp, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=1)
+    if history and os.path.isfile(history):
+        shutil.copyfile(history, os.path.join(tmp, "metrics.jsonl"))
+    if config_yaml:
+        with open(os.path.join(tmp, "config.yaml"), "w") as f:
+            f.write(config_yaml)
+    run = m.get("run") or {}
+    meta = {
+        "source_checkpoint": os.path.abspath(path),
+        "name": m.get("name"),
+        "step": m.get("step"),
+        "epoch": m.get("epoch"),
+        "tags": m.get("tags"),
+        "seed": run.get("seed"),
+        "versions": run.get("versions"),
+        "git_commit": run.get("git_commit"),
+        "host": run.get("host"),
+        "argv": run.get("argv"),
+        "data_fingerprint": data_fp,
+        "hparams": m.get("hparams"),
+        "exported_unix": time.time(),
+        "weights": {"file": "model.safetensors", "tensors": res.tensors, "bytes": res.bytes, "dtype": dtype or "as trained"},
+    }
+    with open(os.path.join(tmp, "metadata.json"), "w") as f:
+        json.dump(meta, f, indent=1, default=str)
+    with open(os.path.join(tmp, "MODEL_CARD.md"), "w") as f:
+        f.write(_model_card(meta, metrics, bool(config_yaml)))
+    if os.path.isdir(out_dir):
+        old = out_dir + f".old-{os.getpid()}"
+        os.rename(out_dir, old)
+        os.rename(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, out_dir)
+    return out_dir
+
+
+def _model_card(meta: dict, metrics: dict, has_config: bool) -> str:
+    lines = [
+        "# Model card",
+        "",
+        f"Exported from checkpoint `{meta['name']}` (step {meta['step']}, epoch {meta['epoch']}, tags: "
+        f"{', '.join(meta.get('tags') or []) or '-'}).",
+        "",
+        "## Metrics",
+        "",
+        "| metric | value |",
+        "|---|---|",
+    ]
+    for k, v in sorted(metrics.items()):
+        lines.append(f"| {k} | {v:.6g} |" if isinstance(v, float) else f"| {k} | {v} |")
+    if not metrics:
+        lines.append("| (none recorded) | |")
+    lines += ["", "## Hyperparameters", ""]
+    for k, v in sorted((meta.get("hparams") or {}).items()):
+        lines.append(f"- `{k}`: {v}")
+    vers = meta.get("versions") or {}
+    lines += [
+        "",
+        "## Reproduce",
+        "",
+        f"- seed: {meta.get('seed')}",
+        f"- git commit: {meta.get('git_commit') or 'unknown'}",
+        f"- data fingerprint: {meta.get('data_fingerprint') or 'unknown'}",
+        f"- versions: {', '.join(f'{k} {v}' for k, v in vers.items())}",
+        f"- configuration: {'config.yaml' if has_config else 'not recorded (not run through LightningCLI)'}",
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from safetensors.torch import load_file",
+        "model.load_state_dict(load_file(\"model.safetensors\"))",
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
