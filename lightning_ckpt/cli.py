@@ -119,18 +119,25 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     status = 0
+    report = []
     for p in args.paths:
         t0 = time.perf_counter()
         try:
             verify_checkpoint(p)
-        except (CheckpointCorruptError, CheckpointFormatError) as e:
-            print(f"FAILED  {p}: {e}", file=sys.stderr)
-            status = 1
+        except (CheckpointCorruptError, CheckpointFormatError, CheckpointNotFoundError) as e:
+            if not args.json:
+                print(f"FAILED  {p}: {e}", file=sys.stderr)
+            report.append({"path": p, "ok": False, "error": str(e)})
+            status = max(status, 2 if isinstance(e, CheckpointNotFoundError) and len(args.paths) == 1 else 1)
             continue
         m = read_checkpoint_manifest(p)
         size = sum(f["size"] for f in m["files"].values())
         dt = time.perf_counter() - t0
-        print(f"OK      {p}  ({_human_bytes(size)} checked in {dt:.2f}s)")
+        report.append({"path": p, "ok": True, "bytes": size, "seconds": round(dt, 4)})
+        if not args.json:
+            print(f"OK      {p}  ({_human_bytes(size)} checked in {dt:.2f}s)")
+    if args.json:
+        print(json.dumps(report, indent=1))
     return status
 
 
@@ -151,6 +158,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
               "--max-total-bytes) or --failed", file=sys.stderr)
         return 2
     verb = "would delete" if args.dry_run else "deleted"
+    emit = (lambda *a, **k: None) if args.json else print
+    report: dict = {"dry_run": args.dry_run, "deleted": [], "partials": [], "kept": []}
     ckpts = list_checkpoints(args.dir)
     doomed: dict[str, str] = {}
     if rules.has_keep_rule or args.max_total_bytes is not None:
@@ -167,14 +176,19 @@ def cmd_prune(args: argparse.Namespace) -> int:
             if c.manifest.get("run_id") in failed and c.name != newest:
                 doomed.setdefault(c.name, "its run ended in an exception")
         for p in remove_partials(args.dir, dry_run=args.dry_run):
-            print(f"{verb} {p}  (interrupted save)")
+            emit(f"{verb} {p}  (interrupted save)")
+            report["partials"].append(p)
     for c in ckpts:
         if c.name in doomed:
             if not args.dry_run:
                 remove_checkpoint(c.path)
-            print(f"{verb} {c.path}  ({doomed[c.name]}, {_human_bytes(c.size_bytes)})")
+            emit(f"{verb} {c.path}  ({doomed[c.name]}, {_human_bytes(c.size_bytes)})")
+            report["deleted"].append({"path": c.path, "reason": doomed[c.name], "bytes": c.size_bytes})
     kept = [c for c in ckpts if c.name not in doomed]
-    print(f"kept {len(kept)} checkpoint(s), {_human_bytes(sum(c.size_bytes for c in kept))}")
+    report["kept"] = [c.path for c in kept]
+    emit(f"kept {len(kept)} checkpoint(s), {_human_bytes(sum(c.size_bytes for c in kept))}")
+    if args.json:
+        print(json.dumps(report, indent=1))
     return 0
 
 
@@ -203,6 +217,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
         if bar is not None:
             bar.close()
     gbps = res.bytes / res.seconds / 1e9 if res.seconds > 0 else 0.0
+    if args.json:
+        print(json.dumps({"files": res.files, "index": res.index_path, "checksums": res.checksums_path,
+                          "tensors": res.tensors, "bytes": res.bytes, "seconds": round(res.seconds, 4)}, indent=1))
+        return 0
     print(f"wrote {', '.join(res.files)}: {res.tensors} tensors, {_human_bytes(res.bytes)} in {res.seconds:.2f}s ({gbps:.2f} GB/s)")
     if res.index_path:
         print(f"index {res.index_path}")
@@ -253,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.set_defaults(func=cmd_show)
     ver = sub.add_parser("verify", help="check every byte of checkpoints against their checksums")
     ver.add_argument("paths", nargs="+")
+    ver.add_argument("--json", action="store_true")
     ver.set_defaults(func=cmd_verify)
     pr = sub.add_parser("prune", help="delete checkpoints that no retention rule keeps (the newest is always kept)")
     pr.add_argument("dir")
@@ -265,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--failed", action="store_true",
                     help="also remove interrupted saves and the checkpoints of runs that ended in an exception")
     pr.add_argument("--dry-run", action="store_true", help="only print what would be deleted")
+    pr.add_argument("--json", action="store_true")
     pr.set_defaults(func=cmd_prune)
     mg = sub.add_parser("merge", help="consolidate a checkpoint's model weights into one safetensors file")
     mg.add_argument("path")
@@ -272,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--dtype", help="convert floating-point tensors: bf16, fp16, fp32")
     mg.add_argument("--max-shard-size", help="split the output above this size (e.g. 5GB) with an index json")
     mg.add_argument("--quiet", action="store_true", help="no progress bar")
+    mg.add_argument("--json", action="store_true")
     mg.set_defaults(func=cmd_merge)
     df = sub.add_parser("diff", help="metric changes and, per tensor, whether it changed and by how much")
     df.add_argument("a")

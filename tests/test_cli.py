@@ -59,3 +59,15 @@ def test_console_script_entry_point(tmp_path):
     _make(tmp_path, steps=(3,))
     p = subprocess.run([sys.executable, "-m", "lightning_ckpt.cli", "ls", str(tmp_path)], capture_output=True, text=True)
     assert p.returncode == 0 and "step=000003" in p.stdout
+
+
+def test_json_output_for_scripts(tmp_path, capsys):
+    paths = _make(tmp_path, steps=(1, 2, 3))
+    assert main(["verify", *paths, "--json"]) == 0
+    assert [r["ok"] for r in json.loads(capsys.readouterr().out)] == [True, True, True]
+    assert main(["merge", paths[-1], str(tmp_path / "m" / "model.safetensors"), "--json", "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)["tensors"] == 1
+    assert main(["prune", str(tmp_path), "--keep-last", "1", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert [os.path.basename(d["path"]) for d in rep["deleted"]] == ["step=000001", "step=000002"]
+    assert [os.path.basename(p) for p in rep["kept"]] == ["step=000003"]

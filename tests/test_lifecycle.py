@@ -107,3 +107,17 @@ def test_export_on_train_end_with_mlflow_artifact(tmp_path, monkeypatch):
     assert "export/model.safetensors" in arts and "export/MODEL_CARD.md" in arts
     hist = client.get_metric_history(logger.run_id, "checkpoint/bytes")
     assert len(hist) >= 2 and all(m.value > 0 for m in hist)
+
+
+def test_saves_reported_to_tensorboard(tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    d = str(tmp_path / "ckpts")
+    logger = TensorBoardLogger(str(tmp_path / "tb"), name="run")
+    _fit(tmp_path, [PeriodicCheckpoint(d, every_n_train_steps=4, save_on_train_end=False)], loggers=logger)
+    (events,) = glob.glob(os.path.join(logger.log_dir, "events.out.tfevents.*"))
+    acc = EventAccumulator(events)
+    acc.Reload()
+    for tag in ("checkpoint/bytes", "checkpoint/stall_s", "checkpoint/write_s", "checkpoint/throughput_gbps"):
+        assert [e.step for e in acc.Scalars(tag)] == [4, 8], tag
