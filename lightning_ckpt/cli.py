@@ -7,6 +7,8 @@
                          [--max-total-bytes B] [--failed] [--dry-run]
     lightning-ckpt merge PATH OUT [--dtype bf16] [--max-shard-size 5GB]   one consolidated model.safetensors
     lightning-ckpt diff A B [--model-only] [--all] [--json]   metric changes and per-tensor differences
+    lightning-ckpt push PATH s3://bucket/prefix       upload a checkpoint (objects first, manifest last)
+    lightning-ckpt pull s3://bucket/prefix[/NAME] DIR download (the newest, or NAME), verify, commit locally
 
 Exit codes: 0 success, 1 a checkpoint failed verification, 2 bad usage or nothing found.
 """
@@ -257,6 +259,54 @@ def cmd_diff(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bar(total: int, desc: str, quiet: bool):
+    try:
+        from tqdm import tqdm
+
+        return tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=quiet or None)
+    except ImportError:  # pragma: no cover
+        return None
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from .storage.s3 import push_checkpoint
+
+    m = read_checkpoint_manifest(args.path)
+    bar = _bar(sum(f["size"] for f in m["files"].values()), "push", args.quiet)
+    try:
+        res = push_checkpoint(args.path, args.dest, progress=bar.update if bar is not None else None)
+    except ValueError as e:
+        print(f"lightning-ckpt push: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if bar is not None:
+            bar.close()
+    if args.json:
+        print(json.dumps({"uri": res.uri, "files": res.files, "bytes": res.bytes}))
+    else:
+        print(f"pushed {args.path} -> {res.uri} ({res.files} objects, {_human_bytes(res.bytes)})")
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from .storage.s3 import pull_checkpoint
+
+    bar = _bar(0, "pull", args.quiet)
+    try:
+        path = pull_checkpoint(args.src, args.dir, progress=bar.update if bar is not None else None)
+    except ValueError as e:
+        print(f"lightning-ckpt pull: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if bar is not None:
+            bar.close()
+    if args.json:
+        print(json.dumps({"path": path}))
+    else:
+        print(f"pulled {args.src} -> {path} (verified)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lightning-ckpt", description="Inspect and verify lightning_ckpt checkpoints.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -301,6 +351,18 @@ def build_parser() -> argparse.ArgumentParser:
     df.add_argument("--all", action="store_true", help="list unchanged tensors too")
     df.add_argument("--json", action="store_true")
     df.set_defaults(func=cmd_diff)
+    pu = sub.add_parser("push", help="upload a committed checkpoint to S3 (AWS settings from the environment)")
+    pu.add_argument("path")
+    pu.add_argument("dest", help="s3://bucket/prefix")
+    pu.add_argument("--quiet", action="store_true", help="no progress bar")
+    pu.add_argument("--json", action="store_true")
+    pu.set_defaults(func=cmd_push)
+    pl_ = sub.add_parser("pull", help="download a checkpoint from S3, verify it, and commit it into DIR")
+    pl_.add_argument("src", help="s3://bucket/prefix (its latest.json) or s3://bucket/prefix/NAME")
+    pl_.add_argument("dir")
+    pl_.add_argument("--quiet", action="store_true", help="no progress bar")
+    pl_.add_argument("--json", action="store_true")
+    pl_.set_defaults(func=cmd_pull)
     return p
 
 

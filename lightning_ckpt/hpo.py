@@ -369,7 +369,7 @@ class CheckpointedStudy:
 
     def _apply_retention(self) -> None:
         """Remove the folders of pruned trials and of complete trials outside the ``keep_top_n`` best. The folders
-        of running, waiting (resumable) and failed trials are kept."""
+        of running, waiting (resumable) and failed trials (an exception in the objective: kept to look into) stay."""
         if self.keep == "all":
             return
         trials = self.study.get_trials(deepcopy=False)
@@ -380,11 +380,13 @@ class CheckpointedStudy:
         cur = self.best()
         if cur:
             keep_keys.add(cur.get("key"))
-        # a key whose folder a live or resumable trial uses is never removed
+        # a folder is judged by the newest trial that used it (an interrupted trial and its continuation share one)
+        newest: dict[str, FrozenTrial] = {}
         for t in trials:
-            if t.state in (TrialState.RUNNING, TrialState.WAITING, TrialState.FAIL):
-                keep_keys.add(t.user_attrs.get(KEY_ATTR))
-        drop = {t.user_attrs.get(KEY_ATTR) for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)}
+            key = t.user_attrs.get(KEY_ATTR)
+            if key and (key not in newest or t.number > newest[key].number):
+                newest[key] = t
+        drop = {key for key, t in newest.items() if t.state in (TrialState.COMPLETE, TrialState.PRUNED)}
         for key in sorted(k for k in drop - keep_keys if k):
             path = self.trial_dir(key)
             if not os.path.isdir(path):

@@ -1,0 +1,169 @@
+"""Checkpoints on S3 (boto3): push a committed checkpoint folder, pull one back.
+
+Settings come from the standard AWS environment and config files, the way boto3 reads them (``AWS_ENDPOINT_URL``,
+``AWS_PROFILE``, ``AWS_ACCESS_KEY_ID``, ...); nothing about credentials is written to checkpoints or logs.
+
+Order on upload (the same commit protocol as on disk): every data file first (multipart, parallel parts, S3-side
+CRC32C checksums), ``manifest.json`` last, then ``<prefix>/latest.json``; a checkpoint whose manifest is not there
+is not a checkpoint, so an interrupted upload is never seen as one. A pull downloads into a ``.partial-*`` folder,
+verifies every byte against the manifest and renames it into place.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from ..errors import CheckpointError, CheckpointNotFoundError
+from ..format import manifest as mf
+
+ProgressFn = Optional[Callable[[int], None]]
+
+
+def parse_s3_uri(uri: str) -> tuple[str, str]:
+    """``s3://bucket/some/prefix`` -> (``bucket``, ``some/prefix``) (no leading or trailing slash)."""
+    if not isinstance(uri, str) or not uri.startswith("s3://"):
+        raise ValueError(f"{uri!r} is not an S3 URI; write it as s3://bucket/prefix")
+    rest = uri[5:]
+    bucket, _, prefix = rest.partition("/")
+    if not bucket:
+        raise ValueError(f"{uri!r} names no bucket; write it as s3://bucket/prefix")
+    return bucket, prefix.strip("/")
+
+
+def is_s3_uri(x: object) -> bool:
+    return isinstance(x, str) and x.startswith("s3://")
+
+
+def _client():
+    try:
+        import boto3
+        from botocore.config import Config
+    except ImportError:  # pragma: no cover
+        raise CheckpointError("S3 support needs boto3: pip install 'lightning-ckpt[s3]'") from None
+    return boto3.client("s3", config=Config(retries={"max_attempts": 8, "mode": "adaptive"}))
+
+
+def _transfer_config():
+    from boto3.s3.transfer import TransferConfig
+
+    return TransferConfig(multipart_threshold=64 << 20, multipart_chunksize=64 << 20, max_concurrency=8)
+
+
+@dataclass
+class TransferResult:
+    uri: str
+    files: int
+    bytes: int
+
+
+def _join(*parts: str) -> str:
+    return "/".join(p.strip("/") for p in parts if p and p.strip("/"))
+
+
+def push_checkpoint(path: str, dest: str, *, progress: ProgressFn = None, verify: bool = True) -> TransferResult:
+    """Upload the committed checkpoint at ``path`` to ``dest`` (``s3://bucket/prefix``): it becomes
+    ``s3://bucket/prefix/<name>/``, and ``s3://bucket/prefix/latest.json`` points at it."""
+    from ..checkpoints import verify_checkpoint
+
+    path = os.fspath(path)
+    m = mf.read_manifest(path)
+    if verify:
+        verify_checkpoint(path)
+    bucket, prefix = parse_s3_uri(dest)
+    name = os.path.basename(os.path.normpath(path))
+    key_base = _join(prefix, name)
+    s3 = _client()
+    cfg = _transfer_config()
+    extra = {"ChecksumAlgorithm": "CRC32C"}
+    files = sorted(m["files"])
+
+    def up(fname: str) -> int:
+        p = os.path.join(path, fname)
+        s3.upload_file(p, bucket, _join(key_base, fname), ExtraArgs=extra, Config=cfg,
+                       Callback=progress if progress is not None else None)
+        return os.path.getsize(p)
+
+    with cf.ThreadPoolExecutor(4) as ex:
+        total = sum(ex.map(up, files))
+    mpath = os.path.join(path, mf.MANIFEST)
+    s3.upload_file(mpath, bucket, _join(key_base, mf.MANIFEST), ExtraArgs=extra)  # the commit point on S3
+    latest = json.dumps({"name": name, "step": m["step"], "epoch": m.get("epoch")}).encode()
+    s3.put_object(Bucket=bucket, Key=_join(prefix, mf.LATEST), Body=latest, ChecksumAlgorithm="CRC32C")
+    return TransferResult(f"s3://{bucket}/{key_base}", len(files) + 1, total + os.path.getsize(mpath))
+
+
+def list_remote(dest: str) -> list[str]:
+    """Names of the committed checkpoints under ``dest`` (those whose manifest is there)."""
+    bucket, prefix = parse_s3_uri(dest)
+    s3 = _client()
+    names = set()
+    paginator = s3.get_paginator("list_objects_v2")
+    for page in paginator.paginate(Bucket=bucket, Prefix=(prefix + "/") if prefix else ""):
+        for obj in page.get("Contents", []):
+            rel = obj["Key"][len(prefix) + 1 :] if prefix else obj["Key"]
+            parts = rel.split("/")
+            if len(parts) == 2 and parts[1] == mf.MANIFEST and not parts[0].startswith("."):
+                names.add(parts[0])
+    return sorted(names)
+
+
+def pull_checkpoint(src: str, dest_dir: str, *, progress: ProgressFn = None) -> str:
+    """Download the checkpoint at ``src`` (``s3://bucket/prefix/<name>``, or ``s3://bucket/prefix`` for the one its
+    ``latest.json`` names) into ``dest_dir/<name>``, verify every byte, and return the local path."""
+    from ..checkpoints import verify_checkpoint
+
+    bucket, key = parse_s3_uri(src)
+    s3 = _client()
+    from botocore.exceptions import ClientError
+
+    def get(k: str) -> bytes:
+        try:
+            return s3.get_object(Bucket=bucket, Key=k)["Body"].read()
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                raise CheckpointNotFoundError(f"s3://{bucket}/{k} does not exist") from None
+            raise
+
+    try:
+        raw_manifest = get(_join(key, mf.MANIFEST))
+    except CheckpointNotFoundError:
+        latest = json.loads(get(_join(key, mf.LATEST)))
+        name = latest.get("name")
+        mf.check_member_name(name, f"s3://{bucket}/{_join(key, mf.LATEST)}")
+        key = _join(key, name)
+        raw_manifest = get(_join(key, mf.MANIFEST))
+    name = key.rsplit("/", 1)[-1]
+    mf.check_member_name(name, src)
+    try:
+        m = mf.validate_manifest(json.loads(raw_manifest), f"s3://{bucket}/{key}/{mf.MANIFEST}")
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        from ..errors import CheckpointCorruptError
+
+        raise CheckpointCorruptError(f"s3://{bucket}/{key}/manifest.json is not valid JSON ({e})") from None
+    os.makedirs(dest_dir, exist_ok=True)
+    final = os.path.join(dest_dir, name)
+    partial = os.path.join(dest_dir, f"{mf.PARTIAL_PREFIX}{name}-{uuid.uuid4().hex[:8]}")
+    os.makedirs(partial)
+    cfg = _transfer_config()
+    try:
+        def down(fname: str) -> None:
+            s3.download_file(bucket, _join(key, fname), os.path.join(partial, fname), Config=cfg,
+                             Callback=progress if progress is not None else None)
+
+        with cf.ThreadPoolExecutor(4) as ex:
+            list(ex.map(down, sorted(m["files"])))
+        with open(os.path.join(partial, mf.MANIFEST), "wb") as f:
+            f.write(raw_manifest)
+        verify_checkpoint(partial)
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.rename(partial, final)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return final
