@@ -81,8 +81,10 @@ def list_checkpoints(dirpath: str) -> list[CheckpointInfo]:
     return out
 
 
-def verify_checkpoint(path: str) -> None:
+def verify_checkpoint(path: str, *, progress: Any = None) -> None:
     """Check every byte of the checkpoint at ``path`` against its manifest.
+
+    ``progress``, if given, is called with the number of bytes checked after each block.
 
     Raises:
         CheckpointNotFoundError: ``path`` is not a committed checkpoint.
@@ -122,6 +124,8 @@ def verify_checkpoint(path: str) -> None:
                         raise CheckpointCorruptError(f"{fpath} ended early; it is truncated")
                     crc = crc32c(mv[:k], crc)
                     left -= k
+                    if progress is not None:
+                        progress(k)
                 if crc != expected:
                     raise CheckpointCorruptError(
                         f"{fpath}: checksum mismatch in bytes [{begin}, {end}); the file is corrupt. "

