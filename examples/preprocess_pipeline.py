@@ -105,6 +105,7 @@ class TinyRegressor(pl.LightningModule):
 
 def run(cache_dir: str, steps: int) -> tuple[list[tuple[str, str, str]], float]:
     """Fit once with a fresh DataModule; returns (hook, stage, status) for every stage call and the val loss."""
+    pl.seed_everything(0, verbose=False)
     dm = SyntheticDataModule(cache_dir)
     trainer = pl.Trainer(
         max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,

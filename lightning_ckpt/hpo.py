@@ -9,9 +9,9 @@ Layout under ``root_dir``::
     best/model.safetensors        that checkpoint's weights, merged (clean names, loadable without this package)
 
 Resume: the study runs in one worker process (a lock file enforces it). Any trial still ``RUNNING`` when
-:meth:`CheckpointedStudy.optimize` starts was interrupted (killed, preempted): it is marked ``FAIL``, its parameters
-are enqueued again with its folder key, and the new trial resumes from the newest committed checkpoint of that folder
-(``run.ckpt_path``). Finished trials are never rerun: ``n_trials`` counts the study's finished trials (complete or
+:meth:`CheckpointedStudy.optimize` starts was interrupted (killed, preempted), and so was one that Ctrl-C failed: it is
+marked ``FAIL`` (user attr ``lightning_ckpt.interrupted``), its parameters are enqueued again with its folder key, and
+the new trial resumes from the newest committed checkpoint of that folder (``run.ckpt_path``). Finished trials are never rerun: ``n_trials`` counts the study's finished trials (complete or
 pruned) over all processes, not the trials of one call.
 
 Retention: after every trial, the folders of pruned trials and of complete trials outside the ``keep_top_n`` best
@@ -59,6 +59,7 @@ log = logging.getLogger("lightning_ckpt")
 
 KEY_ATTR = "lightning_ckpt.key"  # user attr: the trial's folder key (kept when an interrupted trial is re-enqueued)
 RESUMES_ATTR = "lightning_ckpt.resumes_trial"  # user attr: number of the interrupted trial this one continues
+INTERRUPTED_ATTR = "lightning_ckpt.interrupted"  # user attr: the trial was interrupted (killed, Ctrl-C), not failed
 
 
 class StudyLockedError(RuntimeError):
@@ -294,26 +295,32 @@ class CheckpointedStudy:
             log.info("lightning_ckpt: trial %d resumes %s from %s", trial.number, key, ckpt_path)
         run = TrialRun(trial, key, dirpath, ckpt_dir, ckpt_path, None if resumes is None else int(resumes),
                        self.callbacks(trial, ckpt_dir, reported_steps=reported))
-        value = objective(trial, run)
+        try:
+            value = objective(trial, run)
+        except (KeyboardInterrupt, SystemExit):
+            # Optuna marks a trial FAIL on Ctrl-C (Lightning turns Ctrl-C during fit into SystemExit, which leaves it
+            # RUNNING); either way the next optimize() continues it from its checkpoints
+            raise
         return run.best_value if value is None else float(value)
 
     # ------------------------------------------------------------------ bookkeeping
     def _requeue_interrupted(self) -> None:
-        """Trials still RUNNING here were interrupted (we hold the lock: no other worker is alive). Mark them FAIL
-        and enqueue their parameters again with the same folder key (enqueue first, so a kill in between loses
-        nothing; a WAITING trial that already continues one is not enqueued twice)."""
+        """Continue interrupted trials: those still RUNNING (we hold the lock, so their process is dead) and those
+        Optuna failed on Ctrl-C. Each is marked FAIL and its parameters are enqueued again with its folder key, once
+        (the enqueue comes first, so a kill in between loses nothing and a continued trial is not enqueued twice)."""
         trials = self.study.get_trials(deepcopy=False)
-        waiting_for = {int(t.user_attrs[RESUMES_ATTR]) for t in trials
-                       if t.state == TrialState.WAITING and RESUMES_ATTR in t.user_attrs}
+        continued = {int(t.user_attrs[RESUMES_ATTR]) for t in trials if RESUMES_ATTR in t.user_attrs}
         for t in trials:
-            if t.state != TrialState.RUNNING:
+            stale = t.state == TrialState.RUNNING
+            if not stale and not (t.state == TrialState.FAIL and t.user_attrs.get(INTERRUPTED_ATTR)):
                 continue
             key = t.user_attrs.get(KEY_ATTR)
-            if key and t.number not in waiting_for:
-                pass
+            if key and t.number not in continued:
+                self.study.enqueue_trial(dict(t.params), user_attrs={KEY_ATTR: key, RESUMES_ATTR: t.number})
                 log.info("lightning_ckpt: trial %d (%s) was interrupted; enqueued to resume from its checkpoints", t.number, key)
-            self._storage.set_trial_system_attr(t._trial_id, "lightning_ckpt.interrupted", True)
-            self._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            if stale:
+                self._storage.set_trial_user_attr(t._trial_id, INTERRUPTED_ATTR, True)
+                self._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
 
     def _after_trial(self, study: "optuna.Study", frozen: FrozenTrial) -> None:
         self._refresh_best()

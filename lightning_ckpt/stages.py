@@ -32,7 +32,10 @@ and recomputed. Nothing read from the cache is unpickled or imported. ``lightnin
 result folder too.
 
 Not part of the fingerprint: code that the stage calls (helpers, libraries) and global state. Bump ``version`` when
-they change in a way that matters, or call ``cache.clear(stage)``.
+they change in a way that matters, or call ``cache.clear(stage)``. A remembered checksum is dropped when the tensor is
+changed in place through torch, not when its memory is written through a numpy view (``t.numpy()[0] = 1``); clone a
+stage output before changing it that way. Results load on the CPU, without autograd history. Decorate plain functions,
+not methods.
 """
 from __future__ import annotations
 
@@ -291,7 +294,7 @@ class StageCache:
         """Decorate a function as a cached stage (``@cache.stage`` or ``@cache.stage(version="2")``).
 
         Args:
-            name: the stage's name in the cache and in its fingerprint (default: the function's ``__qualname__``).
+            name: the stage's name in the cache and in its fingerprint (default: the function's ``__name__``).
             version: any string; change it to recompute when something outside the function's own code changed.
             ignore: parameter names left out of the fingerprint (say, ``num_workers`` or a logger).
         """
@@ -447,12 +450,13 @@ class StageCache:
                 view = byte_view(t)
                 f.seek(begin)
                 readinto_exact(f, view, fpath)
-                crc = crc32c(view) if self.verify else int(rec["crc32c"])
-                if crc != rec["crc32c"]:
-                    raise CheckpointCorruptError(
-                        f"{fpath}: checksum mismatch in tensor {name!r} (bytes [{begin}, {end})); the file is corrupt"
-                    )
-                _remember_crc(t, crc)
+                if self.verify:  # unverified bytes get no remembered checksum: the next stage hashes them
+                    crc = crc32c(view)
+                    if crc != rec["crc32c"]:
+                        raise CheckpointCorruptError(
+                            f"{fpath}: checksum mismatch in tensor {name!r} (bytes [{begin}, {end})); the file is corrupt"
+                        )
+                    _remember_crc(t, crc)
                 out[name] = t
         return out
 
@@ -592,7 +596,7 @@ class Stage:
             raise TypeError(f"@stage decorates a function, got {fn!r}")
         self.cache = cache
         self.fn = fn
-        self.name = str(name or getattr(fn, "__qualname__", None) or fn.__name__)
+        self.name = str(name or getattr(fn, "__name__", None) or type(fn).__name__)
         self.version = str(version)
         self.ignore = frozenset(ignore)
         self.signature = inspect.signature(fn)

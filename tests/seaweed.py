@@ -9,10 +9,28 @@ import subprocess
 import time
 
 
-def _free_port() -> int:
+def _bindable(port: int) -> bool:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+_TAKEN: set[int] = set()
+
+
+def _free_port() -> int:
+    """A free port P with P + 10000 free too (SeaweedFS puts its gRPC port there), below 55535."""
+    import random
+
+    for _ in range(1000):
+        p = random.randrange(20000, 45000)
+        if p not in _TAKEN and p + 10000 not in _TAKEN and _bindable(p) and _bindable(p + 10000):
+            _TAKEN.update((p, p + 10000))
+            return p
+    raise RuntimeError("no free port pair for SeaweedFS")
 
 
 class SeaweedS3:

@@ -20,7 +20,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 from lightning_ckpt import BestMetricCheckpoint, latest_checkpoint, list_checkpoints, load_checkpoint  # noqa: E402
 from lightning_ckpt.demo import DemoDataModule, DemoModel  # noqa: E402
-from lightning_ckpt.hpo import KEY_ATTR, RESUMES_ATTR, CheckpointedStudy, StudyLockedError, TrialRun, _StudyLock  # noqa: E402
+from lightning_ckpt.hpo import INTERRUPTED_ATTR, KEY_ATTR, RESUMES_ATTR, CheckpointedStudy, StudyLockedError, TrialRun, _StudyLock  # noqa: E402
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "hpo_script.py")
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -168,10 +168,50 @@ def test_interrupted_trial_is_requeued_once_with_its_folder(tmp_path):
 
     study.optimize(objective, n_trials=2)
     trials = study.study.trials
-    assert trials[0].state == TrialState.FAIL and trials[0].system_attrs.get("lightning_ckpt.interrupted") is True
+    assert trials[0].state == TrialState.FAIL and trials[0].user_attrs.get(INTERRUPTED_ATTR) is True
     assert seen[0] == (1, "trial-00000", 0, dead.params["lr"])
     assert seen[1][1] == "trial-00002" and seen[1][2] is None
     assert len(trials) == 3
+
+
+class _CtrlC(pl.Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == 7:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("where", ["in_fit", "after_fit"])
+def test_ctrl_c_interrupted_trial_is_continued(tmp_path, where):
+    """Ctrl-C in fit (Lightning turns it into SystemExit: Optuna leaves the trial RUNNING) or outside fit (Optuna
+    fails the trial): the next optimize() continues the trial from its checkpoint instead of dropping it."""
+    seen = []
+    study = CheckpointedStudy(str(tmp_path), "s", every_n_train_steps=5, async_save=False, pruner=optuna.pruners.NopPruner())
+
+    def objective(trial, run):
+        lr = trial.suggest_float("lr", 1e-3, 1e-1, log=True)
+        seen.append((trial.number, run.key, run.ckpt_path and os.path.basename(run.ckpt_path)))
+        callbacks = list(run.callbacks) + ([_CtrlC()] if where == "in_fit" and run.ckpt_path is None else [])
+        _trainer(callbacks, 10).fit(DemoModel(hidden=8, lr=lr), DemoDataModule(n_train=96, n_val=32, batch_size=16),
+                                    ckpt_path=run.ckpt_path)
+        if where == "after_fit" and run.ckpt_path is None:
+            raise KeyboardInterrupt
+        return None
+
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit if where == "in_fit" else KeyboardInterrupt):
+            study.optimize(objective, n_trials=1)
+    finally:
+        signal.signal(signal.SIGINT, handler)  # Lightning ignores SIGINT after a Ctrl-C in fit
+    first = study.study.trials[0]
+    assert first.state == (TrialState.RUNNING if where == "in_fit" else TrialState.FAIL)
+    assert first.user_attrs[INTERRUPTED_ATTR] is True
+    study.optimize(objective, n_trials=1)
+    expected = "step=000005" if where == "in_fit" else "step=000010"
+    assert seen == [(0, "trial-00000", None), (1, "trial-00000", expected)]
+    trials = study.study.trials
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
+    assert trials[1].user_attrs[RESUMES_ATTR] == 0 and trials[1].params == first.params
 
 
 def test_second_worker_on_the_same_study_is_refused(tmp_path):
