@@ -30,9 +30,14 @@ from .errors import (
 from .diff import diff_checkpoints
 from .export import export_checkpoint
 from .merge import merge_checkpoint
+from .stages import StageCache, StageCacheWarning, UncacheableValueError, checkpointed_stage
 from .writer import CheckpointWriter
 
 __all__ = [
+    "StageCache",
+    "StageCacheWarning",
+    "UncacheableValueError",
+    "checkpointed_stage",
     "BestMetricCheckpoint",
     "EarlyStopAndSave",
     "ExportOnTrainEnd",

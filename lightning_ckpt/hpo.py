@@ -300,6 +300,7 @@ class CheckpointedStudy:
         except (KeyboardInterrupt, SystemExit):
             # Optuna marks a trial FAIL on Ctrl-C (Lightning turns Ctrl-C during fit into SystemExit, which leaves it
             # RUNNING); either way the next optimize() continues it from its checkpoints
+            trial.set_user_attr(INTERRUPTED_ATTR, True)
             raise
         return run.best_value if value is None else float(value)
 
