@@ -150,7 +150,9 @@ class CheckpointedStudy:
         keep_top_n: how many of the best complete trials keep their folders with ``keep="best"`` (>= 1).
         every_n_train_steps: periodic checkpoint interval of each trial, in optimizer steps (the resume point).
         async_save: write checkpoints in the background (see :class:`PeriodicCheckpoint`).
-        sampler, pruner: passed to ``optuna.create_study`` (defaults: Optuna's TPE sampler and median pruner).
+        sampler, pruner: passed to ``optuna.create_study`` (defaults: Optuna's TPE sampler and median pruner). A
+            seeded sampler starts its random sequence again in each process, so after a restart it may repeat
+            earlier suggestions (Optuna's behaviour).
         export_best_weights: write ``best/model.safetensors`` (merged weights of the study's best checkpoint).
     """
 
@@ -256,7 +258,8 @@ class CheckpointedStudy:
             objective: see above.
             n_trials: total finished trials wanted in the study (a rerun after a kill runs only the rest).
             timeout: stop starting new trials after this many seconds (Optuna's ``timeout``).
-            catch: exception types that fail a trial without stopping the study (Optuna's ``catch``).
+            catch: exception types that fail a trial without stopping the study (Optuna's ``catch``); such a failed
+                trial uses up one of this call's trials.
         """
         if not isinstance(n_trials, int) or isinstance(n_trials, bool) or n_trials < 1:
             raise ValueError(f"n_trials={n_trials!r} is invalid; it must be a positive integer (total finished trials of the study)")
