@@ -83,7 +83,6 @@ def raw_write(path: str, nbytes: int) -> float:
 
 def raw_read(path: str) -> float:
     evict(os.path.dirname(path) if os.path.isdir(os.path.dirname(path)) else path)
-    size = os.path.getsize(path)
     buf = bytearray(1 << 26)
     mv = memoryview(buf)
     t0 = time.perf_counter()

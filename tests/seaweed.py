@@ -51,8 +51,6 @@ class SeaweedS3:
                "-volume.max=0", "-master.volumeSizeLimitMB=64"]
         self.log = open(os.path.join(self.workdir, "weed.log"), "wb")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-        import boto3
-
         s3 = self.client()
         deadline = time.monotonic() + timeout
         while True:

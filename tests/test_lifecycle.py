@@ -90,7 +90,7 @@ def test_export_on_train_end_with_mlflow_artifact(tmp_path, monkeypatch):
     uri = f"file:{tmp_path / 'mlruns'}"
     logger = MLFlowLogger(experiment_name="lc", tracking_uri=uri)
     best = BestMetricCheckpoint(d, monitor="val_loss")
-    t = _fit(tmp_path, [PeriodicCheckpoint(d, every_n_train_steps=4), best, ExportOnTrainEnd(d)], loggers=logger)
+    _fit(tmp_path, [PeriodicCheckpoint(d, every_n_train_steps=4), best, ExportOnTrainEnd(d)], loggers=logger)
     exp = os.path.join(d, "export")
     for name in ("model.safetensors", "model.safetensors.checksums.json", "metrics.json", "metrics.jsonl",
                  "metadata.json", "MODEL_CARD.md"):

@@ -298,6 +298,12 @@ class BaseCheckpointCallback(Checkpoint):
                 )
         shared.users.append(self)
         self._shared = shared
+        # callbacks that keep some checkpoints (best-k) protect them from deletion and act after each commit
+        protect, after = getattr(self, "_protect", None), getattr(self, "_after_commit", None)
+        if protect is not None and protect not in shared.protectors:
+            shared.protectors.append(protect)
+        if after is not None and after not in shared.writer.on_commit:
+            shared.writer.on_commit.append(after)
 
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self._shared is not None and trainer.ckpt_path:
@@ -381,6 +387,11 @@ class BaseCheckpointCallback(Checkpoint):
         if shared is None or stage != "fit":
             return
         self._shared = None
+        protect, after = getattr(self, "_protect", None), getattr(self, "_after_commit", None)
+        if protect in shared.protectors:
+            shared.protectors.remove(protect)
+        if after in shared.writer.on_commit:
+            shared.writer.on_commit.remove(after)
         if self in shared.users:
             shared.users.remove(self)
         if not shared.users:
@@ -498,6 +509,25 @@ class BaseCheckpointCallback(Checkpoint):
             if raise_errors:
                 raise
             log.error("lightning_ckpt: a background save failed: %s", e)
+
+
+def best_path_at(dirpath: str, step: int) -> Optional[str]:
+    """The committed checkpoint of ``step`` tagged ``best`` in ``dirpath``, if any."""
+    for c in reversed(list_checkpoints(dirpath)):
+        if c.step == step and "best" in c.tags:
+            return c.path
+    return None
+
+
+def require_shared(trainer: Any, dirpath: str, who: str) -> _Shared:
+    """The shared writer of the saving callbacks on ``dirpath``; a clear error when there is none."""
+    shared = _SHARED.get(trainer, {}).get(dirpath)
+    if shared is None:
+        raise ValueError(
+            f"{who}({dirpath!r}) has no saving callback on that folder; add e.g. "
+            f"PeriodicCheckpoint({dirpath!r}, ...) to the same Trainer"
+        )
+    return shared
 
 
 def _step_goes_on(trainer: "pl.Trainer", hook: str) -> bool:

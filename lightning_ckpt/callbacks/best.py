@@ -11,7 +11,7 @@ import lightning.pytorch as pl
 
 from ..checkpoints import list_checkpoints
 from ..policy.conditions import Monitor
-from .base import BaseCheckpointCallback, Content, metric_value
+from .base import BaseCheckpointCallback, Content, best_path_at, metric_value
 
 log = logging.getLogger("lightning_ckpt")
 
@@ -93,27 +93,7 @@ class BestMetricCheckpoint(BaseCheckpointCallback):
         return self.best_k[0]["score"] if self.best_k else None
 
     def _path_of_step(self, step: int) -> Optional[str]:
-        for c in reversed(list_checkpoints(self.dirpath)):
-            if c.step == step and "best" in c.tags:
-                return c.path
-        return None
-
-    # --------------------------------------------------------------- lifecycle
-    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        shared = self._shared
-        if shared is not None and self._protect not in shared.protectors:
-            shared.protectors.append(self._protect)
-            shared.writer.on_commit.append(self._after_commit)
-
-    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
-        shared = self._shared
-        if shared is not None:
-            if self._protect in shared.protectors:
-                shared.protectors.remove(self._protect)
-            if self._after_commit in shared.writer.on_commit:
-                shared.writer.on_commit.remove(self._after_commit)
-        super().teardown(trainer, pl_module, stage)
+        return best_path_at(self.dirpath, step)
 
     def _rebuild_from_disk(self, upto_step: int) -> None:
         """The manifests on disk are the truth: tags and metrics are final once committed."""

@@ -10,7 +10,7 @@ import torch
 
 from ..checkpoints import list_checkpoints, load_weights
 from ..policy.conditions import Monitor
-from .base import BaseCheckpointCallback, Content, metric_value
+from .base import BaseCheckpointCallback, Content, best_path_at, metric_value
 
 log = logging.getLogger("lightning_ckpt")
 
@@ -95,29 +95,7 @@ class EarlyStopAndSave(BaseCheckpointCallback):
 
     @property
     def best_model_path(self) -> Optional[str]:
-        if self.best_step is None:
-            return None
-        for c in reversed(list_checkpoints(self.dirpath)):
-            if c.step == self.best_step and "best" in c.tags:
-                return c.path
-        return None
-
-    # ------------------------------------------------------------------ lifecycle
-    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        shared = self._shared
-        if shared is not None and self._protect not in shared.protectors:
-            shared.protectors.append(self._protect)
-            shared.writer.on_commit.append(self._after_commit)
-
-    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
-        shared = self._shared
-        if shared is not None:
-            if self._protect in shared.protectors:
-                shared.protectors.remove(self._protect)
-            if self._after_commit in shared.writer.on_commit:
-                shared.writer.on_commit.remove(self._after_commit)
-        super().teardown(trainer, pl_module, stage)
+        return None if self.best_step is None else best_path_at(self.dirpath, self.best_step)
 
     def _protect(self) -> set[str]:
         if self.best_step is None:

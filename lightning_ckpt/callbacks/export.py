@@ -10,7 +10,7 @@ from lightning.pytorch.callbacks import Callback
 
 from ..checkpoints import latest_checkpoint, list_checkpoints
 from ..export import data_fingerprint, export_checkpoint
-from .base import _SHARED
+from .base import _SHARED, require_shared
 
 log = logging.getLogger("lightning_ckpt")
 
@@ -45,12 +45,7 @@ class ExportOnTrainEnd(Callback):
         return self._generate_state_key(dirpath=self.dirpath)
 
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        shared = _SHARED.get(trainer, {}).get(self.dirpath)
-        if shared is None:
-            raise ValueError(
-                f"ExportOnTrainEnd({self.dirpath!r}) has no saving callback on that folder; add e.g. "
-                f"PeriodicCheckpoint({self.dirpath!r}, ...) to the same Trainer"
-            )
+        shared = require_shared(trainer, self.dirpath, "ExportOnTrainEnd")
         if self._export not in shared.end_hooks:
             shared.end_hooks.append(self._export)
 

@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
 from ..policy.retention import RetentionRules, plan_retention
-from .base import _SHARED, committed_records
+from .base import committed_records, require_shared
 
 log = logging.getLogger("lightning_ckpt")
 
@@ -66,12 +66,7 @@ class RetentionPolicy(Callback):
         return self._generate_state_key(dirpath=self.dirpath)
 
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        shared = _SHARED.get(trainer, {}).get(self.dirpath)
-        if shared is None:
-            raise ValueError(
-                f"RetentionPolicy({self.dirpath!r}) has no saving callback on that folder; add e.g. "
-                f"PeriodicCheckpoint({self.dirpath!r}, ...) to the same Trainer"
-            )
+        shared = require_shared(trainer, self.dirpath, "RetentionPolicy")
         self._shared = shared
         if self._after_commit not in shared.writer.on_commit:
             shared.writer.on_commit.append(self._after_commit)

@@ -16,7 +16,6 @@ warnings.filterwarnings("ignore")
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 
 import lightning.pytorch as pl  # noqa: E402
-import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from lightning_ckpt import BestMetricCheckpoint, PeriodicCheckpoint, latest_checkpoint  # noqa: E402
