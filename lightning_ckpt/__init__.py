@@ -8,6 +8,7 @@ from .callbacks import (
     LightningCkptIO,
     MonitorNotFoundError,
     PeriodicCheckpoint,
+    PreemptionCheckpoint,
     RetentionPolicy,
 )
 from .checkpoints import (
@@ -58,6 +59,7 @@ __all__ = [
     "CheckpointWriter",
     "LightningCkptIO",
     "PeriodicCheckpoint",
+    "PreemptionCheckpoint",
     "__version__",
     "latest_checkpoint",
     "list_checkpoints",

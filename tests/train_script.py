@@ -18,7 +18,7 @@ logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 import lightning.pytorch as pl  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from lightning_ckpt import PeriodicCheckpoint, latest_checkpoint  # noqa: E402
+from lightning_ckpt import PeriodicCheckpoint, PreemptionCheckpoint, latest_checkpoint  # noqa: E402
 from lightning_ckpt.demo import DemoDataModule, DemoModel  # noqa: E402
 
 
@@ -34,6 +34,17 @@ class KillAt(pl.Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+class SignalAt(pl.Callback):
+    """Sends a signal to this process in the middle of step ``step`` (as a cluster scheduler would)."""
+
+    def __init__(self, step: int, signum: int) -> None:
+        self.step, self.signum = step, signum
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step - 1:
+            os.kill(os.getpid(), self.signum)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dir", required=True)
@@ -44,6 +55,8 @@ def main() -> None:
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--sync", action="store_true")
     ap.add_argument("--out")
+    ap.add_argument("--preempt-at", type=int, help="send --signal to ourselves during this step")
+    ap.add_argument("--signal", default="SIGTERM")
     a = ap.parse_args()
     pl.seed_everything(7, verbose=False)
     model = DemoModel(dropout=0.2)
@@ -52,6 +65,9 @@ def main() -> None:
     callbacks = [ckpt]
     if a.kill_at is not None:
         callbacks.append(KillAt(ckpt, a.kill_at, a.kill_inflight))
+    if a.preempt_at is not None:
+        callbacks += [PreemptionCheckpoint(a.dir, signals=[a.signal], async_save=not a.sync),
+                      SignalAt(a.preempt_at, getattr(signal, a.signal))]
     trainer = pl.Trainer(
         max_steps=a.max_steps, callbacks=callbacks, logger=False, enable_progress_bar=False,
         enable_model_summary=False, val_check_interval=5, check_val_every_n_epoch=None, num_sanity_val_steps=2,

@@ -5,9 +5,10 @@ from .early_stop import EarlyStopAndSave
 from .export import ExportOnTrainEnd
 from .io import LightningCkptIO, install_checkpoint_io
 from .periodic import PeriodicCheckpoint
+from .preemption import PreemptionCheckpoint
 from .retention import RetentionPolicy
 
 __all__ = [
     "BaseCheckpointCallback", "BestMetricCheckpoint", "EarlyStopAndSave", "ExportOnTrainEnd", "LightningCkptIO", "MonitorNotFoundError",
-    "PeriodicCheckpoint", "RetentionPolicy", "install_checkpoint_io",
+    "PeriodicCheckpoint", "PreemptionCheckpoint", "RetentionPolicy", "install_checkpoint_io",
 ]

@@ -18,7 +18,7 @@ logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 import lightning.pytorch as pl  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from lightning_ckpt import BestMetricCheckpoint, PeriodicCheckpoint, latest_checkpoint  # noqa: E402
+from lightning_ckpt import BestMetricCheckpoint, PeriodicCheckpoint, PreemptionCheckpoint, latest_checkpoint  # noqa: E402
 from lightning_ckpt.demo import DemoDataModule, DemoModel  # noqa: E402
 
 
@@ -82,12 +82,15 @@ def main() -> None:
     ap.add_argument("--merge", action="store_true")
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--out")
+    ap.add_argument("--preempt", action="store_true", help="add PreemptionCheckpoint (SIGTERM)")
     a = ap.parse_args()
     pl.seed_everything(3, verbose=False)
     ckpt = PeriodicCheckpoint(a.dir, every_n_train_steps=a.every, async_save=not a.sync, distributed=a.mode,
                               save_timeout_s=a.timeout, merge_on_train_end=a.merge)
     callbacks = [ckpt, BestMetricCheckpoint(a.dir, monitor="val_loss", top_k=1, async_save=not a.sync, distributed=a.mode,
                                             save_timeout_s=a.timeout)]
+    if a.preempt:
+        callbacks.append(PreemptionCheckpoint(a.dir, async_save=not a.sync, distributed=a.mode, save_timeout_s=a.timeout))
     if a.die_rank is not None:
         callbacks.append(DieInSave(a.die_rank, a.die_step))
     if a.hang_rank is not None:
