@@ -18,6 +18,7 @@ from .checkpoints import (
     load_checkpoint,
     load_into,
     load_weights,
+    resume_path,
     verify_checkpoint,
 )
 from .errors import (
@@ -49,6 +50,7 @@ __all__ = [
     "load_into",
     "load_weights",
     "merge_checkpoint",
+    "resume_path",
     "CheckpointCorruptError",
     "CheckpointError",
     "CheckpointFormatError",

@@ -349,3 +349,24 @@ def is_checkpoint_dir(path: Any) -> bool:
     except TypeError:
         return False
     return os.path.isdir(p) and os.path.isfile(os.path.join(p, mf.MANIFEST))
+
+
+def resume_path(dirpath: str, backup_uri: Any = None) -> str | None:
+    """Where to resume from: the newest valid local checkpoint in ``dirpath``; else the newest valid one of the
+    backups (``"s3://bucket/prefix"`` or a list of them, tried in order), pulled into ``dirpath`` and verified; else
+    ``None`` (start fresh). Use it as ``trainer.fit(model, data, ckpt_path=resume_path("ckpts/", "s3://b/run"))``, so
+    relaunching the same command, on the same machine or a fresh one, continues the run.
+    """
+    local = latest_checkpoint(dirpath) if os.path.isdir(os.fspath(dirpath)) else None
+    if local is not None:
+        return local
+    uris = [backup_uri] if isinstance(backup_uri, str) else list(backup_uri or [])
+    for uri in uris:
+        from .storage.s3 import pull_checkpoint, remote_steps
+
+        for _, name in remote_steps(uri):
+            try:
+                return pull_checkpoint(f"{uri.rstrip('/')}/{name}", os.fspath(dirpath))
+            except CheckpointError as e:
+                warnings.warn(f"lightning_ckpt: skipping backup {uri}/{name}: {e}", stacklevel=2)
+    return None

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from lightning_ckpt import CheckpointCorruptError, CheckpointWriter, load_checkpoint
+from lightning_ckpt import CheckpointCorruptError, CheckpointWriter, load_checkpoint, resume_path
 from lightning_ckpt.cli import main
 from lightning_ckpt.storage.s3 import list_remote, pull_checkpoint, push_checkpoint
 
@@ -84,3 +84,22 @@ def test_cli_push_pull(s3, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     p = subprocess.run([sys.executable, "-m", "lightning_ckpt.cli", "push", a, "not-a-uri"], capture_output=True, text=True)
     assert p.returncode == 2 and "s3://bucket/prefix" in p.stderr
+
+
+def test_resume_path_local_first_then_backups(s3, tmp_path):
+    a, b = _ckpts(tmp_path, steps=(4, 8))
+    push_checkpoint(a, "s3://ckpts/auto")
+    push_checkpoint(b, "s3://ckpts/auto")
+    assert resume_path(str(tmp_path / "local")) == b  # local wins
+    fresh = str(tmp_path / "fresh-machine")
+    got = resume_path(fresh, "s3://ckpts/auto")
+    assert got == os.path.join(fresh, "step=000008")
+    assert torch.equal(load_checkpoint(got)["state_dict"]["w"], load_checkpoint(b)["state_dict"]["w"])
+    # the newest backup is corrupt: the previous one is used, with a warning
+    data = bytearray(open(os.path.join(b, "model-rank00000.safetensors"), "rb").read())
+    data[-3] ^= 1
+    s3.client().put_object(Bucket="ckpts", Key="auto/step=000008/model-rank00000.safetensors", Body=bytes(data))
+    with pytest.warns(UserWarning, match="step=000008"):
+        got = resume_path(str(tmp_path / "another"), ["s3://ckpts/empty", "s3://ckpts/auto"])
+    assert got.endswith("step=000004")
+    assert resume_path(str(tmp_path / "nothing"), "s3://ckpts/empty") is None

@@ -167,3 +167,17 @@ def pull_checkpoint(src: str, dest_dir: str, *, progress: ProgressFn = None) -> 
         shutil.rmtree(partial, ignore_errors=True)
         raise
     return final
+
+
+def remote_steps(dest: str) -> list[tuple[int, str]]:
+    """(step, name) of the committed checkpoints under ``dest``, newest first (read from their manifests)."""
+    bucket, prefix = parse_s3_uri(dest)
+    s3 = _client()
+    out = []
+    for name in list_remote(dest):
+        try:
+            m = json.loads(s3.get_object(Bucket=bucket, Key=_join(prefix, name, mf.MANIFEST))["Body"].read())
+            out.append((int(m.get("step", -1)), name))
+        except Exception:  # noqa: BLE001 - an unreadable manifest is not a candidate
+            continue
+    return sorted(out, reverse=True)
