@@ -77,14 +77,15 @@ class PreemptionCheckpoint(BaseCheckpointCallback):
         if callable(prev):
             prev(signum, frame)
 
-    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        super().on_fit_start(trainer, pl_module)
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        # after Lightning registered its own handlers (it does so after on_fit_start), so that ours runs first
+        super().on_train_start(trainer, pl_module)
         self._world_size = trainer.world_size
         if threading.current_thread() is not threading.main_thread():
             log.warning("lightning_ckpt: PreemptionCheckpoint can only install signal handlers in the main thread")
             return
         for s in self.signals:
-            # Lightning installs its SIGTERM handler before fit starts; ours runs first and then calls it
+            # ours runs first and then calls the one it replaces (Lightning's, except for SIGTERM with several ranks)
             self._previous[s] = signal.getsignal(s)
             signal.signal(s, self._handler)
 

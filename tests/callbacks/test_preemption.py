@@ -67,7 +67,10 @@ def test_sigterm_under_torchrun_all_ranks_save_the_same_step(tmp_path):
             p.kill()
     assert time.monotonic() - t1 < 60, "the ranks did not stop promptly"
     assert out.count("preemption signal received") == 2, out[-3000:]
-    last = list_checkpoints(d)[-1]
-    assert last.tags == ["preempt"] and last.manifest["world_size"] == 2
-    verify_checkpoint(last.path)
-    assert latest_checkpoint(d) == last.path
+    ckpts = list_checkpoints(d)
+    (pre,) = [c for c in ckpts if "preempt" in c.tags]
+    assert pre.manifest["world_size"] == 2 and set(pre.manifest["state_files"]) == {"0", "1"}
+    verify_checkpoint(pre.path)
+    # nothing after the preempted step: the run stopped there (validation at that step may add a `best` save of it)
+    assert max(c.step for c in ckpts) == pre.step
+    assert list_checkpoints(d)[-1].step == pre.step and latest_checkpoint(d) is not None
