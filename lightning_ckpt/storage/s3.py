@@ -181,3 +181,17 @@ def remote_steps(dest: str) -> list[tuple[int, str]]:
         except Exception:  # noqa: BLE001 - an unreadable manifest is not a candidate
             continue
     return sorted(out, reverse=True)
+
+
+def delete_remote(dest: str, name: str) -> None:
+    """Delete the checkpoint ``name`` under ``dest``: its manifest first (from then on it is not a checkpoint)."""
+    mf.check_member_name(name, "delete_remote")
+    bucket, prefix = parse_s3_uri(dest)
+    s3 = _client()
+    base = _join(prefix, name)
+    s3.delete_object(Bucket=bucket, Key=_join(base, mf.MANIFEST))
+    keys = []
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=base + "/"):
+        keys += [{"Key": o["Key"]} for o in page.get("Contents", [])]
+    for i in range(0, len(keys), 1000):
+        s3.delete_objects(Bucket=bucket, Delete={"Objects": keys[i : i + 1000]})
