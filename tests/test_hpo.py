@@ -9,9 +9,8 @@ import signal
 import subprocess
 import sys
 
+import optuna
 import pytest
-
-optuna = pytest.importorskip("optuna")
 
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402

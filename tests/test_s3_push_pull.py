@@ -14,27 +14,13 @@ from lightning_ckpt.cli import main
 from lightning_ckpt.storage.s3 import list_remote, pull_checkpoint, push_checkpoint
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from seaweed import SeaweedS3  # noqa: E402
+from seaweed import s3_server  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
-    server = SeaweedS3(str(tmp_path_factory.mktemp("weed")))
-    server.start()
-    saved = {k: os.environ.get(k) for k in server.env()}
-    try:
-        os.environ.update(server.env())
-        server.client().create_bucket(Bucket="ckpts")
-    except BaseException:
-        server.stop()
-        raise
-    yield server
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    server.stop()
+    with s3_server(str(tmp_path_factory.mktemp("weed")), "ckpts") as server:
+        yield server
 
 
 def _ckpts(tmp_path, steps=(5, 10)):

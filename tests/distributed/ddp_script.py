@@ -22,32 +22,12 @@ from lightning_ckpt import BestMetricCheckpoint, PeriodicCheckpoint, PreemptionC
 from lightning_ckpt.demo import DemoDataModule, DemoModel  # noqa: E402
 
 
-class DieInSave(pl.Callback):
-    """Makes one rank exit abruptly while it writes its shards of the save at ``step``."""
+class FailInSave(pl.Callback):
+    """Makes one rank fail while it writes its shards of the save at ``step``: ``"die"`` exits abruptly,
+    ``"hang"`` stalls (alive, not dead)."""
 
-    def __init__(self, rank: int, step: int) -> None:
-        self.rank, self.step = rank, step
-
-    def setup(self, trainer, pl_module, stage):
-        if trainer.global_rank != self.rank:
-            return
-        import lightning_ckpt.writer.dcp_storage as s
-
-        real, target = s.write_tensor_file, f"step={self.step:06d}"
-
-        def dying(path, *a, **k):
-            if target in path:
-                os._exit(17)
-            return real(path, *a, **k)
-
-        s.write_tensor_file = dying
-
-
-class HangInSave(pl.Callback):
-    """Makes one rank stall (alive, not dead) while it writes its shards of the save at ``step``."""
-
-    def __init__(self, rank: int, step: int) -> None:
-        self.rank, self.step = rank, step
+    def __init__(self, rank: int, step: int, how: str) -> None:
+        self.rank, self.step, self.how = rank, step, how
 
     def setup(self, trainer, pl_module, stage):
         if trainer.global_rank != self.rank:
@@ -58,12 +38,14 @@ class HangInSave(pl.Callback):
 
         real, target = s.write_tensor_file, f"step={self.step:06d}"
 
-        def stalling(path, *a, **k):
+        def failing(path, *a, **k):
             if target in path:
+                if self.how == "die":
+                    os._exit(17)
                 time.sleep(600)
             return real(path, *a, **k)
 
-        s.write_tensor_file = stalling
+        s.write_tensor_file = failing
 
 
 def main() -> None:
@@ -92,9 +74,9 @@ def main() -> None:
     if a.preempt:
         callbacks.append(PreemptionCheckpoint(a.dir, async_save=not a.sync, distributed=a.mode, save_timeout_s=a.timeout))
     if a.die_rank is not None:
-        callbacks.append(DieInSave(a.die_rank, a.die_step))
+        callbacks.append(FailInSave(a.die_rank, a.die_step, "die"))
     if a.hang_rank is not None:
-        callbacks.append(HangInSave(a.hang_rank, a.hang_step))
+        callbacks.append(FailInSave(a.hang_rank, a.hang_step, "hang"))
     trainer = pl.Trainer(
         accelerator="cpu", strategy="ddp", devices=int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
         num_nodes=int(os.environ.get("GROUP_WORLD_SIZE", os.environ.get("NNODES", 1)) or 1),

@@ -178,12 +178,22 @@ def test_bytes_file_is_one_checksummed_region(tmp_path):
     assert [(b, e) for b, e, _ in iter_regions(entry_of(rec))] == [(0, len(data))]
 
 
-@pytest.mark.parametrize("dtype", [torch.complex128, torch.float8_e4m3fnuz, torch.uint1] if hasattr(torch, "uint1") else [torch.complex128])
+def _creatable(dtypes):
+    out = []
+    for d in dtypes:
+        try:
+            torch.zeros(2, dtype=d)
+            out.append(d)
+        except (RuntimeError, TypeError):
+            pass
+    return out
+
+
+@pytest.mark.parametrize(
+    "dtype", _creatable([torch.complex128, torch.float8_e4m3fnuz] + ([torch.uint1] if hasattr(torch, "uint1") else []))
+)
 def test_unsupported_dtype_is_refused_with_a_helpful_message(tmp_path, dtype):
-    try:
-        t = torch.zeros(2, dtype=dtype)
-    except (RuntimeError, TypeError):
-        pytest.skip(f"this torch cannot create {dtype} tensors")
+    t = torch.zeros(2, dtype=dtype)
     path = tmp_path / "x.safetensors"
     with pytest.raises(CheckpointError) as ei:
         write_tensor_file(str(path), [("bad", t)])
