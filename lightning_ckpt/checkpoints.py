@@ -17,6 +17,7 @@ from .format import manifest as mf
 from .format.checksum import crc32c
 from .format.codec import decode
 from .format.tensorfile import dtype_from_name, header_end_from_prefix, iter_regions
+from .storage.s3 import is_s3_uri
 from .writer.dcp_storage import LCStorageReader, unwrap_dcp_error
 
 log = logging.getLogger("lightning_ckpt")
@@ -61,6 +62,13 @@ def list_checkpoints(dirpath: str) -> list[CheckpointInfo]:
     Partial folders of interrupted saves are never listed; a folder whose manifest cannot be read is skipped with a
     warning. Checksums are not verified here (see :func:`verify_checkpoint`).
     """
+    if is_s3_uri(dirpath):
+        from .storage.s3 import remote_manifests
+
+        base = str(dirpath).rstrip("/")
+        out = [_info(f"{base}/{name}", m) for name, m in remote_manifests(base)]
+        out.sort(key=lambda c: (c.step, c.created_unix or 0.0, c.name))
+        return out
     dirpath = os.fspath(dirpath)
     if not os.path.isdir(dirpath):
         if os.path.exists(dirpath):
@@ -90,6 +98,10 @@ def verify_checkpoint(path: str, *, progress: Any = None) -> None:
         CheckpointNotFoundError: ``path`` is not a committed checkpoint.
         CheckpointCorruptError: a file is missing, has the wrong size, or fails its checksum.
     """
+    if is_s3_uri(path):  # download into the local cache (reused by a later load), then check every byte
+        from .storage.s3 import fetch_checkpoint
+
+        path = fetch_checkpoint(str(path))
     path = os.fspath(path)
     m = mf.read_manifest(path)
     largest = max((e - b for entry in m["files"].values() for b, e, _ in iter_regions(entry)), default=0)
@@ -184,7 +196,8 @@ def read_state_doc(path: str, m: dict, rank: int = 0) -> Any:
         raise CheckpointCorruptError(f"{fpath} is not valid JSON ({e}); the state file is corrupt or hostile") from None
 
 
-def load_tensors(path: str, m: dict, keys: list[str] | None = None, *, verify: bool = True, device: Any = "cpu") -> dict[str, torch.Tensor]:
+def load_tensors(path: str, m: dict, keys: list[str] | None = None, *, verify: bool = True, device: Any = "cpu",
+                 fetch: Any = None) -> dict[str, torch.Tensor]:
     """Read tensors (all, or ``keys``) of a checkpoint through DCP into freshly allocated tensors on ``device``
     (on a GPU, through pinned staging pieces whose copies overlap the disk reads)."""
     index = m.get("tensors", {})
@@ -197,7 +210,7 @@ def load_tensors(path: str, m: dict, keys: list[str] | None = None, *, verify: b
         targets[k] = torch.empty([int(s) for s in t["shape"]], dtype=dtype_from_name(t["dtype"]), device=device)
     if not targets:
         return targets
-    reader = LCStorageReader(path, m, verify=verify)
+    reader = LCStorageReader(path, m, verify=verify, fetch=fetch)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
@@ -222,8 +235,7 @@ def load_checkpoint(path: str, map_location: Any = "cpu", *, verify: bool = True
         map_location: device (or ``torch.load``-style mapping) the tensors are moved to; ``"cpu"`` by default.
         rank: whose non-tensor state to read in a checkpoint saved by several ranks.
     """
-    path = os.fspath(path)
-    m = mf.read_manifest(path)
+    path, m, fetch = _open(path, rank)
     doc = read_state_doc(path, m, rank)
     wanted: list[str] = []
 
@@ -238,7 +250,7 @@ def load_checkpoint(path: str, map_location: Any = "cpu", *, verify: bool = True
     if isinstance(map_location, (str, torch.device)) and torch.device(map_location).type == "cuda":
         device = torch.device(map_location)  # read straight onto the GPU, overlapping disk and copies
         map_location = None
-    tensors = load_tensors(path, m, list(dict.fromkeys(wanted)), verify=verify, device=device)
+    tensors = load_tensors(path, m, list(dict.fromkeys(wanted)), verify=verify, device=device, fetch=fetch)
 
     def get(key: str) -> torch.Tensor:
         try:
@@ -266,8 +278,7 @@ def load_into(path: str, state: dict, *, process_group: Any = None, verify: bool
     from .format.codec import encode
     from .writer.dcp_storage import group_of
 
-    path = os.fspath(path)
-    m = mf.read_manifest(path)
+    path, m, fetch = _open(path, None)
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size(process_group) > 1
     my_rank = (dist.get_rank() if distributed else 0) if rank is None else rank
     prefix = f"rank{my_rank:05d}/"
@@ -280,7 +291,7 @@ def load_into(path: str, state: dict, *, process_group: Any = None, verify: bool
             targets[prefix + k] = t
         else:
             raise CheckpointMismatchError(f"{path} has no tensor {k!r}; the state does not match the checkpoint")
-    reader = LCStorageReader(path, m, verify=verify)
+    reader = LCStorageReader(path, m, verify=verify, fetch=fetch)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
@@ -303,8 +314,7 @@ def load_weights(path: str, model: torch.nn.Module, *, strict: bool = True, map_
     Only the model's tensors are read (and verified). A partial checkpoint needs ``strict=False``.
     Returns what ``model.load_state_dict`` returns (missing and unexpected keys).
     """
-    path = os.fspath(path)
-    m = mf.read_manifest(path)
+    path, m, fetch = _open(path, 0)
     kind = m.get("kind", "full")
     doc = read_state_doc(path, m)
     sd_doc = doc.get("state_dict") if isinstance(doc, dict) else None
@@ -318,7 +328,7 @@ def load_weights(path: str, model: torch.nn.Module, *, strict: bool = True, map_
             "some of the model's tensors. Load it with strict=False."
         )
     keys = [k for k in m.get("tensors", {}) if k.startswith("state_dict/")]
-    tensors = load_tensors(path, m, keys)
+    tensors = load_tensors(path, m, keys, fetch=fetch)
     sd = decode(sd_doc, lambda k: _map(tensors[k], map_location) if k in tensors else _missing(path, k))
     return model.load_state_dict(sd, strict=strict)
 
@@ -339,11 +349,34 @@ def _map(t: torch.Tensor, map_location: Any) -> torch.Tensor:
 
 
 def read_checkpoint_manifest(path: str) -> dict:
-    """The validated manifest of the checkpoint at ``path``."""
+    """The validated manifest of the checkpoint at ``path`` (a folder, or ``s3://bucket/prefix/<name>``)."""
+    if is_s3_uri(path):
+        from .storage.s3 import read_remote_manifest
+
+        return read_remote_manifest(str(path))[0]
     return mf.read_manifest(os.fspath(path))
 
 
+def _open(path: Any, rank: int | None) -> tuple[str, dict, Any]:
+    """(local folder, manifest, fetch) of a checkpoint. For ``s3://`` only the manifest and this rank's state file are
+    downloaded now; ``fetch`` downloads the tensor files a reader's plan needs (each rank fetches only its own)."""
+    if not is_s3_uri(path):
+        p = os.fspath(path)
+        return p, mf.read_manifest(p), None
+    from .storage.s3 import fetch_checkpoint, read_remote_manifest
+
+    uri = str(path).rstrip("/")
+    got = read_remote_manifest(uri)
+    m = got[0]
+    files = m.get("state_files") or {}
+    first = [f for f in {files.get(str(rank if rank is not None else 0)) or files.get("0")} if f]
+    local = fetch_checkpoint(uri, first, manifest=got)
+    return local, m, lambda names: fetch_checkpoint(uri, names, manifest=got)
+
+
 def is_checkpoint_dir(path: Any) -> bool:
+    if is_s3_uri(path):
+        return True  # read on load, with a clear error when nothing is committed there
     try:
         p = os.fspath(path)
     except TypeError:
@@ -353,20 +386,30 @@ def is_checkpoint_dir(path: Any) -> bool:
 
 def resume_path(dirpath: str, backup_uri: Any = None) -> str | None:
     """Where to resume from: the newest valid local checkpoint in ``dirpath``; else the newest valid one of the
-    backups (``"s3://bucket/prefix"`` or a list of them, tried in order), pulled into ``dirpath`` and verified; else
-    ``None`` (start fresh). Use it as ``trainer.fit(model, data, ckpt_path=resume_path("ckpts/", "s3://b/run"))``, so
-    relaunching the same command, on the same machine or a fresh one, continues the run.
+    backups (``"s3://bucket/prefix"``, a list of them, or of ``{"uri": ...}`` location dicts, tried in order), pulled
+    into ``dirpath`` and verified; else ``None`` (start fresh). ``dirpath`` may itself be an ``s3://`` URI: then the
+    newest valid checkpoint there is returned (verified through the local cache). Use it as
+    ``trainer.fit(model, data, ckpt_path=resume_path("ckpts/", "s3://b/run"))``, so relaunching the same command, on
+    the same machine or a fresh one, continues the run (or set ``resume="auto"`` on a saving callback).
     """
+    if is_s3_uri(dirpath):
+        return latest_checkpoint(str(dirpath).rstrip("/"))
     local = latest_checkpoint(dirpath) if os.path.isdir(os.fspath(dirpath)) else None
     if local is not None:
         return local
-    uris = [backup_uri] if isinstance(backup_uri, str) else list(backup_uri or [])
-    for uri in uris:
-        from .storage.s3 import pull_checkpoint, remote_steps
+    from .storage.s3 import pull_checkpoint, remote_steps
 
-        for _, name in remote_steps(uri):
+    specs = backup_uri if isinstance(backup_uri, (list, tuple)) else ([] if backup_uri is None else [backup_uri])
+    for spec in specs:
+        uri = str(spec["uri"] if isinstance(spec, dict) else spec).rstrip("/")
+        try:
+            candidates = remote_steps(uri)
+        except CheckpointError as e:
+            warnings.warn(f"lightning_ckpt: skipping backup location {uri}: {e}", stacklevel=2)
+            continue
+        for _, name in candidates:
             try:
-                return pull_checkpoint(f"{uri.rstrip('/')}/{name}", os.fspath(dirpath))
+                return pull_checkpoint(f"{uri}/{name}", os.fspath(dirpath))
             except CheckpointError as e:
                 warnings.warn(f"lightning_ckpt: skipping backup {uri}/{name}: {e}", stacklevel=2)
     return None

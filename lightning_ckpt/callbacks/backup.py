@@ -3,21 +3,20 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
-import threading
-import time
 from typing import Any, Optional
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
-from .base import require_shared
+from .base import folder_key, require_shared
 
 log = logging.getLogger("lightning_ckpt")
 
 
 class BackupToS3(Callback):
-    """Mirror every checkpoint committed in ``dirpath`` to ``uri`` (``s3://bucket/prefix``).
+    """Mirror every checkpoint committed in ``dirpath`` to ``uri`` (``s3://bucket/prefix``). The saving callbacks'
+    ``backup_uri`` argument does the same (with several locations and full retention rules); this callback adds a
+    location to saving callbacks you do not configure yourself.
 
     Uploads run in a background thread on rank 0 after the local commit: objects first, ``manifest.json`` last, then
     ``latest.json`` (see :func:`lightning_ckpt.storage.s3.push_checkpoint`), so a partial upload is never seen as a
@@ -47,108 +46,55 @@ class BackupToS3(Callback):
         for name, v in (("max_retry_s", max_retry_s), ("flush_timeout_s", flush_timeout_s)):
             if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"{name}={v!r} is invalid; it must be a positive number of seconds")
-        self.dirpath = os.path.abspath(os.fspath(dirpath))
+        self.dirpath = folder_key(dirpath)
         self.uri = uri.rstrip("/")
         self.keep_last = keep_last
         self.max_retry_s = float(max_retry_s)
         self.flush_timeout_s = float(flush_timeout_s)
         self.required = bool(required)
-        self.uploaded: list[str] = []
-        self.failures = 0
-        self._queue: "queue.Queue[Optional[str]]" = queue.Queue()
-        self._pending: set[str] = set()
-        self._lock = threading.Lock()
-        self._thread: Optional[threading.Thread] = None
-        self._stop = threading.Event()
+        self._uploader: Any = None
+        self._shared: Any = None
+        self._hooks: list = []
 
     @property
     def state_key(self) -> str:
         return self._generate_state_key(dirpath=self.dirpath, uri=self.uri)
 
+    @property
+    def uploaded(self) -> list[str]:
+        return self._uploader.uploaded if self._uploader is not None else []
+
+    @property
+    def failures(self) -> int:
+        return self._uploader.failures if self._uploader is not None else 0
+
     # ------------------------------------------------------------ lifecycle
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        from ..backups import BackupLocation, Uploader
+        from ..policy.retention import RetentionRules
+        from .base import _flush_uploads
+
         shared = require_shared(trainer, self.dirpath, "BackupToS3")
         if not trainer.is_global_zero:
             return
-        shared.writer.on_commit.append(self._enqueue)
-        shared.protectors.append(self._protect)
-        shared.end_hooks.append(self._flush)
-        self._shared = shared
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="lightning_ckpt-backup", daemon=True)
-        self._thread.start()
+        up = Uploader(BackupLocation(self.uri, RetentionRules(keep_last=self.keep_last), self.required), shared.dirpath,
+                      max_retry_s=self.max_retry_s)
+        self._uploader, self._shared = up, shared
+        self._hooks = [
+            (shared.writer.on_commit, lambda res: up.enqueue(res.path)),
+            (shared.protectors, up.pending),
+            (shared.end_hooks, lambda tr: _flush_uploads(up, self.flush_timeout_s)),
+        ]
+        for lst, fn in self._hooks:
+            lst.append(fn)
+        up.start()
+        up.catch_up()
 
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
-        shared = getattr(self, "_shared", None)
-        if shared is not None:
-            for lst, fn in ((shared.writer.on_commit, self._enqueue), (shared.protectors, self._protect),
-                            (shared.end_hooks, self._flush)):
-                if fn in lst:
-                    lst.remove(fn)
-            self._shared = None
-        if self._thread is not None:
-            self._stop.set()
-            self._queue.put(None)
-            self._thread.join(timeout=5)
-            self._thread = None
-
-    # ------------------------------------------------------------ uploads
-    def _protect(self) -> set[str]:
-        with self._lock:
-            return set(self._pending)
-
-    def _enqueue(self, result: Any) -> None:
-        with self._lock:
-            self._pending.add(result.name)
-        self._queue.put(result.path)
-
-    def _run(self) -> None:
-        from ..storage.s3 import push_checkpoint
-
-        while not self._stop.is_set():
-            path = self._queue.get()
-            if path is None:
-                break
-            delay = 1.0
-            while not self._stop.is_set():
-                if not os.path.isdir(path):  # deleted locally (e.g. replaced): nothing to upload any more
-                    break
-                try:
-                    push_checkpoint(path, self.uri, verify=True)
-                    self.uploaded.append(os.path.basename(path))
-                    log.info("lightning_ckpt: backed up %s to %s", path, self.uri)
-                    self._apply_retention()
-                    break
-                except Exception as e:  # noqa: BLE001 - an outage must not stop training; retry later
-                    self.failures += 1
-                    log.warning("lightning_ckpt: upload of %s to %s failed (%r); retrying in %.0fs", path, self.uri, e, delay)
-                    self._stop.wait(delay)
-                    delay = min(self.max_retry_s, delay * 2)
-            with self._lock:
-                self._pending.discard(os.path.basename(path))
-            self._queue.task_done()
-
-    def _apply_retention(self) -> None:
-        if self.keep_last is None:
-            return
-        from ..storage.s3 import delete_remote, remote_steps
-
-        for _, name in remote_steps(self.uri)[self.keep_last :]:
-            delete_remote(self.uri, name)
-
-    def _flush(self, trainer: "pl.Trainer") -> None:
-        """End of fit: give queued uploads ``flush_timeout_s`` to finish."""
-        deadline = time.monotonic() + self.flush_timeout_s
-        while time.monotonic() < deadline:
-            with self._lock:
-                if not self._pending:
-                    return
-            time.sleep(0.2)
-        with self._lock:
-            left = sorted(self._pending)
-        msg = f"checkpoints not backed up to {self.uri} within flush_timeout_s={self.flush_timeout_s:g}: {left}"
-        if self.required:
-            from ..errors import CheckpointWriteError
-
-            raise CheckpointWriteError(msg + "; they are intact locally, push them with `lightning-ckpt push`")
-        log.error("lightning_ckpt: %s (intact locally; `lightning-ckpt push` uploads them later)", msg)
+        for lst, fn in getattr(self, "_hooks", []):
+            if fn in lst:
+                lst.remove(fn)
+        self._hooks = []
+        self._shared = None
+        if self._uploader is not None:
+            self._uploader.stop()

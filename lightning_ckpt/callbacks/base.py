@@ -20,7 +20,7 @@ import time
 import uuid
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Literal, Optional
+from typing import Any, Iterable, Literal, Optional, Union
 
 import lightning.pytorch as pl
 import torch
@@ -32,6 +32,7 @@ from ..format import manifest as mf
 from ..policy.conditions import Monitor, moved_enough
 from ..rng import capture_rng, restore_rng
 from ..storage.local import remove_tree
+from ..storage.s3 import is_s3_uri
 from ..writer import CheckpointWriter, cleanup_partials
 from ..writer.writer import validate_name_template
 from .io import install_checkpoint_io
@@ -99,6 +100,16 @@ class _Shared:
     committed: list = field(default_factory=list)  # SaveResults not yet reported to the Trainer's loggers
     stalls: dict = field(default_factory=dict)  # step -> training stall of its save (seconds)
     end_hooks: list = field(default_factory=list)  # callables(trainer) run on every rank after the last commit
+    key: str = ""  # the folder as the callbacks name it: an absolute path, or an s3:// URI
+    remote: Optional[str] = None  # s3:// dirpath: checkpoints live there; ``dirpath`` is a local staging folder
+    uploaders: dict = field(default_factory=dict)  # uri -> backups.Uploader (rank 0)
+    on_save_error: Optional[str] = None  # "stop" or "continue", as the callbacks set it
+    save_errors: list = field(default_factory=list)  # errors of failed saves when the run goes on
+
+    @property
+    def primary(self):
+        """The uploader of an ``s3://`` dirpath (rank 0), else None."""
+        return self.uploaders.get(self.remote) if self.remote else None
 
     def protected(self) -> set[str]:
         names: set[str] = set()
@@ -118,6 +129,11 @@ class _Shared:
         for name in names:
             if name in protected or name.startswith("."):
                 continue
+            if self.primary is not None:  # an s3:// dirpath: delete there, after the uploads queued before
+                log.info("lightning_ckpt: deleting %s/%s (%s)", self.remote, name, reason)
+                self.primary.enqueue_delete(name)
+                queued.append(name)
+                continue
             path = os.path.join(self.dirpath, name)
             trash = os.path.join(self.dirpath, f"{mf.TRASH_PREFIX}{name}-{uuid.uuid4().hex[:6]}")
             try:
@@ -134,8 +150,26 @@ _SHARED: "weakref.WeakKeyDictionary[Any, dict[str, _Shared]]" = weakref.WeakKeyD
 _PENDING_RNG: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
 
 
+def folder_key(dirpath: Any) -> str:
+    """How a checkpoint folder is named internally: an absolute path, or the ``s3://`` URI without trailing slash."""
+    if is_s3_uri(dirpath):
+        return str(dirpath).rstrip("/")
+    return os.path.abspath(os.fspath(dirpath))
+
+
+def staging_dir(uri: str) -> str:
+    """The local folder where saves into an ``s3://`` dirpath are written before their upload:
+    ``$LIGHTNING_CKPT_STAGING/<hash of the URI>``, default under the system temp folder. Every rank of a node derives
+    the same folder from the URI."""
+    import hashlib
+    import tempfile
+
+    root = os.environ.get("LIGHTNING_CKPT_STAGING") or os.path.join(tempfile.gettempdir(), "lightning_ckpt-staging")
+    return os.path.join(root, hashlib.sha1(uri.encode()).hexdigest()[:16])
+
+
 def shared_for(trainer: Any, dirpath: str) -> Optional[_Shared]:
-    return _SHARED.get(trainer, {}).get(os.path.abspath(dirpath))
+    return _SHARED.get(trainer, {}).get(folder_key(dirpath))
 
 
 def _validate_patterns(name: str, patterns: Optional[list[str]]) -> tuple:
@@ -171,6 +205,20 @@ class BaseCheckpointCallback(Checkpoint):
         save_timeout_s: how long a multi-rank save waits for the other ranks before failing on every rank.
         merge_on_train_end: when ``fit`` ends, rank 0 consolidates the newest checkpoint into
             ``<dirpath>/merged/model.safetensors``.
+        backup_uri: after each local commit, upload the checkpoint in the background to ``"s3://bucket/prefix"``, or
+            to several locations: a list of URIs or of dicts ``{"uri": ..., "keep_last": 3, "keep_tags": ["best"],
+            "required": False}`` with the location's own retention (keys of :class:`RetentionPolicy` plus
+            ``keep_tags``). Failed uploads are retried with backoff and never stop training unless ``required``.
+            S3 settings come from the standard AWS environment and config files.
+        resume: ``"auto"``: when ``fit`` is called without ``ckpt_path``, resume from the newest valid checkpoint of
+            ``dirpath``, else of the backup locations (in order), else start fresh. Relaunching the same command
+            continues the run.
+        on_save_error: when a save fails (disk full, file too large, permissions): ``"stop"`` raises (training stops
+            with the error) and ``"continue"`` logs it and trains on (the next save tries again). Either way nothing
+            partial is listed and earlier checkpoints stay intact. Default: ``"stop"``.
+
+    ``dirpath`` may be an ``s3://bucket/prefix`` URI: saves are written to a local staging folder (see
+    :func:`staging_dir`), uploaded, and the staged copy is removed once uploaded.
     """
 
     def __init__(
@@ -192,8 +240,21 @@ class BaseCheckpointCallback(Checkpoint):
         distributed: Literal["sharded", "rank0"] = "sharded",
         save_timeout_s: float = 600.0,
         merge_on_train_end: bool = False,
+        backup_uri: Optional[Union[str, list[Union[str, dict[str, Any]]]]] = None,
+        resume: Optional[Literal["auto"]] = None,
+        on_save_error: Optional[Literal["stop", "continue"]] = None,
     ) -> None:
         super().__init__()
+        from ..backups import parse_locations
+
+        self.backups = parse_locations(backup_uri)
+        self.backup_uri = backup_uri
+        if resume not in (None, "auto"):
+            raise ValueError(f"resume={resume!r} is invalid; use 'auto' (resume from the newest valid checkpoint) or None")
+        self.resume = resume
+        if on_save_error not in (None, "stop", "continue"):
+            raise ValueError(f"on_save_error={on_save_error!r} is invalid; use 'stop' or 'continue'")
+        self.on_save_error = on_save_error
         if distributed not in ("sharded", "rank0"):
             raise ValueError(f"distributed={distributed!r} is invalid; use 'sharded' (every rank writes its share) or 'rank0'")
         if not isinstance(save_timeout_s, (int, float)) or isinstance(save_timeout_s, bool) or save_timeout_s <= 0:
@@ -219,7 +280,16 @@ class BaseCheckpointCallback(Checkpoint):
             raise ValueError("only_on_improvement and on_change are mutually exclusive; set one of them")
         if (only_on_improvement or on_change is not None) and not monitor:
             raise ValueError("only_on_improvement/on_change need monitor='<metric name>'")
-        self.dirpath = os.path.abspath(os.fspath(dirpath))
+        self.dirpath = folder_key(dirpath)
+        if is_s3_uri(self.dirpath):
+            from ..storage.s3 import parse_s3_uri
+
+            parse_s3_uri(self.dirpath)
+            if merge_on_train_end:
+                raise ValueError("merge_on_train_end needs a local dirpath; with an s3:// dirpath run "
+                                 "`lightning-ckpt merge s3://.../<checkpoint> OUT` after training")
+            if any(loc.uri == self.dirpath for loc in self.backups):
+                raise ValueError(f"backup_uri repeats dirpath {self.dirpath}; the checkpoints already go there")
         self.async_save = async_save
         self.name_template = validate_name_template(name_template)
         self.if_busy = if_busy
@@ -268,9 +338,11 @@ class BaseCheckpointCallback(Checkpoint):
         per_trainer = _SHARED.setdefault(trainer, {})
         shared = per_trainer.get(self.dirpath)
         if shared is None:
+            remote = self.dirpath if is_s3_uri(self.dirpath) else None
+            local = staging_dir(self.dirpath) if remote else self.dirpath
             shared = _Shared(
                 CheckpointWriter(
-                    self.dirpath,
+                    local,
                     async_save=self.async_save,
                     name_template=self.name_template,
                     if_busy=self.if_busy,
@@ -279,13 +351,15 @@ class BaseCheckpointCallback(Checkpoint):
                     mode=self.distributed,
                     timeout_s=self.save_timeout_s,
                 ),
-                self.dirpath,
+                local,
+                key=self.dirpath,
+                remote=remote,
             )
             per_trainer[self.dirpath] = shared
             shared.writer.on_commit.append(lambda res, sh=shared: _after_commit(sh, res))
             if trainer.is_global_zero:
                 shared.writer.prepare_dir()
-                cleanup_partials(self.dirpath)
+                cleanup_partials(local)
             trainer.strategy.barrier("lightning_ckpt.setup")
         else:
             w = shared.writer
@@ -298,12 +372,45 @@ class BaseCheckpointCallback(Checkpoint):
                 )
         shared.users.append(self)
         self._shared = shared
+        if self.on_save_error is not None:
+            if shared.on_save_error not in (None, self.on_save_error):
+                raise ValueError(f"callbacks saving into {self.dirpath} disagree on on_save_error "
+                                 f"({shared.on_save_error!r} vs {self.on_save_error!r}); set it the same on each")
+            shared.on_save_error = self.on_save_error
+        self._add_backups(trainer, shared)
+        if self.resume == "auto":
+            _install_auto_resume(trainer, shared, self)
         # callbacks that keep some checkpoints (best-k) protect them from deletion and act after each commit
         protect, after = getattr(self, "_protect", None), getattr(self, "_after_commit", None)
         if protect is not None and protect not in shared.protectors:
             shared.protectors.append(protect)
         if after is not None and after not in shared.writer.on_commit:
             shared.writer.on_commit.append(after)
+
+    def _add_backups(self, trainer: "pl.Trainer", shared: _Shared) -> None:
+        """Rank 0 uploads every commit to each location of this callback (and of the ``s3://`` dirpath)."""
+        from ..backups import BackupLocation, Uploader
+
+        locations = list(self.backups)
+        if shared.remote and shared.remote not in shared.uploaders:
+            locations.insert(0, BackupLocation(shared.remote, required=True))
+        for loc in locations:
+            up = shared.uploaders.get(loc.uri)
+            if up is not None:
+                if up.location != loc and loc.uri != shared.remote:
+                    raise ValueError(f"callbacks saving into {self.dirpath} give {loc.uri} different retention rules; "
+                                     "give it once, or the same rules on each")
+                continue
+            primary = loc.uri == shared.remote  # the run's own folder: the callbacks' protections (best-k, ...) hold there
+            up = Uploader(loc, shared.dirpath, protect=shared.protected if primary else None, primary=primary)
+            shared.uploaders[loc.uri] = up
+            if not trainer.is_global_zero:
+                continue  # the folder is shared: rank 0 uploads what every rank wrote
+            shared.writer.on_commit.append(lambda res, u=up: u.enqueue(res.path))
+            shared.protectors.append(up.pending)
+            shared.end_hooks.append(lambda tr, u=up: _flush_uploads(u))
+            up.start()
+            up.catch_up()
 
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self._shared is not None and trainer.ckpt_path:
@@ -328,7 +435,7 @@ class BaseCheckpointCallback(Checkpoint):
                 log.warning("lightning_ckpt: saving requests of step %s late (expected validation did not run)", shared.last_saved_step)
                 self._flush(trainer)
             # a step boundary: the previous step's save may commit now
-            shared.writer.seal()
+            self._guard(shared, shared.writer.seal)
             if self._is_last(shared):
                 _report(trainer, shared)
         # Restore RNG states as late as possible: right before the first training step after a resume, where the
@@ -353,7 +460,7 @@ class BaseCheckpointCallback(Checkpoint):
         self._hook(trainer, self._want_save_on_train_end, final=True)
         shared = self._shared
         if shared is not None and self._is_last(shared):
-            self._wait(raise_errors=True)
+            self._wait(raise_errors=shared.on_save_error != "continue")
             trainer.strategy.barrier("lightning_ckpt.train_end")  # every rank sees the last commit
             _report(trainer, shared)
             for hook in list(shared.end_hooks):
@@ -383,6 +490,10 @@ class BaseCheckpointCallback(Checkpoint):
             _record_failed_run(shared, exception)
 
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        pending_resume = _AUTO_RESUME.get(trainer)
+        if pending_resume is not None and pending_resume[0] is self:  # fit never restored: undo the hook
+            trainer._checkpoint_connector.resume_start = pending_resume[1]
+            _AUTO_RESUME.pop(trainer, None)
         shared = self._shared
         if shared is None or stage != "fit":
             return
@@ -403,6 +514,8 @@ class BaseCheckpointCallback(Checkpoint):
             except CheckpointError as e:  # already reported at on_train_end / on_exception
                 log.error("lightning_ckpt: %s", e)
             shared.deleter.shutdown(wait=True)
+            for up in shared.uploaders.values():
+                up.stop()
 
     # ------------------------------------------------------------ conditional saving
     def _condition_allows(self, trainer: "pl.Trainer") -> bool:
@@ -482,7 +595,10 @@ class BaseCheckpointCallback(Checkpoint):
             checkpoint[STATE_KEY]["rng"] = capture_rng()
         pl_module = trainer.lightning_module
         hparams = dict(pl_module.hparams) if pl_module is not None and pl_module.hparams else None
-        pending = shared.writer.save(
+        self._guard(shared, shared.writer.raise_if_failed)  # an earlier background save failed
+        pending = self._guard(
+            shared,
+            shared.writer.save,
             checkpoint,
             step=step,
             epoch=int(trainer.current_epoch),
@@ -499,6 +615,17 @@ class BaseCheckpointCallback(Checkpoint):
         shared.last_saved_step = step
         shared.last_save_tags = set(tags)
         shared.last_save_time = time.monotonic()
+
+    def _guard(self, shared: _Shared, fn, *args: Any, **kwargs: Any) -> Any:
+        """Run a writer call; with ``on_save_error="continue"`` a failed save is logged and training goes on."""
+        try:
+            return fn(*args, **kwargs)
+        except CheckpointError as e:
+            if shared.on_save_error != "continue":
+                raise
+            shared.save_errors.append(e)
+            log.error("lightning_ckpt: a save failed and training continues (on_save_error='continue'): %s", e)
+            return None
 
     def _wait(self, raise_errors: bool) -> None:
         if self._shared is None:
@@ -634,3 +761,86 @@ def committed_records(dirpath: str):
         Record(c.name, c.step, c.size_bytes, dict(c.metrics), tuple(c.tags), c.created_unix or 0.0)
         for c in list_checkpoints(dirpath)
     ]
+
+
+def _flush_uploads(up: Any, timeout_s: float = 600.0) -> None:
+    """End of fit: give the queued uploads of a location ``timeout_s`` to finish."""
+    left = up.flush(timeout_s)
+    if not left:
+        return
+    msg = f"checkpoints not uploaded to {up.uri} by the end of fit: {left} (last error: {up.last_error!r})"
+    if up.location.required:
+        from ..errors import CheckpointWriteError
+
+        where = up.dirpath
+        raise CheckpointWriteError(f"{msg}; they are intact locally in {where}: upload them with "
+                                   f"`lightning-ckpt push {where}/<name> {up.uri}`, or relaunch (the upload resumes)")
+    log.error("lightning_ckpt: %s. They are intact locally; the next run (or `lightning-ckpt push`) uploads them", msg)
+
+
+_AUTO_RESUME: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()
+
+
+def auto_resume_path(shared: _Shared) -> Optional[str]:
+    """The newest valid checkpoint of the folder (an ``s3://`` dirpath: the newer of the staged and the uploaded
+    ones), else of its backup locations in order; ``None`` when there is none. Raises when a location cannot be
+    read and nothing was found before it (starting fresh could then silently drop a run)."""
+    from ..checkpoints import latest_checkpoint, list_checkpoints, resume_path
+
+    if shared.remote:
+        staged = latest_checkpoint(shared.dirpath) if os.path.isdir(shared.dirpath) else None
+        try:
+            remote = latest_checkpoint(shared.remote)
+        except Exception as e:  # noqa: BLE001
+            if staged is not None:
+                log.warning("lightning_ckpt: cannot read %s (%r); resuming from the staged %s", shared.remote, e, staged)
+                return staged
+            raise CheckpointError(f"resume='auto' cannot read {shared.remote} ({e!r}); fix the S3 settings or the "
+                                  "server, or drop resume='auto' to start fresh") from e
+        if staged is None or remote is None:
+            return staged or remote
+        steps = {c.path: c.step for c in list_checkpoints(shared.dirpath)}
+        remote_step = next((c.step for c in list_checkpoints(shared.remote) if c.path == remote), -1)
+        return staged if steps.get(staged, -1) >= remote_step else remote
+    uris = [up.uri for up in shared.uploaders.values()]
+    try:
+        return resume_path(shared.dirpath, uris)
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - e.g. the S3 server is down and nothing is local
+        raise CheckpointError(f"resume='auto' found no local checkpoint in {shared.dirpath} and cannot read the backup "
+                              f"locations {uris} ({e!r}); fix the S3 settings or the server, or drop resume='auto' "
+                              "to start fresh") from e
+
+
+def _install_auto_resume(trainer: "pl.Trainer", shared: _Shared, cb: Any) -> None:
+    """``resume="auto"``: when ``fit`` restores (Lightning calls ``resume_start`` after the callbacks' ``setup``) and no
+    ``ckpt_path`` was given, restore from :func:`auto_resume_path` instead. Rank 0 decides; every rank loads it."""
+    if trainer.state.fn != "fit" or trainer in _AUTO_RESUME:
+        return
+    connector = trainer._checkpoint_connector
+    original = connector.resume_start
+    _AUTO_RESUME[trainer] = (cb, original)
+
+    def resume_start(checkpoint_path: Any = None, *args: Any, **kwargs: Any) -> None:
+        connector.resume_start = original  # once per fit
+        _AUTO_RESUME.pop(trainer, None)
+        if not checkpoint_path:
+            found, error = None, None
+            if trainer.is_global_zero:
+                try:
+                    found = auto_resume_path(shared)
+                except CheckpointError as e:
+                    error = str(e)
+            if trainer.world_size > 1:  # every rank loads the same checkpoint, or every rank raises
+                found, error = trainer.strategy.broadcast((found, error), src=0)
+            if error is not None:
+                raise CheckpointError(error)
+            if found:
+                log.info("lightning_ckpt: resume='auto': resuming from %s", found)
+            else:
+                log.info("lightning_ckpt: resume='auto': no checkpoint in %s or its backups; starting fresh", shared.key)
+            checkpoint_path = found
+        return original(checkpoint_path, *args, **kwargs)
+
+    connector.resume_start = resume_start

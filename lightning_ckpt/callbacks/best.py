@@ -5,7 +5,7 @@ import logging
 import math
 import os
 import threading
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import lightning.pytorch as pl
 
@@ -36,7 +36,7 @@ class BestMetricCheckpoint(BaseCheckpointCallback):
         min_delta: smallest change that counts as an improvement over the current k-th best.
         every_n_train_steps: also check the metric every N steps (for metrics logged in ``training_step``).
         async_save, name_template, if_busy, fsync, content, include, exclude, distributed, save_timeout_s,
-            merge_on_train_end: see :class:`BaseCheckpointCallback`.
+            merge_on_train_end, backup_uri, resume, on_save_error: see :class:`BaseCheckpointCallback`.
     """
 
     def __init__(
@@ -57,11 +57,15 @@ class BestMetricCheckpoint(BaseCheckpointCallback):
         distributed: Literal["sharded", "rank0"] = "sharded",
         save_timeout_s: float = 600.0,
         merge_on_train_end: bool = False,
+        backup_uri: Optional[Union[str, list[Union[str, dict[str, Any]]]]] = None,
+        resume: Optional[Literal["auto"]] = None,
+        on_save_error: Optional[Literal["stop", "continue"]] = None,
     ) -> None:
         super().__init__(
             dirpath, async_save=async_save, name_template=name_template, if_busy=if_busy, fsync=fsync,
             content=content, include=include, exclude=exclude,
             distributed=distributed, save_timeout_s=save_timeout_s, merge_on_train_end=merge_on_train_end,
+            backup_uri=backup_uri, resume=resume, on_save_error=on_save_error,
         )
         self.spec = Monitor(monitor, mode, min_delta)
         if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k == 0 or top_k < -1:
@@ -184,5 +188,5 @@ class BestMetricCheckpoint(BaseCheckpointCallback):
 
     def on_load_checkpoint(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(trainer, pl_module, checkpoint)
-        if os.path.isdir(self.dirpath):
+        if self.dirpath.startswith("s3://") or os.path.isdir(self.dirpath):
             self._rebuild_from_disk(int(checkpoint.get("global_step", 0)))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import lightning.pytorch as pl
 import torch
@@ -36,7 +36,8 @@ class EarlyStopAndSave(BaseCheckpointCallback):
         divergence_threshold: stop once the metric is worse than this.
         check_finite: stop when the metric becomes NaN or infinite.
         check_on_train_epoch_end: check at the end of each training epoch instead of at validation end.
-        async_save, name_template, if_busy, fsync, content, distributed, save_timeout_s, merge_on_train_end: see
+        async_save, name_template, if_busy, fsync, content, distributed, save_timeout_s, merge_on_train_end,
+            backup_uri, resume, on_save_error: see
             :class:`BaseCheckpointCallback` (``content`` applies to the best checkpoint; the early-stop one is full).
     """
 
@@ -60,8 +61,12 @@ class EarlyStopAndSave(BaseCheckpointCallback):
         distributed: Literal["sharded", "rank0"] = "sharded",
         save_timeout_s: float = 600.0,
         merge_on_train_end: bool = False,
+        backup_uri: Optional[Union[str, list[Union[str, dict[str, Any]]]]] = None,
+        resume: Optional[Literal["auto"]] = None,
+        on_save_error: Optional[Literal["stop", "continue"]] = None,
     ) -> None:
-        super().__init__(dirpath, async_save=async_save, name_template=name_template, if_busy=if_busy, fsync=fsync, content=content, distributed=distributed, save_timeout_s=save_timeout_s, merge_on_train_end=merge_on_train_end)
+        super().__init__(dirpath, async_save=async_save, name_template=name_template, if_busy=if_busy, fsync=fsync, content=content, distributed=distributed, save_timeout_s=save_timeout_s, merge_on_train_end=merge_on_train_end,
+            backup_uri=backup_uri, resume=resume, on_save_error=on_save_error)
         self.spec = Monitor(monitor, mode, min_delta)
         if not isinstance(patience, int) or isinstance(patience, bool) or patience < 1:
             raise ValueError(f"patience={patience!r} is invalid; it must be a positive integer")

@@ -10,7 +10,8 @@ from lightning.pytorch.callbacks import Callback
 
 from ..checkpoints import latest_checkpoint, list_checkpoints
 from ..export import data_fingerprint, export_checkpoint
-from .base import _SHARED, require_shared
+from .base import _SHARED, require_shared, folder_key
+from ..storage.s3 import is_s3_uri
 
 log = logging.getLogger("lightning_ckpt")
 
@@ -34,7 +35,9 @@ class ExportOnTrainEnd(Callback):
         super().__init__()
         if source not in ("best", "latest"):
             raise ValueError(f"source={source!r} is invalid; use 'best' or 'latest'")
-        self.dirpath = os.path.abspath(os.fspath(dirpath))
+        self.dirpath = folder_key(dirpath)
+        if export_dir is None and is_s3_uri(self.dirpath):
+            raise ValueError(f"dirpath {self.dirpath} is on S3; give export_dir, a local folder for the export")
         self.export_dir = os.path.abspath(export_dir) if export_dir else os.path.join(self.dirpath, "export")
         self.source = source
         self.dtype = dtype
@@ -76,7 +79,7 @@ class ExportOnTrainEnd(Callback):
         except Exception as e:  # noqa: BLE001 - the export goes on without the config
             log.warning("lightning_ckpt: could not record the LightningCLI config: %r", e)
         dm = getattr(trainer, "datamodule", None)
-        hist = os.path.join(self.dirpath, "metrics.jsonl")
+        hist = os.path.join(shared.dirpath if shared is not None else self.dirpath, "metrics.jsonl")
         self.exported = export_checkpoint(path, self.export_dir, config_yaml=config_yaml, data_fp=data_fingerprint(dm),
                                           dtype=self.dtype, history=hist)
         log.info("lightning_ckpt: exported %s to %s", path, self.exported)

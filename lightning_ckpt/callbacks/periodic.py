@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import lightning.pytorch as pl
 
@@ -46,6 +46,11 @@ class PeriodicCheckpoint(BaseCheckpointCallback):
         distributed: ``"sharded"`` (every rank writes its share) or ``"rank0"``; see :class:`BaseCheckpointCallback`.
         save_timeout_s: how long a multi-rank save waits for the other ranks before failing on every rank.
         merge_on_train_end: rank 0 writes ``<dirpath>/merged/model.safetensors`` from the newest checkpoint.
+        backup_uri: upload each committed checkpoint in the background to ``"s3://bucket/prefix"`` or to a list of
+            locations (URIs or ``{"uri": ..., "keep_last": 3, "keep_tags": ["best"]}`` with their own retention).
+        resume: ``"auto"``: ``fit`` without ``ckpt_path`` resumes from the newest valid checkpoint of ``dirpath``,
+            else of the backups, else starts fresh.
+        on_save_error: ``"stop"`` (default: a failed save raises) or ``"continue"`` (log it and train on).
         content: ``"full"``, ``"weights"`` or ``"light"`` (see :class:`BaseCheckpointCallback`).
         include: glob patterns over state keys for a partial checkpoint.
         exclude: glob patterns over state keys to leave out.
@@ -81,12 +86,16 @@ class PeriodicCheckpoint(BaseCheckpointCallback):
         distributed: Literal["sharded", "rank0"] = "sharded",
         save_timeout_s: float = 600.0,
         merge_on_train_end: bool = False,
+        backup_uri: Optional[Union[str, list[Union[str, dict[str, Any]]]]] = None,
+        resume: Optional[Literal["auto"]] = None,
+        on_save_error: Optional[Literal["stop", "continue"]] = None,
     ) -> None:
         super().__init__(
             dirpath, async_save=async_save, name_template=name_template, if_busy=if_busy, fsync=fsync, content=content,
             include=include, exclude=exclude, monitor=monitor, mode=mode, min_delta=min_delta,
             only_on_improvement=only_on_improvement, on_change=on_change,
             distributed=distributed, save_timeout_s=save_timeout_s, merge_on_train_end=merge_on_train_end,
+            backup_uri=backup_uri, resume=resume, on_save_error=on_save_error,
         )
         if every not in (None, "auto"):
             raise ValueError(f"every={every!r} is invalid; the only value is 'auto' (or use every_n_train_steps=...)")

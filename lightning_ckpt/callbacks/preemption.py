@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import logging
+import os
+import re
 import signal
+import subprocess
 import threading
 from typing import Any, Literal, Optional, Union
 
@@ -25,6 +28,63 @@ def _signal_number(s: Union[str, int]) -> int:
     return int(num)
 
 
+def _is_lightning_requeue_handler(h: Any) -> bool:
+    """Is ``h`` Lightning's SLURM auto-requeue handler (``_SignalConnector._slurm_sigusr_handler_fn``, which saves an
+    ``hpc_ckpt_*.ckpt`` inside the signal handler and runs ``scontrol requeue``)?"""
+    try:
+        from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
+    except ImportError:  # pragma: no cover - private Lightning API moved
+        return False
+    return getattr(h, "__func__", None) is _SignalConnector._slurm_sigusr_handler_fn
+
+
+def _without_lightning_requeue(handler: Any) -> tuple[bool, Any]:
+    """``(found, rest)``: whether ``handler`` (as installed by Lightning for the requeue signal) contains Lightning's
+    SLURM requeue handler, and a handler that runs everything else it ran (``None`` if nothing is left)."""
+    try:
+        from lightning.pytorch.trainer.connectors.signal_connector import _HandlersCompose
+    except ImportError:  # pragma: no cover - private Lightning API moved
+        return False, handler
+    if _is_lightning_requeue_handler(handler):
+        return True, None
+    if isinstance(handler, _HandlersCompose):
+        rest = [h for h in handler.signal_handlers if not _is_lightning_requeue_handler(h)]
+        if len(rest) == len(handler.signal_handlers):
+            return False, handler
+        return True, (_HandlersCompose(rest) if rest else None)
+    return False, handler
+
+
+def slurm_job_id() -> Optional[str]:
+    """The id ``scontrol requeue`` takes for this job, as Lightning computes it: ``<array job id>_<task id>`` in an
+    array job, else ``SLURM_JOB_ID``; ``None`` outside SLURM."""
+    array_job_id = os.getenv("SLURM_ARRAY_JOB_ID")
+    if array_job_id is not None:
+        return f"{array_job_id}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    return os.getenv("SLURM_JOB_ID")
+
+
+def requeue_slurm_job() -> bool:
+    """Run ``scontrol requeue <job id>`` as Lightning's SLURM auto-requeue does (with the same fallback to a shell
+    when ``scontrol`` cannot be executed directly) and log the outcome. Returns True when ``scontrol`` succeeded."""
+    job_id = slurm_job_id()
+    if job_id is None or not re.fullmatch(r"[0-9_-]+", job_id):
+        log.error("lightning_ckpt: cannot requeue: SLURM job id %r is missing or not a job id", job_id)
+        return False
+    cmd = ["scontrol", "requeue", job_id]
+    log.warning("lightning_ckpt: requeuing SLURM job %s", job_id)
+    try:
+        result = subprocess.call(cmd)
+    except FileNotFoundError:
+        # as Lightning: `scontrol` may only be found from a shell; the id was checked above, so this is safe
+        result = subprocess.call(" ".join(cmd), shell=True)
+    if result == 0:
+        log.info("lightning_ckpt: requeued SLURM job %s", job_id)
+        return True
+    log.warning("lightning_ckpt: requeuing SLURM job %s failed with error code %s", job_id, result)
+    return False
+
+
 class PreemptionCheckpoint(BaseCheckpointCallback):
     """When the process gets one of ``signals``, save the full training state at the next step boundary (never inside
     the signal handler), tag it ``preempt``, wait for its commit, and stop training cleanly.
@@ -34,12 +94,28 @@ class PreemptionCheckpoint(BaseCheckpointCallback):
       all-reduce per step on the training process group), so all ranks save the same step; with several ranks
       Lightning's own SIGTERM handler (which runs a collective inside the signal handler) is not called.
     - Other signals (for example SIGUSR1 sent by SLURM with ``--signal=USR1@90``): the handler that was installed
-      before (such as Lightning's SLURM requeue handler) still runs; this callback then saves and asks the Trainer to
-      stop at the end of the step.
+      before still runs; this callback then saves and asks the Trainer to stop at the end of the step.
+    - SLURM auto-requeue (``Trainer(plugins=[SLURMEnvironment(auto_requeue=True)])``, or SLURM detected by
+      Lightning, whose default is ``auto_requeue=True``): Lightning's requeue handler is replaced, see
+      ``slurm_requeue``.
 
     Args:
         dirpath: folder of the checkpoints (shared with the other saving callbacks on it).
         signals: signal names or numbers that mean "preempted".
+        slurm_requeue: when the Trainer's cluster environment is a ``SLURMEnvironment`` with ``auto_requeue`` and
+            Lightning installed its requeue handler, take over the requeue: the environment's ``requeue_signal``
+            (SIGUSR1 by default; send it with ``#SBATCH --signal=USR1@90``) is listened to as well, even if it is not
+            in ``signals``, and Lightning's handler (which writes a pickled ``hpc_ckpt_N.ckpt`` into
+            ``default_root_dir`` inside the signal handler, on every rank, then requeues) is not called. Instead a
+            checkpoint tagged ``preempt`` is saved at the next step boundary (every rank the same step), training
+            stops cleanly, and once that checkpoint is committed global rank 0 runs ``scontrol requeue <job id>``
+            (``<array job id>_<task id>`` in an array job) at the end of ``fit``, after every other saving callback
+            finished. If the save fails, the error is raised and the job is not requeued. The requeued job must
+            resume itself: ``trainer.fit(model, data, ckpt_path=lightning_ckpt.resume_path(dirpath))`` (no
+            ``hpc_ckpt`` is written, so Lightning's own SLURM resume finds nothing). ``False``: Lightning's handler
+            stays as it is (it runs on the requeue signal, and this callback only reacts to it when it is listed in
+            ``signals``). Nothing changes outside SLURM, without ``auto_requeue``, or when a handler for the requeue
+            signal existed before ``fit`` (Lightning then installs none and does not requeue).
         async_save, name_template, if_busy, fsync, distributed, save_timeout_s: see
             :class:`BaseCheckpointCallback`.
     """
@@ -54,6 +130,7 @@ class PreemptionCheckpoint(BaseCheckpointCallback):
         fsync: bool = True,
         distributed: Literal["sharded", "rank0"] = "sharded",
         save_timeout_s: float = 600.0,
+        slurm_requeue: bool = True,
     ) -> None:
         super().__init__(dirpath, async_save=async_save, name_template=name_template, if_busy=if_busy, fsync=fsync,
                          distributed=distributed, save_timeout_s=save_timeout_s)
@@ -61,15 +138,25 @@ class PreemptionCheckpoint(BaseCheckpointCallback):
         if not names:
             raise ValueError("signals is empty; give at least one signal name such as 'SIGTERM'")
         self.signals = [_signal_number(s) for s in names]
+        if not isinstance(slurm_requeue, bool):
+            raise ValueError(f"slurm_requeue={slurm_requeue!r} is invalid; use True or False")
+        self.slurm_requeue = slurm_requeue
         self.received: Optional[int] = None
         self.preempted_step: Optional[int] = None
-        self._previous: dict[int, Any] = {}
+        self.requeued: Optional[bool] = None  # outcome of `scontrol requeue` (global rank 0), None if not attempted
+        self._previous: dict[int, Any] = {}  # handlers we replaced, restored at teardown
+        self._chain: dict[int, Any] = {}  # handlers we call after ours
         self._world_size = 1
+        self._requeue_signal: Optional[int] = None  # the SLURM requeue signal, when we took Lightning's requeue over
+        self._requeue_received = False  # this rank got the requeue signal
+        self._requeue = False  # all ranks agreed: requeue the job once the preempt checkpoint is committed
 
     # ----------------------------------------------------------------- signals
     def _handler(self, signum: int, frame: Any) -> None:
         self.received = signum  # only a flag: the save happens at the next step boundary
-        prev = self._previous.get(signum)
+        if signum == self._requeue_signal:
+            self._requeue_received = True
+        prev = self._chain.get(signum)
         if signum == signal.SIGTERM and self._world_size > 1:
             # Lightning's SIGTERM handler runs a collective inside the signal handler, which can interleave with the
             # training thread's collectives; the ranks agree through this callback instead and stop cleanly
@@ -77,26 +164,82 @@ class PreemptionCheckpoint(BaseCheckpointCallback):
         if callable(prev):
             prev(signum, frame)
 
-    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def _install(self, trainer: "pl.Trainer") -> None:
         # after Lightning registered its own handlers (it does so after on_fit_start), so that ours runs first
-        super().on_train_start(trainer, pl_module)
         self._world_size = trainer.world_size
+        if self._previous:
+            return  # already installed in this fit (at the sanity check)
         if threading.current_thread() is not threading.main_thread():
             log.warning("lightning_ckpt: PreemptionCheckpoint can only install signal handlers in the main thread")
             return
-        for s in self.signals:
-            # ours runs first and then calls the one it replaces (Lightning's, except for SIGTERM with several ranks)
+        self._requeue_signal, self._requeue_received, self._requeue = None, False, False
+        chain: dict[int, Any] = {}
+        env = getattr(getattr(trainer, "_accelerator_connector", None), "cluster_environment", None)
+        try:
+            from lightning.fabric.plugins.environments import SLURMEnvironment
+        except ImportError:  # pragma: no cover
+            SLURMEnvironment = ()  # type: ignore[assignment,misc]
+        if self.slurm_requeue and isinstance(env, SLURMEnvironment) and env.auto_requeue and env.requeue_signal is not None:
+            sig = int(env.requeue_signal)
+            found, rest = _without_lightning_requeue(signal.getsignal(sig))
+            if found:  # Lightning installed its requeue handler: ours replaces it (any other handler still runs)
+                self._requeue_signal = sig
+                chain[sig] = rest
+        signals = list(self.signals)
+        if self._requeue_signal is not None and self._requeue_signal not in signals:
+            signals.append(self._requeue_signal)
+        for s in signals:
+            # ours runs first and then calls the one it replaces (Lightning's, except for SIGTERM with several ranks
+            # and for its SLURM requeue handler, which this callback takes over)
             self._previous[s] = signal.getsignal(s)
+            self._chain[s] = chain.get(s, self._previous[s])
             signal.signal(s, self._handler)
+
+    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        super().on_fit_start(trainer, pl_module)
+        # a fit that ended in an exception never ran teardown: forget the handlers of that fit
+        self._previous.clear()
+        self._chain.clear()
+
+    def on_sanity_check_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        super().on_sanity_check_start(trainer, pl_module)
+        self._install(trainer)  # a requeue signal during the sanity check must not reach Lightning's hpc handler
+
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        super().on_train_start(trainer, pl_module)
+        self._install(trainer)
+
+    def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        super().on_fit_end(trainer, pl_module)
+        # the very end of a fit that stopped for the SLURM requeue signal: every saving callback (and the backups)
+        # finished in on_train_end, after the last commit; on a real cluster `scontrol requeue` ends this job
+        if not self._requeue:
+            return
+        self._requeue = False
+        if not trainer.is_global_zero:
+            return
+        shared = self._shared
+        history = shared.writer.history if shared is not None else []
+        step = self.preempted_step
+        if not any(r.step == step and "preempt" in r.tags for r in history):
+            log.error("lightning_ckpt: the preempt checkpoint of step %s was not committed; not requeuing the SLURM job", step)
+            self.requeued = False
+            return
+        self.requeued = requeue_slurm_job()
 
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if threading.current_thread() is threading.main_thread():
             for s, prev in self._previous.items():
+                # only where ours is still installed: Lightning restores its originals first (Trainer._teardown),
+                # and putting back the handler we replaced would leave its stale handler installed after fit
+                if signal.getsignal(s) != self._handler:
+                    continue
                 try:
                     signal.signal(s, prev if prev is not None else signal.SIG_DFL)
                 except (TypeError, ValueError):
                     pass
         self._previous.clear()
+        self._chain.clear()
         super().teardown(trainer, pl_module, stage)
 
     # ----------------------------------------------------------------- decisions
@@ -113,7 +256,12 @@ class PreemptionCheckpoint(BaseCheckpointCallback):
             return None
         self.preempted_step = int(trainer.global_step)
         trainer.should_stop = True
-        log.warning("lightning_ckpt: preemption signal received; saving step %d and stopping", self.preempted_step)
+        if self._requeue_signal is not None:  # the same on every rank: the environment and Lightning's handlers are
+            self._requeue = self._requeue_received
+            if trainer.world_size > 1:  # rank 0 requeues if any rank got the requeue signal
+                self._requeue = bool(trainer.strategy.reduce_boolean_decision(self._requeue, all=False))
+        log.warning("lightning_ckpt: preemption signal received; saving step %d and stopping%s", self.preempted_step,
+                    " (the SLURM job is requeued once it is committed)" if self._requeue else "")
         return ("preempt",)
 
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int) -> None:

@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
 from ..policy.retention import RetentionRules, plan_retention
-from .base import committed_records, require_shared
+from .base import committed_records, folder_key, require_shared
 
 log = logging.getLogger("lightning_ckpt")
 
@@ -37,6 +37,9 @@ class RetentionPolicy(Callback):
         keep_every_n_steps: keep checkpoints whose step is a multiple of N (milestones).
         max_total_bytes: cap on the bytes kept in the folder.
         dry_run: only log what would be deleted.
+        keep_tags: keep checkpoints carrying any of these tags (e.g. ``["best", "preempt"]``).
+
+    With an ``s3://`` dirpath the rules apply to the checkpoints there, after each upload.
     """
 
     def __init__(
@@ -49,14 +52,16 @@ class RetentionPolicy(Callback):
         keep_every_n_steps: Optional[int] = None,
         max_total_bytes: Optional[int] = None,
         dry_run: bool = False,
+        keep_tags: Optional[list[str]] = None,
     ) -> None:
         super().__init__()
         if not isinstance(dirpath, (str, os.PathLike)) or not os.fspath(dirpath):
             raise ValueError(f"dirpath={dirpath!r} is invalid; give the folder of the checkpoints to prune")
-        self.dirpath = os.path.abspath(os.fspath(dirpath))
-        self.rules = RetentionRules(keep_last, keep_best, monitor, mode, keep_every_n_steps, max_total_bytes)
+        self.dirpath = folder_key(dirpath)
+        self.rules = RetentionRules(keep_last, keep_best, monitor, mode, keep_every_n_steps, max_total_bytes,
+                                    None if keep_tags is None else tuple(keep_tags))
         if not self.rules.has_keep_rule and max_total_bytes is None:
-            raise ValueError("RetentionPolicy needs at least one rule: keep_last, keep_best, keep_every_n_steps or max_total_bytes")
+            raise ValueError("RetentionPolicy needs at least one rule: keep_last, keep_best, keep_every_n_steps, keep_tags or max_total_bytes")
         self.dry_run = bool(dry_run)
         self.deleted: list[str] = []
         self._shared: Any = None
@@ -68,11 +73,17 @@ class RetentionPolicy(Callback):
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         shared = require_shared(trainer, self.dirpath, "RetentionPolicy")
         self._shared = shared
+        if shared.remote:  # an s3:// dirpath: prune there, after each upload (rank 0 uploads)
+            if shared.primary is not None and not self.dry_run and self.rules not in shared.primary.extra_rules:
+                shared.primary.extra_rules.append(self.rules)
+            return
         if self._after_commit not in shared.writer.on_commit:
             shared.writer.on_commit.append(self._after_commit)
 
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         shared, self._shared = self._shared, None
+        if shared is not None and shared.primary is not None and self.rules in shared.primary.extra_rules:
+            shared.primary.extra_rules.remove(self.rules)
         if shared is not None and self._after_commit in shared.writer.on_commit:
             shared.writer.on_commit.remove(self._after_commit)
 
@@ -80,7 +91,7 @@ class RetentionPolicy(Callback):
         shared = self._shared
         if shared is None or not trainer_is_rank_zero():
             return
-        records = committed_records(self.dirpath)
+        records = committed_records(shared.dirpath)
         protected = shared.protected() | {result.name}
         keep = plan_retention(records, self.rules, protected)
         doomed = [r.name for r, k in zip(records, keep) if not k]

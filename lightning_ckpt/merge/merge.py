@@ -119,6 +119,10 @@ def merge_checkpoint(
     t0 = time.perf_counter()
     dtype = parse_dtype(dtype)
     limit = parse_size(max_shard_bytes)
+    from ..storage.s3 import fetch_checkpoint, is_s3_uri
+
+    if is_s3_uri(path):  # download into the local cache; every byte is verified as it is merged
+        path = fetch_checkpoint(str(path))
     m = mf.read_manifest(os.fspath(path))
     plan = _plan(m, dtype)
     if not plan:

@@ -91,7 +91,7 @@ class RetentionRules:
     """The rules of :class:`~lightning_ckpt.RetentionPolicy` and ``lightning-ckpt prune``.
 
     A checkpoint is kept when any set rule keeps it (newest ``keep_last``, best ``keep_best`` by ``monitor``, steps
-    that are multiples of ``keep_every_n_steps``); with no keep rule set, every checkpoint is kept. Then, if
+    that are multiples of ``keep_every_n_steps``, checkpoints carrying one of ``keep_tags``); with no keep rule set, every checkpoint is kept. Then, if
     ``max_total_bytes`` is set, the oldest kept ones are dropped until the total fits (protected ones never are).
     """
 
@@ -101,12 +101,15 @@ class RetentionRules:
     mode: str = "min"
     keep_every_n_steps: Optional[int] = None
     max_total_bytes: Optional[int] = None
+    keep_tags: Optional[tuple] = None
 
     def __post_init__(self) -> None:
         _positive_int("keep_last", self.keep_last)
         _positive_int("keep_best", self.keep_best)
         _positive_int("keep_every_n_steps", self.keep_every_n_steps)
         _positive_int("max_total_bytes", self.max_total_bytes)
+        if self.keep_tags is not None and (isinstance(self.keep_tags, str) or not all(isinstance(t, str) and t for t in self.keep_tags)):
+            raise ValueError(f"keep_tags={self.keep_tags!r} is invalid; give a list of tags such as ['best', 'preempt']")
         if self.keep_best is not None and not self.monitor:
             raise ValueError("keep_best is set but monitor is not; give the metric that ranks checkpoints, e.g. monitor='val_loss'")
         if self.mode not in ("min", "max"):
@@ -114,7 +117,7 @@ class RetentionRules:
 
     @property
     def has_keep_rule(self) -> bool:
-        return any(v is not None for v in (self.keep_last, self.keep_best, self.keep_every_n_steps))
+        return any(v is not None for v in (self.keep_last, self.keep_best, self.keep_every_n_steps, self.keep_tags))
 
     def rule(self) -> AnyOf:
         rules: list = []
@@ -124,6 +127,8 @@ class RetentionRules:
             rules.append(KeepBest(self.keep_best, Monitor(self.monitor, self.mode)))  # type: ignore[arg-type]
         if self.keep_every_n_steps is not None:
             rules.append(KeepEveryNSteps(self.keep_every_n_steps))
+        if self.keep_tags is not None:
+            rules.append(KeepTagged(tuple(self.keep_tags)))
         return AnyOf(tuple(rules))
 
 

@@ -171,16 +171,7 @@ def pull_checkpoint(src: str, dest_dir: str, *, progress: ProgressFn = None) -> 
 
 def remote_steps(dest: str) -> list[tuple[int, str]]:
     """(step, name) of the committed checkpoints under ``dest``, newest first (read from their manifests)."""
-    bucket, prefix = parse_s3_uri(dest)
-    s3 = _client()
-    out = []
-    for name in list_remote(dest):
-        try:
-            m = json.loads(s3.get_object(Bucket=bucket, Key=_join(prefix, name, mf.MANIFEST))["Body"].read())
-            out.append((int(m.get("step", -1)), name))
-        except Exception:  # noqa: BLE001 - an unreadable manifest is not a candidate
-            continue
-    return sorted(out, reverse=True)
+    return sorted(((int(m["step"]), name) for name, m in remote_manifests(dest)), reverse=True)
 
 
 def delete_remote(dest: str, name: str) -> None:
@@ -195,3 +186,160 @@ def delete_remote(dest: str, name: str) -> None:
         keys += [{"Key": o["Key"]} for o in page.get("Contents", [])]
     for i in range(0, len(keys), 1000):
         s3.delete_objects(Bucket=bucket, Delete={"Objects": keys[i : i + 1000]})
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reading checkpoints in place on S3: listing (manifests only), and fetching into a local cache (only the files a
+# caller needs; every byte is verified when it is read).
+
+import threading as _threading  # noqa: E402
+
+_MANIFESTS: dict = {}  # (bucket, key, etag) -> validated manifest: a committed manifest never changes under one ETag
+_MANIFESTS_LOCK = _threading.Lock()
+_MAX_MANIFEST = 64 * 1024 * 1024
+
+
+def _get_object(s3, bucket: str, key: str, limit: int | None = None) -> bytes:
+    from botocore.exceptions import ClientError
+
+    try:
+        resp = s3.get_object(Bucket=bucket, Key=key)
+    except ClientError as e:
+        if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NoSuchBucket"):
+            raise CheckpointNotFoundError(f"s3://{bucket}/{key} does not exist") from None
+        raise
+    body = resp["Body"]
+    if limit is not None and int(resp.get("ContentLength") or 0) > limit:
+        body.close()
+        from ..errors import CheckpointCorruptError
+
+        raise CheckpointCorruptError(f"s3://{bucket}/{key} is larger than {limit} bytes; refusing to read it")
+    return body.read()
+
+
+def _parse_manifest(raw: bytes, where: str) -> dict:
+    from ..errors import CheckpointCorruptError
+
+    try:
+        m = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise CheckpointCorruptError(f"{where} is not valid JSON ({e}); the checkpoint is corrupt, use an earlier one") from None
+    return mf.validate_manifest(m, where)
+
+
+def read_remote_manifest(uri: str) -> tuple[dict, bytes]:
+    """The validated manifest of the checkpoint at ``uri`` (``s3://bucket/prefix/<name>``) and its raw bytes."""
+    bucket, key = parse_s3_uri(uri)
+    raw = _get_object(_client(), bucket, _join(key, mf.MANIFEST), _MAX_MANIFEST)
+    return _parse_manifest(raw, f"s3://{bucket}/{_join(key, mf.MANIFEST)}"), raw
+
+
+def remote_manifests(dest: str) -> list[tuple[str, dict]]:
+    """(name, manifest) of every committed checkpoint under ``dest`` whose manifest reads and validates; the others
+    are skipped with a warning. Manifests are cached by ETag, so listing again costs one LIST request."""
+    import warnings
+
+    from botocore.exceptions import ClientError
+
+    bucket, prefix = parse_s3_uri(dest)
+    s3 = _client()
+    found: dict[str, str] = {}
+    try:
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=(prefix + "/") if prefix else ""):
+            for obj in page.get("Contents", []):
+                rel = obj["Key"][len(prefix) + 1 :] if prefix else obj["Key"]
+                parts = rel.split("/")
+                if len(parts) == 2 and parts[1] == mf.MANIFEST and not parts[0].startswith("."):
+                    found[parts[0]] = str(obj.get("ETag", ""))
+    except ClientError as e:
+        if e.response.get("Error", {}).get("Code") == "NoSuchBucket":
+            raise CheckpointNotFoundError(f"the bucket of {dest} does not exist; create it or fix the URI") from None
+        raise
+    out = []
+    for name, etag in sorted(found.items()):
+        key = _join(prefix, name, mf.MANIFEST)
+        with _MANIFESTS_LOCK:
+            m = _MANIFESTS.get((bucket, key, etag))
+        if m is None:
+            try:
+                mf.check_member_name(name, dest)
+                m = _parse_manifest(_get_object(s3, bucket, key, _MAX_MANIFEST), f"s3://{bucket}/{key}")
+            except CheckpointError as e:
+                warnings.warn(f"lightning_ckpt: skipping s3://{bucket}/{_join(prefix, name)}: {e}", stacklevel=2)
+                continue
+            with _MANIFESTS_LOCK:
+                _MANIFESTS[(bucket, key, etag)] = m
+        out.append((name, m))
+    return out
+
+
+def cache_root() -> str:
+    """Where checkpoints read from S3 are cached: ``$LIGHTNING_CKPT_CACHE``, else ``~/.cache/lightning_ckpt``."""
+    return os.environ.get("LIGHTNING_CKPT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lightning_ckpt")
+
+
+def fetch_checkpoint(uri: str, files=None, *, manifest: tuple[dict, bytes] | None = None, progress: ProgressFn = None) -> str:
+    """Make the checkpoint at ``uri`` (``s3://bucket/prefix/<name>``) readable locally and return the local folder.
+
+    Only ``files`` (names from its manifest; all when ``None``) are downloaded, in parallel, into a cache folder keyed
+    by the manifest's checksum, so a checkpoint replaced under the same name never mixes with an old copy. Files
+    already there are reused; several processes may fetch the same checkpoint at once (per-file locks). Nothing is
+    verified here: every reader verifies each byte it reads against the manifest.
+    """
+    import fcntl
+
+    from ..format.checksum import crc32c
+
+    bucket, key = parse_s3_uri(uri)
+    name = key.rsplit("/", 1)[-1]
+    mf.check_member_name(name, uri)
+    m, raw = manifest if manifest is not None else read_remote_manifest(uri)
+    local = os.path.join(cache_root(), "s3", bucket, *[p for p in key.split("/")[:-1] if p not in ("", ".", "..")],
+                         f"{name}-{crc32c(raw):08x}")
+    os.makedirs(local, exist_ok=True)
+    mpath = os.path.join(local, mf.MANIFEST)
+    if not os.path.isfile(mpath):
+        tmp = f"{mpath}.{uuid.uuid4().hex[:8]}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(raw)
+        os.replace(tmp, mpath)
+    wanted = sorted(m["files"]) if files is None else sorted(set(files))
+    for fname in wanted:
+        if fname not in m["files"]:
+            raise CheckpointNotFoundError(f"{uri} has no file {fname!r}")
+    missing = [f for f in wanted if not os.path.isfile(os.path.join(local, f))]
+    if not missing:
+        return local
+    s3 = _client()
+    cfg = _transfer_config()
+
+    def down(fname: str) -> None:
+        dst = os.path.join(local, fname)
+        with open(os.path.join(local, f".{fname}.lock"), "w") as lk:
+            fcntl.flock(lk, fcntl.LOCK_EX)  # another rank on this node may be fetching the same file
+            if os.path.isfile(dst):
+                return
+            tmp = f"{dst}.{uuid.uuid4().hex[:8]}.tmp"
+            try:
+                s3.download_file(bucket, _join(key, fname), tmp, Config=cfg, Callback=progress)
+                os.replace(tmp, dst)
+            except BaseException:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+                raise
+
+    from botocore.exceptions import ClientError
+
+    try:
+        with cf.ThreadPoolExecutor(min(8, len(missing))) as ex:
+            list(ex.map(down, missing))
+    except ClientError as e:
+        if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+            from ..errors import CheckpointCorruptError
+
+            raise CheckpointCorruptError(f"{uri} lacks a file its manifest lists ({e}); the upload is incomplete or "
+                                         "was damaged. Use an earlier checkpoint.") from None
+        raise
+    return local

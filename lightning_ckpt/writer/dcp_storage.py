@@ -208,11 +208,12 @@ class LCStorageReader(StorageReader):
     tensor of the same dtype (no intermediate copy), and its checksum is computed on those bytes.
     """
 
-    def __init__(self, path: str, manifest: dict, *, verify: bool = True) -> None:
+    def __init__(self, path: str, manifest: dict, *, verify: bool = True, fetch: Any = None) -> None:
         super().__init__()
         self.path = path
         self.manifest = manifest
         self.verify = verify
+        self.fetch = fetch  # callable(list of file names): make them present locally (a remote checkpoint)
         self.storage_data: dict[MetadataIndex, _ChunkInfo] = {}
         self._headers_checked: set[str] = set()
         self._header_lock = threading.Lock()
@@ -274,6 +275,8 @@ class LCStorageReader(StorageReader):
         for item in plan.items:
             info = self.storage_data[item.storage_index]
             per_file[info.file].append((item, info))
+        if self.fetch is not None:  # a checkpoint on S3: this rank downloads only the files its plan reads
+            self.fetch(sorted(per_file))
         # contiguous runs of (file, offset)-sorted items, cut into buckets of about equal bytes, one per thread
         runs = []
         for fname, items in sorted(per_file.items()):

@@ -1,0 +1,288 @@
+"""Backup locations: after each local commit, upload the checkpoint to S3 in the background, with retries and the
+location's own retention.
+
+A location is ``"s3://bucket/prefix"`` or a dict with ``uri`` and retention rules of its own (the rules of
+:class:`~lightning_ckpt.RetentionPolicy`, plus ``keep_tags``), for example keep 2 locally and every best on S3::
+
+    PeriodicCheckpoint("ckpts/", every_n_train_steps=500,
+                       backup_uri=[{"uri": "s3://bucket/run1", "keep_last": 3, "keep_tags": ["best"]}])
+
+Uploads run on rank 0 (the checkpoint folder is shared by the ranks), one thread per location, in commit order.
+Objects go up first, ``manifest.json`` last, then ``latest.json`` (:func:`lightning_ckpt.storage.s3.push_checkpoint`),
+so an interrupted upload is never seen as a checkpoint. A failed upload is logged and retried with exponential backoff
+(the server may be down for a while); training goes on unless the location is ``required``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from .policy.retention import Record, RetentionRules, plan_retention
+
+log = logging.getLogger("lightning_ckpt")
+
+_RULE_KEYS = ("keep_last", "keep_best", "monitor", "mode", "keep_every_n_steps", "max_total_bytes", "keep_tags")
+
+
+@dataclass(frozen=True)
+class BackupLocation:
+    """One place checkpoints are copied to, with its own retention (no rule: keep everything)."""
+
+    uri: str
+    rules: RetentionRules = field(default_factory=RetentionRules)
+    required: bool = False
+
+    @property
+    def prunes(self) -> bool:
+        return self.rules.has_keep_rule or self.rules.max_total_bytes is not None
+
+
+def parse_locations(spec: Any, what: str = "backup_uri") -> list[BackupLocation]:
+    """``"s3://b/p"``, ``{"uri": "s3://b/p", "keep_last": 2, ...}`` or a list of them -> locations (validated)."""
+    from .storage.s3 import parse_s3_uri
+
+    if spec is None:
+        return []
+    items = list(spec) if isinstance(spec, (list, tuple)) else [spec]
+    out: list[BackupLocation] = []
+    for item in items:
+        if isinstance(item, BackupLocation):
+            out.append(item)
+            continue
+        if isinstance(item, str):
+            parse_s3_uri(item)
+            out.append(BackupLocation(item.rstrip("/")))
+            continue
+        if not isinstance(item, dict) or "uri" not in item:
+            raise ValueError(
+                f"{what} entry {item!r} is invalid; give 's3://bucket/prefix' or a dict such as "
+                "{'uri': 's3://bucket/prefix', 'keep_last': 3}"
+            )
+        unknown = sorted(set(item) - set(_RULE_KEYS) - {"uri", "required"})
+        if unknown:
+            raise ValueError(f"{what} entry for {item['uri']!r} has unknown keys {unknown}; allowed: uri, required, {', '.join(_RULE_KEYS)}")
+        uri = item["uri"]
+        parse_s3_uri(uri)
+        kw = {k: item[k] for k in _RULE_KEYS if k in item}
+        if "keep_tags" in kw:
+            tags = kw["keep_tags"]
+            if isinstance(tags, str) or not isinstance(tags, (list, tuple)) or not all(isinstance(t, str) and t for t in tags):
+                raise ValueError(f"keep_tags={tags!r} is invalid; give a list of tags such as ['best', 'preempt']")
+            kw["keep_tags"] = tuple(tags)
+        out.append(BackupLocation(uri.rstrip("/"), RetentionRules(**kw), bool(item.get("required", False))))
+    seen = set()
+    for loc in out:
+        if loc.uri in seen:
+            raise ValueError(f"{what} names {loc.uri} twice; give each location once")
+        seen.add(loc.uri)
+    return out
+
+
+def remote_records(uri: str) -> list[Record]:
+    from .storage.s3 import remote_manifests
+
+    return [
+        Record(name, int(m["step"]), sum(int(f["size"]) for f in m["files"].values()), dict(m.get("metrics") or {}),
+               tuple(m.get("tags") or ()), float(m.get("created_unix") or 0.0))
+        for name, m in remote_manifests(uri)
+    ]
+
+
+class Uploader:
+    """Uploads committed checkpoints of ``dirpath`` to one location, in a background thread, in commit order.
+
+    Args:
+        location: where to, and the location's retention.
+        dirpath: the local folder the checkpoints are committed in.
+        max_retry_s: the longest wait between two tries of a failed upload.
+        protect: callable -> names never to delete at the location (best-k, the checkpoint resumed from, ...).
+        primary: the location is the run's ``dirpath`` (an ``s3://`` dirpath): the local copy is only a staging copy,
+            removed once uploaded, and deletions asked by the callbacks apply to the location.
+    """
+
+    def __init__(self, location: BackupLocation, dirpath: str, *, max_retry_s: float = 60.0,
+                 protect: Optional[Callable[[], set]] = None, primary: bool = False) -> None:
+        self.location = location
+        self.uri = location.uri
+        self.dirpath = dirpath
+        self.max_retry_s = float(max_retry_s)
+        self.protect_fn = protect
+        self.primary = primary
+        self.extra_rules: list[RetentionRules] = []  # RetentionPolicy callbacks on an s3:// dirpath
+        self.uploaded: list[str] = []
+        self.deleted: list[str] = []
+        self.failures = 0
+        self.last_error: Optional[BaseException] = None
+        self._queue: "queue.Queue[Optional[tuple[str, str]]]" = queue.Queue()
+        self._pending: set[str] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    # ------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="lightning_ckpt-upload", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        if self._thread is None:
+            return
+        self._stop.set()
+        self._queue.put(None)
+        self._thread.join(timeout=timeout)
+        self._thread = None
+
+    # ------------------------------------------------------------ queueing
+    def pending(self) -> set[str]:
+        with self._lock:
+            return set(self._pending)
+
+    def enqueue(self, path: str) -> None:
+        name = os.path.basename(os.path.normpath(path))
+        with self._lock:
+            self._pending.add(name)
+        self._queue.put(("upload", path))
+
+    def enqueue_delete(self, name: str) -> None:
+        """Delete ``name`` at the location after the uploads queued before it (the replacement is up first)."""
+        self._queue.put(("delete", name))
+
+    def catch_up(self) -> None:
+        """Queue the local checkpoints newer than the newest one at the location (a crash cut their upload short)."""
+        from .checkpoints import list_checkpoints
+        from .storage.s3 import remote_steps
+
+        try:
+            remote = remote_steps(self.uri)
+        except Exception as e:  # noqa: BLE001 - the server may be down; the next commit tries again
+            log.warning("lightning_ckpt: cannot list %s (%r); skipping the upload catch-up", self.uri, e)
+            return
+        newest = remote[0][0] if remote else -1
+        names = {n for _, n in remote}
+        for c in list_checkpoints(self.dirpath):
+            if c.step > newest and c.name not in names:
+                log.info("lightning_ckpt: %s was committed but not uploaded to %s; uploading it now", c.path, self.uri)
+                self.enqueue(c.path)
+
+    def flush(self, timeout_s: float) -> list[str]:
+        """Wait up to ``timeout_s`` for the queued uploads; returns the names still not uploaded."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self._pending:
+                    return []
+            if self._thread is None:
+                break
+            time.sleep(0.1)
+        with self._lock:
+            return sorted(self._pending)
+
+    # ------------------------------------------------------------ the thread
+    def _run(self) -> None:
+        from .writer.writer import _background_priority
+
+        _background_priority()
+        while not self._stop.is_set():
+            item = self._queue.get()
+            if item is None:
+                break
+            op, arg = item
+            try:
+                if op == "upload":
+                    self._upload(arg)
+                else:
+                    self._delete([arg], "deleted by a callback of the run")
+            except Exception as e:  # noqa: BLE001 - a bug here must not kill the thread
+                log.error("lightning_ckpt: backup to %s: %r", self.uri, e)
+            finally:
+                self._queue.task_done()
+
+    def _upload(self, path: str) -> None:
+        from .storage.s3 import push_checkpoint
+
+        name = os.path.basename(os.path.normpath(path))
+        delay = 1.0
+        try:
+            while not self._stop.is_set():
+                if not os.path.isdir(path):  # deleted locally (e.g. replaced): nothing to upload any more
+                    return
+                try:
+                    push_checkpoint(path, self.uri, verify=True)
+                except Exception as e:  # noqa: BLE001 - an outage must not stop training; retry later
+                    self.failures += 1
+                    self.last_error = e
+                    log.warning("lightning_ckpt: upload of %s to %s failed (%r); retrying in %.0fs", path, self.uri, e, delay)
+                    self._stop.wait(delay)
+                    delay = min(self.max_retry_s, delay * 2)
+                    continue
+                self.uploaded.append(name)
+                log.info("lightning_ckpt: backed up %s to %s", path, self.uri)
+                if self.primary:
+                    self._drop_staged(path)
+                self._apply_retention()
+                return
+        finally:
+            with self._lock:
+                self._pending.discard(name)
+
+    def _drop_staged(self, path: str) -> None:
+        """``dirpath`` is this location: the local copy was only staging."""
+        import uuid
+
+        from .format import manifest as mf
+        from .storage.local import remove_tree
+
+        trash = os.path.join(os.path.dirname(path), f"{mf.TRASH_PREFIX}{os.path.basename(path)}-{uuid.uuid4().hex[:6]}")
+        try:
+            os.rename(path, trash)
+        except OSError:
+            return
+        remove_tree(trash)
+
+    def _protected(self) -> set[str]:
+        names = self.pending()
+        if self.protect_fn is not None:
+            try:
+                names |= set(self.protect_fn())
+            except Exception as e:  # noqa: BLE001
+                log.error("lightning_ckpt: protector failed: %r", e)
+        return names
+
+    def _apply_retention(self) -> None:
+        rule_sets = ([self.location.rules] if self.location.prunes else []) + list(self.extra_rules)
+        if not rule_sets:
+            return
+        try:
+            records = remote_records(self.uri)
+        except Exception as e:  # noqa: BLE001
+            log.warning("lightning_ckpt: cannot list %s for retention (%r); trying again after the next upload", self.uri, e)
+            return
+        protected = self._protected()
+        keep = [False] * len(records)
+        for rules in rule_sets:  # several rule sets on one location: a checkpoint kept by any of them stays
+            keep = [a or b for a, b in zip(keep, plan_retention(records, rules, protected))]
+        doomed = [r.name for r, k in zip(records, keep) if not k]
+        if doomed:
+            self._delete(doomed, "retention")
+
+    def _delete(self, names: list[str], reason: str) -> None:
+        from .storage.s3 import delete_remote
+
+        protected = self._protected()
+        for name in names:
+            if name in protected:
+                continue
+            try:
+                delete_remote(self.uri, name)
+                self.deleted.append(name)
+                log.info("lightning_ckpt: deleted %s/%s (%s)", self.uri, name, reason)
+            except Exception as e:  # noqa: BLE001 - try again at the next retention pass
+                log.warning("lightning_ckpt: could not delete %s/%s (%r)", self.uri, name, e)

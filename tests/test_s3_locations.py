@@ -1,0 +1,272 @@
+"""Backups as an argument of the saving callbacks (several locations, each with its own retention), an s3:// dirpath,
+checkpoints read in place from S3 (list / latest / verify / load / fit), and resume="auto" -- against a real S3
+server (SeaweedFS on loopback) that the tests start themselves."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from lightning_ckpt import (
+    BestMetricCheckpoint,
+    CheckpointCorruptError,
+    CheckpointError,
+    CheckpointNotFoundError,
+    PeriodicCheckpoint,
+    RetentionPolicy,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    load_weights,
+    verify_checkpoint,
+)
+from lightning_ckpt.callbacks.base import staging_dir
+from lightning_ckpt.demo import DemoDataModule, DemoModel
+from lightning_ckpt.storage.s3 import list_remote, push_checkpoint
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from seaweed import s3_server  # noqa: E402
+
+BUCKET = "locs"
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    with s3_server(str(tmp_path_factory.mktemp("weed-locations")), BUCKET) as server:
+        yield server
+
+
+@pytest.fixture(autouse=True)
+def _local_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LIGHTNING_CKPT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("LIGHTNING_CKPT_STAGING", str(tmp_path / "staging"))
+
+
+def _trainer(callbacks, max_steps, **kw):
+    return pl.Trainer(max_steps=max_steps, callbacks=callbacks, logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, num_sanity_val_steps=0, **kw)
+
+
+def _data():
+    return DemoDataModule(n_train=64, n_val=32, batch_size=16)
+
+
+def _model():
+    torch.manual_seed(0)
+    return DemoModel()
+
+
+def _steps(uri):
+    return sorted(c.step for c in list_checkpoints(uri))
+
+
+def test_backup_uri_locations_each_with_their_own_retention(s3, tmp_path):
+    d = str(tmp_path / "ckpts")
+    locations = [
+        {"uri": f"s3://{BUCKET}/last1", "keep_last": 1},
+        {"uri": f"s3://{BUCKET}/bests", "keep_tags": ["best"]},
+    ]
+    cbs = [
+        PeriodicCheckpoint(d, every_n_train_steps=2, backup_uri=locations),
+        BestMetricCheckpoint(d, monitor="val_loss", top_k=-1),
+        RetentionPolicy(d, keep_last=2),
+    ]
+    t = _trainer(cbs, max_steps=12, val_check_interval=4, limit_val_batches=2)
+    t.fit(_model(), _data())
+    local = list_checkpoints(d)
+    # local: the 2 newest plus the best ones that BestMetricCheckpoint keeps (top_k=-1 protects every improvement)
+    assert [c.step for c in local][-2:] == [10, 12]
+    assert _steps(f"s3://{BUCKET}/last1") == [12]
+    bests = list_checkpoints(f"s3://{BUCKET}/bests")
+    best_steps = sorted(c.step for c in local if "best" in c.tags)
+    assert best_steps and {c.step for c in bests} == set(best_steps) | {12}  # every best, and the newest
+    assert all("best" in c.tags for c in bests if c.step != 12)
+    # what is on S3 reads in place: listed, verified and loaded (through the local cache)
+    newest = latest_checkpoint(f"s3://{BUCKET}/last1")
+    assert newest == f"s3://{BUCKET}/last1/step=000012"
+    verify_checkpoint(newest)
+    ck = load_checkpoint(newest)
+    assert ck["global_step"] == 12
+    on_disk = load_checkpoint(os.path.join(d, "step=000012"))
+    for k, v in on_disk["state_dict"].items():
+        assert torch.equal(v, ck["state_dict"][k])
+
+
+def test_bad_backup_settings_are_refused_with_a_clear_message(tmp_path):
+    d = str(tmp_path / "c")
+    with pytest.raises(ValueError, match="s3://bucket/prefix"):
+        PeriodicCheckpoint(d, every_n_train_steps=1, backup_uri="/mnt/backup")
+    with pytest.raises(ValueError, match="unknown keys"):
+        PeriodicCheckpoint(d, every_n_train_steps=1, backup_uri=[{"uri": "s3://b/p", "keep_lst": 2}])
+    with pytest.raises(ValueError, match="twice"):
+        PeriodicCheckpoint(d, every_n_train_steps=1, backup_uri=["s3://b/p", "s3://b/p/"])
+    with pytest.raises(ValueError, match="keep_best is set but monitor"):
+        PeriodicCheckpoint(d, every_n_train_steps=1, backup_uri=[{"uri": "s3://b/p", "keep_best": 2}])
+    with pytest.raises(ValueError, match="resume="):
+        PeriodicCheckpoint(d, every_n_train_steps=1, resume="latest")
+    with pytest.raises(ValueError, match="on_save_error="):
+        PeriodicCheckpoint(d, every_n_train_steps=1, on_save_error="ignore")
+    with pytest.raises(ValueError, match="merge_on_train_end needs a local dirpath"):
+        PeriodicCheckpoint("s3://b/p", every_n_train_steps=1, merge_on_train_end=True)
+
+
+def test_s3_dirpath_keeps_no_local_copy_and_resumes_from_s3(s3, tmp_path):
+    uri = f"s3://{BUCKET}/direct"
+    cbs = [PeriodicCheckpoint(uri, every_n_train_steps=2, resume="auto"), RetentionPolicy(uri, keep_last=2)]
+    t = _trainer(cbs, max_steps=8, limit_val_batches=0)
+    t.fit(_model(), _data())
+    assert _steps(uri) == [6, 8]  # retention applied on S3
+    staged = staging_dir(uri)
+    assert list_checkpoints(staged) == []  # staged copies are removed once uploaded
+    ck = load_checkpoint(f"{uri}/step=000008")
+    assert ck["global_step"] == 8
+
+    # relaunch the same command with more steps: it resumes from S3
+    cb = PeriodicCheckpoint(uri, every_n_train_steps=2, resume="auto")
+    t2 = _trainer([cb, RetentionPolicy(uri, keep_last=2)], max_steps=12, limit_val_batches=0)
+    t2.fit(_model(), _data())
+    assert str(t2.ckpt_path) == f"{uri}/step=000008"
+    assert t2.global_step == 12
+    assert _steps(uri) == [8, 10, 12]  # retention never deletes the checkpoint this run resumed from
+    newest = load_checkpoint(f"{uri}/step=000012")
+    assert newest["global_step"] == 12
+
+    # Trainer.fit(ckpt_path=<s3 checkpoint>) works with no auto resume, too
+    model = _model()
+    t3 = _trainer([PeriodicCheckpoint(str(tmp_path / "other"), every_n_train_steps=100)], max_steps=13, limit_val_batches=0)
+    t3.fit(model, _data(), ckpt_path=f"{uri}/step=000012")
+    assert t3.global_step == 13
+
+
+def test_resume_auto_prefers_local_then_backups_then_starts_fresh(s3, tmp_path):
+    d = str(tmp_path / "ckpts")
+    uri = f"s3://{BUCKET}/auto"
+
+    def run(max_steps):
+        cb = PeriodicCheckpoint(d, every_n_train_steps=2, backup_uri=uri, resume="auto")
+        t = _trainer([cb], max_steps=max_steps, limit_val_batches=0)
+        t.fit(_model(), _data())
+        return t
+
+    t = run(4)
+    assert t.ckpt_path is None and t.global_step == 4  # nothing anywhere: a fresh start
+    t = run(6)
+    assert str(t.ckpt_path) == os.path.join(d, "step=000004")  # local first
+    assert _steps(uri) == [2, 4, 6]
+    shutil.rmtree(d)  # a fresh machine: nothing local
+    t = run(8)
+    assert str(t.ckpt_path) == os.path.join(d, "step=000006")  # pulled from the backup, verified
+    assert t.global_step == 8
+    assert _steps(uri) == [2, 4, 6, 8]
+
+
+def test_resume_auto_skips_a_corrupt_newest_backup(s3, tmp_path):
+    d = str(tmp_path / "ckpts")
+    uri = f"s3://{BUCKET}/corrupt-newest"
+    _trainer([PeriodicCheckpoint(d, every_n_train_steps=2, backup_uri=uri)], max_steps=4, limit_val_batches=0).fit(_model(), _data())
+    # damage the newest checkpoint on S3 (one shard file replaced by flipped bytes)
+    client = s3.client()
+    key = next(o["Key"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix="corrupt-newest/step=000004/")["Contents"]
+               if o["Key"].endswith(".safetensors"))
+    body = bytearray(client.get_object(Bucket=BUCKET, Key=key)["Body"].read())
+    body[-1] ^= 0xFF
+    client.put_object(Bucket=BUCKET, Key=key, Body=bytes(body))
+    shutil.rmtree(d)
+    with pytest.warns(UserWarning, match="step=000004"):
+        t = _trainer([PeriodicCheckpoint(d, every_n_train_steps=2, backup_uri=uri, resume="auto")], max_steps=6,
+                     limit_val_batches=0)
+        t.fit(_model(), _data())
+    assert str(t.ckpt_path) == os.path.join(d, "step=000002")
+
+
+# --------------------------------------------------------------------------------------------------- hostile S3 input
+def _put_tree(client, prefix, folder):
+    for f in os.listdir(folder):
+        with open(os.path.join(folder, f), "rb") as fh:
+            client.put_object(Bucket=BUCKET, Key=f"{prefix}/{f}", Body=fh.read())
+
+
+@pytest.fixture(scope="module")
+def good_ckpt(tmp_path_factory, s3):
+    d = str(tmp_path_factory.mktemp("good"))
+    _trainer([PeriodicCheckpoint(d, every_n_train_steps=2)], max_steps=2, limit_val_batches=0).fit(_model(), _data())
+    return os.path.join(d, "step=000002")
+
+
+def _hostile(kind, src, dst):
+    shutil.copytree(src, dst)
+    m = json.load(open(os.path.join(dst, "manifest.json")))
+    shard = next(f for f in m["files"] if f.endswith(".safetensors"))
+    if kind == "escape":
+        m["files"]["../../etc/passwd"] = m["files"].pop(shard)
+    elif kind == "newer":
+        m["format_version"] = 99
+    elif kind == "pickle":
+        import pickle
+
+        class Boom:
+            def __reduce__(self):
+                return (os.system, ("touch /tmp/lightning_ckpt_pwned",))
+
+        with open(os.path.join(dst, shard), "wb") as f:
+            f.write(pickle.dumps(Boom()))
+    elif kind == "truncated":
+        with open(os.path.join(dst, shard), "r+b") as f:
+            f.truncate(os.path.getsize(os.path.join(dst, shard)) // 2)
+    elif kind == "bitflip":
+        b = bytearray(open(os.path.join(dst, shard), "rb").read())
+        b[len(b) // 2] ^= 0x01
+        open(os.path.join(dst, shard), "wb").write(bytes(b))
+    elif kind == "notjson":
+        open(os.path.join(dst, "manifest.json"), "wb").write(b"\x80not json{")
+        return
+    json.dump(m, open(os.path.join(dst, "manifest.json"), "w"))
+
+
+@pytest.mark.parametrize("kind,error", [
+    ("escape", CheckpointCorruptError), ("newer", CheckpointError), ("pickle", CheckpointCorruptError),
+    ("truncated", CheckpointCorruptError), ("bitflip", CheckpointCorruptError), ("notjson", CheckpointCorruptError),
+])
+def test_hostile_checkpoints_on_s3_are_refused_before_anything_runs(s3, good_ckpt, tmp_path, kind, error):
+    src = str(tmp_path / "step=000002")
+    _hostile(kind, good_ckpt, src)
+    prefix = f"hostile-{kind}"
+    _put_tree(s3.client(), f"{prefix}/step=000002", src)
+    uri = f"s3://{BUCKET}/{prefix}/step=000002"
+    with pytest.raises(error):
+        load_checkpoint(uri)
+    with pytest.raises(error):
+        verify_checkpoint(uri)
+    # a Trainer refuses it before training: the model keeps its weights
+    model = _model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    t = _trainer([PeriodicCheckpoint(str(tmp_path / "run"), every_n_train_steps=100)], max_steps=3, limit_val_batches=0)
+    with pytest.raises(error):
+        t.fit(model, _data(), ckpt_path=uri)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert not os.path.exists("/tmp/lightning_ckpt_pwned")
+    # next to a valid older checkpoint, latest_checkpoint falls back to that one
+    push_checkpoint(good_ckpt.replace("step=000002", "step=000002"), f"s3://{BUCKET}/{prefix}-mixed")
+    _put_tree(s3.client(), f"{prefix}-mixed/step=000009", src.replace("step=000002", "step=000002"))
+    with pytest.warns(UserWarning):
+        assert latest_checkpoint(f"s3://{BUCKET}/{prefix}-mixed") == f"s3://{BUCKET}/{prefix}-mixed/step=000002"
+
+
+def test_load_from_s3_fetches_only_what_is_needed(s3, good_ckpt, tmp_path):
+    push_checkpoint(good_ckpt, f"s3://{BUCKET}/partial-fetch")
+    uri = f"s3://{BUCKET}/partial-fetch/step=000002"
+    model = DemoModel()
+    load_weights(uri, model)
+    cached = [f for root, _, files in os.walk(str(tmp_path / "cache")) for f in files if not f.startswith(".")]
+    names = set(cached)
+    assert "manifest.json" in names
+    assert any(n.startswith("model-") for n in names)
+    assert not any(n.startswith("optim-") for n in names), names  # the optimizer state was not downloaded
+    with pytest.raises(CheckpointNotFoundError):
+        load_checkpoint(f"s3://{BUCKET}/partial-fetch/step=999999")
+    assert list_remote(f"s3://{BUCKET}/partial-fetch") == ["step=000002"]
