@@ -198,9 +198,19 @@ def good_ckpt(tmp_path_factory, s3):
     return os.path.join(d, "step=000002")
 
 
+def _read(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _write(path, data):
+    with open(path, "wb") as f:
+        f.write(data)
+
+
 def _hostile(kind, src, dst):
     shutil.copytree(src, dst)
-    m = json.load(open(os.path.join(dst, "manifest.json")))
+    m = json.loads(_read(os.path.join(dst, "manifest.json")))
     shard = next(f for f in m["files"] if f.endswith(".safetensors"))
     if kind == "escape":
         m["files"]["../../etc/passwd"] = m["files"].pop(shard)
@@ -213,19 +223,18 @@ def _hostile(kind, src, dst):
             def __reduce__(self):
                 return (os.system, ("touch /tmp/lightning_ckpt_pwned",))
 
-        with open(os.path.join(dst, shard), "wb") as f:
-            f.write(pickle.dumps(Boom()))
+        _write(os.path.join(dst, shard), pickle.dumps(Boom()))
     elif kind == "truncated":
         with open(os.path.join(dst, shard), "r+b") as f:
             f.truncate(os.path.getsize(os.path.join(dst, shard)) // 2)
     elif kind == "bitflip":
-        b = bytearray(open(os.path.join(dst, shard), "rb").read())
+        b = bytearray(_read(os.path.join(dst, shard)))
         b[len(b) // 2] ^= 0x01
-        open(os.path.join(dst, shard), "wb").write(bytes(b))
+        _write(os.path.join(dst, shard), bytes(b))
     elif kind == "notjson":
-        open(os.path.join(dst, "manifest.json"), "wb").write(b"\x80not json{")
+        _write(os.path.join(dst, "manifest.json"), b"\x80not json{")
         return
-    json.dump(m, open(os.path.join(dst, "manifest.json"), "w"))
+    _write(os.path.join(dst, "manifest.json"), json.dumps(m).encode())
 
 
 @pytest.mark.parametrize("kind,error", [
@@ -251,8 +260,8 @@ def test_hostile_checkpoints_on_s3_are_refused_before_anything_runs(s3, good_ckp
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert not os.path.exists("/tmp/lightning_ckpt_pwned")
     # next to a valid older checkpoint, latest_checkpoint falls back to that one
-    push_checkpoint(good_ckpt.replace("step=000002", "step=000002"), f"s3://{BUCKET}/{prefix}-mixed")
-    _put_tree(s3.client(), f"{prefix}-mixed/step=000009", src.replace("step=000002", "step=000002"))
+    push_checkpoint(good_ckpt, f"s3://{BUCKET}/{prefix}-mixed")
+    _put_tree(s3.client(), f"{prefix}-mixed/step=000009", src)
     with pytest.warns(UserWarning):
         assert latest_checkpoint(f"s3://{BUCKET}/{prefix}-mixed") == f"s3://{BUCKET}/{prefix}-mixed/step=000002"
 
