@@ -29,7 +29,8 @@ class LightningCkptIO(CheckpointIO):
     def load_checkpoint(self, path: Any, map_location: Optional[Any] = None, weights_only: Optional[bool] = None) -> dict[str, Any]:
         if is_checkpoint_dir(path):
             self._check_kind(str(path))
-            ckpt = load_checkpoint(path, map_location=map_location if map_location is not None else "cpu")
+            rank = int(getattr(self.trainer, "global_rank", 0) or 0)  # each rank restores its own state and RNG
+            ckpt = load_checkpoint(path, map_location=map_location if map_location is not None else "cpu", rank=rank)
             self._check_fits_model(ckpt, str(path))
             return ckpt
         kwargs = {} if weights_only is None else {"weights_only": weights_only}

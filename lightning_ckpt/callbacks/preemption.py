@@ -39,8 +39,9 @@ def _is_lightning_requeue_handler(h: Any) -> bool:
 
 
 def _without_lightning_requeue(handler: Any) -> tuple[bool, Any]:
-    """``(found, rest)``: whether ``handler`` (as installed by Lightning for the requeue signal) contains Lightning's
-    SLURM requeue handler, and a handler that runs everything else it ran (``None`` if nothing is left)."""
+    """``(found, rest)``: whether ``handler`` (as installed by Lightning for the requeue signal, possibly composed with
+    other handlers) contains Lightning's SLURM requeue handler, and a handler that runs everything else it ran
+    (``None`` if nothing is left)."""
     try:
         from lightning.pytorch.trainer.connectors.signal_connector import _HandlersCompose
     except ImportError:  # pragma: no cover - private Lightning API moved
@@ -48,8 +49,13 @@ def _without_lightning_requeue(handler: Any) -> tuple[bool, Any]:
     if _is_lightning_requeue_handler(handler):
         return True, None
     if isinstance(handler, _HandlersCompose):
-        rest = [h for h in handler.signal_handlers if not _is_lightning_requeue_handler(h)]
-        if len(rest) == len(handler.signal_handlers):
+        found, rest = False, []
+        for h in handler.signal_handlers:
+            f, r = _without_lightning_requeue(h)
+            found = found or f
+            if r is not None:
+                rest.append(r)
+        if not found:
             return False, handler
         return True, (_HandlersCompose(rest) if rest else None)
     return False, handler
@@ -213,15 +219,17 @@ class PreemptionCheckpoint(BaseCheckpointCallback):
         super().on_fit_end(trainer, pl_module)
         # the very end of a fit that stopped for the SLURM requeue signal: every saving callback (and the backups)
         # finished in on_train_end, after the last commit; on a real cluster `scontrol requeue` ends this job
-        if not self._requeue:
-            return
-        self._requeue = False
+        if self._requeue:
+            self._requeue_after_commit(trainer)
+
+    def _requeue_after_commit(self, trainer: "pl.Trainer") -> None:
+        self._requeue = self._requeue_received = False
         if not trainer.is_global_zero:
             return
         shared = self._shared
         history = shared.writer.history if shared is not None else []
         step = self.preempted_step
-        if not any(r.step == step and "preempt" in r.tags for r in history):
+        if step is None or not any(r.step == step and "preempt" in r.tags for r in history):
             log.error("lightning_ckpt: the preempt checkpoint of step %s was not committed; not requeuing the SLURM job", step)
             self.requeued = False
             return
@@ -282,7 +290,11 @@ class PreemptionCheckpoint(BaseCheckpointCallback):
             shared.requests.clear()
             self.request_save(trainer, ("preempt",), force=True)
             self._flush(trainer)
-        super().on_exception(trainer, pl_module, exception)
+        super().on_exception(trainer, pl_module, exception)  # waits for the commit
+        if isinstance(exception, SIGTERMException) and (self._requeue or self._requeue_received):
+            # Lightning stopped the loop (a SIGTERM too, or SIGTERM is the requeue signal): requeue all the same once
+            # the preempt checkpoint is committed (no collective here: rank 0 decides alone in the exception path)
+            self._requeue_after_commit(trainer)
 
     def state_dict(self) -> dict[str, Any]:
         return {"dirpath": self.dirpath}

@@ -65,10 +65,16 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--out")
     ap.add_argument("--preempt", action="store_true", help="add PreemptionCheckpoint (SIGTERM)")
+    ap.add_argument("--backup", help="backup_uri of the periodic callback (s3://bucket/prefix)")
+    ap.add_argument("--auto-resume", action="store_true", help="resume='auto'")
+    ap.add_argument("--rank-cache", help="a separate S3 read cache per rank under this folder")
     a = ap.parse_args()
+    if a.rank_cache:
+        os.environ["LIGHTNING_CKPT_CACHE"] = os.path.join(a.rank_cache, f"rank{os.environ.get('RANK', '0')}")
     pl.seed_everything(3, verbose=False)
     ckpt = PeriodicCheckpoint(a.dir, every_n_train_steps=a.every, async_save=not a.sync, distributed=a.mode,
-                              save_timeout_s=a.timeout, merge_on_train_end=a.merge)
+                              save_timeout_s=a.timeout, merge_on_train_end=a.merge, backup_uri=a.backup,
+                              resume="auto" if a.auto_resume else None)
     callbacks = [ckpt, BestMetricCheckpoint(a.dir, monitor="val_loss", top_k=1, async_save=not a.sync, distributed=a.mode,
                                             save_timeout_s=a.timeout)]
     if a.preempt:
@@ -88,7 +94,8 @@ def main() -> None:
     if a.out and trainer.global_rank == 0:
         save_file({k: v.contiguous() for k, v in trainer.lightning_module.state_dict().items()}, a.out)
         with open(a.out + ".json", "w") as f:
-            json.dump({"world_size": trainer.world_size, "global_step": trainer.global_step, "resumed_from": path}, f)
+            json.dump({"world_size": trainer.world_size, "global_step": trainer.global_step,
+                       "resumed_from": path or (str(trainer.ckpt_path) if trainer.ckpt_path else None)}, f)
 
 
 if __name__ == "__main__":
