@@ -48,7 +48,9 @@ def _fmt_metric(v) -> str:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    if not os.path.isdir(args.dir):
+    from .storage.s3 import is_s3_uri
+
+    if not is_s3_uri(args.dir) and not os.path.isdir(args.dir):
         print(f"lightning-ckpt: {args.dir} is not a folder", file=sys.stderr)
         return 2
     ckpts = list_checkpoints(args.dir)
@@ -91,7 +93,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         print(json.dumps(m, indent=1))
         return 0
     size = sum(f["size"] for f in m["files"].values())
-    print(f"checkpoint   {os.path.abspath(args.path)}")
+    print(f"checkpoint   {args.path if str(args.path).startswith('s3://') else os.path.abspath(args.path)}")
     print(f"step         {m['step']}   epoch {m.get('epoch')}   kind {m.get('kind')}   world size {m.get('world_size')}")
     print(f"tags         {', '.join(m.get('tags') or []) or '-'}")
     print(f"size         {_human_bytes(size)} in {len(m['files'])} files, {len(m.get('tensors', {}))} tensors")
@@ -317,7 +319,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lightning-ckpt", description="Inspect and verify lightning_ckpt checkpoints.")
     sub = p.add_subparsers(dest="command", required=True)
-    ls = sub.add_parser("ls", help="list committed checkpoints in a run folder")
+    ls = sub.add_parser("ls", help="list committed checkpoints in a run folder (or s3://bucket/prefix)")
     ls.add_argument("dir")
     ls.add_argument("--json", action="store_true", help="machine-readable output")
     ls.add_argument("--verify", action="store_true", help="check every byte of every checkpoint (exit 1 if any fails)")
@@ -383,6 +385,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except CheckpointError as e:
         print(f"lightning-ckpt: {e}", file=sys.stderr)
         return 1
+    except Exception as e:  # noqa: BLE001
+        if type(e).__module__.split(".")[0] in ("botocore", "boto3", "s3transfer"):
+            print(f"lightning-ckpt: an S3 request failed: {e}. Check AWS_ENDPOINT_URL, the credentials (AWS_PROFILE, "
+                  "AWS_ACCESS_KEY_ID, ...) and that the bucket exists.", file=sys.stderr)
+            return 1
+        raise
 
 
 if __name__ == "__main__":  # pragma: no cover

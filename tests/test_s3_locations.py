@@ -279,3 +279,23 @@ def test_load_from_s3_fetches_only_what_is_needed(s3, good_ckpt, tmp_path):
     with pytest.raises(CheckpointNotFoundError):
         load_checkpoint(f"s3://{BUCKET}/partial-fetch/step=999999")
     assert list_remote(f"s3://{BUCKET}/partial-fetch") == ["step=000002"]
+
+
+def test_cli_lists_shows_verifies_and_merges_checkpoints_on_s3(s3, good_ckpt, tmp_path, capsys):
+    from lightning_ckpt.cli import main
+
+    push_checkpoint(good_ckpt, f"s3://{BUCKET}/cli")
+    assert main(["ls", f"s3://{BUCKET}/cli", "--verify"]) == 0
+    assert "step=000002" in capsys.readouterr().out
+    assert main(["show", f"s3://{BUCKET}/cli/step=000002"]) == 0
+    assert "step         2" in capsys.readouterr().out
+    assert main(["verify", f"s3://{BUCKET}/cli/step=000002"]) == 0
+    out = str(tmp_path / "model.safetensors")
+    assert main(["merge", f"s3://{BUCKET}/cli/step=000002", out, "--quiet"]) == 0
+    from safetensors.torch import load_file
+
+    model = DemoModel()
+    model.load_state_dict(load_file(out))
+    assert main(["verify", f"s3://{BUCKET}/cli/step=000404"]) == 2
+    assert main(["ls", "s3://no-such-bucket-here/x"]) == 2
+    assert "does not exist" in capsys.readouterr().err
