@@ -299,3 +299,28 @@ def test_cli_lists_shows_verifies_and_merges_checkpoints_on_s3(s3, good_ckpt, tm
     assert main(["verify", f"s3://{BUCKET}/cli/step=000404"]) == 2
     assert main(["ls", "s3://no-such-bucket-here/x"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_fault_tolerant_recipe_resumes_on_a_fresh_machine_from_its_backups(s3, tmp_path):
+    """configs/fault_tolerant.yaml through LightningCLI, as a user runs it; then the same command on a machine
+    without the run folder continues from S3."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    s3.client().create_bucket(Bucket="lightning-ckpt")
+    cmd = [sys.executable, os.path.join(root, "examples", "cli.py"), "fit", "--config",
+           os.path.join(root, "configs", "fault_tolerant.yaml")]
+    first = subprocess.run(cmd + ["--trainer.max_steps", "60"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-4000:]
+    local = str(tmp_path / "runs" / "fault_tolerant")
+    assert [c.step for c in list_checkpoints(local)][-2:] == [40, 60]
+    assert _steps("s3://lightning-ckpt/runs/fault_tolerant") == [20, 40, 60]
+    bests = list_checkpoints("s3://lightning-ckpt/best/fault_tolerant")
+    assert bests and all("best" in c.tags for c in bests[:-1])
+    shutil.rmtree(tmp_path / "runs")  # a fresh machine
+    again = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert "resuming from" in again.stderr and "step=000060" in again.stderr
+    assert _steps("s3://lightning-ckpt/runs/fault_tolerant") == [60, 80, 100]
+    newest = list_checkpoints(local)[-1]
+    assert newest.step == 100 and newest.manifest["resumed_from"].endswith("step=000060")

@@ -836,10 +836,12 @@ def _install_auto_resume(trainer: "pl.Trainer", shared: _Shared, cb: Any) -> Non
                 found, error = trainer.strategy.broadcast((found, error), src=0)
             if error is not None:
                 raise CheckpointError(error)
-            if found:
-                log.info("lightning_ckpt: resume='auto': resuming from %s", found)
+            from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+            if found:  # printed where Lightning prints its own messages
+                rank_zero_info(f"lightning_ckpt: resume='auto': resuming from {found}")
             else:
-                log.info("lightning_ckpt: resume='auto': no checkpoint in %s or its backups; starting fresh", shared.key)
+                rank_zero_info(f"lightning_ckpt: resume='auto': no checkpoint in {shared.key} or its backups; starting fresh")
             checkpoint_path = found
         return original(checkpoint_path, *args, **kwargs)
 
