@@ -230,7 +230,13 @@ def _parse_manifest(raw: bytes, where: str) -> dict:
 def read_remote_manifest(uri: str) -> tuple[dict, bytes]:
     """The validated manifest of the checkpoint at ``uri`` (``s3://bucket/prefix/<name>``) and its raw bytes."""
     bucket, key = parse_s3_uri(uri)
-    raw = _get_object(_client(), bucket, _join(key, mf.MANIFEST), _MAX_MANIFEST)
+    try:
+        raw = _get_object(_client(), bucket, _join(key, mf.MANIFEST), _MAX_MANIFEST)
+    except CheckpointNotFoundError:
+        raise CheckpointNotFoundError(
+            f"no committed checkpoint at {uri} (it has no manifest.json; an interrupted upload is not a checkpoint). "
+            f"List the checkpoints with `lightning-ckpt ls s3://{bucket}/<prefix>` or use latest_checkpoint('s3://...')."
+        ) from None
     return _parse_manifest(raw, f"s3://{bucket}/{_join(key, mf.MANIFEST)}"), raw
 
 
