@@ -1,0 +1,606 @@
+"""Fork server for ``tests/test_fault_injection.py``: kill -9 a training process at chosen and at random moments.
+
+Started once as a subprocess (``python tests/faults/kill_trials.py``). It imports torch, Lightning, lightning_ckpt and
+boto3 once, runs no torch compute and starts no thread, then answers one JSON command per stdin line with one JSON
+line on stdout:
+
+``{"op": "trial", ...}``
+    fork a child that trains the demo model (a checkpoint every step, ``RetentionPolicy(keep_last=2)``, backups to S3
+    with the location's own retention; see ``training_setup``), resuming from the newest valid checkpoint, local or
+    on S3. The child dies by SIGKILL: either it kills itself at the ``k``-th pass
+    through a kill point (``plan``; it writes a marker file just before), or the server kills it after a random delay
+    (``random_kill``). The reply says how it ended, which kill point fired, where training had got to, the last
+    instrumented event before the end, and (for ``count`` runs) how often each kill point was passed.
+``{"op": "resume", ...}``
+    fork a child that resumes a Trainer from a checkpoint for a few steps; the reply holds its exit status.
+``{"op": "env", "env": {...}}``
+    set environment variables (the S3 server's address and credentials) for the children to come.
+``{"op": "quit"}``
+
+Children write their output to a log file (never to the protocol's stdout), die with the server (PR_SET_PDEATHSIG)
+and share its process group, so killing the group ends everything.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import mmap
+import os
+import select
+import signal
+import struct
+import sys
+import threading
+import time
+import traceback
+import warnings
+from collections import defaultdict
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+# a thread pool started by an import (OpenBLAS, OpenMP) would not survive fork: keep every library single-threaded
+for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_v, "1")
+warnings.filterwarnings("ignore")
+
+import boto3  # noqa: E402,F401
+import boto3.s3.transfer  # noqa: E402,F401
+import lightning.pytorch as pl  # noqa: E402
+import torch  # noqa: E402,F401
+
+import lightning_ckpt.callbacks.base as base_mod  # noqa: E402
+import lightning_ckpt.format.tensorfile as tensorfile  # noqa: E402
+import lightning_ckpt.storage.local as local_mod  # noqa: E402
+import lightning_ckpt.storage.s3 as s3_mod  # noqa: E402
+import lightning_ckpt.writer.dcp_storage as dcp_storage  # noqa: E402
+import lightning_ckpt.writer.writer as writer_mod  # noqa: E402
+from lightning_ckpt import BackupToS3, PeriodicCheckpoint, RetentionPolicy, latest_checkpoint, resume_path  # noqa: E402
+from lightning_ckpt.checkpoints import read_checkpoint_manifest  # noqa: E402
+from lightning_ckpt.demo import DemoDataModule, DemoModel  # noqa: E402
+
+# ---------------------------------------------------------------------------------------------------------------
+# Backups and resume: the saving callback's own backup_uri= and resume="auto" (True), or the older way, a BackupToS3
+# callback and fit(ckpt_path=resume_path(dirpath, uri)) (False). This is the one line to change;
+# LC_FAULT_BACKUP=callback runs the older way without editing.
+BUILTIN_BACKUP_AND_RESUME = os.environ.get("LC_FAULT_BACKUP", "builtin") == "builtin"
+# ---------------------------------------------------------------------------------------------------------------
+
+KEEP_LAST = 2  # local retention
+S3_KEEP_LAST = 3  # the S3 location's own retention (keeps the prefix small, and kills land in S3 deletions too)
+MAX_STEPS = 1_000_000  # never reached: each child trains `budget` steps and stops, unless it is killed first
+
+
+def training_setup(dirpath: str, uri: str) -> tuple[list, str | None]:
+    """The callbacks of the crash-looping job and the ``ckpt_path`` to give ``fit``."""
+    if BUILTIN_BACKUP_AND_RESUME:
+        ckpt = PeriodicCheckpoint(dirpath, every_n_train_steps=1, backup_uri=[{"uri": uri, "keep_last": S3_KEEP_LAST}],
+                                  resume="auto")
+        return [ckpt, RetentionPolicy(dirpath, keep_last=KEEP_LAST)], None
+    ckpt = PeriodicCheckpoint(dirpath, every_n_train_steps=1)
+    return ([ckpt, BackupToS3(dirpath, uri, keep_last=S3_KEEP_LAST), RetentionPolicy(dirpath, keep_last=KEEP_LAST)],
+            resume_path(dirpath, uri))
+
+
+def make_model_and_data() -> tuple[DemoModel, DemoDataModule]:
+    # 4 batches per epoch: saves fall on epoch boundaries too
+    return DemoModel(), DemoDataModule(n_train=64, n_val=16, batch_size=16)
+
+
+def make_trainer(callbacks: list, max_steps: int) -> pl.Trainer:
+    return pl.Trainer(
+        max_steps=max_steps, callbacks=callbacks, accelerator="cpu", devices=1, logger=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+    )
+
+
+# ------------------------------------------------------------------------------------------------ shared memory
+# One page shared by the server and the child it forks (MAP_SHARED survives fork): the child records where it is,
+# the server reads it after the child died (SIGKILL leaves no chance to write anything on the way out).
+_SHM = mmap.mmap(-1, 4096)
+_OFF_STARTED, _OFF_START_STEP, _OFF_PROGRESS, _OFF_NEVENTS, _OFF_EVENT = 0, 8, 16, 24, 32
+_EVENT_LEN = 120
+_START_FD: int | None = None  # in a trial child: the pipe to the server, written once when training starts
+
+
+def shm_reset() -> None:
+    _SHM[:] = b"\0" * len(_SHM)
+    struct.pack_into("<q", _SHM, _OFF_START_STEP, -1)
+    struct.pack_into("<q", _SHM, _OFF_PROGRESS, -1)
+
+
+def shm_read() -> dict:
+    started = struct.unpack_from("<d", _SHM, _OFF_STARTED)[0]
+    start_step = struct.unpack_from("<q", _SHM, _OFF_START_STEP)[0]
+    progress = struct.unpack_from("<q", _SHM, _OFF_PROGRESS)[0]
+    n = struct.unpack_from("<q", _SHM, _OFF_NEVENTS)[0]
+    ev = bytes(_SHM[_OFF_EVENT:_OFF_EVENT + _EVENT_LEN]).split(b"\0", 1)[0].decode("utf-8", "replace")
+    return {"train_started": started or None, "started_step": None if start_step < 0 else start_step,
+            "progress": None if progress < 0 else progress, "events": n, "last_event": ev or None}
+
+
+def shm_event(label: str) -> None:
+    raw = label.encode()[: _EVENT_LEN - 1]
+    _SHM[_OFF_EVENT:_OFF_EVENT + _EVENT_LEN] = raw + b"\0" * (_EVENT_LEN - len(raw))
+    n = struct.unpack_from("<q", _SHM, _OFF_NEVENTS)[0]
+    struct.pack_into("<q", _SHM, _OFF_NEVENTS, n + 1)
+
+
+# ------------------------------------------------------------------------------------------------ kill points
+KILL_POINTS = {
+    "write": [
+        "write.mid_file",       # half of a header/tensor buffer written into a shard or state file, then killed
+        "write.after_file",     # a shard/state file complete in the .partial folder, the next not started
+    ],
+    "commit": [
+        "commit.before_manifest",   # every file written, manifest not started
+        "commit.mid_manifest",      # half of manifest.json written
+        "commit.before_rename",     # manifest written and fsynced, .partial folder not renamed
+        "commit.after_rename",      # renamed into place (the commit point), parent not fsynced, latest.json stale
+        "commit.before_latest",     # about to replace latest.json
+        "commit.mid_latest",        # latest.json's temp file written, not yet renamed over latest.json
+        "commit.after_latest",      # latest.json replaced, commit hooks (retention, upload queue) not run
+    ],
+    "retention": [
+        "retention.before_trash",   # retention chose what to delete, nothing renamed yet
+        "retention.after_trash",    # a doomed checkpoint renamed to .trash-*, its removal not queued
+        "retention.before_remove",  # the background deleter is about to remove a .trash-* folder
+        "retention.mid_remove",     # some files of a .trash-* folder removed, the rest not
+        "retention.s3_before_delete",   # the S3 location's retention is about to delete a checkpoint's manifest
+        "retention.s3_after_manifest",  # its manifest deleted on S3 (not a checkpoint any more), objects not yet
+    ],
+    "upload": [
+        "upload.before_object",     # about to upload a data object of a checkpoint
+        "upload.mid_object",        # a data object's upload under way (bytes being sent)
+        "upload.after_object",      # a data object uploaded, others maybe not
+        "upload.before_manifest",   # every data object uploaded, manifest.json not
+        "upload.after_manifest",    # manifest.json uploaded (the commit on S3), latest.json not updated
+        "upload.after_latest",      # latest.json updated on S3
+    ],
+    "restore": [
+        "restore.after_download",   # the run folder is gone; a relaunch pulling the newest checkpoint from S3 dies
+    ],
+}
+PHASE_OF = {p: ph for ph, pts in KILL_POINTS.items() for p in pts}
+
+
+class KillPoints:
+    """Counts passes through each kill point; at the planned pass, writes the marker file and SIGKILLs itself."""
+
+    def __init__(self, plan: dict | None, marker: str) -> None:
+        self.plan = plan
+        self.marker = marker
+        self.counts: dict[str, int] = defaultdict(int)
+        self.lock = threading.Lock()
+
+    def claim(self, point: str) -> int:
+        """Count a pass through ``point``; return its number if it is the planned pass (the caller dies), else 0."""
+        with self.lock:
+            self.counts[point] += 1
+            n = self.counts[point]
+        return n if self.plan is not None and self.plan["point"] == point and n == self.plan["k"] else 0
+
+    def hit(self, point: str, **info) -> None:
+        """Pass through ``point``; die here if this is the planned pass."""
+        n = self.claim(point)
+        shm_event(f"{point} {info.get('name', '')}")
+        if n:
+            self.die(point, n, **info)
+
+    def die(self, point: str, n: int, **info) -> None:
+        rec = {"point": point, "phase": PHASE_OF[point], "k": n, "time": time.time(),
+               "thread": threading.current_thread().name, **info}
+        with open(self.marker, "w") as f:
+            f.write(json.dumps(rec))
+        os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(60)  # never reached
+
+
+class _Proxy:
+    """A stand-in for a module or object: the given attributes replaced, everything else passed through."""
+
+    def __init__(self, target, **overrides) -> None:
+        object.__setattr__(self, "_target", target)
+        for k, v in overrides.items():
+            object.__setattr__(self, k, v)
+
+    def __getattr__(self, name):
+        return getattr(object.__getattribute__(self, "_target"), name)
+
+
+def _ckpt_name_of(path: str) -> str:
+    """``.../.partial-step=000007-<writer id>-<seq>/x`` or ``.../step=000007[/x]`` -> ``step=000007``."""
+    parts = os.path.normpath(path).split(os.sep)
+    for part in reversed(parts):
+        if part.startswith(".partial-"):
+            rest = part[len(".partial-"):]
+            return rest.rsplit("-", 2)[0]
+        if part.startswith(".trash-"):
+            return part[len(".trash-"):].rsplit("-", 1)[0]
+        if part.startswith("step="):
+            return part
+    return ""
+
+
+def install_kill_points(kp: KillPoints) -> None:
+    """Wrap the functions each phase goes through (only in the forked child)."""
+    # -- write: shard and state files inside the .partial folder
+    real_write_all = tensorfile._write_all
+
+    def write_all(fd, mv):
+        n = kp.claim("write.mid_file")
+        if n:
+            path = os.readlink(f"/proc/self/fd/{fd}")
+            half = len(mv) // 2
+            if half:
+                os.write(fd, bytes(mv[:half]))
+            kp.die("write.mid_file", n, path=path, name=_ckpt_name_of(path), bytes_written=half, of=len(mv))
+        return real_write_all(fd, mv)
+
+    tensorfile._write_all = write_all
+
+    def after_file(real):
+        def wrapped(path, *a, **kw):
+            rec = real(path, *a, **kw)
+            kp.hit("write.after_file", path=path, name=_ckpt_name_of(path))
+            return rec
+        return wrapped
+
+    dcp_storage.write_tensor_file = after_file(dcp_storage.write_tensor_file)
+    dcp_storage.write_bytes_file = after_file(dcp_storage.write_bytes_file)
+
+    # -- commit: manifest (the only os.write in writer.py), rename (the only os.rename there), latest.json
+    real_mf = writer_mod.mf
+
+    def validate_manifest(m, where):
+        kp.hit("commit.before_manifest", name=m.get("name", "") if isinstance(m, dict) else "")
+        return real_mf.validate_manifest(m, where)
+
+    writer_mod.mf = _Proxy(real_mf, validate_manifest=validate_manifest)
+
+    def w_write(fd, data):
+        n = kp.claim("commit.mid_manifest")
+        if n:
+            path = os.readlink(f"/proc/self/fd/{fd}")
+            os.write(fd, bytes(data[: len(data) // 2]))
+            kp.die("commit.mid_manifest", n, path=path, name=_ckpt_name_of(path), bytes_written=len(data) // 2, of=len(data))
+        return os.write(fd, data)
+
+    def w_rename(src, dst):
+        kp.hit("commit.before_rename", path=src, name=_ckpt_name_of(dst))
+        os.rename(src, dst)
+        kp.hit("commit.after_rename", path=dst, name=_ckpt_name_of(dst))
+
+    writer_mod.os = _Proxy(os, write=w_write, rename=w_rename)
+
+    real_atomic = writer_mod.atomic_write_bytes
+    in_latest = threading.local()
+
+    def atomic_write_bytes(path, data, **kw):
+        name = json.loads(data).get("name", "") if path.endswith("latest.json") else ""
+        kp.hit("commit.before_latest", path=path, name=name)
+        in_latest.name = name
+        try:
+            real_atomic(path, data, **kw)
+        finally:
+            in_latest.name = None
+        kp.hit("commit.after_latest", path=path, name=name)
+
+    writer_mod.atomic_write_bytes = atomic_write_bytes
+
+    def l_replace(src, dst):
+        name = getattr(in_latest, "name", None)
+        if name is not None:
+            kp.hit("commit.mid_latest", path=src, name=name)
+        return os.replace(src, dst)
+
+    local_mod.os = _Proxy(os, replace=l_replace)
+
+    # -- retention: rename to .trash-*, then a background removal
+    real_delete = base_mod._Shared.delete
+
+    def delete(self, names, reason):
+        names = list(names)
+        if names:
+            kp.hit("retention.before_trash", names=names, name=names[0])
+        return real_delete(self, names, reason)
+
+    base_mod._Shared.delete = delete
+
+    def b_rename(src, dst):
+        os.rename(src, dst)
+        kp.hit("retention.after_trash", path=dst, name=_ckpt_name_of(dst))
+
+    base_mod.os = _Proxy(os, rename=b_rename)
+    real_remove = base_mod.remove_tree
+
+    def remove_tree(path):
+        kp.hit("retention.before_remove", path=path, name=_ckpt_name_of(path))
+        n = kp.claim("retention.mid_remove")
+        if n:
+            files = sorted(os.listdir(path))
+            gone = files[: max(1, len(files) // 2)]
+            for f in gone:  # what rmtree does, interrupted half way
+                os.unlink(os.path.join(path, f))
+            kp.die("retention.mid_remove", n, path=path, name=_ckpt_name_of(path), removed=gone)
+        return real_remove(path)
+
+    base_mod.remove_tree = remove_tree
+
+    # -- upload: data objects (parallel), manifest.json, latest.json; S3 retention's deletes; restore's downloads
+    real_client = s3_mod._client
+
+    def client():
+        c = real_client()
+
+        def upload_file(Filename, Bucket, Key, ExtraArgs=None, Callback=None, Config=None):
+            name = Key.rsplit("/", 2)[-2] if Key.count("/") >= 1 else ""
+            if Key.endswith("/manifest.json"):
+                kp.hit("upload.before_manifest", key=Key, name=name)
+                c.upload_file(Filename, Bucket, Key, ExtraArgs=ExtraArgs, Callback=Callback, Config=Config)
+                kp.hit("upload.after_manifest", key=Key, name=name)
+                return None
+            kp.hit("upload.before_object", key=Key, name=name)
+            n = kp.claim("upload.mid_object")
+
+            def die_mid_upload(nbytes, _n=n):  # s3transfer calls it as the request body is read and sent
+                kp.die("upload.mid_object", _n, key=Key, name=name, sent=nbytes)
+
+            c.upload_file(Filename, Bucket, Key, ExtraArgs=ExtraArgs, Callback=die_mid_upload if n else Callback,
+                          Config=Config)
+            kp.hit("upload.after_object", key=Key, name=name)
+            return None
+
+        def put_object(**kw):
+            out = c.put_object(**kw)
+            if str(kw.get("Key", "")).endswith("latest.json"):
+                body = kw.get("Body", b"{}")
+                kp.hit("upload.after_latest", key=kw["Key"], name=json.loads(body).get("name", ""))
+            return out
+
+        def delete_object(**kw):
+            key = str(kw.get("Key", ""))
+            name = key.rsplit("/", 2)[-2] if key.count("/") >= 1 else ""
+            kp.hit("retention.s3_before_delete", key=key, name=name)
+            out = c.delete_object(**kw)
+            kp.hit("retention.s3_after_manifest", key=key, name=name)
+            return out
+
+        def download_file(Bucket, Key, Filename, *a, **kw):
+            c.download_file(Bucket, Key, Filename, *a, **kw)
+            kp.hit("restore.after_download", key=Key, name=Key.rsplit("/", 2)[-2] if Key.count("/") >= 1 else "",
+                   path=Filename)
+
+        return _Proxy(c, upload_file=upload_file, put_object=put_object, delete_object=delete_object,
+                      download_file=download_file)
+
+    s3_mod._client = client
+
+
+# ------------------------------------------------------------------------------------------------ child bodies
+class Probe(pl.Callback):
+    """Records where training is (in shared memory) and stops after ``budget`` steps in this process.
+
+    Non-checkpoint callbacks run before the checkpoint callbacks in each hook, so when ``progress = p`` is recorded
+    at the start of a batch, the save of step ``p`` was requested and the one of step ``p - 1`` is committed.
+    """
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.start_step = 0
+
+    def on_train_start(self, trainer, pl_module):
+        self.start_step = int(trainer.global_step)
+        struct.pack_into("<q", _SHM, _OFF_START_STEP, self.start_step)
+        struct.pack_into("<d", _SHM, _OFF_STARTED, time.monotonic())  # CLOCK_MONOTONIC: the same in every process
+        shm_event(f"train_start@{self.start_step}")
+        if _START_FD is not None:
+            os.write(_START_FD, b"s")
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        struct.pack_into("<q", _SHM, _OFF_PROGRESS, int(trainer.global_step))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step >= self.start_step + self.budget:
+            trainer.should_stop = True
+
+
+def _child_common(log_path: str) -> None:
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the server
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    sys.stdout = os.fdopen(1, "w", buffering=1)
+    sys.stderr = os.fdopen(2, "w", buffering=1)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    torch.set_num_threads(1)
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(threadName)s %(name)s: %(message)s", force=True)
+
+
+def child_trial(cmd: dict) -> int:
+    t0 = time.monotonic()
+    kp = KillPoints(cmd.get("plan"), cmd["marker"])
+    install_kill_points(kp)
+    pl.seed_everything(int(cmd.get("seed", 0)), verbose=False)
+    callbacks, ckpt_path = training_setup(cmd["dir"], cmd["uri"])
+    how = "resume='auto'" if BUILTIN_BACKUP_AND_RESUME else f"ckpt_path={ckpt_path}"
+    print(f"[trial {cmd.get('trial')}] fit with {how} (set up in {time.monotonic() - t0:.3f}s)", flush=True)
+    model, data = make_model_and_data()
+    trainer = make_trainer([Probe(int(cmd["budget"])), *callbacks], MAX_STEPS)
+    trainer.fit(model, data, ckpt_path=ckpt_path)
+    print(f"[trial {cmd.get('trial')}] finished at global_step={trainer.global_step}", flush=True)
+    if cmd.get("counts_file"):
+        with open(cmd["counts_file"], "w") as f:
+            json.dump(dict(kp.counts), f)
+    return 0
+
+
+def child_resume(cmd: dict) -> int:
+    """Resume a Trainer from ``path`` for ``steps`` steps into a scratch folder; exit 0 if it got there."""
+    path, steps = cmd["path"], int(cmd["steps"])
+    start = int(read_checkpoint_manifest(path)["step"])
+    pl.seed_everything(0, verbose=False)
+    model, data = make_model_and_data()
+    trainer = make_trainer([PeriodicCheckpoint(cmd["dir"], every_n_train_steps=1)], start + steps)
+    trainer.fit(model, data, ckpt_path=path)
+    got = latest_checkpoint(cmd["dir"])
+    ok = trainer.global_step == start + steps and got is not None and os.path.basename(got) == f"step={start + steps:06d}"
+    print(f"resumed {path} at step {start}: global_step={trainer.global_step} latest={got}", flush=True)
+    return 0 if ok else 1
+
+
+def run_child(body, cmd: dict) -> None:
+    """In the forked child: never returns."""
+    code = 3
+    try:
+        _child_common(cmd["log"])
+        code = body(cmd)
+    except BaseException:  # noqa: BLE001
+        traceback.print_exc()
+        code = 3
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
+# ------------------------------------------------------------------------------------------------ server
+def _tail(path: str, n: int = 4000) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - n))
+            return f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+def _os_threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+def fork_and_wait(body, cmd: dict) -> dict:
+    threads = _os_threads()
+    if threads != 1:
+        return {"outcome": "error", "error": f"the fork server has {threads} threads; forking now could deadlock the child"}
+    shm_reset()
+    global _START_FD
+    started_r, started_w = os.pipe()  # the child writes a byte when training starts
+    t0 = time.monotonic()
+    pid = os.fork()
+    if pid == 0:
+        os.close(started_r)
+        _START_FD = started_w
+        run_child(body, cmd)
+    os.close(started_w)
+    try:
+        pidfd = os.pidfd_open(pid)  # readable when the child exits: wait on events, not by polling
+    except (AttributeError, OSError):
+        pidfd = None
+    rk = cmd.get("random_kill")  # {"after": "fork"|"train", "delay": seconds}
+    deadline = t0 + float(cmd.get("timeout", 120))
+    kill_at = t0 + float(rk["delay"]) if rk is not None and rk["after"] == "fork" else None
+    killed_by_server = False
+    kill_time = None
+    watch_start = True
+    try:
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            now = time.monotonic()
+            if kill_at is not None and not killed_by_server and now >= kill_at:
+                os.kill(pid, signal.SIGKILL)
+                killed_by_server, kill_time = True, now - t0
+                continue
+            if now >= deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                return {"outcome": "timeout", "wall": round(now - t0, 3), **shm_read(), "log_tail": _tail(cmd["log"])}
+            wait_s = deadline - now
+            if kill_at is not None and not killed_by_server:
+                wait_s = min(wait_s, kill_at - now)
+            fds = ([pidfd] if pidfd is not None else []) + ([started_r] if watch_start else [])
+            if pidfd is None:
+                wait_s = min(wait_s, 0.005)
+            ready, _, _ = select.select(fds, [], [], max(0.0, wait_s))
+            if started_r in ready:
+                watch_start = False  # a byte (training started) or EOF (the child is gone)
+                if os.read(started_r, 16) and rk is not None and rk["after"] == "train":
+                    kill_at = time.monotonic() + float(rk["delay"])
+    finally:
+        os.close(started_r)
+        if pidfd is not None:
+            os.close(pidfd)
+    wall = time.monotonic() - t0
+    rep = {"wall": round(wall, 3), **shm_read()}
+    if os.WIFSIGNALED(status):
+        rep["signal"] = os.WTERMSIG(status)
+        rep["outcome"] = "killed"
+    else:
+        rep["rc"] = os.WEXITSTATUS(status)
+        rep["outcome"] = "exit"
+    rep["killed_by_server"] = killed_by_server
+    if kill_time is not None:
+        rep["kill_time"] = round(kill_time, 3)
+    if rep["train_started"]:
+        rep["train_start_s"] = round(rep["train_started"] - t0, 3)  # from fork to the first batch
+    marker = cmd.get("marker")
+    if marker and os.path.exists(marker):
+        with open(marker) as f:
+            rep["fired"] = json.loads(f.read() or "null")
+    else:
+        rep["fired"] = None
+    if cmd.get("counts_file") and os.path.exists(cmd["counts_file"]):
+        with open(cmd["counts_file"]) as f:
+            rep["counts"] = json.load(f)
+    if rep["outcome"] != "killed" or rep.get("signal") != signal.SIGKILL or cmd.get("always_tail"):
+        rep["log_tail"] = _tail(cmd["log"])
+    return rep
+
+
+def main() -> None:
+    writer_mod.run_info()  # computed once here, not in every child (it runs `git`)
+    out = sys.stdout
+    out.write(json.dumps({"ready": True, "pid": os.getpid(), "threads": _os_threads()}) + "\n")
+    out.flush()
+    for line in sys.stdin:
+        line = line.strip()
+        if not line:
+            continue
+        cmd = json.loads(line)
+        op = cmd.get("op")
+        if op == "quit":
+            break
+        try:
+            if op == "env":  # the S3 server's address and credentials, known once it is up
+                os.environ.update(cmd["env"])
+                s3_mod._client()  # warm boto3's loaded service model, which every child would otherwise load again
+                rep = {"outcome": "ok"}
+            elif op == "trial":
+                rep = fork_and_wait(child_trial, cmd)
+            elif op == "resume":
+                rep = fork_and_wait(child_resume, cmd)
+            else:
+                rep = {"outcome": "error", "error": f"unknown op {op!r}"}
+        except Exception:  # noqa: BLE001
+            rep = {"outcome": "error", "error": traceback.format_exc()}
+        rep["op"] = op
+        rep["id"] = cmd.get("id")
+        out.write(json.dumps(rep) + "\n")
+        out.flush()
+
+
+if __name__ == "__main__":
+    main()
