@@ -114,6 +114,7 @@ class Uploader:
         self.protect_fn = protect
         self.primary = primary
         self.extra_rules: list[RetentionRules] = []  # RetentionPolicy callbacks on an s3:// dirpath
+        self.orphan_age_s = 3600.0  # objects without a manifest untouched this long are debris of a crash
         self.uploaded: list[str] = []
         self.deleted: list[str] = []
         self.failures = 0
@@ -167,6 +168,13 @@ class Uploader:
             return
         newest = remote[0][0] if remote else -1
         names = {n for _, n in remote}
+        try:
+            from .storage.s3 import remove_orphans
+
+            for name in remove_orphans(self.uri, self.orphan_age_s):
+                log.info("lightning_ckpt: removed %s/%s, left without a manifest by an interrupted upload", self.uri, name)
+        except Exception as e:  # noqa: BLE001 - cleaning up is best effort
+            log.warning("lightning_ckpt: could not clean up interrupted uploads in %s (%r)", self.uri, e)
         for c in list_checkpoints(self.dirpath):
             if c.step > newest and c.name not in names:
                 log.info("lightning_ckpt: %s was committed but not uploaded to %s; uploading it now", c.path, self.uri)

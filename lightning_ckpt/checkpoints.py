@@ -385,31 +385,39 @@ def is_checkpoint_dir(path: Any) -> bool:
 
 
 def resume_path(dirpath: str, backup_uri: Any = None) -> str | None:
-    """Where to resume from: the newest valid local checkpoint in ``dirpath``; else the newest valid one of the
-    backups (``"s3://bucket/prefix"``, a list of them, or of ``{"uri": ...}`` location dicts, tried in order), pulled
-    into ``dirpath`` and verified; else ``None`` (start fresh). ``dirpath`` may itself be an ``s3://`` URI: then the
-    newest valid checkpoint there is returned (verified through the local cache). Use it as
-    ``trainer.fit(model, data, ckpt_path=resume_path("ckpts/", "s3://b/run"))``, so relaunching the same command, on
-    the same machine or a fresh one, continues the run (or set ``resume="auto"`` on a saving callback).
+    """Where to resume from: the newest valid checkpoint among ``dirpath`` and the backups (``"s3://bucket/prefix"``,
+    a list of them, or of ``{"uri": ...}`` location dicts); a backup is pulled into ``dirpath`` and verified only when
+    it is newer than every valid local one (local wins a tie: nothing to download); ``None`` when there is none (start
+    fresh). A corrupt checkpoint is skipped with a warning, and so is an unreachable backup location when a local
+    checkpoint exists (with none, the error is raised: starting fresh could silently drop the run).
+
+    ``dirpath`` may itself be an ``s3://`` URI: then the newest valid checkpoint there is returned (verified through
+    the local cache). Use it as ``trainer.fit(model, data, ckpt_path=resume_path("ckpts/", "s3://b/run"))``, so
+    relaunching the same command, on the same machine or a fresh one, continues the run (or set ``resume="auto"`` on a
+    saving callback).
     """
     if is_s3_uri(dirpath):
         return latest_checkpoint(str(dirpath).rstrip("/"))
     local = latest_checkpoint(dirpath) if os.path.isdir(os.fspath(dirpath)) else None
-    if local is not None:
-        return local
+    local_step = int(mf.read_manifest(local)["step"]) if local is not None else -1
     from .storage.s3 import pull_checkpoint, remote_steps
 
     specs = backup_uri if isinstance(backup_uri, (list, tuple)) else ([] if backup_uri is None else [backup_uri])
-    for spec in specs:
+    candidates: list[tuple[int, int, str, str]] = []
+    for order, spec in enumerate(specs):
         uri = str(spec["uri"] if isinstance(spec, dict) else spec).rstrip("/")
         try:
-            candidates = remote_steps(uri)
-        except CheckpointError as e:
-            warnings.warn(f"lightning_ckpt: skipping backup location {uri}: {e}", stacklevel=2)
+            steps = remote_steps(uri)
+        except Exception as e:  # noqa: BLE001 - S3 down, bucket missing, credentials
+            if local is None:
+                raise
+            warnings.warn(f"lightning_ckpt: cannot read backup location {uri} ({e!r}); resuming from the local {local}",
+                          stacklevel=2)
             continue
-        for _, name in candidates:
-            try:
-                return pull_checkpoint(f"{uri}/{name}", os.fspath(dirpath))
-            except CheckpointError as e:
-                warnings.warn(f"lightning_ckpt: skipping backup {uri}/{name}: {e}", stacklevel=2)
-    return None
+        candidates += [(step, -order, uri, name) for step, name in steps if step > local_step]
+    for step, _, uri, name in sorted(candidates, reverse=True):  # newest first; the first location on a tie
+        try:
+            return pull_checkpoint(f"{uri}/{name}", os.fspath(dirpath))
+        except CheckpointError as e:
+            warnings.warn(f"lightning_ckpt: skipping backup {uri}/{name}: {e}", stacklevel=2)
+    return local

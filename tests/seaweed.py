@@ -83,7 +83,7 @@ class SeaweedS3:
             return
         try:
             os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout=10)
+            self.proc.wait(timeout=3)
         except (ProcessLookupError, subprocess.TimeoutExpired):
             try:
                 os.killpg(self.proc.pid, signal.SIGKILL)

@@ -324,3 +324,62 @@ def test_fault_tolerant_recipe_resumes_on_a_fresh_machine_from_its_backups(s3, t
     assert _steps("s3://lightning-ckpt/runs/fault_tolerant") == [60, 80, 100]
     newest = list_checkpoints(local)[-1]
     assert newest.step == 100 and newest.manifest["resumed_from"].endswith("step=000060")
+
+
+def test_reupload_of_a_name_uncommits_the_old_one_first_and_orphans_are_cleaned(s3, good_ckpt, tmp_path):
+    """Pushing a different checkpoint under a name that is already on S3 removes the old manifest before any object
+    is overwritten (an interrupted overwrite is never listed); what interrupted uploads leave is cleaned up."""
+    import lightning_ckpt.storage.s3 as s3mod
+
+    uri = f"s3://{BUCKET}/overwrite"
+    push_checkpoint(good_ckpt, uri)
+    other = str(tmp_path / "other")
+    _trainer([PeriodicCheckpoint(other, every_n_train_steps=2)], max_steps=2, limit_val_batches=0).fit(DemoModel(hidden=48), _data())
+    client = s3.client()
+    real = s3mod._client
+    calls = []
+
+    def interrupting_client():
+        c = real()
+        orig = c.upload_file
+
+        def upload_file(filename, bucket, key, **kw):
+            calls.append(key)
+            if len(calls) == 2:  # the second data object of the new checkpoint: the process dies here
+                raise KeyboardInterrupt("killed")
+            return orig(filename, bucket, key, **kw)
+
+        c.upload_file = upload_file
+        return c
+
+    s3mod._client = interrupting_client
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            push_checkpoint(os.path.join(other, "step=000002"), uri)
+    finally:
+        s3mod._client = real
+    assert list_remote(uri) == []  # the old manifest went first: nothing half-replaced is listed
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix="overwrite/step=000002/")["Contents"]]
+    assert keys and not any(k.endswith("manifest.json") for k in keys)
+    assert s3mod.remove_orphans(uri, older_than_s=3600) == []  # recent: maybe an upload in progress elsewhere
+    assert s3mod.remove_orphans(uri, older_than_s=0) == ["step=000002"]
+    assert "Contents" not in client.list_objects_v2(Bucket=BUCKET, Prefix="overwrite/step=000002/")
+    # the same checkpoint pushed twice is uploaded once
+    push_checkpoint(good_ckpt, uri)
+    res = push_checkpoint(good_ckpt, uri)
+    assert res.files == 1 and list_remote(uri) == ["step=000002"]
+    verify_checkpoint(f"{uri}/step=000002")
+
+
+def test_resume_prefers_a_newer_backup_over_a_stale_local_folder(s3, tmp_path):
+    from lightning_ckpt import resume_path
+    from lightning_ckpt.storage.s3 import pull_checkpoint
+
+    d = str(tmp_path / "a")
+    uri = f"s3://{BUCKET}/stale"
+    _trainer([PeriodicCheckpoint(d, every_n_train_steps=2, backup_uri=uri)], max_steps=6, limit_val_batches=0).fit(_model(), _data())
+    stale = str(tmp_path / "b")
+    pull_checkpoint(f"{uri}/step=000002", stale)  # machine B has an old copy of the run folder
+    got = resume_path(stale, uri)
+    assert got == os.path.join(stale, "step=000006")  # the newer backup, pulled
+    assert resume_path(d, uri) == os.path.join(d, "step=000006")  # as new as S3: nothing downloaded

@@ -81,6 +81,19 @@ def push_checkpoint(path: str, dest: str, *, progress: ProgressFn = None, verify
     cfg = _transfer_config()
     extra = {"ChecksumAlgorithm": "CRC32C"}
     files = sorted(m["files"])
+    mpath = os.path.join(path, mf.MANIFEST)
+    with open(mpath, "rb") as f:
+        local_manifest = f.read()
+    try:
+        existing = _get_object(s3, bucket, _join(key_base, mf.MANIFEST), _MAX_MANIFEST)
+    except CheckpointNotFoundError:
+        existing = None
+    if existing == local_manifest:  # already uploaded whole (the manifest goes up last): only point latest.json at it
+        files = []
+    elif existing is not None:
+        # another checkpoint of the same name is there: un-commit it first, so that an interrupted overwrite is
+        # never listed as a checkpoint whose files do not match its manifest
+        s3.delete_object(Bucket=bucket, Key=_join(key_base, mf.MANIFEST))
 
     def up(fname: str) -> int:
         p = os.path.join(path, fname)
@@ -90,10 +103,16 @@ def push_checkpoint(path: str, dest: str, *, progress: ProgressFn = None, verify
 
     with cf.ThreadPoolExecutor(4) as ex:
         total = sum(ex.map(up, files))
-    mpath = os.path.join(path, mf.MANIFEST)
-    s3.upload_file(mpath, bucket, _join(key_base, mf.MANIFEST), ExtraArgs=extra)  # the commit point on S3
-    latest = json.dumps({"name": name, "step": m["step"], "epoch": m.get("epoch")}).encode()
-    s3.put_object(Bucket=bucket, Key=_join(prefix, mf.LATEST), Body=latest, ChecksumAlgorithm="CRC32C")
+    if files or existing is None:
+        s3.upload_file(mpath, bucket, _join(key_base, mf.MANIFEST), ExtraArgs=extra)  # the commit point on S3
+    try:
+        current = json.loads(_get_object(s3, bucket, _join(prefix, mf.LATEST), 1 << 20))
+        newer_there = isinstance(current, dict) and isinstance(current.get("step"), int) and current["step"] > m["step"]
+    except (CheckpointNotFoundError, ValueError, UnicodeDecodeError):
+        newer_there = False
+    if not newer_there:  # latest.json never moves back to an older checkpoint (e.g. `lightning-ckpt push` of an old one)
+        latest = json.dumps({"name": name, "step": m["step"], "epoch": m.get("epoch")}).encode()
+        s3.put_object(Bucket=bucket, Key=_join(prefix, mf.LATEST), Body=latest, ChecksumAlgorithm="CRC32C")
     return TransferResult(f"s3://{bucket}/{key_base}", len(files) + 1, total + os.path.getsize(mpath))
 
 
@@ -349,3 +368,33 @@ def fetch_checkpoint(uri: str, files=None, *, manifest: tuple[dict, bytes] | Non
                                          "was damaged. Use an earlier checkpoint.") from None
         raise
     return local
+
+
+def remove_orphans(dest: str, older_than_s: float = 3600.0) -> list[str]:
+    """Delete what interrupted uploads and deletions left under ``dest``: objects of a name that has no
+    ``manifest.json`` (so it was never, or is no longer, a checkpoint) and that nothing touched for ``older_than_s``
+    seconds (an upload in progress elsewhere is left alone). Returns the names cleaned up."""
+    import datetime as _dt
+
+    bucket, prefix = parse_s3_uri(dest)
+    s3 = _client()
+    groups: dict[str, list] = {}
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=(prefix + "/") if prefix else ""):
+        for obj in page.get("Contents", []):
+            rel = obj["Key"][len(prefix) + 1 :] if prefix else obj["Key"]
+            parts = rel.split("/")
+            if len(parts) == 2 and not parts[0].startswith("."):
+                groups.setdefault(parts[0], []).append(obj)
+    now = _dt.datetime.now(_dt.timezone.utc)
+    cleaned = []
+    for name, objs in sorted(groups.items()):
+        if any(o["Key"].endswith("/" + mf.MANIFEST) for o in objs):
+            continue
+        newest = max(o["LastModified"] for o in objs)
+        if (now - newest).total_seconds() < older_than_s:
+            continue
+        keys = [{"Key": o["Key"]} for o in objs]
+        for i in range(0, len(keys), 1000):
+            s3.delete_objects(Bucket=bucket, Delete={"Objects": keys[i : i + 1000]})
+        cleaned.append(name)
+    return cleaned
