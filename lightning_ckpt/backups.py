@@ -159,15 +159,14 @@ class Uploader:
     def catch_up(self) -> None:
         """Queue the local checkpoints newer than the newest one at the location (a crash cut their upload short)."""
         from .checkpoints import list_checkpoints
-        from .storage.s3 import remote_steps
+        from .storage.s3 import list_remote, remote_latest_step
 
-        try:
-            remote = remote_steps(self.uri)
+        try:  # one LIST and one GET (latest.json): no manifest reads, however many checkpoints the location keeps
+            names = set(list_remote(self.uri))
+            newest = remote_latest_step(self.uri) if names else -1
         except Exception as e:  # noqa: BLE001 - the server may be down; the next commit tries again
             log.warning("lightning_ckpt: cannot list %s (%r); skipping the upload catch-up", self.uri, e)
             return
-        newest = remote[0][0] if remote else -1
-        names = {n for _, n in remote}
         try:
             from .storage.s3 import remove_orphans
 

@@ -398,3 +398,14 @@ def remove_orphans(dest: str, older_than_s: float = 3600.0) -> list[str]:
             s3.delete_objects(Bucket=bucket, Delete={"Objects": keys[i : i + 1000]})
         cleaned.append(name)
     return cleaned
+
+
+def remote_latest_step(dest: str) -> int:
+    """The step ``dest``'s ``latest.json`` names (-1 when there is none or it is unreadable; it is only a hint)."""
+    bucket, prefix = parse_s3_uri(dest)
+    try:
+        d = json.loads(_get_object(_client(), bucket, _join(prefix, mf.LATEST), 1 << 20))
+    except (CheckpointNotFoundError, ValueError, UnicodeDecodeError):
+        return -1
+    step = d.get("step") if isinstance(d, dict) else None
+    return step if isinstance(step, int) and not isinstance(step, bool) else -1
