@@ -782,9 +782,9 @@ _AUTO_RESUME: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary(
 
 
 def auto_resume_path(shared: _Shared) -> Optional[str]:
-    """The newest valid checkpoint of the folder (an ``s3://`` dirpath: the newer of the staged and the uploaded
-    ones), else of its backup locations in order; ``None`` when there is none. Raises when a location cannot be
-    read and nothing was found before it (starting fresh could then silently drop a run)."""
+    """The newest valid checkpoint among the folder and its backup locations (local wins a tie; an ``s3://`` dirpath:
+    the newer of the staged and the uploaded ones); ``None`` when there is none. Raises when a backup location cannot
+    be read and nothing is local (starting fresh could then silently drop a run)."""
     from ..checkpoints import latest_checkpoint, list_checkpoints, resume_path
 
     if shared.remote:
