@@ -122,8 +122,9 @@ class PreemptionCheckpoint(BaseCheckpointCallback):
             stays as it is (it runs on the requeue signal, and this callback only reacts to it when it is listed in
             ``signals``). Nothing changes outside SLURM, without ``auto_requeue``, or when a handler for the requeue
             signal existed before ``fit`` (Lightning then installs none and does not requeue).
-        async_save, name_template, if_busy, fsync, distributed, save_timeout_s: see
-            :class:`BaseCheckpointCallback`.
+        async_save, name_template, if_busy, fsync, distributed, save_timeout_s, backup_uri, resume, on_save_error: see
+            :class:`BaseCheckpointCallback` (backups and ``resume`` act on the whole folder: locations given to any
+            saving callback on it receive every checkpoint of the folder, ``preempt`` ones included).
     """
 
     def __init__(
@@ -137,9 +138,13 @@ class PreemptionCheckpoint(BaseCheckpointCallback):
         distributed: Literal["sharded", "rank0"] = "sharded",
         save_timeout_s: float = 600.0,
         slurm_requeue: bool = True,
+        backup_uri: Optional[Union[str, list[Union[str, dict[str, Any]]]]] = None,
+        resume: Optional[Literal["auto"]] = None,
+        on_save_error: Optional[Literal["stop", "continue"]] = None,
     ) -> None:
         super().__init__(dirpath, async_save=async_save, name_template=name_template, if_busy=if_busy, fsync=fsync,
-                         distributed=distributed, save_timeout_s=save_timeout_s)
+                         distributed=distributed, save_timeout_s=save_timeout_s, backup_uri=backup_uri, resume=resume,
+                         on_save_error=on_save_error)
         names = ["SIGTERM"] if signals is None else list(signals)
         if not names:
             raise ValueError("signals is empty; give at least one signal name such as 'SIGTERM'")
