@@ -383,3 +383,13 @@ def test_resume_prefers_a_newer_backup_over_a_stale_local_folder(s3, tmp_path):
     got = resume_path(stale, uri)
     assert got == os.path.join(stale, "step=000006")  # the newer backup, pulled
     assert resume_path(d, uri) == os.path.join(d, "step=000006")  # as new as S3: nothing downloaded
+
+
+def test_a_corrupt_local_checkpoint_is_never_committed_on_s3(s3, good_ckpt, tmp_path):
+    bad = str(tmp_path / "step=000002")
+    _hostile("bitflip", good_ckpt, bad)
+    uri = f"s3://{BUCKET}/refuse-corrupt"
+    with pytest.raises(CheckpointCorruptError):
+        push_checkpoint(bad, uri)
+    assert list_remote(uri) == []
+    assert "Contents" not in s3.client().list_objects_v2(Bucket=BUCKET, Prefix="refuse-corrupt/")  # nothing left behind

@@ -77,13 +77,12 @@ def _join(*parts: str) -> str:
 
 def push_checkpoint(path: str, dest: str, *, progress: ProgressFn = None, verify: bool = True) -> TransferResult:
     """Upload the committed checkpoint at ``path`` to ``dest`` (``s3://bucket/prefix``): it becomes
-    ``s3://bucket/prefix/<name>/``, and ``s3://bucket/prefix/latest.json`` points at it."""
+    ``s3://bucket/prefix/<name>/``, and ``s3://bucket/prefix/latest.json`` points at it. With ``verify`` (default) a
+    local copy that fails verification is not committed on S3 (``CheckpointCorruptError``)."""
     from ..checkpoints import verify_checkpoint
 
     path = os.fspath(path)
     m = mf.read_manifest(path)
-    if verify:
-        verify_checkpoint(path)
     bucket, prefix = parse_s3_uri(dest)
     name = os.path.basename(os.path.normpath(path))
     key_base = _join(prefix, name)
@@ -111,8 +110,22 @@ def push_checkpoint(path: str, dest: str, *, progress: ProgressFn = None, verify
                        Callback=progress if progress is not None else None)
         return os.path.getsize(p)
 
-    with cf.ThreadPoolExecutor(4) as ex:
-        total = sum(ex.map(up, files))
+    # the local copy is verified while its objects go up (it is read from the page cache, off the upload's critical
+    # path); the manifest, which makes the checkpoint visible on S3, goes up only if every byte checked out
+    with cf.ThreadPoolExecutor(1) as vex:
+        checked = vex.submit(verify_checkpoint, path) if verify and files else None
+        try:
+            with cf.ThreadPoolExecutor(4) as ex:
+                total = sum(ex.map(up, files))
+        finally:
+            bad = checked.exception() if checked is not None else None
+        if bad is not None:
+            for fname in files:  # never committed: remove what went up
+                try:
+                    s3.delete_object(Bucket=bucket, Key=_join(key_base, fname))
+                except Exception:  # noqa: BLE001 - remove_orphans cleans up later
+                    pass
+            raise bad
     if files or existing is None:
         s3.upload_file(mpath, bucket, _join(key_base, mf.MANIFEST), ExtraArgs=extra)  # the commit point on S3
     try:
