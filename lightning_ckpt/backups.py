@@ -119,6 +119,8 @@ class Uploader:
         self.deleted: list[str] = []
         self.failures = 0
         self.last_error: Optional[BaseException] = None
+        self.failing_since: Optional[float] = None  # monotonic time of the first failure since the last success
+        self.give_up_after_s = 120.0  # the end of fit stops waiting once uploads failed for this long without success
         self._queue: "queue.Queue[Optional[tuple[str, str]]]" = queue.Queue()
         self._pending: set[str] = set()
         self._lock = threading.Lock()
@@ -180,13 +182,19 @@ class Uploader:
                 self.enqueue(c.path)
 
     def flush(self, timeout_s: float) -> list[str]:
-        """Wait up to ``timeout_s`` for the queued uploads; returns the names still not uploaded."""
+        """Wait up to ``timeout_s`` for the queued uploads; returns the names still not uploaded. Stops waiting early
+        when uploads have failed for ``give_up_after_s`` without one success (the location is unreachable)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             with self._lock:
                 if not self._pending:
                     return []
             if self._thread is None:
+                break
+            failing = self.failing_since
+            if failing is not None and time.monotonic() - failing > self.give_up_after_s:
+                log.error("lightning_ckpt: uploads to %s have failed for %.0fs (%r); not waiting for them any longer",
+                          self.uri, time.monotonic() - failing, self.last_error)
                 break
             time.sleep(0.1)
         with self._lock:
@@ -226,11 +234,14 @@ class Uploader:
                 except Exception as e:  # noqa: BLE001 - an outage must not stop training; retry later
                     self.failures += 1
                     self.last_error = e
+                    if self.failing_since is None:
+                        self.failing_since = time.monotonic()
                     log.warning("lightning_ckpt: upload of %s to %s failed (%r); retrying in %.0fs", path, self.uri, e, delay)
                     self._stop.wait(delay)
                     delay = min(self.max_retry_s, delay * 2)
                     continue
                 self.uploaded.append(name)
+                self.failing_since = None
                 log.info("lightning_ckpt: backed up %s to %s", path, self.uri)
                 if self.primary:
                     self._drop_staged(path)
