@@ -36,6 +36,7 @@ class BackupLocation:
     uri: str
     rules: RetentionRules = field(default_factory=RetentionRules)
     required: bool = False
+    max_retry_s: float = 60.0  # the longest wait between two tries of a failed upload
 
     @property
     def prunes(self) -> bool:
@@ -63,9 +64,13 @@ def parse_locations(spec: Any, what: str = "backup_uri") -> list[BackupLocation]
                 f"{what} entry {item!r} is invalid; give 's3://bucket/prefix' or a dict such as "
                 "{'uri': 's3://bucket/prefix', 'keep_last': 3}"
             )
-        unknown = sorted(set(item) - set(_RULE_KEYS) - {"uri", "required"})
+        unknown = sorted(set(item) - set(_RULE_KEYS) - {"uri", "required", "max_retry_s"})
         if unknown:
-            raise ValueError(f"{what} entry for {item['uri']!r} has unknown keys {unknown}; allowed: uri, required, {', '.join(_RULE_KEYS)}")
+            raise ValueError(f"{what} entry for {item['uri']!r} has unknown keys {unknown}; allowed: uri, required, "
+                             f"max_retry_s, {', '.join(_RULE_KEYS)}")
+        retry = item.get("max_retry_s", 60.0)
+        if not isinstance(retry, (int, float)) or isinstance(retry, bool) or retry <= 0:
+            raise ValueError(f"max_retry_s={retry!r} is invalid; it must be a positive number of seconds")
         uri = item["uri"]
         parse_s3_uri(uri)
         kw = {k: item[k] for k in _RULE_KEYS if k in item}
@@ -74,7 +79,7 @@ def parse_locations(spec: Any, what: str = "backup_uri") -> list[BackupLocation]
             if isinstance(tags, str) or not isinstance(tags, (list, tuple)) or not all(isinstance(t, str) and t for t in tags):
                 raise ValueError(f"keep_tags={tags!r} is invalid; give a list of tags such as ['best', 'preempt']")
             kw["keep_tags"] = tuple(tags)
-        out.append(BackupLocation(uri.rstrip("/"), RetentionRules(**kw), bool(item.get("required", False))))
+        out.append(BackupLocation(uri.rstrip("/"), RetentionRules(**kw), bool(item.get("required", False)), float(retry)))
     seen = set()
     for loc in out:
         if loc.uri in seen:
@@ -99,18 +104,18 @@ class Uploader:
     Args:
         location: where to, and the location's retention.
         dirpath: the local folder the checkpoints are committed in.
-        max_retry_s: the longest wait between two tries of a failed upload.
+        max_retry_s: the longest wait between two tries of a failed upload (default: the location's).
         protect: callable -> names never to delete at the location (best-k, the checkpoint resumed from, ...).
         primary: the location is the run's ``dirpath`` (an ``s3://`` dirpath): the local copy is only a staging copy,
             removed once uploaded, and deletions asked by the callbacks apply to the location.
     """
 
-    def __init__(self, location: BackupLocation, dirpath: str, *, max_retry_s: float = 60.0,
+    def __init__(self, location: BackupLocation, dirpath: str, *, max_retry_s: Optional[float] = None,
                  protect: Optional[Callable[[], set]] = None, primary: bool = False) -> None:
         self.location = location
         self.uri = location.uri
         self.dirpath = dirpath
-        self.max_retry_s = float(max_retry_s)
+        self.max_retry_s = float(max_retry_s if max_retry_s is not None else location.max_retry_s)
         self.protect_fn = protect
         self.primary = primary
         self.extra_rules: list[RetentionRules] = []  # RetentionPolicy callbacks on an s3:// dirpath

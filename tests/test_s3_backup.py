@@ -102,8 +102,8 @@ def test_server_stopped_in_the_middle_of_an_upload(s3, tmp_path, monkeypatch):
                     except CheckpointError as e:
                         state["listed_while_down"].append((name, str(e)))
 
-    cb = PeriodicCheckpoint(d, every_n_train_steps=2)
-    t = _fit([cb, BackupToS3(d, uri, max_retry_s=1), Observe()], max_steps=16)
+    cb = PeriodicCheckpoint(d, every_n_train_steps=2, backup_uri=[{"uri": uri, "max_retry_s": 1}])
+    t = _fit([cb, Observe()], max_steps=16)
     assert t.global_step == 16
     assert state["stopped_at"] is not None and state["steps_while_down"] > 0
     assert len(state.get("saved_while_down", [])) >= 2  # several saves queued during the outage

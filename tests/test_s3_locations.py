@@ -393,3 +393,27 @@ def test_a_corrupt_local_checkpoint_is_never_committed_on_s3(s3, good_ckpt, tmp_
         push_checkpoint(bad, uri)
     assert list_remote(uri) == []
     assert "Contents" not in s3.client().list_objects_v2(Bucket=BUCKET, Prefix="refuse-corrupt/")  # nothing left behind
+
+
+def test_export_at_the_end_of_a_run_saved_straight_to_s3(s3, tmp_path):
+    from safetensors.torch import load_file
+
+    from lightning_ckpt import ExportOnTrainEnd
+
+    uri = f"s3://{BUCKET}/export-run"
+    with pytest.raises(ValueError, match="export_dir"):
+        ExportOnTrainEnd(uri)
+    out = str(tmp_path / "export")
+    cbs = [PeriodicCheckpoint(uri, every_n_train_steps=4), BestMetricCheckpoint(uri, monitor="val_loss", top_k=1),
+           ExportOnTrainEnd(uri, export_dir=out)]
+    t = _trainer(cbs, max_steps=8, val_check_interval=4, limit_val_batches=2)
+    t.fit(_model(), _data())
+    best = cbs[1].best_model_path
+    assert best is not None and best.startswith(uri + "/")
+    model = DemoModel()
+    model.load_state_dict(load_file(os.path.join(out, "model.safetensors")))
+    ref = load_checkpoint(best)["state_dict"]
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, ref[k])
+    with pytest.raises(ValueError, match="max_retry_s"):
+        PeriodicCheckpoint(str(tmp_path / "x"), every_n_train_steps=1, backup_uri=[{"uri": uri, "max_retry_s": 0}])

@@ -207,8 +207,8 @@ class BaseCheckpointCallback(Checkpoint):
             ``<dirpath>/merged/model.safetensors``.
         backup_uri: after each local commit, upload the checkpoint in the background to ``"s3://bucket/prefix"``, or
             to several locations: a list of URIs or of dicts ``{"uri": ..., "keep_last": 3, "keep_tags": ["best"],
-            "required": False}`` with the location's own retention (keys of :class:`RetentionPolicy` plus
-            ``keep_tags``). Failed uploads are retried with backoff and never stop training unless ``required``.
+            "required": False, "max_retry_s": 60}`` with the location's own retention (keys of
+            :class:`RetentionPolicy` plus ``keep_tags``). Failed uploads are retried with backoff and never stop training unless ``required``.
             S3 settings come from the standard AWS environment and config files.
         resume: ``"auto"``: when ``fit`` is called without ``ckpt_path``, resume from the newest valid checkpoint of
             ``dirpath``, else of the backup locations (in order), else start fresh. Relaunching the same command
