@@ -15,6 +15,7 @@ Exit codes: 0 success, 1 a checkpoint failed verification, 2 bad usage or nothin
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -126,23 +127,17 @@ def cmd_verify(args: argparse.Namespace) -> int:
     report = []
     for p in args.paths:
         t0 = time.perf_counter()
-        bar = None
         try:
-            if not args.json and sys.stderr.isatty():
-                m0 = read_checkpoint_manifest(p)
-                bar = _bar(sum(f["size"] for f in m0["files"].values()), f"verify {os.path.basename(p)}", False)
-            verify_checkpoint(p, progress=bar.update if bar is not None else None)
+            size = sum(f["size"] for f in read_checkpoint_manifest(p)["files"].values())
+            show = not args.json and sys.stderr.isatty()
+            with _bar(size, f"verify {os.path.basename(p)}", not show) as bar:
+                verify_checkpoint(p, progress=bar.update if show and bar is not None else None)
         except (CheckpointCorruptError, CheckpointFormatError, CheckpointNotFoundError) as e:
             if not args.json:
                 print(f"FAILED  {p}: {e}", file=sys.stderr)
             report.append({"path": p, "ok": False, "error": str(e)})
             status = max(status, 2 if isinstance(e, CheckpointNotFoundError) and len(args.paths) == 1 else 1)
             continue
-        finally:
-            if bar is not None:
-                bar.close()
-        m = read_checkpoint_manifest(p)
-        size = sum(f["size"] for f in m["files"].values())
         dt = time.perf_counter() - t0
         report.append({"path": p, "ok": True, "bytes": size, "seconds": round(dt, 4)})
         if not args.json:
@@ -206,27 +201,18 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     from .merge import merge_checkpoint
 
-    bar = None
-    try:
-        from tqdm import tqdm
+    with _bar(0, "merging", args.quiet) as bar:
 
-        bar = tqdm(total=0, unit="B", unit_scale=True, desc="merging", disable=args.quiet or None)
-    except ImportError:  # pragma: no cover
-        pass
+        def progress(done: int, total: int) -> None:
+            if bar is not None:
+                bar.total = total
+                bar.update(done - bar.n)
 
-    def progress(done: int, total: int) -> None:
-        if bar is not None:
-            bar.total = total
-            bar.update(done - bar.n)
-
-    try:
-        res = merge_checkpoint(args.path, args.out, dtype=args.dtype, max_shard_bytes=args.max_shard_size, progress=progress)
-    except ValueError as e:
-        print(f"lightning-ckpt merge: {e}", file=sys.stderr)
-        return 2
-    finally:
-        if bar is not None:
-            bar.close()
+        try:
+            res = merge_checkpoint(args.path, args.out, dtype=args.dtype, max_shard_bytes=args.max_shard_size, progress=progress)
+        except ValueError as e:
+            print(f"lightning-ckpt merge: {e}", file=sys.stderr)
+            return 2
     gbps = res.bytes / res.seconds / 1e9 if res.seconds > 0 else 0.0
     if args.json:
         print(json.dumps({"files": res.files, "index": res.index_path, "checksums": res.checksums_path,
@@ -268,28 +254,32 @@ def cmd_diff(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
 def _bar(total: int, desc: str, quiet: bool):
+    """A byte progress bar on stderr (closed on exit); ``None`` when tqdm is missing."""
     try:
         from tqdm import tqdm
 
-        return tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=quiet or None)
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=quiet or None)
     except ImportError:  # pragma: no cover
-        return None
+        bar = None
+    try:
+        yield bar
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def cmd_push(args: argparse.Namespace) -> int:
     from .storage.s3 import push_checkpoint
 
     m = read_checkpoint_manifest(args.path)
-    bar = _bar(sum(f["size"] for f in m["files"].values()), "push", args.quiet)
-    try:
-        res = push_checkpoint(args.path, args.dest, progress=bar.update if bar is not None else None)
-    except ValueError as e:
-        print(f"lightning-ckpt push: {e}", file=sys.stderr)
-        return 2
-    finally:
-        if bar is not None:
-            bar.close()
+    with _bar(sum(f["size"] for f in m["files"].values()), "push", args.quiet) as bar:
+        try:
+            res = push_checkpoint(args.path, args.dest, progress=bar.update if bar is not None else None)
+        except ValueError as e:
+            print(f"lightning-ckpt push: {e}", file=sys.stderr)
+            return 2
     if args.json:
         print(json.dumps({"uri": res.uri, "files": res.files, "bytes": res.bytes}))
     else:
@@ -300,15 +290,12 @@ def cmd_push(args: argparse.Namespace) -> int:
 def cmd_pull(args: argparse.Namespace) -> int:
     from .storage.s3 import pull_checkpoint
 
-    bar = _bar(0, "pull", args.quiet)
-    try:
-        path = pull_checkpoint(args.src, args.dir, progress=bar.update if bar is not None else None)
-    except ValueError as e:
-        print(f"lightning-ckpt pull: {e}", file=sys.stderr)
-        return 2
-    finally:
-        if bar is not None:
-            bar.close()
+    with _bar(0, "pull", args.quiet) as bar:
+        try:
+            path = pull_checkpoint(args.src, args.dir, progress=bar.update if bar is not None else None)
+        except ValueError as e:
+            print(f"lightning-ckpt pull: {e}", file=sys.stderr)
+            return 2
     if args.json:
         print(json.dumps({"path": path}))
     else:
