@@ -20,6 +20,7 @@ from typing import Callable, Optional
 
 from ..errors import CheckpointError, CheckpointNotFoundError
 from ..format import manifest as mf
+from .local import atomic_write_bytes, replacing
 
 ProgressFn = Optional[Callable[[int], None]]
 
@@ -347,10 +348,7 @@ def fetch_checkpoint(uri: str, files=None, *, manifest: tuple[dict, bytes] | Non
     os.makedirs(local, exist_ok=True)
     mpath = os.path.join(local, mf.MANIFEST)
     if not os.path.isfile(mpath):
-        tmp = f"{mpath}.{uuid.uuid4().hex[:8]}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(raw)
-        os.replace(tmp, mpath)
+        atomic_write_bytes(mpath, raw, fsync=False)  # a cache: a lost copy is fetched again
     wanted = sorted(m["files"]) if files is None else sorted(set(files))
     for fname in wanted:
         if fname not in m["files"]:
@@ -367,16 +365,8 @@ def fetch_checkpoint(uri: str, files=None, *, manifest: tuple[dict, bytes] | Non
             fcntl.flock(lk, fcntl.LOCK_EX)  # another rank on this node may be fetching the same file
             if os.path.isfile(dst):
                 return
-            tmp = f"{dst}.{uuid.uuid4().hex[:8]}.tmp"
-            try:
+            with replacing(dst) as tmp:
                 s3.download_file(bucket, _join(key, fname), tmp, Config=cfg, Callback=progress)
-                os.replace(tmp, dst)
-            except BaseException:
-                try:
-                    os.unlink(tmp)
-                except OSError:
-                    pass
-                raise
 
     from botocore.exceptions import ClientError
 
