@@ -391,22 +391,17 @@ class LCStorageReader(StorageReader):
         if tuple(int(s) for s in t["shape"]) != info.sizes:
             raise CheckpointCorruptError(f"{where}: tensor {info.name!r} has a shape that does not match the manifest index")
         target = planner.resolve_tensor(item).detach()
-        whole = all(o == 0 for o in item.storage_offsets) and tuple(item.lengths) == info.sizes
-        if (
-            whole
-            and target.device.type == "cuda"
+        # the whole chunk into a destination laid out exactly like it: read straight into its memory
+        direct = (
+            all(o == 0 for o in item.storage_offsets)
+            and tuple(item.lengths) == info.sizes
             and target.is_contiguous()
             and target.dtype == dtype_from_name(t["dtype"])
             and tuple(target.shape) == info.sizes
-        ):
+        )
+        if direct and target.device.type == "cuda":
             self._read_chunk_to_cuda(f, where, t, target)
-        elif (
-            whole
-            and target.device.type == "cpu"
-            and target.is_contiguous()
-            and target.dtype == dtype_from_name(t["dtype"])
-            and tuple(target.shape) == info.sizes
-        ):
+        elif direct and target.device.type == "cpu":
             self._read_chunk(f, where, t, target)
         else:
             src = cache.get(info.name)
