@@ -844,17 +844,23 @@ def main(argv: Optional[list[str]] = None) -> int:
         log(f"  load_checkpoint vs raw read                       {fmt_ratio('restore_load_vs_raw', summary['restore_load_vs_raw'])}")
         log(f"  Trainer.fit(ckpt_path) restore vs raw (hooks)     {fmt_ratio('restore_fit_vs_raw', summary['restore_fit_vs_raw'])}")
         log(f"  Trainer.fit(ckpt_path) restore vs raw (fit diff)  {fmt_ratio('restore_fit_vs_raw', summary['restore_fit_diff_vs_raw'])}")
-    if LOAD_SEEN:
-        worst = max(LOAD_SEEN)
-        log(f"  CPU used outside this process (other processes, kernel writeback) during measurements: median {median(LOAD_SEEN):.2f}, max {worst:.2f} "
-            f"of {facts['cores']} cores" + ("   WARNING: the machine was shared; timings are skewed" if worst > 0.25 else ""))
-    log(f"  total benchmark wall time {summary['total_wall_s']:.0f}s")
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2, default=str)
-        log(f"  JSON written to {args.json}")
+    finish(results, args.json, LOAD_SEEN, facts["cores"], summary["total_wall_s"],
+           outside="this process (other processes, kernel writeback)")
     return 0
+
+
+def finish(results: dict, json_path: Optional[str], load_seen: list[float], cores: int, total_s: float, outside: str) -> None:
+    """The end of a benchmark's report: the CPU others used while it measured, its wall time, and its JSON."""
+    if load_seen:
+        worst = max(load_seen)
+        log(f"  CPU used outside {outside} during measurements: median {median(load_seen):.2f}, max {worst:.2f} "
+            f"of {cores} cores" + ("   WARNING: the machine was shared; timings are skewed" if worst > 0.25 else ""))
+    log(f"  total benchmark wall time {total_s:.0f}s")
+    if json_path:
+        os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
+        with open(json_path, "w") as f:
+            json.dump(results, f, indent=2, default=str)
+        log(f"  JSON written to {json_path}")
 
 
 if __name__ == "__main__":

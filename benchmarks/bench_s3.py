@@ -33,11 +33,9 @@ import argparse
 import functools
 import gc
 import inspect
-import json
 import logging
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -62,8 +60,8 @@ from boto3.s3.transfer import TransferConfig  # noqa: E402
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint  # noqa: E402
 
 from bench_foundation import (  # noqa: E402
-    build_state, files_under, fsync_dir, machine_facts, make_model, mem_available_gib, model_hparams, n_params, prefault,
-    quiet, trainer_kwargs,
+    build_state, files_under, finish, fsync_dir, log, machine_facts, make_model, median, mem_available_gib, model_hparams,
+    n_params, prefault, quiet, trainer_kwargs,
 )
 from lightning_ckpt import BackupToS3, CheckpointWriter, PeriodicCheckpoint  # noqa: E402
 from lightning_ckpt.checkpoints import verify_checkpoint  # noqa: E402
@@ -75,14 +73,6 @@ from seaweed import s3_server  # noqa: E402
 BUCKET = "bench"
 TARGETS = {"upload": (">=", 1.0), "restore": (">=", 1.0)}
 HAS_BACKUP_URI = "backup_uri" in inspect.signature(PeriodicCheckpoint.__init__).parameters
-
-
-def log(msg: str = "") -> None:
-    print(msg, flush=True)
-
-
-def median(xs: list[float]) -> float:
-    return float(statistics.median(xs))
 
 
 def spread(xs: list[float]) -> str:
@@ -687,16 +677,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         results["summary"].update({"train_lost_per_ckpt_s": {"local": lv["lost_per_ckpt_s"], "backup": bv["lost_per_ckpt_s"]},
                                    "train_backup_minus_local_per_ckpt_s": tr["backup_minus_local_per_ckpt_s"],
                                    "train_noise_per_ckpt_s": tr["noise_per_ckpt_s"], "train_within_noise": within})
-    if LOAD_SEEN:
-        worst = max(LOAD_SEEN)
-        log(f"  CPU used outside this process and the S3 server during measurements: median {median(LOAD_SEEN):.2f}, "
-            f"max {worst:.2f} of {facts['cores']} cores" + ("   WARNING: the machine was shared; timings are skewed" if worst > 0.25 else ""))
-    log(f"  total benchmark wall time {total:.0f}s")
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2, default=str)
-        log(f"  JSON written to {args.json}")
+    finish(results, args.json, LOAD_SEEN, facts["cores"], total, outside="this process and the S3 server")
     return 0
 
 
