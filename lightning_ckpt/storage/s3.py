@@ -129,30 +129,35 @@ def push_checkpoint(path: str, dest: str, *, progress: ProgressFn = None, verify
             raise bad
     if files or existing is None:
         s3.upload_file(mpath, bucket, _join(key_base, mf.MANIFEST), ExtraArgs=extra)  # the commit point on S3
-    try:
-        current = json.loads(_get_object(s3, bucket, _join(prefix, mf.LATEST), 1 << 20))
-        newer_there = isinstance(current, dict) and isinstance(current.get("step"), int) and current["step"] > m["step"]
-    except (CheckpointNotFoundError, ValueError, UnicodeDecodeError):
-        newer_there = False
-    if not newer_there:  # latest.json never moves back to an older checkpoint (e.g. `lightning-ckpt push` of an old one)
+    if remote_latest_step(dest) <= m["step"]:  # latest.json never moves back to an older checkpoint (e.g. `lightning-ckpt push` of an old one)
         latest = json.dumps({"name": name, "step": m["step"], "epoch": m.get("epoch")}).encode()
         s3.put_object(Bucket=bucket, Key=_join(prefix, mf.LATEST), Body=latest, ChecksumAlgorithm="CRC32C")
     return TransferResult(f"s3://{bucket}/{key_base}", len(files) + 1, total + os.path.getsize(mpath))
 
 
+def _objects_by_name(s3, dest: str) -> dict[str, dict[str, dict]]:
+    """The objects directly inside each checkpoint-name folder under ``dest``: {name: {file name: object listing}}."""
+    from botocore.exceptions import ClientError
+
+    bucket, prefix = parse_s3_uri(dest)
+    out: dict[str, dict[str, dict]] = {}
+    try:
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=(prefix + "/") if prefix else ""):
+            for obj in page.get("Contents", []):
+                rel = obj["Key"][len(prefix) + 1 :] if prefix else obj["Key"]
+                parts = rel.split("/")
+                if len(parts) == 2 and not parts[0].startswith("."):
+                    out.setdefault(parts[0], {})[parts[1]] = obj
+    except ClientError as e:
+        if e.response.get("Error", {}).get("Code") == "NoSuchBucket":
+            raise CheckpointNotFoundError(f"the bucket of {dest} does not exist; create it or fix the URI") from None
+        raise
+    return out
+
+
 def list_remote(dest: str) -> list[str]:
     """Names of the committed checkpoints under ``dest`` (those whose manifest is there)."""
-    bucket, prefix = parse_s3_uri(dest)
-    s3 = _client()
-    names = set()
-    paginator = s3.get_paginator("list_objects_v2")
-    for page in paginator.paginate(Bucket=bucket, Prefix=(prefix + "/") if prefix else ""):
-        for obj in page.get("Contents", []):
-            rel = obj["Key"][len(prefix) + 1 :] if prefix else obj["Key"]
-            parts = rel.split("/")
-            if len(parts) == 2 and parts[1] == mf.MANIFEST and not parts[0].startswith("."):
-                names.add(parts[0])
-    return sorted(names)
+    return sorted(name for name, objs in _objects_by_name(_client(), dest).items() if mf.MANIFEST in objs)
 
 
 def pull_checkpoint(src: str, dest_dir: str, *, progress: ProgressFn = None) -> str:
@@ -162,32 +167,17 @@ def pull_checkpoint(src: str, dest_dir: str, *, progress: ProgressFn = None) -> 
 
     bucket, key = parse_s3_uri(src)
     s3 = _client()
-    from botocore.exceptions import ClientError
-
-    def get(k: str) -> bytes:
-        try:
-            return s3.get_object(Bucket=bucket, Key=k)["Body"].read()
-        except ClientError as e:
-            if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
-                raise CheckpointNotFoundError(f"s3://{bucket}/{k} does not exist") from None
-            raise
-
     try:
-        raw_manifest = get(_join(key, mf.MANIFEST))
+        raw_manifest = _get_object(s3, bucket, _join(key, mf.MANIFEST), _MAX_MANIFEST)
     except CheckpointNotFoundError:
-        latest = json.loads(get(_join(key, mf.LATEST)))
+        latest = json.loads(_get_object(s3, bucket, _join(key, mf.LATEST), 1 << 20))
         name = latest.get("name")
         mf.check_member_name(name, f"s3://{bucket}/{_join(key, mf.LATEST)}")
         key = _join(key, name)
-        raw_manifest = get(_join(key, mf.MANIFEST))
+        raw_manifest = _get_object(s3, bucket, _join(key, mf.MANIFEST), _MAX_MANIFEST)
     name = key.rsplit("/", 1)[-1]
     mf.check_member_name(name, src)
-    try:
-        m = mf.validate_manifest(json.loads(raw_manifest), f"s3://{bucket}/{key}/{mf.MANIFEST}")
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        from ..errors import CheckpointCorruptError
-
-        raise CheckpointCorruptError(f"s3://{bucket}/{key}/manifest.json is not valid JSON ({e})") from None
+    m = _parse_manifest(raw_manifest, f"s3://{bucket}/{key}/{mf.MANIFEST}")
     os.makedirs(dest_dir, exist_ok=True)
     final = os.path.join(dest_dir, name)
     partial = os.path.join(dest_dir, f"{mf.PARTIAL_PREFIX}{name}-{uuid.uuid4().hex[:8]}")
@@ -288,22 +278,10 @@ def remote_manifests(dest: str) -> list[tuple[str, dict]]:
     are skipped with a warning. Manifests are cached by ETag, so listing again costs one LIST request."""
     import warnings
 
-    from botocore.exceptions import ClientError
-
     bucket, prefix = parse_s3_uri(dest)
     s3 = _client()
-    found: dict[str, str] = {}
-    try:
-        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=(prefix + "/") if prefix else ""):
-            for obj in page.get("Contents", []):
-                rel = obj["Key"][len(prefix) + 1 :] if prefix else obj["Key"]
-                parts = rel.split("/")
-                if len(parts) == 2 and parts[1] == mf.MANIFEST and not parts[0].startswith("."):
-                    found[parts[0]] = str(obj.get("ETag", ""))
-    except ClientError as e:
-        if e.response.get("Error", {}).get("Code") == "NoSuchBucket":
-            raise CheckpointNotFoundError(f"the bucket of {dest} does not exist; create it or fix the URI") from None
-        raise
+    found = {name: str(objs[mf.MANIFEST].get("ETag", "")) for name, objs in _objects_by_name(s3, dest).items()
+             if mf.MANIFEST in objs}
     out = []
     for name, etag in sorted(found.items()):
         key = _join(prefix, name, mf.MANIFEST)
@@ -389,24 +367,17 @@ def remove_orphans(dest: str, older_than_s: float = 3600.0) -> list[str]:
     seconds (an upload in progress elsewhere is left alone). Returns the names cleaned up."""
     import datetime as _dt
 
-    bucket, prefix = parse_s3_uri(dest)
+    bucket, _ = parse_s3_uri(dest)
     s3 = _client()
-    groups: dict[str, list] = {}
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=(prefix + "/") if prefix else ""):
-        for obj in page.get("Contents", []):
-            rel = obj["Key"][len(prefix) + 1 :] if prefix else obj["Key"]
-            parts = rel.split("/")
-            if len(parts) == 2 and not parts[0].startswith("."):
-                groups.setdefault(parts[0], []).append(obj)
     now = _dt.datetime.now(_dt.timezone.utc)
     cleaned = []
-    for name, objs in sorted(groups.items()):
-        if any(o["Key"].endswith("/" + mf.MANIFEST) for o in objs):
+    for name, objs in sorted(_objects_by_name(s3, dest).items()):
+        if mf.MANIFEST in objs:
             continue
-        newest = max(o["LastModified"] for o in objs)
+        newest = max(o["LastModified"] for o in objs.values())
         if (now - newest).total_seconds() < older_than_s:
             continue
-        keys = [{"Key": o["Key"]} for o in objs]
+        keys = [{"Key": o["Key"]} for o in objs.values()]
         for i in range(0, len(keys), 1000):
             s3.delete_objects(Bucket=bucket, Delete={"Objects": keys[i : i + 1000]})
         cleaned.append(name)
