@@ -102,20 +102,19 @@ class Uploader:
     """Uploads committed checkpoints of ``dirpath`` to one location, in a background thread, in commit order.
 
     Args:
-        location: where to, and the location's retention.
+        location: where to, the location's retention, and the longest wait between two tries of a failed upload.
         dirpath: the local folder the checkpoints are committed in.
-        max_retry_s: the longest wait between two tries of a failed upload (default: the location's).
         protect: callable -> names never to delete at the location (best-k, the checkpoint resumed from, ...).
         primary: the location is the run's ``dirpath`` (an ``s3://`` dirpath): the local copy is only a staging copy,
             removed once uploaded, and deletions asked by the callbacks apply to the location.
     """
 
-    def __init__(self, location: BackupLocation, dirpath: str, *, max_retry_s: Optional[float] = None,
-                 protect: Optional[Callable[[], set]] = None, primary: bool = False) -> None:
+    def __init__(self, location: BackupLocation, dirpath: str, *, protect: Optional[Callable[[], set]] = None,
+                 primary: bool = False) -> None:
         self.location = location
         self.uri = location.uri
         self.dirpath = dirpath
-        self.max_retry_s = float(max_retry_s if max_retry_s is not None else location.max_retry_s)
+        self.max_retry_s = location.max_retry_s
         self.protect_fn = protect
         self.primary = primary
         self.extra_rules: list[RetentionRules] = []  # RetentionPolicy callbacks on an s3:// dirpath
@@ -294,12 +293,12 @@ class Uploader:
             keep = [a or b for a, b in zip(keep, plan_retention(records, rules, protected))]
         doomed = [r.name for r, k in zip(records, keep) if not k]
         if doomed:
-            self._delete(doomed, "retention")
+            self._delete(doomed, "retention", protected)
 
-    def _delete(self, names: list[str], reason: str) -> None:
+    def _delete(self, names: list[str], reason: str, protected: Optional[set] = None) -> None:
         from .storage.s3 import delete_remote
 
-        protected = self._protected()
+        protected = self._protected() if protected is None else protected
         for name in names:
             if name in protected:
                 continue

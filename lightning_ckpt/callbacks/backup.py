@@ -71,23 +71,14 @@ class BackupToS3(Callback):
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         from ..backups import BackupLocation, Uploader
         from ..policy.retention import RetentionRules
-        from .base import _flush_uploads
+        from .base import attach_uploader
 
         shared = require_shared(trainer, self.dirpath, "BackupToS3")
         if not trainer.is_global_zero:
             return
-        up = Uploader(BackupLocation(self.uri, RetentionRules(keep_last=self.keep_last), self.required), shared.dirpath,
-                      max_retry_s=self.max_retry_s)
-        self._uploader, self._shared = up, shared
-        self._hooks = [
-            (shared.writer.on_commit, lambda res: up.enqueue(res.path)),
-            (shared.protectors, up.pending),
-            (shared.end_hooks, lambda tr: _flush_uploads(up, self.flush_timeout_s)),
-        ]
-        for lst, fn in self._hooks:
-            lst.append(fn)
-        up.start()
-        up.catch_up()
+        loc = BackupLocation(self.uri, RetentionRules(keep_last=self.keep_last), self.required, self.max_retry_s)
+        self._uploader, self._shared = Uploader(loc, shared.dirpath), shared
+        self._hooks = attach_uploader(shared, self._uploader, self.flush_timeout_s)
 
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         for lst, fn in getattr(self, "_hooks", []):

@@ -404,13 +404,8 @@ class BaseCheckpointCallback(Checkpoint):
             primary = loc.uri == shared.remote  # the run's own folder: the callbacks' protections (best-k, ...) hold there
             up = Uploader(loc, shared.dirpath, protect=shared.protected if primary else None, primary=primary)
             shared.uploaders[loc.uri] = up
-            if not trainer.is_global_zero:
-                continue  # the folder is shared: rank 0 uploads what every rank wrote
-            shared.writer.on_commit.append(lambda res, u=up: u.enqueue(res.path))
-            shared.protectors.append(up.pending)
-            shared.end_hooks.append(lambda tr, u=up: _flush_uploads(u))
-            up.start()
-            up.catch_up()
+            if trainer.is_global_zero:  # the folder is shared: rank 0 uploads what every rank wrote
+                attach_uploader(shared, up)
 
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self._shared is not None and trainer.ckpt_path:
@@ -761,6 +756,22 @@ def committed_records(dirpath: str):
         Record(c.name, c.step, c.size_bytes, dict(c.metrics), tuple(c.tags), c.created_unix or 0.0)
         for c in list_checkpoints(dirpath)
     ]
+
+
+def attach_uploader(shared: _Shared, up: Any, flush_timeout_s: float = 600.0) -> list[tuple[list, Any]]:
+    """Rank 0: upload each commit of the folder, keep queued checkpoints from local deletion, wait for the uploads at
+    the end of fit; start the uploader and queue what an earlier run left un-uploaded. Returns the (list, hook) pairs
+    registered, for a callback that detaches them again."""
+    hooks = [
+        (shared.writer.on_commit, lambda res: up.enqueue(res.path)),
+        (shared.protectors, up.pending),
+        (shared.end_hooks, lambda trainer: _flush_uploads(up, flush_timeout_s)),
+    ]
+    for lst, fn in hooks:
+        lst.append(fn)
+    up.start()
+    up.catch_up()
+    return hooks
 
 
 def _flush_uploads(up: Any, timeout_s: float = 600.0) -> None:
