@@ -173,10 +173,15 @@ def latest_checkpoint(dirpath: str, *, verify: bool = True) -> str | None:
     return None
 
 
+def state_file_of(m: dict, rank: int = 0) -> str | None:
+    """The state file of ``rank`` in a checkpoint's manifest (rank 0's when that rank has none: resharding)."""
+    files = m.get("state_files") or {}
+    return files.get(str(rank)) or files.get("0")
+
+
 def read_state_doc(path: str, m: dict, rank: int = 0) -> Any:
     """The non-tensor state (JSON) of one rank, checksum-verified."""
-    files = m.get("state_files") or {}
-    fname = files.get(str(rank)) or files.get("0")
+    fname = state_file_of(m, rank)
     if fname is None:
         raise CheckpointCorruptError(f"{path}: the manifest lists no state file; the checkpoint is corrupt")
     entry = m["files"][fname]
@@ -368,9 +373,8 @@ def _open(path: Any, rank: int | None) -> tuple[str, dict, Any]:
     uri = str(path).rstrip("/")
     got = read_remote_manifest(uri)
     m = got[0]
-    files = m.get("state_files") or {}
-    first = [f for f in {files.get(str(rank if rank is not None else 0)) or files.get("0")} if f]
-    local = fetch_checkpoint(uri, first, manifest=got)
+    state_file = state_file_of(m, rank or 0)
+    local = fetch_checkpoint(uri, [state_file] if state_file else [], manifest=got)
     return local, m, lambda names: fetch_checkpoint(uri, names, manifest=got)
 
 
