@@ -22,7 +22,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from .policy.retention import Record, RetentionRules, plan_retention
+from .policy.retention import RetentionRules, plan_retention
+from .prune import committed_records
 
 log = logging.getLogger("lightning_ckpt")
 
@@ -86,16 +87,6 @@ def parse_locations(spec: Any, what: str = "backup_uri") -> list[BackupLocation]
             raise ValueError(f"{what} names {loc.uri} twice; give each location once")
         seen.add(loc.uri)
     return out
-
-
-def remote_records(uri: str) -> list[Record]:
-    from .storage.s3 import remote_manifests
-
-    return [
-        Record(name, int(m["step"]), sum(int(f["size"]) for f in m["files"].values()), dict(m.get("metrics") or {}),
-               tuple(m.get("tags") or ()), float(m.get("created_unix") or 0.0))
-        for name, m in remote_manifests(uri)
-    ]
 
 
 class Uploader:
@@ -283,7 +274,7 @@ class Uploader:
         if not rule_sets:
             return
         try:
-            records = remote_records(self.uri)
+            records = committed_records(self.uri)
         except Exception as e:  # noqa: BLE001
             log.warning("lightning_ckpt: cannot list %s for retention (%r); trying again after the next upload", self.uri, e)
             return

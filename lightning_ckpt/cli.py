@@ -169,7 +169,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     ckpts = list_checkpoints(args.dir)
     doomed: dict[str, str] = {}
     if rules.has_keep_rule or args.max_total_bytes is not None:
-        from .callbacks.base import committed_records
+        from .prune import committed_records
 
         records = committed_records(args.dir)
         for r, keep in zip(records, plan_retention(records, rules)):

@@ -9,6 +9,18 @@ from .format import manifest as mf
 from .storage.local import remove_tree
 
 
+def committed_records(where: str) -> list:
+    """Retention records (:class:`~lightning_ckpt.policy.retention.Record`) of the committed checkpoints of a folder
+    or of an ``s3://`` location."""
+    from .checkpoints import list_checkpoints
+    from .policy.retention import Record
+
+    return [
+        Record(c.name, c.step, c.size_bytes, dict(c.metrics), tuple(c.tags), c.created_unix or 0.0)
+        for c in list_checkpoints(where)
+    ]
+
+
 def remove_checkpoint(path: str) -> None:
     """Delete a committed checkpoint: it disappears from listings atomically, then its files are removed."""
     parent, name = os.path.split(os.path.normpath(path))

@@ -748,16 +748,6 @@ def _record_failed_run(shared: _Shared, exception: BaseException) -> None:
         log.error("lightning_ckpt: could not record the failed run: %s", e)
 
 
-def committed_records(dirpath: str):
-    """Retention records of the committed checkpoints in ``dirpath``."""
-    from ..policy.retention import Record
-
-    return [
-        Record(c.name, c.step, c.size_bytes, dict(c.metrics), tuple(c.tags), c.created_unix or 0.0)
-        for c in list_checkpoints(dirpath)
-    ]
-
-
 def attach_uploader(shared: _Shared, up: Any, flush_timeout_s: float = 600.0) -> list[tuple[list, Any]]:
     """Rank 0: upload each commit of the folder, keep queued checkpoints from local deletion, wait for the uploads at
     the end of fit; start the uploader and queue what an earlier run left un-uploaded. Returns the (list, hook) pairs

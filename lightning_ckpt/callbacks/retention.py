@@ -9,7 +9,8 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
 from ..policy.retention import RetentionRules, plan_retention
-from .base import committed_records, folder_key, require_shared
+from ..prune import committed_records
+from .base import folder_key, require_shared
 
 log = logging.getLogger("lightning_ckpt")
 
