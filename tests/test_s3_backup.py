@@ -91,6 +91,12 @@ def test_server_stopped_in_the_middle_of_an_upload(s3, tmp_path, monkeypatch):
             import time
 
             time.sleep(0.4)  # a step of a real model: the outage overlaps training
+            if trainer.global_step == 6:
+                # Test harness only: on a loaded machine the uploader can lag so far behind that the outage would
+                # begin after the last step. Hold step 6 until the server is down, so the outage overlaps training.
+                deadline = time.monotonic() + 60
+                while not state["down"] and time.monotonic() < deadline:
+                    time.sleep(0.05)
             if state["down"]:
                 state["steps_while_down"] += 1  # training does not wait for the server
                 if trainer.global_step % 2 == 0:
