@@ -357,8 +357,9 @@ class BaseCheckpointCallback(Checkpoint):
             )
             per_trainer[self.dirpath] = shared
             shared.writer.on_commit.append(lambda res, sh=shared: _after_commit(sh, res))
-            if trainer.is_global_zero:
-                shared.writer.prepare_dir()
+            shared.writer.prepare_dir()  # every rank: the folder may be local to each node
+            shared.writer.detect_folders(every_folder=remote is None)
+            if shared.writer.is_leader:
                 cleanup_partials(local)
             trainer.strategy.barrier("lightning_ckpt.setup")
         else:
@@ -782,12 +783,64 @@ def _flush_uploads(up: Any, timeout_s: float = 600.0) -> None:
 _AUTO_RESUME: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()
 
 
-def auto_resume_path(shared: _Shared) -> Optional[str]:
+def _common_local_names(shared: _Shared) -> list[str]:
+    """Node-local folders (collective, every rank): the checkpoints committed in every written folder, oldest first,
+    each verified by every folder's committing rank. A crash between two folders' commits leaves the newest
+    checkpoint in some folders only; the run then resumes from the newest one that every folder holds whole."""
+    import torch.distributed as dist
+
+    from ..checkpoints import list_checkpoints, verify_checkpoint
+
+    w = shared.writer
+    lead = w.is_leader and w.folder_written
+
+    def gather(obj: Any) -> list:
+        out: list = [None] * w.world_size
+        dist.all_gather_object(out, obj, group=w.pg)
+        return [x for x in out if x is not None]
+
+    mine = [c.name for c in list_checkpoints(shared.dirpath)] if lead and os.path.isdir(shared.dirpath) else None
+    lists = gather(mine)
+    common = [n for n in lists[0] if all(n in other for other in lists[1:])] if lists else []
+    bad: list = []
+    if lead:  # each committing rank verifies the candidates in its own folder, newest first, up to the first good one
+        for name in reversed(common):
+            try:
+                verify_checkpoint(os.path.join(shared.dirpath, name))
+                break
+            except CheckpointError as e:
+                log.warning("lightning_ckpt: resume='auto' skips %s in %s: %s", name, shared.dirpath, e)
+                bad.append(name)
+    dropped = {n for b in gather(bad if lead else None) for n in b}
+    return [n for n in common if n not in dropped]
+
+
+def auto_resume_path(shared: _Shared, among: Optional[list[str]] = None) -> Optional[str]:
     """The newest valid checkpoint among the folder and its backup locations (local wins a tie; an ``s3://`` dirpath:
     the newer of the staged and the uploaded ones); ``None`` when there is none. Raises when a backup location cannot
-    be read and nothing is local (starting fresh could then silently drop a run)."""
-    from ..checkpoints import latest_checkpoint, list_checkpoints, resume_path
+    be read and nothing is local (starting fresh could then silently drop a run). ``among``: node-local folders, the
+    local checkpoints every folder holds (see :func:`_common_local_names`); a newer backup is then read from S3 by
+    every rank rather than pulled into one node's folder."""
+    from ..checkpoints import latest_checkpoint, list_checkpoints, read_checkpoint_manifest, resume_path
 
+    if among is not None:
+        local = os.path.join(shared.dirpath, among[-1]) if among else None
+        if shared.remote:
+            return latest_checkpoint(shared.remote) or local  # only rank 0's staging folder is written
+        local_step = int(read_checkpoint_manifest(local)["step"]) if local else -1
+        for up in shared.uploaders.values():
+            try:
+                remote = latest_checkpoint(up.uri)
+            except Exception as e:  # noqa: BLE001 - S3 down: resume from the local one if there is one
+                if local is None:
+                    raise CheckpointError(f"resume='auto' found no checkpoint in every node's {shared.dirpath} and "
+                                          f"cannot read {up.uri} ({e!r}); fix the S3 settings or the server, or drop "
+                                          "resume='auto' to start fresh") from e
+                log.warning("lightning_ckpt: cannot read %s (%r); resuming from the local %s", up.uri, e, local)
+                continue
+            if remote is not None and int(read_checkpoint_manifest(remote)["step"]) > local_step:
+                local, local_step = remote, int(read_checkpoint_manifest(remote)["step"])
+        return local
     if shared.remote:
         staged = latest_checkpoint(shared.dirpath) if os.path.isdir(shared.dirpath) else None
         try:
@@ -828,15 +881,20 @@ def _install_auto_resume(trainer: "pl.Trainer", shared: _Shared, cb: Any) -> Non
         _AUTO_RESUME.pop(trainer, None)
         if not checkpoint_path:
             found, error = None, None
+            common = _common_local_names(shared) if shared.writer.node_local else None
             if trainer.is_global_zero:
                 try:
-                    found = auto_resume_path(shared)
+                    found = auto_resume_path(shared, among=common)
                 except CheckpointError as e:
                     error = str(e)
+                if found and common is not None and not is_s3_uri(found):  # each node reads its own folder
+                    found = "local:" + os.path.relpath(found, shared.dirpath)
             if trainer.world_size > 1:  # every rank loads the same checkpoint, or every rank raises
                 found, error = trainer.strategy.broadcast((found, error), src=0)
             if error is not None:
                 raise CheckpointError(error)
+            if found and found.startswith("local:"):
+                found = os.path.join(shared.dirpath, found[len("local:"):])
             from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
             if found:  # printed where Lightning prints its own messages

@@ -90,7 +90,7 @@ class RetentionPolicy(Callback):
 
     def _after_commit(self, result: Any) -> None:
         shared = self._shared
-        if shared is None or not trainer_is_rank_zero():
+        if shared is None:  # commit hooks run where the folder is committed (rank 0, or each node-local folder's)
             return
         records = committed_records(shared.dirpath)
         protected = shared.protected() | {result.name}
@@ -103,8 +103,3 @@ class RetentionPolicy(Callback):
             return
         self.deleted += shared.delete(doomed, reason="retention policy")
 
-
-def trainer_is_rank_zero() -> bool:
-    import torch.distributed as dist
-
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0

@@ -87,10 +87,17 @@ class LCStorageWriter(StorageWriter):
         on_finish: Callable[[list[_FileResult], dict[str, dict]], None],
         crc_executor: Executor | None = None,
         fsync: bool = True,
+        ranks: tuple[int, ...] | None = None,
+        extra_states: dict[int, bytes] | None = None,
     ) -> None:
+        """``ranks``: the global rank of each rank of the process group the save runs on (by default the group is
+        the world). ``extra_states``: state files this rank writes for other ranks (their ``state-rankN.json``), used
+        when each node's folder must hold every rank's state."""
         super().__init__()
         self.partial_dir = partial_dir
         self.state_bytes = state_bytes
+        self.ranks = tuple(ranks) if ranks else None
+        self.extra_states = dict(extra_states or {})
         self.on_finish = on_finish
         self.crc_executor = crc_executor
         self.fsync = fsync
@@ -108,7 +115,7 @@ class LCStorageWriter(StorageWriter):
         return plan
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
-        return [dataclasses.replace(p, storage_data=i) for i, p in enumerate(plans)]
+        return [dataclasses.replace(p, storage_data=self.ranks[i] if self.ranks else i) for i, p in enumerate(plans)]
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         rank = plan.storage_data if isinstance(plan.storage_data, int) else self.rank
@@ -146,9 +153,12 @@ class LCStorageWriter(StorageWriter):
                 info = _ChunkInfo(fname, n, tuple(int(o) for o in chunk.offsets), tuple(int(s) for s in chunk.sizes))
                 results.append(WriteResult(index=item.index, size_in_bytes=tr.end - tr.begin, storage_data=info))
             files.append(_FileResult(rank, _record_json(rec, rank)))
+        states = dict(self.extra_states)
         if self.state_bytes is not None:
-            srec = write_bytes_file(os.path.join(self.partial_dir, mf.state_file_name(rank)), self.state_bytes, fsync=self.fsync)
-            files.append(_FileResult(rank, _record_json(srec, rank)))
+            states[rank] = self.state_bytes
+        for r in sorted(states):
+            srec = write_bytes_file(os.path.join(self.partial_dir, mf.state_file_name(r)), states[r], fsync=self.fsync)
+            files.append(_FileResult(r, _record_json(srec, r)))
         if self.fsync and files:
             from ..storage.local import fsync_dir
 

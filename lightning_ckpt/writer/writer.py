@@ -33,6 +33,7 @@ from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from ..errors import CheckpointError, CheckpointWriteError
 from ..format import manifest as mf
 from ..format.codec import encode, warn_unsupported
+from ..format.tensorfile import byte_view, dtype_from_name, dtype_name
 from ..storage.local import atomic_write_bytes, fsync_dir, remove_tree
 from .dcp_storage import LCStorageWriter, _FileResult, group_of, unwrap_dcp_error
 from .snapshot import HostBuffers
@@ -211,6 +212,11 @@ class CheckpointWriter:
             ids = [self.writer_id]
             dist.broadcast_object_list(ids, src=dist.get_global_rank(self.pg, 0) if process_group is not None else 0, group=self.pg)
             self.writer_id = ids[0]
+        # Which ranks see the same folder (see detect_folders): all of them unless the folder is node-local.
+        self.folder_ranks: tuple[int, ...] = tuple(range(self.world_size))
+        self.node_local = False
+        self.folder_pg: Any = None  # the process group of this folder's ranks, when node-local
+        self.every_folder = True  # node-local: every folder gets a whole copy; False: only rank 0's folder is written
         self.dirpath = os.path.abspath(os.fspath(dirpath))
         self.async_save = bool(async_save)
         self.name_template = validate_name_template(name_template)
@@ -237,6 +243,61 @@ class CheckpointWriter:
     def prepare_dir(self) -> None:
         """Create ``dirpath`` and check it is a writable folder; raise a clear error otherwise."""
         check_writable_dir(self.dirpath)
+
+    def detect_folders(self, every_folder: bool = True) -> None:
+        """Collective (every rank calls it once, before the first save): find out which ranks see the same
+        ``dirpath``. Each rank leaves a probe file in the folder and lists the others'.
+
+        When every rank sees one folder (a single node, or a shared filesystem), nothing changes: each rank writes
+        its share and rank 0 commits. When the ranks see different folders (a node-local disk on each node, say
+        ``--nnodes 2`` with a local ``dirpath``), each folder becomes a whole checkpoint of its own: the replicated
+        (DDP) state is split across that folder's ranks, every rank's own state (RNG, loader position) is copied into
+        every folder, and the lowest rank of each folder commits it once every rank of every folder has written its
+        part. A lost node then loses no checkpoint, and any folder resumes the run at any world size.
+        With ``every_folder=False`` (the local staging folders of an ``s3://`` dirpath) only rank 0's folder is
+        written; the other ranks hand it their own state."""
+        self.every_folder = bool(every_folder)
+        if self.world_size == 1:
+            return
+        tag = f".probe-node-{self.writer_id}-"
+        probe = os.path.join(self.dirpath, f"{tag}{self.rank}")
+        os.makedirs(self.dirpath, exist_ok=True)
+        with open(probe, "wb"):
+            pass
+        dist.barrier(group=self.pg)
+        seen = tuple(sorted(int(e[len(tag):]) for e in os.listdir(self.dirpath) if e.startswith(tag)))
+        everyone: list = [None] * self.world_size
+        dist.all_gather_object(everyone, seen, group=self.pg)
+        try:
+            os.unlink(probe)  # every rank has listed the folder by now
+        except OSError:
+            pass
+        groups = sorted(set(everyone))
+        if sorted(r for g in groups for r in g) != list(range(self.world_size)) or any(
+            r not in everyone[r] for r in range(self.world_size)
+        ):
+            raise CheckpointWriteError(
+                f"the ranks disagree on which of them share the checkpoint folder {self.dirpath}: {everyone}. Use a "
+                "folder that is either shared by every rank or local to each node, not a mix."
+            )
+        if len(groups) == 1:
+            return
+        self.node_local = True
+        for g in groups:  # every rank creates every group, in the same order
+            pg = dist.new_group(ranks=list(g), backend="gloo", timeout=timedelta(seconds=self.timeout_s))
+            if self.rank in g:
+                self.folder_ranks, self.folder_pg = g, pg
+        log.info("lightning_ckpt: %s is local to ranks %s (%d folders); each folder is committed as a whole checkpoint",
+                 self.dirpath, list(self.folder_ranks), len(groups))
+
+    @property
+    def is_leader(self) -> bool:
+        """This rank commits its folder (rank 0, or the lowest rank of a node-local folder)."""
+        return self.rank == self.folder_ranks[0] if self.node_local else self.rank == 0
+
+    @property
+    def folder_written(self) -> bool:
+        return not self.node_local or self.every_folder or 0 in self.folder_ranks
 
     @property
     def pending(self) -> PendingSave | None:
@@ -283,14 +344,32 @@ class CheckpointWriter:
             prefix = f"rank{self.rank:05d}/"
             key_fn = lambda k: k if group_of(k) in ("model", "optim") else prefix + k  # noqa: E731
         doc, tensors = encode(state, on_unsupported=warn_unsupported, key_fn=key_fn)
-        if self.mode == "rank0" and self.rank != 0:
-            tensors = {}
+        if self.node_local and any(_is_dtensor(v) for v in tensors.values()):
+            raise CheckpointWriteError(
+                f"{self.dirpath} is local to each node, but this model's state is sharded across ranks (FSDP or "
+                "tensor parallel): a node's folder cannot hold a whole checkpoint. Save to a folder every rank shares "
+                "(a shared filesystem) or to an s3:// dirpath."
+            )
+        # rank0 mode: rank 0 (node-local: each folder's lowest rank) writes the model and optimizer; the other ranks'
+        # own state (RNG, loader position) is kept only in sharded mode
+        own_kept = self.mode == "sharded" or self.rank == 0
+        writes_shared = self.folder_written and (self.mode == "sharded" or self.is_leader)
+        writes_own = own_kept and self.folder_written
+        tensors = {
+            k: v for k, v in tensors.items()
+            if (writes_shared if group_of(k) in ("model", "optim") else own_kept)
+        }
         if self.async_save:
             tensors = self._buffers.snapshot(tensors)
         else:
             tensors = {k: v.detach() for k, v in tensors.items()}  # DCP copies device tensors to host as it writes
-        state_bytes = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode("utf-8")
-        if self.mode == "rank0" and self.rank != 0:
+        state_bytes = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode("utf-8") if own_kept else None
+        handoff = None
+        if self.node_local:  # this rank's own state, for the folders of the other nodes (see detect_folders)
+            handoff = None if not own_kept else (
+                {k: _packed(v) for k, v in tensors.items() if group_of(k) not in ("model", "optim")}, state_bytes)
+        if not writes_own:
+            tensors = {k: v for k, v in tensors.items() if group_of(k) in ("model", "optim")}
             state_bytes = None
         snapshot_s = time.perf_counter() - t0
         name = self.name_template.format(step=int(step), epoch=int(epoch or 0))
@@ -304,6 +383,7 @@ class CheckpointWriter:
             snapshot_s=snapshot_s,
             sealed=self.auto_seal,
             seq=self._seq,
+            handoff=handoff,
         )
         if self._executor is not None:
             fut = self._executor.submit(job.run_logged)
@@ -422,8 +502,10 @@ class _Abandoned(Exception):
 
 
 class _SaveJob:
-    def __init__(self, writer: CheckpointWriter, name: str, tensors: dict, state_bytes: bytes | None, header: dict, snapshot_s: float, sealed: bool, seq: int = 0):
+    def __init__(self, writer: CheckpointWriter, name: str, tensors: dict, state_bytes: bytes | None, header: dict,
+                 snapshot_s: float, sealed: bool, seq: int = 0, handoff: tuple | None = None):
         self.w = writer
+        self.handoff = handoff
         self.seq = seq
         self.name = name
         self.tensors = tensors
@@ -468,27 +550,63 @@ class _SaveJob:
         w = self.w
         self.t0 = time.perf_counter()
         self.partial = os.path.join(w.dirpath, f"{mf.PARTIAL_PREFIX}{self.name}-{w.writer_id}-{self.seq}")
+        failed: BaseException | None = None
+        collective_failed = False
         try:
-            os.makedirs(self.partial, exist_ok=True)  # every rank: the folder may be shared or node-local
+            extra_states: dict[int, bytes] = {}
+            if w.node_local:  # each folder gets every rank's own state: hand it over first
+                gathered: list = [None] * w.world_size
+                collective_failed = True
+                dist.all_gather_object(gathered, self.handoff, group=w.pg)
+                collective_failed = False
+                self.handoff = None
+                if w.is_leader and w.folder_written:
+                    for r, got in enumerate(gathered):
+                        if got is not None and r not in w.folder_ranks:
+                            self.tensors.update({k: _unpacked(v) for k, v in got[0].items()})
+                            if got[1] is not None:
+                                extra_states[r] = got[1]
+            if w.folder_written:
+                os.makedirs(self.partial, exist_ok=True)  # every rank: the folder may be shared or node-local
 
-            def on_finish(files: list[_FileResult], tensor_index: dict) -> None:
-                self.files, self.tensor_index = files, tensor_index
+                def on_finish(files: list[_FileResult], tensor_index: dict) -> None:
+                    self.files, self.tensor_index = files, tensor_index
 
-            storage_writer = LCStorageWriter(
-                self.partial, state_bytes=self.state_bytes, on_finish=on_finish, crc_executor=w._crc_pool, fsync=w.fsync
-            )
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-                if w.world_size > 1:
-                    dcp.save(self.tensors, storage_writer=storage_writer, planner=DefaultSavePlanner(), process_group=w.pg)
-                else:
-                    dcp.save(self.tensors, storage_writer=storage_writer, planner=DefaultSavePlanner(), no_dist=True)
+                storage_writer = LCStorageWriter(
+                    self.partial, state_bytes=self.state_bytes, on_finish=on_finish, crc_executor=w._crc_pool,
+                    fsync=w.fsync, ranks=w.folder_ranks if w.node_local else None, extra_states=extra_states,
+                )
+                pg = w.folder_pg if w.node_local else w.pg
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+                    if pg is not None and len(w.folder_ranks) > 1:
+                        dcp.save(self.tensors, storage_writer=storage_writer, planner=DefaultSavePlanner(), process_group=pg)
+                    else:
+                        dcp.save(self.tensors, storage_writer=storage_writer, planner=DefaultSavePlanner(), no_dist=True)
         except BaseException as e:
-            if w.rank == 0:
-                remove_tree(self.partial)
-            raise self._translate(e)
+            failed = e
         finally:
             self.tensors = {}  # the buffers are the writer's; do not keep references
+            self.handoff = None
+        if w.node_local and not collective_failed:
+            # every folder is written: only then may any folder commit (the others learn here that one failed)
+            report = None if failed is None else f"{type(failed).__name__}: {failed}"[:500]
+            outcome: list = [None] * w.world_size
+            try:
+                dist.all_gather_object(outcome, report, group=w.pg)
+            except BaseException as e:  # noqa: BLE001 - a rank went away
+                failed = failed or e
+            else:
+                bad = [(r, msg) for r, msg in enumerate(outcome) if msg is not None]
+                if bad and failed is None:
+                    failed = CheckpointWriteError(
+                        f"checkpoint {self.name!r} was not committed in any folder: rank {bad[0][0]} failed to write "
+                        f"its part ({bad[0][1]}). Earlier checkpoints are intact; see that rank's log."
+                    )
+        if failed is not None:
+            if w.is_leader:
+                remove_tree(self.partial)
+            raise self._translate(failed)
 
     def _translate(self, e: BaseException) -> BaseException:
         err = unwrap_dcp_error(e)
@@ -521,16 +639,19 @@ class _SaveJob:
         """Phase 2: manifest last, rename, latest.json, then the on-commit hooks (retention)."""
         with self._lock:
             self._committing = True
+        name = None
+        if self.w.node_local:
+            name = self._agree_on_commit()
         if self.abandoned:
-            if self.w.rank == 0:
+            if self.w.is_leader:
                 remove_tree(self.partial)
             raise _Abandoned()
-        if self.w.rank != 0:  # rank 0 commits for everyone (DCP already gathered every rank's results)
+        if not (self.w.is_leader and self.w.folder_written):  # rank 0 (node-local: each folder's first rank) commits
             return SaveResult(name=self.name, path=os.path.join(self.w.dirpath, self.name), step=self.header["step"],
                               bytes=0, snapshot_s=self.snapshot_s, write_s=time.perf_counter() - self.t0,
                               tags=sorted(self.tags), kind=self.header["kind"], metrics=dict(self.header["metrics"]))
         try:
-            res = self._commit()
+            res = self._commit(name)
         except BaseException as e:
             remove_tree(self.partial)
             raise self._translate(e)
@@ -541,16 +662,47 @@ class _SaveJob:
                 log.error("lightning_ckpt: post-commit hook failed: %r", e)
         return res
 
-    def _commit(self) -> SaveResult:
+    def _taken_names(self) -> list[str]:
+        """Names this checkpoint cannot take in the folder: ``<name>`` and ``<name>-vN`` already committed."""
+        try:
+            entries = os.listdir(self.w.dirpath)
+        except OSError:
+            return []
+        return [e for e in entries if e == self.name or e.startswith(self.name + "-v")]
+
+    def _agree_on_commit(self) -> str:
+        """Node-local folders: every rank learns rank 0's tags and metrics and whether any rank dropped the save, and
+        every folder takes the same name (the first one free in all folders). One collective."""
         w = self.w
-        files, partial = self.files, self.partial
-        name = self.name
-        final = os.path.join(w.dirpath, name)
-        v = 1
-        while os.path.exists(final):
+        mine = {"abandoned": self.abandoned, "tags": sorted(self.tags), "metrics": self.header["metrics"],
+                "taken": self._taken_names() if w.is_leader else []}
+        everyone: list = [None] * w.world_size
+        try:
+            dist.all_gather_object(everyone, mine, group=w.pg)
+        except BaseException as e:  # noqa: BLE001
+            if w.is_leader:
+                remove_tree(self.partial)
+            raise self._translate(e)
+        self.abandoned = any(x["abandoned"] for x in everyone)
+        self.tags = set(everyone[0]["tags"])
+        self.header["metrics"] = everyone[0]["metrics"]
+        taken = {n for x in everyone for n in x["taken"]}
+        name, v = self.name, 1
+        while name in taken:
             v += 1
             name = f"{self.name}-v{v}"
-            final = os.path.join(w.dirpath, name)
+        return name
+
+    def _commit(self, name: str | None = None) -> SaveResult:
+        w = self.w
+        files, partial = self.files, self.partial
+        if name is None:
+            name = self.name
+            v = 1
+            while os.path.exists(os.path.join(w.dirpath, name)):
+                v += 1
+                name = f"{self.name}-v{v}"
+        final = os.path.join(w.dirpath, name)
         m = dict(self.header)
         m["tags"] = sorted(self.tags)
         m["name"] = name
@@ -597,6 +749,27 @@ class _SaveJob:
 
 
 BACKGROUND_NICE = 5
+
+
+def _packed(t: torch.Tensor) -> tuple[str, list[int], bytes]:
+    """A CPU tensor as plain values, to hand to another rank (no tensor pickling: the snapshot buffers are views)."""
+    t = t.detach().cpu().contiguous()
+    return dtype_name(t.dtype), list(t.shape), bytes(byte_view(t))
+
+
+def _unpacked(p: tuple[str, list[int], bytes]) -> torch.Tensor:
+    dtype, shape, data = p
+    if not data:
+        return torch.empty(shape, dtype=dtype_from_name(dtype))
+    return torch.frombuffer(bytearray(data), dtype=dtype_from_name(dtype)).reshape(shape)
+
+
+def _is_dtensor(t: Any) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - older torch
+        return False
+    return isinstance(t, DTensor)
 
 
 def _background_priority() -> None:
