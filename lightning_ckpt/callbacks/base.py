@@ -825,8 +825,12 @@ def auto_resume_path(shared: _Shared, among: Optional[list[str]] = None) -> Opti
 
     if among is not None:
         local = os.path.join(shared.dirpath, among[-1]) if among else None
-        if shared.remote:
-            return latest_checkpoint(shared.remote) or local  # only rank 0's staging folder is written
+        if shared.remote:  # only rank 0's staging folder is written: every node reads the uploaded checkpoints
+            try:
+                return latest_checkpoint(shared.remote)
+            except Exception as e:  # noqa: BLE001
+                raise CheckpointError(f"resume='auto' cannot read {shared.remote} ({e!r}); fix the S3 settings or "
+                                      "the server, or drop resume='auto' to start fresh") from e
         local_step = int(read_checkpoint_manifest(local)["step"]) if local else -1
         for up in shared.uploaders.values():
             try:

@@ -64,3 +64,42 @@ def test_two_ranks_back_up_local_saves_and_resume_on_a_fresh_machine(s3, tmp_pat
     info = json.load(open(out + ".json"))
     assert info["resumed_from"] == os.path.join(fresh, "step=000008") and info["global_step"] == 12
     assert [c.step for c in list_checkpoints("s3://ddp/backup")] == [4, 8, 12]
+
+
+def test_two_nodes_with_node_local_folders_back_up_and_resume_on_fresh_nodes_from_s3(s3, tmp_path):
+    """--nnodes 2, each node with its own local folder and backups on: rank 0 uploads its node's folder, which holds
+    the whole checkpoint (every rank's own state included). Relaunched on two fresh nodes (empty folders), both nodes
+    resume from S3."""
+    from test_two_nodes import folder, ok, two_nodes
+
+    uri = "s3://ddp/nodes-backup"
+    ok(two_nodes(tmp_path / "a", 1, "--max-steps", "8", "--every", "4", "--backup", uri))
+    assert [c.step for c in list_checkpoints(uri)] == [4, 8]
+    m = list_checkpoints(uri)[-1].manifest
+    assert m["world_size"] == 2 and set(m["state_files"]) == {"0", "1"}
+    ok(two_nodes(tmp_path / "fresh", 1, "--max-steps", "12", "--every", "4", "--backup", uri, "--auto-resume",
+                 "--out", str(tmp_path / "w{node}.safetensors")))
+    info = json.load(open(str(tmp_path / "w0.safetensors.json")))  # written by rank 0
+    assert info["resumed_from"] == f"{uri}/step=000008" and info["global_step"] == 12
+    for node in (0, 1):  # node 1 resumed at step 8 too: the save of step 12 is committed in its folder
+        assert [c.step for c in list_checkpoints(folder(tmp_path / "fresh", node))] == [12]
+    assert [c.step for c in list_checkpoints(uri)] == [4, 8, 12]
+
+
+def test_two_nodes_save_to_an_s3_dirpath_with_node_local_staging(s3, tmp_path):
+    """An s3:// dirpath on two nodes, each staging on its own disk: only rank 0's node stages (and uploads) each
+    checkpoint, with the other node's rank state handed over; nothing is left staged on either node."""
+    from test_two_nodes import ok, two_nodes
+
+    uri = "s3://ddp/nodes-direct"
+    ok(two_nodes(tmp_path, 1, "--max-steps", "8", "--every", "4", "--auto-resume", dirpath=uri,
+                 node_env={"LIGHTNING_CKPT_STAGING": str(tmp_path / "staging{node}")}))
+    assert [c.step for c in list_checkpoints(uri)] == [4, 8]
+    m = list_checkpoints(uri)[-1].manifest
+    assert m["world_size"] == 2 and set(m["state_files"]) == {"0", "1"}
+    assert {f["rank"] for n, f in m["files"].items() if n.startswith("model-")} == {0}
+    assert load_checkpoint(f"{uri}/step=000008", rank=1)["global_step"] == 8
+    for node in (0, 1):
+        staged = [e for _, dirs, files in os.walk(str(tmp_path / f"staging{node}")) for e in dirs + files
+                  if e.startswith("step=")]
+        assert not staged, (node, staged)

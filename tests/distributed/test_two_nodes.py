@@ -27,17 +27,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def two_nodes(base, per_node: int, *args: str, timeout: float = 240) -> list[subprocess.CompletedProcess]:
-    """One torchrun per node, as on two machines; node k saves into ``base/node<k>/ckpts``."""
+def two_nodes(base, per_node: int, *args: str, timeout: float = 240, dirpath: str | None = None,
+              node_env: dict | None = None) -> list[subprocess.CompletedProcess]:
+    """One torchrun per node, as on two machines; node k saves into ``base/node<k>/ckpts`` (or ``dirpath``).
+    ``{node}`` in ``args`` and in ``node_env`` values is replaced by the node's number."""
     port = free_port()
     procs = []
     for node in (0, 1):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
                "--nproc_per_node", str(per_node), "--master_addr", "127.0.0.1", "--master_port", str(port),
-               SCRIPT, "--dir", str(base / f"node{node}" / "ckpts"),
+               SCRIPT, "--dir", dirpath or str(base / f"node{node}" / "ckpts"),
                *[a.replace("{node}", str(node)) for a in args]]
-        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                      env={**os.environ, "OMP_NUM_THREADS": "1"}))
+        env = {**os.environ, "OMP_NUM_THREADS": "1",
+               **{k: v.replace("{node}", str(node)) for k, v in (node_env or {}).items()}}
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
     out = []
     for p in procs:
         stdout, stderr = p.communicate(timeout=timeout)
