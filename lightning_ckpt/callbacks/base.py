@@ -482,7 +482,7 @@ class BaseCheckpointCallback(Checkpoint):
         shared.requests.clear()
         # keep a save that was fully requested (it becomes a valid checkpoint) but never mask the training error
         self._wait(raise_errors=False)
-        if self._is_last(shared) and trainer.is_global_zero:
+        if self._is_last(shared) and shared.writer.is_leader and shared.writer.folder_written:  # each folder's note
             _record_failed_run(shared, exception)
 
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
