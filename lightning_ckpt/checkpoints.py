@@ -6,7 +6,7 @@ import logging
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -230,7 +230,8 @@ def load_tensors(path: str, m: dict, keys: list[str] | None = None, *, verify: b
     return targets
 
 
-def load_checkpoint(path: str, map_location: Any = "cpu", *, verify: bool = True, rank: int = 0) -> dict:
+def load_checkpoint(path: str, map_location: Any = "cpu", *, verify: bool = True, rank: int = 0,
+                    without_tensors_of: Iterable[str] = ()) -> dict:
     """Load a checkpoint written by this package as the Lightning checkpoint dictionary.
 
     Every byte read is checked against its CRC32C (``verify=False`` skips the checks). Nothing is unpickled.
@@ -239,15 +240,20 @@ def load_checkpoint(path: str, map_location: Any = "cpu", *, verify: bool = True
         path: a checkpoint folder (one that holds ``manifest.json``).
         map_location: device (or ``torch.load``-style mapping) the tensors are moved to; ``"cpu"`` by default.
         rank: whose non-tensor state to read in a checkpoint saved by several ranks.
+        without_tensors_of: top-level keys (say ``"state_dict"``, ``"optimizer_states"``) whose tensors are not
+            read: they come back as ``None``, the rest of those entries (optimizer ``param_groups``) as saved. For
+            sharded models, whose tensors are loaded in place with :func:`load_into`.
     """
     path, m, fetch = _open(path, rank)
     doc = read_state_doc(path, m, rank)
     wanted: list[str] = []
+    skipped = tuple(f"{k}/" for k in without_tensors_of)
 
     def collect(key: str) -> torch.Tensor:
         if not isinstance(key, str):
             raise CheckpointCorruptError(f"{path}: the state refers to a tensor by an invalid key {key!r}")
-        wanted.append(key)
+        if not (skipped and key.startswith(skipped)):
+            wanted.append(key)
         return torch.zeros(0)
 
     decode(doc, collect)  # the tensors this rank's state refers to (in a multi-rank checkpoint: not the others')
@@ -257,7 +263,9 @@ def load_checkpoint(path: str, map_location: Any = "cpu", *, verify: bool = True
         map_location = None
     tensors = load_tensors(path, m, list(dict.fromkeys(wanted)), verify=verify, device=device, fetch=fetch)
 
-    def get(key: str) -> torch.Tensor:
+    def get(key: str) -> torch.Tensor | None:
+        if skipped and key.startswith(skipped):
+            return None
         try:
             t = tensors[key]
         except KeyError:

@@ -79,13 +79,69 @@ class LightningCkptIO(CheckpointIO):
 
 
 def install_checkpoint_io(trainer: Any) -> LightningCkptIO:
-    """Wrap the strategy's CheckpointIO (idempotent) so it can read lightning_ckpt folders."""
+    """Wrap the strategy's CheckpointIO (idempotent) so it can read lightning_ckpt folders; for the sharded
+    strategies, which load checkpoints themselves, wrap their ``load_checkpoint`` too."""
     strategy = trainer.strategy
     current = strategy.checkpoint_io
     if isinstance(current, LightningCkptIO):
         current.trainer = trainer
-        return current
-    io = LightningCkptIO(current)
-    io.trainer = trainer
-    strategy.checkpoint_io = io
+        io = current
+    else:
+        io = LightningCkptIO(current)
+        io.trainer = trainer
+        strategy.checkpoint_io = io
+    if _loads_sharded(strategy) and not getattr(strategy.load_checkpoint, "_lightning_ckpt", False):
+        strategy.load_checkpoint = _sharded_loader(strategy, io, strategy.load_checkpoint)
     return io
+
+
+def _loads_sharded(strategy: Any) -> bool:
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+    return isinstance(strategy, (FSDPStrategy, ModelParallelStrategy))
+
+
+def _sharded_loader(strategy: Any, io: LightningCkptIO, original: Any) -> Any:
+    """``FSDPStrategy`` and ``ModelParallelStrategy`` read ``ckpt_path`` with their own ``load_checkpoint`` (DCP's
+    pickled format or ``torch.load``), not through the CheckpointIO. For a lightning_ckpt folder this one loads the
+    model and optimizer shards in place instead: each rank reads only the bytes of its own shards, for any world
+    size the checkpoint was saved with (DCP plans the resharding), and every byte is verified. The rest of the
+    checkpoint (loops, callbacks, schedulers, this rank's RNG) comes from this rank's state file."""
+
+    def load_sharded(checkpoint_path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        path = strategy.broadcast(checkpoint_path)  # as the strategies do: every rank loads rank 0's choice
+        if not is_checkpoint_dir(path):
+            return original(checkpoint_path, *args, **kwargs)
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        from ..checkpoints import load_into
+
+        path = str(path)
+        io._check_kind(path)
+        trainer = io.trainer
+        module = strategy.model
+        strict = bool(getattr(strategy.lightning_module, "strict_loading", True))
+        optimizers = [getattr(o, "_optimizer", o) for o in strategy.optimizers]
+        ckpt = load_checkpoint(path, rank=int(getattr(trainer, "global_rank", 0) or 0),
+                                  without_tensors_of=("state_dict", "optimizer_states"))
+        state: dict[str, Any] = {"state_dict": get_model_state_dict(module)}
+        if optimizers:
+            state["optimizer_states"] = [get_optimizer_state_dict(module, o) for o in optimizers]
+        load_into(path, state)
+        set_model_state_dict(module, state["state_dict"], options=StateDictOptions(strict=strict))
+        for opt, osd, saved in zip(optimizers, state.get("optimizer_states", []), ckpt.get("optimizer_states") or []):
+            osd["param_groups"] = saved["param_groups"]  # learning rates and the rest, as saved
+            set_optimizer_state_dict(module, opt, optim_state_dict=osd)
+        ckpt["state_dict"] = state["state_dict"]  # loaded in place above: the strategy's own restore is a no-op
+        if optimizers:
+            ckpt["optimizer_states"] = state["optimizer_states"]
+        return ckpt
+
+    load_sharded._lightning_ckpt = True  # type: ignore[attr-defined]
+    return load_sharded

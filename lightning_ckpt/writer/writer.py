@@ -202,6 +202,7 @@ class CheckpointWriter:
         self.mode = mode
         self.timeout_s = float(timeout_s)
         self.rank, self.world_size, self.pg = 0, 1, None
+        self._given_pg = process_group is not None
         self.writer_id = uuid.uuid4().hex[:8]
         self._seq = 0
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -272,6 +273,7 @@ class CheckpointWriter:
             os.unlink(probe)  # every rank has listed the folder by now
         except OSError:
             pass
+        dist.barrier(group=self.pg)  # no probe is left for the leftover cleanup that follows to report
         groups = sorted(set(everyone))
         if sorted(r for g in groups for r in g) != list(range(self.world_size)) or any(
             r not in everyone[r] for r in range(self.world_size)
@@ -437,6 +439,21 @@ class CheckpointWriter:
                 self._executor.shutdown(wait=True)
             self._crc_pool.shutdown(wait=True)
             self._buffers.clear()
+            self._destroy_groups()
+
+    def _destroy_groups(self) -> None:
+        """Shut down the process groups this writer created, so that their threads are joined now rather than at
+        interpreter exit (where a gloo group left alive can abort the process)."""
+        groups = [g for g in (self.folder_pg, None if self._given_pg else self.pg) if g is not None]
+        self.folder_pg = None
+        if not self._given_pg:
+            self.pg = None
+        for g in groups:
+            try:
+                if dist.is_initialized():
+                    dist.destroy_process_group(g)
+            except Exception as e:  # noqa: BLE001 - best effort at shutdown
+                log.debug("lightning_ckpt: could not destroy a process group: %r", e)
 
     def abandon(self) -> None:
         """Drop an uncommitted save (its partial folder is removed); used when training failed before its step ended."""
