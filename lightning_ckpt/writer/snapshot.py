@@ -6,6 +6,8 @@ whose shape or dtype changed since the last save. Training may resume as soon as
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 
@@ -52,11 +54,21 @@ class HostBuffers:
         out: dict[str, torch.Tensor] = {}
         needs_sync = False
         locals_ = []
+        sharded = {}
         for key, t in tensors.items():
+            if _is_sharded_tensor(t):  # FSDP1's sharded state dict: one buffer per local shard
+                sharded[key] = t
+                for i, shard in enumerate(t.local_shards()):
+                    locals_.append((f"{key}#{i}", shard.tensor.detach()))
+                continue
             d = _as_dtensor(t)
             locals_.append((key, (d.to_local() if d is not None else t).detach()))
         self._allocate_missing(locals_)
         for key, t in tensors.items():
+            if key in sharded:
+                out[key] = self._snapshot_sharded(key, t)
+                needs_sync |= any(s.tensor.device.type == "cuda" for s in t.local_shards())
+                continue
             t = t.detach()
             dt = _as_dtensor(t)
             local = dt.to_local() if dt is not None else t
@@ -73,14 +85,36 @@ class HostBuffers:
             else:
                 out[key] = buf
         for key in list(self._buffers):
-            if key not in tensors:
+            if key.rpartition("#")[0] not in sharded and key not in tensors:
                 del self._buffers[key]
         if needs_sync:
             torch.cuda.synchronize()
         return out
 
+    def _snapshot_sharded(self, key: str, t: Any) -> Any:
+        """A ``ShardedTensor`` over host copies of its local shards, with the same global layout (no communication)."""
+        from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
+
+        shards = []
+        for i, shard in enumerate(t.local_shards()):
+            local = shard.tensor.detach()
+            buf = self._buffer_for(f"{key}#{i}", local)
+            buf.copy_(local, non_blocking=local.device.type == "cuda" and buf.is_pinned())
+            shards.append(Shard(buf, shard.metadata))
+        return ShardedTensor._init_from_local_shards_and_global_metadata(
+            shards, t.metadata(), process_group=t._process_group, init_rrefs=False
+        )
+
     def clear(self) -> None:
         self._buffers.clear()
+
+
+def _is_sharded_tensor(t: Any) -> bool:
+    try:
+        from torch.distributed._shard.sharded_tensor import ShardedTensor
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(t, ShardedTensor)
 
 
 def _as_dtensor(t: torch.Tensor):
