@@ -577,10 +577,18 @@ class BaseCheckpointCallback(Checkpoint):
             if pending is not None and pending.step == step and pending.kind == kind:
                 tags = tags | set(pending.tags)
                 shared.writer.abandon()  # replaced by a newer state of the same step
-            self._save(trainer, shared, step, tags, content, include, exclude, kind, metrics)
+            self._save(trainer, shared, step, tags, content, include, exclude, kind, metrics, final=final)
 
-    def _save(self, trainer, shared: _Shared, step: int, tags: set, content: str, include: tuple, exclude: tuple, kind: str, metrics: dict) -> None:
+    def _save(self, trainer, shared: _Shared, step: int, tags: set, content: str, include: tuple, exclude: tuple,
+              kind: str, metrics: dict, final: bool = False) -> None:
         t0 = time.perf_counter()
+        w = shared.writer
+        if w.if_busy == "skip" and trainer.world_size > 1 and not final:
+            # every rank must skip the same saves (a save is a collective): skip if any rank is still writing
+            busy = w._inflight is not None and not w._inflight.done() and w._inflight._job.sealed.is_set()
+            if trainer.strategy.reduce_boolean_decision(busy, all=False):
+                log.warning("lightning_ckpt: save at step %s skipped: a rank is still writing the previous one", step)
+                return
         checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=content != "full")
         if content == "light":
             checkpoint.pop("state_dict", None)
@@ -603,6 +611,7 @@ class BaseCheckpointCallback(Checkpoint):
             hparams=hparams,
             meta={"resumed_from": shared.resumed_from, "run_id": shared.run_id, "include": list(include), "exclude": list(exclude)},
             kind=kind,
+            if_busy="wait" if final else None,  # the end of fit is never skipped
         )
         if pending is None:
             return

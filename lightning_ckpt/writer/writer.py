@@ -326,14 +326,16 @@ class CheckpointWriter:
         hparams: Any = None,
         meta: dict | None = None,
         kind: str = "full",
+        if_busy: IfBusy | None = None,
     ) -> PendingSave | None:
         """Save ``state``. Returns a handle, or ``None`` if skipped because the previous save is still writing.
+        ``if_busy`` overrides the writer's setting for this save (say ``"wait"`` for the last save of a run).
 
         Raises the error of an earlier background save, if there was one, before starting.
         """
         self.raise_if_failed()
         if self._inflight is not None and not self._inflight.done():
-            if self.if_busy == "skip" and self._inflight._job.sealed.is_set():
+            if (if_busy or self.if_busy) == "skip" and self._inflight._job.sealed.is_set():
                 log.warning("lightning_ckpt: save at step %s skipped: the previous save is still being written", step)
                 return None
         self._wait_inflight()

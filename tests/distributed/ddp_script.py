@@ -24,7 +24,7 @@ from lightning_ckpt.demo import DemoDataModule, DemoModel  # noqa: E402
 
 class FailInSave(pl.Callback):
     """Makes one rank fail while it writes its shards of the save at ``step``: ``"die"`` exits abruptly,
-    ``"hang"`` stalls (alive, not dead)."""
+    ``"hang"`` stalls (alive, not dead); ``"slow"``: every commit on that rank takes a second longer."""
 
     def __init__(self, rank: int, step: int, how: str) -> None:
         self.rank, self.step, self.how = rank, step, how
@@ -36,6 +36,17 @@ class FailInSave(pl.Callback):
 
         import lightning_ckpt.writer.dcp_storage as s
 
+        if self.how == "slow":  # every commit of this rank (rank 0 commits) takes a second longer
+            import lightning_ckpt.writer.writer as w
+
+            real_commit = w._SaveJob._commit
+
+            def slow_commit(job, *a, **k):
+                time.sleep(1.0)
+                return real_commit(job, *a, **k)
+
+            w._SaveJob._commit = slow_commit
+            return
         real, target = s.write_tensor_file, f"step={self.step:06d}"
 
         def failing(path, *a, **k):
@@ -61,6 +72,8 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=60.0)
     ap.add_argument("--hang-rank", type=int)
     ap.add_argument("--hang-step", type=int)
+    ap.add_argument("--slow-rank", type=int)
+    ap.add_argument("--if-busy", default="wait")
     ap.add_argument("--merge", action="store_true")
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--out")
@@ -72,17 +85,21 @@ def main() -> None:
     if a.rank_cache:
         os.environ["LIGHTNING_CKPT_CACHE"] = os.path.join(a.rank_cache, f"rank{os.environ.get('RANK', '0')}")
     pl.seed_everything(3, verbose=False)
-    ckpt = PeriodicCheckpoint(a.dir, every_n_train_steps=a.every, async_save=not a.sync, distributed=a.mode,
+    ckpt = PeriodicCheckpoint(a.dir, every_n_train_steps=a.every, async_save=not a.sync, distributed=a.mode, if_busy=a.if_busy,
                               save_timeout_s=a.timeout, merge_on_train_end=a.merge, backup_uri=a.backup,
                               resume="auto" if a.auto_resume else None)
     callbacks = [ckpt, BestMetricCheckpoint(a.dir, monitor="val_loss", top_k=1, async_save=not a.sync, distributed=a.mode,
+                                            if_busy=a.if_busy,
                                             save_timeout_s=a.timeout)]
     if a.preempt:
-        callbacks.append(PreemptionCheckpoint(a.dir, async_save=not a.sync, distributed=a.mode, save_timeout_s=a.timeout))
+        callbacks.append(PreemptionCheckpoint(a.dir, async_save=not a.sync, distributed=a.mode, save_timeout_s=a.timeout,
+                                              if_busy=a.if_busy))
     if a.die_rank is not None:
         callbacks.append(FailInSave(a.die_rank, a.die_step, "die"))
     if a.hang_rank is not None:
         callbacks.append(FailInSave(a.hang_rank, a.hang_step, "hang"))
+    if a.slow_rank is not None:
+        callbacks.append(FailInSave(a.slow_rank, 0, "slow"))
     trainer = pl.Trainer(
         accelerator="cpu", strategy="ddp", devices=int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
         num_nodes=int(os.environ.get("GROUP_WORLD_SIZE", os.environ.get("NNODES", 1)) or 1),

@@ -158,3 +158,17 @@ def test_stuck_rank_fails_the_save_on_the_others_within_the_timeout(tmp_path):
     assert elapsed < 120, elapsed
     assert "CheckpointWriteError" in p.stderr and "save_timeout_s" in p.stderr, p.stderr[-3000:]
     assert [c.step for c in list_checkpoints(d)] == [4]
+
+
+def test_if_busy_skip_skips_the_same_saves_on_every_rank(tmp_path):
+    """if_busy="skip" with rank 0's commits a second slower than rank 1's part: rank 1 is done while rank 0 is still
+    busy. The ranks must agree to skip (a save is a collective); otherwise one rank saves alone and the run hangs or
+    fails. Saving every step: some saves are skipped, the run finishes, and every checkpoint verifies."""
+    d = str(tmp_path / "ckpts")
+    torchrun(2, "--dir", d, "--max-steps", "8", "--every", "1", "--if-busy", "skip", "--slow-rank", "0",
+             "--timeout", "30")
+    steps = [c.step for c in list_checkpoints(d)]
+    assert 1 <= len(steps) < 8 and steps[-1] == 8, steps  # skipped some; the final save is never skipped
+    for c in list_checkpoints(d):
+        verify_checkpoint(c.path)
+        assert c.manifest["world_size"] == 2
