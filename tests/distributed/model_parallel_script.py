@@ -83,6 +83,7 @@ def main() -> None:
     a = ap.parse_args()
     pl.seed_everything(7, verbose=False)
     n = int(os.environ.get("WORLD_SIZE", "1"))
+    a.dir = a.dir.replace("{rank}", os.environ.get("RANK", "0"))  # a folder per rank: as on separate nodes
     record = Record()
     trainer = pl.Trainer(
         accelerator="cpu", devices=n, strategy=ModelParallelStrategy(data_parallel_size=n, tensor_parallel_size=1),

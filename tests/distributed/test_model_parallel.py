@@ -76,3 +76,15 @@ def test_resume_two_ranks_on_one_and_one_on_two(two, tmp_path):
         assert torch.equal(restored[k], trained[k]), k
     info = json.load(open(str(tmp_path / "c.safetensors.json")))
     assert info["world_size"] == 2 and info["global_step"] == 8 and info["opt_steps"] == [8]
+
+
+def test_node_local_folders_refuse_sharded_state_with_a_clear_error(tmp_path):
+    """A folder per node cannot hold a whole checkpoint of FSDP-sharded state: the save fails on every rank with an
+    error that says what to use instead, and nothing is committed."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", SCRIPT,
+           "--dir", str(tmp_path / "node{rank}"), "--max-steps", "2", "--every", "2", "--out", str(tmp_path / "x")]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode != 0
+    assert "local to each node" in p.stderr and "shared filesystem" in p.stderr, p.stderr[-3000:]
+    for r in (0, 1):
+        assert list_checkpoints(str(tmp_path / f"node{r}")) == []
