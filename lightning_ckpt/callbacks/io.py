@@ -129,7 +129,7 @@ def _sharded_loader(strategy: Any, io: LightningCkptIO, original: Any) -> Any:
         strict = bool(getattr(strategy.lightning_module, "strict_loading", True))
         optimizers = [getattr(o, "_optimizer", o) for o in strategy.optimizers]
         ckpt = load_checkpoint(path, rank=int(getattr(trainer, "global_rank", 0) or 0),
-                                  without_tensors_of=("state_dict", "optimizer_states"))
+                               without_tensors_of=("state_dict", "optimizer_states"))
         state: dict[str, Any] = {"state_dict": get_model_state_dict(module)}
         if optimizers:
             state["optimizer_states"] = [get_optimizer_state_dict(module, o) for o in optimizers]

@@ -93,16 +93,25 @@ class HostBuffers:
 
     def _snapshot_sharded(self, key: str, t: Any) -> Any:
         """A ``ShardedTensor`` over host copies of its local shards, with the same global layout (no communication)."""
+        import copy
+
+        from torch.distributed._shard.metadata import ShardMetadata
         from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
+
+        def on_host(md: Any) -> Any:  # the same shard, placed on this rank's CPU (where its copy lives)
+            return ShardMetadata(list(md.shard_offsets), list(md.shard_sizes), f"rank:{md.placement.rank()}/cpu")
 
         shards = []
         for i, shard in enumerate(t.local_shards()):
             local = shard.tensor.detach()
             buf = self._buffer_for(f"{key}#{i}", local)
             buf.copy_(local, non_blocking=local.device.type == "cuda" and buf.is_pinned())
-            shards.append(Shard(buf, shard.metadata))
+            shards.append(Shard(buf, on_host(shard.metadata)))
+        meta = copy.deepcopy(t.metadata())
+        meta.shards_metadata = [on_host(md) for md in meta.shards_metadata]
+        meta.tensor_properties.pin_memory = bool(shards) and all(s.tensor.is_pinned() for s in shards)
         return ShardedTensor._init_from_local_shards_and_global_metadata(
-            shards, t.metadata(), process_group=t._process_group, init_rrefs=False
+            shards, meta, process_group=t._process_group, init_rrefs=False
         )
 
     def clear(self) -> None:
