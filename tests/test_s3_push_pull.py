@@ -93,3 +93,32 @@ def test_resume_path_local_first_then_backups(s3, tmp_path):
         got = resume_path(str(tmp_path / "another"), ["s3://ckpts/empty", "s3://ckpts/auto"])
     assert got.endswith("step=000004")
     assert resume_path(str(tmp_path / "nothing"), "s3://ckpts/empty") is None
+
+
+def test_read_cache_keeps_the_newest_versions_of_a_folder(s3, tmp_path, monkeypatch):
+    """Each resume from S3 caches a checkpoint; the cache keeps the LIGHTNING_CKPT_CACHE_KEEP most recently read
+    versions of a folder and prunes the others once nothing has read them for an hour."""
+    import time
+
+    from lightning_ckpt.storage.s3 import fetch_checkpoint
+
+    monkeypatch.setenv("LIGHTNING_CKPT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("LIGHTNING_CKPT_CACHE_KEEP", "2")
+    paths = _ckpts(tmp_path, steps=(1, 2, 3, 4))
+    for p in paths:
+        push_checkpoint(p, "s3://ckpts/cached")
+    first = fetch_checkpoint("s3://ckpts/cached/step=000001")
+    second = fetch_checkpoint("s3://ckpts/cached/step=000002")
+    third = fetch_checkpoint("s3://ckpts/cached/step=000003")
+    assert all(os.path.isdir(p) for p in (first, second, third))  # all read within the hour: none pruned
+    hour_ago = time.time() - 3700
+    for p in (first, second, third):
+        os.utime(p, (hour_ago, hour_ago))
+    os.utime(second, (hour_ago + 60, hour_ago + 60))  # read after the first one
+    fourth = fetch_checkpoint("s3://ckpts/cached/step=000004")
+    assert not os.path.exists(first) and not os.path.exists(third) and os.path.isdir(second) and os.path.isdir(fourth)
+    assert sorted(os.listdir(os.path.dirname(fourth))) == sorted(os.path.basename(p) for p in (second, fourth))
+    assert load_checkpoint("s3://ckpts/cached/step=000001")["global_step"] == 1  # pruned: fetched again
+    monkeypatch.setenv("LIGHTNING_CKPT_CACHE_KEEP", "-1")
+    with pytest.raises(ValueError, match="LIGHTNING_CKPT_CACHE_KEEP"):
+        fetch_checkpoint("s3://ckpts/cached/step=000003")

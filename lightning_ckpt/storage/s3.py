@@ -12,15 +12,21 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
+import logging
 import os
+import re
 import shutil
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 from ..errors import CheckpointError, CheckpointNotFoundError
 from ..format import manifest as mf
-from .local import atomic_write_bytes, replacing
+from .local import atomic_write_bytes, remove_tree, replacing
+
+log = logging.getLogger("lightning_ckpt")
+_CACHED = re.compile(r".+-[0-9a-f]{8}$")  # <name>-<crc32c of its manifest>: one cached checkpoint version
 
 ProgressFn = Optional[Callable[[int], None]]
 
@@ -305,6 +311,57 @@ def cache_root() -> str:
     return os.environ.get("LIGHTNING_CKPT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lightning_ckpt")
 
 
+CACHE_IDLE_S = 3600.0  # a cached checkpoint is pruned only after this long without a read
+
+
+def cache_keep() -> int:
+    """How many checkpoint versions of one S3 folder the read cache keeps: ``$LIGHTNING_CKPT_CACHE_KEEP`` (default 2;
+    0 keeps every one)."""
+    raw = os.environ.get("LIGHTNING_CKPT_CACHE_KEEP", "2")
+    try:
+        keep = int(raw)
+        if keep < 0:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"LIGHTNING_CKPT_CACHE_KEEP={raw!r} is invalid; give a whole number >= 0 (0 keeps every "
+                         "cached checkpoint)") from None
+    return keep
+
+
+def prune_cache(folder: str, keep: int, idle_s: float = CACHE_IDLE_S) -> list[str]:
+    """Remove cached checkpoint versions in ``folder`` (one S3 folder's cache) beyond the ``keep`` most recently read,
+    leaving alone any read in the last ``idle_s`` seconds (another process may be loading it). Returns what was
+    removed. A week-long run that resumes from S3 after each preemption would otherwise fill the disk."""
+    if keep <= 0:
+        return []
+    try:
+        entries = [e for e in os.listdir(folder) if _CACHED.match(e) and os.path.isdir(os.path.join(folder, e))]
+    except OSError:
+        return []
+    used = {}
+    for e in entries:
+        try:
+            used[e] = os.stat(os.path.join(folder, e)).st_mtime
+        except OSError:
+            pass
+    now = time.time()
+    removed = []
+    for e in sorted(used, key=used.get, reverse=True)[keep:]:
+        if now - used[e] < idle_s:
+            continue
+        trash = os.path.join(folder, f".trash-{e}-{uuid.uuid4().hex[:6]}")
+        try:
+            os.rename(os.path.join(folder, e), trash)  # atomic: a fetch from now on downloads it again
+        except OSError:
+            continue
+        remove_tree(trash)
+        removed.append(e)
+    if removed:
+        log.info("lightning_ckpt: pruned %d cached checkpoint(s) in %s (LIGHTNING_CKPT_CACHE_KEEP=%d)",
+                 len(removed), folder, keep)
+    return removed
+
+
 def fetch_checkpoint(uri: str, files=None, *, manifest: tuple[dict, bytes] | None = None, progress: ProgressFn = None) -> str:
     """Make the checkpoint at ``uri`` (``s3://bucket/prefix/<name>``) readable locally and return the local folder.
 
@@ -323,7 +380,9 @@ def fetch_checkpoint(uri: str, files=None, *, manifest: tuple[dict, bytes] | Non
     m, raw = manifest if manifest is not None else read_remote_manifest(uri)
     local = os.path.join(cache_root(), "s3", bucket, *[p for p in key.split("/")[:-1] if p not in ("", ".", "..")],
                          f"{name}-{crc32c(raw):08x}")
+    keep = cache_keep()
     os.makedirs(local, exist_ok=True)
+    os.utime(local)  # read now: the cache prunes the versions read longest ago
     mpath = os.path.join(local, mf.MANIFEST)
     if not os.path.isfile(mpath):
         atomic_write_bytes(mpath, raw, fsync=False)  # a cache: a lost copy is fetched again
@@ -358,6 +417,7 @@ def fetch_checkpoint(uri: str, files=None, *, manifest: tuple[dict, bytes] | Non
             raise CheckpointCorruptError(f"{uri} lacks a file its manifest lists ({e}); the upload is incomplete or "
                                          "was damaged. Use an earlier checkpoint.") from None
         raise
+    prune_cache(os.path.dirname(local), keep)  # this one was just read: it is among the kept
     return local
 
 
