@@ -266,7 +266,8 @@ class CheckpointWriter:
         with open(probe, "wb"):
             pass
         dist.barrier(group=self.pg)
-        seen = tuple(sorted(int(e[len(tag):]) for e in os.listdir(self.dirpath) if e.startswith(tag)))
+        # looked up by name rather than listed: a shared filesystem (NFS) may serve a cached listing of the folder
+        seen = tuple(r for r in range(self.world_size) if os.path.exists(os.path.join(self.dirpath, f"{tag}{r}")))
         everyone: list = [None] * self.world_size
         dist.all_gather_object(everyone, seen, group=self.pg)
         try:
@@ -568,7 +569,8 @@ class _SaveJob:
         """Phase 1: every file into the partial folder, fsynced."""
         w = self.w
         self.t0 = time.perf_counter()
-        self.partial = os.path.join(w.dirpath, f"{mf.PARTIAL_PREFIX}{self.name}-{w.writer_id}-{self.seq}")
+        folder = f"-n{w.folder_ranks[0]}" if w.node_local else ""  # never one partial folder for two folder groups
+        self.partial = os.path.join(w.dirpath, f"{mf.PARTIAL_PREFIX}{self.name}-{w.writer_id}-{self.seq}{folder}")
         failed: BaseException | None = None
         collective_failed = False
         try:
