@@ -792,10 +792,11 @@ def _flush_uploads(up: Any, timeout_s: float = 600.0) -> None:
 _AUTO_RESUME: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()
 
 
-def _common_local_names(shared: _Shared) -> list[str]:
+def _common_local_names(shared: _Shared) -> tuple[list[str], list[str]]:
     """Node-local folders (collective, every rank): the checkpoints committed in every written folder, oldest first,
-    each verified by every folder's committing rank. A crash between two folders' commits leaves the newest
-    checkpoint in some folders only; the run then resumes from the newest one that every folder holds whole."""
+    each verified by every folder's committing rank; and those that only some folders hold. A crash between two
+    folders' commits leaves the newest checkpoint in some folders only; the run then resumes from the newest one
+    that every folder holds whole."""
     import torch.distributed as dist
 
     from ..checkpoints import list_checkpoints, verify_checkpoint
@@ -821,10 +822,11 @@ def _common_local_names(shared: _Shared) -> list[str]:
                 log.warning("lightning_ckpt: resume='auto' skips %s in %s: %s", name, shared.dirpath, e)
                 bad.append(name)
     dropped = {n for b in gather(bad if lead else None) for n in b}
-    return [n for n in common if n not in dropped]
+    some = sorted({n for names in lists for n in names} - set(common))
+    return [n for n in common if n not in dropped], some
 
 
-def auto_resume_path(shared: _Shared, among: Optional[list[str]] = None) -> Optional[str]:
+def auto_resume_path(shared: _Shared, among: Optional[list[str]] = None, only_some: Iterable[str] = ()) -> Optional[str]:
     """The newest valid checkpoint among the folder and its backup locations (local wins a tie; an ``s3://`` dirpath:
     the newer of the staged and the uploaded ones); ``None`` when there is none. Raises when a backup location cannot
     be read and nothing is local (starting fresh could then silently drop a run). ``among``: node-local folders, the
@@ -853,6 +855,13 @@ def auto_resume_path(shared: _Shared, among: Optional[list[str]] = None) -> Opti
                 continue
             if remote is not None and int(read_checkpoint_manifest(remote)["step"]) > local_step:
                 local, local_step = remote, int(read_checkpoint_manifest(remote)["step"])
+        if local is None and list(only_some):  # say, a node replaced by a machine with an empty disk
+            raise CheckpointError(
+                f"resume='auto': the node-local folders {shared.dirpath} hold no checkpoint in common, but some hold "
+                f"{', '.join(list(only_some)[-3:])}. Starting fresh would drop the run: copy a checkpoint folder from "
+                "a node that has it to the nodes that lack it (each node's copy is whole), or pass ckpt_path, or "
+                "set backup_uri so that a new node resumes from S3."
+            )
         return local
     if shared.remote:
         staged = latest_checkpoint(shared.dirpath) if os.path.isdir(shared.dirpath) else None
@@ -894,10 +903,10 @@ def _install_auto_resume(trainer: "pl.Trainer", shared: _Shared, cb: Any) -> Non
         _AUTO_RESUME.pop(trainer, None)
         if not checkpoint_path:
             found, error = None, None
-            common = _common_local_names(shared) if shared.writer.node_local else None
+            common, only_some = _common_local_names(shared) if shared.writer.node_local else (None, [])
             if trainer.is_global_zero:
                 try:
-                    found = auto_resume_path(shared, among=common)
+                    found = auto_resume_path(shared, among=common, only_some=only_some)
                 except CheckpointError as e:
                     error = str(e)
                 if found and common is not None and not is_s3_uri(found):  # each node reads its own folder

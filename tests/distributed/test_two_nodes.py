@@ -134,3 +134,15 @@ def test_rank_of_one_node_dying_in_a_save_commits_no_folder(tmp_path):
     # node 0 wrote its whole part of step 8 and removed it when it learned node 1 had failed (node 1's partial folder
     # is its dead rank's and is removed when the run is relaunched)
     assert not [e for e in os.listdir(folder(tmp_path, 0)) if e.startswith(".partial")]
+
+
+def test_a_node_with_an_empty_folder_stops_auto_resume_instead_of_starting_over(run, tmp_path):
+    """Node 1 was replaced by a machine with an empty disk: resume='auto' must not silently start a fresh run while
+    node 0 holds the checkpoints; it says how to go on."""
+    base = tmp_path / "replaced"
+    shutil.copytree(folder(run, 0), str(base / "node0" / "ckpts"))
+    res = two_nodes(base, 1, "--max-steps", "12", "--every", "4", "--auto-resume")
+    assert all(r.returncode != 0 for r in res)
+    err = res[0].stderr + res[1].stderr
+    assert "hold no checkpoint in common" in err and "copy a checkpoint folder" in err, err[-3000:]
+    assert [c.step for c in list_checkpoints(folder(base, 0))] == [4, 8]  # nothing deleted or added
