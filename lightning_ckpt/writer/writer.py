@@ -247,7 +247,7 @@ class CheckpointWriter:
 
     def detect_folders(self, every_folder: bool = True) -> None:
         """Collective (every rank calls it once, before the first save): find out which ranks see the same
-        ``dirpath``. Each rank leaves a probe file in the folder and lists the others'.
+        ``dirpath``, through probe files (see below).
 
         When every rank sees one folder (a single node, or a shared filesystem), nothing changes: each rank writes
         its share and rank 0 commits. When the ranks see different folders (a node-local disk on each node, say
@@ -260,29 +260,36 @@ class CheckpointWriter:
         self.every_folder = bool(every_folder)
         if self.world_size == 1:
             return
-        tag = f".probe-node-{self.writer_id}-"
-        probe = os.path.join(self.dirpath, f"{tag}{self.rank}")
         os.makedirs(self.dirpath, exist_ok=True)
-        with open(probe, "wb"):
-            pass
-        dist.barrier(group=self.pg)
-        # looked up by name rather than listed: a shared filesystem (NFS) may serve a cached listing of the folder
-        seen = tuple(r for r in range(self.world_size) if os.path.exists(os.path.join(self.dirpath, f"{tag}{r}")))
-        everyone: list = [None] * self.world_size
-        dist.all_gather_object(everyone, seen, group=self.pg)
-        try:
-            os.unlink(probe)  # every rank has listed the folder by now
-        except OSError:
-            pass
+        # In rounds: the lowest rank not yet placed leaves a probe file; the ranks that see it share its folder. One
+        # round on a shared filesystem, one per node for node-local disks. Each rank looks up one name per round
+        # (by name rather than listing: a shared filesystem such as NFS may serve a cached listing of the folder).
+        leader_of: dict[int, int] = {}
+        while len(leader_of) < self.world_size:
+            leader = min(r for r in range(self.world_size) if r not in leader_of)
+            probe = os.path.join(self.dirpath, f".probe-node-{self.writer_id}-{leader}")
+            if self.rank == leader:
+                with open(probe, "wb"):
+                    pass
+            dist.barrier(group=self.pg)
+            sees = self.rank not in leader_of and os.path.exists(probe)
+            flags: list = [None] * self.world_size
+            dist.all_gather_object(flags, sees, group=self.pg)
+            if self.rank == leader:
+                try:
+                    os.unlink(probe)  # every rank has looked by now
+                except OSError:
+                    pass
+            if not flags[leader]:
+                raise CheckpointWriteError(
+                    f"rank {leader} cannot see the file it just created in the checkpoint folder {self.dirpath}; "
+                    "use a folder on a filesystem that shows a file to the process that created it"
+                )
+            for r, seen in enumerate(flags):
+                if seen:
+                    leader_of[r] = leader
         dist.barrier(group=self.pg)  # no probe is left for the leftover cleanup that follows to report
-        groups = sorted(set(everyone))
-        if sorted(r for g in groups for r in g) != list(range(self.world_size)) or any(
-            r not in everyone[r] for r in range(self.world_size)
-        ):
-            raise CheckpointWriteError(
-                f"the ranks disagree on which of them share the checkpoint folder {self.dirpath}: {everyone}. Use a "
-                "folder that is either shared by every rank or local to each node, not a mix."
-            )
+        groups = sorted({tuple(r for r in range(self.world_size) if leader_of[r] == ld) for ld in leader_of.values()})
         if len(groups) == 1:
             return
         self.node_local = True
