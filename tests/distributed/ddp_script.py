@@ -24,7 +24,7 @@ from lightning_ckpt.demo import DemoDataModule, DemoModel  # noqa: E402
 
 class FailInSave(pl.Callback):
     """Makes one rank fail while it writes its shards of the save at ``step``: ``"die"`` exits abruptly,
-    ``"hang"`` stalls (alive, not dead); ``"slow"``: every commit on that rank takes a second longer."""
+    ``"hang"`` stalls (alive, not dead); ``"slow"``: every commit on that rank takes two seconds longer."""
 
     def __init__(self, rank: int, step: int, how: str) -> None:
         self.rank, self.step, self.how = rank, step, how
@@ -36,13 +36,13 @@ class FailInSave(pl.Callback):
 
         import lightning_ckpt.writer.dcp_storage as s
 
-        if self.how == "slow":  # every commit of this rank (rank 0 commits) takes a second longer
+        if self.how == "slow":  # every commit of this rank (rank 0 commits) takes two seconds longer
             import lightning_ckpt.writer.writer as w
 
             real_commit = w._SaveJob._commit
 
             def slow_commit(job, *a, **k):
-                time.sleep(1.0)
+                time.sleep(2.0)
                 return real_commit(job, *a, **k)
 
             w._SaveJob._commit = slow_commit

@@ -161,7 +161,7 @@ def test_stuck_rank_fails_the_save_on_the_others_within_the_timeout(tmp_path):
 
 
 def test_if_busy_skip_skips_the_same_saves_on_every_rank(tmp_path):
-    """if_busy="skip" with rank 0's commits a second slower than rank 1's part: rank 1 is done while rank 0 is still
+    """if_busy="skip" with rank 0's commits two seconds slower than rank 1's part: rank 1 is done while rank 0 is still
     busy. The ranks must agree to skip (a save is a collective); otherwise one rank saves alone and the run hangs or
     fails. Saving every step: some saves are skipped, the run finishes, and every checkpoint verifies."""
     d = str(tmp_path / "ckpts")
