@@ -14,6 +14,7 @@ export PYTHONUNBUFFERED=1
 out="${OUT:-/tmp}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 df -h /tmp | tail -1
+python3 benchmarks/gpu_checks.py || echo "gpu_checks failed (see above); the benchmark runs anyway"
 python3 benchmarks/bench_gpu.py --dir "${LC_BENCH_DIR:-/tmp/lc_bench}" --json "$out/gpu_bench.json" "$@"
 # the 2-rank sharded vs rank-0 save and the merge, on this machine's cores, on its disk and on tmpfs
 python3 benchmarks/bench_distributed.py --gb 1 --dir "${LC_BENCH_DIR:-/tmp/lc_bench}-dist" --json "$out/dist_disk.json"

@@ -35,6 +35,8 @@ class Sharded(pl.LightningModule):
         self.net = nn.Sequential(nn.Linear(16, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 4))
 
     def configure_model(self) -> None:
+        if not isinstance(self.trainer.strategy, ModelParallelStrategy):
+            return  # FSDPStrategy wraps the Linear layers itself (auto_wrap_policy)
         from torch.distributed.fsdp import fully_shard
 
         mesh = self.device_mesh["data_parallel"]
@@ -69,7 +71,7 @@ class Record(pl.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self.restored is None:
-            self.restored = {k: v.clone() for k, v in full_state(pl_module).items()}
+            self.restored = {k: v.clone() for k, v in full_state(trainer.strategy.model).items()}
 
 
 def main() -> None:
@@ -80,19 +82,28 @@ def main() -> None:
     ap.add_argument("--sync", action="store_true")
     ap.add_argument("--resume", help="ckpt_path")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--strategy", choices=["model_parallel", "fsdp"], default="model_parallel",
+                    help="fsdp: FSDPStrategy(state_dict_type='sharded'), which needs GPUs (benchmarks/gpu_checks.py)")
+    ap.add_argument("--accelerator", default="cpu")
     a = ap.parse_args()
     pl.seed_everything(7, verbose=False)
     n = int(os.environ.get("WORLD_SIZE", "1"))
     a.dir = a.dir.replace("{rank}", os.environ.get("RANK", "0"))  # a folder per rank: as on separate nodes
     record = Record()
+    if a.strategy == "fsdp":
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        strategy = FSDPStrategy(state_dict_type="sharded", auto_wrap_policy={nn.Linear})
+    else:
+        strategy = ModelParallelStrategy(data_parallel_size=n, tensor_parallel_size=1)
     trainer = pl.Trainer(
-        accelerator="cpu", devices=n, strategy=ModelParallelStrategy(data_parallel_size=n, tensor_parallel_size=1),
+        accelerator=a.accelerator, devices=n, strategy=strategy,
         max_steps=a.max_steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
         limit_val_batches=0, num_sanity_val_steps=0,
         callbacks=[PeriodicCheckpoint(a.dir, every_n_train_steps=a.every, async_save=not a.sync), record],
     )
     trainer.fit(Sharded(), DemoDataModule(n_train=128, n_val=16, batch_size=8), ckpt_path=a.resume)
-    final = full_state(trainer.lightning_module)
+    final = full_state(trainer.strategy.model)
     opt = trainer.optimizers[0]
     steps = sorted({int(s["step"]) for s in opt.state.values()})
     lrs = [g["lr"] for g in opt.param_groups]
