@@ -117,3 +117,13 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    # Tear the default process group down before the interpreter exits: with ModelParallelStrategy on gloo, a rank
+    # left to exit with it alive aborted ("terminate called without an active exception") in about 1 run in 7 on a
+    # loaded machine (not seen once it is destroyed here; root cause not found).
+    import gc
+
+    import torch.distributed as dist
+
+    gc.collect()
+    if dist.is_initialized():
+        dist.destroy_process_group()
