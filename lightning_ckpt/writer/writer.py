@@ -36,7 +36,7 @@ from ..format.codec import encode, warn_unsupported
 from ..format.tensorfile import byte_view, dtype_from_name, dtype_name
 from ..storage.local import atomic_write_bytes, fsync_dir, remove_tree
 from .dcp_storage import LCStorageWriter, _FileResult, group_of, unwrap_dcp_error
-from .snapshot import HostBuffers, _is_sharded_tensor
+from .snapshot import HostBuffers, _as_dtensor, _is_sharded_tensor
 
 log = logging.getLogger("lightning_ckpt")
 
@@ -356,7 +356,7 @@ class CheckpointWriter:
             prefix = f"rank{self.rank:05d}/"
             key_fn = lambda k: k if group_of(k) in ("model", "optim") else prefix + k  # noqa: E731
         doc, tensors = encode(state, on_unsupported=warn_unsupported, key_fn=key_fn)
-        if self.node_local and any(_is_dtensor(v) or _is_sharded_tensor(v) for v in tensors.values()):
+        if self.node_local and any(_as_dtensor(v) is not None or _is_sharded_tensor(v) for v in tensors.values()):
             raise CheckpointWriteError(
                 f"{self.dirpath} is local to each node, but this model's state is sharded across ranks (FSDP or "
                 "tensor parallel): a node's folder cannot hold a whole checkpoint. Save to a folder every rank shares "
@@ -790,14 +790,6 @@ def _unpacked(p: tuple[str, list[int], bytes]) -> torch.Tensor:
     if not data:
         return torch.empty(shape, dtype=dtype_from_name(dtype))
     return torch.frombuffer(bytearray(data), dtype=dtype_from_name(dtype)).reshape(shape)
-
-
-def _is_dtensor(t: Any) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - older torch
-        return False
-    return isinstance(t, DTensor)
 
 
 def _background_priority() -> None:
