@@ -289,7 +289,7 @@ def load_into(path: str, state: dict, *, process_group: Any = None, verify: bool
     import torch.distributed as dist
 
     from .format.codec import encode
-    from .writer.dcp_storage import group_of
+    from .writer.dcp_storage import is_model_or_optim
 
     path, m, fetch = _open(path, None)
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size(process_group) > 1
@@ -298,7 +298,7 @@ def load_into(path: str, state: dict, *, process_group: Any = None, verify: bool
     _, tensors = encode(state)
     targets: dict[str, torch.Tensor] = {}
     for k, t in tensors.items():
-        if group_of(k) in ("model", "optim") or k in m.get("tensors", {}):
+        if is_model_or_optim(k) or k in m.get("tensors", {}):
             targets[k] = t
         elif prefix + k in m.get("tensors", {}):
             targets[prefix + k] = t

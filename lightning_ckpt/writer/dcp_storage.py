@@ -51,6 +51,11 @@ def group_of(key: str) -> str:
     return GROUPS.get(key.split("/", 1)[0], "extra")
 
 
+def is_model_or_optim(key: str) -> bool:
+    """Model and optimizer tensors: the same on every rank (DDP) or sharded (FSDP), never one rank's own."""
+    return group_of(key) in ("model", "optim")
+
+
 def name_in_file(key: str, offsets: tuple[int, ...], is_shard: bool) -> str:
     """Tensor name inside its safetensors file: the model's own parameter names in the model file."""
     head, _, rest = key.partition("/")

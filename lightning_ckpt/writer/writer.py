@@ -35,7 +35,7 @@ from ..format import manifest as mf
 from ..format.codec import encode, warn_unsupported
 from ..format.tensorfile import byte_view, dtype_from_name, dtype_name
 from ..storage.local import atomic_write_bytes, fsync_dir, remove_tree
-from .dcp_storage import LCStorageWriter, _FileResult, group_of, unwrap_dcp_error
+from .dcp_storage import LCStorageWriter, _FileResult, is_model_or_optim, unwrap_dcp_error
 from .snapshot import HostBuffers, _as_dtensor, _is_sharded_tensor
 
 log = logging.getLogger("lightning_ckpt")
@@ -354,7 +354,7 @@ class CheckpointWriter:
             # model and optimizer tensors are the same on every rank (DDP) or sharded (FSDP); anything else (RNG
             # states, callback tensors) is this rank's own and must not be deduplicated against the other ranks'
             prefix = f"rank{self.rank:05d}/"
-            key_fn = lambda k: k if group_of(k) in ("model", "optim") else prefix + k  # noqa: E731
+            key_fn = lambda k: k if is_model_or_optim(k) else prefix + k  # noqa: E731
         doc, tensors = encode(state, on_unsupported=warn_unsupported, key_fn=key_fn)
         if self.node_local and any(_as_dtensor(v) is not None or _is_sharded_tensor(v) for v in tensors.values()):
             raise CheckpointWriteError(
@@ -369,7 +369,7 @@ class CheckpointWriter:
         writes_own = own_kept and self.folder_written
         tensors = {
             k: v for k, v in tensors.items()
-            if (writes_shared if group_of(k) in ("model", "optim") else own_kept)
+            if (writes_shared if is_model_or_optim(k) else own_kept)
         }
         if self.async_save:
             tensors = self._buffers.snapshot(tensors)
@@ -379,9 +379,9 @@ class CheckpointWriter:
         handoff = None
         if self.node_local:  # this rank's own state, for the folders of the other nodes (see detect_folders)
             handoff = None if not own_kept else (
-                {k: _packed(v) for k, v in tensors.items() if group_of(k) not in ("model", "optim")}, state_bytes)
+                {k: _packed(v) for k, v in tensors.items() if not is_model_or_optim(k)}, state_bytes)
         if not writes_own:
-            tensors = {k: v for k, v in tensors.items() if group_of(k) in ("model", "optim")}
+            tensors = {k: v for k, v in tensors.items() if is_model_or_optim(k)}
             state_bytes = None
         snapshot_s = time.perf_counter() - t0
         name = self.name_template.format(step=int(step), epoch=int(epoch or 0))
