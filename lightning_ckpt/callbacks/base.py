@@ -585,8 +585,7 @@ class BaseCheckpointCallback(Checkpoint):
         w = shared.writer
         if w.if_busy == "skip" and trainer.world_size > 1 and not final:
             # every rank must skip the same saves (a save is a collective): skip if any rank is still writing
-            busy = w._inflight is not None and not w._inflight.done() and w._inflight._job.sealed.is_set()
-            if trainer.strategy.reduce_boolean_decision(busy, all=False):
+            if trainer.strategy.reduce_boolean_decision(w.writing_sealed, all=False):
                 log.warning("lightning_ckpt: save at step %s skipped: a rank is still writing the previous one", step)
                 return
         checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=content != "full")

@@ -342,10 +342,9 @@ class CheckpointWriter:
         Raises the error of an earlier background save, if there was one, before starting.
         """
         self.raise_if_failed()
-        if self._inflight is not None and not self._inflight.done():
-            if (if_busy or self.if_busy) == "skip" and self._inflight._job.sealed.is_set():
-                log.warning("lightning_ckpt: save at step %s skipped: the previous save is still being written", step)
-                return None
+        if (if_busy or self.if_busy) == "skip" and self.writing_sealed:
+            log.warning("lightning_ckpt: save at step %s skipped: the previous save is still being written", step)
+            return None
         self._wait_inflight()
         self.raise_if_failed()
         t0 = time.perf_counter()
@@ -477,6 +476,11 @@ class CheckpointWriter:
     @property
     def busy(self) -> bool:
         return self._inflight is not None and not self._inflight.done()
+
+    @property
+    def writing_sealed(self) -> bool:
+        """A sealed save is still being written: with ``if_busy="skip"`` the next save is skipped."""
+        return self.busy and self._inflight._job.sealed.is_set()
 
     # ----------------------------------------------------------------- internals
     def _wait_inflight(self) -> None:
