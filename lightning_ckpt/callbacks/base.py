@@ -852,8 +852,9 @@ def auto_resume_path(shared: _Shared, among: Optional[list[str]] = None, only_so
                                           "resume='auto' to start fresh") from e
                 log.warning("lightning_ckpt: cannot read %s (%r); resuming from the local %s", up.uri, e, local)
                 continue
-            if remote is not None and int(read_checkpoint_manifest(remote)["step"]) > local_step:
-                local, local_step = remote, int(read_checkpoint_manifest(remote)["step"])
+            remote_step = int(read_checkpoint_manifest(remote)["step"]) if remote is not None else -1
+            if remote_step > local_step:
+                local, local_step = remote, remote_step
         if local is None and list(only_some):  # say, a node replaced by a machine with an empty disk
             raise CheckpointError(
                 f"resume='auto': the node-local folders {shared.dirpath} hold no checkpoint in common, but some hold "

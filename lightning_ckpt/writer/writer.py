@@ -719,8 +719,12 @@ class _SaveJob:
         self.tags = set(everyone[0]["tags"])
         self.header["metrics"] = everyone[0]["metrics"]
         taken = {n for x in everyone for n in x["taken"]}
+        return self._first_free(lambda n: n in taken)
+
+    def _first_free(self, taken: Any) -> str:
+        """``<name>``, else ``<name>-v2``, ``-v3``, ...: the first for which ``taken(name)`` is false."""
         name, v = self.name, 1
-        while name in taken:
+        while taken(name):
             v += 1
             name = f"{self.name}-v{v}"
         return name
@@ -729,11 +733,7 @@ class _SaveJob:
         w = self.w
         files, partial = self.files, self.partial
         if name is None:
-            name = self.name
-            v = 1
-            while os.path.exists(os.path.join(w.dirpath, name)):
-                v += 1
-                name = f"{self.name}-v{v}"
+            name = self._first_free(lambda n: os.path.exists(os.path.join(w.dirpath, n)))
         final = os.path.join(w.dirpath, name)
         m = dict(self.header)
         m["tags"] = sorted(self.tags)
