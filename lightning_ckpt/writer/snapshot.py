@@ -66,17 +66,15 @@ class HostBuffers:
         self._allocate_missing(locals_)
         for key, t in tensors.items():
             if key in sharded:
-                out[key] = self._snapshot_sharded(key, t)
-                needs_sync |= any(s.tensor.device.type == "cuda" for s in t.local_shards())
+                out[key], non_blocking = self._snapshot_sharded(key, t)
+                needs_sync |= non_blocking
                 continue
             t = t.detach()
             dt = _as_dtensor(t)
             local = dt.to_local() if dt is not None else t
             if local.layout != torch.strided:
                 raise ValueError(f"tensor {key!r} has layout {local.layout}; only dense tensors can be checkpointed")
-            buf = self._buffer_for(key, local)
-            non_blocking = local.device.type == "cuda" and buf.is_pinned()
-            buf.copy_(local, non_blocking=non_blocking)
+            buf, non_blocking = self._copy(key, local)
             needs_sync |= non_blocking
             if dt is not None:
                 from torch.distributed.tensor import DTensor
@@ -91,8 +89,17 @@ class HostBuffers:
             torch.cuda.synchronize()
         return out
 
-    def _snapshot_sharded(self, key: str, t: Any) -> Any:
-        """A ``ShardedTensor`` over host copies of its local shards, with the same global layout (no communication)."""
+    def _copy(self, key: str, local: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """Copy ``local`` into the host buffer of ``key``; also says whether the copy is asynchronous (device to
+        pinned memory: the caller synchronizes before the buffers are read)."""
+        buf = self._buffer_for(key, local)
+        non_blocking = local.device.type == "cuda" and buf.is_pinned()
+        buf.copy_(local, non_blocking=non_blocking)
+        return buf, non_blocking
+
+    def _snapshot_sharded(self, key: str, t: Any) -> tuple[Any, bool]:
+        """A ``ShardedTensor`` over host copies of its local shards, with the same global layout (no communication);
+        and whether any copy is asynchronous."""
         import copy
 
         from torch.distributed._shard.metadata import ShardMetadata
@@ -101,18 +108,17 @@ class HostBuffers:
         def on_host(md: Any) -> Any:  # the same shard, placed on this rank's CPU (where its copy lives)
             return ShardMetadata(list(md.shard_offsets), list(md.shard_sizes), f"rank:{md.placement.rank()}/cpu")
 
-        shards = []
+        shards, any_async = [], False
         for i, shard in enumerate(t.local_shards()):
-            local = shard.tensor.detach()
-            buf = self._buffer_for(f"{key}#{i}", local)
-            buf.copy_(local, non_blocking=local.device.type == "cuda" and buf.is_pinned())
+            buf, non_blocking = self._copy(f"{key}#{i}", shard.tensor.detach())
+            any_async |= non_blocking
             shards.append(Shard(buf, on_host(shard.metadata)))
         meta = copy.deepcopy(t.metadata())
         meta.shards_metadata = [on_host(md) for md in meta.shards_metadata]
         meta.tensor_properties.pin_memory = bool(shards) and all(s.tensor.is_pinned() for s in shards)
         return ShardedTensor._init_from_local_shards_and_global_metadata(
             shards, meta, process_group=t._process_group, init_rrefs=False
-        )
+        ), any_async
 
     def clear(self) -> None:
         self._buffers.clear()
