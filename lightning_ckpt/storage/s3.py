@@ -349,7 +349,7 @@ def prune_cache(folder: str, keep: int, idle_s: float = CACHE_IDLE_S) -> list[st
     for e in sorted(used, key=used.get, reverse=True)[keep:]:
         if now - used[e] < idle_s:
             continue
-        trash = os.path.join(folder, f".trash-{e}-{uuid.uuid4().hex[:6]}")
+        trash = os.path.join(folder, f"{mf.TRASH_PREFIX}{e}-{uuid.uuid4().hex[:6]}")
         try:
             os.rename(os.path.join(folder, e), trash)  # atomic: a fetch from now on downloads it again
         except OSError:

@@ -31,11 +31,10 @@ def test_ddp_yaml_under_torchrun(tmp_path):
 def test_ddp_yaml_on_two_nodes_with_node_local_folders(tmp_path):
     """examples/ddp_torchrun.sh two-nodes: each node runs in its own working directory, so the YAML's relative
     dirpath is a folder of its own; each folder ends up with every checkpoint whole."""
-    import socket
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from test_two_nodes import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     procs = []
     for node in (0, 1):
         cwd = tmp_path / f"node{node}"
