@@ -902,7 +902,7 @@ def _install_auto_resume(trainer: "pl.Trainer", shared: _Shared, cb: Any) -> Non
         connector.resume_start = original  # once per fit
         _AUTO_RESUME.pop(trainer, None)
         if not checkpoint_path:
-            found, error = None, None
+            found, error, in_own_folder = None, None, False
             common, only_some = _common_local_names(shared) if shared.writer.node_local else (None, [])
             if trainer.is_global_zero:
                 try:
@@ -910,13 +910,13 @@ def _install_auto_resume(trainer: "pl.Trainer", shared: _Shared, cb: Any) -> Non
                 except CheckpointError as e:
                     error = str(e)
                 if found and common is not None and not is_s3_uri(found):  # each node reads its own folder
-                    found = "local:" + os.path.relpath(found, shared.dirpath)
+                    found, in_own_folder = os.path.relpath(found, shared.dirpath), True
             if trainer.world_size > 1:  # every rank loads the same checkpoint, or every rank raises
-                found, error = trainer.strategy.broadcast((found, error), src=0)
+                found, error, in_own_folder = trainer.strategy.broadcast((found, error, in_own_folder), src=0)
             if error is not None:
                 raise CheckpointError(error)
-            if found and found.startswith("local:"):
-                found = os.path.join(shared.dirpath, found[len("local:"):])
+            if in_own_folder:
+                found = os.path.join(shared.dirpath, found)
             from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
             if found:  # printed where Lightning prints its own messages
