@@ -64,10 +64,11 @@ from bench_foundation import (  # noqa: E402
     n_params, prefault, quiet, trainer_kwargs,
 )
 from lightning_ckpt import BackupToS3, CheckpointWriter, PeriodicCheckpoint  # noqa: E402
-from lightning_ckpt.checkpoints import verify_checkpoint  # noqa: E402
+from lightning_ckpt.read import verify_checkpoint  # noqa: E402
 from lightning_ckpt.demo import DemoDataModule  # noqa: E402
-from lightning_ckpt.storage import s3 as s3mod  # noqa: E402
-from lightning_ckpt.storage.s3 import list_remote, pull_checkpoint, push_checkpoint  # noqa: E402
+from lightning_ckpt.store import s3 as s3mod  # noqa: E402
+from lightning_ckpt.tools.transfer import pull_checkpoint, push_checkpoint
+from seaweed import list_remote  # noqa: E402
 from seaweed import s3_server  # noqa: E402
 
 BUCKET = "bench"

@@ -30,7 +30,7 @@ import lightning.pytorch as pl  # noqa: E402
 import optuna  # noqa: E402
 
 from lightning_ckpt.demo import DemoDataModule, DemoModel  # noqa: E402
-from lightning_ckpt.hpo import CheckpointedStudy, TrialRun  # noqa: E402
+from lightning_ckpt.extras.hpo import CheckpointedStudy, TrialRun  # noqa: E402
 
 
 class KillHalfWay(pl.Callback):

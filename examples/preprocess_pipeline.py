@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
-from lightning_ckpt.stages import StageCache  # noqa: E402
+from lightning_ckpt.extras.stages import StageCache  # noqa: E402
 
 
 def build_stages(cache: StageCache):

@@ -22,8 +22,9 @@ import sys
 import time
 from typing import Optional, Sequence
 
-from .checkpoints import list_checkpoints, read_checkpoint_manifest, verify_checkpoint
 from .errors import CheckpointCorruptError, CheckpointError, CheckpointFormatError, CheckpointNotFoundError
+from .read import list_checkpoints, read_checkpoint_manifest, verify_checkpoint
+from .store import is_remote
 
 
 def _human_bytes(n: float) -> str:
@@ -49,9 +50,7 @@ def _fmt_metric(v) -> str:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    from .storage.s3 import is_s3_uri
-
-    if not is_s3_uri(args.dir) and not os.path.isdir(args.dir):
+    if not is_remote(args.dir) and not os.path.isdir(args.dir):
         print(f"lightning-ckpt: {args.dir} is not a folder", file=sys.stderr)
         return 2
     ckpts = list_checkpoints(args.dir)
@@ -148,14 +147,16 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from .policy.retention import RetentionRules, plan_retention
-    from .prune import failed_run_ids, remove_checkpoint, remove_partials
+    from .policy.retention import RetentionRules
+    from .store.lock import FolderBusyError
+    from .tools.prune import prune
 
     if not os.path.isdir(args.dir):
         print(f"lightning-ckpt: {args.dir} is not a folder", file=sys.stderr)
         return 2
     try:
-        rules = RetentionRules(args.keep_last, args.keep_best, args.monitor, args.mode, args.keep_every_n_steps, args.max_total_bytes)
+        rules = RetentionRules(args.keep_last, args.keep_best, args.monitor, args.mode, args.keep_every_n_steps,
+                               args.max_total_bytes)
     except ValueError as e:
         print(f"lightning-ckpt prune: {e}", file=sys.stderr)
         return 2
@@ -163,43 +164,32 @@ def cmd_prune(args: argparse.Namespace) -> int:
         print("lightning-ckpt prune: give at least one rule (--keep-last, --keep-best, --keep-every-n-steps, "
               "--max-total-bytes) or --failed", file=sys.stderr)
         return 2
-    verb = "would delete" if args.dry_run else "deleted"
-    emit = (lambda *a, **k: None) if args.json else print
-    report: dict = {"dry_run": args.dry_run, "deleted": [], "partials": [], "kept": []}
-    ckpts = list_checkpoints(args.dir)
-    doomed: dict[str, str] = {}
-    if rules.has_keep_rule or args.max_total_bytes is not None:
-        from .prune import committed_records
-
-        records = committed_records(args.dir)
-        for r, keep in zip(records, plan_retention(records, rules)):
-            if not keep:
-                doomed[r.name] = "retention rules"
-    if args.failed:
-        failed = failed_run_ids(args.dir)
-        newest = ckpts[-1].name if ckpts else None
-        for c in ckpts:
-            if c.manifest.get("run_id") in failed and c.name != newest:
-                doomed.setdefault(c.name, "its run ended in an exception")
-        for p in remove_partials(args.dir, dry_run=args.dry_run):
-            emit(f"{verb} {p}  (interrupted save)")
-            report["partials"].append(p)
-    for c in ckpts:
-        if c.name in doomed:
-            if not args.dry_run:
-                remove_checkpoint(c.path)
-            emit(f"{verb} {c.path}  ({doomed[c.name]}, {_human_bytes(c.size_bytes)})")
-            report["deleted"].append({"path": c.path, "reason": doomed[c.name], "bytes": c.size_bytes})
-    kept = [c for c in ckpts if c.name not in doomed]
-    report["kept"] = [c.path for c in kept]
-    emit(f"kept {len(kept)} checkpoint(s), {_human_bytes(sum(c.size_bytes for c in kept))}")
+    try:
+        report = prune(args.dir, rules, failed=args.failed, dry_run=args.dry_run)
+    except FolderBusyError as e:
+        print(f"lightning-ckpt prune: nothing deleted: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # a rule ranks by a metric no checkpoint recorded
+        print(f"lightning-ckpt prune: {e}", file=sys.stderr)
+        return 2
     if args.json:
-        print(json.dumps(report, indent=1))
+        print(json.dumps({"dry_run": report.dry_run, "deleted": report.deleted, "partials": report.partials,
+                          "kept": report.kept, "left_alone": report.left_alone}, indent=1))
+        return 0
+    verb = "would delete" if args.dry_run else "deleted"
+    for p in report.partials:
+        print(f"{verb} {p}  (interrupted save)")
+    for p in report.left_alone:
+        print(f"left {p}  (a save in progress by a running process)")
+    for d in report.deleted:
+        print(f"{verb} {d['path']}  ({d['reason']}, {_human_bytes(d['bytes'])})")
+    kept_bytes = sum(c.size_bytes for c in list_checkpoints(args.dir) if c.path in set(report.kept))
+    print(f"kept {len(report.kept)} checkpoint(s), {_human_bytes(kept_bytes)}")
     return 0
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from .merge import merge_checkpoint
+    from .tools.merge import merge_checkpoint
 
     with _bar(0, "merging", args.quiet) as bar:
 
@@ -226,7 +216,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    from .diff import diff_checkpoints, format_metric_change
+    from .tools.diff import diff_checkpoints, format_metric_change
 
     d = diff_checkpoints(args.a, args.b, prefix="state_dict/" if args.model_only else None)
     if args.json:
@@ -271,7 +261,7 @@ def _bar(total: int, desc: str, quiet: bool):
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from .storage.s3 import push_checkpoint
+    from .tools.transfer import push_checkpoint
 
     m = read_checkpoint_manifest(args.path)
     with _bar(sum(f["size"] for f in m["files"].values()), "push", args.quiet) as bar:
@@ -288,7 +278,7 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    from .storage.s3 import pull_checkpoint
+    from .tools.transfer import pull_checkpoint
 
     with _bar(0, "pull", args.quiet) as bar:
         try:

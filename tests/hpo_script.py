@@ -24,7 +24,7 @@ import optuna  # noqa: E402
 
 from lightning_ckpt import PeriodicCheckpoint  # noqa: E402
 from lightning_ckpt.demo import DemoDataModule, DemoModel  # noqa: E402
-from lightning_ckpt.hpo import CheckpointedStudy, TrialRun  # noqa: E402
+from lightning_ckpt.extras.hpo import CheckpointedStudy, TrialRun  # noqa: E402
 
 MAX_STEPS = 30
 EVERY = 10

@@ -111,3 +111,17 @@ def s3_server(workdir: str, bucket: str):
             else:
                 os.environ[k] = v
         server.stop()
+
+
+def list_remote(uri: str) -> list[str]:
+    """Names of the committed checkpoints under ``uri`` (their manifest is there), sorted."""
+    from lightning_ckpt.store import open_store
+
+    return sorted(open_store(uri).names())
+
+
+def remote_steps(uri: str) -> list[tuple[int, str]]:
+    """(step, name) of the committed checkpoints under ``uri``, newest first."""
+    from lightning_ckpt import list_checkpoints
+
+    return sorted(((c.step, c.name) for c in list_checkpoints(uri)), reverse=True)

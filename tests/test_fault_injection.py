@@ -38,7 +38,8 @@ import pytest
 import torch
 
 from lightning_ckpt import CheckpointNotFoundError, latest_checkpoint, list_checkpoints, load_checkpoint, resume_path, verify_checkpoint
-from lightning_ckpt.storage.s3 import list_remote, pull_checkpoint, remote_steps
+from lightning_ckpt.tools.transfer import pull_checkpoint
+from seaweed import list_remote, remote_steps
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from seaweed import s3_server  # noqa: E402

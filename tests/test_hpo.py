@@ -19,7 +19,8 @@ from safetensors.torch import load_file  # noqa: E402
 
 from lightning_ckpt import BestMetricCheckpoint, latest_checkpoint, list_checkpoints, load_checkpoint  # noqa: E402
 from lightning_ckpt.demo import DemoDataModule, DemoModel  # noqa: E402
-from lightning_ckpt.hpo import INTERRUPTED_ATTR, KEY_ATTR, RESUMES_ATTR, CheckpointedStudy, StudyLockedError, TrialRun, _StudyLock  # noqa: E402
+from lightning_ckpt.extras.hpo import INTERRUPTED_ATTR, KEY_ATTR, RESUMES_ATTR, CheckpointedStudy, StudyLockedError, TrialRun  # noqa: E402
+from lightning_ckpt.store import LocalStore  # noqa: E402
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "hpo_script.py")
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -215,9 +216,12 @@ def test_ctrl_c_interrupted_trial_is_continued(tmp_path, where):
 
 def test_second_worker_on_the_same_study_is_refused(tmp_path):
     study = CheckpointedStudy(str(tmp_path), "s")
-    with _StudyLock(os.path.join(str(tmp_path), ".lock")):
+    lock = LocalStore(str(tmp_path)).lock({"run_id": "the other worker"})
+    try:
         with pytest.raises(StudyLockedError, match="another process"):
             study.optimize(_objective([]), n_trials=1)
+    finally:
+        lock.release()
     assert study.study.trials == []
 
 

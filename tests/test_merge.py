@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from lightning_ckpt import CheckpointCorruptError, CheckpointWriter, merge_checkpoint
 from lightning_ckpt.cli import main
-from lightning_ckpt.merge import clean_name, verify_merged
+from lightning_ckpt.tools.merge import clean_name, verify_merged
 
 
 def _ckpt(tmp_path, n_layers=8, width=64):

@@ -10,7 +10,8 @@ import pytest
 
 from lightning_ckpt import BackupToS3, PeriodicCheckpoint, list_checkpoints, load_checkpoint
 from lightning_ckpt.demo import DemoDataModule, DemoModel
-from lightning_ckpt.storage.s3 import list_remote, pull_checkpoint
+from lightning_ckpt.tools.transfer import pull_checkpoint
+from seaweed import list_remote
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from seaweed import s3_server  # noqa: E402
@@ -45,40 +46,33 @@ def test_server_stopped_in_the_middle_of_an_upload(s3, tmp_path, monkeypatch):
     listed on S3."""
     import threading
 
-    import lightning_ckpt.storage.s3 as s3mod
+    from lightning_ckpt.store.s3 import S3Store
 
     d = str(tmp_path / "ckpts")
     uri = "s3://backups/mid-upload"
-    real_client = s3mod._client
+    real_put = S3Store.put_file
     state = {"stopped_at": None, "listed_while_down": []}
     lock = threading.Lock()
 
-    def client():
-        c = real_client()
-        orig = c.upload_file
-
-        def upload_file(filename, bucket, key, **kw):
-            with lock:
-                first = state["stopped_at"] is None and "step=000004/" in key and key.endswith(".safetensors")
-                if first:
-                    state["stopped_at"] = key
+    def put_file(self, key, path, progress=None, metadata=None):
+        with lock:
+            first = state["stopped_at"] is None and "step=000004/" in key and key.endswith(".safetensors")
             if first:
-                orig(filename, bucket, key, **kw)  # this object makes it, then the server goes away for a while
-                state["down"] = True
-                s3.stop()
+                state["stopped_at"] = key
+        if first:
+            real_put(self, key, path, progress, metadata)  # this object makes it, then the server goes away a while
+            state["down"] = True
+            s3.stop()
 
-                def back():
-                    s3.start()
-                    state["down"] = False
+            def back():
+                s3.start()
+                state["down"] = False
 
-                threading.Timer(3.0, back).start()
-                return None
-            return orig(filename, bucket, key, **kw)
+            threading.Timer(3.0, back).start()
+            return None
+        return real_put(self, key, path, progress, metadata)
 
-        c.upload_file = upload_file
-        return c
-
-    monkeypatch.setattr(s3mod, "_client", client)
+    monkeypatch.setattr(S3Store, "put_file", put_file)
 
     monkeypatch.setenv("LIGHTNING_CKPT_CACHE", str(tmp_path / "cache"))
     from lightning_ckpt import CheckpointError, verify_checkpoint

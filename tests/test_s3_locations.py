@@ -25,9 +25,10 @@ from lightning_ckpt import (
     load_weights,
     verify_checkpoint,
 )
-from lightning_ckpt.callbacks.base import staging_dir
+from lightning_ckpt.session.session import staging_dir
 from lightning_ckpt.demo import DemoDataModule, DemoModel
-from lightning_ckpt.storage.s3 import list_remote, push_checkpoint
+from lightning_ckpt.tools.transfer import push_checkpoint
+from seaweed import list_remote
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from seaweed import s3_server  # noqa: E402
@@ -329,40 +330,33 @@ def test_fault_tolerant_recipe_resumes_on_a_fresh_machine_from_its_backups(s3, t
 def test_reupload_of_a_name_uncommits_the_old_one_first_and_orphans_are_cleaned(s3, good_ckpt, tmp_path):
     """Pushing a different checkpoint under a name that is already on S3 removes the old manifest before any object
     is overwritten (an interrupted overwrite is never listed); what interrupted uploads leave is cleaned up."""
-    import lightning_ckpt.storage.s3 as s3mod
+    from lightning_ckpt.store.s3 import S3Store
 
     uri = f"s3://{BUCKET}/overwrite"
     push_checkpoint(good_ckpt, uri)
     other = str(tmp_path / "other")
     _trainer([PeriodicCheckpoint(other, every_n_train_steps=2)], max_steps=2, limit_val_batches=0).fit(DemoModel(hidden=48), _data())
     client = s3.client()
-    real = s3mod._client
+    real = S3Store.put_file
     calls = []
 
-    def interrupting_client():
-        c = real()
-        orig = c.upload_file
+    def interrupting_put(self, key, path, progress=None, metadata=None):
+        calls.append(key)
+        if len(calls) == 2:  # the second data object of the new checkpoint: the process dies here
+            raise KeyboardInterrupt("killed")
+        return real(self, key, path, progress, metadata)
 
-        def upload_file(filename, bucket, key, **kw):
-            calls.append(key)
-            if len(calls) == 2:  # the second data object of the new checkpoint: the process dies here
-                raise KeyboardInterrupt("killed")
-            return orig(filename, bucket, key, **kw)
-
-        c.upload_file = upload_file
-        return c
-
-    s3mod._client = interrupting_client
+    S3Store.put_file = interrupting_put
     try:
         with pytest.raises(KeyboardInterrupt):
             push_checkpoint(os.path.join(other, "step=000002"), uri)
     finally:
-        s3mod._client = real
+        S3Store.put_file = real
     assert list_remote(uri) == []  # the old manifest went first: nothing half-replaced is listed
     keys = [o["Key"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix="overwrite/step=000002/")["Contents"]]
     assert keys and not any(k.endswith("manifest.json") for k in keys)
-    assert s3mod.remove_orphans(uri, older_than_s=3600) == []  # recent: maybe an upload in progress elsewhere
-    assert s3mod.remove_orphans(uri, older_than_s=0) == ["step=000002"]
+    assert S3Store(uri).cleanup(older_than_s=3600) == []  # recent: maybe an upload in progress elsewhere
+    assert S3Store(uri).cleanup(older_than_s=0) == ["step=000002"]
     assert "Contents" not in client.list_objects_v2(Bucket=BUCKET, Prefix="overwrite/step=000002/")
     # the same checkpoint pushed twice is uploaded once
     push_checkpoint(good_ckpt, uri)
@@ -373,7 +367,7 @@ def test_reupload_of_a_name_uncommits_the_old_one_first_and_orphans_are_cleaned(
 
 def test_resume_prefers_a_newer_backup_over_a_stale_local_folder(s3, tmp_path):
     from lightning_ckpt import resume_path
-    from lightning_ckpt.storage.s3 import pull_checkpoint
+    from lightning_ckpt.tools.transfer import pull_checkpoint
 
     d = str(tmp_path / "a")
     uri = f"s3://{BUCKET}/stale"

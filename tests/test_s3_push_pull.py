@@ -11,7 +11,8 @@ import torch
 
 from lightning_ckpt import CheckpointCorruptError, CheckpointWriter, load_checkpoint, resume_path
 from lightning_ckpt.cli import main
-from lightning_ckpt.storage.s3 import list_remote, pull_checkpoint, push_checkpoint
+from lightning_ckpt.tools.transfer import pull_checkpoint, push_checkpoint
+from seaweed import list_remote
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from seaweed import s3_server  # noqa: E402
@@ -100,7 +101,11 @@ def test_read_cache_keeps_the_newest_versions_of_a_folder(s3, tmp_path, monkeypa
     versions of a folder and prunes the others once nothing has read them for an hour."""
     import time
 
-    from lightning_ckpt.storage.s3 import fetch_checkpoint
+    from lightning_ckpt.store import locate
+
+    def fetch_checkpoint(uri: str) -> str:
+        store, name = locate(uri)
+        return store.local_folder(name)
 
     monkeypatch.setenv("LIGHTNING_CKPT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("LIGHTNING_CKPT_CACHE_KEEP", "2")

@@ -29,7 +29,7 @@ SCRIPT = textwrap.dedent('''
     t = pl.Trainer(max_steps=max_steps, callbacks=[cb], logger=False, enable_progress_bar=False,
                    enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
     t.fit(DemoModel(), DemoDataModule(n_train=64, n_val=32, batch_size=16))
-    print("FINISHED", t.global_step, len(cb._shared.save_errors) if cb._shared else "-")
+    print("FINISHED", t.global_step, len(cb._session.save_errors) if cb._session else "-")
 ''').format(root=ROOT)
 
 

@@ -18,10 +18,13 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_ckpt import stages, verify_checkpoint
+from lightning_ckpt import verify_checkpoint
+from lightning_ckpt.extras import fingerprint
+from lightning_ckpt.store.base import host_id
+from lightning_ckpt.store import fs
 from lightning_ckpt.errors import CheckpointCorruptError
 from lightning_ckpt.format.checksum import crc32c
-from lightning_ckpt.stages import StageCache, StageCacheWarning, UncacheableValueError, checkpointed_stage
+from lightning_ckpt.extras.stages import StageCache, StageCacheWarning, UncacheableValueError, checkpointed_stage
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -189,17 +192,17 @@ def test_chaining_a_stage_output_costs_no_hashing(tmp_path, monkeypatch):
     a, b, _ = make_pipeline(cache, calls)
     x = a(1000)
     hashed = []
-    real = stages.crc32c
-    monkeypatch.setattr(stages, "crc32c", lambda data, value=0: hashed.append(len(memoryview(data))) or real(data, value))
+    real = fingerprint.crc32c
+    monkeypatch.setattr(fingerprint, "crc32c", lambda data, value=0: hashed.append(len(memoryview(data))) or real(data, value))
     b.fingerprint(x)
     assert hashed == []  # the output's checksum is known from writing it
     b.fingerprint(x.clone())
     assert hashed == [4000]
     hashed.clear()
-    monkeypatch.setattr(stages, "crc32c", real)
+    monkeypatch.setattr(fingerprint, "crc32c", real)
     y = StageCache(tmp_path).stage(name="a")(a.__wrapped__)(1000)  # loaded (and verified) in a fresh cache
     assert calls == ["a"]
-    monkeypatch.setattr(stages, "crc32c", lambda data, value=0: hashed.append(len(memoryview(data))) or real(data, value))
+    monkeypatch.setattr(fingerprint, "crc32c", lambda data, value=0: hashed.append(len(memoryview(data))) or real(data, value))
     assert b.fingerprint(y) == b.fingerprint(x)
     assert hashed == []  # checksums verified on load are reused too
 
@@ -391,8 +394,8 @@ PIPELINE_SCRIPT = textwrap.dedent(
     import os, signal, sys, time
     sys.path.insert(0, {repo!r})
     import torch
-    from lightning_ckpt import stages
-    from lightning_ckpt.stages import StageCache
+    from lightning_ckpt.extras.stages import StageCache
+    from lightning_ckpt.store import fs
 
     cache_dir, log_path = sys.argv[1], sys.argv[2]
     mode = os.environ.get("PIPE_MODE", "")
@@ -423,12 +426,14 @@ PIPELINE_SCRIPT = textwrap.dedent(
         note("total")
         return {{"sum": float(x.sum()), "x": x}}
 
-    if mode == "die-at-commit":
-        def die(partial):
-            if os.sep + "scale" + os.sep in partial:
+    if mode == "die-at-commit":  # the complete partial folder (manifest written) is about to be renamed into place
+        real_rename = fs.OPS.rename
+        def die(src, dst):
+            if os.sep + "scale" + os.sep + ".partial-" in src:
                 note("dying-at-commit")
                 os.kill(os.getpid(), signal.SIGKILL)
-        stages._before_commit = die
+            return real_rename(src, dst)
+        fs.OPS.rename = die
 
     z = total(scale(load_raw(1000)))
     print("STATUS", {{e.stage: e.status for e in cache.history}})
@@ -494,7 +499,14 @@ def test_a_result_committed_concurrently_by_another_process_wins(tmp_path, monke
     calls: list[str] = []
     a, _, _ = make_pipeline(cache, calls)
     final = a.path(10)
-    monkeypatch.setattr(stages, "_before_commit", lambda partial: shutil.copytree(partial, final))  # the other one
+    real_rename = fs.OPS.rename
+
+    def other_one_first(src, dst):  # another process commits the same result just before this one
+        if ".partial-" in src:
+            shutil.copytree(src, final)
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(fs.OPS, "rename", other_one_first)
     assert torch.equal(a(10), torch.randn(10, generator=torch.Generator().manual_seed(0)))
     assert not list((tmp_path / "a").glob(".partial-*"))
     monkeypatch.undo()
@@ -510,11 +522,12 @@ def test_entries_clear_and_partials_of_live_and_dead_processes(tmp_path):
     assert sorted(e.stage for e in cache.entries()) == ["a", "b", "c"]
     assert all(e.size_bytes > 0 and e.compute_s is not None for e in cache.entries())
 
-    host = cache._host
+    host = host_id()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(dead.stdout)
-    for name in (f".partial-0123456789abcdef-{host}-{dead_pid}-aaaaaa", f".partial-0123456789abcdef-{host}-{os.getpid()}-bbbbbb",
-                 f".partial-0123456789abcdef-ffffffff-{dead_pid}-cccccc"):
+    fp = "0123456789abcdef" * 4
+    for name in (f".partial-{fp}~{host}.{dead_pid}~aaaaaa", f".partial-{fp}~{host}.{os.getpid()}~bbbbbb",
+                 f".partial-{fp}~ffffffff.{dead_pid}~cccccc"):
         (tmp_path / "b" / name).mkdir()
     StageCache(tmp_path)  # cleans up on start
     left = sorted(p.name[-6:] for p in (tmp_path / "b").glob(".partial-*"))

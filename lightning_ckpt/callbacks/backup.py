@@ -7,18 +7,23 @@ from typing import Any, Optional
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
-from .base import folder_key, require_shared
+from ..session.backups import parse_locations
+from ..session.options import check_dirpath
+from ..session.session import Participant
+from ..writer.options import check_positive_int, check_seconds
+from . import compat
+from .base import session_of
 
 log = logging.getLogger("lightning_ckpt")
 
 
-class BackupToS3(Callback):
+class BackupToS3(Callback, Participant):
     """Mirror every checkpoint committed in ``dirpath`` to ``uri`` (``s3://bucket/prefix``). The saving callbacks'
     ``backup_uri`` argument does the same (with several locations and full retention rules); this callback adds a
     location to saving callbacks you do not configure yourself.
 
     Uploads run in a background thread on rank 0 after the local commit: objects first, ``manifest.json`` last, then
-    ``latest.json`` (see :func:`lightning_ckpt.storage.s3.push_checkpoint`), so a partial upload is never seen as a
+    ``latest.json`` (see :func:`lightning_ckpt.tools.transfer.push_checkpoint`), so a partial upload is never seen as a
     checkpoint. A failed upload is logged and retried with exponential backoff (the S3 server may be down for a while);
     it never stops training unless ``required=True``, in which case the error is raised at the end of ``fit``.
     A checkpoint waiting for its upload is never deleted locally by retention. When ``fit`` ends, the uploads still
@@ -37,27 +42,20 @@ class BackupToS3(Callback):
     def __init__(self, dirpath: str, uri: str, keep_last: Optional[int] = None, max_retry_s: float = 60.0,
                  flush_timeout_s: float = 600.0, required: bool = False) -> None:
         super().__init__()
-        from ..storage.s3 import parse_s3_uri
-
-        parse_s3_uri(uri)
-        if keep_last is not None and (not isinstance(keep_last, int) or isinstance(keep_last, bool) or keep_last < 1):
-            raise ValueError(f"keep_last={keep_last!r} is invalid; it must be a positive integer or None")
-        for name, v in (("max_retry_s", max_retry_s), ("flush_timeout_s", flush_timeout_s)):
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
-                raise ValueError(f"{name}={v!r} is invalid; it must be a positive number of seconds")
-        self.dirpath = folder_key(dirpath)
-        self.uri = uri.rstrip("/")
-        self.keep_last = keep_last
-        self.max_retry_s = float(max_retry_s)
-        self.flush_timeout_s = float(flush_timeout_s)
-        self.required = bool(required)
+        self.dirpath = check_dirpath(dirpath)
+        self.keep_last = check_positive_int("keep_last", keep_last)
+        self.flush_timeout_s = check_seconds("flush_timeout_s", flush_timeout_s)
+        (self.location,) = parse_locations([{"uri": uri, "keep_last": keep_last, "max_retry_s": max_retry_s,
+                                             "required": required}] if keep_last is not None else
+                                           [{"uri": uri, "max_retry_s": max_retry_s, "required": required}])
+        self.uri = self.location.uri
+        self.max_retry_s = self.location.max_retry_s
+        self.required = self.location.required
         self._uploader: Any = None
-        self._shared: Any = None
-        self._hooks: list = []
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(dirpath=self.dirpath, uri=self.uri)
+        return compat.state_key(self, dirpath=self.dirpath, uri=self.uri)
 
     @property
     def uploaded(self) -> list[str]:
@@ -67,24 +65,16 @@ class BackupToS3(Callback):
     def failures(self) -> int:
         return self._uploader.failures if self._uploader is not None else 0
 
-    # ------------------------------------------------------------ lifecycle
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        from ..backups import BackupLocation, Uploader
-        from ..policy.retention import RetentionRules
-        from .base import attach_uploader
-
-        shared = require_shared(trainer, self.dirpath, "BackupToS3")
-        if not trainer.is_global_zero:
-            return
-        loc = BackupLocation(self.uri, RetentionRules(keep_last=self.keep_last), self.required, self.max_retry_s)
-        self._uploader, self._shared = Uploader(loc, shared.dirpath), shared
-        self._hooks = attach_uploader(shared, self._uploader, self.flush_timeout_s)
+        session = session_of(trainer, self.dirpath, "BackupToS3")
+        session.join(self)
+        self._session = session
+        added = session.add_backups([self.location], uploading=trainer.is_global_zero)
+        if added:
+            self._uploader = added[0]
+            self._uploader.flush_timeout_s = self.flush_timeout_s
 
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
-        for lst, fn in getattr(self, "_hooks", []):
-            if fn in lst:
-                lst.remove(fn)
-        self._hooks = []
-        self._shared = None
-        if self._uploader is not None:
-            self._uploader.stop()
+        session, self._session = getattr(self, "_session", None), None
+        if session is not None:
+            session.leave(self)

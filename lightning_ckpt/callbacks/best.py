@@ -5,13 +5,15 @@ import logging
 import math
 import os
 import threading
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional
 
 import lightning.pytorch as pl
 
-from ..checkpoints import list_checkpoints
+from ..read import list_checkpoints
+from ..store import is_remote
 from ..policy.conditions import Monitor
-from .base import BaseCheckpointCallback, Content, best_path_at, metric_value
+from . import compat
+from .base import BaseCheckpointCallback, best_path_at, metric_value
 
 log = logging.getLogger("lightning_ckpt")
 
@@ -35,8 +37,8 @@ class BestMetricCheckpoint(BaseCheckpointCallback):
         top_k: how many best checkpoints to keep (``-1`` keeps every improvement).
         min_delta: smallest change that counts as an improvement over the current k-th best.
         every_n_train_steps: also check the metric every N steps (for metrics logged in ``training_step``).
-        async_save, name_template, if_busy, fsync, content, include, exclude, distributed, save_timeout_s,
-            merge_on_train_end, backup_uri, resume, on_save_error: see :class:`BaseCheckpointCallback`.
+        save_top_k: Lightning's name for ``top_k``.
+        **options: the options every saving callback shares (:class:`~lightning_ckpt.SaveOptions`).
     """
 
     def __init__(
@@ -47,26 +49,15 @@ class BestMetricCheckpoint(BaseCheckpointCallback):
         top_k: int = 1,
         min_delta: float = 0.0,
         every_n_train_steps: Optional[int] = None,
-        async_save: bool = True,
-        name_template: str = "step={step:06d}",
-        if_busy: Literal["wait", "skip"] = "wait",
-        fsync: bool = True,
-        content: Content = "full",
-        include: Optional[list[str]] = None,
-        exclude: Optional[list[str]] = None,
-        distributed: Literal["sharded", "rank0"] = "sharded",
-        save_timeout_s: float = 600.0,
-        merge_on_train_end: bool = False,
-        backup_uri: Optional[Union[str, list[Union[str, dict[str, Any]]]]] = None,
-        resume: Optional[Literal["auto"]] = None,
-        on_save_error: Optional[Literal["stop", "continue"]] = None,
+        save_top_k: Optional[int] = None,
+        **options: Any,
     ) -> None:
-        super().__init__(
-            dirpath, async_save=async_save, name_template=name_template, if_busy=if_busy, fsync=fsync,
-            content=content, include=include, exclude=exclude,
-            distributed=distributed, save_timeout_s=save_timeout_s, merge_on_train_end=merge_on_train_end,
-            backup_uri=backup_uri, resume=resume, on_save_error=on_save_error,
-        )
+        super().__init__(dirpath, **options)
+        if save_top_k is not None:
+            if top_k != 1 and top_k != save_top_k:
+                raise ValueError(f"top_k={top_k} and save_top_k={save_top_k} are both set; they are the same setting "
+                                 "(save_top_k is Lightning's name for it): keep one")
+            top_k = save_top_k
         self.spec = Monitor(monitor, mode, min_delta)
         if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k == 0 or top_k < -1:
             raise ValueError(f"top_k={top_k!r} is invalid; use a positive integer, or -1 to keep every improvement")
@@ -83,7 +74,7 @@ class BestMetricCheckpoint(BaseCheckpointCallback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(dirpath=self.dirpath, monitor=self.monitor, mode=self.mode)
+        return compat.state_key(self, dirpath=self.dirpath, monitor=self.monitor, mode=self.mode)
 
     @property
     def best_model_path(self) -> Optional[str]:
@@ -110,7 +101,7 @@ class BestMetricCheckpoint(BaseCheckpointCallback):
         with self._lock:
             self.best_k = scored if self.top_k == -1 else scored[: self.top_k]
 
-    def _protect(self) -> set[str]:
+    def protect(self) -> set[str]:
         with self._lock:
             steps = {d["step"] for d in self.best_k}
         return {c.name for c in list_checkpoints(self.dirpath) if c.step in steps and "best" in c.tags}
@@ -160,10 +151,10 @@ class BestMetricCheckpoint(BaseCheckpointCallback):
             return self._check(trainer)
         return None
 
-    def _after_commit(self, result: Any) -> None:
+    def after_commit(self, result: Any) -> None:
         """Runs in the committing thread. Deletes evicted best-only checkpoints once a newer best one is committed
         (the replacement exists before anything is deleted)."""
-        shared = self._shared
+        shared = self._session
         if shared is None or "best" not in result.tags:
             return
         with self._lock:
@@ -188,5 +179,5 @@ class BestMetricCheckpoint(BaseCheckpointCallback):
 
     def on_load_checkpoint(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(trainer, pl_module, checkpoint)
-        if self.dirpath.startswith("s3://") or os.path.isdir(self.dirpath):
+        if is_remote(self.dirpath) or os.path.isdir(self.dirpath):
             self._rebuild_from_disk(int(checkpoint.get("global_step", 0)))

@@ -3,14 +3,15 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional
 
 import lightning.pytorch as pl
 import torch
 
-from ..checkpoints import list_checkpoints, load_weights
+from ..read import list_checkpoints, load_weights
 from ..policy.conditions import Monitor
-from .base import BaseCheckpointCallback, Content, best_path_at, metric_value
+from . import compat
+from .base import BaseCheckpointCallback, best_path_at, metric_value
 
 log = logging.getLogger("lightning_ckpt")
 
@@ -36,9 +37,8 @@ class EarlyStopAndSave(BaseCheckpointCallback):
         divergence_threshold: stop once the metric is worse than this.
         check_finite: stop when the metric becomes NaN or infinite.
         check_on_train_epoch_end: check at the end of each training epoch instead of at validation end.
-        async_save, name_template, if_busy, fsync, content, distributed, save_timeout_s, merge_on_train_end,
-            backup_uri, resume, on_save_error: see
-            :class:`BaseCheckpointCallback` (``content`` applies to the best checkpoint; the early-stop one is full).
+        **options: the options every saving callback shares (:class:`~lightning_ckpt.SaveOptions`); ``content``
+            applies to the best checkpoint, the early-stop one is always full.
     """
 
     def __init__(
@@ -53,20 +53,9 @@ class EarlyStopAndSave(BaseCheckpointCallback):
         divergence_threshold: Optional[float] = None,
         check_finite: bool = True,
         check_on_train_epoch_end: bool = False,
-        async_save: bool = True,
-        name_template: str = "step={step:06d}",
-        if_busy: Literal["wait", "skip"] = "wait",
-        fsync: bool = True,
-        content: Content = "full",
-        distributed: Literal["sharded", "rank0"] = "sharded",
-        save_timeout_s: float = 600.0,
-        merge_on_train_end: bool = False,
-        backup_uri: Optional[Union[str, list[Union[str, dict[str, Any]]]]] = None,
-        resume: Optional[Literal["auto"]] = None,
-        on_save_error: Optional[Literal["stop", "continue"]] = None,
+        **options: Any,
     ) -> None:
-        super().__init__(dirpath, async_save=async_save, name_template=name_template, if_busy=if_busy, fsync=fsync, content=content, distributed=distributed, save_timeout_s=save_timeout_s, merge_on_train_end=merge_on_train_end,
-            backup_uri=backup_uri, resume=resume, on_save_error=on_save_error)
+        super().__init__(dirpath, **options)
         self.spec = Monitor(monitor, mode, min_delta)
         if not isinstance(patience, int) or isinstance(patience, bool) or patience < 1:
             raise ValueError(f"patience={patience!r} is invalid; it must be a positive integer")
@@ -96,19 +85,19 @@ class EarlyStopAndSave(BaseCheckpointCallback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(dirpath=self.dirpath, monitor=self.monitor, mode=self.mode)
+        return compat.state_key(self, dirpath=self.dirpath, monitor=self.monitor, mode=self.mode)
 
     @property
     def best_model_path(self) -> Optional[str]:
         return None if self.best_step is None else best_path_at(self.dirpath, self.best_step)
 
-    def _protect(self) -> set[str]:
+    def protect(self) -> set[str]:
         if self.best_step is None:
             return set()
         return {c.name for c in list_checkpoints(self.dirpath) if c.step == self.best_step and "best" in c.tags}
 
-    def _after_commit(self, result: Any) -> None:
-        shared = self._shared
+    def after_commit(self, result: Any) -> None:
+        shared = self._session
         if shared is None or "best" not in result.tags:
             return
         ready = [e for e in self._previous_best_steps if e < result.step]
@@ -155,28 +144,26 @@ class EarlyStopAndSave(BaseCheckpointCallback):
     def _want_save_on_train_epoch_end(self, trainer: "pl.Trainer"):
         return self._check(trainer) if self.check_on_train_epoch_end else None
 
-    def request_save(self, trainer: "pl.Trainer", tags, *, force: bool = False) -> None:
+    def request_save(self, trainer: "pl.Trainer", tags, *, force: bool = False, content: Optional[str] = None,
+                     urgent: bool = False) -> None:
         tags = set(tags)
-        if "early-stop" in tags and self.content != "full":
+        o = self.options
+        if "early-stop" in tags and content is None and (o.content != "full" or o.partial):
             # the state at the stop is always a full checkpoint; the best one follows `content`
-            if self._shared is not None:
-                from .base import _Request
-
-                self._shared.requests.append(_Request({"early-stop"}, "full", (), ()))
+            super().request_save(trainer, {"early-stop"}, force=force, content="full", urgent=urgent)
             tags.discard("early-stop")
             if not tags:
                 return
-        super().request_save(trainer, tags, force=force)
+        super().request_save(trainer, tags, force=force, content=content, urgent=urgent)
 
-    def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        super().on_train_end(trainer, pl_module)
-        if self.restore_best_weights and self.best_step is not None and self._shared is not None:
-            self._shared.writer.wait()
+    def at_end(self, session: Any, trainer: Any) -> None:
+        """Every rank, after the last commit of fit (so the final checkpoint holds the final weights)."""
+        if self.restore_best_weights and self.best_step is not None:
             path = self.best_model_path
             if path is None:
                 log.warning("lightning_ckpt: the best checkpoint of step %s is gone; weights not restored", self.best_step)
                 return
-            load_weights(path, pl_module, strict=self.content != "partial")
+            load_weights(path, trainer.lightning_module, strict=not self.options.partial)
             log.info("lightning_ckpt: restored the best weights (%s=%.6g, step %d) from %s", self.monitor, self.best_score, self.best_step, path)
 
     # ------------------------------------------------------------------ state

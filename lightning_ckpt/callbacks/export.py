@@ -8,15 +8,19 @@ from typing import Any, Literal, Optional
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
-from ..checkpoints import latest_checkpoint, list_checkpoints
-from ..export import data_fingerprint, export_checkpoint
-from .base import _SHARED, require_shared, folder_key
-from ..storage.s3 import is_s3_uri
+from ..read import latest_checkpoint, list_checkpoints
+from ..session.options import check_dirpath
+from ..session.session import Participant
+from ..store import is_remote
+from ..tools.export import data_fingerprint, export_checkpoint
+from ..tools.merge import parse_dtype
+from . import compat
+from .base import SESSIONS, session_of
 
 log = logging.getLogger("lightning_ckpt")
 
 
-class ExportOnTrainEnd(Callback):
+class ExportOnTrainEnd(Callback, Participant):
     """When ``fit`` ends (after the last save on ``dirpath`` is committed), rank 0 writes an export folder: merged
     ``model.safetensors``, metrics and their history, the resolved LightningCLI config, reproduction metadata and a
     model card (see :func:`lightning_ckpt.export.export_checkpoint`). With an ``MLFlowLogger`` on the Trainer the
@@ -35,8 +39,9 @@ class ExportOnTrainEnd(Callback):
         super().__init__()
         if source not in ("best", "latest"):
             raise ValueError(f"source={source!r} is invalid; use 'best' or 'latest'")
-        self.dirpath = folder_key(dirpath)
-        if export_dir is None and is_s3_uri(self.dirpath):
+        self.dirpath = check_dirpath(dirpath)
+        parse_dtype(dtype)  # an unsupported dtype fails now, not after a week of training
+        if export_dir is None and is_remote(self.dirpath):
             raise ValueError(f"dirpath {self.dirpath} is on S3; give export_dir, a local folder for the export")
         self.export_dir = os.path.abspath(export_dir) if export_dir else os.path.join(self.dirpath, "export")
         self.source = source
@@ -45,26 +50,29 @@ class ExportOnTrainEnd(Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(dirpath=self.dirpath)
+        return compat.state_key(self, dirpath=self.dirpath)
 
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        shared = require_shared(trainer, self.dirpath, "ExportOnTrainEnd")
-        if self._export not in shared.end_hooks:
-            shared.end_hooks.append(self._export)
+        session_of(trainer, self.dirpath, "ExportOnTrainEnd").join(self)
 
-    def _pick(self, shared: Any) -> Optional[str]:
+    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        session = SESSIONS.get(trainer, {}).get(self.dirpath)
+        if session is not None:
+            session.leave(self)
+
+    def _pick(self, session: Any) -> Optional[str]:
         if self.source == "best":
-            for cb in shared.users:
+            for cb in session.participants:
                 p = getattr(cb, "best_model_path", None)
                 if p:
                     return p
         return latest_checkpoint(self.dirpath, verify=False)
 
-    def _export(self, trainer: "pl.Trainer") -> None:
+    def at_end(self, session: Any, trainer: "pl.Trainer") -> None:
+        """After the last commit of fit: rank 0 writes the export."""
         if not trainer.is_global_zero:
             return
-        shared = _SHARED.get(trainer, {}).get(self.dirpath)
-        path = self._pick(shared) if shared is not None else None
+        path = self._pick(session)
         if path is None or not any(c.path == path and c.kind != "light" for c in list_checkpoints(self.dirpath)):
             log.warning("lightning_ckpt: nothing to export from %s", self.dirpath)
             return
@@ -79,7 +87,7 @@ class ExportOnTrainEnd(Callback):
         except Exception as e:  # noqa: BLE001 - the export goes on without the config
             log.warning("lightning_ckpt: could not record the LightningCLI config: %r", e)
         dm = getattr(trainer, "datamodule", None)
-        hist = os.path.join(shared.dirpath if shared is not None else self.dirpath, "metrics.jsonl")
+        hist = os.path.join(session.dirpath, "metrics.jsonl")
         self.exported = export_checkpoint(path, self.export_dir, config_yaml=config_yaml, data_fp=data_fingerprint(dm),
                                           dtype=self.dtype, history=hist)
         log.info("lightning_ckpt: exported %s to %s", path, self.exported)

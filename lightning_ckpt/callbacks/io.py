@@ -11,8 +11,9 @@ from typing import Any, Optional
 from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from ..checkpoints import is_checkpoint_dir, load_checkpoint, read_checkpoint_manifest
 from ..errors import CheckpointMismatchError
+from ..read import is_checkpoint_dir, load_checkpoint, load_into, read_checkpoint_manifest
+from . import compat
 
 
 class LightningCkptIO(CheckpointIO):
@@ -120,14 +121,12 @@ def _sharded_loader(strategy: Any, io: LightningCkptIO, original: Any) -> Any:
             set_optimizer_state_dict,
         )
 
-        from ..checkpoints import load_into
-
         path = str(path)
         io._check_kind(path)
         trainer = io.trainer
         module = strategy.model
         strict = bool(getattr(strategy.lightning_module, "strict_loading", True))
-        optimizers = [getattr(o, "_optimizer", o) for o in strategy.optimizers]
+        optimizers = [compat.plain_optimizer(o) for o in strategy.optimizers]
         ckpt = load_checkpoint(path, rank=int(getattr(trainer, "global_rank", 0) or 0),
                                without_tensors_of=("state_dict", "optimizer_states"))
         state: dict[str, Any] = {"state_dict": get_model_state_dict(module)}

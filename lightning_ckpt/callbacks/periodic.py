@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional
 
 import lightning.pytorch as pl
 
 from ..policy.adaptive import AdaptiveInterval
 from ..policy.triggers import SaveTrigger
-from .base import BaseCheckpointCallback, Content
+from ..policy.conditions import Monitor, moved_enough
+from ..writer.options import check_bool, check_fraction
+from .base import BaseCheckpointCallback, metric_value
 
 log = logging.getLogger("lightning_ckpt")
 
@@ -28,7 +30,7 @@ class PeriodicCheckpoint(BaseCheckpointCallback):
         trainer.fit(model, data, ckpt_path=latest_checkpoint("ckpts/"))
 
     Args:
-        dirpath: folder for this run's checkpoints; created if missing.
+        dirpath: folder for this run's checkpoints (created if missing), or ``s3://bucket/prefix``.
         every_n_train_steps: save after every N optimizer steps.
         every_n_epochs: save at the end of every N-th training epoch.
         every_n_seconds: save at the first step boundary at least N seconds after the previous save.
@@ -38,27 +40,15 @@ class PeriodicCheckpoint(BaseCheckpointCallback):
             ``checkpoint/interval_steps``.
         max_overhead: fraction of training time that saves may cost with ``every="auto"`` (0.05 = 5 %).
         mtbf_s: mean time between failures in seconds, for the Young/Daly interval with ``every="auto"``.
-        async_save: snapshot into reused host buffers and write in the background.
         save_on_train_end: also save when ``fit`` finishes (tag ``final``).
-        name_template: folder name of each checkpoint, fields ``{step}`` and ``{epoch}``.
-        if_busy: ``"wait"`` for the previous save, or ``"skip"`` the new one, when a save is still being written.
-        fsync: make files durable before the commit.
-        distributed: ``"sharded"`` (every rank writes its share) or ``"rank0"``; see :class:`BaseCheckpointCallback`.
-        save_timeout_s: how long a multi-rank save waits for the other ranks before failing on every rank.
-        merge_on_train_end: rank 0 writes ``<dirpath>/merged/model.safetensors`` from the newest checkpoint.
-        backup_uri: upload each committed checkpoint in the background to ``"s3://bucket/prefix"`` or to a list of
-            locations (URIs or ``{"uri": ..., "keep_last": 3, "keep_tags": ["best"]}`` with their own retention).
-        resume: ``"auto"``: ``fit`` without ``ckpt_path`` resumes from the newest valid checkpoint of ``dirpath``,
-            else of the backups, else starts fresh.
-        on_save_error: ``"stop"`` (default: a failed save raises) or ``"continue"`` (log it and train on).
-        content: ``"full"``, ``"weights"`` or ``"light"`` (see :class:`BaseCheckpointCallback`).
-        include: glob patterns over state keys for a partial checkpoint.
-        exclude: glob patterns over state keys to leave out.
-        monitor: metric for ``only_on_improvement`` / ``on_change``.
-        mode: ``"min"`` or ``"max"``.
+        monitor: metric for conditional saving (``only_on_improvement`` / ``on_change``).
+        mode: ``"min"`` or ``"max"``: the direction in which ``monitor`` improves.
         min_delta: smallest change of ``monitor`` that counts as an improvement.
-        only_on_improvement: when a save is due, skip it unless ``monitor`` improved since this callback's saves.
+        only_on_improvement: when a save is due, skip it unless ``monitor`` improved on every earlier save of this
+            callback.
         on_change: when a save is due, skip it unless ``monitor`` moved by more than this fraction since the last.
+        **options: the options every saving callback shares (:class:`~lightning_ckpt.SaveOptions`): ``async_save``,
+            ``name_template``, ``content``, ``backup_uri``, ``resume``, ...
     """
 
     def __init__(
@@ -70,33 +60,25 @@ class PeriodicCheckpoint(BaseCheckpointCallback):
         every: Optional[Literal["auto"]] = None,
         max_overhead: float = 0.05,
         mtbf_s: Optional[float] = None,
-        async_save: bool = True,
         save_on_train_end: bool = True,
-        name_template: str = "step={step:06d}",
-        if_busy: Literal["wait", "skip"] = "wait",
-        fsync: bool = True,
-        content: Content = "full",
-        include: Optional[list[str]] = None,
-        exclude: Optional[list[str]] = None,
         monitor: Optional[str] = None,
         mode: Literal["min", "max"] = "min",
         min_delta: float = 0.0,
         only_on_improvement: bool = False,
         on_change: Optional[float] = None,
-        distributed: Literal["sharded", "rank0"] = "sharded",
-        save_timeout_s: float = 600.0,
-        merge_on_train_end: bool = False,
-        backup_uri: Optional[Union[str, list[Union[str, dict[str, Any]]]]] = None,
-        resume: Optional[Literal["auto"]] = None,
-        on_save_error: Optional[Literal["stop", "continue"]] = None,
+        **options: Any,
     ) -> None:
-        super().__init__(
-            dirpath, async_save=async_save, name_template=name_template, if_busy=if_busy, fsync=fsync, content=content,
-            include=include, exclude=exclude, monitor=monitor, mode=mode, min_delta=min_delta,
-            only_on_improvement=only_on_improvement, on_change=on_change,
-            distributed=distributed, save_timeout_s=save_timeout_s, merge_on_train_end=merge_on_train_end,
-            backup_uri=backup_uri, resume=resume, on_save_error=on_save_error,
-        )
+        super().__init__(dirpath, **options)
+        self.monitor_spec = Monitor(monitor or "x", mode, min_delta)  # mode and min_delta, even without a monitor
+        self.monitor, self.mode, self.min_delta = monitor, mode, min_delta
+        self.only_on_improvement = check_bool("only_on_improvement", only_on_improvement)
+        self.on_change = check_fraction("on_change", on_change, optional=True)
+        if only_on_improvement and on_change is not None:
+            raise ValueError("only_on_improvement and on_change are mutually exclusive; set one of them")
+        if (only_on_improvement or on_change is not None) and not monitor:
+            raise ValueError("only_on_improvement/on_change need monitor='<metric name>'")
+        self._cond_best: Optional[float] = None  # best value at a save of this callback
+        self._cond_last: Optional[float] = None  # value at this callback's last save
         if every not in (None, "auto"):
             raise ValueError(f"every={every!r} is invalid; the only value is 'auto' (or use every_n_train_steps=...)")
         if every == "auto":
@@ -111,16 +93,31 @@ class PeriodicCheckpoint(BaseCheckpointCallback):
             self.adaptive = None
             self.trigger = SaveTrigger(every_n_train_steps, every_n_epochs, every_n_seconds)
         self.every = every
-        self.save_on_train_end = bool(save_on_train_end)
+        self.save_on_train_end = check_bool("save_on_train_end", save_on_train_end)
         self.interval_steps: Optional[int] = None
         self._next_auto_step: Optional[int] = None
         self._last_batch_end: Optional[float] = None
         self._awaiting_stall: Optional[int] = None
 
+    # ---------------------------------------------------------------- conditional saving
+    def _condition_allows(self, trainer: "pl.Trainer") -> bool:
+        if not (self.only_on_improvement or self.on_change is not None):
+            return True
+        v = metric_value(trainer, self.monitor_spec.monitor, type(self).__name__)
+        if self.only_on_improvement:
+            ok = self.monitor_spec.better(v, self._cond_best)
+        else:
+            ok = moved_enough(v, self._cond_last, float(self.on_change))  # type: ignore[arg-type]
+        if ok:
+            self._cond_last = v
+            if self.monitor_spec.better(v, self._cond_best):
+                self._cond_best = v
+        return ok
+
     # ---------------------------------------------------------------- every="auto"
     def _auto_due(self, trainer: "pl.Trainer") -> bool:
         """Measure, then decide. Step time is the time between batch ends minus our own stall."""
-        ad, shared = self.adaptive, self._shared
+        ad, shared = self.adaptive, self._session
         assert ad is not None and shared is not None
         now = time.perf_counter()
         stall = 0.0
@@ -154,7 +151,7 @@ class PeriodicCheckpoint(BaseCheckpointCallback):
         self._next_auto_step = from_step + n
 
     def _want_save_on_train_batch_end(self, trainer: "pl.Trainer"):
-        shared = self._shared
+        shared = self._session
         if shared is None:
             return None
         if self.adaptive is not None:
@@ -169,7 +166,7 @@ class PeriodicCheckpoint(BaseCheckpointCallback):
         return ("periodic",) if due else None
 
     def _want_save_on_train_epoch_end(self, trainer: "pl.Trainer"):
-        shared = self._shared
+        shared = self._session
         if shared is None or self.adaptive is not None:
             return None
         if self.trigger.due_on_epoch_end(trainer.current_epoch, trainer.global_step, shared.last_saved_step):

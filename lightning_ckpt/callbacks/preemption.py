@@ -7,58 +7,34 @@ import re
 import signal
 import subprocess
 import threading
-from typing import Any, Literal, Optional, Union
+from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
 
-from .base import BaseCheckpointCallback
+from . import compat
+from .base import BaseCheckpointCallback, TrainerContext
 
 log = logging.getLogger("lightning_ckpt")
 
 
 def _signal_number(s: Union[str, int]) -> int:
+    """A signal this process can catch, by name (``"SIGTERM"``, ``"USR1"``) or number; ValueError otherwise."""
     if isinstance(s, int) and not isinstance(s, bool):
-        return s
-    name = str(s).upper()
-    if not name.startswith("SIG"):
-        name = "SIG" + name
-    num = getattr(signal, name, None)
-    if not isinstance(num, int):
-        raise ValueError(f"signals contains {s!r}, which is not a signal name; use names such as 'SIGTERM', 'SIGUSR1'")
+        try:
+            num = int(signal.Signals(s))
+        except ValueError:
+            raise ValueError(f"signals contains {s!r}, which is not a signal number of this system") from None
+    else:
+        name = str(s).upper()
+        if not name.startswith("SIG"):
+            name = "SIG" + name
+        num = getattr(signal, name, None)
+        if not isinstance(num, int) or name.startswith("SIG_"):
+            raise ValueError(f"signals contains {s!r}, which is not a signal name; use names such as 'SIGTERM', 'SIGUSR1'")
+    if num in (signal.SIGKILL, signal.SIGSTOP):
+        raise ValueError(f"signals contains {signal.Signals(num).name}, which no process can catch; use a signal the "
+                         "scheduler sends before it kills, such as SIGTERM or SIGUSR1")
     return int(num)
-
-
-def _is_lightning_requeue_handler(h: Any) -> bool:
-    """Is ``h`` Lightning's SLURM auto-requeue handler (``_SignalConnector._slurm_sigusr_handler_fn``, which saves an
-    ``hpc_ckpt_*.ckpt`` inside the signal handler and runs ``scontrol requeue``)?"""
-    try:
-        from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
-    except ImportError:  # pragma: no cover - private Lightning API moved
-        return False
-    return getattr(h, "__func__", None) is _SignalConnector._slurm_sigusr_handler_fn
-
-
-def _without_lightning_requeue(handler: Any) -> tuple[bool, Any]:
-    """``(found, rest)``: whether ``handler`` (as installed by Lightning for the requeue signal, possibly composed with
-    other handlers) contains Lightning's SLURM requeue handler, and a handler that runs everything else it ran
-    (``None`` if nothing is left)."""
-    try:
-        from lightning.pytorch.trainer.connectors.signal_connector import _HandlersCompose
-    except ImportError:  # pragma: no cover - private Lightning API moved
-        return False, handler
-    if _is_lightning_requeue_handler(handler):
-        return True, None
-    if isinstance(handler, _HandlersCompose):
-        found, rest = False, []
-        for h in handler.signal_handlers:
-            f, r = _without_lightning_requeue(h)
-            found = found or f
-            if r is not None:
-                rest.append(r)
-        if not found:
-            return False, handler
-        return True, (_HandlersCompose(rest) if rest else None)
-    return False, handler
 
 
 def slurm_job_id() -> Optional[str]:
@@ -122,29 +98,22 @@ class PreemptionCheckpoint(BaseCheckpointCallback):
             stays as it is (it runs on the requeue signal, and this callback only reacts to it when it is listed in
             ``signals``). Nothing changes outside SLURM, without ``auto_requeue``, or when a handler for the requeue
             signal existed before ``fit`` (Lightning then installs none and does not requeue).
-        async_save, name_template, if_busy, fsync, distributed, save_timeout_s, backup_uri, resume, on_save_error: see
-            :class:`BaseCheckpointCallback` (backups and ``resume`` act on the whole folder: locations given to any
-            saving callback on it receive every checkpoint of the folder, ``preempt`` ones included).
+        **options: the options every saving callback shares (:class:`~lightning_ckpt.SaveOptions`; backups and
+            ``resume`` act on the whole folder: locations given to any saving callback on it receive every checkpoint
+            of the folder, ``preempt`` ones included). A preempt checkpoint is always a full one.
     """
 
     def __init__(
         self,
         dirpath: str,
         signals: Optional[list[str]] = None,
-        async_save: bool = True,
-        name_template: str = "step={step:06d}",
-        if_busy: Literal["wait", "skip"] = "wait",
-        fsync: bool = True,
-        distributed: Literal["sharded", "rank0"] = "sharded",
-        save_timeout_s: float = 600.0,
         slurm_requeue: bool = True,
-        backup_uri: Optional[Union[str, list[Union[str, dict[str, Any]]]]] = None,
-        resume: Optional[Literal["auto"]] = None,
-        on_save_error: Optional[Literal["stop", "continue"]] = None,
+        **options: Any,
     ) -> None:
-        super().__init__(dirpath, async_save=async_save, name_template=name_template, if_busy=if_busy, fsync=fsync,
-                         distributed=distributed, save_timeout_s=save_timeout_s, backup_uri=backup_uri, resume=resume,
-                         on_save_error=on_save_error)
+        super().__init__(dirpath, **options)
+        if self.options.content != "full" or self.options.partial:
+            raise ValueError("PreemptionCheckpoint saves the full state (the run resumes from it); drop content, "
+                             "include and exclude")
         names = ["SIGTERM"] if signals is None else list(signals)
         if not names:
             raise ValueError("signals is empty; give at least one signal name such as 'SIGTERM'")
@@ -185,14 +154,12 @@ class PreemptionCheckpoint(BaseCheckpointCallback):
             return
         self._requeue_signal, self._requeue_received, self._requeue = None, False, False
         chain: dict[int, Any] = {}
-        env = getattr(getattr(trainer, "_accelerator_connector", None), "cluster_environment", None)
-        try:
-            from lightning.fabric.plugins.environments import SLURMEnvironment
-        except ImportError:  # pragma: no cover
-            SLURMEnvironment = ()  # type: ignore[assignment,misc]
+        env = compat.cluster_environment(trainer)
+        from lightning.fabric.plugins.environments import SLURMEnvironment
+
         if self.slurm_requeue and isinstance(env, SLURMEnvironment) and env.auto_requeue and env.requeue_signal is not None:
             sig = int(env.requeue_signal)
-            found, rest = _without_lightning_requeue(signal.getsignal(sig))
+            found, rest = compat.without_lightning_requeue(signal.getsignal(sig))
             if found:  # Lightning installed its requeue handler: ours replaces it (any other handler still runs)
                 self._requeue_signal = sig
                 chain[sig] = rest
@@ -227,12 +194,12 @@ class PreemptionCheckpoint(BaseCheckpointCallback):
         if self._requeue:
             self._requeue_after_commit(trainer)
 
-    def _requeue_after_commit(self, trainer: "pl.Trainer") -> None:
+    def _requeue_after_commit(self, trainer: "pl.Trainer", session: Any = None) -> None:
         self._requeue = self._requeue_received = False
         if not trainer.is_global_zero:
             return
-        shared = self._shared
-        history = shared.writer.history if shared is not None else []
+        session = session or self._session
+        history = session.writer.history if session is not None else []
         step = self.preempted_step
         if step is None or not any(r.step == step and "preempt" in r.tags for r in history):
             log.error("lightning_ckpt: the preempt checkpoint of step %s was not committed; not requeuing the SLURM job", step)
@@ -275,31 +242,26 @@ class PreemptionCheckpoint(BaseCheckpointCallback):
                 self._requeue = bool(trainer.strategy.reduce_boolean_decision(self._requeue, all=False))
         log.warning("lightning_ckpt: preemption signal received; saving step %d and stopping%s", self.preempted_step,
                     " (the SLURM job is requeued once it is committed)" if self._requeue else "")
-        return ("preempt",)
-
-    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int) -> None:
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        if self.preempted_step == int(trainer.global_step) and self._shared is not None and self._is_last(self._shared):
-            # commit now: Lightning may end the process right after this step (SIGTERMException)
-            self._flush(trainer)
-            self._wait(raise_errors=False)
+        # urgent: committed before this hook returns, as Lightning may end the process right after the step
+        self.request_save(trainer, ("preempt",), force=True, urgent=True)
+        return None
 
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
         from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-        shared = self._shared
-        if (isinstance(exception, SIGTERMException) and shared is not None and self.preempted_step is None
-                and shared.last_saved_step != int(trainer.global_step)):
+        session = self._session
+        if (isinstance(exception, SIGTERMException) and session is not None and self.preempted_step is None
+                and session.last_saved_step != int(trainer.global_step)):
             # the signal came after this step's check: the loop stopped at a step boundary, save that state
             self.preempted_step = int(trainer.global_step)
-            shared.requests.clear()
+            session.requests.clear()
             self.request_save(trainer, ("preempt",), force=True)
-            self._flush(trainer)
+            session.flush(TrainerContext(trainer))
         super().on_exception(trainer, pl_module, exception)  # waits for the commit
         if isinstance(exception, SIGTERMException) and (self._requeue or self._requeue_received):
             # Lightning stopped the loop (a SIGTERM too, or SIGTERM is the requeue signal): requeue all the same once
             # the preempt checkpoint is committed (no collective here: rank 0 decides alone in the exception path)
-            self._requeue_after_commit(trainer)
+            self._requeue_after_commit(trainer, session)
 
     def state_dict(self) -> dict[str, Any]:
         return {"dirpath": self.dirpath}

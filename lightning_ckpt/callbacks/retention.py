@@ -2,20 +2,23 @@
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any, Literal, Optional
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
-from ..policy.retention import RetentionRules, plan_retention
-from ..prune import committed_records
-from .base import folder_key, require_shared
+from ..policy.retention import RetentionRules
+from ..session.options import check_dirpath
+from ..session.session import Participant
+from ..tools.prune import committed_records, plan_deletions
+from ..writer.options import check_bool
+from . import compat
+from .base import session_of
 
 log = logging.getLogger("lightning_ckpt")
 
 
-class RetentionPolicy(Callback):
+class RetentionPolicy(Callback, Participant):
     """Prune the checkpoints in ``dirpath`` after every commit of a saving callback on the same folder.
 
     A checkpoint is kept when any set rule keeps it; with ``max_total_bytes`` the oldest kept ones are then dropped
@@ -56,50 +59,44 @@ class RetentionPolicy(Callback):
         keep_tags: Optional[list[str]] = None,
     ) -> None:
         super().__init__()
-        if not isinstance(dirpath, (str, os.PathLike)) or not os.fspath(dirpath):
-            raise ValueError(f"dirpath={dirpath!r} is invalid; give the folder of the checkpoints to prune")
-        self.dirpath = folder_key(dirpath)
-        self.rules = RetentionRules(keep_last, keep_best, monitor, mode, keep_every_n_steps, max_total_bytes,
-                                    None if keep_tags is None else tuple(keep_tags))
+        self.dirpath = check_dirpath(dirpath)
+        self.rules = RetentionRules(keep_last, keep_best, monitor, mode, keep_every_n_steps, max_total_bytes, keep_tags)
         if not self.rules.has_keep_rule and max_total_bytes is None:
-            raise ValueError("RetentionPolicy needs at least one rule: keep_last, keep_best, keep_every_n_steps, keep_tags or max_total_bytes")
-        self.dry_run = bool(dry_run)
-        self.deleted: list[str] = []
-        self._shared: Any = None
+            raise ValueError("RetentionPolicy needs at least one rule: keep_last, keep_best, keep_every_n_steps, "
+                             "keep_tags or max_total_bytes")
+        self.dry_run = check_bool("dry_run", dry_run)
+        self.deleted: list[str] = []  # what retention deleted in the folder during the last fit
+        self._session: Any = None
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(dirpath=self.dirpath)
+        return compat.state_key(self, dirpath=self.dirpath)
 
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        shared = require_shared(trainer, self.dirpath, "RetentionPolicy")
-        self._shared = shared
-        if shared.remote:  # an s3:// dirpath: prune there, after each upload (rank 0 uploads)
-            if shared.primary is not None and not self.dry_run and self.rules not in shared.primary.extra_rules:
-                shared.primary.extra_rules.append(self.rules)
-            return
-        if self._after_commit not in shared.writer.on_commit:
-            shared.writer.on_commit.append(self._after_commit)
+        session = session_of(trainer, self.dirpath, "RetentionPolicy")
+        self._session = session
+        session.join(self)
+        self.deleted = session.retention_deleted
+        if not self.dry_run:  # several policies on one folder: a checkpoint stays when any of them keeps it
+            session.add_retention(self, self.rules)
 
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
-        shared, self._shared = self._shared, None
-        if shared is not None and shared.primary is not None and self.rules in shared.primary.extra_rules:
-            shared.primary.extra_rules.remove(self.rules)
-        if shared is not None and self._after_commit in shared.writer.on_commit:
-            shared.writer.on_commit.remove(self._after_commit)
+        session, self._session = self._session, None
+        if session is not None:
+            session.leave(self)
+            if session.primary is not None and self.rules in session.primary.extra_rules:
+                session.primary.extra_rules.remove(self.rules)
 
-    def _after_commit(self, result: Any) -> None:
-        shared = self._shared
-        if shared is None:  # commit hooks run where the folder is committed (rank 0, or each node-local folder's)
-            return
-        records = committed_records(shared.dirpath)
-        protected = shared.protected() | {result.name}
-        keep = plan_retention(records, self.rules, protected)
-        doomed = [r.name for r, k in zip(records, keep) if not k]
-        if not doomed:
+    def after_commit(self, result: Any) -> None:
+        session = self._session
+        if session is None:
             return
         if self.dry_run:
-            log.info("lightning_ckpt: retention (dry run) would delete %s", ", ".join(doomed))
-            return
-        self.deleted += shared.delete(doomed, reason="retention policy")
-
+            try:
+                doomed = plan_deletions(committed_records(session.dirpath), [self.rules],
+                                        session.protected() | {result.name})
+            except ValueError as e:
+                log.warning("lightning_ckpt: retention (dry run): %s", e)
+                return
+            if doomed:
+                log.info("lightning_ckpt: retention (dry run) would delete %s", ", ".join(doomed))

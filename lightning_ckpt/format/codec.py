@@ -41,6 +41,14 @@ def split_key(key: str) -> list[str]:
 
 
 _SAFE_TYPES: dict[str, type] = {"builtins.dict": dict, "argparse.Namespace": argparse.Namespace}
+# types a checkpoint may name that stand for a dict when their library is not loaded (Lightning's hparams type)
+_DICT_LIKE = {"lightning.fabric.utilities.data.AttributeDict"}
+
+
+def register_safe_type(t: type) -> None:
+    """Let decoding return the class ``t`` for a ``{"$type": ...}`` naming it (a class, never an instance: no code of
+    it runs). The Lightning layer registers Lightning's ``AttributeDict``, the type of ``hparams``."""
+    _SAFE_TYPES[_qualname(t)] = t
 
 
 def _qualname(t: type) -> str:
@@ -50,13 +58,8 @@ def _qualname(t: type) -> str:
 def _allowed_type(name: str) -> Any:
     if name in _SAFE_TYPES:
         return _SAFE_TYPES[name]
-    if name == "lightning.fabric.utilities.data.AttributeDict":
-        try:
-            from lightning.fabric.utilities.data import AttributeDict
-
-            return AttributeDict
-        except ImportError:  # pragma: no cover - lightning is a dependency
-            return dict
+    if name in _DICT_LIKE:
+        return dict
     return name
 
 

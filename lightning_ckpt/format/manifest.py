@@ -20,31 +20,29 @@ cover the whole file, so verifying them checks every byte.
 from __future__ import annotations
 
 import json
-import os
 import re
 from typing import Any
 
-from ..errors import CheckpointCorruptError, CheckpointFormatError, CheckpointNotFoundError
+from ..errors import CheckpointCorruptError, CheckpointFormatError
 
 FORMAT_NAME = "lightning_ckpt"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 LATEST = "latest.json"
-PARTIAL_PREFIX = ".partial-"
-TRASH_PREFIX = ".trash-"
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_.=+@,-]+$")
+MAX_NAME = 200
+
+
+def is_plain_name(name: Any) -> bool:
+    """A name that can only mean a direct child of a folder: letters, digits and ``_.=+@,-``, no leading dot."""
+    return (isinstance(name, str) and 0 < len(name) <= MAX_NAME and name not in (".", "..")
+            and not name.startswith(".") and bool(_SAFE_NAME.match(name)))
 
 
 def check_member_name(name: Any, where: str) -> str:
     """A file named by a manifest must be a plain name inside the checkpoint folder."""
-    if (
-        not isinstance(name, str)
-        or not name
-        or name in (".", "..")
-        or not _SAFE_NAME.match(name)
-        or name.startswith(".")
-    ):
+    if not is_plain_name(name):
         raise CheckpointCorruptError(
             f"{where} names a file {name!r} outside the checkpoint folder or with a forbidden name; "
             "the manifest is corrupt or hostile. Do not load this checkpoint; use an earlier one."
@@ -124,29 +122,13 @@ def validate_manifest(m: Any, where: str) -> dict:
     return m
 
 
-def read_manifest(path: str) -> dict:
-    """Read and validate ``<path>/manifest.json``. ``path`` is a checkpoint folder."""
-    mpath = os.path.join(path, MANIFEST)
-    if not os.path.isdir(path):
-        if os.path.exists(path):
-            raise CheckpointNotFoundError(
-                f"{path} is a file, not a lightning_ckpt checkpoint folder. Pass the folder that holds manifest.json."
-            )
-        raise CheckpointNotFoundError(f"no checkpoint at {path}: the folder does not exist")
-    if not os.path.isfile(mpath):
-        raise CheckpointNotFoundError(
-            f"{path} has no manifest.json, so it is not a committed checkpoint (it may be an interrupted save). "
-            "Use latest_checkpoint(dirpath) to find the newest complete one."
-        )
+def parse_manifest(raw: bytes, where: str) -> dict:
+    """Parse and validate the bytes of a ``manifest.json`` (``where`` names it in errors)."""
     try:
-        with open(mpath, "rb") as f:
-            raw = f.read(64 * 1024 * 1024 + 1)
-        if len(raw) > 64 * 1024 * 1024:
-            raise CheckpointCorruptError(f"{mpath} is larger than 64 MiB; refusing to parse it")
         m = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise CheckpointCorruptError(f"{mpath} is not valid JSON ({e}); the checkpoint is corrupt, use an earlier one") from None
-    return validate_manifest(m, mpath)
+        raise CheckpointCorruptError(f"{where} is not valid JSON ({e}); the checkpoint is corrupt, use an earlier one") from None
+    return validate_manifest(m, where)
 
 
 def dumps(m: dict) -> bytes:

@@ -1,9 +1,10 @@
 """Safetensors files written and read with checksums, without extra copies.
 
 A file is the standard safetensors layout (8-byte little-endian header length, a JSON header padded with spaces
-to 8 bytes, then the tensor bytes back to back), so ``safetensors.torch.load_file`` reads every file this module
-writes. Writing streams each tensor's memory straight to the file descriptor and computes a CRC32C of the header
-and of every tensor's bytes; the checksums of all regions together cover every byte of the file.
+to 8 bytes, then the tensor bytes back to back), so ``safetensors.torch.load_file`` reads every file this package
+writes. Encoding hands the store views of each tensor's memory (written straight to the file descriptor, no copy) and
+computes a CRC32C of the header and of every tensor's bytes; the checksums of all regions together cover every byte
+of the file. No I/O here except checking an open file against its record (``check_file``).
 """
 from __future__ import annotations
 
@@ -12,12 +13,12 @@ import os
 import struct
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 
 from ..errors import CheckpointCorruptError, CheckpointError
-from .checksum import crc32c
+from .checksum import crc32c, crc32c_combine
 
 DTYPE_TO_ST: dict[torch.dtype, str] = {
     torch.float64: "F64",
@@ -41,7 +42,6 @@ ST_TO_DTYPE: dict[str, torch.dtype] = {v: k for k, v in DTYPE_TO_ST.items()}
 
 # A header larger than this is refused before it is read (safetensors itself uses 100 MB).
 MAX_HEADER_BYTES = 100 * 1024 * 1024
-_WRITE_CHUNK = 1 << 30
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -106,7 +106,9 @@ class FileRecord:
     tensors: list[TensorRecord] = field(default_factory=list)
 
 
-def _header_bytes(items: Sequence[tuple[str, torch.dtype, Sequence[int], int]], metadata: dict | None) -> tuple[bytes, list[tuple[int, int]]]:
+def header_bytes(items: Sequence[tuple[str, torch.dtype, Sequence[int], int]], metadata: dict | None) -> tuple[bytes, list[tuple[int, int]]]:
+    """The safetensors header (length prefix + JSON padded to 8 bytes) of ``(name, dtype, shape, nbytes)`` items, and
+    each item's ``[begin, end)`` relative to the end of the header."""
     header: dict = {}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
@@ -124,77 +126,58 @@ def _header_bytes(items: Sequence[tuple[str, torch.dtype, Sequence[int], int]], 
     return struct.pack("<Q", len(raw)) + raw, offsets
 
 
-def _write_all(fd: int, mv: memoryview) -> None:
-    off, n = 0, len(mv)
-    while off < n:
-        off += os.write(fd, mv[off : off + _WRITE_CHUNK])
+@dataclass
+class EncodedFile:
+    """A file ready to be written: its bytes as ``pieces`` (views, no copies), and its record (checksums), which may
+    still be computed in another thread while the pieces are written."""
+
+    name: str
+    pieces: list
+    _finish: Callable[[], FileRecord]
+
+    def record(self) -> FileRecord:
+        return self._finish()
 
 
-def write_tensor_file(
-    path: str,
-    tensors: Sequence[tuple[str, torch.Tensor]],
-    metadata: dict | None = None,
-    *,
-    fsync: bool = True,
-    crc_executor: Executor | None = None,
-) -> FileRecord:
-    """Write ``tensors`` (CPU tensors) to ``path`` as a safetensors file and return its record.
-
-    With ``crc_executor`` the checksums are computed in that executor while the main thread writes, so the
-    checksum costs no wall time when the disk is the bottleneck.
-    """
+def encode_tensors(name: str, tensors: Sequence[tuple[str, torch.Tensor]], metadata: dict | None = None,
+                   crc_executor: Executor | None = None) -> EncodedFile:
+    """A safetensors file of ``tensors`` (CPU tensors). With ``crc_executor`` the checksums are computed in that
+    executor while the caller writes, so they cost no wall time when the disk is the bottleneck."""
     prepared = []
-    for name, t in tensors:
+    for tname, t in tensors:
         if t.device.type != "cpu":
             t = t.cpu()
         if t.layout != torch.strided:
-            raise CheckpointError(f"tensor {name!r} has layout {t.layout}; only dense tensors can be checkpointed")
+            raise CheckpointError(f"tensor {tname!r} has layout {t.layout}; only dense tensors can be checkpointed")
         if not t.is_contiguous():
             t = t.contiguous()
-        prepared.append((name, t))
-    header, offsets = _header_bytes([(n, t.dtype, t.shape, nbytes_of(t)) for n, t in prepared], metadata)
+        prepared.append((tname, t))
+    header, offsets = header_bytes([(n, t.dtype, t.shape, nbytes_of(t)) for n, t in prepared], metadata)
     views = [byte_view(t) for _, t in prepared]
     if crc_executor is not None:
         futures = [crc_executor.submit(crc32c, v) for v in views]
-        crcs = None
     else:
-        futures = None
         crcs = [crc32c(v) for v in views]
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        _write_all(fd, memoryview(header))
-        for v in views:
-            _write_all(fd, v)
-        if fsync:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-    if futures is not None:
-        crcs = [f.result() for f in futures]
-    base = len(header)
-    records = [
-        TensorRecord(name, dtype_name(t.dtype), [int(s) for s in t.shape], base + b, base + e, c)
-        for (name, t), (b, e), c in zip(prepared, offsets, crcs)
-    ]
-    return FileRecord(
-        name=os.path.basename(path),
-        size=base + (offsets[-1][1] if offsets else 0),
-        header_end=base,
-        header_crc32c=crc32c(header),
-        tensors=records,
-    )
+
+    def finish() -> FileRecord:
+        got = [f.result() for f in futures] if crc_executor is not None else crcs
+        base = len(header)
+        return FileRecord(
+            name=name,
+            size=base + (offsets[-1][1] if offsets else 0),
+            header_end=base,
+            header_crc32c=crc32c(header),
+            tensors=[TensorRecord(n, dtype_name(t.dtype), [int(s) for s in t.shape], base + b, base + e, c)
+                     for (n, t), (b, e), c in zip(prepared, offsets, got)],
+        )
+
+    return EncodedFile(name, [memoryview(header)] + views, finish)
 
 
-def write_bytes_file(path: str, data: bytes, *, fsync: bool = True) -> FileRecord:
-    """Write a small non-tensor file; its whole content is one checksummed region."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        _write_all(fd, memoryview(data))
-        if fsync:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-    return FileRecord(name=os.path.basename(path), size=len(data), header_end=len(data), header_crc32c=crc32c(data))
+def encode_bytes(name: str, data: bytes) -> EncodedFile:
+    """A small non-tensor file; its whole content is one checksummed region."""
+    rec = FileRecord(name=name, size=len(data), header_end=len(data), header_crc32c=crc32c(data))
+    return EncodedFile(name, [memoryview(data)], lambda: rec)
 
 
 def header_end_from_prefix(raw_prefix: bytes, file_size: int, where: str) -> int:
@@ -231,6 +214,48 @@ def readinto_exact(f, mv: memoryview, where: str) -> None:
         if not k:
             raise CheckpointCorruptError(f"{where} ended after {got} of {n} bytes: the file is truncated")
         got += k
+
+
+VERIFY_BLOCK = 64 << 20
+
+
+def check_file(f, entry: dict, where: str, progress=None, buf: memoryview | None = None) -> None:
+    """Check the open file ``f`` against its manifest ``entry``: size, safetensors header length, and the CRC32C of
+    every region (which together cover every byte). ``progress(n)`` is called after each block read."""
+    size = os.fstat(f.fileno()).st_size
+    if size != entry["size"]:
+        raise CheckpointCorruptError(f"{where} has {size} bytes where the manifest says {entry['size']}: the file was "
+                                     "truncated or replaced. Use an earlier checkpoint.")
+    if entry.get("tensors"):
+        f.seek(0)
+        if header_end_from_prefix(f.read(8), size, where) != entry["header_end"]:
+            raise CheckpointCorruptError(f"{where} has a header that does not match the manifest; it is corrupt")
+    if buf is None:
+        largest = max((e - b for b, e, _ in iter_regions(entry)), default=0)
+        buf = memoryview(bytearray(max(1, min(largest, VERIFY_BLOCK))))
+    block = len(buf)
+    for begin, end, expected in sorted(iter_regions(entry)):
+        f.seek(begin)
+        crc, left = 0, end - begin
+        while left:
+            k = f.readinto(buf[: min(left, block)])
+            if not k:
+                raise CheckpointCorruptError(f"{where} ended early; it is truncated")
+            crc = crc32c(buf[:k], crc)
+            left -= k
+            if progress is not None:
+                progress(k)
+        if crc != expected:
+            raise CheckpointCorruptError(f"{where}: checksum mismatch in bytes [{begin}, {end}); the file is corrupt. "
+                                         "Use an earlier checkpoint (latest_checkpoint skips corrupt ones).")
+
+
+def file_crc32c(entry: dict) -> int:
+    """The CRC32C of a whole file, from its manifest entry's region checksums (the regions tile the file)."""
+    crc = 0
+    for begin, end, region_crc in sorted(iter_regions(entry)):
+        crc = crc32c_combine(crc, region_crc, end - begin)
+    return crc
 
 
 def iter_regions(record_like: dict) -> Iterable[tuple[int, int, int]]:

@@ -9,6 +9,10 @@ from typing import Optional, Sequence
 from .conditions import Monitor
 
 
+class UnknownMonitorError(ValueError):
+    """A retention rule ranks by a metric that no checkpoint recorded (a typo would otherwise delete the best)."""
+
+
 @dataclass(frozen=True)
 class Record:
     """What retention needs to know about one committed checkpoint."""
@@ -104,11 +108,16 @@ class RetentionRules:
     keep_tags: Optional[tuple] = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.keep_tags, str):  # one tag, not its letters
+            object.__setattr__(self, "keep_tags", (self.keep_tags,))
+        elif isinstance(self.keep_tags, list):
+            object.__setattr__(self, "keep_tags", tuple(self.keep_tags))
         _positive_int("keep_last", self.keep_last)
         _positive_int("keep_best", self.keep_best)
         _positive_int("keep_every_n_steps", self.keep_every_n_steps)
         _positive_int("max_total_bytes", self.max_total_bytes)
-        if self.keep_tags is not None and (isinstance(self.keep_tags, str) or not all(isinstance(t, str) and t for t in self.keep_tags)):
+        if self.keep_tags is not None and (not isinstance(self.keep_tags, tuple) or not self.keep_tags
+                                           or not all(isinstance(t, str) and t for t in self.keep_tags)):
             raise ValueError(f"keep_tags={self.keep_tags!r} is invalid; give a list of tags such as ['best', 'preempt']")
         if self.keep_best is not None and not self.monitor:
             raise ValueError("keep_best is set but monitor is not; give the metric that ranks checkpoints, e.g. monitor='val_loss'")
@@ -136,11 +145,18 @@ def plan_retention(records: Sequence[Record], rules: RetentionRules, protected: 
     """``should_preserve`` for every record. Guarantees, whatever the rules:
 
     - the newest checkpoint (highest step, then latest commit) is kept;
-    - every checkpoint named in ``protected`` (resumed-from, current best-k, ...) is kept.
+    - every checkpoint named in ``protected`` (resumed-from, current best-k, ...) is kept;
+    - when ``keep_best`` ranks by a metric no checkpoint recorded, nothing is decided: :class:`UnknownMonitorError`.
     """
     n = len(records)
     if n == 0:
         return []
+    if rules.keep_best is not None and not any(rules.monitor in r.metrics for r in records):
+        recorded = sorted({k for r in records for k in r.metrics})
+        raise UnknownMonitorError(
+            f"keep_best ranks checkpoints by {rules.monitor!r}, which none of the {n} checkpoints recorded (they "
+            f"recorded: {', '.join(recorded) or 'no metrics'}); nothing was deleted. Fix monitor, or wait until a "
+            "checkpoint records it.")
     order = _order(records)
     forced = [records[i].name in protected for i in range(n)]
     forced[order[-1]] = True

@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from ..compat import is_sharded_tensor, shard_types, sharded_tensor_like
+
 
 class HostBuffers:
     def __init__(self, pin_memory: bool | None = None) -> None:
@@ -102,8 +104,7 @@ class HostBuffers:
         and whether any copy is asynchronous."""
         import copy
 
-        from torch.distributed._shard.metadata import ShardMetadata
-        from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
+        Shard, ShardMetadata = shard_types()
 
         def on_host(md: Any) -> Any:  # the same shard, placed on this rank's CPU (where its copy lives)
             return ShardMetadata(list(md.shard_offsets), list(md.shard_sizes), f"rank:{md.placement.rank()}/cpu")
@@ -116,20 +117,14 @@ class HostBuffers:
         meta = copy.deepcopy(t.metadata())
         meta.shards_metadata = [on_host(md) for md in meta.shards_metadata]
         meta.tensor_properties.pin_memory = bool(shards) and all(s.tensor.is_pinned() for s in shards)
-        return ShardedTensor._init_from_local_shards_and_global_metadata(
-            shards, meta, process_group=t._process_group, init_rrefs=False
-        ), any_async
+        return sharded_tensor_like(t, shards, meta), any_async
 
     def clear(self) -> None:
         self._buffers.clear()
 
 
 def _is_sharded_tensor(t: Any) -> bool:
-    try:
-        from torch.distributed._shard.sharded_tensor import ShardedTensor
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(t, ShardedTensor)
+    return is_sharded_tensor(t)
 
 
 def _as_dtensor(t: torch.Tensor):

@@ -163,15 +163,15 @@ def test_eviction_of_a_save_still_being_written_on_slow_storage(tmp_path, monkey
     still be deleted once a newer one is committed."""
     import time
 
-    import lightning_ckpt.writer.dcp_storage as dcp_storage
+    from lightning_ckpt.store.local import LocalTransaction
 
-    real = dcp_storage.write_tensor_file
+    real = LocalTransaction.write_tensors
 
     def slow(*a, **k):
         time.sleep(0.1)
         return real(*a, **k)
 
-    monkeypatch.setattr(dcp_storage, "write_tensor_file", slow)
+    monkeypatch.setattr(LocalTransaction, "write_tensors", slow)
     values = {2: 0.5, 4: 0.25, 6: 0.125, 8: 0.0625}  # each one evicts the previous
     cb = BestMetricCheckpoint(str(tmp_path), monitor="score", top_k=1)
     trainer([cb], max_steps=8).fit(scripted(values), data())

@@ -211,15 +211,15 @@ def test_previous_best_deleted_on_slow_storage(tmp_path, monkeypatch):
     must still be deleted once the new one is committed."""
     import time
 
-    import lightning_ckpt.writer.dcp_storage as dcp_storage
+    from lightning_ckpt.store.local import LocalTransaction
 
-    real = dcp_storage.write_tensor_file
+    real = LocalTransaction.write_tensors
 
     def slow(*a, **k):
         time.sleep(0.1)
         return real(*a, **k)
 
-    monkeypatch.setattr(dcp_storage, "write_tensor_file", slow)
+    monkeypatch.setattr(LocalTransaction, "write_tensors", slow)
     es = EarlyStopAndSave(str(tmp_path), monitor="score", patience=5, restore_best_weights=False)
     trainer([es], max_steps=8).fit(scripted({2: 0.5, 4: 0.25, 6: 0.125, 8: 0.0625}), data())
     assert [(c.step, c.tags) for c in list_checkpoints(str(tmp_path))] == [(8, ["best"])]

@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-import lightning_ckpt.writer.dcp_storage as dcp_storage
+from lightning_ckpt.store.local import LocalTransaction
 from lightning_ckpt import (
     CheckpointWriteError,
     LightningCkptIO,
@@ -112,16 +112,16 @@ def test_async_host_buffers_are_reused(tmp_path):
 
 
 def test_background_failure_is_raised_and_earlier_checkpoints_survive(tmp_path, monkeypatch, caplog):
-    real = dcp_storage.write_tensor_file
+    real = LocalTransaction.write_tensors
     calls = {"n": 0}
 
-    def flaky(path, *a, **k):
-        if "step=000004" in path:
+    def flaky(tx, *a, **k):
+        if "step=000004" in tx.path:
             raise OSError(errno.ENOSPC, "No space left on device")
         calls["n"] += 1
-        return real(path, *a, **k)
+        return real(tx, *a, **k)
 
-    monkeypatch.setattr(dcp_storage, "write_tensor_file", flaky)
+    monkeypatch.setattr(LocalTransaction, "write_tensors", flaky)
     cb = PeriodicCheckpoint(str(tmp_path), every_n_train_steps=2, async_save=True, save_on_train_end=False)
     with caplog.at_level(logging.ERROR, logger="lightning_ckpt"), pytest.raises(CheckpointWriteError, match="No space left"):
         trainer([cb], max_steps=8).fit(DemoModel(), data())

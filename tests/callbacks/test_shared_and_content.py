@@ -17,6 +17,7 @@ from lightning_ckpt import (
     list_checkpoints,
     load_checkpoint,
     load_weights,
+    verify_checkpoint,
 )
 from lightning_ckpt.demo import DemoDataModule, DemoModel
 
@@ -126,11 +127,19 @@ def test_different_dirpaths_save_independently(tmp_path, save_calls):
     assert sorted((os.path.basename(d), s) for d, s, _ in save_calls) == [("a", 2), ("a", 4), ("a", 6), ("b", 3), ("b", 6)]
 
 
-def test_callbacks_on_one_folder_with_different_async_save_raise(tmp_path):
-    p1 = PeriodicCheckpoint(str(tmp_path), every_n_train_steps=2, async_save=True)
-    p2 = BestMetricCheckpoint(str(tmp_path), monitor="val_loss", async_save=False)
-    with pytest.raises(ValueError, match="async_save"):
-        trainer([p1, p2], max_steps=2).fit(DemoModel(), data())
+def test_callbacks_on_one_folder_differing_only_in_async_save_or_fsync_work(tmp_path):
+    """async_save and fsync are per callback: a synchronous save is written before its hook returns, and the folder
+    gets the stronger durability. Only true conflicts (two name templates) are errors."""
+    p1 = PeriodicCheckpoint(str(tmp_path), every_n_train_steps=2, async_save=True, fsync=False)
+    p2 = BestMetricCheckpoint(str(tmp_path), monitor="train_loss", every_n_train_steps=2, async_save=False)
+    trainer([p1, p2], max_steps=4).fit(DemoModel(), data())
+    assert [c.step for c in list_checkpoints(str(tmp_path))] == [2, 4]
+    for c in list_checkpoints(str(tmp_path)):
+        verify_checkpoint(c.path)
+    p3 = PeriodicCheckpoint(str(tmp_path / "b"), every_n_train_steps=2, name_template="s{step}")
+    p4 = BestMetricCheckpoint(str(tmp_path / "b"), monitor="train_loss", name_template="best-{step}")
+    with pytest.raises(ValueError, match="name_template"):
+        trainer([p3, p4], max_steps=2).fit(DemoModel(), data())
 
 
 # --------------------------------------------------------------------------- content

@@ -34,29 +34,27 @@ class FailInSave(pl.Callback):
             return
         import time
 
-        import lightning_ckpt.writer.dcp_storage as s
+        from lightning_ckpt.store.local import LocalTransaction
 
         if self.how == "slow":  # every commit of this rank (rank 0 commits) takes two seconds longer
-            import lightning_ckpt.writer.writer as w
+            real_commit = LocalTransaction.commit
 
-            real_commit = w._SaveJob._commit
-
-            def slow_commit(job, *a, **k):
+            def slow_commit(tx, *a, **k):
                 time.sleep(2.0)
-                return real_commit(job, *a, **k)
+                return real_commit(tx, *a, **k)
 
-            w._SaveJob._commit = slow_commit
+            LocalTransaction.commit = slow_commit
             return
-        real, target = s.write_tensor_file, f"step={self.step:06d}"
+        real, target = LocalTransaction.write_tensors, f"step={self.step:06d}"
 
-        def failing(path, *a, **k):
-            if target in path:
+        def failing(tx, *a, **k):
+            if target in tx.path:
                 if self.how == "die":
                     os._exit(17)
                 time.sleep(600)
-            return real(path, *a, **k)
+            return real(tx, *a, **k)
 
-        s.write_tensor_file = failing
+        LocalTransaction.write_tensors = failing
 
 
 def main() -> None:

@@ -51,14 +51,12 @@ import boto3.s3.transfer  # noqa: E402,F401
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402,F401
 
-import lightning_ckpt.callbacks.base as base_mod  # noqa: E402
-import lightning_ckpt.format.tensorfile as tensorfile  # noqa: E402
-import lightning_ckpt.storage.local as local_mod  # noqa: E402
-import lightning_ckpt.storage.s3 as s3_mod  # noqa: E402
-import lightning_ckpt.writer.dcp_storage as dcp_storage  # noqa: E402
-import lightning_ckpt.writer.writer as writer_mod  # noqa: E402
+import lightning_ckpt.store.fs as store_fs  # noqa: E402
+import lightning_ckpt.store.local as store_local  # noqa: E402
+import lightning_ckpt.store.s3 as store_s3  # noqa: E402
 from lightning_ckpt import BackupToS3, PeriodicCheckpoint, RetentionPolicy, latest_checkpoint, resume_path  # noqa: E402
-from lightning_ckpt.checkpoints import read_checkpoint_manifest  # noqa: E402
+from lightning_ckpt.read import read_checkpoint_manifest  # noqa: E402
+from lightning_ckpt.writer.meta import run_info  # noqa: E402
 from lightning_ckpt.demo import DemoDataModule, DemoModel  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -198,125 +196,123 @@ class KillPoints:
         time.sleep(60)  # never reached
 
 
-class _Proxy:
-    """A stand-in for a module or object: the given attributes replaced, everything else passed through."""
-
-    def __init__(self, target, **overrides) -> None:
-        object.__setattr__(self, "_target", target)
-        for k, v in overrides.items():
-            object.__setattr__(self, k, v)
-
-    def __getattr__(self, name):
-        return getattr(object.__getattribute__(self, "_target"), name)
-
-
 def _ckpt_name_of(path: str) -> str:
-    """``.../.partial-step=000007-<writer id>-<seq>/x`` or ``.../step=000007[/x]`` -> ``step=000007``."""
-    parts = os.path.normpath(path).split(os.sep)
-    for part in reversed(parts):
-        if part.startswith(".partial-"):
-            rest = part[len(".partial-"):]
-            return rest.rsplit("-", 2)[0]
-        if part.startswith(".trash-"):
-            return part[len(".trash-"):].rsplit("-", 1)[0]
+    """``.../.partial-step=000007~<owner>~<id>/x``, ``.../.trash-step=000007~...`` or ``.../step=000007[/x]`` ->
+    ``step=000007``."""
+    for part in reversed(os.path.normpath(path).split(os.sep)):
+        for prefix in (".partial-", ".trash-"):
+            if part.startswith(prefix):
+                return part[len(prefix):].split("~", 1)[0]
         if part.startswith("step="):
             return part
     return ""
 
 
+def _name_of_key(key: str) -> str:
+    return key.rsplit("/", 2)[-2] if key.count("/") >= 1 else ""
+
+
 def install_kill_points(kp: KillPoints) -> None:
-    """Wrap the functions each phase goes through (only in the forked child)."""
-    # -- write: shard and state files inside the .partial folder
-    real_write_all = tensorfile._write_all
+    """Wrap the store's methods that each phase goes through (only in the forked child): the filesystem calls of
+    ``store.local.OPS``, the local store and transaction, and the S3 store and transaction. Nothing else is patched:
+    the kills land exactly where the one commit protocol and deletion path run."""
+    ops = store_fs.OPS
 
-    def write_all(fd, mv):
-        n = kp.claim("write.mid_file")
-        if n:
-            path = os.readlink(f"/proc/self/fd/{fd}")
-            half = len(mv) // 2
-            if half:
-                os.write(fd, bytes(mv[:half]))
-            kp.die("write.mid_file", n, path=path, name=_ckpt_name_of(path), bytes_written=half, of=len(mv))
-        return real_write_all(fd, mv)
+    # -- write: shard and state files inside the .partial folder (OPS.write_all), each file complete
+    real_write_all = ops.write_all
 
-    tensorfile._write_all = write_all
+    def write_all(fd, data):
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        in_partial = "/.partial-" in path
+        if in_partial and not path.endswith("/manifest.json"):
+            n = kp.claim("write.mid_file")
+            if n:
+                mv = memoryview(data).cast("B")
+                half = len(mv) // 2
+                if half:
+                    os.write(fd, bytes(mv[:half]))
+                kp.die("write.mid_file", n, path=path, name=_ckpt_name_of(path), bytes_written=half, of=len(mv))
+        elif in_partial:  # the manifest, written last into the partial folder
+            n = kp.claim("commit.mid_manifest")
+            if n:
+                mv = memoryview(data).cast("B")
+                os.write(fd, bytes(mv[: len(mv) // 2]))
+                kp.die("commit.mid_manifest", n, path=path, name=_ckpt_name_of(path), bytes_written=len(mv) // 2,
+                       of=len(mv))
+        return real_write_all(fd, data)
 
-    def after_file(real):
-        def wrapped(path, *a, **kw):
-            rec = real(path, *a, **kw)
-            kp.hit("write.after_file", path=path, name=_ckpt_name_of(path))
-            return rec
-        return wrapped
+    ops.write_all = write_all
 
-    dcp_storage.write_tensor_file = after_file(dcp_storage.write_tensor_file)
-    dcp_storage.write_bytes_file = after_file(dcp_storage.write_bytes_file)
+    real_write_file = store_local.LocalTransaction.write_file
 
-    # -- commit: manifest (the only os.write in writer.py), rename (the only os.rename there), latest.json
-    real_mf = writer_mod.mf
+    def write_file(tx, encoded):
+        rec = real_write_file(tx, encoded)
+        kp.hit("write.after_file", path=tx.file(encoded.name), name=tx.name)
+        return rec
 
-    def validate_manifest(m, where):
-        kp.hit("commit.before_manifest", name=m.get("name", "") if isinstance(m, dict) else "")
-        return real_mf.validate_manifest(m, where)
+    store_local.LocalTransaction.write_file = write_file
 
-    writer_mod.mf = _Proxy(real_mf, validate_manifest=validate_manifest)
+    # -- commit: the transaction's commit (manifest, rename), then latest.json
+    real_commit = store_local.LocalTransaction.commit
 
-    def w_write(fd, data):
-        n = kp.claim("commit.mid_manifest")
-        if n:
-            path = os.readlink(f"/proc/self/fd/{fd}")
-            os.write(fd, bytes(data[: len(data) // 2]))
-            kp.die("commit.mid_manifest", n, path=path, name=_ckpt_name_of(path), bytes_written=len(data) // 2, of=len(data))
-        return os.write(fd, data)
+    def commit(tx, manifest, **kw):
+        if manifest is not None:
+            kp.hit("commit.before_manifest", name=tx.name)
+        return real_commit(tx, manifest, **kw)
 
-    def w_rename(src, dst):
-        kp.hit("commit.before_rename", path=src, name=_ckpt_name_of(dst))
-        os.rename(src, dst)
-        kp.hit("commit.after_rename", path=dst, name=_ckpt_name_of(dst))
+    store_local.LocalTransaction.commit = commit
 
-    writer_mod.os = _Proxy(os, write=w_write, rename=w_rename)
+    real_rename = ops.rename
 
-    real_atomic = writer_mod.atomic_write_bytes
+    def rename(src, dst):
+        if "/.partial-" in src:
+            kp.hit("commit.before_rename", path=src, name=_ckpt_name_of(dst))
+            real_rename(src, dst)
+            kp.hit("commit.after_rename", path=dst, name=_ckpt_name_of(dst))
+            return
+        real_rename(src, dst)
+        if "/.trash-" in dst:
+            kp.hit("retention.after_trash", path=dst, name=_ckpt_name_of(dst))
+
+    ops.rename = rename
+
+    real_publish = store_local.LocalStore.publish_latest
     in_latest = threading.local()
 
-    def atomic_write_bytes(path, data, **kw):
-        name = json.loads(data).get("name", "") if path.endswith("latest.json") else ""
-        kp.hit("commit.before_latest", path=path, name=name)
+    def publish_latest(store, doc):
+        name = doc.get("name", "")
+        kp.hit("commit.before_latest", path=store.root, name=name)
         in_latest.name = name
         try:
-            real_atomic(path, data, **kw)
+            real_publish(store, doc)
         finally:
             in_latest.name = None
-        kp.hit("commit.after_latest", path=path, name=name)
+        kp.hit("commit.after_latest", path=store.root, name=name)
 
-    writer_mod.atomic_write_bytes = atomic_write_bytes
+    store_local.LocalStore.publish_latest = publish_latest
 
-    def l_replace(src, dst):
+    real_replace = ops.replace
+
+    def replace(src, dst):
         name = getattr(in_latest, "name", None)
-        if name is not None:
+        if name is not None and dst.endswith("latest.json"):
             kp.hit("commit.mid_latest", path=src, name=name)
-        return os.replace(src, dst)
+        return real_replace(src, dst)
 
-    local_mod.os = _Proxy(os, replace=l_replace)
+    ops.replace = replace
 
-    # -- retention: rename to .trash-*, then a background removal
-    real_delete = base_mod._Shared.delete
+    # -- retention: out of the listing (a rename to .trash-*), then a background removal
+    real_trash = store_local.LocalStore.trash
 
-    def delete(self, names, reason):
-        names = list(names)
-        if names:
-            kp.hit("retention.before_trash", names=names, name=names[0])
-        return real_delete(self, names, reason)
+    def trash(store, name):
+        kp.hit("retention.before_trash", names=[name], name=name)
+        return real_trash(store, name)
 
-    base_mod._Shared.delete = delete
+    store_local.LocalStore.trash = trash
 
-    def b_rename(src, dst):
-        os.rename(src, dst)
-        kp.hit("retention.after_trash", path=dst, name=_ckpt_name_of(dst))
+    real_purge = store_local.LocalStore.purge
 
-    base_mod.os = _Proxy(os, rename=b_rename)
-    real_remove = base_mod.remove_tree
-
-    def remove_tree(path):
+    def purge(store, path):
         kp.hit("retention.before_remove", path=path, name=_ckpt_name_of(path))
         n = kp.claim("retention.mid_remove")
         if n:
@@ -325,58 +321,60 @@ def install_kill_points(kp: KillPoints) -> None:
             for f in gone:  # what rmtree does, interrupted half way
                 os.unlink(os.path.join(path, f))
             kp.die("retention.mid_remove", n, path=path, name=_ckpt_name_of(path), removed=gone)
-        return real_remove(path)
+        return real_purge(store, path)
 
-    base_mod.remove_tree = remove_tree
+    store_local.LocalStore.purge = purge
 
-    # -- upload: data objects (parallel), manifest.json, latest.json; S3 retention's deletes; restore's downloads
-    real_client = s3_mod._client
+    # -- upload: data objects (parallel), manifest.json (the commit on S3), latest.json; S3 retention; restore
+    real_put = store_s3.S3Transaction.put_file
 
-    def client():
-        c = real_client()
+    def put_file(tx, fname, path, progress=None, metadata=None):
+        key = tx.store.key(tx.name, fname)
+        kp.hit("upload.before_object", key=key, name=tx.name)
+        n = kp.claim("upload.mid_object")
 
-        def upload_file(Filename, Bucket, Key, ExtraArgs=None, Callback=None, Config=None):
-            name = Key.rsplit("/", 2)[-2] if Key.count("/") >= 1 else ""
-            if Key.endswith("/manifest.json"):
-                kp.hit("upload.before_manifest", key=Key, name=name)
-                c.upload_file(Filename, Bucket, Key, ExtraArgs=ExtraArgs, Callback=Callback, Config=Config)
-                kp.hit("upload.after_manifest", key=Key, name=name)
-                return None
-            kp.hit("upload.before_object", key=Key, name=name)
-            n = kp.claim("upload.mid_object")
+        def die_mid_upload(nbytes, _n=n):  # s3transfer calls it as the request body is read and sent
+            kp.die("upload.mid_object", _n, key=key, name=tx.name, sent=nbytes)
 
-            def die_mid_upload(nbytes, _n=n):  # s3transfer calls it as the request body is read and sent
-                kp.die("upload.mid_object", _n, key=Key, name=name, sent=nbytes)
+        real_put(tx, fname, path, die_mid_upload if n else progress, metadata)
+        kp.hit("upload.after_object", key=key, name=tx.name)
 
-            c.upload_file(Filename, Bucket, Key, ExtraArgs=ExtraArgs, Callback=die_mid_upload if n else Callback,
-                          Config=Config)
-            kp.hit("upload.after_object", key=Key, name=name)
-            return None
+    store_s3.S3Transaction.put_file = put_file
 
-        def put_object(**kw):
-            out = c.put_object(**kw)
-            if str(kw.get("Key", "")).endswith("latest.json"):
-                body = kw.get("Body", b"{}")
-                kp.hit("upload.after_latest", key=kw["Key"], name=json.loads(body).get("name", ""))
-            return out
+    real_s3_commit = store_s3.S3Transaction.commit
 
-        def delete_object(**kw):
-            key = str(kw.get("Key", ""))
-            name = key.rsplit("/", 2)[-2] if key.count("/") >= 1 else ""
-            kp.hit("retention.s3_before_delete", key=key, name=name)
-            out = c.delete_object(**kw)
-            kp.hit("retention.s3_after_manifest", key=key, name=name)
-            return out
+    def s3_commit(tx, manifest, **kw):
+        kp.hit("upload.before_manifest", key=tx.store.key(tx.name, "manifest.json"), name=tx.name)
+        out = real_s3_commit(tx, manifest, **kw)
+        kp.hit("upload.after_manifest", key=tx.store.key(tx.name, "manifest.json"), name=tx.name)
+        return out
 
-        def download_file(Bucket, Key, Filename, *a, **kw):
-            c.download_file(Bucket, Key, Filename, *a, **kw)
-            kp.hit("restore.after_download", key=Key, name=Key.rsplit("/", 2)[-2] if Key.count("/") >= 1 else "",
-                   path=Filename)
+    store_s3.S3Transaction.commit = s3_commit
 
-        return _Proxy(c, upload_file=upload_file, put_object=put_object, delete_object=delete_object,
-                      download_file=download_file)
+    real_s3_publish = store_s3.S3Store.publish_latest
 
-    s3_mod._client = client
+    def s3_publish(store, doc):
+        real_s3_publish(store, doc)
+        kp.hit("upload.after_latest", key=store.key("latest.json"), name=doc.get("name", ""))
+
+    store_s3.S3Store.publish_latest = s3_publish
+
+    real_uncommit = store_s3.S3Store.uncommit
+
+    def uncommit(store, name):
+        kp.hit("retention.s3_before_delete", key=store.key(name, "manifest.json"), name=name)
+        real_uncommit(store, name)
+        kp.hit("retention.s3_after_manifest", key=store.key(name, "manifest.json"), name=name)
+
+    store_s3.S3Store.uncommit = uncommit
+
+    real_download = store_s3.S3Store.download
+
+    def download(store, key, dest, progress=None):
+        real_download(store, key, dest, progress)
+        kp.hit("restore.after_download", key=key, name=_name_of_key(key), path=dest)
+
+    store_s3.S3Store.download = download
 
 
 # ------------------------------------------------------------------------------------------------ child bodies
@@ -571,7 +569,7 @@ def fork_and_wait(body, cmd: dict) -> dict:
 
 
 def main() -> None:
-    writer_mod.run_info()  # computed once here, not in every child (it runs `git`)
+    run_info()  # computed once here, not in every child (it runs `git`)
     out = sys.stdout
     out.write(json.dumps({"ready": True, "pid": os.getpid(), "threads": _os_threads()}) + "\n")
     out.flush()
@@ -586,7 +584,7 @@ def main() -> None:
         try:
             if op == "env":  # the S3 server's address and credentials, known once it is up
                 os.environ.update(cmd["env"])
-                s3_mod._client()  # warm boto3's loaded service model, which every child would otherwise load again
+                store_s3.client()  # warm boto3's loaded service model, which every child would otherwise load again
                 rep = {"outcome": "ok"}
             elif op == "trial":
                 rep = fork_and_wait(child_trial, cmd)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
 from concurrent.futures import ThreadPoolExecutor
 
@@ -14,12 +15,26 @@ from lightning_ckpt import CheckpointCorruptError, CheckpointError
 from lightning_ckpt.format.checksum import crc32c
 from lightning_ckpt.format.tensorfile import (
     DTYPE_TO_ST,
+    encode_bytes,
+    encode_tensors,
     header_end_from_prefix,
     iter_regions,
     read_header,
-    write_bytes_file,
-    write_tensor_file,
 )
+from lightning_ckpt.store.fs import OPS
+
+
+def write_tensor_file(path, tensors, metadata=None, crc_executor=None):
+    """Encode and write a safetensors file the way a store transaction does; returns its record."""
+    enc = encode_tensors(os.path.basename(path), tensors, metadata, crc_executor)
+    OPS.write_file(path, enc.pieces, fsync=False)
+    return enc.record()
+
+
+def write_bytes_file(path, data):
+    enc = encode_bytes(os.path.basename(path), data)
+    OPS.write_file(path, enc.pieces, fsync=False)
+    return enc.record()
 
 
 def sample(dtype: torch.dtype, shape=(3, 5)) -> torch.Tensor:

@@ -20,10 +20,11 @@ from typing import Callable, Optional
 import torch
 
 from ..errors import CheckpointCorruptError, CheckpointError
-from ..format import manifest as mf
 from ..format.checksum import crc32c
 from ..format.codec import split_key
-from ..format.tensorfile import _header_bytes, _write_all, byte_view, dtype_from_name, dtype_name, readinto_exact
+from ..format.tensorfile import byte_view, dtype_from_name, dtype_name, header_bytes, readinto_exact
+from ..store import LocalStore, locate
+from ..store.fs import OPS, open_member
 
 _WRAPPER_PREFIXES = ("_forward_module.", "module.", "_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -96,6 +97,17 @@ def _plan(m: dict, dtype: Optional[torch.dtype]) -> list[tuple[str, str, torch.d
     return out
 
 
+def output_path(out: object) -> str:
+    """Where a merge writes: ``out`` itself, or ``out/model.safetensors`` when ``out`` is a folder (an existing one, or
+    a path written with a trailing slash)."""
+    p = os.fspath(out)  # type: ignore[arg-type]
+    if not p:
+        raise ValueError("the output path is empty; give a file such as export/model.safetensors or a folder")
+    if p.endswith(os.sep) or os.path.isdir(p):
+        p = os.path.join(p, "model.safetensors")
+    return os.path.abspath(p)
+
+
 def merge_checkpoint(
     path: str,
     out_path: str,
@@ -109,8 +121,8 @@ def merge_checkpoint(
 
     Args:
         path: checkpoint folder (any world size, any mode).
-        out_path: output file (``.../model.safetensors``); with sharding, its folder receives the shards and
-            ``model.safetensors.index.json``.
+        out_path: output file (``.../model.safetensors``), or a folder to write ``model.safetensors`` into; with
+            sharding, its folder receives the shards and ``model.safetensors.index.json``.
         dtype: convert floating-point tensors (``"bf16"``, ``torch.float16``, ...); ``None`` keeps them.
         max_shard_bytes: split the output above this size (``"5GB"``); ``None`` writes one file.
         verify: check the CRC32C of every chunk read.
@@ -119,11 +131,10 @@ def merge_checkpoint(
     t0 = time.perf_counter()
     dtype = parse_dtype(dtype)
     limit = parse_size(max_shard_bytes)
-    from ..storage.s3 import fetch_checkpoint, is_s3_uri
-
-    if is_s3_uri(path):  # download into the local cache; every byte is verified as it is merged
-        path = fetch_checkpoint(str(path))
-    m = mf.read_manifest(os.fspath(path))
+    store, ckpt_name = locate(path)
+    got = store.read_manifest(ckpt_name)
+    m = got[0]
+    path = store.local_folder(ckpt_name, None, got)  # on S3: the local read cache; every byte is verified as it is merged
     plan = _plan(m, dtype)
     if not plan:
         raise CheckpointError(f"{path} holds no model weights (kind {m.get('kind')!r}); nothing to merge")
@@ -138,9 +149,9 @@ def merge_checkpoint(
             size = 0
         shards[-1].append(i)
         size += n
-    out_path = os.fspath(out_path)
-    out_dir = os.path.dirname(os.path.abspath(out_path))
-    os.makedirs(out_dir, exist_ok=True)
+    out_path = output_path(out_path)
+    out_dir = os.path.dirname(out_path)
+    out = LocalStore(out_dir)
     if len(shards) == 1:
         names = [out_path]
     else:
@@ -152,36 +163,35 @@ def merge_checkpoint(
     readers: dict[str, object] = {}
     try:
         for fname, idxs in zip(names, shards):
-            header, offsets = _header_bytes([(plan[i][0], plan[i][2], plan[i][3], nbytes[i]) for i in idxs], {"format": "pt"})
-            tmp = fname + ".tmp"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            header, offsets = header_bytes([(plan[i][0], plan[i][2], plan[i][3], nbytes[i]) for i in idxs], {"format": "pt"})
             tensor_sums = {}
-            try:
-                _write_all(fd, memoryview(header))
-                # two stages: a reader thread assembles (and verifies) tensor i+1 while this thread writes tensor i
-                with cf.ThreadPoolExecutor(1, thread_name_prefix="lightning_ckpt-merge") as ex:
-                    nxt = ex.submit(_assemble, path, m, plan[idxs[0]][1], readers, verify) if idxs else None
-                    for j, (i, (b, e)) in enumerate(zip(idxs, offsets)):
-                        name, key, out_dtype, shape = plan[i]
-                        t, src_crc = nxt.result()
-                        nxt = ex.submit(_assemble, path, m, plan[idxs[j + 1]][1], readers, verify) if j + 1 < len(idxs) else None
-                        # held at once: this tensor (and its converted copy) plus the next one being read
-                        peak = max(peak, t.numel() * t.element_size() * (2 if t.dtype != out_dtype else 1)
-                                   + (nbytes[idxs[j + 1]] if j + 1 < len(idxs) else 0))
-                        if t.dtype != out_dtype:
-                            t, src_crc = t.to(out_dtype), None
-                        mv = byte_view(t)
-                        _write_all(fd, mv)
-                        crc = src_crc if (src_crc is not None and verify) else crc32c(mv)
-                        tensor_sums[name] = {"begin": len(header) + b, "end": len(header) + e, "crc32c": crc}
-                        done += nbytes[i]
-                        del t, mv
-                        if progress is not None:
-                            progress(done, total)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, fname)
+            with out.replacing(os.path.basename(fname)) as tmp:  # the output appears whole or not at all
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                try:
+                    OPS.write_all(fd, header)
+                    # two stages: a reader thread assembles (and verifies) tensor i+1 while this thread writes tensor i
+                    with cf.ThreadPoolExecutor(1, thread_name_prefix="lightning_ckpt-merge") as ex:
+                        nxt = ex.submit(_assemble, path, m, plan[idxs[0]][1], readers, verify) if idxs else None
+                        for j, (i, (b, e)) in enumerate(zip(idxs, offsets)):
+                            name, key, out_dtype, shape = plan[i]
+                            t, src_crc = nxt.result()
+                            nxt = ex.submit(_assemble, path, m, plan[idxs[j + 1]][1], readers, verify) if j + 1 < len(idxs) else None
+                            # held at once: this tensor (and its converted copy) plus the next one being read
+                            peak = max(peak, t.numel() * t.element_size() * (2 if t.dtype != out_dtype else 1)
+                                       + (nbytes[idxs[j + 1]] if j + 1 < len(idxs) else 0))
+                            if t.dtype != out_dtype:
+                                t, src_crc = t.to(out_dtype), None
+                            mv = byte_view(t)
+                            OPS.write_all(fd, mv)
+                            crc = src_crc if (src_crc is not None and verify) else crc32c(mv)
+                            tensor_sums[name] = {"begin": len(header) + b, "end": len(header) + e, "crc32c": crc}
+                            done += nbytes[i]
+                            del t, mv
+                            if progress is not None:
+                                progress(done, total)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
             checksums["files"][os.path.basename(fname)] = {
                 "size": os.path.getsize(fname), "header_end": len(header), "header_crc32c": crc32c(header), "tensors": tensor_sums,
             }
@@ -192,12 +202,11 @@ def merge_checkpoint(
     if len(names) > 1:
         index_path = os.path.join(out_dir, os.path.basename(out_path).removesuffix(".safetensors") + ".safetensors.index.json")
         weight_map = {plan[i][0]: os.path.basename(fname) for fname, idxs in zip(names, shards) for i in idxs}
-        with open(index_path, "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
-    checksums["source"] = {"path": os.path.abspath(os.fspath(path)), "step": m.get("step"), "name": m.get("name")}
+        out.write_atomic(os.path.basename(index_path),
+                         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1).encode())
+    checksums["source"] = {"path": store.path(ckpt_name), "step": m.get("step"), "name": m.get("name")}
     checksums_path = out_path + ".checksums.json"
-    with open(checksums_path, "w") as f:
-        json.dump(checksums, f, indent=1)
+    out.write_atomic(os.path.basename(checksums_path), json.dumps(checksums, indent=1).encode())
     return MergeResult(names, index_path, checksums_path, len(plan), total, time.perf_counter() - t0, peak)
 
 
@@ -222,13 +231,7 @@ def _assemble(path: str, m: dict, key: str, readers: dict, verify: bool) -> tupl
         where = os.path.join(path, c["file"])
         f = readers.get(c["file"])
         if f is None:
-            try:
-                f = open(where, "rb", buffering=0)
-            except FileNotFoundError:
-                raise CheckpointCorruptError(f"{where} is missing; the checkpoint is incomplete") from None
-            size = os.fstat(f.fileno()).st_size
-            if size != entry["size"]:
-                raise CheckpointCorruptError(f"{where} has {size} bytes where the manifest says {entry['size']}")
+            f = os.fdopen(open_member(path, c["file"], entry["size"]), "rb", buffering=0)
             if verify and crc32c(f.read(entry["header_end"])) != entry["header_crc32c"]:
                 raise CheckpointCorruptError(f"{where}: checksum mismatch in the header; the file is corrupt")
             readers[c["file"]] = f

@@ -1,5 +1,8 @@
 """Hyperparameter search with Optuna (SQLite storage) where every trial checkpoints and a killed study resumes.
 
+One cohesive thing (hence over 400 lines): the study runner, its trial bookkeeping and its retention act on the same
+Optuna storage and folders under one lock.
+
 Layout under ``root_dir``::
 
     study.db                      Optuna's SQLite storage (default ``storage``)
@@ -32,13 +35,10 @@ Example::
 """
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import math
 import os
-import shutil
-import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Optional
 
@@ -50,10 +50,14 @@ try:
 except ImportError as _e:  # pragma: no cover - exercised only without the extra
     raise ImportError("lightning_ckpt.hpo needs optuna: pip install 'lightning-ckpt[hpo]'") from _e
 
-from .callbacks import BestMetricCheckpoint, PeriodicCheckpoint
-from .callbacks.base import metric_value
-from .checkpoints import latest_checkpoint, list_checkpoints
-from .merge import merge_checkpoint
+from ..callbacks import BestMetricCheckpoint, PeriodicCheckpoint
+from ..callbacks.base import metric_value
+from ..errors import CheckpointError
+from ..read import latest_checkpoint, list_checkpoints
+from ..store import LocalStore
+from ..store.fs import OPS, read_member
+from ..store.lock import FolderBusyError
+from ..tools.merge import merge_checkpoint
 
 log = logging.getLogger("lightning_ckpt")
 
@@ -62,7 +66,7 @@ RESUMES_ATTR = "lightning_ckpt.resumes_trial"  # user attr: number of the interr
 INTERRUPTED_ATTR = "lightning_ckpt.interrupted"  # user attr: the trial was interrupted (killed, Ctrl-C), not failed
 
 
-class StudyLockedError(RuntimeError):
+class StudyLockedError(FolderBusyError, RuntimeError):
     """Another live process is already running :meth:`CheckpointedStudy.optimize` on the same ``root_dir``."""
 
 
@@ -227,10 +231,10 @@ class CheckpointedStudy:
         ``key``, ``params``, ``value``, ``checkpoint`` (its best committed checkpoint) and ``model`` (merged weights,
         when ``export_best_weights``)."""
         try:
-            with open(os.path.join(self.best_dir, "best.json")) as f:
-                return json.load(f)
-        except FileNotFoundError:
+            doc = json.loads(read_member(self.best_dir, "best.json", 1 << 20))
+        except (OSError, ValueError, CheckpointError):
             return None
+        return doc if isinstance(doc, dict) else None
 
     # ------------------------------------------------------------------ running
     def callbacks(self, trial: "optuna.Trial", ckpt_dir: str, reported_steps: Optional[set[int]] = None) -> list[pl.Callback]:
@@ -265,7 +269,12 @@ class CheckpointedStudy:
             raise ValueError(f"n_trials={n_trials!r} is invalid; it must be a positive integer (total finished trials of the study)")
         if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
             raise ValueError(f"timeout={timeout!r} is invalid; give seconds > 0 or None")
-        with _StudyLock(os.path.join(self.root_dir, ".lock")):
+        root = LocalStore(self.root_dir)
+        try:
+            lock = root.lock({"run_id": f"optuna study {self.study_name}"})
+        except FolderBusyError as e:
+            raise StudyLockedError(f"another process is running this study: {e}") from None
+        try:
             self._cleanup_trash()
             self._requeue_interrupted()
             self._refresh_best()
@@ -276,6 +285,8 @@ class CheckpointedStudy:
                     lambda t: self._run_trial(objective, t), n_trials=remaining, timeout=timeout, catch=catch,
                     callbacks=[self._after_trial],
                 )
+        finally:
+            lock.release()
         return self.study
 
     def _run_trial(self, objective: Objective, trial: "optuna.Trial") -> float:
@@ -323,8 +334,10 @@ class CheckpointedStudy:
                 self.study.enqueue_trial(dict(t.params), user_attrs={KEY_ATTR: key, RESUMES_ATTR: t.number})
                 log.info("lightning_ckpt: trial %d (%s) was interrupted; enqueued to resume from its checkpoints", t.number, key)
             if stale:
-                self._storage.set_trial_user_attr(t._trial_id, INTERRUPTED_ATTR, True)
-                self._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+                study_id = self._storage.get_study_id_from_name(self.study_name)
+                trial_id = self._storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
+                self._storage.set_trial_user_attr(trial_id, INTERRUPTED_ATTR, True)
+                self._storage.set_trial_state_values(trial_id, TrialState.FAIL)
 
     def _after_trial(self, study: "optuna.Study", frozen: FrozenTrial) -> None:
         self._refresh_best()
@@ -355,27 +368,22 @@ class CheckpointedStudy:
             return sign * float(v) if isinstance(v, (int, float)) and math.isfinite(v) else math.inf
 
         chosen = min(best_ckpts, key=lambda c: (score(c), -c.step))
-        tmp = os.path.join(self.root_dir, f".best-tmp-{uuid.uuid4().hex[:8]}")
-        os.makedirs(tmp)
         info: dict[str, Any] = {
             "study_name": self.study_name, "number": bt.number, "key": key, "params": bt.params, "value": bt.value,
             "monitor": self.monitor, "direction": self.direction, "checkpoint": chosen.path, "step": chosen.step,
             "model": None,
         }
-        if self.export_best_weights:
-            merge_checkpoint(chosen.path, os.path.join(tmp, "model.safetensors"))
-            info["model"] = os.path.join(self.best_dir, "model.safetensors")
-        with open(os.path.join(tmp, "best.json"), "w") as f:
-            json.dump(info, f, indent=2, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-        old = None
-        if os.path.isdir(self.best_dir):
-            old = os.path.join(self.root_dir, f".trash-best-{uuid.uuid4().hex[:8]}")
-            os.rename(self.best_dir, old)
-        os.rename(tmp, self.best_dir)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
+        root = LocalStore(self.root_dir)
+        tx = root.begin(os.path.basename(self.best_dir)).open()
+        try:
+            if self.export_best_weights:
+                merge_checkpoint(chosen.path, tx.file("model.safetensors"))
+                info["model"] = os.path.join(self.best_dir, "model.safetensors")
+            OPS.write_file(tx.file("best.json"), json.dumps(info, indent=2, default=str).encode(), fsync=True)
+            tx.commit(None, if_exists="replace")  # the previous best/ is swapped out atomically
+        except BaseException:
+            tx.abort()
+            raise
         log.info("lightning_ckpt: study best is trial %d (%s=%s), checkpoint %s", bt.number, self.monitor, bt.value, chosen.path)
 
     def _apply_retention(self) -> None:
@@ -398,50 +406,16 @@ class CheckpointedStudy:
             if key and (key not in newest or t.number > newest[key].number):
                 newest[key] = t
         drop = {key for key, t in newest.items() if t.state in (TrialState.COMPLETE, TrialState.PRUNED)}
+        trials = LocalStore(self.trials_dir)
         for key in sorted(k for k in drop - keep_keys if k):
-            path = self.trial_dir(key)
-            if not os.path.isdir(path):
-                continue
-            trash = os.path.join(self.trials_dir, f".trash-{key}-{uuid.uuid4().hex[:6]}")
-            os.rename(path, trash)  # atomic: from here on the folder is gone for everyone
-            shutil.rmtree(trash, ignore_errors=True)
-            log.info("lightning_ckpt: removed %s (pruned or not among the best %d trials)", path, self.keep_top_n)
+            if trials.delete(key):  # out of sight at once (a rename), then removed
+                log.info("lightning_ckpt: removed %s (pruned or not among the best %d trials)", self.trial_dir(key),
+                         self.keep_top_n)
 
     def _cleanup_trash(self) -> None:
+        """What a killed worker left (this worker holds the study's lock, so nobody else writes here)."""
         for parent in (self.root_dir, self.trials_dir):
-            for e in os.listdir(parent):
-                if e.startswith(".trash-") or e.startswith(".best-tmp-"):
-                    shutil.rmtree(os.path.join(parent, e), ignore_errors=True)
-
-
-class _StudyLock:
-    """An exclusive ``flock`` on ``<root>/.lock`` held while ``optimize`` runs; the OS releases it when the process
-    dies, so a killed study never leaves a stale lock."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.fd: Optional[int] = None
-
-    def __enter__(self) -> "_StudyLock":
-        import fcntl
-
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            os.close(self.fd)
-            self.fd = None
-            if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                raise StudyLockedError(
-                    f"another process is running this study ({self.path} is locked); one worker per study root_dir"
-                ) from None
-            raise
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.fd is not None:
-            os.close(self.fd)  # closing releases the flock
-            self.fd = None
+            LocalStore(parent).cleanup(everyone=True)
 
 
 __all__ = ["CheckpointedStudy", "OptunaPruning", "StudyLockedError", "TrialRun"]

@@ -13,11 +13,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import time
 from typing import Any, Optional
 
-from .checkpoints import read_checkpoint_manifest
+from ..read import read_checkpoint_manifest
+from ..store import LocalStore
+from ..store.fs import OPS
 from .merge import merge_checkpoint
 
 
@@ -43,7 +44,8 @@ def export_checkpoint(
     dtype: Optional[str] = None,
     history: Optional[str] = None,
 ) -> str:
-    """Write the export folder for the checkpoint at ``path`` into ``out_dir`` (replaced atomically). Returns it.
+    """Write the export folder for the checkpoint at ``path`` into ``out_dir`` (an earlier export there is replaced
+    atomically; a failed export leaves it as it was). Returns it.
 
     Args:
         path: a checkpoint folder with model weights.
@@ -53,48 +55,45 @@ def export_checkpoint(
         dtype: convert floating-point weights (``"bf16"``, ``"fp16"``); ``None`` keeps them.
         history: a ``metrics.jsonl`` to copy alongside.
     """
-    path, out_dir = os.fspath(path), os.path.abspath(os.fspath(out_dir))
+    out_dir = os.path.abspath(os.fspath(out_dir))
     m = read_checkpoint_manifest(path)
-    tmp = out_dir + f".tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    res = merge_checkpoint(path, os.path.join(tmp, "model.safetensors"), dtype=dtype)
-    metrics = m.get("metrics") or {}
-    with open(os.path.join(tmp, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=1)
-    if history and os.path.isfile(history):
-        shutil.copyfile(history, os.path.join(tmp, "metrics.jsonl"))
-    if config_yaml:
-        with open(os.path.join(tmp, "config.yaml"), "w") as f:
-            f.write(config_yaml)
-    run = m.get("run") or {}
-    meta = {
-        "source_checkpoint": os.path.abspath(path),
-        "name": m.get("name"),
-        "step": m.get("step"),
-        "epoch": m.get("epoch"),
-        "tags": m.get("tags"),
-        "seed": run.get("seed"),
-        "versions": run.get("versions"),
-        "git_commit": run.get("git_commit"),
-        "host": run.get("host"),
-        "argv": run.get("argv"),
-        "data_fingerprint": data_fp,
-        "hparams": m.get("hparams"),
-        "exported_unix": time.time(),
-        "weights": {"file": "model.safetensors", "tensors": res.tensors, "bytes": res.bytes, "dtype": dtype or "as trained"},
-    }
-    with open(os.path.join(tmp, "metadata.json"), "w") as f:
-        json.dump(meta, f, indent=1, default=str)
-    with open(os.path.join(tmp, "MODEL_CARD.md"), "w") as f:
-        f.write(_model_card(meta, metrics, bool(config_yaml)))
-    if os.path.isdir(out_dir):
-        old = out_dir + f".old-{os.getpid()}"
-        os.rename(out_dir, old)
-        os.rename(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out_dir)
+    parent = LocalStore(os.path.dirname(out_dir))
+    parent.makedirs()
+    tx = parent.begin(os.path.basename(out_dir)).open()
+    try:
+        res = merge_checkpoint(path, tx.file("model.safetensors"), dtype=dtype)
+        metrics = m.get("metrics") or {}
+        files: dict[str, bytes] = {"metrics.json": json.dumps(metrics, indent=1).encode()}
+        if history and os.path.isfile(history):
+            with open(history, "rb") as f:
+                files["metrics.jsonl"] = f.read()
+        if config_yaml:
+            files["config.yaml"] = config_yaml.encode()
+        run = m.get("run") or {}
+        meta = {
+            "source_checkpoint": str(path) if str(path).startswith("s3://") else os.path.abspath(os.fspath(path)),
+            "name": m.get("name"),
+            "step": m.get("step"),
+            "epoch": m.get("epoch"),
+            "tags": m.get("tags"),
+            "seed": run.get("seed"),
+            "versions": run.get("versions"),
+            "git_commit": run.get("git_commit"),
+            "host": run.get("host"),
+            "argv": run.get("argv"),
+            "data_fingerprint": data_fp,
+            "hparams": m.get("hparams"),
+            "exported_unix": time.time(),
+            "weights": {"file": "model.safetensors", "tensors": res.tensors, "bytes": res.bytes, "dtype": dtype or "as trained"},
+        }
+        files["metadata.json"] = json.dumps(meta, indent=1, default=str).encode()
+        files["MODEL_CARD.md"] = _model_card(meta, metrics, bool(config_yaml)).encode()
+        for fname, data in files.items():
+            OPS.write_file(tx.file(fname), data, fsync=parent.fsync)
+        tx.commit(None, if_exists="replace")  # an earlier export of the folder is swapped out atomically
+    except BaseException:
+        tx.abort()
+        raise
     return out_dir
 
 

@@ -8,9 +8,10 @@ A location is ``"s3://bucket/prefix"`` or a dict with ``uri`` and retention rule
                        backup_uri=[{"uri": "s3://bucket/run1", "keep_last": 3, "keep_tags": ["best"]}])
 
 Uploads run on rank 0 (the checkpoint folder is shared by the ranks), one thread per location, in commit order.
-Objects go up first, ``manifest.json`` last, then ``latest.json`` (:func:`lightning_ckpt.storage.s3.push_checkpoint`),
+Objects go up first, ``manifest.json`` last, then ``latest.json`` (:func:`lightning_ckpt.tools.transfer.push_checkpoint`),
 so an interrupted upload is never seen as a checkpoint. A failed upload is logged and retried with exponential backoff
-(the server may be down for a while); training goes on unless the location is ``required``.
+(the server may be down for a while); training goes on unless the location is ``required``. A local checkpoint that
+fails verification is reported and skipped (it is never uploaded, and it never holds back the uploads after it).
 """
 from __future__ import annotations
 
@@ -22,8 +23,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from .policy.retention import RetentionRules, plan_retention
-from .prune import committed_records
+from ..errors import CheckpointCorruptError, CheckpointNotFoundError
+from ..policy.retention import RetentionRules
+from ..read import list_checkpoints
+from ..store import LocalStore, open_store
+from ..tools.prune import committed_records, plan_deletions
+from ..tools.transfer import push_checkpoint
+from ..writer.meta import background_priority
+from ..writer.options import check_bool, check_seconds
 
 log = logging.getLogger("lightning_ckpt")
 
@@ -46,8 +53,6 @@ class BackupLocation:
 
 def parse_locations(spec: Any, what: str = "backup_uri") -> list[BackupLocation]:
     """``"s3://b/p"``, ``{"uri": "s3://b/p", "keep_last": 2, ...}`` or a list of them -> locations (validated)."""
-    from .storage.s3 import parse_s3_uri
-
     if spec is None:
         return []
     items = list(spec) if isinstance(spec, (list, tuple)) else [spec]
@@ -57,8 +62,7 @@ def parse_locations(spec: Any, what: str = "backup_uri") -> list[BackupLocation]
             out.append(item)
             continue
         if isinstance(item, str):
-            parse_s3_uri(item)
-            out.append(BackupLocation(item.rstrip("/")))
+            out.append(BackupLocation(_remote_uri(item, what)))
             continue
         if not isinstance(item, dict) or "uri" not in item:
             raise ValueError(
@@ -69,24 +73,33 @@ def parse_locations(spec: Any, what: str = "backup_uri") -> list[BackupLocation]
         if unknown:
             raise ValueError(f"{what} entry for {item['uri']!r} has unknown keys {unknown}; allowed: uri, required, "
                              f"max_retry_s, {', '.join(_RULE_KEYS)}")
-        retry = item.get("max_retry_s", 60.0)
-        if not isinstance(retry, (int, float)) or isinstance(retry, bool) or retry <= 0:
-            raise ValueError(f"max_retry_s={retry!r} is invalid; it must be a positive number of seconds")
-        uri = item["uri"]
-        parse_s3_uri(uri)
+        retry = check_seconds("max_retry_s", item.get("max_retry_s", 60.0))
+        required = check_bool("required", item.get("required", False))
+        uri = _remote_uri(item["uri"], what)
         kw = {k: item[k] for k in _RULE_KEYS if k in item}
         if "keep_tags" in kw:
             tags = kw["keep_tags"]
             if isinstance(tags, str) or not isinstance(tags, (list, tuple)) or not all(isinstance(t, str) and t for t in tags):
                 raise ValueError(f"keep_tags={tags!r} is invalid; give a list of tags such as ['best', 'preempt']")
             kw["keep_tags"] = tuple(tags)
-        out.append(BackupLocation(uri.rstrip("/"), RetentionRules(**kw), bool(item.get("required", False)), float(retry)))
+        out.append(BackupLocation(uri, RetentionRules(**kw), required, retry))
     seen = set()
     for loc in out:
         if loc.uri in seen:
             raise ValueError(f"{what} names {loc.uri} twice; give each location once")
         seen.add(loc.uri)
     return out
+
+
+def _remote_uri(uri: Any, what: str) -> str:
+    """The URI of a remote location (validated: a bucket and a prefix), without a trailing slash."""
+    try:
+        store = open_store(uri)
+    except ValueError as e:
+        raise ValueError(f"{what}: {e}") from None
+    if not store.remote:
+        raise ValueError(f"{what}={uri!r} is not a remote location; write it as s3://bucket/prefix")
+    return store.uri
 
 
 class Uploader:
@@ -104,7 +117,9 @@ class Uploader:
                  primary: bool = False) -> None:
         self.location = location
         self.uri = location.uri
+        self.remote = open_store(location.uri)
         self.dirpath = dirpath
+        self.local = LocalStore(dirpath)
         self.max_retry_s = location.max_retry_s
         self.protect_fn = protect
         self.primary = primary
@@ -112,10 +127,12 @@ class Uploader:
         self.orphan_age_s = 3600.0  # objects without a manifest untouched this long are debris of a crash
         self.uploaded: list[str] = []
         self.deleted: list[str] = []
+        self.skipped: list[str] = []  # local checkpoints that failed verification: never uploaded
         self.failures = 0
         self.last_error: Optional[BaseException] = None
         self.failing_since: Optional[float] = None  # monotonic time of the first failure since the last success
         self.give_up_after_s = 120.0  # the end of fit stops waiting once uploads failed for this long without success
+        self.flush_timeout_s = 600.0  # how long the end of fit waits for the queued uploads
         self._queue: "queue.Queue[Optional[tuple[str, str]]]" = queue.Queue()
         self._pending: set[str] = set()
         self._lock = threading.Lock()
@@ -155,19 +172,14 @@ class Uploader:
 
     def catch_up(self) -> None:
         """Queue the local checkpoints newer than the newest one at the location (a crash cut their upload short)."""
-        from .checkpoints import list_checkpoints
-        from .storage.s3 import list_remote, remote_latest_step
-
         try:  # one LIST and one GET (latest.json): no manifest reads, however many checkpoints the location keeps
-            names = set(list_remote(self.uri))
-            newest = remote_latest_step(self.uri) if names else -1
+            names = set(self.remote.names())
+            newest = self.remote.latest_step() if names else -1
         except Exception as e:  # noqa: BLE001 - the server may be down; the next commit tries again
             log.warning("lightning_ckpt: cannot list %s (%r); skipping the upload catch-up", self.uri, e)
             return
         try:
-            from .storage.s3 import remove_orphans
-
-            for name in remove_orphans(self.uri, self.orphan_age_s):
+            for name in self.remote.cleanup(self.orphan_age_s):
                 log.info("lightning_ckpt: removed %s/%s, left without a manifest by an interrupted upload", self.uri, name)
         except Exception as e:  # noqa: BLE001 - cleaning up is best effort
             log.warning("lightning_ckpt: could not clean up interrupted uploads in %s (%r)", self.uri, e)
@@ -197,9 +209,7 @@ class Uploader:
 
     # ------------------------------------------------------------ the thread
     def _run(self) -> None:
-        from .writer.writer import _background_priority
-
-        _background_priority()
+        background_priority()
         while not self._stop.is_set():
             item = self._queue.get()
             if item is None:
@@ -216,8 +226,6 @@ class Uploader:
                 self._queue.task_done()
 
     def _upload(self, path: str) -> None:
-        from .storage.s3 import push_checkpoint
-
         name = os.path.basename(os.path.normpath(path))
         delay = 1.0
         try:
@@ -226,6 +234,13 @@ class Uploader:
                     return
                 try:
                     push_checkpoint(path, self.uri, verify=True)
+                except (CheckpointCorruptError, CheckpointNotFoundError) as e:
+                    # the local copy is bad (or gone): retrying cannot help, and it must not hold back the next ones
+                    self.skipped.append(name)
+                    self.last_error = e
+                    log.error("lightning_ckpt: not uploading %s to %s: it failed verification (%s). The checkpoints "
+                              "after it are uploaded as usual.", path, self.uri, e)
+                    return
                 except Exception as e:  # noqa: BLE001 - an outage must not stop training; retry later
                     self.failures += 1
                     self.last_error = e
@@ -238,27 +253,13 @@ class Uploader:
                 self.uploaded.append(name)
                 self.failing_since = None
                 log.info("lightning_ckpt: backed up %s to %s", path, self.uri)
-                if self.primary:
-                    self._drop_staged(path)
+                if self.primary:  # dirpath is this location: the local copy was only staging
+                    self.local.delete(name)
                 self._apply_retention()
                 return
         finally:
             with self._lock:
                 self._pending.discard(name)
-
-    def _drop_staged(self, path: str) -> None:
-        """``dirpath`` is this location: the local copy was only staging."""
-        import uuid
-
-        from .format import manifest as mf
-        from .storage.local import remove_tree
-
-        trash = os.path.join(os.path.dirname(path), f"{mf.TRASH_PREFIX}{os.path.basename(path)}-{uuid.uuid4().hex[:6]}")
-        try:
-            os.rename(path, trash)
-        except OSError:
-            return
-        remove_tree(trash)
 
     def _protected(self) -> set[str]:
         names = self.pending()
@@ -279,22 +280,21 @@ class Uploader:
             log.warning("lightning_ckpt: cannot list %s for retention (%r); trying again after the next upload", self.uri, e)
             return
         protected = self._protected()
-        keep = [False] * len(records)
-        for rules in rule_sets:  # several rule sets on one location: a checkpoint kept by any of them stays
-            keep = [a or b for a, b in zip(keep, plan_retention(records, rules, protected))]
-        doomed = [r.name for r, k in zip(records, keep) if not k]
+        try:  # several rule sets on one location: a checkpoint kept by any of them stays
+            doomed = plan_deletions(records, rule_sets, protected)
+        except ValueError as e:  # a rule ranks by a metric no checkpoint recorded: delete nothing
+            log.warning("lightning_ckpt: retention of %s deletes nothing: %s", self.uri, e)
+            return
         if doomed:
             self._delete(doomed, "retention", protected)
 
     def _delete(self, names: list[str], reason: str, protected: Optional[set] = None) -> None:
-        from .storage.s3 import delete_remote
-
         protected = self._protected() if protected is None else protected
         for name in names:
             if name in protected:
                 continue
             try:
-                delete_remote(self.uri, name)
+                self.remote.delete(name)
                 self.deleted.append(name)
                 log.info("lightning_ckpt: deleted %s/%s (%s)", self.uri, name, reason)
             except Exception as e:  # noqa: BLE001 - try again at the next retention pass

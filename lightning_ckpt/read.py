@@ -1,4 +1,10 @@
-"""Finding, verifying and loading committed checkpoints. No Lightning imports; no pickle on this path."""
+"""Finding, verifying and loading committed checkpoints, in any store. No Lightning imports; no pickle on this path.
+
+Every reader goes through the store of the folder (``store.open_store`` / ``store.locate``): the manifest is read and
+validated first, then each file is opened as a regular file of the size the manifest says (never through a link) and
+every byte read is checked against its CRC32C. A checkpoint on S3 is read through the local read cache; each rank
+downloads only the files its reads need.
+"""
 from __future__ import annotations
 
 import json
@@ -12,17 +18,18 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
+from .dcp import LCStorageReader, is_model_or_optim, unwrap_dcp_error
 from .errors import CheckpointCorruptError, CheckpointError, CheckpointMismatchError, CheckpointNotFoundError
-from .format import manifest as mf
+from .format.codec import decode, encode
+from .format.tensorfile import VERIFY_BLOCK, check_file, dtype_from_name, iter_regions
+from .store import Store, locate, open_store
 from .format.checksum import crc32c
-from .format.codec import decode
-from .format.tensorfile import dtype_from_name, header_end_from_prefix, iter_regions
-from .storage.s3 import is_s3_uri
-from .writer.dcp_storage import LCStorageReader, unwrap_dcp_error
+from .format.manifest import MANIFEST
+from .store.fs import open_member, read_member
 
 log = logging.getLogger("lightning_ckpt")
 
-_VERIFY_BLOCK = 64 << 20
+MAX_STATE_BYTES = 1 << 30  # a rank's non-tensor state (JSON); anything larger is refused before it is read
 
 
 @dataclass
@@ -41,10 +48,10 @@ class CheckpointInfo:
     manifest: dict = field(repr=False, default_factory=dict)
 
 
-def _info(path: str, m: dict) -> CheckpointInfo:
+def _info(store: Store, name: str, m: dict) -> CheckpointInfo:
     return CheckpointInfo(
-        name=os.path.basename(path),
-        path=path,
+        name=name,
+        path=store.path(name),
         step=int(m["step"]),
         epoch=m.get("epoch"),
         tags=list(m.get("tags") or []),
@@ -56,103 +63,69 @@ def _info(path: str, m: dict) -> CheckpointInfo:
     )
 
 
-def list_checkpoints(dirpath: str) -> list[CheckpointInfo]:
-    """Committed checkpoints in ``dirpath``, oldest first (by step, then commit time).
+def list_checkpoints(dirpath: Any) -> list[CheckpointInfo]:
+    """Committed checkpoints in ``dirpath`` (a folder or ``s3://bucket/prefix``), oldest first (by step, then commit
+    time).
 
-    Partial folders of interrupted saves are never listed; a folder whose manifest cannot be read is skipped with a
-    warning. Checksums are not verified here (see :func:`verify_checkpoint`).
+    Partial folders of interrupted saves are never listed; a checkpoint whose manifest cannot be read is skipped with a
+    warning, and one deleted while the folder is listed is skipped silently. Checksums are not verified here (see
+    :func:`verify_checkpoint`).
     """
-    if is_s3_uri(dirpath):
-        from .storage.s3 import remote_manifests
-
-        base = str(dirpath).rstrip("/")
-        out = [_info(f"{base}/{name}", m) for name, m in remote_manifests(base)]
-        out.sort(key=lambda c: (c.step, c.created_unix or 0.0, c.name))
-        return out
-    dirpath = os.fspath(dirpath)
-    if not os.path.isdir(dirpath):
-        if os.path.exists(dirpath):
-            raise CheckpointNotFoundError(f"{dirpath} is a file; pass the folder that holds the checkpoints")
-        return []
+    store = open_store(dirpath)
     out = []
-    for e in os.listdir(dirpath):
-        if e.startswith("."):
-            continue
-        p = os.path.join(dirpath, e)
-        if not os.path.isfile(os.path.join(p, mf.MANIFEST)):
-            continue
-        try:
-            out.append(_info(p, mf.read_manifest(p)))
-        except CheckpointError as err:
-            warnings.warn(f"lightning_ckpt: skipping {p}: {err}", stacklevel=2)
+    if store.remote:
+        out = [_info(store, name, m) for name, m in store.manifests()]
+    else:
+        for name in store.names():
+            try:
+                out.append(_info(store, name, store.read_manifest(name)[0]))
+            except CheckpointNotFoundError:
+                continue  # deleted (retention) since the folder was listed
+            except CheckpointError as err:
+                warnings.warn(f"lightning_ckpt: skipping {store.path(name)}: {err}", stacklevel=2)
     out.sort(key=lambda c: (c.step, c.created_unix or 0.0, c.name))
     return out
 
 
-def verify_checkpoint(path: str, *, progress: Any = None) -> None:
-    """Check every byte of the checkpoint at ``path`` against its manifest.
+def verify_checkpoint(path: Any, *, progress: Any = None) -> None:
+    """Check every byte of the checkpoint at ``path`` against its manifest, and everything a load checks: the
+    manifest's structure, each file's type and size, and that the non-tensor state parses and refers only to tensors
+    the manifest lists. A checkpoint on S3 is downloaded into the local cache first (reused by a later load).
 
     ``progress``, if given, is called with the number of bytes checked after each block.
 
     Raises:
         CheckpointNotFoundError: ``path`` is not a committed checkpoint.
-        CheckpointCorruptError: a file is missing, has the wrong size, or fails its checksum.
+        CheckpointCorruptError: a file is missing, has the wrong size or type, or fails its checksum.
     """
-    if is_s3_uri(path):  # download into the local cache (reused by a later load), then check every byte
-        from .storage.s3 import fetch_checkpoint
+    store, name = locate(path)
+    m, raw = store.read_manifest(name)
+    try:
+        _verify_files(store.local_folder(name, None, (m, raw)), m, progress)
+    except CheckpointCorruptError:
+        if not store.remote:
+            raise
+        # a cached copy went bad after it was downloaded (every download is checked): fetch it again, once
+        _verify_files(store.local_folder(name, None, (m, raw), refresh=True), m, progress)
 
-        path = fetch_checkpoint(str(path))
-    path = os.fspath(path)
-    m = mf.read_manifest(path)
+
+def _verify_files(folder: str, m: dict, progress: Any) -> None:
     largest = max((e - b for entry in m["files"].values() for b, e, _ in iter_regions(entry)), default=0)
-    buf = bytearray(max(1, min(largest, _VERIFY_BLOCK)))
-    mv = memoryview(buf)
-    block = len(buf)
+    buf = memoryview(bytearray(max(1, min(largest, VERIFY_BLOCK))))
     for fname, entry in m["files"].items():
-        fpath = os.path.join(path, fname)
-        try:
-            f = open(fpath, "rb", buffering=0)
-        except FileNotFoundError:
-            raise CheckpointCorruptError(f"{fpath} is missing; the checkpoint is incomplete, use an earlier one") from None
-        with f:
-            size = os.fstat(f.fileno()).st_size
-            if size != entry["size"]:
-                raise CheckpointCorruptError(
-                    f"{fpath} has {size} bytes where the manifest says {entry['size']}: the file was truncated or "
-                    "replaced. Use an earlier checkpoint."
-                )
-            if entry.get("tensors"):
-                head = f.read(8)
-                if header_end_from_prefix(head, size, fpath) != entry["header_end"]:
-                    raise CheckpointCorruptError(f"{fpath} has a header that does not match the manifest; it is corrupt")
-                f.seek(0)
-            for begin, end, expected in sorted(iter_regions(entry)):
-                f.seek(begin)
-                crc = 0
-                left = end - begin
-                while left:
-                    k = f.readinto(mv[: min(left, block)])
-                    if not k:
-                        raise CheckpointCorruptError(f"{fpath} ended early; it is truncated")
-                    crc = crc32c(mv[:k], crc)
-                    left -= k
-                    if progress is not None:
-                        progress(k)
-                if crc != expected:
-                    raise CheckpointCorruptError(
-                        f"{fpath}: checksum mismatch in bytes [{begin}, {end}); the file is corrupt. "
-                        "Use an earlier checkpoint (latest_checkpoint skips corrupt ones)."
-                    )
+        where = os.path.join(folder, fname)
+        with os.fdopen(open_member(folder, fname, entry["size"], where=where), "rb", buffering=0) as f:
+            check_file(f, entry, where, progress, buf)
     # the non-tensor state must also parse and refer only to tensors the manifest lists
     index = m.get("tensors", {})
 
     def check_key(key: str) -> torch.Tensor:
         if not isinstance(key, str) or key not in index:
-            raise CheckpointCorruptError(f"{path}: the state refers to tensor {key!r}, which the manifest does not list")
+            raise CheckpointCorruptError(f"{folder}: the state refers to tensor {key!r}, which the manifest does not list")
         return torch.zeros(0)
 
     for rank in (m.get("state_files") or {}):
-        decode(read_state_doc(path, m, int(rank)), check_key)
+        decode(read_state_doc(folder, m, int(rank)), check_key)
 
 
 def latest_checkpoint(dirpath: str, *, verify: bool = True) -> str | None:
@@ -179,26 +152,20 @@ def state_file_of(m: dict, rank: int = 0) -> str | None:
     return files.get(str(rank)) or files.get("0")
 
 
-def read_state_doc(path: str, m: dict, rank: int = 0) -> Any:
-    """The non-tensor state (JSON) of one rank, checksum-verified."""
+def read_state_doc(folder: str, m: dict, rank: int = 0) -> Any:
+    """The non-tensor state (JSON) of one rank from the local ``folder`` of a checkpoint, checksum-verified."""
     fname = state_file_of(m, rank)
     if fname is None:
-        raise CheckpointCorruptError(f"{path}: the manifest lists no state file; the checkpoint is corrupt")
+        raise CheckpointCorruptError(f"{folder}: the manifest lists no state file; the checkpoint is corrupt")
     entry = m["files"][fname]
-    fpath = os.path.join(path, fname)
-    try:
-        with open(fpath, "rb") as f:
-            raw = f.read(entry["size"] + 1)
-    except FileNotFoundError:
-        raise CheckpointCorruptError(f"{fpath} is missing; the checkpoint is incomplete, use an earlier one") from None
-    if len(raw) != entry["size"]:
-        raise CheckpointCorruptError(f"{fpath} has {len(raw)} bytes where the manifest says {entry['size']}; it is truncated or replaced")
+    where = os.path.join(folder, fname)
+    raw = read_member(folder, fname, MAX_STATE_BYTES, size=entry["size"], where=where)
     if crc32c(raw) != entry["header_crc32c"]:
-        raise CheckpointCorruptError(f"{fpath}: checksum mismatch; the state file is corrupt. Use an earlier checkpoint.")
+        raise CheckpointCorruptError(f"{where}: checksum mismatch; the state file is corrupt. Use an earlier checkpoint.")
     try:
         return json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise CheckpointCorruptError(f"{fpath} is not valid JSON ({e}); the state file is corrupt or hostile") from None
+        raise CheckpointCorruptError(f"{where} is not valid JSON ({e}); the state file is corrupt or hostile") from None
 
 
 def load_tensors(path: str, m: dict, keys: list[str] | None = None, *, verify: bool = True, device: Any = "cpu",
@@ -244,7 +211,7 @@ def load_checkpoint(path: str, map_location: Any = "cpu", *, verify: bool = True
             read: they come back as ``None``, the rest of those entries (optimizer ``param_groups``) as saved. For
             sharded models, whose tensors are loaded in place with :func:`load_into`.
     """
-    path, m, fetch = _open(path, rank)
+    path, m, fetch = open_checkpoint(path, rank)
     doc = read_state_doc(path, m, rank)
     wanted: list[str] = []
     skipped = tuple(f"{k}/" for k in without_tensors_of)
@@ -288,10 +255,7 @@ def load_into(path: str, state: dict, *, process_group: Any = None, verify: bool
     """
     import torch.distributed as dist
 
-    from .format.codec import encode
-    from .writer.dcp_storage import is_model_or_optim
-
-    path, m, fetch = _open(path, None)
+    path, m, fetch = open_checkpoint(path, None)
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size(process_group) > 1
     my_rank = (dist.get_rank() if distributed else 0) if rank is None else rank
     prefix = f"rank{my_rank:05d}/"
@@ -327,7 +291,7 @@ def load_weights(path: str, model: torch.nn.Module, *, strict: bool = True, map_
     Only the model's tensors are read (and verified). A partial checkpoint needs ``strict=False``.
     Returns what ``model.load_state_dict`` returns (missing and unexpected keys).
     """
-    path, m, fetch = _open(path, 0)
+    path, m, fetch = open_checkpoint(path, 0)
     kind = m.get("kind", "full")
     doc = read_state_doc(path, m)
     sd_doc = doc.get("state_dict") if isinstance(doc, dict) else None
@@ -361,75 +325,30 @@ def _map(t: torch.Tensor, map_location: Any) -> torch.Tensor:
     return t.to(map_location)
 
 
-def read_checkpoint_manifest(path: str) -> dict:
+def read_checkpoint_manifest(path: Any) -> dict:
     """The validated manifest of the checkpoint at ``path`` (a folder, or ``s3://bucket/prefix/<name>``)."""
-    if is_s3_uri(path):
-        from .storage.s3 import read_remote_manifest
-
-        return read_remote_manifest(str(path))[0]
-    return mf.read_manifest(os.fspath(path))
+    store, name = locate(path)
+    return store.read_manifest(name)[0]
 
 
-def _open(path: Any, rank: int | None) -> tuple[str, dict, Any]:
-    """(local folder, manifest, fetch) of a checkpoint. For ``s3://`` only the manifest and this rank's state file are
+def open_checkpoint(path: Any, rank: int | None = None) -> tuple[str, dict, Any]:
+    """(local folder, manifest, fetch) of a checkpoint. On S3 only the manifest and this rank's state file are
     downloaded now; ``fetch`` downloads the tensor files a reader's plan needs (each rank fetches only its own)."""
-    if not is_s3_uri(path):
-        p = os.fspath(path)
-        return p, mf.read_manifest(p), None
-    from .storage.s3 import fetch_checkpoint, read_remote_manifest
-
-    uri = str(path).rstrip("/")
-    got = read_remote_manifest(uri)
+    store, name = locate(path)
+    got = store.read_manifest(name)
     m = got[0]
+    if not store.remote:
+        return store.local_folder(name), m, None
     state_file = state_file_of(m, rank or 0)
-    local = fetch_checkpoint(uri, [state_file] if state_file else [], manifest=got)
-    return local, m, lambda names: fetch_checkpoint(uri, names, manifest=got)
+    local = store.local_folder(name, [state_file] if state_file else [], got)
+    return local, m, lambda names: store.local_folder(name, names, got)
 
 
 def is_checkpoint_dir(path: Any) -> bool:
-    if is_s3_uri(path):
-        return True  # read on load, with a clear error when nothing is committed there
+    """Does ``path`` name a checkpoint of this package (a folder with a manifest, or any ``s3://`` URI: it is read on
+    load, with a clear error when nothing is committed there)?"""
     try:
-        p = os.fspath(path)
-    except TypeError:
+        store, name = locate(path)
+    except (TypeError, ValueError):
         return False
-    return os.path.isdir(p) and os.path.isfile(os.path.join(p, mf.MANIFEST))
-
-
-def resume_path(dirpath: str, backup_uri: Any = None) -> str | None:
-    """Where to resume from: the newest valid checkpoint among ``dirpath`` and the backups (``"s3://bucket/prefix"``,
-    a list of them, or of ``{"uri": ...}`` location dicts); a backup is pulled into ``dirpath`` and verified only when
-    it is newer than every valid local one (local wins a tie: nothing to download); ``None`` when there is none (start
-    fresh). A corrupt checkpoint is skipped with a warning, and so is an unreachable backup location when a local
-    checkpoint exists (with none, the error is raised: starting fresh could silently drop the run).
-
-    ``dirpath`` may itself be an ``s3://`` URI: then the newest valid checkpoint there is returned (verified through
-    the local cache). Use it as ``trainer.fit(model, data, ckpt_path=resume_path("ckpts/", "s3://b/run"))``, so
-    relaunching the same command, on the same machine or a fresh one, continues the run (or set ``resume="auto"`` on a
-    saving callback).
-    """
-    if is_s3_uri(dirpath):
-        return latest_checkpoint(str(dirpath).rstrip("/"))
-    local = latest_checkpoint(dirpath) if os.path.isdir(os.fspath(dirpath)) else None
-    local_step = int(mf.read_manifest(local)["step"]) if local is not None else -1
-    from .storage.s3 import pull_checkpoint, remote_steps
-
-    specs = backup_uri if isinstance(backup_uri, (list, tuple)) else ([] if backup_uri is None else [backup_uri])
-    candidates: list[tuple[int, int, str, str]] = []
-    for order, spec in enumerate(specs):
-        uri = str(spec["uri"] if isinstance(spec, dict) else spec).rstrip("/")
-        try:
-            steps = remote_steps(uri)
-        except Exception as e:  # noqa: BLE001 - S3 down, bucket missing, credentials
-            if local is None:
-                raise
-            warnings.warn(f"lightning_ckpt: cannot read backup location {uri} ({e!r}); resuming from the local {local}",
-                          stacklevel=2)
-            continue
-        candidates += [(step, -order, uri, name) for step, name in steps if step > local_step]
-    for step, _, uri, name in sorted(candidates, reverse=True):  # newest first; the first location on a tie
-        try:
-            return pull_checkpoint(f"{uri}/{name}", os.fspath(dirpath))
-        except CheckpointError as e:
-            warnings.warn(f"lightning_ckpt: skipping backup {uri}/{name}: {e}", stacklevel=2)
-    return local
+    return store.remote or os.path.isfile(os.path.join(store.local_folder(name), MANIFEST))

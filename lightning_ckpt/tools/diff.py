@@ -6,14 +6,12 @@ one at a time (verified), so memory stays at about two tensors.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
-from .checkpoints import load_tensors
-from .format import manifest as mf
+from ..read import load_tensors, open_checkpoint
 
 
 @dataclass
@@ -46,9 +44,9 @@ def _crcs(m: dict, entry: dict) -> list:
 def diff_checkpoints(a: str, b: str, *, prefix: Optional[str] = None) -> CheckpointDiff:
     """Differences between checkpoints ``a`` and ``b`` (``prefix``: only tensors whose key starts with it, e.g.
     ``"state_dict/"`` for the model)."""
-    a, b = os.fspath(a), os.fspath(b)
-    ma, mb = mf.read_manifest(a), mf.read_manifest(b)
-    out = CheckpointDiff(a, b, ma["step"], mb["step"])
+    fa, ma, fetch_a = open_checkpoint(a)
+    fb, mb, fetch_b = open_checkpoint(b)
+    out = CheckpointDiff(str(a), str(b), ma["step"], mb["step"])
     for k in sorted(set(ma.get("metrics") or {}) | set(mb.get("metrics") or {})):
         out.metrics[k] = ((ma.get("metrics") or {}).get(k), (mb.get("metrics") or {}).get(k))
     ta, tb = ma.get("tensors", {}), mb.get("tensors", {})
@@ -73,8 +71,8 @@ def diff_checkpoints(a: str, b: str, *, prefix: Optional[str] = None) -> Checkpo
         if same_layout and _crcs(ma, ea) == _crcs(mb, eb):
             out.tensors.append(TensorDiff(k, "same", 0.0, ea["shape"], eb["shape"]))
             continue
-        xa = load_tensors(a, ma, [k])[k]
-        xb = load_tensors(b, mb, [k])[k]
+        xa = load_tensors(fa, ma, [k], fetch=fetch_a)[k]
+        xb = load_tensors(fb, mb, [k], fetch=fetch_b)[k]
         if torch.equal(xa, xb):
             out.tensors.append(TensorDiff(k, "same", 0.0, ea["shape"], eb["shape"]))
             continue

@@ -1,0 +1,139 @@
+"""Every private Lightning attribute this package touches, in one place, checked against the installed version.
+
+Lightning has no public API for some things the callbacks need (dumping the training state without writing it,
+restoring from a path chosen after ``setup``, knowing whether validation runs after this batch, recognising its SLURM
+requeue handler). Each such use is a function here. :func:`check` runs when a callback is set up and raises a
+:class:`~lightning_ckpt.CheckpointError` naming the supported Lightning versions when any of them is missing: never a
+silent fallback. CI runs the test suite on the newest supported Lightning and a smoke subset on the oldest.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import lightning
+import lightning.pytorch as pl
+from lightning.fabric.utilities.data import AttributeDict
+
+from ..errors import CheckpointError
+from ..format.codec import register_safe_type
+
+register_safe_type(AttributeDict)  # the type of a module's hparams, which Lightning saves in every checkpoint
+
+SUPPORTED = ">=2.5,<2.7"  # keep in step with pyproject.toml; .ci/run tests the oldest (2.5.0) and the newest
+
+
+def _missing(obj: Any, attrs: tuple[str, ...], where: str) -> list[str]:
+    return [f"{where}.{a}" for a in attrs if not hasattr(obj, a)]
+
+
+def check(trainer: "pl.Trainer") -> None:
+    """Raise when the installed Lightning lacks an attribute this package uses (see the module docstring)."""
+    from lightning.pytorch.callbacks import Callback
+
+    missing = _missing(trainer, ("_checkpoint_connector", "_accelerator_connector", "fit_loop"), "Trainer")
+    if not missing:
+        missing += _missing(trainer._checkpoint_connector, ("dump_checkpoint", "resume_start"), "_CheckpointConnector")
+        missing += _missing(trainer._accelerator_connector, ("cluster_environment",), "_AcceleratorConnector")
+        missing += _missing(trainer.fit_loop, ("_data_fetcher", "epoch_loop"), "_FitLoop")
+        el = getattr(trainer.fit_loop, "epoch_loop", None)
+        missing += _missing(el, ("_skip_next_val", "_should_check_val_fx", "batch_progress"), "_TrainingEpochLoop")
+    missing += _missing(Callback, ("_generate_state_key",), "Callback")
+    try:
+        from lightning.pytorch.trainer.connectors import signal_connector as sc
+
+        missing += _missing(sc, ("_SignalConnector", "_HandlersCompose"), "signal_connector")
+        if hasattr(sc, "_SignalConnector"):
+            missing += _missing(sc._SignalConnector, ("_slurm_sigusr_handler_fn",), "_SignalConnector")
+    except ImportError:
+        missing.append("lightning.pytorch.trainer.connectors.signal_connector")
+    if missing:
+        raise CheckpointError(
+            f"lightning_ckpt supports Lightning {SUPPORTED}; the installed Lightning {lightning.__version__} lacks "
+            f"{', '.join(missing)}. Install a supported version: pip install 'lightning{SUPPORTED}'")
+
+
+def dump_checkpoint(trainer: "pl.Trainer", weights_only: bool) -> dict:
+    """The checkpoint dictionary Lightning would save now (every callback's ``on_save_checkpoint`` included)."""
+    return trainer._checkpoint_connector.dump_checkpoint(weights_only=weights_only)
+
+
+def intercept_resume(trainer: "pl.Trainer", choose: Callable[[Any], Any]) -> Callable[[], bool]:
+    """Make the next ``fit`` restore from ``choose(ckpt_path)`` instead of ``ckpt_path``: Lightning calls
+    ``_CheckpointConnector.resume_start`` after the callbacks' ``setup``. Returns ``undo()``, which puts the original
+    back and says whether the interception ran (``resume="auto"`` asserts that it did)."""
+    connector = trainer._checkpoint_connector
+    original = connector.resume_start
+    ran = []
+
+    def resume_start(checkpoint_path: Any = None, *args: Any, **kwargs: Any) -> None:
+        connector.resume_start = original  # once per fit
+        ran.append(True)
+        return original(choose(checkpoint_path), *args, **kwargs)
+
+    connector.resume_start = resume_start
+
+    def undo() -> bool:
+        if connector.resume_start is resume_start:
+            connector.resume_start = original
+        return bool(ran)
+
+    return undo
+
+
+def step_goes_on(trainer: "pl.Trainer", hook: str) -> bool:
+    """Will another hook of ours run in this same training step (validation after this batch, or the end of the
+    epoch)? Mirrors Lightning's ``_TrainingEpochLoop.on_advance_end``."""
+    el = trainer.fit_loop.epoch_loop
+    last_batch = bool(el.batch_progress.is_last_batch)
+    if hook == "batch_end":
+        if not el._skip_next_val and el._should_check_val_fx(trainer.fit_loop._data_fetcher):
+            return True  # validation runs next
+        return last_batch  # on_train_epoch_end runs next
+    if hook == "validation_end":
+        return last_batch and not trainer.sanity_checking
+    return False
+
+
+def cluster_environment(trainer: "pl.Trainer") -> Any:
+    return trainer._accelerator_connector.cluster_environment
+
+
+def is_lightning_requeue_handler(h: Any) -> bool:
+    """Is ``h`` Lightning's SLURM auto-requeue handler (``_SignalConnector._slurm_sigusr_handler_fn``, which saves an
+    ``hpc_ckpt_*.ckpt`` inside the signal handler and runs ``scontrol requeue``)?"""
+    from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
+
+    return getattr(h, "__func__", None) is _SignalConnector._slurm_sigusr_handler_fn
+
+
+def without_lightning_requeue(handler: Any) -> tuple[bool, Any]:
+    """``(found, rest)``: whether ``handler`` (as installed by Lightning for the requeue signal, possibly composed with
+    other handlers) contains Lightning's SLURM requeue handler, and a handler that runs everything else it ran
+    (``None`` if nothing is left)."""
+    from lightning.pytorch.trainer.connectors.signal_connector import _HandlersCompose
+
+    if is_lightning_requeue_handler(handler):
+        return True, None
+    if isinstance(handler, _HandlersCompose):
+        found, rest = False, []
+        for h in handler.signal_handlers:
+            f, r = without_lightning_requeue(h)
+            found = found or f
+            if r is not None:
+                rest.append(r)
+        if not found:
+            return False, handler
+        return True, (_HandlersCompose(rest) if rest else None)
+    return False, handler
+
+
+def plain_optimizer(opt: Any) -> Any:
+    """The torch optimizer inside a ``LightningOptimizer`` (its ``_optimizer``), or ``opt`` itself."""
+    from lightning.pytorch.core.optimizer import LightningOptimizer
+
+    return opt._optimizer if isinstance(opt, LightningOptimizer) else opt
+
+
+def state_key(callback: Any, **key: Any) -> str:
+    """A callback's key in ``checkpoint["callbacks"]``, made as Lightning's own callbacks make theirs."""
+    return callback._generate_state_key(**key)

@@ -1,0 +1,394 @@
+"""The session of one checkpoint folder during one ``fit``: everything the callbacks on that folder share. No Lightning.
+
+Who takes part is explicit: every callback that uses the folder ``join``s it as a :class:`Participant` (saving
+callbacks, retention, backups, export). The session owns the folder's writer and lock, collects the save requests of
+one training hook and writes them once (``arrive``/``flush``), knows which checkpoints must never be deleted
+(``protected``), deletes through the store (``delete``), runs the steps after each commit in a fixed order
+(``_after_commit``: history, uploads, participants, retention) and at the end of fit (``finish``), and chooses where
+``resume="auto"`` resumes from (``resume.choose``).
+
+Which rank does what: every rank builds the session, opens it (collective) and saves (collective); the folder's
+leader (rank 0, or each node-local folder's lowest rank) holds the lock, commits, and runs the after-commit steps;
+rank 0 uploads.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+import uuid
+from typing import Any, Iterable, Optional, Protocol
+
+from ..errors import CheckpointError, CheckpointWriteError
+from ..policy.retention import RetentionRules
+from ..store import is_remote
+from ..tools.prune import plan_deletions, record_failed_run, committed_records
+from ..writer import CheckpointWriter
+from ..writer.job import SaveResult
+from .backups import BackupLocation, Uploader
+from .options import FOLDER_OPTIONS, SaveOptions
+from .state import SaveRequest, group_requests, kind_of, shape_checkpoint
+
+log = logging.getLogger("lightning_ckpt")
+
+
+class Participant:
+    """Something that takes part in a folder's session. Override what applies; the defaults do nothing."""
+
+    saves: bool = False  # a saving callback: the session waits for it at every hook before it writes
+
+    def protect(self) -> set[str]:
+        """Names of checkpoints that must not be deleted now (a current best-k, ...)."""
+        return set()
+
+    def after_commit(self, result: SaveResult) -> None:
+        """Runs in the committing thread of the folder's leader after each commit."""
+
+    def at_end(self, session: "FolderSession", context: Any) -> None:
+        """Runs on every rank when fit ends, after the last commit (``context``: what the caller passed to ``finish``,
+        the Trainer for the callbacks)."""
+
+
+class SaveContext(Protocol):
+    """What a save needs from the training loop (the callbacks adapt Lightning's Trainer to it)."""
+
+    step: int
+    epoch: int
+
+    def metrics(self) -> dict: ...
+
+    def hparams(self) -> Optional[dict]: ...
+
+    def dump(self, weights_only: bool) -> dict: ...
+
+    def any_rank(self, flag: bool) -> bool: ...
+
+
+def staging_dir(uri: str) -> str:
+    """The local folder where saves into an ``s3://`` dirpath are written before their upload:
+    ``$LIGHTNING_CKPT_STAGING/<hash of the URI>``, default under the system temp folder. Every rank of a node derives
+    the same folder from the URI."""
+    root = os.environ.get("LIGHTNING_CKPT_STAGING") or os.path.join(tempfile.gettempdir(), "lightning_ckpt-staging")
+    return os.path.join(root, hashlib.sha1(uri.encode()).hexdigest()[:16])
+
+
+class FolderSession:
+    """Everything the callbacks of one ``fit`` share for one folder (``key``: an absolute path or an ``s3://`` URI)."""
+
+    def __init__(self, key: str, options: SaveOptions) -> None:
+        self.key = key
+        self.remote: Optional[str] = key if is_remote(key) else None
+        self.dirpath = staging_dir(key) if self.remote else key  # where the writer commits
+        self.options = options
+        self.writer = CheckpointWriter(
+            self.dirpath, async_save=options.async_save, name_template=options.name_template, if_busy=options.if_busy,
+            fsync=options.fsync, auto_seal=False, mode=options.distributed, timeout_s=options.save_timeout_s)
+        self.writer.on_commit.append(self._after_commit)
+        self.store = self.writer.store
+        self.participants: list[Participant] = []
+        self.retention: list[tuple[Any, RetentionRules]] = []  # (owner, rules): a checkpoint stays if any set keeps it
+        self.uploaders: dict[str, Uploader] = {}  # uri -> uploader (rank 0 runs them)
+        self.requests: list[SaveRequest] = []
+        self._arrived: dict[str, set[int]] = {}
+        self.run_id = uuid.uuid4().hex[:12]
+        self.last_saved_step: Optional[int] = None
+        self.last_save_time = time.monotonic()
+        self.last_save_tags: set = set()
+        self.last_stall_s: Optional[float] = None
+        self.stalls: dict[int, float] = {}  # step -> training stall of its save (seconds)
+        self.committed: list[SaveResult] = []  # commits not yet reported to the loggers
+        self.resumed_from: Optional[str] = None
+        self.pending_rng: Optional[dict] = None  # RNG states to restore where the saved run was (see callbacks)
+        self.on_save_error: Optional[str] = options.on_save_error
+        self.save_errors: list[CheckpointError] = []
+        self.deleted: list[str] = []
+        self.retention_deleted: list[str] = []
+        self.lock: Any = None
+        self.uploading = False  # this rank runs the uploads (rank 0)
+        self._deleter = cf.ThreadPoolExecutor(1, thread_name_prefix="lightning_ckpt-delete")
+
+    # ------------------------------------------------------------------ set-up
+    def open(self) -> None:
+        """Every rank, once (collective): create the folder, find which ranks share it, take its lock on the folder's
+        leader and remove what interrupted saves left. Raises on every rank when any rank failed."""
+        w = self.writer
+        w.prepare_dir()
+        w.detect_folders(every_folder=self.remote is None)
+        error = None
+        if w.is_leader and w.folder_written:
+            try:
+                self.lock = self.store.lock({"run_id": self.run_id})
+                self.store.cleanup(everyone=True)  # this run alone writes here: every partial entry is debris
+            except CheckpointError as e:
+                error = str(e)
+        error = w.agree(error)
+        if error is not None:
+            self.close()
+            raise CheckpointWriteError(error)
+
+    def join(self, participant: Participant, options: Optional[SaveOptions] = None) -> None:
+        """Add a participant; a saving one brings its options, which must agree with the folder's."""
+        if options is not None:
+            mine, theirs = options.folder_settings(), self.options.folder_settings()
+            if mine != theirs:
+                diff = [f"{n}: {a!r} vs {b!r}" for n, a, b in zip(FOLDER_OPTIONS, theirs, mine) if a != b]
+                raise ValueError(f"callbacks saving into {self.key} disagree on {'; '.join(diff)}. Callbacks on one "
+                                 "folder share one writer; give them the same settings.")
+            if options.on_save_error is not None:
+                if self.on_save_error not in (None, options.on_save_error):
+                    raise ValueError(f"callbacks saving into {self.key} disagree on on_save_error "
+                                     f"({self.on_save_error!r} vs {options.on_save_error!r}); set it the same on each")
+                self.on_save_error = options.on_save_error
+            self.writer.fsync = self.store.fsync = self.writer.fsync or options.fsync  # the stronger durability wins
+        if participant not in self.participants:
+            self.participants.append(participant)
+
+    def leave(self, participant: Participant) -> bool:
+        """Remove a participant; True when no saving one is left (the caller then closes the session)."""
+        if participant in self.participants:
+            self.participants.remove(participant)
+        self.retention = [(o, r) for o, r in self.retention if o is not participant]
+        return participant.saves and not self.saving
+
+    def add_backups(self, locations: Iterable[BackupLocation], uploading: bool) -> list[Uploader]:
+        """Upload every commit of the folder to these locations (rank 0 runs the uploads). An ``s3://`` dirpath is
+        itself the first, required location. Returns the uploaders added."""
+        locs = list(locations)
+        if self.remote and self.remote not in self.uploaders:
+            locs.insert(0, BackupLocation(self.remote, required=True))
+        added = []
+        for loc in locs:
+            up = self.uploaders.get(loc.uri)
+            if up is not None:
+                if up.location != loc and loc.uri != self.remote:
+                    raise ValueError(f"callbacks saving into {self.key} give {loc.uri} different retention rules; "
+                                     "give it once, or the same rules on each")
+                continue
+            primary = loc.uri == self.remote  # the run's own folder: the callbacks' protections hold there too
+            up = Uploader(loc, self.dirpath, protect=self.protected if primary else None, primary=primary)
+            self.uploaders[loc.uri] = up
+            added.append(up)
+            if uploading:
+                self.uploading = True
+                up.start()
+                up.catch_up()
+        return added
+
+    def add_retention(self, owner: Any, rules: RetentionRules) -> None:
+        """Prune the folder after each commit (an ``s3://`` dirpath: the location, after each upload)."""
+        self.retention.append((owner, rules))
+        if self.primary is not None:
+            self.primary.extra_rules.append(rules)
+
+    @property
+    def primary(self) -> Optional[Uploader]:
+        """The uploader of an ``s3://`` dirpath, else None."""
+        return self.uploaders.get(self.remote) if self.remote else None
+
+    # ------------------------------------------------------------------ saving
+    @property
+    def saving(self) -> list[Participant]:
+        return [p for p in self.participants if p.saves]
+
+    def arrive(self, participant: Participant, hook: str) -> bool:
+        """A saving participant has seen ``hook``; True for the last of them (the session may act for them all now).
+        Lightning calls every callback's hook before the next hook, so this does not depend on the callbacks' order."""
+        seen = self._arrived.setdefault(hook, set())
+        seen.add(id(participant))
+        if all(id(p) in seen for p in self.saving):
+            del self._arrived[hook]
+            return True
+        return False
+
+    @property
+    def urgent(self) -> bool:
+        """A request of this hook must be committed before the hook returns (a preemption)."""
+        return any(r.urgent for r in self.requests)
+
+    def request(self, req: SaveRequest) -> None:
+        self.requests.append(req)
+
+    def flush(self, ctx: SaveContext, final: bool = False) -> None:
+        """Write what was requested in this hook: one checkpoint per kind of content, every tag on it. A save of the
+        same step not yet committed is replaced by this newer state of the step (and gives it its tags)."""
+        requests, self.requests = self.requests, []
+        if not requests:
+            return
+        urgent = any(r.urgent for r in requests)
+        sync = any(r.sync for r in requests)
+        w = self.writer
+        step = int(ctx.step)
+        metrics = ctx.metrics()
+        for group, tags in group_requests(requests).items():
+            kind = kind_of(group)
+            pending = w.pending
+            if pending is not None and pending.step == step and final and w.merge(step, tags, metrics, kind):
+                continue  # the end of fit adds its tag to the save of the last step
+            if self.last_saved_step == step and pending is None and tags <= self.last_save_tags | {"final"}:
+                continue  # already committed at this step (e.g. the step we resumed from)
+            if pending is not None and pending.step == step and pending.kind == kind:
+                tags = tags | set(pending.tags)
+                w.abandon()  # replaced by a newer state of the same step
+            self._save(ctx, group, tags, metrics, final, sync)
+        if urgent:  # the process may end right after this hook (SIGTERM): commit now
+            self.wait(raise_errors=False)
+
+    def _save(self, ctx: SaveContext, group: tuple, tags: set, metrics: dict, final: bool, sync: bool) -> None:
+        t0 = time.perf_counter()
+        w = self.writer
+        if w.if_busy == "skip" and w.world_size > 1 and not final:
+            # every rank must skip the same saves (a save is a collective): skip if any rank is still writing
+            if ctx.any_rank(w.writing_sealed):
+                log.warning("lightning_ckpt: save at step %s skipped: a rank is still writing the previous one", ctx.step)
+                return
+        content, include, exclude = group
+        checkpoint = shape_checkpoint(ctx.dump(content != "full"), group)
+        self.guard(w.raise_if_failed)  # an earlier background save failed
+        pending = self.guard(
+            w.save, checkpoint, step=int(ctx.step), epoch=int(ctx.epoch), tags=tags, metrics=metrics,
+            hparams=ctx.hparams(), kind=kind_of(group),
+            meta={"resumed_from": self.resumed_from, "run_id": self.run_id, "include": list(include),
+                  "exclude": list(exclude)},
+            if_busy="wait" if final else None,  # the end of fit is never skipped
+            sync=sync,
+        )
+        if pending is None:
+            return
+        self.last_stall_s = time.perf_counter() - t0
+        self.stalls[int(ctx.step)] = self.last_stall_s
+        self.last_saved_step = int(ctx.step)
+        self.last_save_tags = set(tags)
+        self.last_save_time = time.monotonic()
+
+    def guard(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """Run a writer call; with ``on_save_error="continue"`` a failed save is logged and training goes on."""
+        try:
+            return fn(*args, **kwargs)
+        except CheckpointError as e:
+            if self.on_save_error != "continue":
+                raise
+            self.save_errors.append(e)
+            log.error("lightning_ckpt: a save failed and training continues (on_save_error='continue'): %s", e)
+            return None
+
+    def wait(self, raise_errors: bool) -> None:
+        """Seal and wait for the save in flight; its error is raised, or only logged."""
+        try:
+            self.writer.wait()
+        except CheckpointError as e:
+            if raise_errors:
+                raise
+            log.error("lightning_ckpt: a background save failed: %s", e)
+
+    # ------------------------------------------------------------------ after each commit (folder leader)
+    def protected(self) -> set[str]:
+        names: set[str] = set()
+        if self.resumed_from:
+            names.add(os.path.basename(os.path.normpath(self.resumed_from)))
+        for p in list(self.participants):
+            try:
+                names |= set(p.protect())
+            except Exception as e:  # noqa: BLE001
+                log.error("lightning_ckpt: %s could not say what to keep: %r", type(p).__name__, e)
+        for up in list(self.uploaders.values()):
+            names |= up.pending()  # a checkpoint waiting for its upload is never deleted locally
+        return names
+
+    def delete(self, names: Iterable[str], reason: str) -> list[str]:
+        """Delete committed checkpoints (never a protected one): out of the listing now, the bytes in the background.
+        Returns the names deleted."""
+        protected = self.protected()
+        done = []
+        for name in names:
+            if name in protected:
+                continue
+            if self.primary is not None:  # an s3:// dirpath: delete there, after the uploads queued before
+                self.primary.enqueue_delete(name)
+            else:
+                trash = self.store.trash(name)
+                if trash is None:
+                    continue
+                self._deleter.submit(self.store.purge, trash)
+            done.append(name)
+            if self.options.verbose:
+                log.info("lightning_ckpt: deleted %s (%s)", self.store.path(name) if not self.remote else
+                         f"{self.remote}/{name}", reason)
+        self.deleted += done
+        return done
+
+    def _after_commit(self, res: SaveResult) -> None:
+        """In the committing thread: the run's metric history, the uploads, the participants, then retention."""
+        self.committed.append(res)
+        line = {"step": res.step, "name": res.name, "tags": res.tags, "time": time.time(), "metrics": res.metrics}
+        try:
+            with open(os.path.join(self.dirpath, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(line, allow_nan=False, default=str) + "\n")
+        except (OSError, ValueError) as e:
+            log.error("lightning_ckpt: could not append to metrics.jsonl: %s", e)
+        if self.uploading:
+            for up in self.uploaders.values():
+                up.enqueue(res.path)
+        for p in list(self.participants):
+            try:
+                p.after_commit(res)
+            except Exception as e:  # noqa: BLE001 - never fail a committed save
+                log.error("lightning_ckpt: %s failed after the commit of %s: %r", type(p).__name__, res.name, e)
+        if self.retention and self.primary is None:
+            self.apply_retention(res.name)
+
+    def apply_retention(self, newest: str) -> list[str]:
+        """Delete what no retention rule set keeps (a checkpoint stays when any set keeps it)."""
+        try:
+            doomed = plan_deletions(committed_records(self.dirpath), [r for _, r in self.retention],
+                                    self.protected() | {newest})
+        except ValueError as e:
+            log.warning("lightning_ckpt: retention deletes nothing in %s: %s", self.key, e)
+            return []
+        done = self.delete(doomed, "retention policy") if doomed else []
+        self.retention_deleted += done
+        return done
+
+    # ------------------------------------------------------------------ end
+    def finish(self, context: Any = None) -> None:
+        """Every rank, after the last commit of fit: the uploads' last wait, then the participants' end steps."""
+        for up in self.uploaders.values() if self.uploading else ():
+            left = up.flush(up.flush_timeout_s)
+            if not left:
+                continue
+            msg = f"checkpoints not uploaded to {up.uri} by the end of fit: {left} (last error: {up.last_error!r})"
+            if up.location.required:
+                raise CheckpointWriteError(f"{msg}; they are intact locally in {self.dirpath}: upload them with "
+                                           f"`lightning-ckpt push {self.dirpath}/<name> {up.uri}`, or relaunch (the "
+                                           "upload resumes)")
+            log.error("lightning_ckpt: %s. They are intact locally; the next run (or `lightning-ckpt push`) uploads "
+                      "them", msg)
+        for p in list(self.participants):
+            p.at_end(self, context)
+
+    def record_failure(self, exception: BaseException) -> None:
+        """Each folder's leader: note that this run ended in an exception (``lightning-ckpt prune --failed``)."""
+        w = self.writer
+        if not (w.is_leader and w.folder_written):
+            return
+        try:
+            record_failed_run(self.dirpath, self.run_id, repr(exception), time.time())
+        except OSError as e:
+            log.error("lightning_ckpt: could not record the failed run: %s", e)
+
+    def close(self) -> None:
+        """Every rank, once fit is over: wait for the writer, stop the threads, release the lock."""
+        try:
+            self.writer.close()
+        except CheckpointError as e:  # already reported at the end of fit or in on_exception
+            log.error("lightning_ckpt: %s", e)
+        finally:
+            self._deleter.shutdown(wait=True)
+            for up in self.uploaders.values():
+                up.stop()
+            if self.lock is not None:
+                self.lock.release()
+                self.lock = None

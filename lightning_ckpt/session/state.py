@@ -1,0 +1,95 @@
+"""What a save holds: the requests of one hook grouped into as few checkpoints as possible, the selection of tensors
+for partial checkpoints, and the package's own entry in the checkpoint dictionary (content kind, RNG states)."""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .rng import capture_rng
+
+STATE_KEY = "lightning_ckpt"  # our entry in the checkpoint dictionary: {"format", "kind", "rng"}
+FULL = ("full", (), ())
+
+
+@dataclass
+class SaveRequest:
+    """One callback's wish for a save at the current step."""
+
+    tags: set
+    content: str = "full"
+    include: tuple = ()
+    exclude: tuple = ()
+    urgent: bool = False  # commit before the hook returns (preemption)
+    sync: bool = False  # written before the hook returns (a callback with async_save=False)
+
+    @property
+    def group(self) -> tuple:
+        return (self.content, self.include, self.exclude)
+
+
+def group_requests(requests: list[SaveRequest]) -> dict[tuple, set]:
+    """(content, include, exclude) -> union of tags; a full checkpoint also serves weights/light requests that select
+    no tensors, so one full save answers them all."""
+    groups: dict[tuple, set] = {}
+    for r in requests:
+        groups.setdefault(r.group, set()).update(r.tags)
+    if FULL in groups:
+        for g in list(groups):
+            if g != FULL and not g[1] and not g[2]:
+                groups[FULL] |= groups.pop(g)
+    return groups
+
+
+def kind_of(group: tuple) -> str:
+    content, include, exclude = group
+    return "partial" if (include or exclude) else content
+
+
+def shape_checkpoint(checkpoint: dict, group: tuple) -> dict:
+    """The checkpoint dictionary of one group: tensors selected, and our own entry (with the RNG states of this
+    process for a full checkpoint, the only kind that resumes training)."""
+    content, include, exclude = group
+    if content == "light":
+        checkpoint.pop("state_dict", None)
+    if include or exclude:
+        checkpoint = filter_state(checkpoint, include, exclude)
+    kind = kind_of(group)
+    checkpoint[STATE_KEY] = {"format": 1, "kind": kind}
+    if kind == "full":
+        checkpoint[STATE_KEY]["rng"] = capture_rng()
+    return checkpoint
+
+
+def filter_state(checkpoint: dict, include: tuple, exclude: tuple) -> dict:
+    """Drop tensors whose flat key (``state_dict/<name>``, ``optimizer_states/0/state/3/exp_avg``) is not selected.
+
+    Tensors inside dicts are removed; inside lists and tuples they become ``None``. Non-tensor values stay.
+    """
+
+    def selected(key: str) -> bool:
+        if include and not any(fnmatch.fnmatchcase(key, p) for p in include):
+            return False
+        return not any(fnmatch.fnmatchcase(key, p) for p in exclude)
+
+    drop = object()
+
+    def walk(x: Any, path: str) -> Any:
+        if isinstance(x, torch.Tensor):
+            return x if selected(path) else drop
+        if isinstance(x, dict):
+            out = type(x)() if type(x) is not dict else {}
+            for k, v in x.items():
+                r = walk(v, f"{path}/{k}" if path else str(k))
+                if r is not drop:
+                    out[k] = r
+            return out
+        if isinstance(x, (list, tuple)) and not hasattr(x, "_fields"):
+            items = [walk(v, f"{path}/{i}") for i, v in enumerate(x)]
+            items = [None if r is drop else r for r in items]
+            return type(x)(items) if isinstance(x, tuple) else items
+        return x
+
+    return walk(checkpoint, "")

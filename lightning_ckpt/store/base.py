@@ -1,0 +1,153 @@
+"""What a store is: a folder of committed entries (checkpoints, stage results, exports), written through one commit
+protocol and deleted through one deletion path. ``LocalStore`` and ``S3Store`` implement it.
+
+The commit protocol, the same on every backend::
+
+    tx = store.begin(name)            # a partial location nobody lists: .partial-<name>~<owner>~<id> (local), or
+                                      # objects under <prefix>/<name>/ without a manifest (S3)
+    tx.write_bytes(...) / write_tensors(...) / put_file(...)   # the data, durable before the commit
+    name = tx.commit(manifest_bytes)  # manifest last; its presence under the final name is the commit
+    store.publish_latest({...})       # the hint latest.json, replaced atomically, never the source of truth
+
+Readers list only names whose manifest is there, so a crash at any point leaves either the earlier entries alone or
+one more complete entry. Deletion is ``store.delete(name)``: the entry leaves the listing atomically first (a rename to
+``.trash-*`` locally, the manifest first on S3), then its bytes go.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+import zlib
+from abc import ABC, abstractmethod
+from typing import Callable, Iterable, Literal
+
+PARTIAL_PREFIX = ".partial-"
+TRASH_PREFIX = ".trash-"
+TMP_PREFIX = ".tmp-"
+PROBE_PREFIX = ".probe-"
+LOCK_FILE = ".lock"
+SEP = "~"  # never in an entry name (see check_name), so it splits partial names unambiguously
+
+IfExists = Literal["version", "discard", "replace"]
+
+
+def first_free(base: str, taken: Callable[[str], bool]) -> str:
+    """``base``, else ``base-v2``, ``-v3``, ...: the first name for which ``taken(name)`` is false."""
+    name, v = base, 1
+    while taken(name):
+        v += 1
+        name = f"{base}-v{v}"
+    return name
+
+
+def check_entry_name(name: object) -> str:
+    """An entry's name must be one path component that is not hidden and has no ``~`` (ValueError otherwise)."""
+    if (not isinstance(name, str) or not name or name in (".", "..") or name.startswith(".") or "/" in name
+            or os.sep in name or SEP in name or "\0" in name or len(name) > 255):
+        raise ValueError(f"{name!r} cannot name an entry of a folder: give one path component that does not start "
+                         "with '.' and has no '/' or '~'")
+    return name
+
+
+def host_id() -> str:
+    """A short stable id of this machine, part of every owner token."""
+    return f"{zlib.crc32(socket.gethostname().encode()):08x}"
+
+
+def owner_token() -> str:
+    """``<host id>.<pid>``: who wrote a partial entry, so a cleanup can tell a dead writer's debris from live work."""
+    return f"{host_id()}.{os.getpid()}"
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex[:8]
+
+
+def partial_name(name: str, tx_id: str, owner: str | None = None) -> str:
+    return f"{PARTIAL_PREFIX}{name}{SEP}{owner or owner_token()}{SEP}{tx_id}"
+
+
+def owner_of(entry: str) -> str | None:
+    """The owner token in a ``.partial-``/``.tmp-``/``.probe-`` name, or None (an older or foreign name)."""
+    parts = entry.split(SEP)
+    return parts[1] if len(parts) == 3 else None
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def owner_gone(owner: str | None) -> bool:
+    """True when ``owner`` is a process of this machine that no longer runs. Unknown owners and other machines'
+    processes are never declared gone here (only the folder's lock holder may clear those, see LocalStore.cleanup)."""
+    if not owner or "." not in owner:
+        return False
+    host, _, pid = owner.partition(".")
+    return host == host_id() and pid.isdigit() and not pid_alive(int(pid))
+
+
+class Transaction(ABC):
+    """One entry being written: the data first, the manifest last (``commit``), or nothing (``abort``)."""
+
+    name: str
+
+    @abstractmethod
+    def commit(self, manifest: bytes | None, *, name: str | None = None, if_exists: IfExists = "version") -> str | None:
+        """Make the entry visible under ``name`` (default: the name it was begun with). ``if_exists``: ``"version"``
+        takes the first free of ``name``, ``name-v2``, ...; ``"discard"`` drops this entry when the name is taken
+        (returns None); ``"replace"`` swaps it for the existing one. Returns the committed name."""
+
+    @abstractmethod
+    def abort(self) -> None:
+        """Remove what was written; nothing becomes visible."""
+
+
+class Store(ABC):
+    """A folder of committed entries. ``uri`` is an absolute local path or an ``s3://bucket/prefix`` URI."""
+
+    uri: str
+    remote: bool = False
+
+    def path(self, name: str) -> str:
+        """The location of entry ``name`` as users write it (a path, or a URI)."""
+        return f"{self.uri.rstrip('/')}/{name}"
+
+    # -- reading
+    @abstractmethod
+    def names(self) -> list[str]:
+        """Names of the committed entries (their manifest is there), in no particular order."""
+
+    @abstractmethod
+    def read_manifest(self, name: str) -> tuple[dict, bytes]:
+        """The validated manifest of entry ``name`` and its raw bytes. Raises CheckpointNotFoundError or
+        CheckpointCorruptError."""
+
+    @abstractmethod
+    def local_folder(self, name: str, files: Iterable[str] | None = None, manifest: tuple[dict, bytes] | None = None) -> str:
+        """A local folder from which the ``files`` of entry ``name`` (all when None) can be read: the entry itself, or
+        a read cache the files were downloaded into. Nothing is verified here; readers verify what they read."""
+
+    @abstractmethod
+    def read_latest(self) -> dict | None:
+        """The ``latest.json`` hint, or None when there is none or it is unreadable."""
+
+    # -- writing
+    @abstractmethod
+    def begin(self, name: str, tx_id: str | None = None) -> Transaction:
+        """Start writing entry ``name``. Several processes that pass the same ``tx_id`` write into one entry."""
+
+    @abstractmethod
+    def publish_latest(self, doc: dict) -> None:
+        """Replace ``latest.json`` atomically with ``doc`` (``name``, ``step``, ``epoch``)."""
+
+    # -- deleting
+    @abstractmethod
+    def delete(self, name: str) -> bool:
+        """Delete entry ``name``: it leaves the listing atomically first, then its bytes go. False when it was gone."""

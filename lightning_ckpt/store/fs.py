@@ -1,0 +1,158 @@
+"""The filesystem calls of the commit and deletion protocols, and the safe way to open a member of an entry.
+
+Every write, fsync, rename and removal the stores make goes through :data:`OPS` (one :class:`FsOps`), so the
+fault-injection tests can kill a process at each of them by replacing its methods. Readers open members with
+:func:`open_member`: never through a link, never blocking on a FIFO, only a regular file of the expected size.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import shutil
+import stat
+from typing import Any
+
+from ..errors import CheckpointCorruptError
+
+_WRITE_CHUNK = 1 << 30
+
+
+class FsOps:
+    """The filesystem calls of the commit and deletion protocols (one place to fault-inject them)."""
+
+    def write_all(self, fd: int, data: Any) -> None:
+        mv = memoryview(data).cast("B")
+        off, n = 0, len(mv)
+        while off < n:
+            off += os.write(fd, mv[off : off + _WRITE_CHUNK])
+
+    def write_file(self, path: str, data: Any, *, fsync: bool) -> None:
+        """Create or truncate ``path`` (never through a link) and write ``data`` (bytes, or a list of buffers written
+        back to back), fsynced when asked."""
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+        try:
+            for piece in (data if isinstance(data, list) else [data]):
+                self.write_all(fd, piece)
+            if fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def fsync_file(self, path: str) -> None:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def fsync_dir(self, path: str) -> None:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def rename(self, src: str, dst: str) -> None:
+        os.rename(src, dst)
+
+    def replace(self, src: str, dst: str) -> None:
+        os.replace(src, dst)
+
+    def exchange(self, a: str, b: str) -> bool:
+        """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where the system cannot."""
+        return _rename_exchange(a, b)
+
+    def rmtree(self, path: str) -> None:
+        shutil.rmtree(path, ignore_errors=True)
+
+    def unlink(self, path: str) -> None:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+OPS = FsOps()
+
+_libc: Any = None
+
+
+def _rename_exchange(a: str, b: str) -> bool:
+    global _libc
+    if not hasattr(os, "uname") or os.uname().sysname != "Linux":
+        return False
+    try:
+        if _libc is None:
+            _libc = ctypes.CDLL(None, use_errno=True)
+        fn = _libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False  # this filesystem cannot swap: the caller falls back to two renames
+    raise OSError(err, os.strerror(err), a)
+
+
+# ------------------------------------------------------------------------------------------------ reading members
+def open_member(folder: str, fname: str, size: int | None = None, *, where: str | None = None) -> int:
+    """Open ``folder/fname`` for reading: never through a link, never blocking on a FIFO, only a regular file, and
+    (when ``size`` is given) only of exactly that size. Returns a file descriptor. Raises CheckpointCorruptError."""
+    path = os.path.join(folder, fname)
+    where = where or path
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise CheckpointCorruptError(f"{where} is missing; the checkpoint is incomplete, use an earlier one") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise CheckpointCorruptError(f"{where} is a symbolic link; a checkpoint's files must be regular files "
+                                         "inside its folder. Do not load it; use an earlier checkpoint.") from None
+        raise CheckpointCorruptError(f"cannot open {where} ({e.strerror or e}); use an earlier checkpoint") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise CheckpointCorruptError(f"{where} is not a regular file; a checkpoint's files must be regular files "
+                                         "inside its folder. Do not load it; use an earlier checkpoint.")
+        if size is not None and st.st_size != size:
+            raise CheckpointCorruptError(f"{where} has {st.st_size} bytes where the manifest says {size}: the file "
+                                         "was truncated or replaced. Use an earlier checkpoint.")
+        os.set_blocking(fd, True)
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_member(folder: str, fname: str, limit: int, *, size: int | None = None, where: str | None = None) -> bytes:
+    """The whole content of a (small) member, at most ``limit`` bytes, opened as :func:`open_member` does."""
+    fd = open_member(folder, fname, size, where=where)
+    with os.fdopen(fd, "rb", buffering=0) as f:
+        n = os.fstat(f.fileno()).st_size
+        if n > limit:
+            raise CheckpointCorruptError(f"{where or os.path.join(folder, fname)} has {n} bytes, more than the "
+                                         f"{limit} such a file may have; refusing to read it")
+        raw = f.read(n + 1)
+    if len(raw) != n:
+        raise CheckpointCorruptError(f"{where or os.path.join(folder, fname)} changed size while it was read")
+    return raw
+
+
+def _is_real_dir(path: str) -> bool:
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _is_real_file(path: str) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+# ------------------------------------------------------------------------------------------------ the store

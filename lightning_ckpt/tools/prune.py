@@ -1,0 +1,117 @@
+"""Deleting checkpoints by rule, safely: ``lightning-ckpt prune`` and the retention of the callbacks and backups.
+
+Deletion goes through the store (``Store.delete``: out of the listing atomically, then the bytes). A prune of a local
+folder takes the folder's lock first, so it never runs beside a training run that writes there (whose protections it
+cannot see); leftovers of interrupted saves are removed only when their writer is gone.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import CheckpointError
+from ..policy.retention import Record, RetentionRules, plan_retention
+from ..read import list_checkpoints
+from ..store import LocalStore, open_store
+from ..store.fs import read_member
+
+RUNS_DIR = ".runs"  # <dirpath>/.runs/<run_id>.json: a note left by a run that ended in an exception
+
+
+def committed_records(where: Any) -> list[Record]:
+    """Retention records of the committed checkpoints of a folder or of an ``s3://`` location."""
+    return [Record(c.name, c.step, c.size_bytes, dict(c.metrics), tuple(c.tags), c.created_unix or 0.0)
+            for c in list_checkpoints(where)]
+
+
+def plan_deletions(records: list[Record], rule_sets: list[RetentionRules], protected: set[str] = frozenset()) -> list[str]:
+    """Names no rule set keeps (a checkpoint stays when any rule of any set keeps it). Raises ValueError (from
+    ``plan_retention``) when a set ranks by a metric no checkpoint recorded."""
+    keep = [False] * len(records)
+    for rules in rule_sets:
+        keep = [a or b for a, b in zip(keep, plan_retention(records, rules, protected))]
+    return [r.name for r, k in zip(records, keep) if not k]
+
+
+def remove_checkpoint(path: Any) -> None:
+    """Delete a committed checkpoint: it disappears from listings atomically, then its files are removed."""
+    from ..store import locate
+
+    store, name = locate(path)
+    store.delete(name)
+
+
+def failed_run_ids(dirpath: str) -> set[str]:
+    """Runs recorded as ended in an exception (``<dirpath>/.runs/<run_id>.json``)."""
+    d = os.path.join(dirpath, RUNS_DIR)
+    out: set[str] = set()
+    try:
+        entries = os.listdir(d)
+    except OSError:
+        return out
+    for e in entries:
+        try:
+            rec = json.loads(read_member(d, e, 1 << 16))
+        except (CheckpointError, OSError, ValueError):
+            continue
+        if isinstance(rec, dict) and rec.get("status") == "failed" and isinstance(rec.get("run_id"), str):
+            out.add(rec["run_id"])
+    return out
+
+
+def record_failed_run(dirpath: str, run_id: str, error: str, when: float) -> None:
+    """Leave the note :func:`failed_run_ids` reads (``lightning-ckpt prune --failed`` removes that run's checkpoints)."""
+    LocalStore(os.path.join(dirpath, RUNS_DIR), fsync=False).write_atomic(
+        f"{run_id}.json", json.dumps({"run_id": run_id, "status": "failed", "error": error[:2000], "time": when}).encode())
+
+
+@dataclass
+class PruneReport:
+    dry_run: bool
+    deleted: list = field(default_factory=list)  # {"path", "reason", "bytes"}
+    partials: list = field(default_factory=list)  # paths of interrupted saves removed
+    kept: list = field(default_factory=list)  # paths
+    left_alone: list = field(default_factory=list)  # partial saves of a writer that still runs
+
+
+def prune(dirpath: Any, rules: RetentionRules | None, *, failed: bool = False, dry_run: bool = False) -> PruneReport:
+    """Delete the checkpoints of ``dirpath`` that ``rules`` do not keep (the newest is always kept) and, with
+    ``failed``, those of runs that ended in an exception plus the leftovers of interrupted saves whose writer is gone.
+
+    Raises ``FolderBusyError`` when a run holds the folder's lock, ValueError when ``rules`` rank by a metric no
+    checkpoint recorded (nothing is deleted then)."""
+    store = open_store(dirpath)
+    lock = None
+    if not store.remote and not dry_run:
+        lock = store.lock({"run_id": "lightning-ckpt prune"})
+    try:
+        report = PruneReport(dry_run)
+        ckpts = list_checkpoints(dirpath)
+        doomed: dict[str, str] = {}
+        if rules is not None and (rules.has_keep_rule or rules.max_total_bytes is not None):
+            for name in plan_deletions(committed_records(dirpath), [rules]):
+                doomed[name] = "retention rules"
+        if failed and not store.remote:
+            ids = failed_run_ids(store.uri)
+            newest = ckpts[-1].name if ckpts else None
+            for c in ckpts:
+                if c.manifest.get("run_id") in ids and c.name != newest:
+                    doomed.setdefault(c.name, "its run ended in an exception")
+            holder = store.lock_holder() if lock is None else None
+            debris = store.debris(everyone=holder is None)
+            report.left_alone = [p for p in store.debris(everyone=True) if p not in debris]
+            if not dry_run:
+                debris = store.cleanup(everyone=True)
+            report.partials = debris
+        for c in ckpts:
+            if c.name in doomed:
+                if not dry_run:
+                    store.delete(c.name)
+                report.deleted.append({"path": c.path, "reason": doomed[c.name], "bytes": c.size_bytes})
+        report.kept = [c.path for c in ckpts if c.name not in doomed]
+        return report
+    finally:
+        if lock is not None:
+            lock.release()

@@ -1,0 +1,144 @@
+"""Copying committed checkpoints between a local folder and S3: ``push`` (upload) and ``pull`` (download), each a
+transaction of the destination store, so an interrupted copy is never seen as a checkpoint.
+
+A push uploads every data object (with its whole-file CRC32C as object metadata), verifying the local copy while
+the objects go up, then the manifest (the commit on S3), then ``latest.json``. Pushing a checkpoint that is already
+there repairs it: objects that are missing, of the wrong size, or whose recorded checksum differs from the manifest's
+are uploaded again, so after a push the remote copy verifies. A pull downloads into a partial folder, fsyncs and
+verifies every byte, then commits it (replacing an older local copy of the same name atomically).
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+from ..errors import CheckpointNotFoundError
+from ..format import manifest as mf
+from ..format.tensorfile import file_crc32c
+from ..read import _verify_files, verify_checkpoint
+from ..store import LocalStore, locate, open_store
+from ..store.fs import OPS
+
+log = logging.getLogger("lightning_ckpt")
+
+ProgressFn = Optional[Callable[[int], None]]
+CRC_META = "lc-crc32c"  # object metadata: the CRC32C of the whole file, as the manifest's regions give it
+
+
+@dataclass
+class TransferResult:
+    uri: str
+    files: int
+    bytes: int
+
+
+def _remote(dest: Any) -> Any:
+    store = open_store(dest)
+    if not store.remote:
+        raise ValueError(f"{dest!r} is not a remote location; write it as s3://bucket/prefix")
+    return store
+
+
+def stale_objects(store: Any, name: str, m: dict) -> list[str]:
+    """Files of checkpoint ``name`` at the S3 ``store`` that do not hold what manifest ``m`` says: missing, of another
+    size, or uploaded with another checksum (or none)."""
+    objs = store.objects(name)
+    bad = []
+    for fname, entry in sorted(m["files"].items()):
+        obj = objs.get(fname)
+        if obj is None or int(obj.get("Size", -1)) != int(entry["size"]):
+            bad.append(fname)
+            continue
+        meta = store.head(store.key(name, fname)).get("Metadata") or {}
+        if meta.get(CRC_META) != f"{file_crc32c(entry):08x}":
+            bad.append(fname)
+    return bad
+
+
+def push_checkpoint(path: Any, dest: Any, *, progress: ProgressFn = None, verify: bool = True) -> TransferResult:
+    """Upload the committed checkpoint at ``path`` to ``dest`` (``s3://bucket/prefix``): it becomes
+    ``s3://bucket/prefix/<name>/``, and ``s3://bucket/prefix/latest.json`` points at it (never back to an older step).
+    With ``verify`` (default) a local copy that fails verification is not committed on S3 (``CheckpointCorruptError``).
+    A copy already at ``dest`` is checked object by object and repaired."""
+    src, name = locate(path)
+    m, raw = src.read_manifest(name)
+    folder = src.local_folder(name)
+    remote = _remote(dest)
+    try:
+        existing = remote.get_bytes(remote.key(name, mf.MANIFEST), 64 << 20)
+    except CheckpointNotFoundError:
+        existing = None
+    if existing == raw:  # committed there before: re-upload only what does not match
+        files = stale_objects(remote, name, m)
+        if files:
+            log.warning("lightning_ckpt: %s/%s had %d damaged or missing object(s) (%s); uploading them again",
+                        remote.uri, name, len(files), ", ".join(files))
+    else:
+        files = sorted(m["files"])
+        if existing is not None:
+            # another checkpoint of that name is there: un-commit it first, so that an interrupted overwrite is never
+            # listed as a checkpoint whose files do not match its manifest
+            remote.uncommit(name)
+    tx = remote.begin(name)
+
+    def up(fname: str) -> int:
+        tx.put_file(fname, os.path.join(folder, fname), progress, {CRC_META: f"{file_crc32c(m['files'][fname]):08x}"})
+        return int(m["files"][fname]["size"])
+
+    total = 0
+    if files:
+        # the local copy is verified while its objects go up (read from the page cache, off the upload's critical
+        # path); the manifest, which makes the checkpoint visible on S3, goes up only if every byte checked out
+        with cf.ThreadPoolExecutor(1) as vex:
+            checked = vex.submit(verify_checkpoint, path) if verify else None
+            try:
+                with cf.ThreadPoolExecutor(4) as ex:
+                    total = sum(ex.map(up, files))
+            finally:
+                bad = checked.exception() if checked is not None else None
+            if bad is not None:
+                if existing != raw:
+                    tx.abort()  # never committed: remove what went up
+                raise bad
+    if files or existing != raw:
+        tx.commit(raw)  # the commit point on S3
+    remote.publish_latest({"name": name, "step": m["step"], "epoch": m.get("epoch")})
+    return TransferResult(remote.path(name), len(files) + 1, total + len(raw))
+
+
+def pull_checkpoint(src: Any, dest_dir: Any, *, progress: ProgressFn = None) -> str:
+    """Download the checkpoint at ``src`` (``s3://bucket/prefix/<name>``, or ``s3://bucket/prefix`` for the one its
+    ``latest.json`` names) into ``dest_dir/<name>``, verify every byte, and return the local path."""
+    store, name = locate(src)
+    try:
+        got = store.read_manifest(name)
+    except CheckpointNotFoundError:
+        store = _remote(src)  # a run folder: take the checkpoint its latest.json names
+        latest = store.read_latest()
+        if latest is None:
+            raise CheckpointNotFoundError(
+                f"nothing to pull: {src} does not exist as a committed checkpoint, and has no latest.json. List what is "
+                f"there with `lightning-ckpt ls {store.uri}`.") from None
+        name = mf.check_member_name(latest.get("name"), store.path(mf.LATEST))
+        got = store.read_manifest(name)
+    m, raw = got
+    local = LocalStore(dest_dir)
+    local.makedirs()
+    tx = local.begin(name).open()
+    try:
+        def down(fname: str) -> None:
+            dst = tx.file(fname)
+            store.download(store.key(name, fname), dst, progress)
+            if local.fsync:
+                OPS.fsync_file(dst)
+
+        with cf.ThreadPoolExecutor(4) as ex:
+            list(ex.map(down, sorted(m["files"])))
+        _verify_files(tx.path, m, None)
+        return local.path(tx.commit(raw, if_exists="replace"))
+    except BaseException:
+        tx.abort()
+        raise

@@ -1,0 +1,42 @@
+"""Which ranks share a checkpoint folder (a shared filesystem, or a node-local disk per node), found with probe files."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch.distributed as dist
+
+from ..errors import CheckpointWriteError
+from ..store.base import PROBE_PREFIX, SEP
+from ..store.fs import OPS
+from ..store.local import LocalStore
+
+
+def folder_groups(store: LocalStore, rank: int, world_size: int, pg: Any, writer_id: str) -> list[tuple[int, ...]]:
+    """Collective: the groups of ranks that see the same folder, lowest rank first in each, sorted.
+
+    In rounds: the lowest rank not yet placed leaves a probe file; the ranks that see it share its folder. One round on
+    a shared filesystem, one per node for node-local disks. Each rank looks up one name per round (by name rather than
+    listing: a shared filesystem such as NFS may serve a cached listing of the folder)."""
+    store.makedirs()
+    leader_of: dict[int, int] = {}
+    while len(leader_of) < world_size:
+        leader = min(r for r in range(world_size) if r not in leader_of)
+        probe = store.path(f"{PROBE_PREFIX}node{SEP}{writer_id}{SEP}{leader}")
+        if rank == leader:
+            OPS.write_file(probe, b"", fsync=False)
+        dist.barrier(group=pg)
+        sees = rank not in leader_of and os.path.exists(probe)
+        flags: list = [None] * world_size
+        dist.all_gather_object(flags, sees, group=pg)
+        if rank == leader:
+            OPS.unlink(probe)  # every rank has looked by now
+        if not flags[leader]:
+            raise CheckpointWriteError(
+                f"rank {leader} cannot see the file it just created in the checkpoint folder {store.root}; use a "
+                "folder on a filesystem that shows a file to the process that created it")
+        for r, seen in enumerate(flags):
+            if seen:
+                leader_of[r] = leader
+    dist.barrier(group=pg)  # no probe is left for the leftover cleanup that follows to report
+    return sorted({tuple(r for r in range(world_size) if leader_of[r] == ld) for ld in leader_of.values()})

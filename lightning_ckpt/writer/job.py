@@ -1,0 +1,315 @@
+"""One save of a :class:`~lightning_ckpt.writer.CheckpointWriter`: phase 1 writes every rank's files into the
+folder's transaction (through DCP), phase 2 commits it on the folder's leader (manifest last, rename, latest.json) and
+runs the writer's on-commit hooks. Node-local folders add two collectives: every rank's own state is handed to every
+folder before the write, and every folder learns before the commit whether all folders were written."""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import os
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Iterable
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+
+from ..dcp import LCStorageWriter, _FileResult, unwrap_dcp_error
+from ..errors import CheckpointError, CheckpointWriteError
+from ..format import manifest as mf
+from ..format.tensorfile import byte_view, dtype_from_name, dtype_name
+from ..store.base import first_free
+from .meta import json_safe
+
+if TYPE_CHECKING:
+    from .writer import CheckpointWriter
+
+log = logging.getLogger("lightning_ckpt")
+
+
+@dataclass
+class SaveResult:
+    """What a finished save produced."""
+
+    name: str
+    path: str
+    step: int
+    bytes: int
+    snapshot_s: float
+    write_s: float
+    tags: list[str] = field(default_factory=list)
+    kind: str = "full"
+    metrics: dict = field(default_factory=dict)
+
+
+class PendingSave:
+    """Handle of a save. ``result()`` waits for the commit and returns a :class:`SaveResult` or raises.
+
+    Until the save is committed, :meth:`CheckpointWriter.merge` can add tags and metrics to it (several callbacks
+    asking for the same step get one checkpoint with all their tags).
+    """
+
+    def __init__(self, job: "SaveJob", future: cf.Future, step: int) -> None:
+        self._job = job
+        self._future = future
+        self.step = step
+
+    @property
+    def kind(self) -> str:
+        return self._job.header["kind"]
+
+    @property
+    def tags(self) -> list[str]:
+        return sorted(self._job.tags)
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def result(self, timeout: float | None = None) -> SaveResult:
+        return self._future.result(timeout)
+
+
+# which content satisfies which request: a full checkpoint also serves as a weights one
+
+
+class _Abandoned(Exception):
+    pass
+
+
+class SaveJob:
+    def __init__(self, writer: CheckpointWriter, name: str, tensors: dict, state_bytes: bytes | None, header: dict,
+                 snapshot_s: float, sealed: bool, seq: int = 0, handoff: tuple | None = None):
+        self.w = writer
+        self.handoff = handoff
+        self.seq = seq
+        self.name = name
+        self.tensors = tensors
+        self.state_bytes = state_bytes
+        self.header = header
+        self.tags: set[str] = set(header["tags"])
+        self.snapshot_s = snapshot_s
+        self.inline = False  # written (and committed when sealed) in the caller's thread
+        self.sealed = threading.Event()
+        if sealed:
+            self.sealed.set()
+        self.abandoned = False
+        self.future: cf.Future | None = None
+        self._lock = threading.Lock()
+        self._committing = False
+        self.tx: Any = None
+        self.files: list[_FileResult] = []
+        self.tensor_index: dict = {}
+        self.t0 = time.perf_counter()
+
+    def add(self, tags: Iterable[str], metrics: dict | None) -> bool:
+        with self._lock:
+            if self._committing:
+                return False
+            self.tags.update(tags)
+            if metrics:
+                self.header["metrics"].update(json_safe(metrics))
+            return True
+
+    def run_logged(self) -> SaveResult:
+        try:
+            self.write()
+            self.sealed.wait()
+            return self.commit()
+        except _Abandoned:
+            raise
+        except BaseException as e:
+            log.error("lightning_ckpt: background save of %s failed: %r (earlier checkpoints are intact)", self.name, e)
+            raise
+
+    def write(self) -> None:
+        """Phase 1: every file into the partial folder, fsynced."""
+        w = self.w
+        self.t0 = time.perf_counter()
+        folder = f"-n{w.folder_ranks[0]}" if w.node_local else ""  # never one partial folder for two folder groups
+        # every rank of the folder writes into the same transaction: the same id, and rank 0's owner token
+        self.tx = w.store.begin(self.name, tx_id=f"{w.writer_id}-{self.seq}{folder}", owner=w.owner)
+        failed: BaseException | None = None
+        collective_failed = False
+        try:
+            extra_states: dict[int, bytes] = {}
+            if w.node_local:  # each folder gets every rank's own state: hand it over first
+                gathered: list = [None] * w.world_size
+                collective_failed = True
+                dist.all_gather_object(gathered, self.handoff, group=w.pg)
+                collective_failed = False
+                self.handoff = None
+                if w.is_leader and w.folder_written:
+                    for r, got in enumerate(gathered):
+                        if got is not None and r not in w.folder_ranks:
+                            self.tensors.update({k: _unpacked(v) for k, v in got[0].items()})
+                            if got[1] is not None:
+                                extra_states[r] = got[1]
+            if w.folder_written:
+                self.tx.open()  # every rank: the folder may be shared or node-local
+
+                def on_finish(files: list[_FileResult], tensor_index: dict) -> None:
+                    self.files, self.tensor_index = files, tensor_index
+
+                storage_writer = LCStorageWriter(
+                    self.tx, state_bytes=self.state_bytes, on_finish=on_finish, crc_executor=w._crc_pool,
+                    ranks=w.folder_ranks if w.node_local else None, extra_states=extra_states,
+                )
+                pg = w.folder_pg if w.node_local else w.pg
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+                    if pg is not None and len(w.folder_ranks) > 1:
+                        dcp.save(self.tensors, storage_writer=storage_writer, planner=DefaultSavePlanner(), process_group=pg)
+                    else:
+                        dcp.save(self.tensors, storage_writer=storage_writer, planner=DefaultSavePlanner(), no_dist=True)
+        except BaseException as e:
+            failed = e
+        finally:
+            self.tensors = {}  # the buffers are the writer's; do not keep references
+            self.handoff = None
+        if w.node_local and not collective_failed:
+            # every folder is written: only then may any folder commit (the others learn here that one failed)
+            report = None if failed is None else f"{type(failed).__name__}: {failed}"[:500]
+            outcome: list = [None] * w.world_size
+            try:
+                dist.all_gather_object(outcome, report, group=w.pg)
+            except BaseException as e:  # noqa: BLE001 - a rank went away
+                failed = failed or e
+            else:
+                bad = [(r, msg) for r, msg in enumerate(outcome) if msg is not None]
+                if bad and failed is None:
+                    failed = CheckpointWriteError(
+                        f"checkpoint {self.name!r} was not committed in any folder: rank {bad[0][0]} failed to write "
+                        f"its part ({bad[0][1]}). Earlier checkpoints are intact; see that rank's log."
+                    )
+        if failed is not None:
+            if w.is_leader:
+                self.tx.abort()
+            raise self._translate(failed)
+
+    def _translate(self, e: BaseException) -> BaseException:
+        err = unwrap_dcp_error(e)
+        if isinstance(err, CheckpointError):
+            return err
+        if isinstance(err, OSError):
+            wrapped = CheckpointWriteError(
+                f"writing checkpoint {self.name!r} into {self.w.dirpath} failed: {err}. Free disk space or fix "
+                "permissions; earlier checkpoints are intact and nothing partial was committed."
+            )
+            wrapped.__cause__ = err
+            return wrapped
+        text = str(err).lower()
+        if self.w.world_size > 1 and ("timed out" in text or "timeout" in text or "connection closed" in text
+                                      or "connection reset" in text or "broken pipe" in text):
+            wrapped = CheckpointWriteError(
+                f"checkpoint {self.name!r} was not committed: another rank did not finish its part within "
+                f"save_timeout_s={self.w.timeout_s:g} or went away ({err}). Earlier checkpoints are intact; check the "
+                "other ranks' logs, or raise save_timeout_s if their storage is slow."
+            )
+            wrapped.__cause__ = err
+            return wrapped
+        if err is not e and isinstance(err, Exception):
+            wrapped = CheckpointWriteError(f"writing checkpoint {self.name!r} failed: {err!r}")
+            wrapped.__cause__ = err
+            return wrapped
+        return e
+
+    def commit(self) -> SaveResult:
+        """Phase 2: manifest last, rename, latest.json, then the on-commit hooks (retention)."""
+        with self._lock:
+            self._committing = True
+        name = None
+        if self.w.node_local:
+            name = self._agree_on_commit()
+        if self.abandoned:
+            if self.w.is_leader:
+                self.tx.abort()
+            raise _Abandoned()
+        if not (self.w.is_leader and self.w.folder_written):  # rank 0 (node-local: each folder's first rank) commits
+            return SaveResult(name=self.name, path=os.path.join(self.w.dirpath, self.name), step=self.header["step"],
+                              bytes=0, snapshot_s=self.snapshot_s, write_s=time.perf_counter() - self.t0,
+                              tags=sorted(self.tags), kind=self.header["kind"], metrics=dict(self.header["metrics"]))
+        try:
+            res = self._commit(name)
+        except BaseException as e:
+            if self.tx.committed is None:
+                self.tx.abort()
+            raise self._translate(e)
+        for hook in list(self.w.on_commit):
+            try:
+                hook(res)
+            except Exception as e:  # noqa: BLE001 - retention must never fail a committed save
+                log.error("lightning_ckpt: post-commit hook failed: %r", e)
+        return res
+
+    def _agree_on_commit(self) -> str:
+        """Node-local folders: every rank learns rank 0's tags and metrics and whether any rank dropped the save, and
+        every folder takes the same name (the first one free in all folders). One collective."""
+        w = self.w
+        mine = {"abandoned": self.abandoned, "tags": sorted(self.tags), "metrics": self.header["metrics"],
+                "taken": w.store.taken(self.name) if w.is_leader else []}
+        everyone: list = [None] * w.world_size
+        try:
+            dist.all_gather_object(everyone, mine, group=w.pg)
+        except BaseException as e:  # noqa: BLE001
+            if w.is_leader:
+                self.tx.abort()
+            raise self._translate(e)
+        self.abandoned = any(x["abandoned"] for x in everyone)
+        self.tags = set(everyone[0]["tags"])
+        self.header["metrics"] = everyone[0]["metrics"]
+        taken = {n for x in everyone for n in x["taken"]}
+        return first_free(self.name, lambda n: n in taken)
+
+    def _commit(self, name: str | None = None) -> SaveResult:
+        w = self.w
+        files = self.files
+        if name is None:
+            name = first_free(self.name, lambda n: os.path.lexists(w.store.path(n)))
+        m = dict(self.header)
+        m["tags"] = sorted(self.tags)
+        m["name"] = name
+        m["world_size"] = max(w.world_size, 1 + max((f.rank for f in files), default=0))
+        m["files"] = {f.record["name"]: {k: v for k, v in f.record.items() if k != "name"} for f in files}
+        m["tensors"] = self.tensor_index
+        m["state_files"] = {str(f.rank): f.record["name"] for f in files if f.record["name"].startswith("state-")}
+        total = sum(f.record["size"] for f in files)
+        write_s = time.perf_counter() - self.t0
+        m["timings"] = {
+            "snapshot_s": round(self.snapshot_s, 6),
+            "write_s": round(write_s, 6),
+            "bytes": total,
+            "throughput_gbps": round(total / write_s / 1e9, 4) if write_s > 0 else None,
+        }
+        m["created_unix"] = time.time()
+        raw = mf.dumps(m)
+        mf.parse_manifest(raw, "the manifest being written")
+        name = self.tx.commit(raw, name=name)  # manifest last, then the rename: the commit point
+        try:
+            w.store.publish_latest({"name": name, "step": m["step"], "epoch": m["epoch"]})
+        except OSError as e:  # the checkpoint is committed all the same; latest.json is only a hint
+            log.error("lightning_ckpt: committed %s but could not update latest.json (%s); readers find the "
+                      "checkpoint by listing the folder", w.store.path(name), e)
+        w.committed_names.add(name)
+        final = w.store.path(name)
+        log.info("lightning_ckpt: committed %s (%.1f MB in %.2fs)", final, total / 1e6, write_s)
+        return SaveResult(
+            name=name, path=final, step=m["step"], bytes=total, snapshot_s=self.snapshot_s, write_s=write_s,
+            tags=m["tags"], kind=m["kind"], metrics=dict(m["metrics"]),
+        )
+
+
+def _packed(t: torch.Tensor) -> tuple[str, list[int], bytes]:
+    """A CPU tensor as plain values, to hand to another rank (no tensor pickling: the snapshot buffers are views)."""
+    t = t.detach().cpu().contiguous()
+    return dtype_name(t.dtype), list(t.shape), bytes(byte_view(t))
+
+
+def _unpacked(p: tuple[str, list[int], bytes]) -> torch.Tensor:
+    dtype, shape, data = p
+    if not data:
+        return torch.empty(shape, dtype=dtype_from_name(dtype))
+    return torch.frombuffer(bytearray(data), dtype=dtype_from_name(dtype)).reshape(shape)
