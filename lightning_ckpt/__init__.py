@@ -28,9 +28,9 @@ _EXPORTS = {
     "CheckpointInfo": "read",
     "latest_checkpoint": "read",
     "list_checkpoints": "read",
-    "load_checkpoint": "read",
-    "load_into": "read",
-    "load_weights": "read",
+    "load_checkpoint": "load",
+    "load_into": "load",
+    "load_weights": "load",
     "verify_checkpoint": "read",
     "resume_path": "session.resume",
     # errors
@@ -74,8 +74,8 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from .errors import (CheckpointCorruptError, CheckpointError, CheckpointFormatError, CheckpointMismatchError,
                          CheckpointNotFoundError, CheckpointWriteError)
     from .extras.stages import StageCache, StageCacheWarning, UncacheableValueError, checkpointed_stage
-    from .read import (CheckpointInfo, latest_checkpoint, list_checkpoints, load_checkpoint, load_into, load_weights,
-                       verify_checkpoint)
+    from .load import load_checkpoint, load_into, load_weights
+    from .read import CheckpointInfo, latest_checkpoint, list_checkpoints, verify_checkpoint
     from .session.options import SaveOptions
     from .session.resume import resume_path
     from .tools.diff import diff_checkpoints

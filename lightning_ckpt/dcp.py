@@ -37,7 +37,15 @@ from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, W
 from .errors import CheckpointCorruptError, CheckpointError
 from .format import manifest as mf
 from .format.checksum import crc32c
-from .format.tensorfile import FileRecord, byte_view, dtype_from_name, dtype_name, header_end_from_prefix, readinto_exact
+from .format.tensorfile import (
+    FileRecord,
+    byte_view,
+    check_header,
+    dtype_from_name,
+    dtype_name,
+    header_end_from_prefix,
+    readinto_exact,
+)
 from .store.fs import open_member
 from .store.local import LocalTransaction
 
@@ -259,7 +267,9 @@ class LCStorageReader(StorageReader):
             raise CheckpointCorruptError(f"{where} has a header that does not match the manifest; the file is corrupt")
         if self.verify and crc32c(head) != entry["header_crc32c"]:
             raise CheckpointCorruptError(f"{where}: checksum mismatch in the header; the file is corrupt")
-        self._headers_checked.add(fname)
+        check_header(head, entry, where)  # even unverified: never read a tensor the file does not describe alike
+        with self._header_lock:
+            self._headers_checked.add(fname)
 
     #: parallel readers: on NVMe several requests in flight beat one, and page faults of fresh memory overlap I/O
     read_threads = max(2, min(8, os.cpu_count() or 2))

@@ -16,7 +16,10 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
 
 
 class CheckpointFormatError(CheckpointError):
-    """The checkpoint was written in a format this release cannot read (for example by a newer release)."""
+    """The checkpoint was written in a format this release cannot read (for example by a newer release: then
+    ``newer`` is True)."""
+
+    newer = False
 
 
 class CheckpointWriteError(CheckpointError):

@@ -1,4 +1,4 @@
-"""Finding, verifying and loading committed checkpoints, in any store. No Lightning imports; no pickle on this path.
+"""Finding and verifying committed checkpoints, in any store (loading them is ``load.py``). No Lightning; no pickle.
 
 Every reader goes through the store of the folder (``store.open_store`` / ``store.locate``): the manifest is read and
 validated first, then each file is opened as a regular file of the size the manifest says (never through a link) and
@@ -15,13 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
-from .dcp import LCStorageReader, is_model_or_optim, unwrap_dcp_error
-from .errors import CheckpointCorruptError, CheckpointError, CheckpointMismatchError, CheckpointNotFoundError
-from .format.codec import decode, encode
-from .format.tensorfile import VERIFY_BLOCK, check_file, dtype_from_name, iter_regions
+from .errors import CheckpointCorruptError, CheckpointError, CheckpointNotFoundError
+from .format.codec import decode
+from .format.tensorfile import VERIFY_BLOCK, check_file, iter_regions
 from .store import Store, locate, open_store
 from .format.checksum import crc32c
 from .format.manifest import MANIFEST
@@ -71,20 +68,35 @@ def list_checkpoints(dirpath: Any) -> list[CheckpointInfo]:
     warning, and one deleted while the folder is listed is skipped silently. Checksums are not verified here (see
     :func:`verify_checkpoint`).
     """
+    infos, skipped = _scan(dirpath)
+    for path, err in skipped:
+        warnings.warn(f"lightning_ckpt: skipping {path}: {err}", stacklevel=2)
+    return infos
+
+
+def _scan(dirpath: Any) -> tuple[list[CheckpointInfo], list[tuple[str, CheckpointError]]]:
+    """The readable checkpoints of a folder (sorted) and (path, error) of those whose manifest could not be read."""
     store = open_store(dirpath)
-    out = []
+    out: list[CheckpointInfo] = []
+    skipped: list[tuple[str, CheckpointError]] = []
     if store.remote:
-        out = [_info(store, name, m) for name, m in store.manifests()]
+        got = store.manifests()
     else:
+        got = []
         for name in store.names():
             try:
-                out.append(_info(store, name, store.read_manifest(name)[0]))
+                got.append((name, store.read_manifest(name)[0]))
             except CheckpointNotFoundError:
                 continue  # deleted (retention) since the folder was listed
             except CheckpointError as err:
-                warnings.warn(f"lightning_ckpt: skipping {store.path(name)}: {err}", stacklevel=2)
+                got.append((name, err))
+    for name, m in got:
+        if isinstance(m, CheckpointError):
+            skipped.append((store.path(name), m))
+        else:
+            out.append(_info(store, name, m))
     out.sort(key=lambda c: (c.step, c.created_unix or 0.0, c.name))
-    return out
+    return out, skipped
 
 
 def verify_checkpoint(path: Any, *, progress: Any = None) -> None:
@@ -128,12 +140,28 @@ def _verify_files(folder: str, m: dict, progress: Any) -> None:
         decode(read_state_doc(folder, m, int(rank)), check_key)
 
 
-def latest_checkpoint(dirpath: str, *, verify: bool = True) -> str | None:
+def check_sizes(folder: str, m: dict, files: Iterable[str]) -> None:
+    """Each of ``files`` is a regular file of the size the manifest says (before anything is allocated from it)."""
+    for fname in files:
+        os.close(open_member(folder, fname, m["files"][fname]["size"]))
+
+
+def latest_checkpoint(dirpath: Any, *, verify: bool = True) -> str | None:
     """Path of the newest committed checkpoint in ``dirpath`` that passes verification, or ``None``.
 
-    Corrupt or unreadable checkpoints are skipped with a warning; interrupted saves are never considered.
+    Corrupt or unreadable checkpoints are skipped with a warning; interrupted saves are never considered. When no
+    checkpoint can be used but some were written by a newer release, :class:`CheckpointFormatError` is raised
+    (upgrade): starting fresh next to them would silently lose that run. A folder that does not exist gives ``None``
+    with a warning (a mistyped path must not look like a fresh start).
     """
-    ckpts = list_checkpoints(dirpath)
+    store = open_store(dirpath)
+    if not store.remote and not store.exists():
+        warnings.warn(f"lightning_ckpt: {store.uri} does not exist: no checkpoint to resume from (is the path "
+                      "right?)", stacklevel=2)
+        return None
+    ckpts, skipped = _scan(dirpath)
+    for path, err in skipped:
+        warnings.warn(f"lightning_ckpt: skipping {path}: {err}", stacklevel=2)
     for c in reversed(ckpts):
         if not verify:
             return c.path
@@ -143,6 +171,9 @@ def latest_checkpoint(dirpath: str, *, verify: bool = True) -> str | None:
         except CheckpointError as e:
             warnings.warn(f"lightning_ckpt: skipping corrupt checkpoint {c.path}: {e}", stacklevel=2)
             log.warning("skipping corrupt checkpoint %s: %s", c.path, e)
+    newer = [err for _, err in skipped if getattr(err, "newer", False)]
+    if newer:  # nothing this release can read, but a newer one wrote here: never a silent fresh start
+        raise newer[0]
     return None
 
 
@@ -166,163 +197,6 @@ def read_state_doc(folder: str, m: dict, rank: int = 0) -> Any:
         return json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise CheckpointCorruptError(f"{where} is not valid JSON ({e}); the state file is corrupt or hostile") from None
-
-
-def load_tensors(path: str, m: dict, keys: list[str] | None = None, *, verify: bool = True, device: Any = "cpu",
-                 fetch: Any = None) -> dict[str, torch.Tensor]:
-    """Read tensors (all, or ``keys``) of a checkpoint through DCP into freshly allocated tensors on ``device``
-    (on a GPU, through pinned staging pieces whose copies overlap the disk reads)."""
-    index = m.get("tensors", {})
-    wanted = list(index) if keys is None else keys
-    targets: dict[str, torch.Tensor] = {}
-    for k in wanted:
-        if k not in index:
-            raise CheckpointCorruptError(f"{path}: the state refers to tensor {k!r}, which the manifest does not list")
-        t = index[k]
-        targets[k] = torch.empty([int(s) for s in t["shape"]], dtype=dtype_from_name(t["dtype"]), device=device)
-    if not targets:
-        return targets
-    reader = LCStorageReader(path, m, verify=verify, fetch=fetch)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-            dcp.load(targets, storage_reader=reader, planner=DefaultLoadPlanner(allow_partial_load=False), no_dist=True)
-    except BaseException as e:
-        err = unwrap_dcp_error(e)
-        if isinstance(err, CheckpointError):
-            raise err from None
-        if isinstance(err, OSError):
-            raise CheckpointCorruptError(f"reading {path} failed: {err}") from err
-        raise
-    return targets
-
-
-def load_checkpoint(path: str, map_location: Any = "cpu", *, verify: bool = True, rank: int = 0,
-                    without_tensors_of: Iterable[str] = ()) -> dict:
-    """Load a checkpoint written by this package as the Lightning checkpoint dictionary.
-
-    Every byte read is checked against its CRC32C (``verify=False`` skips the checks). Nothing is unpickled.
-
-    Args:
-        path: a checkpoint folder (one that holds ``manifest.json``).
-        map_location: device (or ``torch.load``-style mapping) the tensors are moved to; ``"cpu"`` by default.
-        rank: whose non-tensor state to read in a checkpoint saved by several ranks.
-        without_tensors_of: top-level keys (say ``"state_dict"``, ``"optimizer_states"``) whose tensors are not
-            read: they come back as ``None``, the rest of those entries (optimizer ``param_groups``) as saved. For
-            sharded models, whose tensors are loaded in place with :func:`load_into`.
-    """
-    path, m, fetch = open_checkpoint(path, rank)
-    doc = read_state_doc(path, m, rank)
-    wanted: list[str] = []
-    skipped = tuple(f"{k}/" for k in without_tensors_of)
-
-    def collect(key: str) -> torch.Tensor:
-        if not isinstance(key, str):
-            raise CheckpointCorruptError(f"{path}: the state refers to a tensor by an invalid key {key!r}")
-        if not (skipped and key.startswith(skipped)):
-            wanted.append(key)
-        return torch.zeros(0)
-
-    decode(doc, collect)  # the tensors this rank's state refers to (in a multi-rank checkpoint: not the others')
-    device = "cpu"
-    if isinstance(map_location, (str, torch.device)) and torch.device(map_location).type == "cuda":
-        device = torch.device(map_location)  # read straight onto the GPU, overlapping disk and copies
-        map_location = None
-    tensors = load_tensors(path, m, list(dict.fromkeys(wanted)), verify=verify, device=device, fetch=fetch)
-
-    def get(key: str) -> torch.Tensor | None:
-        if skipped and key.startswith(skipped):
-            return None
-        try:
-            t = tensors[key]
-        except KeyError:
-            raise CheckpointCorruptError(f"{path}: the state refers to tensor {key!r}, which the manifest does not list") from None
-        return _map(t, map_location)
-
-    return decode(doc, get)
-
-
-def load_into(path: str, state: dict, *, process_group: Any = None, verify: bool = True, rank: int | None = None) -> None:
-    """Load a checkpoint's tensors in place into ``state``, a (nested) dict shaped like the saved one, whose tensors
-    may be plain, ``DTensor`` (FSDP2) or ``ShardedTensor``, laid out for any world size: DCP plans which bytes each
-    rank reads (resharding N ranks -> M). Nothing is gathered. Every byte read is verified.
-
-    Example (FSDP2, any number of ranks)::
-
-        state = {"state_dict": get_model_state_dict(model), "optimizer_states": [get_optimizer_state_dict(model, opt)]}
-        load_into(path, state)
-        set_model_state_dict(model, state["state_dict"]); set_optimizer_state_dict(model, opt, state["optimizer_states"][0])
-    """
-    import torch.distributed as dist
-
-    path, m, fetch = open_checkpoint(path, None)
-    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size(process_group) > 1
-    my_rank = (dist.get_rank() if distributed else 0) if rank is None else rank
-    prefix = f"rank{my_rank:05d}/"
-    _, tensors = encode(state)
-    targets: dict[str, torch.Tensor] = {}
-    for k, t in tensors.items():
-        if is_model_or_optim(k) or k in m.get("tensors", {}):
-            targets[k] = t
-        elif prefix + k in m.get("tensors", {}):
-            targets[prefix + k] = t
-        else:
-            raise CheckpointMismatchError(f"{path} has no tensor {k!r}; the state does not match the checkpoint")
-    reader = LCStorageReader(path, m, verify=verify, fetch=fetch)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-            if distributed:
-                dcp.load(targets, storage_reader=reader, planner=DefaultLoadPlanner(), process_group=process_group)
-            else:
-                dcp.load(targets, storage_reader=reader, planner=DefaultLoadPlanner(), no_dist=True)
-    except BaseException as e:
-        err = unwrap_dcp_error(e)
-        if isinstance(err, CheckpointError):
-            raise err from None
-        if isinstance(err, (RuntimeError, ValueError)) and "Missing key" in str(err):
-            raise CheckpointMismatchError(f"{path} does not hold every tensor of the given state: {err}") from None
-        raise
-
-
-def load_weights(path: str, model: torch.nn.Module, *, strict: bool = True, map_location: Any = "cpu"):
-    """Load the model weights of any checkpoint that has them (full, weights, partial) into ``model``.
-
-    Only the model's tensors are read (and verified). A partial checkpoint needs ``strict=False``.
-    Returns what ``model.load_state_dict`` returns (missing and unexpected keys).
-    """
-    path, m, fetch = open_checkpoint(path, 0)
-    kind = m.get("kind", "full")
-    doc = read_state_doc(path, m)
-    sd_doc = doc.get("state_dict") if isinstance(doc, dict) else None
-    if sd_doc is None:
-        raise CheckpointMismatchError(
-            f"{path} is a {kind!r} checkpoint without model weights; use one saved with content='full' or 'weights'"
-        )
-    if kind == "partial" and strict:
-        raise CheckpointMismatchError(
-            f"{path} is a partial checkpoint (include={m.get('include')}, exclude={m.get('exclude')}); it holds only "
-            "some of the model's tensors. Load it with strict=False."
-        )
-    keys = [k for k in m.get("tensors", {}) if k.startswith("state_dict/")]
-    tensors = load_tensors(path, m, keys, fetch=fetch)
-    sd = decode(sd_doc, lambda k: _map(tensors[k], map_location) if k in tensors else _missing(path, k))
-    return model.load_state_dict(sd, strict=strict)
-
-
-def _missing(path: str, key: str):
-    raise CheckpointCorruptError(f"{path}: the state refers to tensor {key!r}, which the manifest does not list")
-
-
-def _map(t: torch.Tensor, map_location: Any) -> torch.Tensor:
-    if map_location is None or map_location == "cpu" or map_location == torch.device("cpu"):
-        return t
-    if callable(map_location):
-        return map_location(t, "cpu")
-    if isinstance(map_location, dict):
-        dev = map_location.get("cpu", "cpu")
-        return t.to(dev)
-    return t.to(map_location)
 
 
 def read_checkpoint_manifest(path: Any) -> dict:

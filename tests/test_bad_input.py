@@ -26,6 +26,7 @@ from lightning_ckpt import (
     load_checkpoint,
     verify_checkpoint,
 )
+from lightning_ckpt.format import manifest as mf
 from lightning_ckpt.format.checksum import crc32c
 
 MODEL = "model-rank00000.safetensors"
@@ -69,7 +70,8 @@ class Run:
         return json.loads((self.bad / MANIFEST).read_text())
 
     def write_manifest(self, m: dict) -> None:
-        (self.bad / MANIFEST).write_text(json.dumps(m, indent=1))
+        """Write an edited manifest as an attacker would: with its own digest recomputed (see dumps)."""
+        (self.bad / MANIFEST).write_bytes(mf.dumps(m))
 
     def replace_state(self, raw: bytes) -> None:
         """Replace the state file and fix up its size and checksum, so only the content is hostile."""
@@ -329,7 +331,7 @@ def test_malformed_manifest_is_reported_not_crashing(run, mutate):
                 if c["name"] == tname:
                     t["dtype"] = "Q99"
     if text is None:
-        text = json.dumps(m)
+        text = mf.dumps(m).decode()  # as an attacker would: the digest recomputed, only the structure is wrong
     (run.bad / MANIFEST).write_text(text)
     with pytest.raises(CheckpointError) as ei:
         load_checkpoint(str(run.bad))

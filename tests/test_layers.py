@@ -14,7 +14,7 @@ LAYERS = [
     ("compat", "format", "policy"),
     ("store",),
     ("dcp",),
-    ("read",),
+    ("read", "load"),
     ("writer",),
     ("tools",),
     ("session", "extras"),
@@ -25,7 +25,7 @@ LAYERS = [
 LIGHTNING_ALLOWED = ("callbacks", "extras.hpo", "demo")
 COMPAT_MODULES = ("compat", "callbacks.compat")
 # whole layers that must stay pure: no I/O, no torch.distributed, nothing of this package but themselves
-PURE = {"policy": ("policy", "errors", "writer.options")}
+PURE = {"policy": ("policy", "errors")}
 
 
 def modules() -> dict[str, ast.Module]:

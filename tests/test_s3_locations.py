@@ -27,6 +27,7 @@ from lightning_ckpt import (
 )
 from lightning_ckpt.session.session import staging_dir
 from lightning_ckpt.demo import DemoDataModule, DemoModel
+from lightning_ckpt.format import manifest as mf
 from lightning_ckpt.tools.transfer import push_checkpoint
 from seaweed import list_remote
 
@@ -235,7 +236,7 @@ def _hostile(kind, src, dst):
     elif kind == "notjson":
         _write(os.path.join(dst, "manifest.json"), b"\x80not json{")
         return
-    _write(os.path.join(dst, "manifest.json"), json.dumps(m).encode())
+    _write(os.path.join(dst, "manifest.json"), mf.dumps(m))  # as an attacker would: its digest recomputed
 
 
 @pytest.mark.parametrize("kind,error", [

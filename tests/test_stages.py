@@ -23,6 +23,7 @@ from lightning_ckpt.extras import fingerprint
 from lightning_ckpt.store.base import host_id
 from lightning_ckpt.store import fs
 from lightning_ckpt.errors import CheckpointCorruptError
+from lightning_ckpt.format import manifest as mf
 from lightning_ckpt.format.checksum import crc32c
 from lightning_ckpt.extras.stages import StageCache, StageCacheWarning, UncacheableValueError, checkpointed_stage
 
@@ -272,7 +273,7 @@ def _corrupt(entry: Path, how: str) -> None:
     elif how == "manifest dtype":  # F32 -> I32: same size, other meaning; caught against the checksummed header
         rec["dtype"] = "I32"
         m["tensors"]["v"]["dtype"] = "I32"
-        (entry / "manifest.json").write_text(json.dumps(m))
+        (entry / "manifest.json").write_bytes(mf.dumps(m))  # digest recomputed: only the header check catches it
     elif how == "manifest garbage":
         (entry / "manifest.json").write_bytes(b"{not json")
     elif how == "manifest missing":
@@ -336,7 +337,7 @@ def _replace_value_json(entry: Path, raw: bytes) -> None:
     (entry / "value.json").write_bytes(raw)
     m = _manifest(entry)
     m["files"]["value.json"].update(size=len(raw), header_end=len(raw), header_crc32c=crc32c(raw))
-    (entry / "manifest.json").write_text(json.dumps(m))
+    (entry / "manifest.json").write_bytes(mf.dumps(m))
 
 
 @pytest.fixture
@@ -367,7 +368,7 @@ def test_hostile_content_is_refused_never_unpickled(tmp_path, kind, no_unpicklin
         m = _manifest(entry)
         m["files"]["../../evil.pkl"] = m["files"].pop("value.json")
         m["state_files"] = {"0": "../../evil.pkl"}
-        (entry / "manifest.json").write_text(json.dumps(m))
+        (entry / "manifest.json").write_bytes(mf.dumps(m))
     (entry / "extra.pkl").write_bytes(pickle.dumps(_Payload(str(marker))))  # stray files are never opened
 
     calls.clear()

@@ -8,7 +8,8 @@ from typing import Any, Literal, Optional
 import lightning.pytorch as pl
 import torch
 
-from ..read import list_checkpoints, load_weights
+from ..load import load_weights
+from ..read import list_checkpoints
 from ..policy.conditions import Monitor
 from . import compat
 from .base import BaseCheckpointCallback, best_path_at, metric_value

@@ -12,7 +12,8 @@ from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from ..errors import CheckpointMismatchError
-from ..read import is_checkpoint_dir, load_checkpoint, load_into, read_checkpoint_manifest
+from ..load import load_checkpoint, load_into
+from ..read import is_checkpoint_dir, read_checkpoint_manifest
 from . import compat
 
 

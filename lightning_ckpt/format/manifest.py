@@ -15,10 +15,13 @@ Layout (format version 1)::
     }
 
 Every checksummed region of a file (``header_end`` bytes from 0, then each tensor's ``[begin, end)``) together
-cover the whole file, so verifying them checks every byte.
+cover the whole file, so verifying them checks every byte. The manifest checks itself: its last field,
+``manifest_sha256``, is the SHA-256 of its canonical JSON without that field, checked before anything else is read
+from it; then :func:`validate_manifest` checks its structure before anything is allocated from it.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from typing import Any
@@ -50,6 +53,23 @@ def check_member_name(name: Any, where: str) -> str:
     return name
 
 
+# bytes per element of every dtype name a tensor file may hold (safetensors names)
+ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+            "F8_E4M3": 1, "F8_E5M2": 1, "C64": 8, "U16": 2, "U32": 4, "U64": 8}
+MAX_DIMS = 64
+MAX_CHUNKS = 4096  # chunks of one tensor (one per shard); tiling is checked pairwise below this bound
+DIGEST = "manifest_sha256"  # the SHA-256 of the manifest's canonical JSON without this field
+
+
+def _corrupt(where: str, what: str) -> CheckpointCorruptError:
+    return CheckpointCorruptError(f"{where} {what}; the manifest is corrupt or hostile. Use an earlier checkpoint "
+                                  "(latest_checkpoint skips corrupt ones).")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def _need(d: dict, key: str, types: type | tuple, where: str) -> Any:
     if key not in d:
         raise CheckpointCorruptError(f"{where} lacks the field {key!r}; the manifest is corrupt")
@@ -59,23 +79,69 @@ def _need(d: dict, key: str, types: type | tuple, where: str) -> Any:
     return v
 
 
+def _shape(v: Any, where: str) -> list[int]:
+    if not isinstance(v, list) or len(v) > MAX_DIMS or not all(_is_int(s) and s >= 0 for s in v):
+        raise _corrupt(where, f"has an invalid shape {str(v)[:80]}")
+    return v
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _check_tiling(chunks: list[tuple[list[int], list[int]]], shape: list[int], where: str) -> None:
+    """The chunks (offsets, sizes) lie inside ``shape``, do not overlap, and together cover it exactly."""
+    total = 0
+    for off, size in chunks:
+        if len(off) != len(shape) or len(size) != len(shape):
+            raise _corrupt(where, "has a chunk whose rank differs from the tensor's")
+        if any(o + n > d for o, n, d in zip(off, size, shape)):
+            raise _corrupt(where, "has a chunk outside the tensor's shape")
+        total += _numel(size)
+    if total != _numel(shape):
+        raise _corrupt(where, f"has chunks covering {total} of its {_numel(shape)} elements")
+    boxes = [(off, size) for off, size in chunks if _numel(size)]
+    for i in range(len(boxes)):
+        for j in range(i + 1, len(boxes)):
+            (oa, sa), (ob, sb) = boxes[i], boxes[j]
+            if all(a < b + n and b < a + m for a, m, b, n in zip(oa, sa, ob, sb)):
+                raise _corrupt(where, "has overlapping chunks")
+
+
 def validate_manifest(m: Any, where: str) -> dict:
-    """Check the structure of a parsed manifest; raise a specific error on anything unexpected."""
+    """Check the structure of a parsed manifest before anything is allocated or read from it: every field of the
+    right type, every file's checksummed regions tiling it, every tensor's byte range exactly shape x itemsize of a
+    known dtype, every index entry's chunks tiling its shape and pointing to a listed tensor of the same dtype and
+    size. Raises CheckpointCorruptError (CheckpointFormatError for another or a newer format)."""
     if not isinstance(m, dict):
         raise CheckpointCorruptError(f"{where} is not a JSON object; the manifest is corrupt")
     if m.get("format") != FORMAT_NAME:
-        raise CheckpointFormatError(f"{where} is not a lightning_ckpt manifest (format={m.get('format')!r})")
+        raise CheckpointFormatError(f"{where} is not a lightning_ckpt manifest (format={str(m.get('format'))[:80]!r})")
     version = m.get("format_version")
-    if not isinstance(version, int) or isinstance(version, bool):
+    if not _is_int(version):
         raise CheckpointCorruptError(f"{where} has no valid format_version")
     if version > FORMAT_VERSION:
-        raise CheckpointFormatError(
+        err = CheckpointFormatError(
             f"{where} uses checkpoint format version {version}, written by a newer lightning_ckpt release "
             f"(this release reads versions up to {FORMAT_VERSION}). Upgrade with `pip install -U lightning-ckpt`."
         )
+        err.newer = True
+        raise err
     if version < 1:
         raise CheckpointFormatError(f"{where} has an unknown format_version {version}")
-    _need(m, "step", int, where)
+    step = _need(m, "step", int, where)
+    if step < 0:
+        raise _corrupt(where, f"has a negative step {step}")
+    for key, types in (("epoch", (int, type(None))), ("tags", (list, type(None))), ("metrics", (dict, type(None))),
+                       ("kind", (str, type(None))), ("world_size", (int, type(None))), ("name", (str, type(None))),
+                       ("created_unix", (int, float, type(None)))):
+        if key in m and (not isinstance(m[key], types) or isinstance(m[key], bool)):
+            raise _corrupt(where, f"has a field {key!r} of the wrong type ({type(m[key]).__name__})")
+    if not all(isinstance(t, str) for t in m.get("tags") or []):
+        raise _corrupt(where, "has a tag that is not a string")
     files = _need(m, "files", dict, where)
     for fname, f in files.items():
         check_member_name(fname, where)
@@ -90,19 +156,24 @@ def validate_manifest(m: Any, where: str) -> dict:
         tensors = f.get("tensors", {})
         if not isinstance(tensors, dict):
             raise CheckpointCorruptError(f"{fw} has a malformed tensor list")
+        if tensors and hend < 8:
+            raise _corrupt(fw, "has a header too short for a safetensors file")
         pos = hend
-        for tname, t in sorted(tensors.items(), key=lambda kv: kv[1].get("begin", -1) if isinstance(kv[1], dict) else -1):
+        for tname, t in sorted(tensors.items(), key=lambda kv: kv[1].get("begin", -1) if isinstance(kv[1], dict)
+                               and _is_int(kv[1].get("begin")) else -1):
             tw = f"{fw} tensor {tname!r}"
             if not isinstance(t, dict):
                 raise CheckpointCorruptError(f"{tw} entry is not an object")
             b, e = _need(t, "begin", int, tw), _need(t, "end", int, tw)
             _need(t, "crc32c", int, tw)
-            _need(t, "dtype", str, tw)
-            shape = _need(t, "shape", list, tw)
+            dtype = _need(t, "dtype", str, tw)
+            shape = _shape(_need(t, "shape", list, tw), tw)
             if b != pos or e < b:
                 raise CheckpointCorruptError(f"{tw} does not continue the file's byte ranges; the manifest is corrupt")
-            if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
-                raise CheckpointCorruptError(f"{tw} has an invalid shape {shape!r}")
+            if dtype not in ITEMSIZE:
+                raise _corrupt(tw, f"has an unknown dtype {dtype[:40]!r}")
+            if _numel(shape) * ITEMSIZE[dtype] != e - b:
+                raise _corrupt(tw, f"spans {e - b} bytes where its shape and dtype need {_numel(shape) * ITEMSIZE[dtype]}")
             pos = e
         if pos != size:
             raise CheckpointCorruptError(f"{fw}: its checksummed regions cover {pos} of {size} bytes")
@@ -111,28 +182,69 @@ def validate_manifest(m: Any, where: str) -> dict:
         raise CheckpointCorruptError(f"{where} has a malformed tensor index")
     for key, t in tensors.items():
         tw = f"{where}: tensor {key!r}"
-        if not isinstance(t, dict) or not isinstance(t.get("chunks"), list):
+        if not isinstance(t, dict) or not isinstance(t.get("chunks"), list) or not isinstance(t.get("dtype"), str):
             raise CheckpointCorruptError(f"{tw} entry is malformed")
+        shape = _shape(t.get("shape"), tw)
+        if t["dtype"] not in ITEMSIZE:
+            raise _corrupt(tw, f"has an unknown dtype {t['dtype'][:40]!r}")
+        if not t["chunks"] and _numel(shape) or len(t["chunks"]) > MAX_CHUNKS:
+            raise _corrupt(tw, f"has {len(t['chunks'])} chunks")
+        chunks = []
         for c in t["chunks"]:
-            if not isinstance(c, dict) or c.get("file") not in files or c.get("name") not in files[c["file"]].get("tensors", {}):
+            if not isinstance(c, dict) or not isinstance(c.get("file"), str) or c["file"] not in files \
+                    or not isinstance(c.get("name"), str) \
+                    or c["name"] not in (files[c["file"]].get("tensors") or {}):
                 raise CheckpointCorruptError(f"{tw} points to a file or tensor the manifest does not list")
+            off, size = _shape(c.get("offsets"), tw), _shape(c.get("sizes"), tw)
+            rec = files[c["file"]]["tensors"][c["name"]]
+            if rec["shape"] != size or rec["dtype"] != t["dtype"]:
+                raise _corrupt(tw, f"has a chunk whose stored tensor {c['name'][:80]!r} has another shape or dtype")
+            chunks.append((off, size))
+        _check_tiling(chunks, shape, tw)
     state_files = m.get("state_files", {})
-    if not isinstance(state_files, dict) or any(v not in files for v in state_files.values()):
+    if not isinstance(state_files, dict) or any(not isinstance(v, str) or v not in files or files[v].get("tensors")
+                                                for v in state_files.values()):
         raise CheckpointCorruptError(f"{where} names a state file the manifest does not list")
+    if not all(isinstance(r, str) and r.isdigit() and len(r) < 10 for r in state_files):
+        raise _corrupt(where, "names a state file of an invalid rank")
     return m
 
 
+def canonical(m: dict) -> bytes:
+    """The bytes the manifest's digest covers: canonical JSON of every field but the digest."""
+    body = {k: v for k, v in m.items() if k != DIGEST}
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
+
+
 def parse_manifest(raw: bytes, where: str) -> dict:
-    """Parse and validate the bytes of a ``manifest.json`` (``where`` names it in errors)."""
+    """Parse the bytes of a ``manifest.json``, check its digest first (when it has one: manifests written before
+    the digest existed have none), then validate its structure (``where`` names it in errors)."""
     try:
-        m = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise CheckpointCorruptError(f"{where} is not valid JSON ({e}); the checkpoint is corrupt, use an earlier one") from None
+        m = json.loads(raw, parse_constant=_no_constant)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError) as e:
+        raise CheckpointCorruptError(f"{where} is not valid JSON ({str(e)[:200]}); the checkpoint is corrupt, use an "
+                                     "earlier one") from None
+    if isinstance(m, dict) and DIGEST in m:
+        digest = m[DIGEST]
+        try:
+            body = canonical(m)
+        except (TypeError, ValueError, RecursionError):
+            raise CheckpointCorruptError(f"{where} cannot be checked against its digest; it is corrupt") from None
+        if not isinstance(digest, str) or digest != hashlib.sha256(body).hexdigest():
+            raise CheckpointCorruptError(f"{where} does not match its own checksum (manifest_sha256): it was damaged "
+                                         "or edited. Use an earlier checkpoint (latest_checkpoint skips corrupt ones).")
     return validate_manifest(m, where)
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
 def dumps(m: dict) -> bytes:
-    return json.dumps(m, indent=1, sort_keys=False, allow_nan=False).encode("utf-8")
+    """The bytes of a manifest, with its digest (``manifest_sha256``) as the last field."""
+    body = {k: v for k, v in m.items() if k != DIGEST}
+    body[DIGEST] = hashlib.sha256(canonical(body)).hexdigest()
+    return json.dumps(body, indent=1, sort_keys=False, ensure_ascii=False, allow_nan=False).encode("utf-8")
 
 
 def shard_file_name(group: str, rank: int) -> str:

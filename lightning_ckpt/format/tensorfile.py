@@ -190,6 +190,29 @@ def header_end_from_prefix(raw_prefix: bytes, file_size: int, where: str) -> int
     return 8 + n
 
 
+def check_header(head: bytes, entry: dict, where: str) -> None:
+    """The safetensors header ``head`` (the first ``header_end`` bytes of a file) describes exactly the tensors the
+    manifest ``entry`` lists: the same names, dtypes, shapes and byte ranges. (Its checksum only proves it is the
+    header that was written; this proves the manifest tells the truth about it.)"""
+    hend = entry["header_end"]
+    if len(head) != hend or header_end_from_prefix(head, entry["size"], where) != hend:
+        raise CheckpointCorruptError(f"{where} has a header that does not match the manifest; the file is corrupt")
+    try:
+        header = json.loads(head[8:])
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError) as e:
+        raise CheckpointCorruptError(f"{where} has a header that is not valid JSON ({str(e)[:120]})") from None
+    listed = entry.get("tensors") or {}
+    if not isinstance(header, dict) or set(header) - {"__metadata__"} != set(listed):
+        raise CheckpointCorruptError(f"{where}: its header and the manifest list different tensors; the checkpoint "
+                                     "is corrupt or hostile")
+    for name, rec in listed.items():
+        h = header[name]
+        if (not isinstance(h, dict) or h.get("dtype") != rec["dtype"] or h.get("shape") != rec["shape"]
+                or h.get("data_offsets") != [rec["begin"] - hend, rec["end"] - hend]):
+            raise CheckpointCorruptError(f"{where}: tensor {name[:80]!r} is described differently by the file's header "
+                                         "and the manifest; the checkpoint is corrupt or hostile")
+
+
 def read_header(path: str) -> tuple[int, dict]:
     """Read the JSON header of a safetensors file. Returns (header_end, header dict)."""
     size = os.path.getsize(path)
@@ -230,6 +253,8 @@ def check_file(f, entry: dict, where: str, progress=None, buf: memoryview | None
         f.seek(0)
         if header_end_from_prefix(f.read(8), size, where) != entry["header_end"]:
             raise CheckpointCorruptError(f"{where} has a header that does not match the manifest; it is corrupt")
+        f.seek(0)
+        check_header(f.read(entry["header_end"]), entry, where)
     if buf is None:
         largest = max((e - b for b, e, _ in iter_regions(entry)), default=0)
         buf = memoryview(bytearray(max(1, min(largest, VERIFY_BLOCK))))

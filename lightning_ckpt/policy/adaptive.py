@@ -37,10 +37,12 @@ class AdaptiveInterval:
     _alpha: float = field(default=0.2, repr=False)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_overhead, (int, float)) or not 0 < self.max_overhead < 1:
+        if (not isinstance(self.max_overhead, (int, float)) or isinstance(self.max_overhead, bool)
+                or not 0 < self.max_overhead < 1):
             raise ValueError(f"max_overhead={self.max_overhead!r} is invalid; it must be a fraction in (0, 1), e.g. 0.05")
-        if self.mtbf_s is not None and (not isinstance(self.mtbf_s, (int, float)) or self.mtbf_s <= 0):
-            raise ValueError(f"mtbf_s={self.mtbf_s!r} is invalid; it must be a positive number of seconds or None")
+        if self.mtbf_s is not None and (not isinstance(self.mtbf_s, (int, float)) or isinstance(self.mtbf_s, bool)
+                                        or not math.isfinite(self.mtbf_s) or self.mtbf_s <= 0):
+            raise ValueError(f"mtbf_s={self.mtbf_s!r} is invalid; it must be a positive, finite number of seconds or None")
 
     def observe_step(self, seconds: float) -> None:
         if seconds <= 0:

@@ -118,17 +118,17 @@ class FolderSession:
         w = self.writer
         w.prepare_dir()
         w.detect_folders(every_folder=self.remote is None)
-        error = None
+        mine: Optional[CheckpointError] = None
         if w.is_leader and w.folder_written:
             try:
                 self.lock = self.store.lock({"run_id": self.run_id})
                 self.store.cleanup(everyone=True)  # this run alone writes here: every partial entry is debris
             except CheckpointError as e:
-                error = str(e)
-        error = w.agree(error)
+                mine = e
+        error = w.agree(None if mine is None else str(mine))
         if error is not None:
             self.close()
-            raise CheckpointWriteError(error)
+            raise mine if mine is not None else CheckpointWriteError(error)
 
     def join(self, participant: Participant, options: Optional[SaveOptions] = None) -> None:
         """Add a participant; a saving one brings its options, which must agree with the folder's."""

@@ -184,12 +184,10 @@ class S3Store(Store):
     def names(self) -> list[str]:
         return [n for n, objs in self.objects_by_name().items() if mf.MANIFEST in objs]
 
-    def manifests(self) -> list[tuple[str, dict]]:
-        """(name, manifest) of every committed entry whose manifest reads and validates; the others are skipped with
-        a warning. Manifests are cached by ETag, so listing again costs one LIST request."""
-        import warnings
-
-        out = []
+    def manifests(self) -> list[tuple[str, dict | CheckpointError]]:
+        """(name, manifest, or the error reading it) of every committed entry. Manifests are cached by ETag, so
+        listing again costs one LIST request."""
+        out: list[tuple[str, dict | CheckpointError]] = []
         for name, objs in sorted(self.objects_by_name().items()):
             obj = objs.get(mf.MANIFEST)
             if obj is None:
@@ -197,7 +195,7 @@ class S3Store(Store):
             try:
                 out.append((name, self._manifest(name, str(obj.get("ETag", "")))[0]))
             except CheckpointError as e:
-                warnings.warn(f"lightning_ckpt: skipping {self.path(name)}: {e}", stacklevel=2)
+                out.append((name, e))
         return out
 
     _cache: dict = {}

@@ -11,7 +11,8 @@ from typing import Optional
 
 import torch
 
-from ..read import load_tensors, open_checkpoint
+from ..load import load_tensors
+from ..read import open_checkpoint
 
 
 @dataclass

@@ -22,7 +22,8 @@ import torch
 from ..errors import CheckpointCorruptError, CheckpointError
 from ..format.checksum import crc32c
 from ..format.codec import split_key
-from ..format.tensorfile import byte_view, dtype_from_name, dtype_name, header_bytes, readinto_exact
+from ..format.tensorfile import byte_view, check_header, dtype_from_name, dtype_name, header_bytes, readinto_exact
+from ..read import check_sizes
 from ..store import LocalStore, locate
 from ..store.fs import OPS, open_member
 
@@ -136,6 +137,7 @@ def merge_checkpoint(
     m = got[0]
     path = store.local_folder(ckpt_name, None, got)  # on S3: the local read cache; every byte is verified as it is merged
     plan = _plan(m, dtype)
+    check_sizes(path, m, sorted({c["file"] for _, key, _, _ in plan for c in m["tensors"][key]["chunks"]}))
     if not plan:
         raise CheckpointError(f"{path} holds no model weights (kind {m.get('kind')!r}); nothing to merge")
     nbytes = [torch.empty((), dtype=d).element_size() * _numel(shape) for _, _, d, shape in plan]
@@ -232,9 +234,11 @@ def _assemble(path: str, m: dict, key: str, readers: dict, verify: bool) -> tupl
         f = readers.get(c["file"])
         if f is None:
             f = os.fdopen(open_member(path, c["file"], entry["size"]), "rb", buffering=0)
-            if verify and crc32c(f.read(entry["header_end"])) != entry["header_crc32c"]:
-                raise CheckpointCorruptError(f"{where}: checksum mismatch in the header; the file is corrupt")
             readers[c["file"]] = f
+            head = f.read(entry["header_end"])
+            if verify and crc32c(head) != entry["header_crc32c"]:
+                raise CheckpointCorruptError(f"{where}: checksum mismatch in the header; the file is corrupt")
+            check_header(head, entry, where)
         offsets, sizes = [int(o) for o in c["offsets"]], [int(s) for s in c["sizes"]]
         dst = out
         for dim, (o, s) in enumerate(zip(offsets, sizes)):

@@ -77,3 +77,22 @@ def validate_name_template(template: Any) -> str:
             "'_.=+@,-'), must not start with '.', and must not contain '/'"
         )
     return template
+
+
+def format_name(template: str, step: int, epoch: int | None, metrics: dict | None) -> str:
+    """A checkpoint's folder name from its template: ``step``, ``epoch`` and any logged metric (a metric not logged
+    yet counts as 0, as in Lightning); characters a folder name may not hold become ``_``."""
+    import re
+
+    values: dict[str, Any] = {}
+    for f in template_fields(template):
+        if f in ("step", "epoch"):
+            continue
+        v = (metrics or {}).get(f, 0.0)
+        try:
+            values[f] = float(v.item() if hasattr(v, "item") else v)
+        except (TypeError, ValueError):
+            values[f] = 0.0
+    name = template.format(step=int(step), epoch=int(epoch or 0), **values)
+    name = re.sub(r"[^A-Za-z0-9_.=+@,-]", "_", name).lstrip(".") or "checkpoint"
+    return name[: mf.MAX_NAME]

@@ -28,7 +28,7 @@ from ..store.local import LocalStore, check_writable_dir
 from .folders import folder_groups
 from .job import PendingSave, SaveJob, SaveResult, _Abandoned, _packed
 from .meta import background_priority, json_safe, run_info
-from .options import check_bool, check_choice, check_seconds, validate_name_template
+from .options import check_bool, check_choice, check_seconds, format_name, validate_name_template
 from .snapshot import HostBuffers, _as_dtensor, _is_sharded_tensor
 
 log = logging.getLogger("lightning_ckpt")
@@ -244,7 +244,7 @@ class CheckpointWriter:
             tensors = {k: v for k, v in tensors.items() if is_model_or_optim(k)}
             state_bytes = None
         snapshot_s = time.perf_counter() - t0
-        name = self.name_template.format(step=int(step), epoch=int(epoch or 0))
+        name = format_name(self.name_template, step, epoch, metrics)
         self._seq += 1
         job = SaveJob(
             writer=self,

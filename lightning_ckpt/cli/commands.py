@@ -1,30 +1,53 @@
-"""``lightning-ckpt``: inspect and check checkpoints from the shell.
-
-    lightning-ckpt ls DIR [--json] [--verify]   committed checkpoints in a run folder
-    lightning-ckpt show PATH [--json]     one checkpoint's manifest, summarised
-    lightning-ckpt verify PATH [PATH...]  check every byte; exit status 1 if any fails
-    lightning-ckpt prune DIR --keep-last N [--keep-best K --monitor M] [--keep-every-n-steps S]
-                         [--max-total-bytes B] [--failed] [--dry-run]
-    lightning-ckpt merge PATH OUT [--dtype bf16] [--max-shard-size 5GB]   one consolidated model.safetensors
-    lightning-ckpt diff A B [--model-only] [--all] [--json]   metric changes and per-tensor differences
-    lightning-ckpt push PATH s3://bucket/prefix       upload a checkpoint (objects first, manifest last)
-    lightning-ckpt pull s3://bucket/prefix[/NAME] DIR download (the newest, or NAME), verify, commit locally
-
-Exit codes: 0 success, 1 a checkpoint failed verification, 2 bad usage or nothing found.
-"""
+"""The verbs of ``lightning-ckpt`` (see ``lightning_ckpt/cli/__init__.py``); each imports what it needs when it runs."""
 from __future__ import annotations
 
 import argparse
 import contextlib
 import json
+import math
 import os
 import sys
 import time
-from typing import Optional, Sequence
+from typing import Optional
 
-from .errors import CheckpointCorruptError, CheckpointError, CheckpointFormatError, CheckpointNotFoundError
-from .read import list_checkpoints, read_checkpoint_manifest, verify_checkpoint
-from .store import is_remote
+from ..errors import CheckpointCorruptError, CheckpointError, CheckpointFormatError, CheckpointNotFoundError
+
+
+def _jsonable(x):
+    """``x`` with non-finite floats as strings ("nan", "inf", "-inf"), so ``--json`` output is always valid JSON."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+def _dump(x) -> None:
+    print(json.dumps(_jsonable(x), indent=1))
+
+
+def _manifest_or_hint(path: str) -> dict:
+    """The manifest of the checkpoint at ``path``; for a run folder (checkpoints inside), an error that lists them."""
+    from ..read import list_checkpoints, read_checkpoint_manifest
+    from ..store import is_remote
+
+    try:
+        return read_checkpoint_manifest(path)
+    except CheckpointNotFoundError as e:
+        inside = []
+        if is_remote(path) or os.path.isdir(path):
+            try:
+                inside = [c.path for c in list_checkpoints(path)]
+            except (CheckpointError, ValueError):
+                inside = []
+        if not inside:
+            raise
+        shown = "\n  ".join(inside[-5:]) + (f"\n  ... ({len(inside) - 5} more: lightning-ckpt ls {path})"
+                                            if len(inside) > 5 else "")
+        raise CheckpointNotFoundError(f"{path} is a run folder, not one checkpoint; pass one of the checkpoints it "
+                                      f"holds:\n  {shown}") from e
 
 
 def _human_bytes(n: float) -> str:
@@ -46,10 +69,17 @@ def _human_age(created: Optional[float]) -> str:
 
 
 def _fmt_metric(v) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
+    return f"{v:.4g}" if isinstance(v, float) else str(v)[:80]
+
+
+def _secs(v) -> str:
+    return f"{v:.3f}s" if isinstance(v, (int, float)) and not isinstance(v, bool) else "?"
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
+    from ..read import list_checkpoints, verify_checkpoint
+    from ..store import is_remote
+
     if not is_remote(args.dir) and not os.path.isdir(args.dir):
         print(f"lightning-ckpt: {args.dir} is not a folder", file=sys.stderr)
         return 2
@@ -64,12 +94,12 @@ def cmd_ls(args: argparse.Namespace) -> int:
                 verified[c.name] = "CORRUPT"
                 print(f"lightning-ckpt: {e}", file=sys.stderr)
     if args.json:
-        print(json.dumps([
+        _dump([
             {"name": c.name, "path": c.path, "step": c.step, "epoch": c.epoch, "tags": c.tags, "metrics": c.metrics,
              "size_bytes": c.size_bytes, "kind": c.kind, "created_unix": c.created_unix,
              "verified": {"ok": True, "CORRUPT": False}.get(verified.get(c.name, ""))}
             for c in ckpts
-        ], indent=1))
+        ])
         return 1 if "CORRUPT" in verified.values() else 0
     if not ckpts:
         print(f"no committed checkpoints in {args.dir}")
@@ -77,8 +107,9 @@ def cmd_ls(args: argparse.Namespace) -> int:
     rows = [("NAME", "STEP", "EPOCH", "TAGS", "METRICS", "SIZE", "AGE", "VERIFIED")]
     for c in ckpts:
         metrics = " ".join(f"{k}={_fmt_metric(v)}" for k, v in sorted(c.metrics.items())[:4])
+        created = c.created_unix if isinstance(c.created_unix, (int, float)) else None
         rows.append((c.name, str(c.step), str(c.epoch), ",".join(c.tags), metrics, _human_bytes(c.size_bytes),
-                     _human_age(c.created_unix), verified.get(c.name, "-")))
+                     _human_age(created), verified.get(c.name, "-")))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
@@ -88,33 +119,34 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    m = read_checkpoint_manifest(args.path)
+    m = _manifest_or_hint(args.path)
     if args.json:
-        print(json.dumps(m, indent=1))
+        _dump(m)
         return 0
     size = sum(f["size"] for f in m["files"].values())
-    print(f"checkpoint   {args.path if str(args.path).startswith('s3://') else os.path.abspath(args.path)}")
+    where = args.path if str(args.path).startswith("s3://") else os.path.abspath(args.path)
+    print(f"checkpoint   {where}")
     print(f"step         {m['step']}   epoch {m.get('epoch')}   kind {m.get('kind')}   world size {m.get('world_size')}")
     print(f"tags         {', '.join(m.get('tags') or []) or '-'}")
     print(f"size         {_human_bytes(size)} in {len(m['files'])} files, {len(m.get('tensors', {}))} tensors")
-    t = m.get("timings") or {}
+    t = m.get("timings") if isinstance(m.get("timings"), dict) else {}
     if t:
-        print(f"timings      snapshot {t.get('snapshot_s', 0):.3f}s, write {t.get('write_s', 0):.3f}s")
+        print(f"timings      snapshot {_secs(t.get('snapshot_s'))}, write {_secs(t.get('write_s'))}")
     if m.get("resumed_from"):
-        print(f"resumed from {m['resumed_from']}")
-    run = m.get("run") or {}
+        print(f"resumed from {str(m['resumed_from'])[:300]}")
+    run = m.get("run") if isinstance(m.get("run"), dict) else {}
     if run:
-        vers = ", ".join(f"{k} {v}" for k, v in (run.get("versions") or {}).items())
+        versions = run.get("versions") if isinstance(run.get("versions"), dict) else {}
         print(f"written by   {run.get('host')} (pid {run.get('pid')}), git {run.get('git_commit') or '-'}, seed {run.get('seed')}")
-        print(f"versions     {vers}")
+        print(f"versions     {', '.join(f'{k} {v}' for k, v in versions.items())}")
     if m.get("metrics"):
         print("metrics")
         for k, v in sorted(m["metrics"].items()):
             print(f"  {k} = {_fmt_metric(v)}")
-    if m.get("hparams"):
+    if isinstance(m.get("hparams"), dict) and m["hparams"]:
         print("hparams")
         for k, v in sorted(m["hparams"].items()):
-            print(f"  {k} = {v}")
+            print(f"  {k} = {str(v)[:200]}")
     print("files")
     for name, f in sorted(m["files"].items()):
         print(f"  {name:40s} {_human_bytes(f['size']):>10s}  {len(f.get('tensors', {}))} tensors")
@@ -122,12 +154,14 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    from ..read import verify_checkpoint
+
     status = 0
     report = []
     for p in args.paths:
         t0 = time.perf_counter()
         try:
-            size = sum(f["size"] for f in read_checkpoint_manifest(p)["files"].values())
+            size = sum(f["size"] for f in _manifest_or_hint(p)["files"].values())
             show = not args.json and sys.stderr.isatty()
             with _bar(size, f"verify {os.path.basename(p)}", not show) as bar:
                 verify_checkpoint(p, progress=bar.update if show and bar is not None else None)
@@ -142,14 +176,15 @@ def cmd_verify(args: argparse.Namespace) -> int:
         if not args.json:
             print(f"OK      {p}  ({_human_bytes(size)} checked in {dt:.2f}s)")
     if args.json:
-        print(json.dumps(report, indent=1))
+        _dump(report)
     return status
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from .policy.retention import RetentionRules
-    from .store.lock import FolderBusyError
-    from .tools.prune import prune
+    from ..policy.retention import RetentionRules
+    from ..read import list_checkpoints
+    from ..store.lock import FolderBusyError
+    from ..tools.prune import prune
 
     if not os.path.isdir(args.dir):
         print(f"lightning-ckpt: {args.dir} is not a folder", file=sys.stderr)
@@ -173,8 +208,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         print(f"lightning-ckpt prune: {e}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps({"dry_run": report.dry_run, "deleted": report.deleted, "partials": report.partials,
-                          "kept": report.kept, "left_alone": report.left_alone}, indent=1))
+        _dump({"dry_run": report.dry_run, "deleted": report.deleted, "partials": report.partials,
+               "kept": report.kept, "left_alone": report.left_alone})
         return 0
     verb = "would delete" if args.dry_run else "deleted"
     for p in report.partials:
@@ -189,7 +224,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from .tools.merge import merge_checkpoint
+    from ..tools.merge import merge_checkpoint
 
     with _bar(0, "merging", args.quiet) as bar:
 
@@ -205,8 +240,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
             return 2
     gbps = res.bytes / res.seconds / 1e9 if res.seconds > 0 else 0.0
     if args.json:
-        print(json.dumps({"files": res.files, "index": res.index_path, "checksums": res.checksums_path,
-                          "tensors": res.tensors, "bytes": res.bytes, "seconds": round(res.seconds, 4)}, indent=1))
+        _dump({"files": res.files, "index": res.index_path, "checksums": res.checksums_path,
+               "tensors": res.tensors, "bytes": res.bytes, "seconds": round(res.seconds, 4)})
         return 0
     print(f"wrote {', '.join(res.files)}: {res.tensors} tensors, {_human_bytes(res.bytes)} in {res.seconds:.2f}s ({gbps:.2f} GB/s)")
     if res.index_path:
@@ -216,15 +251,15 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    from .tools.diff import diff_checkpoints, format_metric_change
+    from ..tools.diff import diff_checkpoints, format_metric_change
 
     d = diff_checkpoints(args.a, args.b, prefix="state_dict/" if args.model_only else None)
     if args.json:
-        print(json.dumps({
+        _dump({
             "a": d.a, "b": d.b, "step_a": d.step_a, "step_b": d.step_b,
             "metrics": {k: {"a": va, "b": vb} for k, (va, vb) in d.metrics.items()},
             "tensors": [t.__dict__ for t in d.tensors],
-        }, indent=1))
+        })
         return 0
     print(f"A  {d.a}  (step {d.step_a})")
     print(f"B  {d.b}  (step {d.step_b})")
@@ -261,9 +296,9 @@ def _bar(total: int, desc: str, quiet: bool):
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from .tools.transfer import push_checkpoint
+    from ..tools.transfer import push_checkpoint
 
-    m = read_checkpoint_manifest(args.path)
+    m = _manifest_or_hint(args.path)
     with _bar(sum(f["size"] for f in m["files"].values()), "push", args.quiet) as bar:
         try:
             res = push_checkpoint(args.path, args.dest, progress=bar.update if bar is not None else None)
@@ -278,7 +313,7 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    from .tools.transfer import pull_checkpoint
+    from ..tools.transfer import pull_checkpoint
 
     with _bar(0, "pull", args.quiet) as bar:
         try:
@@ -291,84 +326,3 @@ def cmd_pull(args: argparse.Namespace) -> int:
     else:
         print(f"pulled {args.src} -> {path} (verified)")
     return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lightning-ckpt", description="Inspect and verify lightning_ckpt checkpoints.")
-    sub = p.add_subparsers(dest="command", required=True)
-    ls = sub.add_parser("ls", help="list committed checkpoints in a run folder (or s3://bucket/prefix)")
-    ls.add_argument("dir")
-    ls.add_argument("--json", action="store_true", help="machine-readable output")
-    ls.add_argument("--verify", action="store_true", help="check every byte of every checkpoint (exit 1 if any fails)")
-    ls.set_defaults(func=cmd_ls)
-    show = sub.add_parser("show", help="summarise one checkpoint")
-    show.add_argument("path")
-    show.add_argument("--json", action="store_true", help="print the whole manifest")
-    show.set_defaults(func=cmd_show)
-    ver = sub.add_parser("verify", help="check every byte of checkpoints against their checksums")
-    ver.add_argument("paths", nargs="+")
-    ver.add_argument("--json", action="store_true")
-    ver.set_defaults(func=cmd_verify)
-    pr = sub.add_parser("prune", help="delete checkpoints that no retention rule keeps (the newest is always kept)")
-    pr.add_argument("dir")
-    pr.add_argument("--keep-last", type=int, help="keep the N newest")
-    pr.add_argument("--keep-best", type=int, help="keep the N best by --monitor")
-    pr.add_argument("--monitor", help="metric recorded in the manifests, for --keep-best")
-    pr.add_argument("--mode", choices=["min", "max"], default="min")
-    pr.add_argument("--keep-every-n-steps", type=int, help="keep checkpoints whose step is a multiple of N")
-    pr.add_argument("--max-total-bytes", type=int, help="drop the oldest kept ones until the folder fits")
-    pr.add_argument("--failed", action="store_true",
-                    help="also remove interrupted saves and the checkpoints of runs that ended in an exception")
-    pr.add_argument("--dry-run", action="store_true", help="only print what would be deleted")
-    pr.add_argument("--json", action="store_true")
-    pr.set_defaults(func=cmd_prune)
-    mg = sub.add_parser("merge", help="consolidate a checkpoint's model weights into one safetensors file")
-    mg.add_argument("path")
-    mg.add_argument("out", help="output file, e.g. export/model.safetensors")
-    mg.add_argument("--dtype", help="convert floating-point tensors: bf16, fp16, fp32")
-    mg.add_argument("--max-shard-size", help="split the output above this size (e.g. 5GB) with an index json")
-    mg.add_argument("--quiet", action="store_true", help="no progress bar")
-    mg.add_argument("--json", action="store_true")
-    mg.set_defaults(func=cmd_merge)
-    df = sub.add_parser("diff", help="metric changes and, per tensor, whether it changed and by how much")
-    df.add_argument("a")
-    df.add_argument("b")
-    df.add_argument("--model-only", action="store_true", help="only the model's tensors")
-    df.add_argument("--all", action="store_true", help="list unchanged tensors too")
-    df.add_argument("--json", action="store_true")
-    df.set_defaults(func=cmd_diff)
-    pu = sub.add_parser("push", help="upload a committed checkpoint to S3 (AWS settings from the environment)")
-    pu.add_argument("path")
-    pu.add_argument("dest", help="s3://bucket/prefix")
-    pu.add_argument("--quiet", action="store_true", help="no progress bar")
-    pu.add_argument("--json", action="store_true")
-    pu.set_defaults(func=cmd_push)
-    pl_ = sub.add_parser("pull", help="download a checkpoint from S3, verify it, and commit it into DIR")
-    pl_.add_argument("src", help="s3://bucket/prefix (its latest.json) or s3://bucket/prefix/NAME")
-    pl_.add_argument("dir")
-    pl_.add_argument("--quiet", action="store_true", help="no progress bar")
-    pl_.add_argument("--json", action="store_true")
-    pl_.set_defaults(func=cmd_pull)
-    return p
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except CheckpointNotFoundError as e:
-        print(f"lightning-ckpt: {e}", file=sys.stderr)
-        return 2
-    except CheckpointError as e:
-        print(f"lightning-ckpt: {e}", file=sys.stderr)
-        return 1
-    except Exception as e:  # noqa: BLE001
-        if type(e).__module__.split(".")[0] in ("botocore", "boto3", "s3transfer"):
-            print(f"lightning-ckpt: an S3 request failed: {e}. Check AWS_ENDPOINT_URL, the credentials (AWS_PROFILE, "
-                  "AWS_ACCESS_KEY_ID, ...) and that the bucket exists.", file=sys.stderr)
-            return 1
-        raise
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

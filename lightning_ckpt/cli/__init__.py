@@ -1,0 +1,115 @@
+"""``lightning-ckpt``: inspect and check checkpoints from the shell.
+
+    lightning-ckpt ls DIR [--json] [--verify]   committed checkpoints in a run folder
+    lightning-ckpt show PATH [--json]     one checkpoint's manifest, summarised
+    lightning-ckpt verify PATH [PATH...]  check every byte; exit status 1 if any fails
+    lightning-ckpt prune DIR --keep-last N [--keep-best K --monitor M] [--keep-every-n-steps S]
+                         [--max-total-bytes B] [--failed] [--dry-run]
+    lightning-ckpt merge PATH OUT [--dtype bf16] [--max-shard-size 5GB]   one consolidated model.safetensors
+    lightning-ckpt diff A B [--model-only] [--all] [--json]   metric changes and per-tensor differences
+    lightning-ckpt push PATH s3://bucket/prefix       upload a checkpoint (objects first, manifest last)
+    lightning-ckpt pull s3://bucket/prefix[/NAME] DIR download (the newest, or NAME), verify, commit locally
+
+Exit codes: 0 success, 1 a checkpoint failed verification, 2 bad usage or nothing found.
+
+Nothing heavy is imported at start (no Lightning; torch only when a verb needs it), so ``--help`` answers at once.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+from ..errors import CheckpointError, CheckpointNotFoundError
+from ..version import __version__
+from .commands import (
+    cmd_diff,
+    cmd_ls,
+    cmd_merge,
+    cmd_prune,
+    cmd_pull,
+    cmd_push,
+    cmd_show,
+    cmd_verify,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lightning-ckpt", description="Inspect and verify lightning_ckpt checkpoints.")
+    p.add_argument("--version", action="version", version=f"lightning-ckpt {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    ls = sub.add_parser("ls", help="list committed checkpoints in a run folder (or s3://bucket/prefix)")
+    ls.add_argument("dir")
+    ls.add_argument("--json", action="store_true", help="machine-readable output")
+    ls.add_argument("--verify", action="store_true", help="check every byte of every checkpoint (exit 1 if any fails)")
+    ls.set_defaults(func=cmd_ls)
+    show = sub.add_parser("show", help="summarise one checkpoint")
+    show.add_argument("path")
+    show.add_argument("--json", action="store_true", help="print the whole manifest")
+    show.set_defaults(func=cmd_show)
+    ver = sub.add_parser("verify", help="check every byte of checkpoints against their checksums")
+    ver.add_argument("paths", nargs="+")
+    ver.add_argument("--json", action="store_true")
+    ver.set_defaults(func=cmd_verify)
+    pr = sub.add_parser("prune", help="delete checkpoints that no retention rule keeps (the newest is always kept)")
+    pr.add_argument("dir")
+    pr.add_argument("--keep-last", type=int, help="keep the N newest")
+    pr.add_argument("--keep-best", type=int, help="keep the N best by --monitor")
+    pr.add_argument("--monitor", help="metric recorded in the manifests, for --keep-best")
+    pr.add_argument("--mode", choices=["min", "max"], default="min")
+    pr.add_argument("--keep-every-n-steps", type=int, help="keep checkpoints whose step is a multiple of N")
+    pr.add_argument("--max-total-bytes", type=int, help="drop the oldest kept ones until the folder fits")
+    pr.add_argument("--failed", action="store_true",
+                    help="also remove interrupted saves and the checkpoints of runs that ended in an exception")
+    pr.add_argument("--dry-run", action="store_true", help="only print what would be deleted")
+    pr.add_argument("--json", action="store_true")
+    pr.set_defaults(func=cmd_prune)
+    mg = sub.add_parser("merge", help="consolidate a checkpoint's model weights into one safetensors file")
+    mg.add_argument("path")
+    mg.add_argument("out", help="output file, e.g. export/model.safetensors, or a folder to write model.safetensors in")
+    mg.add_argument("--dtype", help="convert floating-point tensors: bf16, fp16, fp32")
+    mg.add_argument("--max-shard-size", help="split the output above this size (e.g. 5GB) with an index json")
+    mg.add_argument("--quiet", action="store_true", help="no progress bar")
+    mg.add_argument("--json", action="store_true")
+    mg.set_defaults(func=cmd_merge)
+    df = sub.add_parser("diff", help="metric changes and, per tensor, whether it changed and by how much")
+    df.add_argument("a")
+    df.add_argument("b")
+    df.add_argument("--model-only", action="store_true", help="only the model's tensors")
+    df.add_argument("--all", action="store_true", help="list unchanged tensors too")
+    df.add_argument("--json", action="store_true")
+    df.set_defaults(func=cmd_diff)
+    pu = sub.add_parser("push", help="upload a committed checkpoint to S3 (AWS settings from the environment)")
+    pu.add_argument("path")
+    pu.add_argument("dest", help="s3://bucket/prefix")
+    pu.add_argument("--quiet", action="store_true", help="no progress bar")
+    pu.add_argument("--json", action="store_true")
+    pu.set_defaults(func=cmd_push)
+    pl_ = sub.add_parser("pull", help="download a checkpoint from S3, verify it, and commit it into DIR")
+    pl_.add_argument("src", help="s3://bucket/prefix (its latest.json) or s3://bucket/prefix/NAME")
+    pl_.add_argument("dir")
+    pl_.add_argument("--quiet", action="store_true", help="no progress bar")
+    pl_.add_argument("--json", action="store_true")
+    pl_.set_defaults(func=cmd_pull)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except CheckpointNotFoundError as e:
+        print(f"lightning-ckpt: {e}", file=sys.stderr)
+        return 2
+    except CheckpointError as e:
+        print(f"lightning-ckpt: {e}", file=sys.stderr)
+        return 1
+    except ValueError as e:  # a bad path, URI or setting: bad usage
+        print(f"lightning-ckpt {args.command}: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001
+        if type(e).__module__.split(".")[0] in ("botocore", "boto3", "s3transfer"):
+            print(f"lightning-ckpt: an S3 request failed: {e}. Check AWS_ENDPOINT_URL, the credentials (AWS_PROFILE, "
+                  "AWS_ACCESS_KEY_ID, ...) and that the bucket exists.", file=sys.stderr)
+            return 1
+        raise

@@ -1,0 +1,187 @@
+"""Loading committed checkpoints: the Lightning checkpoint dictionary, tensors in place into (sharded) state of any
+world size, model weights. Every byte read is verified; every allocation is bounded by bytes on disk; nothing is
+unpickled. Reading goes through DCP with this package's ``StorageReader`` (``dcp.py``), so resharding works."""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Iterable
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+from .dcp import LCStorageReader, is_model_or_optim, unwrap_dcp_error
+from .errors import CheckpointCorruptError, CheckpointError, CheckpointMismatchError
+from .format.codec import decode, encode
+from .format.tensorfile import dtype_from_name
+from .read import check_sizes, open_checkpoint, read_state_doc
+
+
+def load_tensors(path: str, m: dict, keys: list[str] | None = None, *, verify: bool = True, device: Any = "cpu",
+                 fetch: Any = None) -> dict[str, torch.Tensor]:
+    """Read tensors (all, or ``keys``) of a checkpoint through DCP into freshly allocated tensors on ``device``
+    (on a GPU, through pinned staging pieces whose copies overlap the disk reads)."""
+    index = m.get("tensors", {})
+    wanted = list(index) if keys is None else keys
+    for k in wanted:
+        if k not in index:
+            raise CheckpointCorruptError(f"{path}: the state refers to tensor {k!r}, which the manifest does not list")
+    # every allocation below is bounded by bytes on disk: the chunks tile each tensor (checked with the manifest), and
+    # the files they are in are checked here to be regular files of the size the manifest says
+    needed = sorted({c["file"] for k in wanted for c in index[k]["chunks"]})
+    if fetch is not None:
+        fetch(needed)
+    check_sizes(path, m, needed)
+    targets: dict[str, torch.Tensor] = {}
+    for k in wanted:
+        t = index[k]
+        targets[k] = torch.empty([int(s) for s in t["shape"]], dtype=dtype_from_name(t["dtype"]), device=device)
+    if not targets:
+        return targets
+    reader = LCStorageReader(path, m, verify=verify, fetch=fetch)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+            dcp.load(targets, storage_reader=reader, planner=DefaultLoadPlanner(allow_partial_load=False), no_dist=True)
+    except BaseException as e:
+        err = unwrap_dcp_error(e)
+        if isinstance(err, CheckpointError):
+            raise err from None
+        if isinstance(err, OSError):
+            raise CheckpointCorruptError(f"reading {path} failed: {err}") from err
+        raise
+    return targets
+
+
+def load_checkpoint(path: str, map_location: Any = "cpu", *, verify: bool = True, rank: int = 0,
+                    without_tensors_of: Iterable[str] = ()) -> dict:
+    """Load a checkpoint written by this package as the Lightning checkpoint dictionary.
+
+    Every byte read is checked against its CRC32C (``verify=False`` skips the checks). Nothing is unpickled.
+
+    Args:
+        path: a checkpoint folder (one that holds ``manifest.json``).
+        map_location: device (or ``torch.load``-style mapping) the tensors are moved to; ``"cpu"`` by default.
+        rank: whose non-tensor state to read in a checkpoint saved by several ranks.
+        without_tensors_of: top-level keys (say ``"state_dict"``, ``"optimizer_states"``) whose tensors are not
+            read: they come back as ``None``, the rest of those entries (optimizer ``param_groups``) as saved. For
+            sharded models, whose tensors are loaded in place with :func:`load_into`.
+    """
+    path, m, fetch = open_checkpoint(path, rank)
+    doc = read_state_doc(path, m, rank)
+    wanted: list[str] = []
+    skipped = tuple(f"{k}/" for k in without_tensors_of)
+
+    def collect(key: str) -> torch.Tensor:
+        if not isinstance(key, str):
+            raise CheckpointCorruptError(f"{path}: the state refers to a tensor by an invalid key {key!r}")
+        if not (skipped and key.startswith(skipped)):
+            wanted.append(key)
+        return torch.zeros(0)
+
+    decode(doc, collect)  # the tensors this rank's state refers to (in a multi-rank checkpoint: not the others')
+    device = "cpu"
+    if isinstance(map_location, (str, torch.device)) and torch.device(map_location).type == "cuda":
+        device = torch.device(map_location)  # read straight onto the GPU, overlapping disk and copies
+        map_location = None
+    tensors = load_tensors(path, m, list(dict.fromkeys(wanted)), verify=verify, device=device, fetch=fetch)
+
+    def get(key: str) -> torch.Tensor | None:
+        if skipped and key.startswith(skipped):
+            return None
+        try:
+            t = tensors[key]
+        except KeyError:
+            raise CheckpointCorruptError(f"{path}: the state refers to tensor {key!r}, which the manifest does not list") from None
+        return _map(t, map_location)
+
+    return decode(doc, get)
+
+
+def load_into(path: str, state: dict, *, process_group: Any = None, verify: bool = True, rank: int | None = None) -> None:
+    """Load a checkpoint's tensors in place into ``state``, a (nested) dict shaped like the saved one, whose tensors
+    may be plain, ``DTensor`` (FSDP2) or ``ShardedTensor``, laid out for any world size: DCP plans which bytes each
+    rank reads (resharding N ranks -> M). Nothing is gathered. Every byte read is verified.
+
+    Example (FSDP2, any number of ranks)::
+
+        state = {"state_dict": get_model_state_dict(model), "optimizer_states": [get_optimizer_state_dict(model, opt)]}
+        load_into(path, state)
+        set_model_state_dict(model, state["state_dict"]); set_optimizer_state_dict(model, opt, state["optimizer_states"][0])
+    """
+    import torch.distributed as dist
+
+    path, m, fetch = open_checkpoint(path, None)
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size(process_group) > 1
+    my_rank = (dist.get_rank() if distributed else 0) if rank is None else rank
+    prefix = f"rank{my_rank:05d}/"
+    _, tensors = encode(state)
+    targets: dict[str, torch.Tensor] = {}
+    for k, t in tensors.items():
+        if is_model_or_optim(k) or k in m.get("tensors", {}):
+            targets[k] = t
+        elif prefix + k in m.get("tensors", {}):
+            targets[prefix + k] = t
+        else:
+            raise CheckpointMismatchError(f"{path} has no tensor {k!r}; the state does not match the checkpoint")
+    reader = LCStorageReader(path, m, verify=verify, fetch=fetch)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+            if distributed:
+                dcp.load(targets, storage_reader=reader, planner=DefaultLoadPlanner(), process_group=process_group)
+            else:
+                dcp.load(targets, storage_reader=reader, planner=DefaultLoadPlanner(), no_dist=True)
+    except BaseException as e:
+        err = unwrap_dcp_error(e)
+        if isinstance(err, CheckpointError):
+            raise err from None
+        if isinstance(err, (RuntimeError, ValueError)) and "Missing key" in str(err):
+            raise CheckpointMismatchError(f"{path} does not hold every tensor of the given state: {err}") from None
+        raise
+
+
+def load_weights(path: str, model: torch.nn.Module, *, strict: bool = True, map_location: Any = "cpu"):
+    """Load the model weights of any checkpoint that has them (full, weights, partial) into ``model``.
+
+    Only the model's tensors are read (and verified). A partial checkpoint needs ``strict=False``.
+    Returns what ``model.load_state_dict`` returns (missing and unexpected keys).
+    """
+    path, m, fetch = open_checkpoint(path, 0)
+    kind = m.get("kind", "full")
+    doc = read_state_doc(path, m)
+    sd_doc = doc.get("state_dict") if isinstance(doc, dict) else None
+    if sd_doc is None:
+        raise CheckpointMismatchError(
+            f"{path} is a {kind!r} checkpoint without model weights; use one saved with content='full' or 'weights'"
+        )
+    if kind == "partial" and strict:
+        raise CheckpointMismatchError(
+            f"{path} is a partial checkpoint (include={m.get('include')}, exclude={m.get('exclude')}); it holds only "
+            "some of the model's tensors. Load it with strict=False."
+        )
+    keys = [k for k in m.get("tensors", {}) if k.startswith("state_dict/")]
+    tensors = load_tensors(path, m, keys, fetch=fetch)
+    sd = decode(sd_doc, lambda k: _map(tensors[k], map_location) if k in tensors else _missing(path, k))
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        raise CheckpointCorruptError(f"{path}: its state_dict is not a mapping of names to tensors; the checkpoint is "
+                                     "corrupt or was not written from a model")
+    try:
+        return model.load_state_dict(sd, strict=strict)
+    except RuntimeError as e:  # missing/unexpected keys, shape mismatches
+        raise CheckpointMismatchError(f"{path} does not fit this model: {e}") from None
+
+
+def _missing(path: str, key: str):
+    raise CheckpointCorruptError(f"{path}: the state refers to tensor {key!r}, which the manifest does not list")
+
+
+def _map(t: torch.Tensor, map_location: Any) -> torch.Tensor:
+    if map_location is None or map_location == "cpu" or map_location == torch.device("cpu"):
+        return t
+    if callable(map_location):
+        return map_location(t, "cpu")
+    if isinstance(map_location, dict):
+        dev = map_location.get("cpu", "cpu")
+        return t.to(dev)
+    return t.to(map_location)
