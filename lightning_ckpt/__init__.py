@@ -24,6 +24,7 @@ _EXPORTS = {
     "PreemptionCheckpoint": "callbacks",
     "RetentionPolicy": "callbacks",
     "SaveOptions": "session.options",
+    "load_module": "callbacks",
     # reading
     "CheckpointInfo": "read",
     "latest_checkpoint": "read",
@@ -70,7 +71,8 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from .callbacks import (BackupToS3, BestMetricCheckpoint, EarlyStopAndSave, ExportOnTrainEnd, LightningCkptIO,
-                            MonitorNotFoundError, PeriodicCheckpoint, PreemptionCheckpoint, RetentionPolicy)
+                            MonitorNotFoundError, PeriodicCheckpoint, PreemptionCheckpoint, RetentionPolicy,
+                            load_module)
     from .errors import (CheckpointCorruptError, CheckpointError, CheckpointFormatError, CheckpointMismatchError,
                          CheckpointNotFoundError, CheckpointWriteError)
     from .extras.stages import StageCache, StageCacheWarning, UncacheableValueError, checkpointed_stage

@@ -179,8 +179,9 @@ def _missing(path: str, key: str):
 def _map(t: torch.Tensor, map_location: Any) -> torch.Tensor:
     if map_location is None or map_location == "cpu" or map_location == torch.device("cpu"):
         return t
-    if callable(map_location):
-        return map_location(t, "cpu")
+    if callable(map_location):  # torch.load's convention: (storage, location) -> moved, or None to keep it
+        moved = map_location(t, "cpu")
+        return t if moved is None else moved
     if isinstance(map_location, dict):
         dev = map_location.get("cpu", "cpu")
         return t.to(dev)

@@ -1,4 +1,5 @@
 """Lightning callbacks: when a hook fires, ask a policy, hand the state to the writer."""
+from . import compat
 from .backup import BackupToS3
 from .base import BaseCheckpointCallback, MonitorNotFoundError
 from .best import BestMetricCheckpoint
@@ -9,7 +10,11 @@ from .periodic import PeriodicCheckpoint
 from .preemption import PreemptionCheckpoint
 from .retention import RetentionPolicy
 
+load_module = compat.load_module
+compat.install_folder_loading()  # MyModule.load_from_checkpoint(folder) and ckpt_path=folder without the plugin
+compat.install_ckpt_path_names()  # ckpt_path="last" / "best" with this package's callbacks
+
 __all__ = [
     "BackupToS3", "BaseCheckpointCallback", "BestMetricCheckpoint", "EarlyStopAndSave", "ExportOnTrainEnd", "LightningCkptIO", "MonitorNotFoundError",
-    "PeriodicCheckpoint", "PreemptionCheckpoint", "RetentionPolicy", "install_checkpoint_io",
+    "PeriodicCheckpoint", "PreemptionCheckpoint", "RetentionPolicy", "install_checkpoint_io", "load_module",
 ]

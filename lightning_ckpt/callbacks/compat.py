@@ -8,6 +8,7 @@ silent fallback. CI runs the test suite on the newest supported Lightning and a 
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Callable
 
 import lightning
@@ -38,6 +39,13 @@ def check(trainer: "pl.Trainer") -> None:
         el = getattr(trainer.fit_loop, "epoch_loop", None)
         missing += _missing(el, ("_skip_next_val", "_should_check_val_fx", "batch_progress"), "_TrainingEpochLoop")
     missing += _missing(Callback, ("_generate_state_key",), "Callback")
+    from lightning.fabric.plugins.io import torch_io
+    from lightning.pytorch.core import saving
+    from lightning.pytorch.trainer.connectors.checkpoint_connector import _CheckpointConnector
+
+    missing += _missing(saving, ("pl_load",), "lightning.pytorch.core.saving")
+    missing += _missing(torch_io, ("pl_load",), "lightning.fabric.plugins.io.torch_io")
+    missing += _missing(_CheckpointConnector, ("_parse_ckpt_path",), "_CheckpointConnector")
     try:
         from lightning.pytorch.trainer.connectors import signal_connector as sc
 
@@ -137,3 +145,60 @@ def plain_optimizer(opt: Any) -> Any:
 def state_key(callback: Any, **key: Any) -> str:
     """A callback's key in ``checkpoint["callbacks"]``, made as Lightning's own callbacks make theirs."""
     return callback._generate_state_key(**key)
+
+
+def install_folder_loading() -> None:
+    """Let Lightning's own loaders read this package's checkpoint folders: ``MyModule.load_from_checkpoint(folder)``
+    and ``Trainer.fit/validate/test(ckpt_path=folder)`` without the plugin. Lightning reads every checkpoint through
+    ``pl_load`` (``lightning.fabric.utilities.cloud_io._load``, bound in two modules); the wrapper reads a folder with
+    :func:`lightning_ckpt.load_checkpoint` (verified, no pickle) and passes every other path on unchanged.
+    Idempotent; installed when ``lightning_ckpt.callbacks`` is imported."""
+    from lightning.fabric.plugins.io import torch_io
+    from lightning.pytorch.core import saving
+
+    from ..load import load_checkpoint
+    from ..read import is_checkpoint_dir
+
+    for module in (saving, torch_io):
+        original = module.pl_load
+        if getattr(original, "_lightning_ckpt", False):
+            continue
+
+        def pl_load(path_or_url: Any, *args: Any, _original: Any = original, **kwargs: Any) -> Any:
+            if isinstance(path_or_url, (str, os.PathLike)) and is_checkpoint_dir(path_or_url):
+                map_location = kwargs.get("map_location", args[0] if args else None)
+                return load_checkpoint(path_or_url, map_location=map_location or "cpu")
+            return _original(path_or_url, *args, **kwargs)
+
+        pl_load._lightning_ckpt = True  # type: ignore[attr-defined]
+        module.pl_load = pl_load
+
+
+def install_ckpt_path_names() -> None:
+    """``ckpt_path="last"`` and ``"best"`` with this package's callbacks: Lightning resolves those names only for its
+    own ``ModelCheckpoint`` (and before any callback hook runs), so its resolver asks every callback that has a
+    ``resolve_ckpt_path(trainer, name)`` method first. Idempotent; installed when ``lightning_ckpt.callbacks`` is
+    imported."""
+    from lightning.pytorch.trainer.connectors.checkpoint_connector import _CheckpointConnector
+
+    original = _CheckpointConnector._parse_ckpt_path
+    if getattr(original, "_lightning_ckpt", False):
+        return
+
+    def _parse_ckpt_path(self: Any, state_fn: Any, ckpt_path: Any, *args: Any, **kwargs: Any) -> Any:
+        if ckpt_path in ("last", "best"):
+            ours = [cb for cb in self.trainer.callbacks if callable(getattr(cb, "resolve_ckpt_path", None))]
+            if ours:
+                return ours[0].resolve_ckpt_path(self.trainer, ckpt_path, [cb for cb in ours[1:]])
+        return original(self, state_fn, ckpt_path, *args, **kwargs)
+
+    _parse_ckpt_path._lightning_ckpt = True  # type: ignore[attr-defined]
+    _CheckpointConnector._parse_ckpt_path = _parse_ckpt_path
+
+
+def load_module(cls: Any, path: Any, **kwargs: Any) -> Any:
+    """``cls.load_from_checkpoint(path, **kwargs)`` for a checkpoint folder (or ``s3://`` URI) of this package:
+    the module is rebuilt from the saved hyper-parameters and loaded with the verified weights, with Lightning's own
+    semantics (``map_location``, ``strict``, hyper-parameter overrides as keyword arguments)."""
+    install_folder_loading()
+    return cls.load_from_checkpoint(path, **kwargs)

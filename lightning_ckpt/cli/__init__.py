@@ -9,6 +9,7 @@
     lightning-ckpt diff A B [--model-only] [--all] [--json]   metric changes and per-tensor differences
     lightning-ckpt push PATH s3://bucket/prefix       upload a checkpoint (objects first, manifest last)
     lightning-ckpt pull s3://bucket/prefix[/NAME] DIR download (the newest, or NAME), verify, commit locally
+    lightning-ckpt convert PATH OUT.ckpt              one Lightning .ckpt (torch.load(weights_only=True) reads it)
 
 Exit codes: 0 success, 1 a checkpoint failed verification, 2 bad usage or nothing found.
 
@@ -23,6 +24,7 @@ from typing import Optional, Sequence
 from ..errors import CheckpointError, CheckpointNotFoundError
 from ..version import __version__
 from .commands import (
+    cmd_convert,
     cmd_diff,
     cmd_ls,
     cmd_merge,
@@ -91,6 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     pl_.add_argument("--quiet", action="store_true", help="no progress bar")
     pl_.add_argument("--json", action="store_true")
     pl_.set_defaults(func=cmd_pull)
+    cv = sub.add_parser("convert", help="write a checkpoint as one Lightning .ckpt file (for tools that read only those)")
+    cv.add_argument("path")
+    cv.add_argument("out", help="the .ckpt file to write, e.g. model.ckpt")
+    cv.add_argument("--json", action="store_true")
+    cv.set_defaults(func=cmd_convert)
     return p
 
 

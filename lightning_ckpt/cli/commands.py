@@ -326,3 +326,14 @@ def cmd_pull(args: argparse.Namespace) -> int:
     else:
         print(f"pulled {args.src} -> {path} (verified)")
     return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from ..tools.convert import convert_to_lightning
+
+    out = convert_to_lightning(args.path, args.out)
+    if args.json:
+        _dump({"ckpt": out})
+    else:
+        print(f"wrote {out} (a Lightning .ckpt; loads with torch.load(weights_only=True) and load_from_checkpoint)")
+    return 0

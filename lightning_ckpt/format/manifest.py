@@ -30,6 +30,7 @@ from ..errors import CheckpointCorruptError, CheckpointFormatError
 
 FORMAT_NAME = "lightning_ckpt"
 FORMAT_VERSION = 1
+STATE_KEY = "lightning_ckpt"  # this package's own entry in a checkpoint dictionary: {"format", "kind", "rng"}
 MANIFEST = "manifest.json"
 LATEST = "latest.json"
 

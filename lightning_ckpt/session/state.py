@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 
+from ..format.manifest import STATE_KEY
 from .rng import capture_rng
 
-STATE_KEY = "lightning_ckpt"  # our entry in the checkpoint dictionary: {"format", "kind", "rng"}
 FULL = ("full", (), ())
 
 

@@ -136,3 +136,51 @@ def _model_card(meta: dict, metrics: dict, has_config: bool) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def export_hf(path: Any, out_dir: Any, model: Any, *, prefix: Optional[str] = None) -> str:
+    """Write the checkpoint at ``path`` as a Hugging Face model folder (``save_pretrained`` layout: ``config.json`` and
+    ``model.safetensors``), for a LightningModule that holds a ``transformers`` model.
+
+    ``model`` is a ``transformers.PreTrainedModel`` of the run's architecture (say ``module.model``, or one built from
+    the same config); its weights are read from the checkpoint (verified) under ``prefix``, the module attribute that
+    holds it (``"model."``; found by itself when ``None``), then ``model.save_pretrained`` writes the folder, which
+    replaces ``out_dir`` atomically. Returns ``out_dir``."""
+    from ..errors import CheckpointMismatchError
+    from ..load import load_tensors
+    from ..read import open_checkpoint
+    from ..store.fs import OPS
+
+    folder, m, fetch = open_checkpoint(path)
+    names = [k[len("state_dict/"):] for k in m.get("tensors", {}) if k.startswith("state_dict/") and k.count("/") == 1]
+    wanted = list(model.state_dict())
+    if prefix is None:
+        votes: dict[str, int] = {}
+        for n in names:
+            for t in wanted:
+                if n.endswith(t) and (len(n) == len(t) or n[-len(t) - 1] == "."):
+                    votes[n[: len(n) - len(t)]] = votes.get(n[: len(n) - len(t)], 0) + 1
+        prefix = max(votes, key=lambda p: (votes[p], -len(p)), default="")
+    missing = [t for t in wanted if prefix + t not in names]
+    if missing:
+        raise CheckpointMismatchError(
+            f"{path} has no weights for {len(missing)} of the model's tensors under the prefix {prefix!r} (first: "
+            f"{missing[0]!r}); pass the prefix of the attribute that holds the model, e.g. prefix='model.'")
+    tensors = load_tensors(folder, m, [f"state_dict/{prefix}{t}" for t in wanted], fetch=fetch)
+    try:
+        model.load_state_dict({t: tensors[f"state_dict/{prefix}{t}"] for t in wanted}, strict=True)
+    except RuntimeError as e:
+        raise CheckpointMismatchError(f"{path} does not fit the given model: {e}") from None
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    parent = LocalStore(os.path.dirname(out_dir))
+    parent.makedirs()
+    tx = parent.begin(os.path.basename(out_dir)).open()
+    try:
+        model.save_pretrained(tx.path, safe_serialization=True)
+        for fname in os.listdir(tx.path):
+            OPS.fsync_file(os.path.join(tx.path, fname))
+        tx.commit(None, if_exists="replace")
+    except BaseException:
+        tx.abort()
+        raise
+    return out_dir
