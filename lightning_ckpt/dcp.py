@@ -81,7 +81,7 @@ class _FileResult:
 
 @dataclasses.dataclass(frozen=True)
 class _ChunkInfo:
-    file: str
+    file: Any  # the member: a file name when writing; ("file" | "pack", name) when reading
     name: str
     offsets: tuple[int, ...]
     sizes: tuple[int, ...]
@@ -149,7 +149,7 @@ class LCStorageWriter(StorageWriter):
                 is_shard = item.type == WriteItemType.SHARD or tuple(chunk.sizes) != tuple(item.tensor_data.size)
                 named.append((name_in_file(item.index.fqn, tuple(chunk.offsets), is_shard), t, item))
             rec = self.tx.write_tensors(fname, [(n, t) for n, t, _ in named],
-                                        metadata={"format": "pt", "lightning_ckpt": str(mf.FORMAT_VERSION)},
+                                        metadata={"format": "pt", "lightning_ckpt": str(mf.PLAIN_VERSION)},
                                         crc_executor=self.crc_executor)
             by_name = {tr.name: tr for tr in rec.tensors}
             for n, t, item in named:
@@ -215,14 +215,15 @@ class LCStorageReader(StorageReader):
     tensor of the same dtype (no intermediate copy), and its checksum is computed on those bytes.
     """
 
-    def __init__(self, path: str, manifest: dict, *, verify: bool = True, fetch: Any = None) -> None:
+    def __init__(self, ck: Any, *, verify: bool = True) -> None:
+        """``ck``: an opened checkpoint (``read.Opened``): its manifest and where each member can be read."""
         super().__init__()
-        self.path = path
-        self.manifest = manifest
+        self.ck = ck
+        self.path = ck.folder
+        self.manifest = ck.m
         self.verify = verify
-        self.fetch = fetch  # callable(list of file names): make them present locally (a remote checkpoint)
         self.storage_data: dict[MetadataIndex, _ChunkInfo] = {}
-        self._headers_checked: set[str] = set()
+        self._headers_checked: set = set()
         self._header_lock = threading.Lock()
         self._tls = threading.local()
 
@@ -237,7 +238,7 @@ class LCStorageReader(StorageReader):
             for c in t["chunks"]:
                 offsets, sizes = tuple(int(o) for o in c["offsets"]), tuple(int(s) for s in c["sizes"])
                 chunks.append(ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes)))
-                storage[MetadataIndex(key, offsets)] = _ChunkInfo(c["file"], c["name"], offsets, sizes)
+                storage[MetadataIndex(key, offsets)] = _ChunkInfo(mf.chunk_member(c), c["name"], offsets, sizes)
             sd_md[key] = TensorStorageMetadata(
                 properties=TensorProperties(dtype=dtype_from_name(t["dtype"])),
                 size=torch.Size(int(s) for s in t["shape"]),
@@ -254,12 +255,12 @@ class LCStorageReader(StorageReader):
     def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
         return plans
 
-    def _check_header(self, f, fname: str) -> None:
+    def _check_header(self, f, key: tuple) -> None:
         with self._header_lock:
-            if fname in self._headers_checked:
+            if key in self._headers_checked:
                 return
-        entry = self.manifest["files"][fname]
-        where = os.path.join(self.path, fname)
+        folder, fname, entry = self.ck.where(key)
+        where = os.path.join(folder, fname)
         size = entry["size"]  # checked when the file was opened
         f.seek(0)
         head = f.read(entry["header_end"])
@@ -269,7 +270,7 @@ class LCStorageReader(StorageReader):
             raise CheckpointCorruptError(f"{where}: checksum mismatch in the header; the file is corrupt")
         check_header(head, entry, where)  # even unverified: never read a tensor the file does not describe alike
         with self._header_lock:
-            self._headers_checked.add(fname)
+            self._headers_checked.add(key)
 
     #: parallel readers: on NVMe several requests in flight beat one, and page faults of fresh memory overlap I/O
     read_threads = max(2, min(8, os.cpu_count() or 2))
@@ -279,12 +280,11 @@ class LCStorageReader(StorageReader):
         for item in plan.items:
             info = self.storage_data[item.storage_index]
             per_file[info.file].append((item, info))
-        if self.fetch is not None:  # a checkpoint on S3: this rank downloads only the files its plan reads
-            self.fetch(sorted(per_file))
+        self.ck.fetch(sorted(per_file))  # on S3: this rank downloads only the members its plan reads
         # contiguous runs of (file, offset)-sorted items, cut into buckets of about equal bytes, one per thread
         runs = []
         for fname, items in sorted(per_file.items()):
-            entry = self.manifest["files"][fname]
+            entry = self.ck.entry(fname)
             items.sort(key=lambda it: entry["tensors"][it[1].name]["begin"])
             for item, info in items:
                 t = entry["tensors"][info.name]
@@ -314,14 +314,15 @@ class LCStorageReader(StorageReader):
         handles: dict[str, Any] = {}
         cache: dict[str, torch.Tensor] = {}
         try:
-            for fname, item, info, _ in bucket:
-                f = handles.get(fname)
-                where = os.path.join(self.path, fname)
+            for key, item, info, _ in bucket:
+                f = handles.get(key)
+                folder, fname, entry = self.ck.where(key)
+                where = os.path.join(folder, fname)
                 if f is None:
-                    f = os.fdopen(open_member(self.path, fname, self.manifest["files"][fname]["size"]), "rb", buffering=0)
-                    handles[fname] = f
-                    self._check_header(f, fname)
-                self._read_item(f, where, self.manifest["files"][fname], item, info, planner, cache)
+                    f = os.fdopen(open_member(folder, fname, entry["size"]), "rb", buffering=0)
+                    handles[key] = f
+                    self._check_header(f, key)
+                self._read_item(f, where, entry, item, info, planner, cache)
         finally:
             for f in handles.values():
                 f.close()
@@ -405,10 +406,10 @@ class LCStorageReader(StorageReader):
         elif direct and target.device.type == "cpu":
             self._read_chunk(f, where, t, target)
         else:
-            src = cache.get(info.name)
+            src = cache.get((info.file, info.name))
             if src is None:
                 src = self._read_chunk(f, where, t, None)
-                cache[info.name] = src
+                cache[(info.file, info.name)] = src
             for dim, (off, ln) in enumerate(zip(item.storage_offsets, item.lengths)):
                 src = src.narrow(dim, off, ln)
             if tuple(target.shape) != tuple(src.shape):

@@ -14,13 +14,15 @@ from .dcp import LCStorageReader, is_model_or_optim, unwrap_dcp_error
 from .errors import CheckpointCorruptError, CheckpointError, CheckpointMismatchError
 from .format.codec import decode, encode
 from .format.tensorfile import dtype_from_name
-from .read import check_sizes, open_checkpoint, read_state_doc
+from .format.manifest import chunk_member
+from .read import Opened, check_sizes, open_checkpoint, read_state_doc
 
 
-def load_tensors(path: str, m: dict, keys: list[str] | None = None, *, verify: bool = True, device: Any = "cpu",
-                 fetch: Any = None) -> dict[str, torch.Tensor]:
-    """Read tensors (all, or ``keys``) of a checkpoint through DCP into freshly allocated tensors on ``device``
+def load_tensors(ck: Opened, keys: list[str] | None = None, *, verify: bool = True,
+                 device: Any = "cpu") -> dict[str, torch.Tensor]:
+    """Read tensors (all, or ``keys``) of an opened checkpoint through DCP into freshly allocated tensors on ``device``
     (on a GPU, through pinned staging pieces whose copies overlap the disk reads)."""
+    m, path = ck.m, ck.folder
     index = m.get("tensors", {})
     wanted = list(index) if keys is None else keys
     for k in wanted:
@@ -28,17 +30,16 @@ def load_tensors(path: str, m: dict, keys: list[str] | None = None, *, verify: b
             raise CheckpointCorruptError(f"{path}: the state refers to tensor {k!r}, which the manifest does not list")
     # every allocation below is bounded by bytes on disk: the chunks tile each tensor (checked with the manifest), and
     # the files they are in are checked here to be regular files of the size the manifest says
-    needed = sorted({c["file"] for k in wanted for c in index[k]["chunks"]})
-    if fetch is not None:
-        fetch(needed)
-    check_sizes(path, m, needed)
+    needed = sorted({chunk_member(c) for k in wanted for c in index[k]["chunks"]})
+    ck.fetch(needed)
+    check_sizes(ck, needed)
     targets: dict[str, torch.Tensor] = {}
     for k in wanted:
         t = index[k]
         targets[k] = torch.empty([int(s) for s in t["shape"]], dtype=dtype_from_name(t["dtype"]), device=device)
     if not targets:
         return targets
-    reader = LCStorageReader(path, m, verify=verify, fetch=fetch)
+    reader = LCStorageReader(ck, verify=verify)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
@@ -67,8 +68,9 @@ def load_checkpoint(path: str, map_location: Any = "cpu", *, verify: bool = True
             read: they come back as ``None``, the rest of those entries (optimizer ``param_groups``) as saved. For
             sharded models, whose tensors are loaded in place with :func:`load_into`.
     """
-    path, m, fetch = open_checkpoint(path, rank)
-    doc = read_state_doc(path, m, rank)
+    ck = open_checkpoint(path, rank)
+    path = ck.folder
+    doc = read_state_doc(path, ck.m, rank)
     wanted: list[str] = []
     skipped = tuple(f"{k}/" for k in without_tensors_of)
 
@@ -84,7 +86,7 @@ def load_checkpoint(path: str, map_location: Any = "cpu", *, verify: bool = True
     if isinstance(map_location, (str, torch.device)) and torch.device(map_location).type == "cuda":
         device = torch.device(map_location)  # read straight onto the GPU, overlapping disk and copies
         map_location = None
-    tensors = load_tensors(path, m, list(dict.fromkeys(wanted)), verify=verify, device=device, fetch=fetch)
+    tensors = load_tensors(ck, list(dict.fromkeys(wanted)), verify=verify, device=device)
 
     def get(key: str) -> torch.Tensor | None:
         if skipped and key.startswith(skipped):
@@ -111,7 +113,8 @@ def load_into(path: str, state: dict, *, process_group: Any = None, verify: bool
     """
     import torch.distributed as dist
 
-    path, m, fetch = open_checkpoint(path, None)
+    ck = open_checkpoint(path, None)
+    path, m = ck.folder, ck.m
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size(process_group) > 1
     my_rank = (dist.get_rank() if distributed else 0) if rank is None else rank
     prefix = f"rank{my_rank:05d}/"
@@ -124,7 +127,7 @@ def load_into(path: str, state: dict, *, process_group: Any = None, verify: bool
             targets[prefix + k] = t
         else:
             raise CheckpointMismatchError(f"{path} has no tensor {k!r}; the state does not match the checkpoint")
-    reader = LCStorageReader(path, m, verify=verify, fetch=fetch)
+    reader = LCStorageReader(ck, verify=verify)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
@@ -147,7 +150,8 @@ def load_weights(path: str, model: torch.nn.Module, *, strict: bool = True, map_
     Only the model's tensors are read (and verified). A partial checkpoint needs ``strict=False``.
     Returns what ``model.load_state_dict`` returns (missing and unexpected keys).
     """
-    path, m, fetch = open_checkpoint(path, 0)
+    ck = open_checkpoint(path, 0)
+    path, m = ck.folder, ck.m
     kind = m.get("kind", "full")
     doc = read_state_doc(path, m)
     sd_doc = doc.get("state_dict") if isinstance(doc, dict) else None
@@ -161,7 +165,7 @@ def load_weights(path: str, model: torch.nn.Module, *, strict: bool = True, map_
             "some of the model's tensors. Load it with strict=False."
         )
     keys = [k for k in m.get("tensors", {}) if k.startswith("state_dict/")]
-    tensors = load_tensors(path, m, keys, fetch=fetch)
+    tensors = load_tensors(ck, keys)
     sd = decode(sd_doc, lambda k: _map(tensors[k], map_location) if k in tensors else _missing(path, k))
     if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
         raise CheckpointCorruptError(f"{path}: its state_dict is not a mapping of names to tensors; the checkpoint is "

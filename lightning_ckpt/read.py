@@ -110,40 +110,44 @@ def verify_checkpoint(path: Any, *, progress: Any = None) -> None:
         CheckpointNotFoundError: ``path`` is not a committed checkpoint.
         CheckpointCorruptError: a file is missing, has the wrong size or type, or fails its checksum.
     """
-    store, name = locate(path)
-    m, raw = store.read_manifest(name)
+    ck = open_checkpoint(path, everything=True)
     try:
-        _verify_files(store.local_folder(name, None, (m, raw)), m, progress)
+        _verify_files(ck, progress)
     except CheckpointCorruptError:
-        if not store.remote:
+        if not ck.store.remote:
             raise
         # a cached copy went bad after it was downloaded (every download is checked): fetch it again, once
-        _verify_files(store.local_folder(name, None, (m, raw), refresh=True), m, progress)
+        _verify_files(open_checkpoint(path, everything=True, refresh=True), progress)
 
 
-def _verify_files(folder: str, m: dict, progress: Any) -> None:
-    largest = max((e - b for entry in m["files"].values() for b, e, _ in iter_regions(entry)), default=0)
+def _verify_files(ck: "Opened", progress: Any) -> None:
+    members = ck.members()
+    largest = max((e - b for key in members for b, e, _ in iter_regions(ck.entry(key))), default=0)
     buf = memoryview(bytearray(max(1, min(largest, VERIFY_BLOCK))))
-    for fname, entry in m["files"].items():
+    for key in members:
+        folder, fname, entry = ck.where(key)
         where = os.path.join(folder, fname)
         with os.fdopen(open_member(folder, fname, entry["size"], where=where), "rb", buffering=0) as f:
             check_file(f, entry, where, progress, buf)
     # the non-tensor state must also parse and refer only to tensors the manifest lists
-    index = m.get("tensors", {})
+    index = ck.m.get("tensors", {})
 
     def check_key(key: str) -> torch.Tensor:
         if not isinstance(key, str) or key not in index:
-            raise CheckpointCorruptError(f"{folder}: the state refers to tensor {key!r}, which the manifest does not list")
+            raise CheckpointCorruptError(f"{ck.folder}: the state refers to tensor {key!r}, which the manifest does "
+                                         "not list")
         return torch.zeros(0)
 
-    for rank in (m.get("state_files") or {}):
-        decode(read_state_doc(folder, m, int(rank)), check_key)
+    for rank in (ck.m.get("state_files") or {}):
+        decode(read_state_doc(ck.folder, ck.m, int(rank)), check_key)
 
 
-def check_sizes(folder: str, m: dict, files: Iterable[str]) -> None:
-    """Each of ``files`` is a regular file of the size the manifest says (before anything is allocated from it)."""
-    for fname in files:
-        os.close(open_member(folder, fname, m["files"][fname]["size"]))
+def check_sizes(ck: "Opened", keys: Iterable[tuple[str, str]]) -> None:
+    """Each member (file or pack) is a regular file of the size the manifest says (before anything is allocated
+    from it)."""
+    for key in keys:
+        folder, fname, entry = ck.where(key)
+        os.close(open_member(folder, fname, entry["size"]))
 
 
 def latest_checkpoint(dirpath: Any, *, verify: bool = True) -> str | None:
@@ -205,17 +209,55 @@ def read_checkpoint_manifest(path: Any) -> dict:
     return store.read_manifest(name)[0]
 
 
-def open_checkpoint(path: Any, rank: int | None = None) -> tuple[str, dict, Any]:
-    """(local folder, manifest, fetch) of a checkpoint. On S3 only the manifest and this rank's state file are
-    downloaded now; ``fetch`` downloads the tensor files a reader's plan needs (each rank fetches only its own)."""
+class Opened:
+    """A checkpoint opened for reading: its manifest, the local folder of its own files, and where each member (a file
+    of its own, or a pack of the folder's content store) can be read locally. On S3 members are downloaded (checked)
+    into the read cache when :meth:`fetch` asks for them, so each rank downloads only what its reads need."""
+
+    def __init__(self, store: Store, name: str, m: dict, raw: bytes, folder: str, refresh: bool = False) -> None:
+        self.store, self.name, self.m, self.raw, self.folder = store, name, m, raw, folder
+        self.refresh = refresh
+        self.packs_folder = store.packs_folder(None)
+
+    def members(self) -> list[tuple[str, str]]:
+        """Every member the checkpoint consists of: its own files, then the packs it references."""
+        return [("file", f) for f in sorted(self.m["files"])] + [("pack", p) for p in sorted(self.m.get("packs") or {})]
+
+    def entry(self, key: tuple[str, str]) -> dict:
+        kind, name = key
+        return (self.m["files"] if kind == "file" else self.m["packs"])[name]
+
+    def where(self, key: tuple[str, str]) -> tuple[str, str, dict]:
+        """(local folder, file name, manifest entry) of a member."""
+        return (self.folder if key[0] == "file" else self.packs_folder), key[1], self.entry(key)
+
+    def fetch(self, keys: Iterable[tuple[str, str]]) -> None:
+        """Make these members readable locally (a no-op for a local checkpoint)."""
+        if not self.store.remote:
+            return
+        keys = list(keys)
+        files = [n for k, n in keys if k == "file"]
+        if files:
+            self.store.local_folder(self.name, files, (self.m, self.raw), refresh=self.refresh)
+        packs = {n: self.m["packs"][n] for k, n in keys if k == "pack"}
+        if packs:
+            self.packs_folder = self.store.packs_folder(packs, refresh=self.refresh)
+
+
+def open_checkpoint(path: Any, rank: int | None = None, *, everything: bool = False, refresh: bool = False) -> Opened:
+    """Open the checkpoint at ``path`` for reading. Local: nothing is read but the manifest. On S3 the manifest and
+    this rank's state file are downloaded now (``everything``: every member); :meth:`Opened.fetch` downloads what a
+    reader's plan needs later."""
     store, name = locate(path)
-    got = store.read_manifest(name)
-    m = got[0]
+    m, raw = store.read_manifest(name)
     if not store.remote:
-        return store.local_folder(name), m, None
+        return Opened(store, name, m, raw, store.local_folder(name))
     state_file = state_file_of(m, rank or 0)
-    local = store.local_folder(name, [state_file] if state_file else [], got)
-    return local, m, lambda names: store.local_folder(name, names, got)
+    ck = Opened(store, name, m, raw, store.local_folder(name, [state_file] if state_file else [], (m, raw),
+                                                        refresh=refresh), refresh)
+    if everything:
+        ck.fetch(ck.members())
+    return ck
 
 
 def is_checkpoint_dir(path: Any) -> bool:

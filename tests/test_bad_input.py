@@ -267,12 +267,12 @@ def test_manifest_naming_a_file_outside_the_folder_is_refused_before_reading(run
 
 def test_newer_format_version_says_to_upgrade(run):
     m = run.manifest()
-    m["format_version"] = 2
+    m["format_version"] = mf.FORMAT_VERSION + 1
     run.write_manifest(m)
     with pytest.raises(CheckpointFormatError) as ei:
         load_checkpoint(str(run.bad))
     msg = str(ei.value)
-    assert "upgrade" in msg.lower() and "2" in msg
+    assert "upgrade" in msg.lower() and str(mf.FORMAT_VERSION + 1) in msg
     with pytest.raises(CheckpointFormatError):
         verify_checkpoint(str(run.bad))
     with pytest.warns(UserWarning, match="newer"):

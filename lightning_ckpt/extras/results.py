@@ -134,7 +134,7 @@ def write_result(final: str, stage_info: dict, value: Any, fsync: bool) -> str:
         files[VALUE_FILE] = {"size": vrec.size, "header_end": vrec.header_end, "header_crc32c": vrec.header_crc32c}
         m = {
             "format": mf.FORMAT_NAME,
-            "format_version": mf.FORMAT_VERSION,
+            "format_version": mf.PLAIN_VERSION,
             "kind": KIND,
             "name": fp,
             "step": 0,

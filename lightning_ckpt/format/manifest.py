@@ -29,7 +29,9 @@ from typing import Any
 from ..errors import CheckpointCorruptError, CheckpointFormatError
 
 FORMAT_NAME = "lightning_ckpt"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this release reads: 2 = tensors may live in packs of the folder's content store
+PLAIN_VERSION = 1  # what is written when nothing needs version 2 (self-contained folders older releases read too)
+BLOBS = ".blobs"  # the content store of a folder: packs (safetensors files) that several checkpoints reference
 STATE_KEY = "lightning_ckpt"  # this package's own entry in a checkpoint dictionary: {"format", "kind", "rng"}
 MANIFEST = "manifest.json"
 LATEST = "latest.json"
@@ -58,6 +60,7 @@ def check_member_name(name: Any, where: str) -> str:
 ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
             "F8_E4M3": 1, "F8_E5M2": 1, "C64": 8, "U16": 2, "U32": 4, "U64": 8}
 MAX_DIMS = 64
+_HEX32 = re.compile(r"^[0-9a-f]{32}$")
 MAX_CHUNKS = 4096  # chunks of one tensor (one per shard); tiling is checked pairwise below this bound
 DIGEST = "manifest_sha256"  # the SHA-256 of the manifest's canonical JSON without this field
 
@@ -112,6 +115,64 @@ def _check_tiling(chunks: list[tuple[list[int], list[int]]], shape: list[int], w
                 raise _corrupt(where, "has overlapping chunks")
 
 
+def _check_file_entry(f: Any, fw: str) -> None:
+    """A file entry (of ``files`` or ``packs``): sizes, and checksummed regions that tile the file, each tensor's range
+    exactly shape x itemsize of a known dtype."""
+    if not isinstance(f, dict):
+        raise CheckpointCorruptError(f"{fw} entry is not an object")
+    size = _need(f, "size", int, fw)
+    hend = _need(f, "header_end", int, fw)
+    _need(f, "header_crc32c", int, fw)
+    if size < 0 or not 0 <= hend <= size:
+        raise CheckpointCorruptError(f"{fw} has inconsistent sizes")
+    tensors = f.get("tensors", {})
+    if not isinstance(tensors, dict):
+        raise CheckpointCorruptError(f"{fw} has a malformed tensor list")
+    if tensors and hend < 8:
+        raise _corrupt(fw, "has a header too short for a safetensors file")
+    pos = hend
+    for tname, t in sorted(tensors.items(), key=lambda kv: kv[1].get("begin", -1) if isinstance(kv[1], dict)
+                           and _is_int(kv[1].get("begin")) else -1):
+        tw = f"{fw} tensor {tname!r}"
+        if not isinstance(t, dict):
+            raise CheckpointCorruptError(f"{tw} entry is not an object")
+        b, e = _need(t, "begin", int, tw), _need(t, "end", int, tw)
+        _need(t, "crc32c", int, tw)
+        dtype = _need(t, "dtype", str, tw)
+        shape = _shape(_need(t, "shape", list, tw), tw)
+        if b != pos or e < b:
+            raise CheckpointCorruptError(f"{tw} does not continue the file's byte ranges; the manifest is corrupt")
+        if dtype not in ITEMSIZE:
+            raise _corrupt(tw, f"has an unknown dtype {dtype[:40]!r}")
+        if _numel(shape) * ITEMSIZE[dtype] != e - b:
+            raise _corrupt(tw, f"spans {e - b} bytes where its shape and dtype need {_numel(shape) * ITEMSIZE[dtype]}")
+        if "xxh128" in t and not (isinstance(t["xxh128"], str) and _HEX32.match(t["xxh128"])):
+            raise _corrupt(tw, "has a malformed content hash")
+        pos = e
+    if pos != size:
+        raise CheckpointCorruptError(f"{fw}: its checksummed regions cover {pos} of {size} bytes")
+
+
+def chunk_record(m: dict, c: Any) -> dict | None:
+    """The stored tensor record a chunk of the index points to (in a file of the checkpoint, or in a pack of the
+    folder's content store), or None when the chunk is malformed or points nowhere."""
+    if not isinstance(c, dict) or not isinstance(c.get("name"), str):
+        return None
+    if "pack" in c:
+        where, name = m.get("packs") or {}, c["pack"]
+    else:
+        where, name = m.get("files") or {}, c.get("file")
+    if not isinstance(name, str) or name not in where:
+        return None
+    return (where[name].get("tensors") or {}).get(c["name"])
+
+
+def chunk_member(c: dict) -> tuple[str, str]:
+    """``("file", name)`` for a chunk stored in the checkpoint's own folder, ``("pack", name)`` for one in the content
+    store (``<folder>/.blobs/``) that several checkpoints share."""
+    return ("pack", c["pack"]) if "pack" in c else ("file", c["file"])
+
+
 def validate_manifest(m: Any, where: str) -> dict:
     """Check the structure of a parsed manifest before anything is allocated or read from it: every field of the
     right type, every file's checksummed regions tiling it, every tensor's byte range exactly shape x itemsize of a
@@ -146,38 +207,15 @@ def validate_manifest(m: Any, where: str) -> dict:
     files = _need(m, "files", dict, where)
     for fname, f in files.items():
         check_member_name(fname, where)
-        fw = f"{where}: file {fname!r}"
-        if not isinstance(f, dict):
-            raise CheckpointCorruptError(f"{fw} entry is not an object")
-        size = _need(f, "size", int, fw)
-        hend = _need(f, "header_end", int, fw)
-        _need(f, "header_crc32c", int, fw)
-        if size < 0 or not 0 <= hend <= size:
-            raise CheckpointCorruptError(f"{fw} has inconsistent sizes")
-        tensors = f.get("tensors", {})
-        if not isinstance(tensors, dict):
-            raise CheckpointCorruptError(f"{fw} has a malformed tensor list")
-        if tensors and hend < 8:
-            raise _corrupt(fw, "has a header too short for a safetensors file")
-        pos = hend
-        for tname, t in sorted(tensors.items(), key=lambda kv: kv[1].get("begin", -1) if isinstance(kv[1], dict)
-                               and _is_int(kv[1].get("begin")) else -1):
-            tw = f"{fw} tensor {tname!r}"
-            if not isinstance(t, dict):
-                raise CheckpointCorruptError(f"{tw} entry is not an object")
-            b, e = _need(t, "begin", int, tw), _need(t, "end", int, tw)
-            _need(t, "crc32c", int, tw)
-            dtype = _need(t, "dtype", str, tw)
-            shape = _shape(_need(t, "shape", list, tw), tw)
-            if b != pos or e < b:
-                raise CheckpointCorruptError(f"{tw} does not continue the file's byte ranges; the manifest is corrupt")
-            if dtype not in ITEMSIZE:
-                raise _corrupt(tw, f"has an unknown dtype {dtype[:40]!r}")
-            if _numel(shape) * ITEMSIZE[dtype] != e - b:
-                raise _corrupt(tw, f"spans {e - b} bytes where its shape and dtype need {_numel(shape) * ITEMSIZE[dtype]}")
-            pos = e
-        if pos != size:
-            raise CheckpointCorruptError(f"{fw}: its checksummed regions cover {pos} of {size} bytes")
+        _check_file_entry(f, f"{where}: file {fname!r}")
+    packs = m.get("packs", {})
+    if not isinstance(packs, dict) or (packs and version < 2):
+        raise _corrupt(where, "has a malformed pack list")
+    for pname, f in packs.items():
+        check_member_name(pname, where)
+        _check_file_entry(f, f"{where}: pack {pname!r}")
+        if not f.get("tensors"):
+            raise _corrupt(where, f"lists a pack {pname!r} without tensors")
     tensors = m.get("tensors", {})
     if not isinstance(tensors, dict):
         raise CheckpointCorruptError(f"{where} has a malformed tensor index")
@@ -192,12 +230,10 @@ def validate_manifest(m: Any, where: str) -> dict:
             raise _corrupt(tw, f"has {len(t['chunks'])} chunks")
         chunks = []
         for c in t["chunks"]:
-            if not isinstance(c, dict) or not isinstance(c.get("file"), str) or c["file"] not in files \
-                    or not isinstance(c.get("name"), str) \
-                    or c["name"] not in (files[c["file"]].get("tensors") or {}):
+            rec = chunk_record(m, c)
+            if rec is None:
                 raise CheckpointCorruptError(f"{tw} points to a file or tensor the manifest does not list")
             off, size = _shape(c.get("offsets"), tw), _shape(c.get("sizes"), tw)
-            rec = files[c["file"]]["tensors"][c["name"]]
             if rec["shape"] != size or rec["dtype"] != t["dtype"]:
                 raise _corrupt(tw, f"has a chunk whose stored tensor {c['name'][:80]!r} has another shape or dtype")
             chunks.append((off, size))

@@ -135,6 +135,11 @@ class Store(ABC):
         a read cache the files were downloaded into. Nothing is verified here; readers verify what they read."""
 
     @abstractmethod
+    def packs_folder(self, entries: dict[str, dict] | None, *, refresh: bool = False) -> str:
+        """The local folder holding the packs of this folder's content store (``.blobs``); with ``entries`` (pack
+        name -> manifest entry) those packs are made present there first (downloaded and checked, on S3)."""
+
+    @abstractmethod
     def read_latest(self) -> dict | None:
         """The ``latest.json`` hint, or None when there is none or it is unreadable."""
 

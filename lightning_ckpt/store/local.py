@@ -107,8 +107,12 @@ class LocalStore(Store):
             raise CheckpointNotFoundError(f"{folder} was deleted while it was being read") from None
         return mf.parse_manifest(raw, where), raw
 
-    def local_folder(self, name: str, files: Iterable[str] | None = None, manifest: tuple[dict, bytes] | None = None) -> str:
+    def local_folder(self, name: str, files: Iterable[str] | None = None, manifest: tuple[dict, bytes] | None = None,
+                     *, refresh: bool = False) -> str:
         return self.path(name)
+
+    def packs_folder(self, entries: dict[str, dict] | None = None, *, refresh: bool = False) -> str:
+        return os.path.join(self.root, mf.BLOBS)
 
     def read_latest(self) -> dict | None:
         try:

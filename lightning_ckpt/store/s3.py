@@ -244,6 +244,12 @@ class S3Store(Store):
 
         return fetch(self, name, files, manifest=manifest, progress=progress, refresh=refresh)
 
+    def packs_folder(self, entries: dict[str, dict] | None = None, *, refresh: bool = False,
+                     progress: ProgressFn = None) -> str:
+        from .s3cache import fetch_packs
+
+        return fetch_packs(self, entries or {}, progress=progress, refresh=refresh)
+
     # ---------------------------------------------------------------- writing
     def begin(self, name: str, tx_id: str | None = None) -> "S3Transaction":
         mf.check_member_name(name, "the entry name")

@@ -120,3 +120,37 @@ def fetch(store, name: str, files: Iterable[str] | None = None, *, manifest: tup
         list(ex.map(down, missing))
     prune(os.path.dirname(local), cache_keep())  # this one was just read: it is among the kept
     return local
+
+
+def fetch_packs(store, entries: dict[str, dict], *, progress=None, refresh: bool = False) -> str:
+    """Make the packs ``entries`` (pack name -> manifest entry) of the S3 ``store``'s content store readable locally;
+    returns the cache folder that holds them. A pack never changes under its name, so a cached copy that was checked
+    when it was downloaded is reused by every checkpoint that references it."""
+    parts = [p for p in store.prefix.split("/") if p not in ("", ".", "..")]
+    local = os.path.join(cache_root(), "s3", store.bucket, *parts, mf.BLOBS)
+    os.makedirs(local, exist_ok=True)
+    cache = LocalStore(local, fsync=False)
+    for name in entries:
+        mf.check_member_name(name, store.uri)
+    if refresh:
+        for name in entries:
+            OPS.unlink(os.path.join(local, name))
+    missing = sorted(n for n in entries if not os.path.isfile(os.path.join(local, n)))
+
+    def down(name: str) -> None:
+        dst = os.path.join(local, name)
+        where = f"{store.uri}/{mf.BLOBS}/{name}"
+        with open(os.path.join(local, f".{name}.lock"), "w") as lk:
+            fcntl.flock(lk, fcntl.LOCK_EX)
+            if os.path.isfile(dst):
+                return
+            with cache.replacing(name) as tmp:
+                store.download(store.key(mf.BLOBS, name), tmp, progress)
+                fd = open_member(os.path.dirname(tmp), os.path.basename(tmp), entries[name]["size"], where=where)
+                with os.fdopen(fd, "rb", buffering=0) as f:
+                    check_file(f, entries[name], where)
+
+    if missing:
+        with cf.ThreadPoolExecutor(min(8, len(missing))) as ex:
+            list(ex.map(down, missing))
+    return local

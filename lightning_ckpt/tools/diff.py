@@ -11,6 +11,7 @@ from typing import Optional
 
 import torch
 
+from ..format.manifest import chunk_record
 from ..load import load_tensors
 from ..read import open_checkpoint
 
@@ -39,14 +40,14 @@ class CheckpointDiff:
 
 
 def _crcs(m: dict, entry: dict) -> list:
-    return [m["files"][c["file"]]["tensors"][c["name"]]["crc32c"] for c in entry["chunks"]]
+    return [chunk_record(m, c)["crc32c"] for c in entry["chunks"]]
 
 
 def diff_checkpoints(a: str, b: str, *, prefix: Optional[str] = None) -> CheckpointDiff:
     """Differences between checkpoints ``a`` and ``b`` (``prefix``: only tensors whose key starts with it, e.g.
     ``"state_dict/"`` for the model)."""
-    fa, ma, fetch_a = open_checkpoint(a)
-    fb, mb, fetch_b = open_checkpoint(b)
+    ca, cb = open_checkpoint(a), open_checkpoint(b)
+    ma, mb = ca.m, cb.m
     out = CheckpointDiff(str(a), str(b), ma["step"], mb["step"])
     for k in sorted(set(ma.get("metrics") or {}) | set(mb.get("metrics") or {})):
         out.metrics[k] = ((ma.get("metrics") or {}).get(k), (mb.get("metrics") or {}).get(k))
@@ -72,8 +73,8 @@ def diff_checkpoints(a: str, b: str, *, prefix: Optional[str] = None) -> Checkpo
         if same_layout and _crcs(ma, ea) == _crcs(mb, eb):
             out.tensors.append(TensorDiff(k, "same", 0.0, ea["shape"], eb["shape"]))
             continue
-        xa = load_tensors(fa, ma, [k], fetch=fetch_a)[k]
-        xb = load_tensors(fb, mb, [k], fetch=fetch_b)[k]
+        xa = load_tensors(ca, [k])[k]
+        xb = load_tensors(cb, [k])[k]
         if torch.equal(xa, xb):
             out.tensors.append(TensorDiff(k, "same", 0.0, ea["shape"], eb["shape"]))
             continue

@@ -151,7 +151,8 @@ def export_hf(path: Any, out_dir: Any, model: Any, *, prefix: Optional[str] = No
     from ..read import open_checkpoint
     from ..store.fs import OPS
 
-    folder, m, fetch = open_checkpoint(path)
+    ck = open_checkpoint(path)
+    m = ck.m
     names = [k[len("state_dict/"):] for k in m.get("tensors", {}) if k.startswith("state_dict/") and k.count("/") == 1]
     wanted = list(model.state_dict())
     if prefix is None:
@@ -166,7 +167,7 @@ def export_hf(path: Any, out_dir: Any, model: Any, *, prefix: Optional[str] = No
         raise CheckpointMismatchError(
             f"{path} has no weights for {len(missing)} of the model's tensors under the prefix {prefix!r} (first: "
             f"{missing[0]!r}); pass the prefix of the attribute that holds the model, e.g. prefix='model.'")
-    tensors = load_tensors(folder, m, [f"state_dict/{prefix}{t}" for t in wanted], fetch=fetch)
+    tensors = load_tensors(ck, [f"state_dict/{prefix}{t}" for t in wanted])
     try:
         model.load_state_dict({t: tensors[f"state_dict/{prefix}{t}"] for t in wanted}, strict=True)
     except RuntimeError as e:

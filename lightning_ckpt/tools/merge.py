@@ -23,8 +23,9 @@ from ..errors import CheckpointCorruptError, CheckpointError
 from ..format.checksum import crc32c
 from ..format.codec import split_key
 from ..format.tensorfile import byte_view, check_header, dtype_from_name, dtype_name, header_bytes, readinto_exact
-from ..read import check_sizes
-from ..store import LocalStore, locate
+from ..format.manifest import chunk_member
+from ..read import Opened, check_sizes, open_checkpoint
+from ..store import LocalStore
 from ..store.fs import OPS, open_member
 
 _WRAPPER_PREFIXES = ("_forward_module.", "module.", "_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
@@ -132,12 +133,12 @@ def merge_checkpoint(
     t0 = time.perf_counter()
     dtype = parse_dtype(dtype)
     limit = parse_size(max_shard_bytes)
-    store, ckpt_name = locate(path)
-    got = store.read_manifest(ckpt_name)
-    m = got[0]
-    path = store.local_folder(ckpt_name, None, got)  # on S3: the local read cache; every byte is verified as it is merged
+    ck = open_checkpoint(path)
+    m = ck.m
     plan = _plan(m, dtype)
-    check_sizes(path, m, sorted({c["file"] for _, key, _, _ in plan for c in m["tensors"][key]["chunks"]}))
+    members = sorted({chunk_member(c) for _, key, _, _ in plan for c in m["tensors"][key]["chunks"]})
+    ck.fetch(members)  # on S3: into the local read cache; every byte is verified as it is merged
+    check_sizes(ck, members)
     if not plan:
         raise CheckpointError(f"{path} holds no model weights (kind {m.get('kind')!r}); nothing to merge")
     nbytes = [torch.empty((), dtype=d).element_size() * _numel(shape) for _, _, d, shape in plan]
@@ -173,11 +174,11 @@ def merge_checkpoint(
                     OPS.write_all(fd, header)
                     # two stages: a reader thread assembles (and verifies) tensor i+1 while this thread writes tensor i
                     with cf.ThreadPoolExecutor(1, thread_name_prefix="lightning_ckpt-merge") as ex:
-                        nxt = ex.submit(_assemble, path, m, plan[idxs[0]][1], readers, verify) if idxs else None
+                        nxt = ex.submit(_assemble, ck, plan[idxs[0]][1], readers, verify) if idxs else None
                         for j, (i, (b, e)) in enumerate(zip(idxs, offsets)):
                             name, key, out_dtype, shape = plan[i]
                             t, src_crc = nxt.result()
-                            nxt = ex.submit(_assemble, path, m, plan[idxs[j + 1]][1], readers, verify) if j + 1 < len(idxs) else None
+                            nxt = ex.submit(_assemble, ck, plan[idxs[j + 1]][1], readers, verify) if j + 1 < len(idxs) else None
                             # held at once: this tensor (and its converted copy) plus the next one being read
                             peak = max(peak, t.numel() * t.element_size() * (2 if t.dtype != out_dtype else 1)
                                        + (nbytes[idxs[j + 1]] if j + 1 < len(idxs) else 0))
@@ -206,7 +207,7 @@ def merge_checkpoint(
         weight_map = {plan[i][0]: os.path.basename(fname) for fname, idxs in zip(names, shards) for i in idxs}
         out.write_atomic(os.path.basename(index_path),
                          json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1).encode())
-    checksums["source"] = {"path": store.path(ckpt_name), "step": m.get("step"), "name": m.get("name")}
+    checksums["source"] = {"path": ck.store.path(ck.name), "step": m.get("step"), "name": m.get("name")}
     checksums_path = out_path + ".checksums.json"
     out.write_atomic(os.path.basename(checksums_path), json.dumps(checksums, indent=1).encode())
     return MergeResult(names, index_path, checksums_path, len(plan), total, time.perf_counter() - t0, peak)
@@ -219,22 +220,22 @@ def _numel(shape: list[int]) -> int:
     return n
 
 
-def _assemble(path: str, m: dict, key: str, readers: dict, verify: bool) -> tuple[torch.Tensor, Optional[int]]:
+def _assemble(ck: Opened, key: str, readers: dict, verify: bool) -> tuple[torch.Tensor, Optional[int]]:
     """The full tensor ``key`` from its chunks, each read straight into its place when contiguous there.
     Also returns the CRC32C of its bytes when it is one chunk (then the verified source checksum is the output's)."""
-    t = m["tensors"][key]
+    t = ck.m["tensors"][key]
     dtype = dtype_from_name(t["dtype"])
     shape = [int(s) for s in t["shape"]]
     out = torch.empty(shape, dtype=dtype)
     covered = 0
     for c in t["chunks"]:
-        entry = m["files"][c["file"]]
+        folder, fname, entry = ck.where(chunk_member(c))
         rec = entry["tensors"][c["name"]]
-        where = os.path.join(path, c["file"])
-        f = readers.get(c["file"])
+        where = os.path.join(folder, fname)
+        f = readers.get(chunk_member(c))
         if f is None:
-            f = os.fdopen(open_member(path, c["file"], entry["size"]), "rb", buffering=0)
-            readers[c["file"]] = f
+            f = os.fdopen(open_member(folder, fname, entry["size"]), "rb", buffering=0)
+            readers[chunk_member(c)] = f
             head = f.read(entry["header_end"])
             if verify and crc32c(head) != entry["header_crc32c"]:
                 raise CheckpointCorruptError(f"{where}: checksum mismatch in the header; the file is corrupt")
@@ -256,9 +257,9 @@ def _assemble(path: str, m: dict, key: str, readers: dict, verify: bool) -> tupl
             dst.copy_(buf)
         covered += _numel(sizes)
     if covered != _numel(shape):
-        raise CheckpointCorruptError(f"{path}: the chunks of {key!r} cover {covered} of {_numel(shape)} elements")
+        raise CheckpointCorruptError(f"{ck.folder}: the chunks of {key!r} cover {covered} of {_numel(shape)} elements")
     single = t["chunks"][0] if len(t["chunks"]) == 1 else None
-    crc = m["files"][single["file"]]["tensors"][single["name"]]["crc32c"] if single is not None else None
+    crc = ck.entry(chunk_member(single))["tensors"][single["name"]]["crc32c"] if single is not None else None
     return out, crc
 
 

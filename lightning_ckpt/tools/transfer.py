@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional
 from ..errors import CheckpointNotFoundError
 from ..format import manifest as mf
 from ..format.tensorfile import file_crc32c
-from ..read import _verify_files, verify_checkpoint
+from ..read import Opened, _verify_files, verify_checkpoint
 from ..store import LocalStore, locate, open_store
 from ..store.fs import OPS
 
@@ -42,20 +42,40 @@ def _remote(dest: Any) -> Any:
     return store
 
 
-def stale_objects(store: Any, name: str, m: dict) -> list[str]:
-    """Files of checkpoint ``name`` at the S3 ``store`` that do not hold what manifest ``m`` says: missing, of another
-    size, or uploaded with another checksum (or none)."""
-    objs = store.objects(name)
+def _stale(store: Any, keys: dict[str, dict], listed: dict[str, dict]) -> list[str]:
+    """The names among ``keys`` (name -> manifest entry) whose object (``listed``: name -> listing, of the same folder
+    at the S3 ``store``) is missing, of another size, or was uploaded with another checksum (or none)."""
     bad = []
-    for fname, entry in sorted(m["files"].items()):
-        obj = objs.get(fname)
+    for fname, entry in sorted(keys.items()):
+        obj = listed.get(fname)
         if obj is None or int(obj.get("Size", -1)) != int(entry["size"]):
             bad.append(fname)
             continue
-        meta = store.head(store.key(name, fname)).get("Metadata") or {}
+        meta = store.head(obj["Key"]).get("Metadata") or {}
         if meta.get(CRC_META) != f"{file_crc32c(entry):08x}":
             bad.append(fname)
     return bad
+
+
+def stale_objects(store: Any, name: str, m: dict) -> list[str]:
+    """Files of checkpoint ``name`` at the S3 ``store`` that do not hold what manifest ``m`` says."""
+    return _stale(store, m["files"], store.objects(name))
+
+
+def _push_packs(src: Any, remote: Any, m: dict, progress: ProgressFn) -> int:
+    """Upload the packs of the content store that ``m`` references and ``remote`` lacks (or holds damaged): a pack
+    never changes under its name, so one already there is never sent again. Returns the bytes sent."""
+    packs = m.get("packs") or {}
+    if not packs:
+        return 0
+    listed = {o["Key"].rsplit("/", 1)[-1]: o for o in remote.list_objects(mf.BLOBS)}
+    folder = src.packs_folder(packs)
+    sent = 0
+    for pack in _stale(remote, packs, listed):
+        remote.put_file(remote.key(mf.BLOBS, pack), os.path.join(folder, pack), progress,
+                        {CRC_META: f"{file_crc32c(packs[pack]):08x}"})
+        sent += int(packs[pack]["size"])
+    return sent
 
 
 def push_checkpoint(path: Any, dest: Any, *, progress: ProgressFn = None, verify: bool = True) -> TransferResult:
@@ -82,13 +102,13 @@ def push_checkpoint(path: Any, dest: Any, *, progress: ProgressFn = None, verify
             # another checkpoint of that name is there: un-commit it first, so that an interrupted overwrite is never
             # listed as a checkpoint whose files do not match its manifest
             remote.uncommit(name)
+    total = _push_packs(src, remote, m, progress)  # before the manifest that references them
     tx = remote.begin(name)
 
     def up(fname: str) -> int:
         tx.put_file(fname, os.path.join(folder, fname), progress, {CRC_META: f"{file_crc32c(m['files'][fname]):08x}"})
         return int(m["files"][fname]["size"])
 
-    total = 0
     if files:
         # the local copy is verified while its objects go up (read from the page cache, off the upload's critical
         # path); the manifest, which makes the checkpoint visible on S3, goes up only if every byte checked out
@@ -96,7 +116,7 @@ def push_checkpoint(path: Any, dest: Any, *, progress: ProgressFn = None, verify
             checked = vex.submit(verify_checkpoint, path) if verify else None
             try:
                 with cf.ThreadPoolExecutor(4) as ex:
-                    total = sum(ex.map(up, files))
+                    total += sum(ex.map(up, files))
             finally:
                 bad = checked.exception() if checked is not None else None
             if bad is not None:
@@ -137,8 +157,27 @@ def pull_checkpoint(src: Any, dest_dir: Any, *, progress: ProgressFn = None) -> 
 
         with cf.ThreadPoolExecutor(4) as ex:
             list(ex.map(down, sorted(m["files"])))
-        _verify_files(tx.path, m, None)
+        packs = m.get("packs") or {}
+        if packs:  # into the local content store first (each checked as it arrives), then the checkpoint
+            store.packs_folder(packs, progress=progress)
+            _copy_packs(store.packs_folder(None), local, packs)
+        _verify_files(Opened(local, name, m, raw, tx.path), None)
         return local.path(tx.commit(raw, if_exists="replace"))
     except BaseException:
         tx.abort()
         raise
+
+
+def _copy_packs(cache: str, local: LocalStore, packs: dict[str, dict]) -> None:
+    """Put packs downloaded into the S3 read cache into ``local``'s content store (a pack already there is kept)."""
+    import shutil
+
+    blobs = LocalStore(local.packs_folder(None), fsync=local.fsync)
+    blobs.makedirs()
+    for pack in packs:
+        if os.path.isfile(blobs.path(pack)):
+            continue
+        with blobs.replacing(pack) as tmp:
+            shutil.copyfile(os.path.join(cache, pack), tmp)
+            if blobs.fsync:
+                OPS.fsync_file(tmp)

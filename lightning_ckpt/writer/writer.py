@@ -374,7 +374,7 @@ class CheckpointWriter:
     def _manifest_header(self, step, epoch, tags, metrics, hparams, meta, kind) -> dict:
         h = {
             "format": mf.FORMAT_NAME,
-            "format_version": mf.FORMAT_VERSION,
+            "format_version": mf.PLAIN_VERSION,  # 2 once it references packs (job)
             "step": int(step),
             "epoch": None if epoch is None else int(epoch),
             "kind": kind,
