@@ -99,11 +99,16 @@ class LCStorageWriter(StorageWriter):
         crc_executor: Executor | None = None,
         ranks: tuple[int, ...] | None = None,
         extra_states: dict[int, bytes] | None = None,
+        pack_keys: set[str] | None = None,
+        pack_name: Callable[[int], str] | None = None,
     ) -> None:
         """``ranks``: the global rank of each rank of the process group the save runs on (by default the group is
         the world). ``extra_states``: state files this rank writes for other ranks (their ``state-rankN.json``), used
-        when each node's folder must hold every rank's state."""
+        when each node's folder must hold every rank's state. ``pack_keys``: tensors written into this rank's pack
+        (``pack_name(rank)``), which enters the folder's content store at the commit (deduplicated saves)."""
         super().__init__()
+        self.pack_keys = pack_keys or set()
+        self.pack_name = pack_name
         self.tx = tx
         self.state_bytes = state_bytes
         self.ranks = tuple(ranks) if ranks else None
@@ -134,12 +139,14 @@ class LCStorageWriter(StorageWriter):
                 raise CheckpointError(
                     f"{item.index.fqn!r} is not a tensor; non-tensor state must go through the JSON state file"
                 )
-            by_group[group_of(item.index.fqn)].append(item)
+            fqn = item.index.fqn
+            by_group["~pack" if fqn in self.pack_keys else group_of(fqn)].append(item)
         results: list[WriteResult] = []
         files: list[_FileResult] = []
         for group in sorted(by_group):
             items = by_group[group]
-            fname = mf.shard_file_name(group, rank)
+            is_pack = group == "~pack"
+            fname = self.pack_name(rank) if is_pack else mf.shard_file_name(group, rank)
             named = []
             for item in items:
                 t = planner.resolve_data(item)
@@ -155,9 +162,10 @@ class LCStorageWriter(StorageWriter):
             for n, t, item in named:
                 tr = by_name[n]
                 chunk = item.tensor_data.chunk
-                info = _ChunkInfo(fname, n, tuple(int(o) for o in chunk.offsets), tuple(int(s) for s in chunk.sizes))
+                info = _ChunkInfo(("pack" if is_pack else "file", fname), n, tuple(int(o) for o in chunk.offsets),
+                                  tuple(int(s) for s in chunk.sizes))
                 results.append(WriteResult(index=item.index, size_in_bytes=tr.end - tr.begin, storage_data=info))
-            files.append(_FileResult(rank, _record_json(rec, rank)))
+            files.append(_FileResult(rank, dict(_record_json(rec, rank), **({"pack": True} if is_pack else {}))))
         states = dict(self.extra_states)
         if self.state_bytes is not None:
             states[rank] = self.state_bytes
@@ -190,7 +198,9 @@ class LCStorageWriter(StorageWriter):
                     wr.index.fqn,
                     {"dtype": dtype_name(md.properties.dtype), "shape": [int(s) for s in md.size], "chunks": []},
                 )
-                entry["chunks"].append({"file": info.file, "name": info.name, "offsets": list(info.offsets), "sizes": list(info.sizes)})
+                kind, fname = info.file
+                entry["chunks"].append({kind: fname, "name": info.name, "offsets": list(info.offsets),
+                                        "sizes": list(info.sizes)})
         self.on_finish(files, tensors)
 
     @classmethod

@@ -81,9 +81,12 @@ class DemoModel(pl.LightningModule):
         layers: number of hidden layers.
         dropout: dropout probability (uses the global torch RNG, which checkpoints restore).
         lr: Adam learning rate.
+        frozen_layers: the first this many hidden layers are frozen (``requires_grad=False``), as in a fine-tune of a
+            pretrained backbone: deduplicated checkpoints write them once.
     """
 
-    def __init__(self, in_features: int = 16, hidden: int = 64, out_features: int = 4, layers: int = 2, dropout: float = 0.1, lr: float = 1e-2) -> None:
+    def __init__(self, in_features: int = 16, hidden: int = 64, out_features: int = 4, layers: int = 2,
+                 dropout: float = 0.1, lr: float = 1e-2, frozen_layers: int = 0) -> None:
         super().__init__()
         self.save_hyperparameters()
         mods: list[nn.Module] = []
@@ -93,6 +96,10 @@ class DemoModel(pl.LightningModule):
             width = hidden
         mods.append(nn.Linear(width, out_features))
         self.net = nn.Sequential(*mods)
+        if not 0 <= frozen_layers <= layers:
+            raise ValueError(f"frozen_layers={frozen_layers} must be between 0 and layers={layers}")
+        for i in range(frozen_layers):
+            self.net[3 * i].requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -108,7 +115,7 @@ class DemoModel(pl.LightningModule):
         self.log("val_loss", nn.functional.mse_loss(self(x), y), prog_bar=True)
 
     def configure_optimizers(self) -> Any:
-        opt = torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+        opt = torch.optim.Adam([p for p in self.parameters() if p.requires_grad], lr=self.hparams.lr)
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=5, gamma=0.9)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 

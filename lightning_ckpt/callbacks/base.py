@@ -19,6 +19,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Checkpoint
 
+from ..format.codec import join_key
 from ..errors import CheckpointError
 from ..read import latest_checkpoint, list_checkpoints
 from ..session import resume
@@ -88,6 +89,15 @@ class TrainerContext(SaveContext):
 
     def dump(self, weights_only: bool) -> dict:
         return compat.dump_checkpoint(self.trainer, weights_only)
+
+    def stable_keys(self) -> set[str]:
+        """Frozen parameters and buffers of the module: expected to stay as they are (deduplicated saves)."""
+        module = self.trainer.lightning_module
+        if module is None:
+            return set()
+        names = [n for n, p in module.named_parameters() if not p.requires_grad]
+        names += [n for n, _ in module.named_buffers()]
+        return {join_key(("state_dict", n)) for n in names}
 
     def any_rank(self, flag: bool) -> bool:
         return bool(self.trainer.strategy.reduce_boolean_decision(flag, all=False))

@@ -25,6 +25,8 @@ from ..errors import CheckpointError, CheckpointNotFoundError
 from ..version import __version__
 from .commands import (
     cmd_convert,
+    cmd_export,
+    cmd_lineage,
     cmd_diff,
     cmd_ls,
     cmd_merge,
@@ -79,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     df.add_argument("b")
     df.add_argument("--model-only", action="store_true", help="only the model's tensors")
     df.add_argument("--all", action="store_true", help="list unchanged tensors too")
+    df.add_argument("--quick", action="store_true",
+                    help="decide from the manifests only (checksums, content hashes, shared packs); read no tensor")
     df.add_argument("--json", action="store_true")
     df.set_defaults(func=cmd_diff)
     pu = sub.add_parser("push", help="upload a committed checkpoint to S3 (AWS settings from the environment)")
@@ -98,6 +102,18 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("out", help="the .ckpt file to write, e.g. model.ckpt")
     cv.add_argument("--json", action="store_true")
     cv.set_defaults(func=cmd_convert)
+    ex = sub.add_parser("export", help="copy one checkpoint out as a self-contained folder (no shared packs)")
+    ex.add_argument("path", help="a checkpoint (folder or s3://bucket/prefix/NAME)")
+    ex.add_argument("dest", help="the folder to copy it into (it becomes DEST/NAME)")
+    ex.add_argument("--standalone", action="store_true", default=True,
+                    help="every byte it needs in its own folder, readable by itself (the default, and only, layout)")
+    ex.add_argument("--name", help="the name of the copy (default: the checkpoint's own)")
+    ex.add_argument("--json", action="store_true")
+    ex.set_defaults(func=cmd_export)
+    ln = sub.add_parser("lineage", help="the tree of runs and checkpoints of a folder, with what each one added")
+    ln.add_argument("dir", help="a run folder or s3://bucket/prefix")
+    ln.add_argument("--json", action="store_true")
+    ln.set_defaults(func=cmd_lineage)
     return p
 
 

@@ -182,9 +182,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     from ..policy.retention import RetentionRules
-    from ..read import list_checkpoints
     from ..store.lock import FolderBusyError
-    from ..tools.prune import prune
+    from ..tools.prune import committed_records, prune
 
     if not os.path.isdir(args.dir):
         print(f"lightning-ckpt: {args.dir} is not a folder", file=sys.stderr)
@@ -209,7 +208,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         return 2
     if args.json:
         _dump({"dry_run": report.dry_run, "deleted": report.deleted, "partials": report.partials,
-               "kept": report.kept, "left_alone": report.left_alone})
+               "kept": report.kept, "left_alone": report.left_alone, "packs": report.packs})
         return 0
     verb = "would delete" if args.dry_run else "deleted"
     for p in report.partials:
@@ -218,7 +217,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
         print(f"left {p}  (a save in progress by a running process)")
     for d in report.deleted:
         print(f"{verb} {d['path']}  ({d['reason']}, {_human_bytes(d['bytes'])})")
-    kept_bytes = sum(c.size_bytes for c in list_checkpoints(args.dir) if c.path in set(report.kept))
+    for p in report.packs:
+        size = f", {_human_bytes(p['bytes'])}" if p.get("bytes") is not None else ""
+        print(f"{verb} {p['path']}  (no checkpoint kept references it{size})")
+    kept = {os.path.basename(p) for p in report.kept}
+    kept_bytes = sum(r.size_bytes for r in committed_records(args.dir) if r.name in kept)  # shared packs once
     print(f"kept {len(report.kept)} checkpoint(s), {_human_bytes(kept_bytes)}")
     return 0
 
@@ -253,7 +256,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def cmd_diff(args: argparse.Namespace) -> int:
     from ..tools.diff import diff_checkpoints, format_metric_change
 
-    d = diff_checkpoints(args.a, args.b, prefix="state_dict/" if args.model_only else None)
+    d = diff_checkpoints(args.a, args.b, prefix="state_dict/" if args.model_only else None, values=not args.quick)
     if args.json:
         _dump({
             "a": d.a, "b": d.b, "step_a": d.step_a, "step_b": d.step_b,
@@ -271,7 +274,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
     print(f"tensors: {len(d.changed)} of {len(d.tensors)} differ")
     for t in rows:
         extra = ""
-        if t.status == "changed":
+        if t.status == "changed" and t.max_abs_diff is not None:
             extra = f"max |A-B| = {t.max_abs_diff:.6g}"
         elif t.status in ("shape", "dtype"):
             extra = f"{t.shape_a} vs {t.shape_b}"
@@ -336,4 +339,34 @@ def cmd_convert(args: argparse.Namespace) -> int:
         _dump({"ckpt": out})
     else:
         print(f"wrote {out} (a Lightning .ckpt; loads with torch.load(weights_only=True) and load_from_checkpoint)")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from ..tools.standalone import export_standalone
+
+    try:
+        out = export_standalone(args.path, args.dest, name=args.name)
+    except FileExistsError as e:
+        print(f"lightning-ckpt export: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        _dump({"path": out})
+    else:
+        print(f"wrote {out} (self-contained: every byte it needs is in that folder; verified)")
+    return 0
+
+
+def cmd_lineage(args: argparse.Namespace) -> int:
+    from ..tools.lineage import as_json, format_tree, lineage
+
+    roots = lineage(args.dir)
+    if args.json:
+        _dump({"dir": args.dir, "runs": as_json(roots)})
+        return 0
+    if not roots:
+        print(f"no checkpoints in {args.dir}")
+        return 0
+    for line in format_tree(roots, _human_bytes):
+        print(line)
     return 0

@@ -32,6 +32,13 @@ FORMAT_NAME = "lightning_ckpt"
 FORMAT_VERSION = 2  # the newest this release reads: 2 = tensors may live in packs of the folder's content store
 PLAIN_VERSION = 1  # what is written when nothing needs version 2 (self-contained folders older releases read too)
 BLOBS = ".blobs"  # the content store of a folder: packs (safetensors files) that several checkpoints reference
+PACK_RE = re.compile(r"^pack-[0-9a-f]{8}-[0-9]{1,9}-rank[0-9]{5}\.safetensors$")
+
+
+def pack_name(save_id: str, rank: int) -> str:
+    """The name of the pack one rank writes in one save (``save_id``: ``<writer id>-<sequence number>``)."""
+    return f"pack-{save_id}-rank{int(rank):05d}.safetensors"
+
 STATE_KEY = "lightning_ckpt"  # this package's own entry in a checkpoint dictionary: {"format", "kind", "rng"}
 MANIFEST = "manifest.json"
 LATEST = "latest.json"
@@ -212,7 +219,8 @@ def validate_manifest(m: Any, where: str) -> dict:
     if not isinstance(packs, dict) or (packs and version < 2):
         raise _corrupt(where, "has a malformed pack list")
     for pname, f in packs.items():
-        check_member_name(pname, where)
+        if not isinstance(pname, str) or not PACK_RE.match(pname):
+            raise _corrupt(where, f"references a pack named {str(pname)[:80]!r}, which is not a pack name")
         _check_file_entry(f, f"{where}: pack {pname!r}")
         if not f.get("tensors"):
             raise _corrupt(where, f"lists a pack {pname!r} without tensors")

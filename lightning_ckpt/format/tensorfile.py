@@ -18,7 +18,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 
 from ..errors import CheckpointCorruptError, CheckpointError
-from .checksum import crc32c, crc32c_combine
+from .checksum import crc32c, crc32c_and_hash, crc32c_combine
 
 DTYPE_TO_ST: dict[torch.dtype, str] = {
     torch.float64: "F64",
@@ -90,9 +90,13 @@ class TensorRecord:
     begin: int  # absolute byte offset in the file
     end: int
     crc32c: int
+    xxh128: str | None = None  # content hash (identity), when computed
 
     def to_json(self) -> dict:
-        return {"dtype": self.dtype, "shape": self.shape, "begin": self.begin, "end": self.end, "crc32c": self.crc32c}
+        d = {"dtype": self.dtype, "shape": self.shape, "begin": self.begin, "end": self.end, "crc32c": self.crc32c}
+        if self.xxh128 is not None:
+            d["xxh128"] = self.xxh128
+        return d
 
 
 @dataclass
@@ -140,9 +144,10 @@ class EncodedFile:
 
 
 def encode_tensors(name: str, tensors: Sequence[tuple[str, torch.Tensor]], metadata: dict | None = None,
-                   crc_executor: Executor | None = None) -> EncodedFile:
-    """A safetensors file of ``tensors`` (CPU tensors). With ``crc_executor`` the checksums are computed in that
-    executor while the caller writes, so they cost no wall time when the disk is the bottleneck."""
+                   crc_executor: Executor | None = None, content_hash: bool = True) -> EncodedFile:
+    """A safetensors file of ``tensors`` (CPU tensors). With ``crc_executor`` the checksums (and with
+    ``content_hash`` each tensor's XXH3-128, in the same pass) are computed in that executor while the caller writes,
+    so they cost no wall time when the disk is the bottleneck."""
     prepared = []
     for tname, t in tensors:
         if t.device.type != "cpu":
@@ -154,10 +159,11 @@ def encode_tensors(name: str, tensors: Sequence[tuple[str, torch.Tensor]], metad
         prepared.append((tname, t))
     header, offsets = header_bytes([(n, t.dtype, t.shape, nbytes_of(t)) for n, t in prepared], metadata)
     views = [byte_view(t) for _, t in prepared]
+    fn = crc32c_and_hash if content_hash else (lambda v: (crc32c(v), None))
     if crc_executor is not None:
-        futures = [crc_executor.submit(crc32c, v) for v in views]
+        futures = [crc_executor.submit(fn, v) for v in views]
     else:
-        crcs = [crc32c(v) for v in views]
+        crcs = [fn(v) for v in views]
 
     def finish() -> FileRecord:
         got = [f.result() for f in futures] if crc_executor is not None else crcs
@@ -167,8 +173,8 @@ def encode_tensors(name: str, tensors: Sequence[tuple[str, torch.Tensor]], metad
             size=base + (offsets[-1][1] if offsets else 0),
             header_end=base,
             header_crc32c=crc32c(header),
-            tensors=[TensorRecord(n, dtype_name(t.dtype), [int(s) for s in t.shape], base + b, base + e, c)
-                     for (n, t), (b, e), c in zip(prepared, offsets, got)],
+            tensors=[TensorRecord(n, dtype_name(t.dtype), [int(s) for s in t.shape], base + b, base + e, c, h)
+                     for (n, t), (b, e), (c, h) in zip(prepared, offsets, got)],
         )
 
     return EncodedFile(name, [memoryview(header)] + views, finish)

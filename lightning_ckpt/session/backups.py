@@ -27,6 +27,7 @@ from ..errors import CheckpointCorruptError, CheckpointNotFoundError
 from ..policy.retention import RetentionRules
 from ..read import list_checkpoints
 from ..store import LocalStore, open_store
+from ..store.blobs import BlobStore
 from ..tools.prune import committed_records, plan_deletions
 from ..tools.transfer import push_checkpoint
 from ..writer.meta import background_priority
@@ -125,6 +126,7 @@ class Uploader:
         self.primary = primary
         self.extra_rules: list[RetentionRules] = []  # RetentionPolicy callbacks on an s3:// dirpath
         self.orphan_age_s = 3600.0  # objects without a manifest untouched this long are debris of a crash
+        self.pushed_packs: set[str] = set()  # packs this uploader sent (collected without the grace period)
         self.uploaded: list[str] = []
         self.deleted: list[str] = []
         self.skipped: list[str] = []  # local checkpoints that failed verification: never uploaded
@@ -233,7 +235,8 @@ class Uploader:
                 if not os.path.isdir(path):  # deleted locally (e.g. replaced): nothing to upload any more
                     return
                 try:
-                    push_checkpoint(path, self.uri, verify=True)
+                    sent = push_checkpoint(path, self.uri, verify=True)
+                    self.pushed_packs.update(sent.packs)
                 except (CheckpointCorruptError, CheckpointNotFoundError) as e:
                     # the local copy is bad (or gone): retrying cannot help, and it must not hold back the next ones
                     self.skipped.append(name)
@@ -255,6 +258,7 @@ class Uploader:
                 log.info("lightning_ckpt: backed up %s to %s", path, self.uri)
                 if self.primary:  # dirpath is this location: the local copy was only staging
                     self.local.delete(name)
+                    BlobStore(self.dirpath).collect()
                 self._apply_retention()
                 return
         finally:
@@ -288,6 +292,18 @@ class Uploader:
         if doomed:
             self._delete(doomed, "retention", protected)
 
+    def _collect_packs(self) -> None:
+        """After deletions: remove the packs no checkpoint at the location references any more."""
+        try:
+            removed, freed = self.remote.collect_packs(mine=self.pushed_packs)
+        except Exception as e:  # noqa: BLE001 - try again after the next deletion
+            log.warning("lightning_ckpt: could not collect unreferenced packs in %s (%r)", self.uri, e)
+            return
+        self.pushed_packs.difference_update(removed)
+        if removed:
+            log.info("lightning_ckpt: removed %d unreferenced pack(s) from %s/%s (%.1f MB)", len(removed), self.uri,
+                     ".blobs", freed / 1e6)
+
     def _delete(self, names: list[str], reason: str, protected: Optional[set] = None) -> None:
         protected = self._protected() if protected is None else protected
         for name in names:
@@ -299,3 +315,4 @@ class Uploader:
                 log.info("lightning_ckpt: deleted %s/%s (%s)", self.uri, name, reason)
             except Exception as e:  # noqa: BLE001 - try again at the next retention pass
                 log.warning("lightning_ckpt: could not delete %s/%s (%r)", self.uri, name, e)
+        self._collect_packs()

@@ -24,7 +24,7 @@ from .backups import BackupLocation, parse_locations
 Content = Literal["full", "weights", "light"]
 
 # options that shape the one writer of a folder: callbacks on one folder must agree on them (see FolderSession.join)
-FOLDER_OPTIONS = ("name_template", "if_busy", "distributed", "save_timeout_s")
+FOLDER_OPTIONS = ("name_template", "if_busy", "distributed", "save_timeout_s", "dedup")
 
 # Lightning ModelCheckpoint / EarlyStopping arguments and what they are called here
 LIGHTNING_NAMES = {
@@ -71,6 +71,10 @@ class SaveOptions:
         allow_existing: start a fresh run (no ``ckpt_path``, no ``resume``) in a folder that holds another run's
             checkpoints. Off by default: the run stops with an error naming the choices, so that two runs never mix.
         verbose: print one line per save, early stop, best-weights restore and retention deletion (rank 0).
+        dedup: deduplicated checkpoints: frozen parameters, buffers and any tensor unchanged since the previous save
+            are written once into the folder's content store (``<dirpath>/.blobs/``) and referenced by later
+            checkpoints (and by runs branched from them) instead of being written again. ``False`` keeps every
+            checkpoint folder self-contained (``lightning-ckpt export --standalone`` makes one from any checkpoint).
         filename: Lightning's name for ``name_template``; Lightning's templates (``"{epoch}-{val_loss:.2f}"``, which
             insert the metric names) are accepted.
     """
@@ -90,10 +94,11 @@ class SaveOptions:
     on_save_error: Optional[Literal["stop", "continue"]] = None
     allow_existing: bool = False
     verbose: bool = True
+    dedup: bool = True
     filename: Optional[str] = None
 
     def __post_init__(self) -> None:
-        for name in ("async_save", "fsync", "merge_on_train_end", "allow_existing", "verbose"):
+        for name in ("async_save", "fsync", "merge_on_train_end", "allow_existing", "verbose", "dedup"):
             check_bool(name, getattr(self, name))
         if self.filename is not None:
             if self.name_template != SaveOptions.name_template:

@@ -25,6 +25,8 @@ from typing import Any, Iterable, Optional, Protocol
 
 from ..errors import CheckpointError, CheckpointWriteError
 from ..policy.retention import RetentionRules
+from ..read import _scan, read_checkpoint_manifest
+from ..store.blobs import BlobStore
 from ..store import is_remote
 from ..tools.prune import plan_deletions, record_failed_run, committed_records
 from ..writer import CheckpointWriter
@@ -65,6 +67,8 @@ class SaveContext(Protocol):
 
     def dump(self, weights_only: bool) -> dict: ...
 
+    def stable_keys(self) -> set[str]: ...
+
     def any_rank(self, flag: bool) -> bool: ...
 
 
@@ -86,7 +90,8 @@ class FolderSession:
         self.options = options
         self.writer = CheckpointWriter(
             self.dirpath, async_save=options.async_save, name_template=options.name_template, if_busy=options.if_busy,
-            fsync=options.fsync, auto_seal=False, mode=options.distributed, timeout_s=options.save_timeout_s)
+            fsync=options.fsync, auto_seal=False, mode=options.distributed, timeout_s=options.save_timeout_s,
+            dedup=options.dedup)
         self.writer.on_commit.append(self._after_commit)
         self.store = self.writer.store
         self.participants: list[Participant] = []
@@ -102,6 +107,8 @@ class FolderSession:
         self.stalls: dict[int, float] = {}  # step -> training stall of its save (seconds)
         self.committed: list[SaveResult] = []  # commits not yet reported to the loggers
         self.resumed_from: Optional[str] = None
+        self.branched = False  # resumed_from is a branch point (resume_from=): a new run, even in this folder
+        self._lineage: Optional[dict] = None
         self.pending_rng: Optional[dict] = None  # RNG states to restore where the saved run was (see callbacks)
         self.on_save_error: Optional[str] = options.on_save_error
         self.save_errors: list[CheckpointError] = []
@@ -251,10 +258,12 @@ class FolderSession:
         pending = self.guard(
             w.save, checkpoint, step=int(ctx.step), epoch=int(ctx.epoch), tags=tags, metrics=metrics,
             hparams=ctx.hparams(), kind=kind_of(group),
-            meta={"resumed_from": self.resumed_from, "run_id": self.run_id, "include": list(include),
+            meta={"resumed_from": self.resumed_from, "run_id": self.run_id, "lineage": self.lineage(),
+                  "include": list(include),
                   "exclude": list(exclude)},
             if_busy="wait" if final else None,  # the end of fit is never skipped
             sync=sync,
+            stable=ctx.stable_keys() if w.dedup is not None else (),
         )
         if pending is None:
             return
@@ -263,6 +272,36 @@ class FolderSession:
         self.last_saved_step = int(ctx.step)
         self.last_save_tags = set(tags)
         self.last_save_time = time.monotonic()
+
+    def lineage(self) -> dict:
+        """The run this session's checkpoints belong to and where it came from (``lineage`` in each manifest, read
+        by ``lightning-ckpt lineage``). Resuming from the newest checkpoint of a run in this folder continues that
+        run; anything else (a fresh start, ``resume_from=``, a checkpoint of another folder, rewinding to an older
+        checkpoint) starts a new run whose parent is that checkpoint."""
+        if self._lineage is not None:
+            return self._lineage
+        from ..tools.lineage import lineage_of
+
+        parent, run, name = self.resumed_from, None, None
+        ref = parent
+        if parent:
+            folder = os.path.dirname(os.path.normpath(str(parent)))
+            same = not self.remote and os.path.realpath(folder) == os.path.realpath(self.dirpath)
+            try:
+                pm = read_checkpoint_manifest(parent)
+            except (CheckpointError, OSError, ValueError):
+                pm = None
+            if same:
+                ref = os.path.basename(os.path.normpath(str(parent)))
+            if same and pm is not None and not self.branched:
+                plin = lineage_of(pm)
+                newest = max((c.step for c in _scan(self.dirpath)[0]
+                              if lineage_of(c.manifest)["run"] == plin["run"]), default=-1)
+                if int(pm["step"]) >= newest:  # a continuation after a crash or a stop
+                    run, name = plin["run"], plin.get("run_name")
+        self._lineage = {"run": run or uuid.uuid4().hex[:12], "run_name": name, "parent": ref,
+                         "branch": bool(parent) and run is None}
+        return self._lineage
 
     def guard(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """Run a writer call; with ``on_save_error="continue"`` a failed save is logged and training goes on."""
@@ -318,7 +357,16 @@ class FolderSession:
                 log.info("lightning_ckpt: deleted %s (%s)", self.store.path(name) if not self.remote else
                          f"{self.remote}/{name}", reason)
         self.deleted += done
+        if done and self.primary is None:
+            self._deleter.submit(self._collect_packs)  # after the purges queued above
         return done
+
+    def _collect_packs(self) -> None:
+        """Remove the packs of the folder's content store no checkpoint references any more (the deleter thread)."""
+        try:
+            BlobStore(self.dirpath, fsync=self.store.fsync).collect()
+        except Exception as e:  # noqa: BLE001 - retried after the next deletion
+            log.error("lightning_ckpt: could not collect unreferenced packs in %s: %r", self.dirpath, e)
 
     def _after_commit(self, res: SaveResult) -> None:
         """In the committing thread: the run's metric history, the uploads, the participants, then retention."""

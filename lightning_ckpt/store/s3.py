@@ -267,6 +267,30 @@ class S3Store(Store):
         self.delete_keys(keys)
         return bool(keys)
 
+    def collect_packs(self, *, grace_s: float = 3600.0, mine: set[str] | frozenset = frozenset(),
+                      dry_run: bool = False) -> tuple[list[str], int]:
+        """Delete the packs of the content store (``<prefix>/.blobs/``) that no committed manifest references: those
+        this process uploaded (``mine``) at once, any other only once nothing touched it for ``grace_s`` seconds (it
+        may belong to an upload in progress elsewhere, whose manifest comes last). A manifest that cannot be read
+        stops the sweep. Returns (deleted pack names, bytes freed)."""
+        packs = {o["Key"].rsplit("/", 1)[-1]: o for o in self.list_objects(mf.BLOBS)}
+        packs = {n: o for n, o in packs.items() if mf.PACK_RE.match(n)}
+        if not packs:
+            return [], 0
+        marked: set[str] = set()
+        for name, m in self.manifests():
+            if isinstance(m, CheckpointError):
+                log.warning("lightning_ckpt: not collecting unreferenced packs in %s: the manifest of %s cannot be read "
+                            "(%s)", self.uri, name, m)
+                return [], 0
+            marked.update((m.get("packs") or {}).keys())
+        now = _dt.datetime.now(_dt.timezone.utc)
+        doomed = [n for n, o in sorted(packs.items()) if n not in marked
+                  and (n in mine or (now - o["LastModified"]).total_seconds() >= grace_s)]
+        if doomed and not dry_run:
+            self.delete_keys([packs[n]["Key"] for n in doomed])
+        return doomed, sum(int(packs[n]["Size"]) for n in doomed)
+
     def uncommit(self, name: str) -> None:
         """Delete the manifest of ``name``: from then on it is not a checkpoint (its objects are removed after)."""
         self.delete_keys([self.key(name, mf.MANIFEST)])

@@ -21,9 +21,15 @@ RUNS_DIR = ".runs"  # <dirpath>/.runs/<run_id>.json: a note left by a run that e
 
 
 def committed_records(where: Any) -> list[Record]:
-    """Retention records of the committed checkpoints of a folder or of an ``s3://`` location."""
-    return [Record(c.name, c.step, c.size_bytes, dict(c.metrics), tuple(c.tags), c.created_unix or 0.0)
-            for c in list_checkpoints(where)]
+    """Retention records of the committed checkpoints of a folder or of an ``s3://`` location. A pack of the content
+    store that several checkpoints share counts once, in the size of the oldest of them."""
+    out, counted = [], set()
+    for c in list_checkpoints(where):
+        packs = c.manifest.get("packs") or {}
+        size = c.size_bytes + sum(int(e["size"]) for n, e in packs.items() if n not in counted)
+        counted.update(packs)
+        out.append(Record(c.name, c.step, size, dict(c.metrics), tuple(c.tags), c.created_unix or 0.0))
+    return out
 
 
 def plan_deletions(records: list[Record], rule_sets: list[RetentionRules], protected: set[str] = frozenset()) -> list[str]:
@@ -35,12 +41,50 @@ def plan_deletions(records: list[Record], rule_sets: list[RetentionRules], prote
     return [r.name for r, k in zip(records, keep) if not k]
 
 
+def _collect_packs(store: Any, ckpts: list, doomed: dict, dry_run: bool) -> list[dict]:
+    """The packs no kept checkpoint references: removed (or, ``dry_run``, only listed)."""
+    from ..format import manifest as mf
+    from ..store.blobs import BlobStore
+
+    if dry_run:  # what the deletions would leave unreferenced
+        needed = {p for c in ckpts if c.name not in doomed for p in (c.manifest.get("packs") or {})}
+        sizes = {p: int(e["size"]) for c in ckpts for p, e in (c.manifest.get("packs") or {}).items()}
+        if store.remote:
+            present = {o["Key"].rsplit("/", 1)[-1] for o in store.list_objects(mf.BLOBS)}
+        else:
+            present = set(BlobStore(store.uri).names())
+        return [{"path": f"{store.uri}/{mf.BLOBS}/{p}", "bytes": sizes.get(p, 0)}
+                for p in sorted(present - needed)]
+    if store.remote:
+        removed, _ = store.collect_packs()
+        return [{"path": f"{store.uri}/{mf.BLOBS}/{p}", "bytes": None} for p in removed]
+    blobs = BlobStore(store.uri, fsync=store.fsync)
+    sizes = {p: os.path.getsize(blobs.pack(p)) for p in blobs.names()}
+    removed, _ = blobs.collect()
+    return [{"path": blobs.pack(p), "bytes": sizes.get(p)} for p in removed]
+
+
 def remove_checkpoint(path: Any) -> None:
-    """Delete a committed checkpoint: it disappears from listings atomically, then its files are removed."""
+    """Delete a committed checkpoint: it disappears from listings atomically, then its files are removed. The packs
+    of the folder's content store it alone referenced are removed too, unless a run holds the folder's lock (its next
+    retention pass, or ``lightning-ckpt prune``, removes them then)."""
     from ..store import locate
+    from ..store.blobs import BlobStore
+    from ..store.lock import FolderBusyError
 
     store, name = locate(path)
     store.delete(name)
+    if store.remote:
+        store.collect_packs()
+        return
+    try:
+        lock = store.lock({"run_id": "remove_checkpoint"})
+    except FolderBusyError:
+        return
+    try:
+        BlobStore(store.uri, fsync=store.fsync).collect()
+    finally:
+        lock.release()
 
 
 def failed_run_ids(dirpath: str) -> set[str]:
@@ -74,6 +118,7 @@ class PruneReport:
     partials: list = field(default_factory=list)  # paths of interrupted saves removed
     kept: list = field(default_factory=list)  # paths
     left_alone: list = field(default_factory=list)  # partial saves of a writer that still runs
+    packs: list = field(default_factory=list)  # {"path", "bytes"}: packs of the content store no checkpoint kept needs
 
 
 def prune(dirpath: Any, rules: RetentionRules | None, *, failed: bool = False, dry_run: bool = False) -> PruneReport:
@@ -111,6 +156,7 @@ def prune(dirpath: Any, rules: RetentionRules | None, *, failed: bool = False, d
                     store.delete(c.name)
                 report.deleted.append({"path": c.path, "reason": doomed[c.name], "bytes": c.size_bytes})
         report.kept = [c.path for c in ckpts if c.name not in doomed]
+        report.packs = _collect_packs(store, ckpts, doomed, dry_run)
         return report
     finally:
         if lock is not None:

@@ -20,6 +20,7 @@ from ..format import manifest as mf
 from ..format.tensorfile import file_crc32c
 from ..read import Opened, _verify_files, verify_checkpoint
 from ..store import LocalStore, locate, open_store
+from ..store.blobs import BlobStore
 from ..store.fs import OPS
 
 log = logging.getLogger("lightning_ckpt")
@@ -33,6 +34,7 @@ class TransferResult:
     uri: str
     files: int
     bytes: int
+    packs: tuple[str, ...] = ()  # packs of the content store sent (the others were there already)
 
 
 def _remote(dest: Any) -> Any:
@@ -62,20 +64,21 @@ def stale_objects(store: Any, name: str, m: dict) -> list[str]:
     return _stale(store, m["files"], store.objects(name))
 
 
-def _push_packs(src: Any, remote: Any, m: dict, progress: ProgressFn) -> int:
+def _push_packs(src: Any, remote: Any, m: dict, progress: ProgressFn) -> tuple[int, list[str]]:
     """Upload the packs of the content store that ``m`` references and ``remote`` lacks (or holds damaged): a pack
-    never changes under its name, so one already there is never sent again. Returns the bytes sent."""
+    never changes under its name, so one already there is never sent again. Returns the bytes and packs sent."""
     packs = m.get("packs") or {}
     if not packs:
-        return 0
+        return 0, []
     listed = {o["Key"].rsplit("/", 1)[-1]: o for o in remote.list_objects(mf.BLOBS)}
     folder = src.packs_folder(packs)
-    sent = 0
+    sent, names = 0, []
     for pack in _stale(remote, packs, listed):
         remote.put_file(remote.key(mf.BLOBS, pack), os.path.join(folder, pack), progress,
                         {CRC_META: f"{file_crc32c(packs[pack]):08x}"})
         sent += int(packs[pack]["size"])
-    return sent
+        names.append(pack)
+    return sent, names
 
 
 def push_checkpoint(path: Any, dest: Any, *, progress: ProgressFn = None, verify: bool = True) -> TransferResult:
@@ -102,7 +105,7 @@ def push_checkpoint(path: Any, dest: Any, *, progress: ProgressFn = None, verify
             # another checkpoint of that name is there: un-commit it first, so that an interrupted overwrite is never
             # listed as a checkpoint whose files do not match its manifest
             remote.uncommit(name)
-    total = _push_packs(src, remote, m, progress)  # before the manifest that references them
+    total, packs_sent = _push_packs(src, remote, m, progress)  # before the manifest that references them
     tx = remote.begin(name)
 
     def up(fname: str) -> int:
@@ -126,7 +129,7 @@ def push_checkpoint(path: Any, dest: Any, *, progress: ProgressFn = None, verify
     if files or existing != raw:
         tx.commit(raw)  # the commit point on S3
     remote.publish_latest({"name": name, "step": m["step"], "epoch": m.get("epoch")})
-    return TransferResult(remote.path(name), len(files) + 1, total + len(raw))
+    return TransferResult(remote.path(name), len(files) + 1, total + len(raw), tuple(packs_sent))
 
 
 def pull_checkpoint(src: Any, dest_dir: Any, *, progress: ProgressFn = None) -> str:
@@ -148,6 +151,7 @@ def pull_checkpoint(src: Any, dest_dir: Any, *, progress: ProgressFn = None) -> 
     local = LocalStore(dest_dir)
     local.makedirs()
     tx = local.begin(name).open()
+    blobs = BlobStore(local.root, fsync=local.fsync)
     try:
         def down(fname: str) -> None:
             dst = tx.file(fname)
@@ -158,11 +162,13 @@ def pull_checkpoint(src: Any, dest_dir: Any, *, progress: ProgressFn = None) -> 
         with cf.ThreadPoolExecutor(4) as ex:
             list(ex.map(down, sorted(m["files"])))
         packs = m.get("packs") or {}
-        if packs:  # into the local content store first (each checked as it arrives), then the checkpoint
+        if packs:  # downloaded into the read cache, each checked as it arrives
             store.packs_folder(packs, progress=progress)
-            _copy_packs(store.packs_folder(None), local, packs)
-        _verify_files(Opened(local, name, m, raw, tx.path), None)
-        return local.path(tx.commit(raw, if_exists="replace"))
+        with blobs.lock:  # this process collects no pack between their arrival and the commit
+            if packs:  # into the local content store first, then the checkpoint
+                _copy_packs(store.packs_folder(None), local, packs)
+            _verify_files(Opened(local, name, m, raw, tx.path), None)
+            return local.path(tx.commit(raw, if_exists="replace"))
     except BaseException:
         tx.abort()
         raise

@@ -82,8 +82,10 @@ class _Abandoned(Exception):
 
 class SaveJob:
     def __init__(self, writer: CheckpointWriter, name: str, tensors: dict, state_bytes: bytes | None, header: dict,
-                 snapshot_s: float, sealed: bool, seq: int = 0, handoff: tuple | None = None):
+                 snapshot_s: float, sealed: bool, seq: int = 0, handoff: tuple | None = None, plan: Any = None):
         self.w = writer
+        self.plan = plan  # deduplication (writer/dedup.py): what the training thread saw; None when off
+        self.decision: Any = None
         self.handoff = handoff
         self.seq = seq
         self.name = name
@@ -148,6 +150,13 @@ class SaveJob:
                             self.tensors.update({k: _unpacked(v) for k, v in got[0].items()})
                             if got[1] is not None:
                                 extra_states[r] = got[1]
+            pack_keys: set[str] = set()
+            if self.plan is not None:
+                collective_failed = True
+                self.decision = self._decide()
+                collective_failed = False
+                self.tensors = {k: v for k, v in self.tensors.items() if k not in self.decision.reuse}
+                pack_keys = set(self.decision.to_pack)
             if w.folder_written:
                 self.tx.open()  # every rank: the folder may be shared or node-local
 
@@ -157,6 +166,7 @@ class SaveJob:
                 storage_writer = LCStorageWriter(
                     self.tx, state_bytes=self.state_bytes, on_finish=on_finish, crc_executor=w._crc_pool,
                     ranks=w.folder_ranks if w.node_local else None, extra_states=extra_states,
+                    pack_keys=pack_keys, pack_name=lambda r: mf.pack_name(self.header["save_id"], r),
                 )
                 pg = w.folder_pg if w.node_local else w.pg
                 with warnings.catch_warnings():
@@ -189,6 +199,22 @@ class SaveJob:
             if w.is_leader:
                 self.tx.abort()
             raise self._translate(failed)
+
+    def _decide(self) -> Any:
+        """The leader decides which tensors are reused or packed (writer/dedup.py); every rank learns it (one
+        broadcast on the writer's group)."""
+        from .dedup import Decision
+
+        w = self.w
+        d = w.dedup.decide(self.plan, self.tensors) if w.is_leader else None
+        if w.world_size > 1:
+            box = [d.for_others() if d is not None else None]
+            src = dist.get_global_rank(w.pg, 0) if w._given_pg else 0
+            dist.broadcast_object_list(box, src=src, group=w.pg)
+            if d is None:
+                reused, packed = box[0]
+                d = Decision(reuse={k: None for k in reused}, to_pack=set(packed))
+        return d
 
     def _translate(self, e: BaseException) -> BaseException:
         err = unwrap_dcp_error(e)
@@ -229,6 +255,8 @@ class SaveJob:
                 self.tx.abort()
             raise _Abandoned()
         if not (self.w.is_leader and self.w.folder_written):  # rank 0 (node-local: each folder's first rank) commits
+            if self.decision is not None and self.w.dedup is not None:
+                self.w.dedup.follower_saw(self.plan, self.decision.for_others())
             return SaveResult(name=self.name, path=os.path.join(self.w.dirpath, self.name), step=self.header["step"],
                               bytes=0, snapshot_s=self.snapshot_s, write_s=time.perf_counter() - self.t0,
                               tags=sorted(self.tags), kind=self.header["kind"], metrics=dict(self.header["metrics"]))
@@ -237,6 +265,8 @@ class SaveJob:
         except BaseException as e:
             if self.tx.committed is None:
                 self.tx.abort()
+                if self.w.dedup is not None:
+                    self.w.dedup.forget()  # a pack it counted on may be gone: the next save looks again
             raise self._translate(e)
         for hook in list(self.w.on_commit):
             try:
@@ -273,10 +303,22 @@ class SaveJob:
         m["tags"] = sorted(self.tags)
         m["name"] = name
         m["world_size"] = max(w.world_size, 1 + max((f.rank for f in files), default=0))
-        m["files"] = {f.record["name"]: {k: v for k, v in f.record.items() if k != "name"} for f in files}
-        m["tensors"] = self.tensor_index
-        m["state_files"] = {str(f.rank): f.record["name"] for f in files if f.record["name"].startswith("state-")}
-        total = sum(f.record["size"] for f in files)
+        own = [f for f in files if not f.record.get("pack")]
+        new_packs = {f.record["name"]: {k: v for k, v in f.record.items() if k not in ("name", "pack")}
+                     for f in files if f.record.get("pack")}
+        m["files"] = {f.record["name"]: {k: v for k, v in f.record.items() if k != "name"} for f in own}
+        tensors = dict(self.tensor_index)
+        packs = dict(new_packs)
+        for key, ref in sorted((self.decision.reuse if self.decision is not None else {}).items()):
+            rec = ref.entry["tensors"][ref.name]
+            tensors[key] = {"dtype": rec["dtype"], "shape": list(rec["shape"]), "chunks": [ref.chunk(rec["shape"])]}
+            packs[ref.pack] = ref.entry
+        m["tensors"] = tensors
+        if packs:
+            m["packs"] = packs
+            m["format_version"] = mf.FORMAT_VERSION
+        m["state_files"] = {str(f.rank): f.record["name"] for f in own if f.record["name"].startswith("state-")}
+        total = sum(f.record["size"] for f in files)  # written by this save (its own files and its new packs)
         write_s = time.perf_counter() - self.t0
         m["timings"] = {
             "snapshot_s": round(self.snapshot_s, 6),
@@ -287,7 +329,16 @@ class SaveJob:
         m["created_unix"] = time.time()
         raw = mf.dumps(m)
         mf.parse_manifest(raw, "the manifest being written")
-        name = self.tx.commit(raw, name=name)  # manifest last, then the rename: the commit point
+        if packs:
+            blobs = w.dedup.blobs
+            with blobs.lock:  # no collection of the folder's packs between their adoption and the commit
+                blobs.adopt(self.tx.path, sorted(new_packs))
+                blobs.check_present(packs)
+                name = self.tx.commit(raw, name=name)  # manifest last, then the rename: the commit point
+        else:
+            name = self.tx.commit(raw, name=name)  # manifest last, then the rename: the commit point
+        if self.plan is not None and w.dedup is not None:
+            w.dedup.committed(self.plan, m)
         try:
             w.store.publish_latest({"name": name, "step": m["step"], "epoch": m["epoch"]})
         except OSError as e:  # the checkpoint is committed all the same; latest.json is only a hint

@@ -28,6 +28,7 @@ from ..store.local import LocalStore, check_writable_dir
 from .folders import folder_groups
 from .job import PendingSave, SaveJob, SaveResult, _Abandoned, _packed
 from .meta import background_priority, json_safe, run_info
+from .dedup import Deduper
 from .options import check_bool, check_choice, check_seconds, format_name, validate_name_template
 from .snapshot import HostBuffers, _as_dtensor, _is_sharded_tensor
 
@@ -59,6 +60,10 @@ class CheckpointWriter:
             clear error (a dead or stuck rank never hangs the run).
         process_group: group for the save's collectives; by default a dedicated gloo group is created (so saves
             can run in background threads next to training's NCCL collectives). All ranks must create the writer.
+        dedup: share unchanged tensor bytes between checkpoints of the folder through its content store
+            (``.blobs/``, see ``writer/dedup.py``): tensors named ``stable`` in :meth:`save` and tensors unchanged
+            since the previous save are written once and referenced afterwards. ``False`` keeps every checkpoint
+            folder self-contained. (Not with node-local folders, where every folder is a whole copy anyway.)
     """
 
     def __init__(
@@ -73,6 +78,7 @@ class CheckpointWriter:
         mode: Literal["sharded", "rank0"] = "sharded",
         timeout_s: float = 600.0,
         process_group: Any = None,
+        dedup: bool = True,
     ) -> None:
         check_choice("if_busy", if_busy, ("wait", "skip"))
         self.mode = check_choice("mode", mode, ("sharded", "rank0"), "every rank writes its share, or rank 0 all")
@@ -117,6 +123,9 @@ class CheckpointWriter:
         self.history: list[SaveResult] = []
         self.committed_names: set[str] = set()
         self.on_commit: list = []  # callables(SaveResult), run in the committing thread after latest.json
+        self.dedup_enabled = check_bool("dedup", dedup)
+        self.dedup: Deduper | None = (
+            Deduper(self.dirpath, fsync=fsync, is_shared=is_model_or_optim) if self.dedup_enabled else None)
 
     # ----------------------------------------------------------------- public
     def prepare_dir(self) -> None:
@@ -142,6 +151,9 @@ class CheckpointWriter:
         if len(groups) == 1:
             return
         self.node_local = True
+        if self.dedup is not None:  # every folder a whole copy: nothing to share between them
+            self.dedup.close()
+            self.dedup = None
         for g in groups:  # every rank creates every group, in the same order
             pg = dist.new_group(ranks=list(g), backend="gloo", timeout=timedelta(seconds=self.timeout_s))
             if self.rank in g:
@@ -193,11 +205,14 @@ class CheckpointWriter:
         kind: str = "full",
         if_busy: IfBusy | None = None,
         sync: bool = False,
+        stable: Iterable[str] = (),
     ) -> PendingSave | None:
         """Save ``state``. Returns a handle, or ``None`` if skipped because the previous save is still writing.
         ``if_busy`` overrides the writer's setting for this save (say ``"wait"`` for the last save of a run).
         ``sync``: write this save's files before returning, even when the writer saves in the background (its commit
         then happens when it is sealed, in the caller's thread).
+        ``stable``: flat keys of tensors expected to stay unchanged (frozen parameters, buffers: ``state_dict/<name>``);
+        with ``dedup`` they are written once into the folder's content store and referenced by later checkpoints.
 
         Raises the error of an earlier background save, if there was one, before starting.
         """
@@ -230,6 +245,16 @@ class CheckpointWriter:
             k: v for k, v in tensors.items()
             if (writes_shared if is_model_or_optim(k) else own_kept)
         }
+        plan = None
+        if self.dedup is not None and self.folder_written:
+            if self.is_leader:
+                plan = self.dedup.plan(tensors, stable)
+                skip = set(plan.reuse)
+            else:
+                skip = self.dedup.follower_plan(tensors)
+                plan = self.dedup.plan(tensors, (), leader=False)
+            if skip:  # unchanged and already stored: not even snapshotted
+                tensors = {k: v for k, v in tensors.items() if k not in skip}
         inline = self._executor is None or sync
         if not inline:
             tensors = self._buffers.snapshot(tensors)
@@ -251,11 +276,12 @@ class CheckpointWriter:
             name=name,
             tensors=tensors,
             state_bytes=state_bytes,
-            header=self._manifest_header(step, epoch, tags, metrics, hparams, meta, kind),
+            header=self._manifest_header(step, epoch, tags, metrics, hparams, meta, kind, f"{self.writer_id}-{self._seq}"),
             snapshot_s=snapshot_s,
             sealed=self.auto_seal,
             seq=self._seq,
             handoff=handoff,
+            plan=plan,
         )
         job.inline = inline
         if not inline:
@@ -310,6 +336,8 @@ class CheckpointWriter:
                 self._executor.shutdown(wait=True)
             self._crc_pool.shutdown(wait=True)
             self._buffers.clear()
+            if self.dedup is not None:
+                self.dedup.close()
             self._destroy_groups()
 
     def _destroy_groups(self) -> None:
@@ -371,8 +399,9 @@ class CheckpointWriter:
                 self.last_result = res
                 self.history.append(res)
 
-    def _manifest_header(self, step, epoch, tags, metrics, hparams, meta, kind) -> dict:
+    def _manifest_header(self, step, epoch, tags, metrics, hparams, meta, kind, save_id) -> dict:
         h = {
+            "save_id": save_id,
             "format": mf.FORMAT_NAME,
             "format_version": mf.PLAIN_VERSION,  # 2 once it references packs (job)
             "step": int(step),

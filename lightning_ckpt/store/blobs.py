@@ -1,0 +1,158 @@
+"""The content store of a local checkpoint folder: ``<folder>/.blobs/``, packs of tensor bytes that several
+checkpoints reference (deduplicated checkpoints, manifest format 2).
+
+A pack is a safetensors file written by one save (``pack-<save id>-rank<r>.safetensors``), immutable once it is in
+``.blobs``. Checkpoints reference tensors inside packs by name, and every manifest that does carries the pack's whole
+record (size, checksums, content hashes), so a pack is verified like any file of the checkpoint.
+
+Two rules keep it crash-safe (see docs/DESIGN.md, "Deduplicated checkpoints"):
+
+* A pack enters ``.blobs`` before the manifest that first references it is written (``adopt``, inside the commit),
+  so no committed manifest ever references a pack that is not there.
+* Garbage collection (``collect``) marks every pack referenced by a committed manifest of the folder, then removes
+  only unmarked ones that no save of this process may still reference (``pin``). It runs with the folder's lock held
+  (the only process that writes there) and, inside the process, under the same lock as the commit, so a pack adopted
+  for a commit in flight is never swept. A manifest that cannot be read stops the sweep: it may reference anything.
+  A kill -9 anywhere leaves at worst unreferenced packs, removed by the next collection.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import Counter
+from typing import Iterable
+
+from ..errors import CheckpointError, CheckpointNotFoundError, CheckpointWriteError
+from ..format import manifest as mf
+from .fs import OPS, _is_real_dir, _is_real_file
+
+log = logging.getLogger("lightning_ckpt")
+
+PACK_RE = mf.PACK_RE
+pack_name = mf.pack_name
+
+_LOCKS: dict[str, threading.RLock] = {}
+_PINS: dict[str, Counter] = {}
+_GUARD = threading.Lock()
+
+
+def referenced_packs(manifests: Iterable[dict]) -> set[str]:
+    """Every pack the given manifests reference."""
+    out: set[str] = set()
+    for m in manifests:
+        out.update((m.get("packs") or {}).keys())
+    return out
+
+
+class BlobStore:
+    """The ``.blobs`` folder of the checkpoint folder ``root``."""
+
+    def __init__(self, root: str, *, fsync: bool = True) -> None:
+        self.root = os.path.abspath(root)
+        self.path = os.path.join(self.root, mf.BLOBS)
+        self.fsync = fsync
+        key = os.path.realpath(self.root)
+        with _GUARD:
+            self.lock = _LOCKS.setdefault(key, threading.RLock())  # one per folder in this process: commit vs collect
+            self._pins = _PINS.setdefault(key, Counter())
+
+    def pack(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+    def _check_dir(self) -> None:
+        if os.path.lexists(self.path) and not _is_real_dir(self.path):
+            raise CheckpointError(f"{self.path} is not a folder (a link or a file): it must be the folder's content "
+                                  "store. Move it away; nothing is written or deleted through it.")
+
+    # ---------------------------------------------------------------- writing (inside a commit, under self.lock)
+    def adopt(self, src_folder: str, names: Iterable[str]) -> None:
+        """Move packs written in a partial folder into the store (durably) before the manifest is written."""
+        names = list(names)
+        if not names:
+            return
+        self._check_dir()
+        os.makedirs(self.path, exist_ok=True)
+        for n in names:
+            OPS.rename(os.path.join(src_folder, n), self.pack(n))
+        if self.fsync:
+            OPS.fsync_dir(self.path)
+            OPS.fsync_dir(self.root)
+
+    def check_present(self, packs: dict[str, dict]) -> None:
+        """Every pack a manifest about to be committed references is in the store with its size (never commit a
+        dangling reference)."""
+        for n, entry in packs.items():
+            p = self.pack(n)
+            try:
+                st = os.lstat(p)
+            except FileNotFoundError:
+                raise CheckpointWriteError(
+                    f"{p} is missing: a pack this checkpoint shares with earlier ones was deleted by hand or by another "
+                    "process. Nothing was committed; the next save writes the tensors again.") from None
+            if not _is_real_file(p) or st.st_size != int(entry["size"]):
+                raise CheckpointWriteError(f"{p} is not the pack the checkpoint expects (size {st.st_size}, expected "
+                                           f"{entry['size']}); nothing was committed")
+
+    # ---------------------------------------------------------------- pins (packs a pending save may reference)
+    def pin(self, names: Iterable[str]) -> None:
+        with _GUARD:
+            self._pins.update(names)
+
+    def unpin(self, names: Iterable[str]) -> None:
+        with _GUARD:
+            self._pins.subtract(names)
+            for n in [n for n, c in self._pins.items() if c <= 0]:
+                del self._pins[n]
+
+    def pinned(self) -> set[str]:
+        with _GUARD:
+            return set(self._pins)
+
+    # ---------------------------------------------------------------- garbage collection
+    def names(self) -> list[str]:
+        if not _is_real_dir(self.path):
+            return []
+        return sorted(e for e in os.listdir(self.path) if PACK_RE.match(e))
+
+    def collect(self, *, dry_run: bool = False) -> tuple[list[str], int]:
+        """Remove every pack no committed manifest of the folder references and no pending save may reference.
+        Returns (removed pack names, bytes freed). Call it with the folder's lock held."""
+        from .local import LocalStore
+
+        if not os.path.lexists(self.path):
+            return [], 0
+        self._check_dir()
+        store = LocalStore(self.root)
+        with self.lock:
+            present = self.names()
+            if not present:
+                return [], 0
+            marked: set[str] = set()
+            for name in store.names():
+                try:
+                    m, _ = store.read_manifest(name)
+                except CheckpointNotFoundError:
+                    continue  # deleted since the listing: its references are gone with it
+                except CheckpointError as e:
+                    log.warning("lightning_ckpt: not collecting unreferenced packs in %s: the manifest of %s cannot be "
+                                "read (%s), and it may reference any of them", self.path, name, e)
+                    return [], 0
+                marked.update((m.get("packs") or {}).keys())
+            marked |= self.pinned()
+            doomed = [n for n in present if n not in marked]
+            freed = 0
+            for n in doomed:
+                p = self.pack(n)
+                try:
+                    freed += os.lstat(p).st_size
+                except OSError:
+                    continue
+                if not dry_run:
+                    OPS.unlink(p)
+            if doomed and not dry_run:
+                if self.fsync:
+                    OPS.fsync_dir(self.path)
+                log.info("lightning_ckpt: removed %d unreferenced pack(s) from %s (%.1f MB)", len(doomed), self.path,
+                         freed / 1e6)
+            return doomed, freed

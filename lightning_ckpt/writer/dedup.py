@@ -1,0 +1,261 @@
+"""Deduplicated saves: which tensors of a save are already in the folder's content store, and which go into it.
+
+A save's tensors fall into three sets (decided by the folder's leader, who commits):
+
+* **reused**: bytes already in a pack of ``.blobs`` that a committed checkpoint references. The manifest points at
+  them; nothing is snapshotted or written. A tensor is reused when it is the same tensor as at the previous save of
+  this writer and unchanged since (same storage, offset, shape, strides, dtype, device and autograd version
+  counter; three 4 KiB windows of it, one at a random place, compared with the stored bytes as a spot check), or, at
+  its first save in this process, when its XXH3-128 together with its dtype and shape matches a tensor in a pack of
+  the folder (a resumed run, or a run branched from a checkpoint of this folder).
+* **packed**: written this save into the save's pack (``pack-<save id>-rank<r>.safetensors``), which enters
+  ``.blobs`` at the commit: tensors that are expected to stay as they are (frozen parameters and buffers, named by
+  the caller as ``stable``) seen for the first time, and tensors found unchanged since the previous save.
+* everything else is written into the checkpoint's own files as before, hashed while it is written.
+
+Only plain tensors of the model and optimizer state take part (never sharded tensors, never one rank's own state).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import torch
+
+from ..format.checksum import content_hash
+from ..format.tensorfile import byte_view, dtype_name
+from ..store.blobs import BlobStore
+from ..store.fs import open_member
+from ..store.local import LocalStore
+from ..errors import CheckpointError
+from .snapshot import _as_dtensor, _is_sharded_tensor
+
+log = logging.getLogger("lightning_ckpt")
+
+WINDOW = 4096  # bytes of each spot-check window
+
+
+def signature(t: torch.Tensor) -> tuple | None:
+    """What identifies an unchanged tensor between two saves, or None when it cannot be tracked (an inference tensor
+    has no version counter; a tensor subclass may hide its storage)."""
+    if type(t) not in (torch.Tensor, torch.nn.Parameter) or t.layout != torch.strided:
+        return None
+    try:
+        version = t._version
+        ptr = t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return None
+    return (str(t.device), t.dtype, tuple(t.shape), tuple(t.stride()), t.storage_offset(), ptr, version)
+
+
+def eligible(key: str, t: Any, is_shared: Any) -> bool:
+    return (isinstance(t, torch.Tensor) and is_shared(key) and _as_dtensor(t) is None and not _is_sharded_tensor(t)
+            and t.layout == torch.strided)
+
+
+@dataclass
+class Ref:
+    """Where a tensor's bytes are in the content store."""
+
+    pack: str
+    name: str  # the tensor's name inside the pack
+    entry: dict  # the pack's record (as manifests carry it)
+    xxh128: str | None = None
+
+    def chunk(self, shape: list[int]) -> dict:
+        return {"pack": self.pack, "name": self.name, "offsets": [0] * len(shape), "sizes": list(shape)}
+
+
+@dataclass
+class _Known:
+    tensor: torch.Tensor  # a reference to the live tensor: its storage cannot be reused by another while held
+    sig: tuple
+    ref: Ref | None  # None: it was written into the checkpoint's own files
+
+
+@dataclass
+class Plan:
+    """The training thread's part of one save's decision (cheap: signatures, spot checks)."""
+
+    reuse: dict[str, Ref] = field(default_factory=dict)  # unchanged since the previous save, already in a pack
+    candidates: set[str] = field(default_factory=set)  # for the pack, unless found in the store by hash
+    seen: dict[str, tuple[torch.Tensor, tuple]] = field(default_factory=dict)  # key -> (tensor, signature)
+
+
+@dataclass
+class Decision:
+    """What every rank does in one save: drop ``reuse`` (the leader adds their references), write ``to_pack`` into
+    the save's pack."""
+
+    reuse: dict[str, Ref] = field(default_factory=dict)
+    to_pack: set[str] = field(default_factory=set)
+
+    def for_others(self) -> tuple[list[str], list[str]]:
+        return sorted(self.reuse), sorted(self.to_pack)
+
+
+class Deduper:
+    """One writer's memory of what is in its folder's content store."""
+
+    def __init__(self, dirpath: str, *, fsync: bool, is_shared: Any) -> None:
+        self.blobs = BlobStore(dirpath, fsync=fsync)
+        self.is_shared = is_shared
+        self.known: dict[str, _Known] = {}
+        self.index: dict[tuple, Ref] | None = None  # (xxh128, dtype, shape) -> Ref, built from the folder's manifests
+        self._pinned: list[str] = []
+        self._rng = random.Random(0x1C)
+
+    # ---------------------------------------------------------------- the training thread
+    def plan(self, tensors: dict[str, Any], stable: Iterable[str], *, leader: bool = True) -> Plan:
+        """``leader``: the rank that commits decides; the others only note what they saw."""
+        stable = set(stable)
+        p = Plan()
+        for k, t in tensors.items():
+            if not eligible(k, t, self.is_shared):
+                continue
+            sig = signature(t)
+            if sig is None:
+                continue
+            p.seen[k] = (t, sig)
+            if not leader:
+                continue
+            kn = self.known.get(k)
+            if kn is not None and kn.sig == sig:
+                if kn.ref is not None and self._spot_check(t, kn.ref):
+                    p.reuse[k] = kn.ref
+                else:
+                    p.candidates.add(k)  # unchanged since the previous save: into the pack this time
+            elif kn is None and k in stable:
+                p.candidates.add(k)
+        return p
+
+    def _spot_check(self, t: torch.Tensor, ref: Ref) -> bool:
+        """Three windows of the live tensor equal the stored bytes (catches a change made through ``.data``, which
+        the version counter does not see)."""
+        rec = (ref.entry.get("tensors") or {}).get(ref.name)
+        if rec is None or not t.is_contiguous():
+            return False
+        n = t.numel() * t.element_size()
+        if rec["end"] - rec["begin"] != n:
+            return False
+        if n == 0:
+            return True
+        w = min(WINDOW, n)
+        starts = {0, n - w, self._rng.randrange(0, n - w + 1)}
+        flat = t.detach().reshape(-1).view(torch.uint8)
+        try:
+            fd = open_member(self.blobs.path, ref.pack, int(ref.entry["size"]))
+        except (OSError, CheckpointError):
+            return False
+        try:
+            for a in sorted(starts):
+                stored = os.pread(fd, w, int(rec["begin"]) + a)
+                live = flat[a:a + w]
+                if live.device.type != "cpu":
+                    live = live.cpu()
+                if stored != bytes(byte_view(live)):
+                    return False
+        finally:
+            os.close(fd)
+        return True
+
+    # ---------------------------------------------------------------- the background thread, on the leader
+    def decide(self, plan: Plan, tensors: dict[str, Any]) -> Decision:
+        """Resolve the candidates: reuse those whose bytes a pack of the folder already holds, pack the rest."""
+        d = Decision(reuse=dict(plan.reuse))
+        for k in sorted(plan.candidates):
+            t = tensors.get(k)
+            if t is None:
+                continue
+            ref = self._lookup(t)
+            if ref is not None:
+                d.reuse[k] = ref
+            else:
+                d.to_pack.add(k)
+        return d
+
+    def _lookup(self, t: torch.Tensor) -> Ref | None:
+        if self.index is None:
+            self.index = self._build_index()
+        if not self.index:
+            return None
+        t = t.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        key = (content_hash(byte_view(t.contiguous())), dtype_name(t.dtype), tuple(int(s) for s in t.shape))
+        return self.index.get(key)
+
+    def _build_index(self) -> dict[tuple, Ref]:
+        index: dict[tuple, Ref] = {}
+        store = LocalStore(self.blobs.root)
+        present = set(self.blobs.names())
+        for name in store.names():
+            try:
+                m, _ = store.read_manifest(name)
+            except CheckpointError:
+                continue
+            self._index_packs(index, m.get("packs") or {}, present)
+        return index
+
+    @staticmethod
+    def _index_packs(index: dict, packs: dict, present: set[str] | None = None) -> None:
+        for pname, entry in packs.items():
+            if present is not None and pname not in present:
+                continue
+            for tname, rec in (entry.get("tensors") or {}).items():
+                h = rec.get("xxh128")
+                if h:
+                    index.setdefault((h, rec["dtype"], tuple(rec["shape"])), Ref(pname, tname, entry, h))
+
+    # ---------------------------------------------------------------- after the commit
+    def committed(self, plan: Plan, m: dict) -> None:
+        """The leader learns where each tensor of the committed manifest ``m`` lives, for the next save."""
+        packs = m.get("packs") or {}
+        known: dict[str, _Known] = {}
+        for k, (t, sig) in plan.seen.items():
+            entry = (m.get("tensors") or {}).get(k)
+            if not entry or len(entry["chunks"]) != 1:
+                continue
+            c = entry["chunks"][0]
+            ref = None
+            if "pack" in c and c["pack"] in packs:
+                rec = packs[c["pack"]]["tensors"][c["name"]]
+                ref = Ref(c["pack"], c["name"], packs[c["pack"]], rec.get("xxh128"))
+            known[k] = _Known(t, sig, ref)
+        self.known = known
+        if self.index is not None:
+            self._index_packs(self.index, packs)
+        pins = sorted({kn.ref.pack for kn in known.values() if kn.ref is not None})
+        self.blobs.pin(pins)
+        self.blobs.unpin(self._pinned)
+        self._pinned = pins
+
+    def follower_saw(self, plan: Plan, decision_keys: tuple[list[str], list[str]]) -> None:
+        """A rank that does not commit remembers which of its tensors went into the store, so that it skips
+        snapshotting them next time while they stay unchanged (the leader then reuses them)."""
+        reused, packed = decision_keys
+        stored = set(reused) | set(packed)
+        fake = Ref("", "", {})
+        self.known = {k: _Known(t, sig, fake) for k, (t, sig) in plan.seen.items() if k in stored}
+
+    def follower_plan(self, tensors: dict[str, Any]) -> set[str]:
+        """Keys a rank that does not commit may leave out of its snapshot."""
+        out = set()
+        for k, t in tensors.items():
+            kn = self.known.get(k)
+            if kn is not None and eligible(k, t, self.is_shared) and signature(t) == kn.sig:
+                out.add(k)
+        return out
+
+    def forget(self) -> None:
+        """A save failed: trust nothing remembered (the next save hashes and looks up again)."""
+        self.known = {}
+        self.index = None
+
+    def close(self) -> None:
+        self.blobs.unpin(self._pinned)
+        self._pinned = []
+        self.known = {}

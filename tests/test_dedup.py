@@ -1,0 +1,306 @@
+"""Deduplicated checkpoints: frozen and unchanged tensors are written once into the folder's content store
+(``.blobs/``) and referenced afterwards; every reader works on them; garbage collection removes only what no
+committed checkpoint references; ``dedup=False`` keeps folders self-contained."""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+
+import pytest
+import torch
+
+from lightning_ckpt import (
+    CheckpointWriter,
+    PeriodicCheckpoint,
+    RetentionPolicy,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    verify_checkpoint,
+)
+from lightning_ckpt.errors import CheckpointCorruptError
+from lightning_ckpt.format import manifest as mf
+from lightning_ckpt.store.blobs import BlobStore
+from lightning_ckpt.tools.diff import diff_checkpoints
+from lightning_ckpt.tools.lineage import lineage
+from lightning_ckpt.tools.prune import prune, remove_checkpoint
+from lightning_ckpt.tools.standalone import export_standalone
+
+STABLE = ["state_dict/frozen.weight", "state_dict/frozen.bias", "state_dict/stats"]
+
+
+class FineTune(torch.nn.Module):
+    """A frozen 'backbone', a buffer and a trainable head."""
+
+    def __init__(self, width: int = 64) -> None:
+        super().__init__()
+        self.frozen = torch.nn.Linear(width, width)
+        self.frozen.requires_grad_(False)
+        self.head = torch.nn.Linear(width, 2)
+        self.register_buffer("stats", torch.arange(width, dtype=torch.float32))
+
+    def forward(self, x):
+        return self.head(torch.relu(self.frozen(x)))
+
+
+def train_step(model, opt) -> None:
+    model(torch.randn(4, model.frozen.in_features)).sum().backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def state(model, opt) -> dict:
+    return {"state_dict": model.state_dict(), "optimizer_states": [opt.state_dict()], "global_step": 0}
+
+
+def packs_in(d) -> list[str]:
+    return BlobStore(str(d)).names()
+
+
+def frozen_bytes(model) -> int:
+    return sum(t.numel() * t.element_size() for t in (model.frozen.weight, model.frozen.bias, model.stats))
+
+
+def test_frozen_tensors_are_written_once_and_every_checkpoint_loads(tmp_path):
+    torch.manual_seed(0)
+    model = FineTune(128)
+    opt = torch.optim.Adam(model.head.parameters())
+    w = CheckpointWriter(tmp_path, async_save=True)
+    sizes, expected = [], []
+    for step in range(4):
+        train_step(model, opt)
+        sizes.append(w.save(state(model, opt), step=step, stable=STABLE).result().bytes)
+        expected.append({k: v.clone() for k, v in model.state_dict().items()})
+    w.close()
+    ckpts = list_checkpoints(tmp_path)
+    assert len(packs_in(tmp_path)) == 1
+    # the first save wrote the frozen part; the later ones only what changed (the head and Adam's state)
+    assert sizes[0] > frozen_bytes(model)
+    assert all(s < sizes[0] - frozen_bytes(model) * 0.9 for s in sizes[1:]), sizes
+    for c, exp in zip(ckpts, expected):
+        assert c.manifest["format_version"] == 2
+        assert set(c.manifest["packs"]) == set(packs_in(tmp_path))
+        verify_checkpoint(c.path)
+        got = load_checkpoint(c.path)["state_dict"]
+        assert set(got) == set(exp)
+        for k in exp:
+            assert torch.equal(got[k], exp[k]), (c.name, k)
+
+
+def test_dedup_false_keeps_every_folder_self_contained(tmp_path):
+    model = FineTune()
+    opt = torch.optim.Adam(model.head.parameters())
+    w = CheckpointWriter(tmp_path, async_save=False, dedup=False)
+    for step in range(2):
+        train_step(model, opt)
+        w.save(state(model, opt), step=step, stable=STABLE)
+    w.close()
+    assert not os.path.exists(tmp_path / mf.BLOBS)
+    for c in list_checkpoints(tmp_path):
+        assert c.manifest["format_version"] == mf.PLAIN_VERSION and "packs" not in c.manifest
+
+
+def test_unchanged_trainable_tensors_move_into_the_store_on_their_second_save(tmp_path):
+    """No hint needed: a tensor found unchanged since the previous save is packed, then referenced."""
+    model = FineTune()
+    opt = torch.optim.Adam(model.head.parameters())
+    train_step(model, opt)
+    w = CheckpointWriter(tmp_path, async_save=False)
+    for step in range(3):
+        w.save(state(model, opt), step=step)  # no stable= and no training in between
+    w.close()
+    a, b, c = list_checkpoints(tmp_path)
+    assert "packs" not in a.manifest
+    assert b.manifest.get("packs") and c.manifest["packs"] == b.manifest["packs"]
+    assert c.size_bytes < a.size_bytes / 4
+
+
+def test_a_change_through_data_that_skips_the_version_counter_is_still_saved(tmp_path):
+    model = FineTune()
+    opt = torch.optim.Adam(model.head.parameters())
+    w = CheckpointWriter(tmp_path, async_save=True)
+    w.save(state(model, opt), step=0, stable=STABLE).result()
+    w.save(state(model, opt), step=1, stable=STABLE).result()
+    v = model.frozen.weight._version
+    model.frozen.weight.data.mul_(0.5).add_(1.0)  # .data: the parameter's version counter does not move
+    assert model.frozen.weight._version == v
+    w.save(state(model, opt), step=2, stable=STABLE).result()
+    w.close()
+    got = load_checkpoint(list_checkpoints(tmp_path)[-1].path)["state_dict"]
+    assert torch.equal(got["frozen.weight"], model.frozen.weight)
+
+
+def test_a_new_process_finds_the_stored_tensors_by_content_hash(tmp_path):
+    model = FineTune()
+    opt = torch.optim.Adam(model.head.parameters())
+    w = CheckpointWriter(tmp_path, async_save=False)
+    w.save(state(model, opt), step=0, stable=STABLE)
+    w.close()
+    w2 = CheckpointWriter(tmp_path, async_save=False)  # a resumed or branched run: nothing in memory
+    res = w2.save(state(model, opt), step=1, stable=STABLE).result()
+    w2.close()
+    assert len(packs_in(tmp_path)) == 1
+    assert res.bytes < frozen_bytes(model)
+    second = list_checkpoints(tmp_path)[-1]
+    assert {c["pack"] for k in STABLE for c in second.manifest["tensors"][k]["chunks"]} == set(packs_in(tmp_path))
+
+
+def test_retention_and_prune_remove_only_unreferenced_packs(tmp_path):
+    model = FineTune()
+    opt = torch.optim.Adam(model.head.parameters())
+    w = CheckpointWriter(tmp_path, async_save=False)
+    w.save(state(model, opt), step=0, stable=STABLE)
+    w.save(state(model, opt), step=1, stable=STABLE)
+    with torch.no_grad():
+        model.frozen.weight.add_(1.0)  # the "backbone" changes once (say, unfrozen for a while)
+    w.save(state(model, opt), step=2, stable=STABLE)
+    w.close()
+    first_pack = set(list_checkpoints(tmp_path)[0].manifest["packs"])
+    from lightning_ckpt.policy.retention import RetentionRules
+
+    dry = prune(str(tmp_path), RetentionRules(keep_last=2), dry_run=True)
+    assert [os.path.basename(d["path"]) for d in dry.deleted] == ["step=000000"]
+    assert dry.packs == []  # step 1 still references the first pack
+    prune(str(tmp_path), RetentionRules(keep_last=2))
+    assert first_pack <= set(packs_in(tmp_path))
+    report = prune(str(tmp_path), RetentionRules(keep_last=1))
+    assert {os.path.basename(p["path"]) for p in report.packs} == {
+        p for p in first_pack if p not in (list_checkpoints(tmp_path)[-1].manifest.get("packs") or {})}
+    survivors = list_checkpoints(tmp_path)
+    assert [c.name for c in survivors] == ["step=000002"]
+    verify_checkpoint(survivors[0].path)
+    assert set(packs_in(tmp_path)) == set(survivors[0].manifest.get("packs") or {})
+
+
+def test_collection_stops_when_a_manifest_cannot_be_read(tmp_path):
+    model = FineTune()
+    opt = torch.optim.Adam(model.head.parameters())
+    w = CheckpointWriter(tmp_path, async_save=False)
+    w.save(state(model, opt), step=0, stable=STABLE)
+    w.save(state(model, opt), step=1, stable=STABLE)
+    w.close()
+    a, b = list_checkpoints(tmp_path)
+    with open(os.path.join(b.path, mf.MANIFEST), "r+b") as f:  # b references the pack; a is removed
+        f.seek(10)
+        f.write(b"#")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        remove_checkpoint(a.path)
+    assert packs_in(tmp_path), "a pack was removed although an unreadable manifest may reference it"
+
+
+def test_a_missing_pack_fails_the_save_cleanly_and_the_next_save_writes_again(tmp_path):
+    model = FineTune()
+    opt = torch.optim.Adam(model.head.parameters())
+    w = CheckpointWriter(tmp_path, async_save=False)
+    w.save(state(model, opt), step=0, stable=STABLE)
+    for p in packs_in(tmp_path):  # deleted by hand behind the writer's back
+        os.unlink(os.path.join(tmp_path, mf.BLOBS, p))
+    from lightning_ckpt.errors import CheckpointError
+
+    with pytest.raises(CheckpointError):
+        w.save(state(model, opt), step=1, stable=STABLE)
+    res = w.save(state(model, opt), step=2, stable=STABLE).result()
+    w.close()
+    assert [c.name for c in list_checkpoints(tmp_path)] == ["step=000000", "step=000002"]
+    verify_checkpoint(res.path)
+    with pytest.raises(CheckpointCorruptError):
+        verify_checkpoint(list_checkpoints(tmp_path)[0].path)
+
+
+def test_standalone_export_needs_nothing_else(tmp_path):
+    model = FineTune()
+    opt = torch.optim.Adam(model.head.parameters())
+    w = CheckpointWriter(tmp_path / "run", async_save=False)
+    w.save(state(model, opt), step=0, stable=STABLE)
+    res = w.save(state(model, opt), step=1, stable=STABLE).result()
+    w.close()
+    out = export_standalone(res.path, tmp_path / "out")
+    import shutil
+
+    shutil.rmtree(tmp_path / "run")  # the source folder and its content store are gone
+    m = json.loads(open(os.path.join(out, mf.MANIFEST)).read())
+    assert m["format_version"] == mf.PLAIN_VERSION and "packs" not in m
+    verify_checkpoint(out)
+    got = load_checkpoint(out)["state_dict"]
+    for k, v in model.state_dict().items():
+        assert torch.equal(got[k], v)
+    with pytest.raises(FileExistsError):
+        export_standalone(out, tmp_path / "out")
+
+
+def test_diff_says_what_changed_from_the_manifests(tmp_path):
+    model = FineTune()
+    opt = torch.optim.Adam(model.head.parameters())
+    w = CheckpointWriter(tmp_path, async_save=False)
+    w.save(state(model, opt), step=0, stable=STABLE)
+    train_step(model, opt)
+    w.save(state(model, opt), step=1, stable=STABLE)
+    w.close()
+    a, b = list_checkpoints(tmp_path)
+    d = diff_checkpoints(a.path, b.path, prefix="state_dict/", values=False)
+    assert {t.key for t in d.changed} == {"state_dict/head.weight", "state_dict/head.bias"}
+    assert all(t.max_abs_diff is None for t in d.changed)
+
+
+# ------------------------------------------------------------------ Lightning
+def _fit(dirpath, max_steps, ckpt_path=None, keep_last=2, **kw):
+    import lightning.pytorch as pl
+
+    from lightning_ckpt.demo import DemoDataModule, DemoModel
+
+    torch.manual_seed(0)
+    model = DemoModel(hidden=96, layers=3, frozen_layers=2)
+    cbs = [PeriodicCheckpoint(dirpath, every_n_train_steps=2, **kw), RetentionPolicy(dirpath, keep_last=keep_last)]
+    t = pl.Trainer(max_steps=max_steps, callbacks=cbs, logger=False, enable_progress_bar=False,
+                   enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, accelerator="cpu",
+                   devices=1, default_root_dir=str(dirpath) + "-root")
+    t.fit(model, DemoDataModule(n_train=64, n_val=16, batch_size=16), ckpt_path=ckpt_path)
+    return model, cbs[0]
+
+
+def test_lightning_fine_tune_writes_the_frozen_layers_once_and_resumes(tmp_path):
+    d = tmp_path / "ckpts"
+    model, cb = _fit(d, 8)
+    ckpts = list_checkpoints(d)
+    assert [c.name for c in ckpts] == ["step=000006", "step=000008"]
+    pack_names = set(packs_in(d))
+    assert len(pack_names) == 1 and all(set(c.manifest["packs"]) == pack_names for c in ckpts)
+    frozen = {k for k, v in ckpts[-1].manifest["tensors"].items() if "pack" in v["chunks"][0]}
+    assert {"state_dict/net.0.weight", "state_dict/net.3.weight"} <= frozen
+    assert not any(k.startswith("optimizer_states") for k in frozen)
+    # fit(ckpt_path=...) on a deduplicated checkpoint, and the run goes on sharing the same pack
+    model2, _ = _fit(d, 12, ckpt_path=latest_checkpoint(d), allow_existing=True)
+    got = load_checkpoint(latest_checkpoint(d))["state_dict"]
+    for k, v in model2.state_dict().items():
+        assert torch.equal(got[k], v), k
+    assert set(packs_in(d)) == pack_names
+
+
+def test_lineage_counts_shared_bytes_once(tmp_path):
+    d = tmp_path / "ckpts"
+    _fit(d, 6)
+    roots = lineage(str(d))
+    assert len(roots) == 1
+    nodes = roots[0].checkpoints
+    assert nodes[0].own_bytes > nodes[1].own_bytes  # the first one brought the pack
+    assert abs(nodes[1].total_bytes - nodes[0].total_bytes) < 0.01 * nodes[0].total_bytes  # the same content
+
+
+def test_lineage_continues_a_run_on_resume_and_branches_from_an_older_checkpoint(tmp_path):
+    d = tmp_path / "ckpts"
+    _fit(d, 4, keep_last=10)
+    first = list_checkpoints(d)
+    _fit(d, 6, ckpt_path=first[-1].path, keep_last=10, allow_existing=True)  # from the newest: the same run
+    _fit(d, 8, ckpt_path=first[0].path, keep_last=10, allow_existing=True)  # rewind to an older one: a new run
+    roots = lineage(str(d))
+    assert len(roots) == 1
+    root = roots[0]
+    assert root.parent is None
+    assert [n.step for n in root.checkpoints] == sorted(n.step for n in root.checkpoints)
+    assert len(root.children) == 1
+    child = root.children[0]
+    assert child.branch and child.parent == first[0].name
+    runs = {c.manifest["lineage"]["run"] for c in list_checkpoints(d)}
+    assert runs == {root.run, child.run}
