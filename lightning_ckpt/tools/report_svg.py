@@ -156,7 +156,7 @@ def bar_chart(plot_id: str, title: str, steps: Sequence[int], series: Sequence[t
                        f'{esc(name)} {esc(fmt(v))}</title></rect>')
     if k > 1:
         for j, (name, _) in enumerate(series):
-            x = W - RIGHT - 250 + j * 135
+            x = W - RIGHT - 300 + j * 160
             out.append(f'<rect x="{x}" y="10" width="10" height="10" fill="{COLORS[j % len(COLORS)]}"/>'
                        f'<text x="{x + 14}" y="19" font-size="11" fill="#333">{esc(name, 40)}</text>')
     out.append(_xlabel("step", esc))
