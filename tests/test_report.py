@@ -196,16 +196,19 @@ def test_odd_values_and_an_empty_folder(tmp_path):
     with open(os.path.join(d, "metrics.jsonl"), "a") as f:  # a history by hand: a pruned one, and junk
         f.write(json.dumps({"step": 0, "name": "step=000000", "tags": ["<i>x</i>"], "time": 1.0,
                             "metrics": {"loss": "nan", "<svg onload=alert(3)>": 2}}) + "\n")
+        f.write(json.dumps({"step": 5, "name": "step=000005", "tags": [], "time": 1e400, "metrics": {"loss": 10**400}})
+                + "\n")  # an integer beyond the float range, an infinite time
         f.write("not json\n" + json.dumps({"step": "x", "name": 3}) + "\n" + "[1, 2]\n")
+        f.write(json.dumps({"step": 10**30, "name": "big", "metrics": {}}) + "\n")
     out = write_report(d, monitor="loss", mode="min")
     page = parse(out)
     assert page.rows == {"step=000000": {"pruned"}, "step=000001": {"kept", "best"}, "step=000002": {"kept", "best"},
-                         "step=000003": {"kept", "best", "star"}}
+                         "step=000003": {"kept", "best", "star"}, "step=000005": {"pruned"}}
     assert {"script", "img"}.isdisjoint(page.tags) and "<svg onload" not in open(out).read()
     assert not [k for k, _ in page.attrs if k.startswith("on") or k in ("src", "href")]
-    assert "3 malformed line(s)" in open(out).read()
+    assert "4 malformed line(s)" in open(out).read()
     assert sum(n for k, n in page.plots["metric:nan_metric"].items() if k.endswith(".nonfinite")) == 3
-    assert sum(n for k, n in page.plots["metric:loss"].items() if k.endswith(".nonfinite")) == 1  # "nan" in history
+    assert sum(n for k, n in page.plots["metric:loss"].items() if k.endswith(".nonfinite")) == 2  # "nan", 10**400
     # every coordinate is a finite number whatever the values (1e308, -1e308, NaN, inf)
     assert not any(not math.isfinite(float(v)) for k, v in page.attrs if k in ("x", "y", "cx", "cy", "width", "height"))
 

@@ -29,6 +29,7 @@ from .report_svg import bar_chart, line_chart
 HISTORY = "metrics.jsonl"
 MAX_HISTORY_BYTES = 64 << 20  # a longer history is read from its end
 MAX_METRIC_PLOTS = 24  # more metrics than this are listed in the table only
+MAX_STEP = 1 << 62  # a history line with a larger step is malformed
 _NONFINITE = {"nan": math.nan, "inf": math.inf, "+inf": math.inf, "-inf": -math.inf, "infinity": math.inf,
               "-infinity": -math.inf}
 
@@ -38,8 +39,13 @@ def number(v: Any) -> Optional[float]:
     None when it is not a number."""
     if isinstance(v, bool):
         return None
-    if isinstance(v, (int, float)):
-        return float(v)
+    if isinstance(v, int):
+        try:
+            return float(v)
+        except OverflowError:  # an integer beyond the float range
+            return math.inf if v > 0 else -math.inf
+    if isinstance(v, float):
+        return v
     if isinstance(v, str):
         return _NONFINITE.get(v.strip().lower())
     return None
@@ -121,7 +127,7 @@ def _read_history(store: Any) -> tuple[Optional[list[dict]], int]:
             bad += 1
             continue
         if (isinstance(d, dict) and isinstance(d.get("name"), str) and isinstance(d.get("step"), int)
-                and not isinstance(d.get("step"), bool)):
+                and not isinstance(d.get("step"), bool) and 0 <= d["step"] < MAX_STEP):
             lines.append(d)
         else:
             bad += 1
@@ -188,7 +194,8 @@ def collect_run(run_folder: Any, *, monitor: Optional[str] = None, mode: Optiona
             continue
         tags = [str(x) for x in d.get("tags")] if isinstance(d.get("tags"), list) else []
         metrics = d.get("metrics") if isinstance(d.get("metrics"), dict) else {}
-        when = d.get("time") if isinstance(d.get("time"), (int, float)) and not isinstance(d.get("time"), bool) else None
+        when = number(d.get("time")) if not isinstance(d.get("time"), str) else None
+        when = when if when is not None and math.isfinite(when) else None
         rows.append(Row(d["name"], d["step"], tags, dict(metrics), False, time_unix=when))
     rows.sort(key=lambda r: (r.step, r.time_unix or 0.0, r.name))
     rep = RunReport(store.uri, rows, history_found=history is not None, history_bad_lines=bad,

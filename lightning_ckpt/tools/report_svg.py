@@ -16,6 +16,7 @@ Esc = Callable[[object], str]
 
 def _pos(v: float, lo: float, hi: float, a: float, b: float) -> float:
     """``v`` in [lo, hi] mapped to [a, b], clamped; halves first so that no difference overflows."""
+    v = min(v, 1 << 62) if isinstance(v, int) else v  # a huge step: float(v) would overflow
     span = hi / 2 - lo / 2
     t = (v / 2 - lo / 2) / span if span > 0 else 0.5
     t = 0.0 if not math.isfinite(t) else min(1.0, max(0.0, t))
@@ -87,7 +88,7 @@ def line_chart(plot_id: str, title: str, points: Sequence[tuple[int, float, list
     out = _frame(plot_id, title, esc, ticks(ylo, yhi) if finite else [], ylo, yhi, lambda v: f"{v:.4g}")
     if not points:
         return _empty(out, esc, "no values recorded")
-    xs = [float(p[0]) for p in points]
+    xs = [float(min(p[0], 1 << 62)) for p in points]
     xlo, xhi = min(xs), max(xs)
     if xlo == xhi:
         xlo, xhi = xlo - 1, xhi + 1
