@@ -10,6 +10,7 @@
     lightning-ckpt push PATH s3://bucket/prefix       upload a checkpoint (objects first, manifest last)
     lightning-ckpt pull s3://bucket/prefix[/NAME] DIR download (the newest, or NAME), verify, commit locally
     lightning-ckpt convert PATH OUT.ckpt              one Lightning .ckpt (torch.load(weights_only=True) reads it)
+    lightning-ckpt report RUN [-o OUT.html]           one HTML page: metric plots, best/kept/pruned checkpoints
 
 Exit codes: 0 success, 1 a checkpoint failed verification, 2 bad usage or nothing found.
 
@@ -33,6 +34,7 @@ from .commands import (
     cmd_prune,
     cmd_pull,
     cmd_push,
+    cmd_report,
     cmd_show,
     cmd_verify,
 )
@@ -114,6 +116,16 @@ def build_parser() -> argparse.ArgumentParser:
     ln.add_argument("dir", help="a run folder or s3://bucket/prefix")
     ln.add_argument("--json", action="store_true")
     ln.set_defaults(func=cmd_lineage)
+    rp = sub.add_parser("report", help="write an HTML page about a run folder: metric plots, save stall and size per "
+                        "checkpoint, which checkpoints are best, kept and pruned")
+    rp.add_argument("dir", help="run folder (or s3://bucket/prefix)")
+    rp.add_argument("-o", "--out", help="HTML file to write (default: DIR/report.html; for s3://: "
+                    "./<prefix>-report.html)")
+    rp.add_argument("--monitor", help="metric the best checkpoints were chosen by (default: read from the callbacks' "
+                    "state in the newest best checkpoint)")
+    rp.add_argument("--mode", choices=["min", "max"], help="with --monitor (default: as recorded, else min)")
+    rp.add_argument("--json", action="store_true", help="print the path and counts as JSON")
+    rp.set_defaults(func=cmd_report)
     return p
 
 

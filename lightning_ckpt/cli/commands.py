@@ -370,3 +370,19 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     for line in format_tree(roots, _human_bytes):
         print(line)
     return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from ..store import is_remote
+    from ..tools.report import collect_run, default_output, render_report, save_html
+
+    if not is_remote(args.dir) and not os.path.isdir(args.dir):
+        print(f"lightning-ckpt: {args.dir} is not a folder", file=sys.stderr)
+        return 2
+    rep = collect_run(args.dir, monitor=args.monitor, mode=args.mode)
+    out = save_html(render_report(rep), args.out if args.out else default_output(args.dir))
+    if args.json:
+        _dump({"path": out, "kept": len(rep.kept), "pruned": len(rep.pruned), "monitor": rep.monitor})
+    else:
+        print(f"wrote {out} ({len(rep.kept)} kept, {len(rep.pruned)} pruned checkpoint(s))")
+    return 0

@@ -25,6 +25,7 @@ from typing import Any, Iterable
 
 import torch
 
+from ..compat import tensor_version
 from ..format.checksum import content_hash
 from ..format.tensorfile import byte_view, dtype_name
 from ..store.blobs import BlobStore
@@ -43,8 +44,10 @@ def signature(t: torch.Tensor) -> tuple | None:
     has no version counter; a tensor subclass may hide its storage)."""
     if type(t) not in (torch.Tensor, torch.nn.Parameter) or t.layout != torch.strided:
         return None
+    version = tensor_version(t)
+    if version is None:
+        return None
     try:
-        version = t._version
         ptr = t.untyped_storage().data_ptr()
     except (RuntimeError, NotImplementedError):
         return None
