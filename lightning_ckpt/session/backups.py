@@ -15,9 +15,11 @@ fails verification is reported and skipped (it is never uploaded, and it never h
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import queue
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -316,3 +318,11 @@ class Uploader:
             except Exception as e:  # noqa: BLE001 - try again at the next retention pass
                 log.warning("lightning_ckpt: could not delete %s/%s (%r)", self.uri, name, e)
         self._collect_packs()
+
+
+def staging_dir(uri: str) -> str:
+    """The local folder where saves into an ``s3://`` dirpath are written before their upload:
+    ``$LIGHTNING_CKPT_STAGING/<hash of the URI>``, default under the system temp folder. Every rank of a node derives
+    the same folder from the URI."""
+    root = os.environ.get("LIGHTNING_CKPT_STAGING") or os.path.join(tempfile.gettempdir(), "lightning_ckpt-staging")
+    return os.path.join(root, hashlib.sha1(uri.encode()).hexdigest()[:16])

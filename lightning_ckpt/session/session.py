@@ -14,26 +14,25 @@ rank 0 uploads.
 from __future__ import annotations
 
 import concurrent.futures as cf
-import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 import uuid
-from typing import Any, Iterable, Optional, Protocol
+from typing import Any, Iterable, Optional
 
 from ..errors import CheckpointError, CheckpointWriteError
 from ..policy.retention import RetentionRules
-from ..read import _scan, read_checkpoint_manifest
 from ..store.blobs import BlobStore
 from ..store import is_remote
+from ..tools.lineage import start_lineage
 from ..tools.prune import plan_deletions, record_failed_run, committed_records
 from ..writer import CheckpointWriter
 from ..writer.job import SaveResult
 from .backups import BackupLocation, Uploader
 from .options import FOLDER_OPTIONS, SaveOptions
-from .state import SaveRequest, group_requests, kind_of, shape_checkpoint
+from .backups import staging_dir  # noqa: F401 - re-exported: where saves into an s3:// dirpath are staged
+from .state import SaveContext, SaveRequest, group_requests, kind_of, shape_checkpoint  # noqa: F401
 
 log = logging.getLogger("lightning_ckpt")
 
@@ -53,31 +52,6 @@ class Participant:
     def at_end(self, session: "FolderSession", context: Any) -> None:
         """Runs on every rank when fit ends, after the last commit (``context``: what the caller passed to ``finish``,
         the Trainer for the callbacks)."""
-
-
-class SaveContext(Protocol):
-    """What a save needs from the training loop (the callbacks adapt Lightning's Trainer to it)."""
-
-    step: int
-    epoch: int
-
-    def metrics(self) -> dict: ...
-
-    def hparams(self) -> Optional[dict]: ...
-
-    def dump(self, weights_only: bool) -> dict: ...
-
-    def stable_keys(self) -> set[str]: ...
-
-    def any_rank(self, flag: bool) -> bool: ...
-
-
-def staging_dir(uri: str) -> str:
-    """The local folder where saves into an ``s3://`` dirpath are written before their upload:
-    ``$LIGHTNING_CKPT_STAGING/<hash of the URI>``, default under the system temp folder. Every rank of a node derives
-    the same folder from the URI."""
-    root = os.environ.get("LIGHTNING_CKPT_STAGING") or os.path.join(tempfile.gettempdir(), "lightning_ckpt-staging")
-    return os.path.join(root, hashlib.sha1(uri.encode()).hexdigest()[:16])
 
 
 class FolderSession:
@@ -274,33 +248,10 @@ class FolderSession:
         self.last_save_time = time.monotonic()
 
     def lineage(self) -> dict:
-        """The run this session's checkpoints belong to and where it came from (``lineage`` in each manifest, read
-        by ``lightning-ckpt lineage``). Resuming from the newest checkpoint of a run in this folder continues that
-        run; anything else (a fresh start, ``resume_from=``, a checkpoint of another folder, rewinding to an older
-        checkpoint) starts a new run whose parent is that checkpoint."""
-        if self._lineage is not None:
-            return self._lineage
-        from ..tools.lineage import lineage_of
-
-        parent, run, name = self.resumed_from, None, None
-        ref = parent
-        if parent:
-            folder = os.path.dirname(os.path.normpath(str(parent)))
-            same = not self.remote and os.path.realpath(folder) == os.path.realpath(self.dirpath)
-            try:
-                pm = read_checkpoint_manifest(parent)
-            except (CheckpointError, OSError, ValueError):
-                pm = None
-            if same:
-                ref = os.path.basename(os.path.normpath(str(parent)))
-            if same and pm is not None and not self.branched:
-                plin = lineage_of(pm)
-                newest = max((c.step for c in _scan(self.dirpath)[0]
-                              if lineage_of(c.manifest)["run"] == plin["run"]), default=-1)
-                if int(pm["step"]) >= newest:  # a continuation after a crash or a stop
-                    run, name = plin["run"], plin.get("run_name")
-        self._lineage = {"run": run or uuid.uuid4().hex[:12], "run_name": name, "parent": ref,
-                         "branch": bool(parent) and run is None}
+        """The run this session's checkpoints belong to and where it came from (see ``tools/lineage.start_lineage``)."""
+        if self._lineage is None:
+            self._lineage = start_lineage(self.resumed_from, self.dirpath, remote=bool(self.remote),
+                                          branched=self.branched)
         return self._lineage
 
     def guard(self, fn: Any, *args: Any, **kwargs: Any) -> Any:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional, Protocol
 
 import torch
 
@@ -93,3 +93,20 @@ def filter_state(checkpoint: dict, include: tuple, exclude: tuple) -> dict:
         return x
 
     return walk(checkpoint, "")
+
+
+class SaveContext(Protocol):
+    """What a save needs from the training loop (the callbacks adapt Lightning's Trainer to it)."""
+
+    step: int
+    epoch: int
+
+    def metrics(self) -> dict: ...
+
+    def hparams(self) -> Optional[dict]: ...
+
+    def dump(self, weights_only: bool) -> dict: ...
+
+    def stable_keys(self) -> set[str]: ...
+
+    def any_rank(self, flag: bool) -> bool: ...

@@ -8,10 +8,12 @@ plus the packs of the content store its save wrote; what it shares with earlier 
 from __future__ import annotations
 
 import os
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from ..read import list_checkpoints
+from ..errors import CheckpointError
+from ..read import _scan, list_checkpoints, read_checkpoint_manifest
 
 
 @dataclass
@@ -43,6 +45,30 @@ def lineage_of(m: dict) -> dict:
     return {"run": str(m.get("run_id") or "unknown"), "run_name": None,
             "parent": os.path.basename(os.path.normpath(parent)) if isinstance(parent, str) and parent else None,
             "branch": False}
+
+
+def start_lineage(parent: Optional[str], dirpath: str, *, remote: bool = False, branched: bool = False) -> dict:
+    """The lineage record of a run that starts from checkpoint ``parent`` (None: fresh) and saves into ``dirpath``.
+    Resuming from the newest checkpoint of a run in this folder continues that run; anything else (a fresh start,
+    ``resume_from=``/``branched``, a checkpoint of another folder, rewinding to an older checkpoint) starts a new run
+    whose parent is that checkpoint (its name when it is in this folder, else its path)."""
+    run, name, ref = None, None, parent
+    if parent:
+        folder = os.path.dirname(os.path.normpath(str(parent)))
+        same = not remote and os.path.realpath(folder) == os.path.realpath(dirpath)
+        try:
+            pm = read_checkpoint_manifest(parent)
+        except (CheckpointError, OSError, ValueError):
+            pm = None
+        if same:
+            ref = os.path.basename(os.path.normpath(str(parent)))
+        if same and pm is not None and not branched:
+            plin = lineage_of(pm)
+            newest = max((c.step for c in _scan(dirpath)[0] if lineage_of(c.manifest)["run"] == plin["run"]),
+                         default=-1)
+            if int(pm["step"]) >= newest:  # a continuation after a crash or a stop
+                run, name = plin["run"], plin.get("run_name")
+    return {"run": run or uuid.uuid4().hex[:12], "run_name": name, "parent": ref, "branch": bool(parent) and run is None}
 
 
 def lineage(dirpath: Any) -> list[Run]:

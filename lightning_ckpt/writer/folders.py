@@ -1,7 +1,9 @@
 """Which ranks share a checkpoint folder (a shared filesystem, or a node-local disk per node), found with probe files."""
 from __future__ import annotations
 
+import logging
 import os
+from datetime import timedelta
 from typing import Any
 
 import torch.distributed as dist
@@ -10,6 +12,8 @@ from ..errors import CheckpointWriteError
 from ..store.base import PROBE_PREFIX, SEP
 from ..store.fs import OPS
 from ..store.local import LocalStore
+
+log = logging.getLogger("lightning_ckpt")
 
 
 def folder_groups(store: LocalStore, rank: int, world_size: int, pg: Any, writer_id: str) -> list[tuple[int, ...]]:
@@ -40,3 +44,22 @@ def folder_groups(store: LocalStore, rank: int, world_size: int, pg: Any, writer
                 leader_of[r] = leader
     dist.barrier(group=pg)  # no probe is left for the leftover cleanup that follows to report
     return sorted({tuple(r for r in range(world_size) if leader_of[r] == ld) for ld in leader_of.values()})
+
+
+def split_by_folder(w: Any) -> None:
+    """Collective (every rank of the writer ``w``): when its ranks see different folders, make each folder a whole
+    checkpoint of its own (see ``CheckpointWriter.detect_folders``): one gloo group per folder, the writer marked
+    node-local, deduplication off (every folder holds a whole copy anyway)."""
+    groups = folder_groups(w.store, w.rank, w.world_size, w.pg, w.writer_id)
+    if len(groups) == 1:
+        return
+    w.node_local = True
+    if w.dedup is not None:
+        w.dedup.close()
+        w.dedup = None
+    for g in groups:  # every rank creates every group, in the same order
+        pg = dist.new_group(ranks=list(g), backend="gloo", timeout=timedelta(seconds=w.timeout_s))
+        if w.rank in g:
+            w.folder_ranks, w.folder_pg = g, pg
+    log.info("lightning_ckpt: %s is local to ranks %s (%d folders); each folder is committed as a whole checkpoint",
+             w.dirpath, list(w.folder_ranks), len(groups))

@@ -88,3 +88,26 @@ def json_safe(x: Any) -> Any:
         except Exception:  # noqa: BLE001
             pass
     return str(x)
+
+
+def manifest_header(*, step, epoch, tags, metrics, hparams, meta, kind, save_id, world_size, mode) -> dict:
+    """Everything a manifest records about a save before its files are written (the commit adds the rest)."""
+    from ..format import manifest as mf
+
+    h = {
+        "save_id": save_id,
+        "format": mf.FORMAT_NAME,
+        "format_version": mf.PLAIN_VERSION,  # the newest version once it references packs (job.py)
+        "step": int(step),
+        "epoch": None if epoch is None else int(epoch),
+        "kind": kind,
+        "world_size": world_size,
+        "mode": mode,
+        "tags": sorted(set(tags)),
+        "metrics": json_safe(metrics or {}),
+        "hparams": json_safe(hparams) if hparams is not None else None,
+        "run": run_info(),
+    }
+    if meta:
+        h.update(json_safe(meta))
+    return h

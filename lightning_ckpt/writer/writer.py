@@ -21,13 +21,12 @@ import torch.distributed as dist
 
 from ..dcp import is_model_or_optim
 from ..errors import CheckpointError, CheckpointWriteError
-from ..format import manifest as mf
 from ..format.codec import encode, warn_unsupported
 from ..store.base import owner_token
 from ..store.local import LocalStore, check_writable_dir
-from .folders import folder_groups
+from .folders import split_by_folder
 from .job import PendingSave, SaveJob, SaveResult, _Abandoned, _packed
-from .meta import background_priority, json_safe, run_info
+from .meta import background_priority, manifest_header
 from .dedup import Deduper
 from .options import check_bool, check_choice, check_seconds, format_name, validate_name_template
 from .snapshot import HostBuffers, _as_dtensor, _is_sharded_tensor
@@ -145,21 +144,8 @@ class CheckpointWriter:
         With ``every_folder=False`` (the local staging folders of an ``s3://`` dirpath) only rank 0's folder is
         written; the other ranks hand it their own state."""
         self.every_folder = bool(every_folder)
-        if self.world_size == 1:
-            return
-        groups = folder_groups(self.store, self.rank, self.world_size, self.pg, self.writer_id)
-        if len(groups) == 1:
-            return
-        self.node_local = True
-        if self.dedup is not None:  # every folder a whole copy: nothing to share between them
-            self.dedup.close()
-            self.dedup = None
-        for g in groups:  # every rank creates every group, in the same order
-            pg = dist.new_group(ranks=list(g), backend="gloo", timeout=timedelta(seconds=self.timeout_s))
-            if self.rank in g:
-                self.folder_ranks, self.folder_pg = g, pg
-        log.info("lightning_ckpt: %s is local to ranks %s (%d folders); each folder is committed as a whole checkpoint",
-                 self.dirpath, list(self.folder_ranks), len(groups))
+        if self.world_size > 1:
+            split_by_folder(self)
 
     def agree(self, error: str | None) -> str | None:
         """Collective over the writer's ranks: the first rank's error, if any rank had one (else None)."""
@@ -276,7 +262,9 @@ class CheckpointWriter:
             name=name,
             tensors=tensors,
             state_bytes=state_bytes,
-            header=self._manifest_header(step, epoch, tags, metrics, hparams, meta, kind, f"{self.writer_id}-{self._seq}"),
+            header=manifest_header(step=step, epoch=epoch, tags=tags, metrics=metrics, hparams=hparams, meta=meta,
+                                   kind=kind, save_id=f"{self.writer_id}-{self._seq}", world_size=self.world_size,
+                                   mode=self.mode),
             snapshot_s=snapshot_s,
             sealed=self.auto_seal,
             seq=self._seq,
@@ -398,25 +386,6 @@ class CheckpointWriter:
             if res is not None and (not self.history or self.history[-1] is not res):
                 self.last_result = res
                 self.history.append(res)
-
-    def _manifest_header(self, step, epoch, tags, metrics, hparams, meta, kind, save_id) -> dict:
-        h = {
-            "save_id": save_id,
-            "format": mf.FORMAT_NAME,
-            "format_version": mf.PLAIN_VERSION,  # 2 once it references packs (job)
-            "step": int(step),
-            "epoch": None if epoch is None else int(epoch),
-            "kind": kind,
-            "world_size": self.world_size,
-            "mode": self.mode,
-            "tags": sorted(set(tags)),
-            "metrics": json_safe(metrics or {}),
-            "hparams": json_safe(hparams) if hparams is not None else None,
-            "run": run_info(),
-        }
-        if meta:
-            h.update(json_safe(meta))
-        return h
 
 
 def cleanup_partials(dirpath: str) -> list[str]:
