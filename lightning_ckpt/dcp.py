@@ -101,6 +101,7 @@ class LCStorageWriter(StorageWriter):
         extra_states: dict[int, bytes] | None = None,
         pack_keys: set[str] | None = None,
         pack_name: Callable[[int], str] | None = None,
+        content_hash: bool = True,
     ) -> None:
         """``ranks``: the global rank of each rank of the process group the save runs on (by default the group is
         the world). ``extra_states``: state files this rank writes for other ranks (their ``state-rankN.json``), used
@@ -108,6 +109,7 @@ class LCStorageWriter(StorageWriter):
         (``pack_name(rank)``), which enters the folder's content store at the commit (deduplicated saves)."""
         super().__init__()
         self.pack_keys = pack_keys or set()
+        self.content_hash = content_hash
         self.pack_name = pack_name
         self.tx = tx
         self.state_bytes = state_bytes
@@ -157,7 +159,7 @@ class LCStorageWriter(StorageWriter):
                 named.append((name_in_file(item.index.fqn, tuple(chunk.offsets), is_shard), t, item))
             rec = self.tx.write_tensors(fname, [(n, t) for n, t, _ in named],
                                         metadata={"format": "pt", "lightning_ckpt": str(mf.PLAIN_VERSION)},
-                                        crc_executor=self.crc_executor)
+                                        crc_executor=self.crc_executor, content_hash=self.content_hash)
             by_name = {tr.name: tr for tr in rec.tensors}
             for n, t, item in named:
                 tr = by_name[n]

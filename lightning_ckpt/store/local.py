@@ -257,9 +257,10 @@ class LocalTransaction(Transaction):
         """A small file whose whole content is one checksummed region."""
         return self.write_file(encode_bytes(fname, data))
 
-    def write_tensors(self, fname: str, tensors, metadata: dict | None = None, crc_executor: Any = None) -> FileRecord:
-        """A safetensors file of CPU tensors."""
-        return self.write_file(encode_tensors(fname, tensors, metadata, crc_executor))
+    def write_tensors(self, fname: str, tensors, metadata: dict | None = None, crc_executor: Any = None,
+                      content_hash: bool = True) -> FileRecord:
+        """A safetensors file of CPU tensors (each tensor's XXH3-128 recorded unless ``content_hash`` is off)."""
+        return self.write_file(encode_tensors(fname, tensors, metadata, crc_executor, content_hash))
 
     def sync(self) -> None:
         """Make the entries of the partial folder durable (after a rank wrote its files)."""

@@ -167,6 +167,7 @@ class SaveJob:
                     self.tx, state_bytes=self.state_bytes, on_finish=on_finish, crc_executor=w._crc_pool,
                     ranks=w.folder_ranks if w.node_local else None, extra_states=extra_states,
                     pack_keys=pack_keys, pack_name=lambda r: mf.pack_name(self.header["save_id"], r),
+                    content_hash=w.content_hash,
                 )
                 pg = w.folder_pg if w.node_local else w.pg
                 with warnings.catch_warnings():
