@@ -14,7 +14,6 @@ from typing import Optional
 import torch
 
 from ..format.manifest import chunk_record
-from ..load import load_tensors
 from ..read import open_checkpoint
 
 
@@ -94,6 +93,8 @@ def diff_checkpoints(a: str, b: str, *, prefix: Optional[str] = None, values: bo
         if same_layout and not values:
             out.tensors.append(TensorDiff(k, "changed", None, ea["shape"], eb["shape"]))
             continue
+        from ..load import load_tensors  # DCP's import is heavy: only when a tensor must be read
+
         xa = load_tensors(ca, [k])[k]
         xb = load_tensors(cb, [k])[k]
         if torch.equal(xa, xb):
