@@ -22,7 +22,9 @@ from ..dcp import LCStorageWriter, _FileResult, unwrap_dcp_error
 from ..errors import CheckpointError, CheckpointWriteError
 from ..format import manifest as mf
 from ..format.tensorfile import byte_view, dtype_from_name, dtype_name
+from ..format.tensorfile import CHECKSUM_SECONDS
 from ..store.base import first_free
+from ..store.fs import IO_TIMES
 from .meta import json_safe
 
 if TYPE_CHECKING:
@@ -44,6 +46,7 @@ class SaveResult:
     tags: list[str] = field(default_factory=list)
     kind: str = "full"
     metrics: dict = field(default_factory=dict)
+    breakdown: dict = field(default_factory=dict)  # where the time went (seconds): see SaveJob.write and _commit
 
 
 class PendingSave:
@@ -106,6 +109,7 @@ class SaveJob:
         self.files: list[_FileResult] = []
         self.tensor_index: dict = {}
         self.t0 = time.perf_counter()
+        self.breakdown: dict = {}
 
     def add(self, tags: Iterable[str], metrics: dict | None) -> bool:
         with self._lock:
@@ -131,6 +135,8 @@ class SaveJob:
         """Phase 1: every file into the partial folder, fsynced."""
         w = self.w
         self.t0 = time.perf_counter()
+        IO_TIMES.reset()
+        crc0 = CHECKSUM_SECONDS[0]
         folder = f"-n{w.folder_ranks[0]}" if w.node_local else ""  # never one partial folder for two folder groups
         # every rank of the folder writes into the same transaction: the same id, and rank 0's owner token
         self.tx = w.store.begin(self.name, tx_id=f"{w.writer_id}-{self.seq}{folder}", owner=w.owner)
@@ -181,6 +187,10 @@ class SaveJob:
         finally:
             self.tensors = {}  # the buffers are the writer's; do not keep references
             self.handoff = None
+            write_s, fsync_s, nbytes = IO_TIMES.reset()
+            self.breakdown = {"snapshot_s": self.snapshot_s, "write_phase_s": time.perf_counter() - self.t0,
+                              "write_syscalls_s": write_s, "fsync_s": fsync_s, "bytes_written": nbytes,
+                              "checksum_s": CHECKSUM_SECONDS[0] - crc0}
         if w.node_local and not collective_failed:
             # every folder is written: only then may any folder commit (the others learn here that one failed)
             report = None if failed is None else f"{type(failed).__name__}: {failed}"[:500]
@@ -327,7 +337,9 @@ class SaveJob:
             "bytes": total,
             "throughput_gbps": round(total / write_s / 1e9, 4) if write_s > 0 else None,
         }
+        m["timings"].update({k: round(v, 6) for k, v in self.breakdown.items() if k.endswith("_s")})
         m["created_unix"] = time.time()
+        t_commit = time.perf_counter()
         raw = mf.dumps(m)
         mf.parse_manifest(raw, "the manifest being written")
         if packs:
@@ -346,11 +358,12 @@ class SaveJob:
             log.error("lightning_ckpt: committed %s but could not update latest.json (%s); readers find the "
                       "checkpoint by listing the folder", w.store.path(name), e)
         w.committed_names.add(name)
+        self.breakdown["commit_s"] = time.perf_counter() - t_commit
         final = w.store.path(name)
         log.info("lightning_ckpt: committed %s (%.1f MB in %.2fs)", final, total / 1e6, write_s)
         return SaveResult(
             name=name, path=final, step=m["step"], bytes=total, snapshot_s=self.snapshot_s, write_s=write_s,
-            tags=m["tags"], kind=m["kind"], metrics=dict(m["metrics"]),
+            tags=m["tags"], kind=m["kind"], metrics=dict(m["metrics"]), breakdown=dict(self.breakdown),
         )
 
 
