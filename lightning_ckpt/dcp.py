@@ -159,7 +159,7 @@ class LCStorageWriter(StorageWriter):
                 named.append((name_in_file(item.index.fqn, tuple(chunk.offsets), is_shard), t, item))
             rec = self.tx.write_tensors(fname, [(n, t) for n, t, _ in named],
                                         metadata={"format": "pt", "lightning_ckpt": str(mf.PLAIN_VERSION)},
-                                        crc_executor=self.crc_executor, content_hash=self.content_hash)
+                                        crc_executor=self.crc_executor, content_hash=self.content_hash and is_pack)
             by_name = {tr.name: tr for tr in rec.tensors}
             for n, t, item in named:
                 tr = by_name[n]

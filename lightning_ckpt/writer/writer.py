@@ -123,8 +123,8 @@ class CheckpointWriter:
         self.committed_names: set[str] = set()
         self.on_commit: list = []  # callables(SaveResult), run in the committing thread after latest.json
         self.dedup_enabled = check_bool("dedup", dedup)
-        # record each tensor's XXH3-128 while writing it (identity for deduplication and diff); benchmarks turn it
-        # off to measure what it costs
+        # record the XXH3-128 of each tensor written into the content store (its identity); benchmarks turn it off
+        # to measure what it costs
         self.content_hash = True
         self.dedup: Deduper | None = (
             Deduper(self.dirpath, fsync=fsync, is_shared=is_model_or_optim) if self.dedup_enabled else None)
