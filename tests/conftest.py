@@ -1,0 +1,78 @@
+"""Session-wide test support: the fork server, the S3 server and the markers (see ``tests/support/``).
+
+Markers (``pyproject.toml``): ``distributed`` (torchrun or other multi-process groups), ``s3`` (the SeaweedFS
+server), ``faults`` (the kill -9 campaign), ``slow`` (several seconds each even with the fork server), ``smoke`` (the
+subset `.ci/run` also runs under the oldest supported Lightning). Tests under ``tests/distributed/`` are marked
+``distributed`` and tests that use the ``s3`` or ``own_s3`` fixture ``s3`` here, so new tests get them too.
+
+The quick subset for local work: ``python -m pytest -q -m "not slow and not distributed and not s3 and not faults"``.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from support import forkserver as _forkserver
+from support import seaweed
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Markers from what a test uses; before ``-m`` selects on them."""
+    distributed_dir = os.path.join(TESTS, "distributed") + os.sep
+    for item in items:
+        names = getattr(item, "fixturenames", ())
+        if str(item.fspath).startswith(distributed_dir):
+            item.add_marker(pytest.mark.distributed)
+        if "s3" in names or "own_s3" in names:
+            item.add_marker(pytest.mark.s3)
+
+
+def pytest_collection_finish(session):
+    """Start the servers the selected tests need now, in the background: they start while the first tests run."""
+    names = set()
+    for item in session.items:
+        names.update(getattr(item, "fixturenames", ()))
+    if "forkserver" in names:
+        _forkserver.prestart()
+    if "s3" in names:
+        seaweed.session_server(wait=False)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    _forkserver.shutdown()
+    seaweed.stop_session_server()
+
+
+@pytest.fixture(scope="session")
+def forkserver():
+    """The warm interpreter that runs the tests' ``python`` command lines (``support.run_python``, ``torchrun``);
+    None with LC_TEST_FORK=0. Modules that run scripts request it (``pytest.mark.usefixtures("forkserver")``) so
+    that it starts in the background as soon as the session knows it is needed."""
+    if not _forkserver.enabled():
+        yield None
+        return
+    server = _forkserver.server()
+    server.wait_ready()
+    yield server
+
+
+@pytest.fixture(scope="module")
+def s3(request):
+    """The session's S3 server with a bucket for this test module (the module's ``BUCKET``, else its name), and
+    the AWS environment pointing at it while the module runs."""
+    server = seaweed.session_server()
+    default = os.path.splitext(os.path.basename(str(request.fspath)))[0].replace("_", "-").lower()
+    bucket = seaweed.new_bucket(server, getattr(request.module, "BUCKET", default))
+    with seaweed.aws_env(server):
+        yield seaweed.Bucket(server, bucket)
+
+
+@pytest.fixture
+def own_s3(tmp_path, request):
+    """A private S3 server, for a test that stops and restarts it; with the module's ``BUCKET`` created."""
+    with seaweed.s3_server(str(tmp_path / "weed"), getattr(request.module, "BUCKET", "bucket")) as server:
+        yield server
