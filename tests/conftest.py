@@ -14,7 +14,7 @@ import os
 import pytest
 
 from support import forkserver as _forkserver
-from support import seaweed
+from support import seaweed, shared
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
@@ -76,3 +76,10 @@ def own_s3(tmp_path, request):
     """A private S3 server, for a test that stops and restarts it; with the module's ``BUCKET`` created."""
     with seaweed.s3_server(str(tmp_path / "weed"), getattr(request.module, "BUCKET", "bucket")) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def shared_launch(request, tmp_path_factory, forkserver):
+    """The session's shared 2-rank torchrun launch (``support.shared``), for the runs the selected tests need."""
+    needed = {n for item in request.session.items for n in getattr(item, "fixturenames", ()) if n in shared.REGISTRY}
+    return shared.SharedLaunch(tmp_path_factory.mktemp("shared-2rank"), sorted(needed))

@@ -17,7 +17,9 @@ from . import forkserver
 from .forkserver import PIPE
 from .net import free_port
 
-SHIM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_worker_shim.py")
+HERE = os.path.dirname(os.path.abspath(__file__))
+SHIM = os.path.join(HERE, "_worker_shim.py")
+DDP_SCRIPT = os.path.join(os.path.dirname(HERE), "distributed", "ddp_script.py")
 
 
 def torchrun_argv(nproc: int, script: str, *args: str, nnodes: int = 1, node_rank: int = 0,
@@ -81,3 +83,18 @@ def nodes(n: int, per_node: int, script: str, args: Callable[[int], Sequence[str
 def ok(results: list[subprocess.CompletedProcess]) -> None:
     for r in results:
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+
+
+def node_folder(base, node: int) -> str:
+    """Node ``node``'s own checkpoint folder in :func:`ddp_two_nodes`."""
+    return str(base / f"node{node}" / "ckpts")
+
+
+def ddp_two_nodes(base, per_node: int, *args: str, timeout: float = 240, dirpath: str | None = None,
+                  node_env: dict | None = None) -> list[subprocess.CompletedProcess]:
+    """``tests/distributed/ddp_script.py`` on two "nodes" (one torchrun agent per node, as on two machines); node k
+    saves into ``node_folder(base, k)`` (or ``dirpath``). ``{node}`` in ``args`` and in ``node_env`` values is
+    replaced by the node's number."""
+    return nodes(2, per_node, DDP_SCRIPT,
+                 lambda k: ["--dir", dirpath or node_folder(base, k), *[a.replace("{node}", str(k)) for a in args]],
+                 timeout=timeout, env=lambda k: {n: v.replace("{node}", str(k)) for n, v in (node_env or {}).items()})
