@@ -6,7 +6,6 @@ import glob
 import json
 import os
 
-import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
@@ -21,14 +20,15 @@ from lightning_ckpt import (
     load_checkpoint,
 )
 from lightning_ckpt.cli import main
-from lightning_ckpt.demo import DemoDataModule, DemoModel
+from lightning_ckpt.demo import DemoModel
+
+from support import data, trainer
 
 
 def _fit(tmp_path, callbacks, loggers=False, max_steps=8):
-    t = pl.Trainer(max_steps=max_steps, callbacks=callbacks, logger=loggers, enable_progress_bar=False,
-                   enable_model_summary=False, val_check_interval=4, check_val_every_n_epoch=None,
-                   num_sanity_val_steps=0, log_every_n_steps=1, default_root_dir=str(tmp_path))
-    t.fit(DemoModel(), DemoDataModule(n_train=64, n_val=32, batch_size=16))
+    t = trainer(callbacks, val_every=4, max_steps=max_steps, logger=loggers, log_every_n_steps=1,
+                default_root_dir=str(tmp_path))
+    t.fit(DemoModel(), data())
     return t
 
 
