@@ -2,22 +2,20 @@
 and the server stopped in the middle of an upload and started again while training goes on."""
 from __future__ import annotations
 
+import functools
+
 import lightning.pytorch as pl
 import pytest
 
 from lightning_ckpt import BackupToS3, PeriodicCheckpoint, list_checkpoints, load_checkpoint
-from lightning_ckpt.demo import DemoModel
 from lightning_ckpt.tools.transfer import pull_checkpoint
 
-from support import data, list_remote, trainer
+import support
+from support import list_remote
 
 BUCKET = "backups"  # this module's bucket: on the session's S3 server (s3), on a private one (own_s3)
 
-
-def _fit(callbacks, max_steps):
-    t = trainer(callbacks, val_every=None, max_steps=max_steps, num_sanity_val_steps=0)
-    t.fit(DemoModel(), data())
-    return t
+_fit = functools.partial(support.fit, val_every=None, num_sanity_val_steps=0)  # a DemoModel on support.data()
 
 
 def test_backups_mirror_commits_with_their_own_retention(s3, tmp_path):

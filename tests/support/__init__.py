@@ -10,10 +10,10 @@ from .forkserver import run as run_python
 from .net import free_port
 from .seaweed import list_remote, remote_steps
 from .launch import torchrun
-from .training import Scripted, data, scripted, trainer
+from .training import Scripted, data, fit, scripted, trainer
 
 TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROOT = os.path.dirname(TESTS)
 
 __all__ = ["ROOT", "TESTS", "Scripted", "data", "free_port", "list_remote", "remote_steps", "run_python",
-           "scripted", "start_python", "torchrun", "trainer"]
+           "scripted", "start_python", "torchrun", "trainer", "fit"]

@@ -31,8 +31,11 @@ import struct
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+# sys.path as a fresh interpreter has it after its first entry (this script's folder); the repository first, as
+# the tests' scripts put it
+BASE_PATH = [p for p in sys.path[1:] if p != ROOT]
+BASE_PATH.insert(0, ROOT)
+sys.path[:] = [sys.path[0], *BASE_PATH]
 
 # a thread pool started by an import (OpenMP, OpenBLAS, MKL) does not survive fork: start none here
 _SAVED_ENV = {v: os.environ.get(v) for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
@@ -158,19 +161,19 @@ def _run_child(job: dict, fds: list[int], server_fds: set[int]) -> None:
             try:
                 if argv[0] == "-m":
                     sys.argv = [argv[1], *argv[2:]]
-                    sys.path[0] = os.getcwd()
+                    sys.path[:] = [os.getcwd(), *BASE_PATH]
                     sys.modules.pop(argv[1], None)  # `python -m pkg.mod` runs pkg.mod without importing it first
                     runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
                 elif argv[0] == "-c":
                     sys.argv = ["-c", *argv[2:]]
-                    sys.path[0] = ""
+                    sys.path[:] = ["", *BASE_PATH]
                     import builtins
 
                     main = {"__name__": "__main__", "__builtins__": builtins, "__doc__": None}
                     exec(compile(argv[1], "<string>", "exec"), main)
                 else:
                     sys.argv = list(argv)
-                    sys.path[0] = os.path.dirname(os.path.realpath(argv[0]))
+                    sys.path[:] = [os.path.dirname(os.path.realpath(argv[0])), *BASE_PATH]
                     runpy.run_path(argv[0], run_name="__main__")
                 code = 0
             except SystemExit as e:

@@ -26,6 +26,15 @@ def trainer(callbacks: Iterable = (), *, val_every: int | str | None = "lightnin
     return pl.Trainer(callbacks=list(callbacks), enable_progress_bar=False, enable_model_summary=False, **kw)
 
 
+def fit(callbacks: Iterable = (), *, model: pl.LightningModule | None = None, datamodule=None, ckpt_path=None,
+        **trainer_kw) -> pl.Trainer:
+    """Trains ``model`` (a fresh ``DemoModel`` by default) on ``datamodule`` (:func:`data` by default) with a
+    :func:`trainer` built from ``callbacks`` and ``trainer_kw``; returns the Trainer."""
+    t = trainer(callbacks, **trainer_kw)
+    t.fit(DemoModel() if model is None else model, data() if datamodule is None else datamodule, ckpt_path=ckpt_path)
+    return t
+
+
 def data(**kw) -> DemoDataModule:
     """The demo data: 64 training samples in batches of 16 (4 batches per epoch), 32 validation samples."""
     kw.setdefault("n_train", 64)
