@@ -50,6 +50,8 @@ def pytest_collection_finish(session):
         _forkserver.prestart()
     if "s3" in names:
         seaweed.session_server(wait=False)
+    if "own_s3" in names:
+        seaweed.prestart_private()
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -82,9 +84,9 @@ def s3(request):
 
 
 @pytest.fixture
-def own_s3(tmp_path, request):
+def own_s3(request):
     """A private S3 server, for a test that stops and restarts it; with the module's ``BUCKET`` created."""
-    with seaweed.s3_server(str(tmp_path / "weed"), getattr(request.module, "BUCKET", "bucket")) as server:
+    with seaweed.private_server(getattr(request.module, "BUCKET", "bucket")) as server:
         yield server
 
 

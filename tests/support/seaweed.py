@@ -58,13 +58,22 @@ class SeaweedS3:
                 return  # a restart over the same data folder
             except Exception:  # noqa: BLE001 - not up yet
                 if self.proc is None or self.proc.poll() is not None or time.monotonic() > deadline:
+                    rc = None if self.proc is None else self.proc.poll()
                     self.stop()
-                    raise RuntimeError(f"SeaweedFS did not start; see {self.workdir}/weed.log")
+                    raise RuntimeError(f"SeaweedFS did not answer (exit status {rc}); {self.workdir}/weed.log ends "
+                                       f"with:\n{self.log_tail()}")
                 time.sleep(0.2)
 
     def start(self, timeout: float = 60.0) -> None:
         self.launch()
         self.wait_ready(timeout)
+
+    def log_tail(self, n: int = 3000) -> str:
+        try:
+            with open(os.path.join(self.workdir, "weed.log"), "rb") as f:
+                return f.read()[-n:].decode("utf-8", "replace")
+        except OSError:
+            return ""
 
     def client(self):
         import boto3
@@ -152,12 +161,45 @@ def session_server(wait: bool = True) -> SeaweedS3:
 
 
 def stop_session_server() -> None:
+    """Stops the session's server and any private server started ahead and not used."""
     global _SESSION
     with _LOCK:
-        if _SESSION is not None:
-            _SESSION.stop()
-            shutil.rmtree(_SESSION.workdir, ignore_errors=True)
-            _SESSION = None
+        servers = ([_SESSION] if _SESSION is not None else []) + _SPARES
+        _SESSION = None
+        _SPARES.clear()
+    for server in servers:
+        server.stop()
+        shutil.rmtree(server.workdir, ignore_errors=True)
+
+
+_SPARES: list[SeaweedS3] = []  # private servers started ahead (prestart_private), each for one test
+
+
+def prestart_private() -> None:
+    """Starts a private server in the background for the next :func:`private_server`."""
+    server = SeaweedS3(tempfile.mkdtemp(prefix="lc-weed-"))
+    server.launch()
+    with _LOCK:
+        _SPARES.append(server)
+
+
+@contextlib.contextmanager
+def private_server(bucket: str):
+    """A server of its own (one started ahead if there is one), with ``bucket`` and the AWS environment pointing at
+    it; stopped (SIGKILL) and its data removed after."""
+    with _LOCK:
+        server = _SPARES.pop(0) if _SPARES else None
+    if server is None:
+        server = SeaweedS3(tempfile.mkdtemp(prefix="lc-weed-"))
+        server.launch()
+    try:
+        server.wait_ready()
+        with aws_env(server):
+            server.client().create_bucket(Bucket=bucket)
+            yield server
+    finally:
+        server.stop()
+        shutil.rmtree(server.workdir, ignore_errors=True)
 
 
 def new_bucket(server: SeaweedS3, name: str) -> str:
