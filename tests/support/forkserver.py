@@ -180,7 +180,7 @@ class ForkedProcess:
         self.stdin, self.stdout, self.stderr = stdin, stdout, stderr
         self._conn = conn
         self._buf = bytearray()
-        self._readers: dict[str, threading.Thread] = {}
+        self._readers: dict[str, threading.Thread] | None = None  # communicate(): a reader thread per pipe
         self._chunks: dict[str, list] = {}
         self._lock = threading.Lock()
 
@@ -221,7 +221,8 @@ class ForkedProcess:
         self.send_signal(signal.SIGKILL)
 
     def communicate(self, input: Any = None, timeout: float | None = None) -> tuple:
-        if not self._readers:
+        if self._readers is None:  # the first call: send the input, read the pipes to their end in the background
+            self._readers = {}
             if self.stdin is not None:
                 try:
                     if input:
@@ -236,12 +237,8 @@ class ForkedProcess:
                     t = threading.Thread(target=lambda f=f, out=self._chunks[name]: out.append(f.read()), daemon=True)
                     t.start()
                     self._readers[name] = t
-            if not self._readers:
-                self._readers["none"] = threading.current_thread()
         deadline = None if timeout is None else time.monotonic() + timeout
-        for name, t in self._readers.items():
-            if name == "none":
-                continue
+        for t in self._readers.values():
             t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
             if t.is_alive():
                 raise subprocess.TimeoutExpired(self.args, timeout)
@@ -271,7 +268,7 @@ class ForkedProcess:
             pass
 
 
-def _fd_for(spec, own: list, default: int, mode: str) -> int:
+def _fd_for(spec, own: list, default: int) -> int:
     """A descriptor for the child from a subprocess-style spec; descriptors opened here go to ``own``."""
     if spec is None:
         return default
@@ -308,9 +305,9 @@ def popen(argv: Sequence[str], *, stdin=None, stdout=None, stderr=None, env: dic
         return child_end
 
     try:
-        fd0 = pipe("stdin", True) if stdin == PIPE else _fd_for(stdin, own, 0, "r")
-        fd1 = pipe("stdout", False) if stdout == PIPE else _fd_for(stdout, own, 1, "w")
-        fd2 = fd1 if stderr == STDOUT else pipe("stderr", False) if stderr == PIPE else _fd_for(stderr, own, 2, "w")
+        fd0 = pipe("stdin", True) if stdin == PIPE else _fd_for(stdin, own, 0)
+        fd1 = pipe("stdout", False) if stdout == PIPE else _fd_for(stdout, own, 1)
+        fd2 = fd1 if stderr == STDOUT else pipe("stderr", False) if stderr == PIPE else _fd_for(stderr, own, 2)
         omp = env.get("OMP_NUM_THREADS", "")
         threads = int(omp) if omp.strip().isdigit() and int(omp) > 0 else default_threads()
         conn, pid = server().spawn(argv, env, cwd, (fd0, fd1, fd2), threads, unbuffered)
