@@ -13,8 +13,9 @@ own retention (keep 3), ``resume="auto"`` (see ``training_setup`` in ``tests/fau
 
 Starting Python with torch and Lightning costs seconds, so one fork server (``tests/faults/kill_trials.py``) imports
 everything once and forks a child per trial; see its docstring. It is itself started as a child of the session's
-fork server (``tests/support/_forkserver.py``), which has already imported all of it. The trials are driven from here, in sequence, so
-each trial's kill plan can depend on what earlier trials did (every phase is hit until it has enough kills).
+fork server (``tests/support/_forkserver.py``), which has already imported all of it. The trials are driven from
+here, in sequence, so each trial's kill plan can depend on what earlier trials did (every phase is hit until it has
+enough kills).
 
 The schedule is random with a fixed seed; ``LC_FAULT_SEED=<n>`` replays or varies it (timing still differs from run
 to run: the random kills land wherever the child happens to be).

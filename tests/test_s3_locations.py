@@ -293,7 +293,8 @@ def test_fault_tolerant_recipe_resumes_on_a_fresh_machine_from_its_backups(s3, t
     """configs/fault_tolerant.yaml through LightningCLI, as a user runs it; then the same command on a machine
     without the run folder continues from S3."""
     s3.client().create_bucket(Bucket="lightning-ckpt")
-    cmd = [os.path.join(ROOT, "examples", "cli.py"), "fit", "--config", os.path.join(ROOT, "configs", "fault_tolerant.yaml")]
+    cmd = [os.path.join(ROOT, "examples", "cli.py"), "fit", "--config",
+           os.path.join(ROOT, "configs", "fault_tolerant.yaml")]
     first = run_python(cmd + ["--trainer.max_steps", "60"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr[-4000:]
     local = str(tmp_path / "runs" / "fault_tolerant")

@@ -29,14 +29,15 @@ def _cached(root):
 def test_two_ranks_save_to_s3_and_resume_from_it_fetching_only_their_files(s3, tmp_path, monkeypatch):
     monkeypatch.setenv("LIGHTNING_CKPT_STAGING", str(tmp_path / "staging"))
     uri = "s3://ddp/run"
-    torchrun(2, SCRIPT, "--dir", uri, "--max-steps", "8", "--every", "4", "--auto-resume", "--rank-cache", str(tmp_path / "c1"))
+    torchrun(2, SCRIPT, "--dir", uri, "--max-steps", "8", "--every", "4", "--auto-resume",
+             "--rank-cache", str(tmp_path / "c1"))
     assert [c.step for c in list_checkpoints(uri)] == [4, 8]
     m = list_checkpoints(uri)[-1].manifest
     assert m["world_size"] == 2 and set(m["state_files"]) == {"0", "1"}
 
     out = str(tmp_path / "w.safetensors")
-    torchrun(2, SCRIPT, "--dir", uri, "--max-steps", "12", "--every", "4", "--auto-resume", "--rank-cache", str(tmp_path / "c2"),
-             "--out", out)
+    torchrun(2, SCRIPT, "--dir", uri, "--max-steps", "12", "--every", "4", "--auto-resume",
+             "--rank-cache", str(tmp_path / "c2"), "--out", out)
     info = json.load(open(out + ".json"))
     assert info["resumed_from"] == f"{uri}/step=000008" and info["global_step"] == 12
     assert [c.step for c in list_checkpoints(uri)] == [4, 8, 12]
@@ -57,8 +58,8 @@ def test_two_ranks_back_up_local_saves_and_resume_on_a_fresh_machine(s3, tmp_pat
     assert [c.step for c in list_checkpoints("s3://ddp/backup")] == [4, 8]
     fresh = str(tmp_path / "fresh")  # another machine: nothing local
     out = str(tmp_path / "w.safetensors")
-    torchrun(2, SCRIPT, "--dir", fresh, "--max-steps", "12", "--every", "4", "--backup", "s3://ddp/backup", "--auto-resume",
-             "--out", out)
+    torchrun(2, SCRIPT, "--dir", fresh, "--max-steps", "12", "--every", "4", "--backup", "s3://ddp/backup",
+             "--auto-resume", "--out", out)
     info = json.load(open(out + ".json"))
     assert info["resumed_from"] == os.path.join(fresh, "step=000008") and info["global_step"] == 12
     assert [c.step for c in list_checkpoints("s3://ddp/backup")] == [4, 8, 12]

@@ -22,8 +22,8 @@ SCRIPT = os.path.join(TESTS, "distributed", "model_parallel_script.py")
 
 
 # runs in the session's shared 2-rank launch (support.shared); the fixture's value is the run's folder
-model_parallel_two = two_ranks("model_parallel_two", SCRIPT, lambda d: ["--dir", d / "ckpts", "--max-steps", "4", "--every", "2",
-                                                        "--out", d / "a.safetensors"])
+model_parallel_two = two_ranks("model_parallel_two", SCRIPT, lambda d: [
+    "--dir", d / "ckpts", "--max-steps", "4", "--every", "2", "--out", d / "a.safetensors"])
 
 
 def test_each_rank_writes_only_its_own_shards(model_parallel_two):
@@ -54,7 +54,8 @@ def test_resume_two_ranks_on_one_and_one_on_two(model_parallel_two, tmp_path):
     one = tmp_path / "one"
     torchrun(1, SCRIPT, "--dir", str(one), "--max-steps", "6", "--every", "2", "--sync",
              "--resume", str(model_parallel_two / "ckpts" / "step=000004"), "--out", str(tmp_path / "b.safetensors"))
-    restored, trained = load_file(str(tmp_path / "b.safetensors.restored")), load_file(str(model_parallel_two / "a.safetensors"))
+    restored = load_file(str(tmp_path / "b.safetensors.restored"))
+    trained = load_file(str(model_parallel_two / "a.safetensors"))
     assert restored.keys() == trained.keys()
     for k in trained:  # 2 -> 1: the shards of both ranks reassembled, exactly
         assert torch.equal(restored[k], trained[k]), k

@@ -79,7 +79,8 @@ class ForkServer:
                     self.ready = json.load(f)
                 break
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the fork server did not start (rc={self.proc.poll()}); its log:\n{self.log_tail()}")
+                raise RuntimeError(f"the fork server did not start (exit status {self.proc.poll()}); its log:\n"
+                                   f"{self.log_tail()}")
             time.sleep(0.02)
         if self.ready["threads"] != 1:
             raise RuntimeError(f"the fork server has {self.ready['threads']} threads after its imports (a library "
@@ -299,7 +300,8 @@ def popen(argv: Sequence[str], *, stdin=None, stdout=None, stderr=None, env: dic
         child_end, parent_end = (r, w) if child_reads else (w, r)
         own.append(child_end)
         if child_reads:
-            parent[name] = io.TextIOWrapper(io.open(parent_end, "wb"), write_through=True) if text else io.open(parent_end, "wb")
+            raw = io.open(parent_end, "wb")
+            parent[name] = io.TextIOWrapper(raw, write_through=True) if text else raw
         else:
             parent[name] = io.open(parent_end, "r", newline=None) if text else io.open(parent_end, "rb")
         return child_end
