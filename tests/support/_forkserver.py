@@ -13,7 +13,7 @@ working directory, default signal handlers, ``sys.argv``/``sys.path[0]`` as the 
 the non-daemon threads joined and the atexit handlers run, as at interpreter exit. The server answers
 ``{"pid": ...}`` at once and ``{"returncode": ...}`` (``-signal`` if killed) when the child ends. A connection
 closed before its child ended kills the child's process group (SIGKILL): a client that dies takes its job along.
-Children also die with the server (PR_SET_PDEATHSIG).
+Children also die with the server (PR_SET_PDEATHSIG), and the server ends when the process that started it is gone.
 
 A forked child of a process that runs threads can deadlock (a lock held by a thread that does not exist in the
 child); this server forks only while it has a single thread, and torch/OpenMP/BLAS are kept single-threaded until a
@@ -255,6 +255,7 @@ def _send(conn: socket.socket, msg: dict) -> None:
 
 
 def serve(path: str) -> None:
+    parent = os.getppid()  # the test session: when it is gone (even killed), so is this server, and its children
     _warm_imports()
     for k, v in _SAVED_ENV.items():  # what the jobs' environments say applies to them, not ours
         if v is None:
@@ -294,7 +295,9 @@ def serve(path: str) -> None:
         job.fds = []
 
     while True:
-        for key, _ in sel.select():
+        if os.getppid() != parent:
+            return
+        for key, _ in sel.select(timeout=1.0):
             if key.fileobj is listener:
                 conn, _ = listener.accept()
                 job = Job(conn)
