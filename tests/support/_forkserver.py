@@ -295,7 +295,10 @@ def serve(path: str) -> None:
         job.fds = []
 
     while True:
-        if os.getppid() != parent:
+        if os.getppid() != parent:  # nobody will clean up after us: remove the socket's folder (made for us)
+            import shutil
+
+            shutil.rmtree(os.path.dirname(path), ignore_errors=True)
             return
         for key, _ in sel.select(timeout=1.0):
             if key.fileobj is listener:
