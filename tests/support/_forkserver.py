@@ -162,15 +162,17 @@ def _run_child(job: dict, fds: list[int], server_fds: set[int]) -> None:
                 if argv[0] == "-m":
                     sys.argv = [argv[1], *argv[2:]]
                     sys.path[:] = [os.getcwd(), *BASE_PATH]
-                    sys.modules.pop(argv[1], None)  # `python -m pkg.mod` runs pkg.mod without importing it first
+                    if not hasattr(sys.modules.get(argv[1]), "__path__"):  # a module, not a package: `python -m
+                        sys.modules.pop(argv[1], None)  # pkg.mod` runs pkg.mod without importing it as pkg.mod first
                     runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
                 elif argv[0] == "-c":
                     sys.argv = ["-c", *argv[2:]]
                     sys.path[:] = ["", *BASE_PATH]
-                    import builtins
+                    import types
 
-                    main = {"__name__": "__main__", "__builtins__": builtins, "__doc__": None}
-                    exec(compile(argv[1], "<string>", "exec"), main)
+                    main = types.ModuleType("__main__")  # what `python -c` runs the code in
+                    sys.modules["__main__"] = main
+                    exec(compile(argv[1], "<string>", "exec"), main.__dict__)
                 else:
                     sys.argv = list(argv)
                     sys.path[:] = [os.path.dirname(os.path.realpath(argv[0])), *BASE_PATH]
