@@ -2,6 +2,7 @@
 same folder stay intact and are still found by ``latest_checkpoint``."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pickle
@@ -28,6 +29,8 @@ from lightning_ckpt import (
 )
 from lightning_ckpt.format import manifest as mf
 from lightning_ckpt.format.checksum import crc32c
+
+import support
 
 MODEL = "model-rank00000.safetensors"
 OPTIM = "optim-rank00000.safetensors"
@@ -452,20 +455,7 @@ def test_latest_checkpoint_skips_a_checkpoint_whose_state_cannot_be_loaded(run, 
 
 
 # ------------------------------------------------------------------ Lightning: resume into a different model, bad dirpath
-def _trainer(callbacks, max_steps):
-    import lightning.pytorch as pl
-
-    return pl.Trainer(
-        max_steps=max_steps,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        accelerator="cpu",
-        devices=1,
-        callbacks=callbacks,
-    )
+_trainer = functools.partial(support.trainer, val_every=None, num_sanity_val_steps=0, accelerator="cpu", devices=1)
 
 
 def test_resume_into_a_model_with_other_shapes_names_the_tensor(tmp_path):
@@ -473,7 +463,7 @@ def test_resume_into_a_model_with_other_shapes_names_the_tensor(tmp_path):
 
     d = tmp_path / "ckpts"
     torch.manual_seed(0)
-    _trainer([PeriodicCheckpoint(str(d), every_n_train_steps=2, async_save=False)], 2).fit(
+    _trainer([PeriodicCheckpoint(str(d), every_n_train_steps=2, async_save=False)], max_steps=2).fit(
         DemoModel(hidden=8), DemoDataModule(n_train=64, n_val=16, batch_size=16)
     )
     ckpt = latest_checkpoint(str(d))
@@ -482,7 +472,7 @@ def test_resume_into_a_model_with_other_shapes_names_the_tensor(tmp_path):
 
     other = DemoModel(hidden=16)
     weights_before = {k: v.clone() for k, v in other.state_dict().items()}
-    trainer = _trainer([PeriodicCheckpoint(str(d), every_n_train_steps=2, async_save=False)], 4)
+    trainer = _trainer([PeriodicCheckpoint(str(d), every_n_train_steps=2, async_save=False)], max_steps=4)
     with pytest.raises(CheckpointMismatchError) as ei:
         trainer.fit(other, DemoDataModule(n_train=64, n_val=16, batch_size=16), ckpt_path=ckpt)
     msg = str(ei.value)
@@ -506,7 +496,7 @@ def test_bad_dirpath_fails_at_setup_naming_the_path(tmp_path, kind):
         dirpath = Path("/proc/lightning_ckpt_nope/ckpts")
     model = DemoModel(hidden=8)
     w0 = model.net[0].weight.detach().clone()
-    trainer = _trainer([PeriodicCheckpoint(str(dirpath), every_n_train_steps=1)], 3)
+    trainer = _trainer([PeriodicCheckpoint(str(dirpath), every_n_train_steps=1)], max_steps=3)
     with pytest.raises(CheckpointWriteError) as ei:
         trainer.fit(model, DemoDataModule(n_train=64, n_val=16, batch_size=16))
     assert str(dirpath) in str(ei.value)

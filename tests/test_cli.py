@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
+import pytest
 import torch
 
 from lightning_ckpt import CheckpointWriter
 from lightning_ckpt.cli import main
+
+from support import run_python
 
 
 def _make(tmp_path, steps=(5, 10)):
@@ -55,9 +56,10 @@ def test_verify_ok_and_corrupt_exit_codes(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+@pytest.mark.usefixtures("forkserver")
 def test_console_script_entry_point(tmp_path):
     _make(tmp_path, steps=(3,))
-    p = subprocess.run([sys.executable, "-m", "lightning_ckpt.cli", "ls", str(tmp_path)], capture_output=True, text=True)
+    p = run_python(["-m", "lightning_ckpt.cli", "ls", str(tmp_path)], capture_output=True, text=True)
     assert p.returncode == 0 and "step=000003" in p.stdout
 
 

@@ -1,10 +1,9 @@
 """`lightning-ckpt prune`."""
 from __future__ import annotations
 
+import functools
 import json
 import os
-import subprocess
-import sys
 
 import lightning.pytorch as pl
 import pytest
@@ -12,7 +11,10 @@ import torch
 
 from lightning_ckpt import CheckpointWriter, PeriodicCheckpoint, latest_checkpoint, list_checkpoints
 from lightning_ckpt.cli import main
-from lightning_ckpt.demo import DemoDataModule, DemoModel
+from lightning_ckpt.demo import DemoModel
+
+import support
+from support import data, run_python
 
 
 def make(d, losses: dict):
@@ -109,9 +111,10 @@ def test_not_a_folder_exits_2(tmp_path, capsys):
     assert "not a folder" in capsys.readouterr().err
 
 
+@pytest.mark.usefixtures("forkserver")
 def test_subprocess(tmp_path):
     make(tmp_path, LOSSES)
-    p = subprocess.run([sys.executable, "-m", "lightning_ckpt.cli", "prune", str(tmp_path), "--keep-last", "3"],
+    p = run_python(["-m", "lightning_ckpt.cli", "prune", str(tmp_path), "--keep-last", "3"],
                        capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     assert "step=000001" in p.stdout and "kept 3" in p.stdout
@@ -130,13 +133,7 @@ class Boom(pl.Callback):
             raise RuntimeError("boom")
 
 
-def trainer(callbacks, **kw):
-    return pl.Trainer(callbacks=callbacks, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                      limit_val_batches=0, **kw)
-
-
-def data():
-    return DemoDataModule(n_train=64, n_val=32, batch_size=16)
+trainer = functools.partial(support.trainer, val_every=None)
 
 
 def failed_run(d):

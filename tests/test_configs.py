@@ -3,19 +3,21 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 
 import pytest
 import yaml
 
 from lightning_ckpt import latest_checkpoint, list_checkpoints, verify_checkpoint
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from support import ROOT, run_python
+
+pytestmark = pytest.mark.usefixtures("forkserver")
+
 CLI = os.path.join(ROOT, "examples", "cli.py")
 
 
 def run_cli(cwd, *args, ok=True) -> subprocess.CompletedProcess:
-    p = subprocess.run([sys.executable, CLI, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+    p = run_python([CLI, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
     if ok:
         assert p.returncode == 0, p.stderr[-4000:]
     return p
@@ -25,6 +27,7 @@ def config(name: str) -> str:
     return os.path.join(ROOT, "configs", name)
 
 
+@pytest.mark.smoke
 def test_periodic_recipe_and_resume_from_the_command_line(tmp_path):
     run_cli(tmp_path, "fit", "--config", config("periodic.yaml"))
     d = tmp_path / "runs" / "periodic"

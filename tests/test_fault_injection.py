@@ -12,8 +12,10 @@ The job: the demo model, a checkpoint every step, ``RetentionPolicy(keep_last=2)
 own retention (keep 3), ``resume="auto"`` (see ``training_setup`` in ``tests/faults/kill_trials.py``).
 
 Starting Python with torch and Lightning costs seconds, so one fork server (``tests/faults/kill_trials.py``) imports
-everything once and forks a child per trial; see its docstring. The trials are driven from here, in sequence, so
-each trial's kill plan can depend on what earlier trials did (every phase is hit until it has enough kills).
+everything once and forks a child per trial; see its docstring. It is itself started as a child of the session's
+fork server (``tests/support/_forkserver.py``), which has already imported all of it. The trials are driven from
+here, in sequence, so each trial's kill plan can depend on what earlier trials did (every phase is hit until it has
+enough kills).
 
 The schedule is random with a fixed seed; ``LC_FAULT_SEED=<n>`` replays or varies it (timing still differs from run
 to run: the random kills land wherever the child happens to be).
@@ -27,7 +29,6 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 import warnings
@@ -39,15 +40,13 @@ import torch
 
 from lightning_ckpt import CheckpointNotFoundError, latest_checkpoint, list_checkpoints, load_checkpoint, resume_path, verify_checkpoint
 from lightning_ckpt.tools.transfer import pull_checkpoint
-from seaweed import list_remote, remote_steps
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from seaweed import s3_server  # noqa: E402
+from support import ROOT, TESTS, list_remote, remote_steps, start_python
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-SERVER_SCRIPT = os.path.join(HERE, "faults", "kill_trials.py")
-BUCKET = "faults"
+pytestmark = [pytest.mark.faults, pytest.mark.slow]
+
+SERVER_SCRIPT = os.path.join(TESTS, "faults", "kill_trials.py")
+BUCKET = "faults"  # the s3 fixture's bucket for this module (the session's server)
 
 SEED = int(os.environ.get("LC_FAULT_SEED", "1234"))
 PHASES = ("write", "commit", "retention", "upload")
@@ -70,9 +69,9 @@ class ForkServer:
         self.stderr_path = os.path.join(workdir, "server.stderr")
         env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         self._stderr = open(self.stderr_path, "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, SERVER_SCRIPT], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
-            cwd=ROOT, env=env, text=True, start_new_session=True,  # its own process group: children included
+        self.proc = start_python(  # a fork-server child: its own process group (setsid), children included
+            [SERVER_SCRIPT], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, cwd=ROOT, env=env,
+            text=True,
         )
         self._lines: "queue.Queue[str | None]" = queue.Queue()
         threading.Thread(target=self._pump, daemon=True).start()
@@ -159,24 +158,12 @@ class ForkServer:
 
 
 @pytest.fixture(scope="module")
-def fork_server(tmp_path_factory):
-    server = ForkServer(str(tmp_path_factory.mktemp("fork-server")))  # imports while the S3 server starts
+def fork_server(forkserver, tmp_path_factory):
+    server = ForkServer(str(tmp_path_factory.mktemp("fork-server")))
     try:
         yield server
     finally:
         server.close()
-
-
-@pytest.fixture(scope="module")
-def s3(fork_server, tmp_path_factory):
-    with s3_server(str(tmp_path_factory.mktemp("weed-faults")), BUCKET) as server:
-        try:
-            yield server
-        finally:  # SeaweedFS takes ~10 s to honour SIGTERM; its data is thrown away, so end it at once
-            try:
-                os.killpg(server.proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError, AttributeError):
-                pass
 
 
 # ------------------------------------------------------------------------------------------------- bookkeeping

@@ -2,36 +2,34 @@
 study killed with SIGKILL in the middle of a trial that resumes where it stopped."""
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import signal
 import subprocess
-import sys
 
+import lightning.pytorch as pl
 import optuna
 import pytest
+import torch
+from optuna.trial import TrialState
+from safetensors.torch import load_file
 
-import lightning.pytorch as pl  # noqa: E402
-import torch  # noqa: E402
-from optuna.trial import TrialState  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
+from lightning_ckpt import BestMetricCheckpoint, latest_checkpoint, list_checkpoints, load_checkpoint
+from lightning_ckpt.demo import DemoModel
+from lightning_ckpt.extras.hpo import INTERRUPTED_ATTR, KEY_ATTR, RESUMES_ATTR, CheckpointedStudy, StudyLockedError, TrialRun
+from lightning_ckpt.store import LocalStore
 
-from lightning_ckpt import BestMetricCheckpoint, latest_checkpoint, list_checkpoints, load_checkpoint  # noqa: E402
-from lightning_ckpt.demo import DemoDataModule, DemoModel  # noqa: E402
-from lightning_ckpt.extras.hpo import INTERRUPTED_ATTR, KEY_ATTR, RESUMES_ATTR, CheckpointedStudy, StudyLockedError, TrialRun  # noqa: E402
-from lightning_ckpt.store import LocalStore  # noqa: E402
+import support
+from support import TESTS, data, run_python
 
-SCRIPT = os.path.join(os.path.dirname(__file__), "hpo_script.py")
+SCRIPT = os.path.join(TESTS, "hpo_script.py")
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 
 
-def _trainer(callbacks: list, max_steps: int) -> pl.Trainer:
-    return pl.Trainer(
-        max_steps=max_steps, callbacks=callbacks, logger=False, enable_progress_bar=False, enable_model_summary=False,
-        val_check_interval=5, check_val_every_n_epoch=None, num_sanity_val_steps=0,
-    )
+_trainer = functools.partial(support.trainer, val_every=5)
 
 
 def _objective(calls: list, max_steps: int = 15, pruned_ckpts: dict | None = None):
@@ -41,8 +39,8 @@ def _objective(calls: list, max_steps: int = 15, pruned_ckpts: dict | None = Non
         calls.append(trial.number)
         pl.seed_everything(trial.number, verbose=False)
         try:
-            _trainer(run.callbacks, max_steps).fit(
-                DemoModel(hidden=hidden, lr=lr, dropout=0.0), DemoDataModule(n_train=96, n_val=32, batch_size=16),
+            _trainer(run.callbacks, max_steps=max_steps).fit(
+                DemoModel(hidden=hidden, lr=lr, dropout=0.0), data(n_train=96),
                 ckpt_path=run.ckpt_path,
             )
         except optuna.TrialPruned:
@@ -191,7 +189,7 @@ def test_ctrl_c_interrupted_trial_is_continued(tmp_path, where):
         lr = trial.suggest_float("lr", 1e-3, 1e-1, log=True)
         seen.append((trial.number, run.key, run.ckpt_path and os.path.basename(run.ckpt_path)))
         callbacks = list(run.callbacks) + ([_CtrlC()] if where == "in_fit" and run.ckpt_path is None else [])
-        _trainer(callbacks, 10).fit(DemoModel(hidden=8, lr=lr), DemoDataModule(n_train=96, n_val=32, batch_size=16),
+        _trainer(callbacks, max_steps=10).fit(DemoModel(hidden=8, lr=lr), data(n_train=96),
                                     ckpt_path=run.ckpt_path)
         if where == "after_fit" and run.ckpt_path is None:
             raise KeyboardInterrupt
@@ -227,7 +225,7 @@ def test_second_worker_on_the_same_study_is_refused(tmp_path):
 
 # ----------------------------------------------------------------------------------------------- kill -9 and resume
 def _run_script(root: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, SCRIPT, "--root", root, *args], capture_output=True, text=True, timeout=240)
+    return run_python([SCRIPT, "--root", root, *args], capture_output=True, text=True, timeout=240)
 
 
 def _calls(root: str) -> list[dict]:
@@ -235,6 +233,7 @@ def _calls(root: str) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
+@pytest.mark.usefixtures("forkserver")
 def test_study_killed_mid_trial_resumes_the_trial_from_its_checkpoint(tmp_path):
     root = str(tmp_path / "study")
     p = _run_script(root, "--n-trials", "3", "--kill-trial", "1", "--kill-at-step", "20")
@@ -268,9 +267,9 @@ def test_study_killed_mid_trial_resumes_the_trial_from_its_checkpoint(tmp_path):
     # the resumed trial ends exactly where an uninterrupted run of the same trial ends (same seed, same params)
     pl.seed_everything(killed.number, verbose=False)
     ref = BestMetricCheckpoint(str(tmp_path / "ref"), monitor="val_loss", async_save=False)
-    _trainer([ref], 30).fit(
+    _trainer([ref], max_steps=30).fit(
         DemoModel(hidden=killed.params["hidden"], lr=killed.params["lr"], dropout=0.0),
-        DemoDataModule(n_train=128, n_val=32, batch_size=16),
+        data(n_train=128),
     )
     assert cont.value == pytest.approx(ref.best_model_score, rel=1e-6, abs=1e-7)
     # nested best and retention hold over both processes

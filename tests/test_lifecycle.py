@@ -6,7 +6,6 @@ import glob
 import json
 import os
 
-import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
@@ -21,21 +20,20 @@ from lightning_ckpt import (
     load_checkpoint,
 )
 from lightning_ckpt.cli import main
-from lightning_ckpt.demo import DemoDataModule, DemoModel
+
+from support import fit
 
 
-def _fit(tmp_path, callbacks, loggers=False, max_steps=8):
-    t = pl.Trainer(max_steps=max_steps, callbacks=callbacks, logger=loggers, enable_progress_bar=False,
-                   enable_model_summary=False, val_check_interval=4, check_val_every_n_epoch=None,
-                   num_sanity_val_steps=0, log_every_n_steps=1, default_root_dir=str(tmp_path))
-    t.fit(DemoModel(), DemoDataModule(n_train=64, n_val=32, batch_size=16))
-    return t
+def _fit_logged(tmp_path, callbacks, loggers=False, max_steps=8):
+    """8 steps of the demo model, validated every 4, every step logged to ``loggers``."""
+    return fit(callbacks, val_every=4, max_steps=max_steps, logger=loggers, log_every_n_steps=1,
+               default_root_dir=str(tmp_path))
 
 
 def test_saves_reported_to_csv_logger_and_metrics_history(tmp_path):
     d = str(tmp_path / "ckpts")
     logger = CSVLogger(str(tmp_path / "logs"), name="run")
-    _fit(tmp_path, [PeriodicCheckpoint(d, every_n_train_steps=2, save_on_train_end=False)], loggers=logger)
+    _fit_logged(tmp_path, [PeriodicCheckpoint(d, every_n_train_steps=2, save_on_train_end=False)], loggers=logger)
     rows = list(csv.DictReader(open(os.path.join(logger.log_dir, "metrics.csv"))))
     ck_rows = [r for r in rows if r.get("checkpoint/bytes")]
     assert [int(float(r["checkpoint/step"])) for r in ck_rows] == [2, 4, 6, 8]
@@ -49,7 +47,7 @@ def test_saves_reported_to_csv_logger_and_metrics_history(tmp_path):
 
 def test_diff_reports_metric_changes_and_tensor_differences(tmp_path, capsys):
     d = str(tmp_path / "ckpts")
-    _fit(tmp_path, [PeriodicCheckpoint(d, every_n_train_steps=4, save_on_train_end=False)])
+    _fit_logged(tmp_path, [PeriodicCheckpoint(d, every_n_train_steps=4, save_on_train_end=False)])
     a, b = [c.path for c in list_checkpoints(d)]
     res = diff_checkpoints(a, b)
     assert res.step_a == 4 and res.step_b == 8
@@ -69,7 +67,7 @@ def test_diff_reports_metric_changes_and_tensor_differences(tmp_path, capsys):
 
 def test_ls_verify_column(tmp_path, capsys):
     d = str(tmp_path / "ckpts")
-    _fit(tmp_path, [PeriodicCheckpoint(d, every_n_train_steps=4, save_on_train_end=False)])
+    _fit_logged(tmp_path, [PeriodicCheckpoint(d, every_n_train_steps=4, save_on_train_end=False)])
     assert main(["ls", d, "--verify"]) == 0
     assert capsys.readouterr().out.count(" ok") == 2
     f = os.path.join(list_checkpoints(d)[0].path, "optim-rank00000.safetensors")
@@ -90,7 +88,7 @@ def test_export_on_train_end_with_mlflow_artifact(tmp_path, monkeypatch):
     uri = f"file:{tmp_path / 'mlruns'}"
     logger = MLFlowLogger(experiment_name="lc", tracking_uri=uri)
     best = BestMetricCheckpoint(d, monitor="val_loss")
-    _fit(tmp_path, [PeriodicCheckpoint(d, every_n_train_steps=4), best, ExportOnTrainEnd(d)], loggers=logger)
+    _fit_logged(tmp_path, [PeriodicCheckpoint(d, every_n_train_steps=4), best, ExportOnTrainEnd(d)], loggers=logger)
     exp = os.path.join(d, "export")
     for name in ("model.safetensors", "model.safetensors.checksums.json", "metrics.json", "metrics.jsonl",
                  "metadata.json", "MODEL_CARD.md"):
@@ -115,7 +113,7 @@ def test_saves_reported_to_tensorboard(tmp_path):
 
     d = str(tmp_path / "ckpts")
     logger = TensorBoardLogger(str(tmp_path / "tb"), name="run")
-    _fit(tmp_path, [PeriodicCheckpoint(d, every_n_train_steps=4, save_on_train_end=False)], loggers=logger)
+    _fit_logged(tmp_path, [PeriodicCheckpoint(d, every_n_train_steps=4, save_on_train_end=False)], loggers=logger)
     (events,) = glob.glob(os.path.join(logger.log_dir, "events.out.tfevents.*"))
     acc = EventAccumulator(events)
     acc.Reload()

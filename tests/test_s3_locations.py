@@ -3,12 +3,11 @@ checkpoints read in place from S3 (list / latest / verify / load / fit), and res
 server (SeaweedFS on loopback) that the tests start themselves."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
-import sys
 
-import lightning.pytorch as pl
 import pytest
 import torch
 
@@ -26,21 +25,14 @@ from lightning_ckpt import (
     verify_checkpoint,
 )
 from lightning_ckpt.session.session import staging_dir
-from lightning_ckpt.demo import DemoDataModule, DemoModel
+from lightning_ckpt.demo import DemoModel
 from lightning_ckpt.format import manifest as mf
 from lightning_ckpt.tools.transfer import push_checkpoint
-from seaweed import list_remote
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from seaweed import s3_server  # noqa: E402
+import support
+from support import ROOT, data, list_remote, run_python
 
-BUCKET = "locs"
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    with s3_server(str(tmp_path_factory.mktemp("weed-locations")), BUCKET) as server:
-        yield server
+BUCKET = "locs"  # the s3 fixture's bucket for this module (the session's server)
 
 
 @pytest.fixture(autouse=True)
@@ -49,13 +41,7 @@ def _local_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("LIGHTNING_CKPT_STAGING", str(tmp_path / "staging"))
 
 
-def _trainer(callbacks, max_steps, **kw):
-    return pl.Trainer(max_steps=max_steps, callbacks=callbacks, logger=False, enable_progress_bar=False,
-                      enable_model_summary=False, num_sanity_val_steps=0, **kw)
-
-
-def _data():
-    return DemoDataModule(n_train=64, n_val=32, batch_size=16)
+_trainer = functools.partial(support.trainer, num_sanity_val_steps=0)  # validation per epoch unless given
 
 
 def _model():
@@ -79,7 +65,7 @@ def test_backup_uri_locations_each_with_their_own_retention(s3, tmp_path):
         RetentionPolicy(d, keep_last=2),
     ]
     t = _trainer(cbs, max_steps=12, val_check_interval=4, limit_val_batches=2)
-    t.fit(_model(), _data())
+    t.fit(_model(), data())
     local = list_checkpoints(d)
     # local: the 2 newest plus the best ones that BestMetricCheckpoint keeps (top_k=-1 protects every improvement)
     assert [c.step for c in local][-2:] == [10, 12]
@@ -121,7 +107,7 @@ def test_s3_dirpath_keeps_no_local_copy_and_resumes_from_s3(s3, tmp_path):
     uri = f"s3://{BUCKET}/direct"
     cbs = [PeriodicCheckpoint(uri, every_n_train_steps=2, resume="auto"), RetentionPolicy(uri, keep_last=2)]
     t = _trainer(cbs, max_steps=8, limit_val_batches=0)
-    t.fit(_model(), _data())
+    t.fit(_model(), data())
     assert _steps(uri) == [6, 8]  # retention applied on S3
     staged = staging_dir(uri)
     assert list_checkpoints(staged) == []  # staged copies are removed once uploaded
@@ -131,7 +117,7 @@ def test_s3_dirpath_keeps_no_local_copy_and_resumes_from_s3(s3, tmp_path):
     # relaunch the same command with more steps: it resumes from S3
     cb = PeriodicCheckpoint(uri, every_n_train_steps=2, resume="auto")
     t2 = _trainer([cb, RetentionPolicy(uri, keep_last=2)], max_steps=12, limit_val_batches=0)
-    t2.fit(_model(), _data())
+    t2.fit(_model(), data())
     assert str(t2.ckpt_path) == f"{uri}/step=000008"
     assert t2.global_step == 12
     assert _steps(uri) == [8, 10, 12]  # retention never deletes the checkpoint this run resumed from
@@ -141,7 +127,7 @@ def test_s3_dirpath_keeps_no_local_copy_and_resumes_from_s3(s3, tmp_path):
     # Trainer.fit(ckpt_path=<s3 checkpoint>) works with no auto resume, too
     model = _model()
     t3 = _trainer([PeriodicCheckpoint(str(tmp_path / "other"), every_n_train_steps=100)], max_steps=13, limit_val_batches=0)
-    t3.fit(model, _data(), ckpt_path=f"{uri}/step=000012")
+    t3.fit(model, data(), ckpt_path=f"{uri}/step=000012")
     assert t3.global_step == 13
 
 
@@ -152,7 +138,7 @@ def test_resume_auto_prefers_local_then_backups_then_starts_fresh(s3, tmp_path):
     def run(max_steps):
         cb = PeriodicCheckpoint(d, every_n_train_steps=2, backup_uri=uri, resume="auto")
         t = _trainer([cb], max_steps=max_steps, limit_val_batches=0)
-        t.fit(_model(), _data())
+        t.fit(_model(), data())
         return t
 
     t = run(4)
@@ -170,7 +156,7 @@ def test_resume_auto_prefers_local_then_backups_then_starts_fresh(s3, tmp_path):
 def test_resume_auto_skips_a_corrupt_newest_backup(s3, tmp_path):
     d = str(tmp_path / "ckpts")
     uri = f"s3://{BUCKET}/corrupt-newest"
-    _trainer([PeriodicCheckpoint(d, every_n_train_steps=2, backup_uri=uri)], max_steps=4, limit_val_batches=0).fit(_model(), _data())
+    _trainer([PeriodicCheckpoint(d, every_n_train_steps=2, backup_uri=uri)], max_steps=4, limit_val_batches=0).fit(_model(), data())
     # damage the newest checkpoint on S3 (one shard file replaced by flipped bytes)
     client = s3.client()
     key = next(o["Key"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix="corrupt-newest/step=000004/")["Contents"]
@@ -182,7 +168,7 @@ def test_resume_auto_skips_a_corrupt_newest_backup(s3, tmp_path):
     with pytest.warns(UserWarning, match="step=000004"):
         t = _trainer([PeriodicCheckpoint(d, every_n_train_steps=2, backup_uri=uri, resume="auto")], max_steps=6,
                      limit_val_batches=0)
-        t.fit(_model(), _data())
+        t.fit(_model(), data())
     assert str(t.ckpt_path) == os.path.join(d, "step=000002")
 
 
@@ -196,7 +182,7 @@ def _put_tree(client, prefix, folder):
 @pytest.fixture(scope="module")
 def good_ckpt(tmp_path_factory, s3):
     d = str(tmp_path_factory.mktemp("good"))
-    _trainer([PeriodicCheckpoint(d, every_n_train_steps=2)], max_steps=2, limit_val_batches=0).fit(_model(), _data())
+    _trainer([PeriodicCheckpoint(d, every_n_train_steps=2)], max_steps=2, limit_val_batches=0).fit(_model(), data())
     return os.path.join(d, "step=000002")
 
 
@@ -258,7 +244,7 @@ def test_hostile_checkpoints_on_s3_are_refused_before_anything_runs(s3, good_ckp
     before = {k: v.clone() for k, v in model.state_dict().items()}
     t = _trainer([PeriodicCheckpoint(str(tmp_path / "run"), every_n_train_steps=100)], max_steps=3, limit_val_batches=0)
     with pytest.raises(error):
-        t.fit(model, _data(), ckpt_path=uri)
+        t.fit(model, data(), ckpt_path=uri)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert not os.path.exists("/tmp/lightning_ckpt_pwned")
     # next to a valid older checkpoint, latest_checkpoint falls back to that one
@@ -303,16 +289,14 @@ def test_cli_lists_shows_verifies_and_merges_checkpoints_on_s3(s3, good_ckpt, tm
     assert "does not exist" in capsys.readouterr().err
 
 
+@pytest.mark.usefixtures("forkserver")
 def test_fault_tolerant_recipe_resumes_on_a_fresh_machine_from_its_backups(s3, tmp_path):
     """configs/fault_tolerant.yaml through LightningCLI, as a user runs it; then the same command on a machine
     without the run folder continues from S3."""
-    import subprocess
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     s3.client().create_bucket(Bucket="lightning-ckpt")
-    cmd = [sys.executable, os.path.join(root, "examples", "cli.py"), "fit", "--config",
-           os.path.join(root, "configs", "fault_tolerant.yaml")]
-    first = subprocess.run(cmd + ["--trainer.max_steps", "60"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    cmd = [os.path.join(ROOT, "examples", "cli.py"), "fit", "--config",
+           os.path.join(ROOT, "configs", "fault_tolerant.yaml")]
+    first = run_python(cmd + ["--trainer.max_steps", "60"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr[-4000:]
     local = str(tmp_path / "runs" / "fault_tolerant")
     assert [c.step for c in list_checkpoints(local)][-2:] == [40, 60]
@@ -320,7 +304,7 @@ def test_fault_tolerant_recipe_resumes_on_a_fresh_machine_from_its_backups(s3, t
     bests = list_checkpoints("s3://lightning-ckpt/best/fault_tolerant")
     assert bests and all("best" in c.tags for c in bests[:-1])
     shutil.rmtree(tmp_path / "runs")  # a fresh machine
-    again = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    again = run_python(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-4000:]
     assert "resuming from" in again.stderr and "step=000060" in again.stderr
     assert _steps("s3://lightning-ckpt/runs/fault_tolerant") == [60, 80, 100]
@@ -336,7 +320,7 @@ def test_reupload_of_a_name_uncommits_the_old_one_first_and_orphans_are_cleaned(
     uri = f"s3://{BUCKET}/overwrite"
     push_checkpoint(good_ckpt, uri)
     other = str(tmp_path / "other")
-    _trainer([PeriodicCheckpoint(other, every_n_train_steps=2)], max_steps=2, limit_val_batches=0).fit(DemoModel(hidden=48), _data())
+    _trainer([PeriodicCheckpoint(other, every_n_train_steps=2)], max_steps=2, limit_val_batches=0).fit(DemoModel(hidden=48), data())
     client = s3.client()
     real = S3Store.put_file
     calls = []
@@ -372,7 +356,7 @@ def test_resume_prefers_a_newer_backup_over_a_stale_local_folder(s3, tmp_path):
 
     d = str(tmp_path / "a")
     uri = f"s3://{BUCKET}/stale"
-    _trainer([PeriodicCheckpoint(d, every_n_train_steps=2, backup_uri=uri)], max_steps=6, limit_val_batches=0).fit(_model(), _data())
+    _trainer([PeriodicCheckpoint(d, every_n_train_steps=2, backup_uri=uri)], max_steps=6, limit_val_batches=0).fit(_model(), data())
     stale = str(tmp_path / "b")
     pull_checkpoint(f"{uri}/step=000002", stale)  # machine B has an old copy of the run folder
     got = resume_path(stale, uri)
@@ -402,7 +386,7 @@ def test_export_at_the_end_of_a_run_saved_straight_to_s3(s3, tmp_path):
     cbs = [PeriodicCheckpoint(uri, every_n_train_steps=4), BestMetricCheckpoint(uri, monitor="val_loss", top_k=1),
            ExportOnTrainEnd(uri, export_dir=out)]
     t = _trainer(cbs, max_steps=8, val_check_interval=4, limit_val_batches=2)
-    t.fit(_model(), _data())
+    t.fit(_model(), data())
     best = cbs[1].best_model_path
     assert best is not None and best.startswith(uri + "/")
     model = DemoModel()

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,16 +10,10 @@ import torch
 from lightning_ckpt import CheckpointCorruptError, CheckpointWriter, load_checkpoint, resume_path
 from lightning_ckpt.cli import main
 from lightning_ckpt.tools.transfer import pull_checkpoint, push_checkpoint
-from seaweed import list_remote
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from seaweed import s3_server  # noqa: E402
+from support import list_remote, run_python
 
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    with s3_server(str(tmp_path_factory.mktemp("weed")), "ckpts") as server:
-        yield server
+BUCKET = "ckpts"  # the s3 fixture's bucket for this module (the session's server)
 
 
 def _ckpts(tmp_path, steps=(5, 10)):
@@ -65,6 +57,7 @@ def test_upload_without_manifest_is_not_a_checkpoint_and_corrupt_objects_are_ref
     assert not [e for e in os.listdir(tmp_path / "bad")], "nothing partial is left behind"
 
 
+@pytest.mark.usefixtures("forkserver")
 def test_cli_push_pull(s3, tmp_path, capsys):
     (a,) = _ckpts(tmp_path, steps=(3,))
     assert main(["push", a, "s3://ckpts/cli", "--quiet"]) == 0
@@ -73,7 +66,7 @@ def test_cli_push_pull(s3, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["path"].endswith("step=000003")
     assert main(["pull", "s3://ckpts/nothing-here", str(tmp_path / "q"), "--quiet"]) == 2
     assert "does not exist" in capsys.readouterr().err
-    p = subprocess.run([sys.executable, "-m", "lightning_ckpt.cli", "push", a, "not-a-uri"], capture_output=True, text=True)
+    p = run_python(["-m", "lightning_ckpt.cli", "push", a, "not-a-uri"], capture_output=True, text=True)
     assert p.returncode == 2 and "s3://bucket/prefix" in p.stderr
 
 

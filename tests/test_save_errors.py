@@ -4,13 +4,15 @@ configured (``on_save_error``). Real processes, real Trainer."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import textwrap
+
+import pytest
 
 from lightning_ckpt import list_checkpoints, verify_checkpoint
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from support import ROOT, run_python
+
+pytestmark = pytest.mark.usefixtures("forkserver")
 
 SCRIPT = textwrap.dedent('''
     import os, resource, signal, sys, warnings
@@ -34,8 +36,8 @@ SCRIPT = textwrap.dedent('''
 
 
 def _run(d, max_steps, limit, policy, async_save):
-    return subprocess.run([sys.executable, "-c", SCRIPT, d, str(max_steps), str(limit), policy, "1" if async_save else "0"],
-                          capture_output=True, text=True, timeout=300)
+    return run_python(["-c", SCRIPT, d, str(max_steps), str(limit), policy, "1" if async_save else "0"],
+                      capture_output=True, text=True, timeout=300)
 
 
 def _entries(d):

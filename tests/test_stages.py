@@ -7,7 +7,6 @@ import os
 import pickle
 import runpy
 import signal
-import subprocess
 import sys
 import textwrap
 import time
@@ -26,6 +25,8 @@ from lightning_ckpt.errors import CheckpointCorruptError
 from lightning_ckpt.format import manifest as mf
 from lightning_ckpt.format.checksum import crc32c
 from lightning_ckpt.extras.stages import StageCache, StageCacheWarning, UncacheableValueError, checkpointed_stage
+
+from support import run_python, start_python
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -447,6 +448,7 @@ def _log(path: Path) -> list[str]:
     return [line.split()[0] for line in path.read_text().splitlines()] if path.exists() else []
 
 
+@pytest.mark.usefixtures("forkserver")
 def test_pipeline_killed_mid_stage_resumes_without_recomputing_finished_stages(tmp_path, monkeypatch, capsys):
     script = tmp_path / "pipe.py"
     script.write_text(PIPELINE_SCRIPT.format(repo=str(REPO)))
@@ -454,7 +456,7 @@ def test_pipeline_killed_mid_stage_resumes_without_recomputing_finished_stages(t
     env = dict(os.environ, PYTHONWARNINGS="ignore")
 
     # run 1: SIGKILL while stage 2 computes
-    p = subprocess.Popen([sys.executable, str(script), str(cache_dir), str(log)], env=dict(env, PIPE_MODE="hang"))
+    p = start_python([str(script), str(cache_dir), str(log)], env=dict(env, PIPE_MODE="hang"))
     deadline = time.time() + 60
     while "scale-hanging" not in _log(log):
         assert p.poll() is None and time.time() < deadline, "the pipeline did not reach stage 2"
@@ -468,8 +470,7 @@ def test_pipeline_killed_mid_stage_resumes_without_recomputing_finished_stages(t
     raw_mtime = os.stat(os.path.join(raw_entry.path, "manifest.json")).st_mtime_ns
 
     # run 2 (a new process): stage 1 is loaded; SIGKILL inside stage 2's commit, after its files were written
-    p = subprocess.run([sys.executable, str(script), str(cache_dir), str(log)], env=dict(env, PIPE_MODE="die-at-commit"),
-                       timeout=120)
+    p = run_python([str(script), str(cache_dir), str(log)], env=dict(env, PIPE_MODE="die-at-commit"), timeout=120)
     assert p.returncode == -signal.SIGKILL
     assert _log(log) == ["load_raw", "scale", "scale-hanging", "scale", "dying-at-commit"]
     partials = list((cache_dir / "scale").glob(".partial-*"))
@@ -516,6 +517,7 @@ def test_a_result_committed_concurrently_by_another_process_wins(tmp_path, monke
 
 
 # ------------------------------------------------------------------ housekeeping
+@pytest.mark.usefixtures("forkserver")
 def test_entries_clear_and_partials_of_live_and_dead_processes(tmp_path):
     calls: list[str] = []
     cache = StageCache(tmp_path)
@@ -524,7 +526,7 @@ def test_entries_clear_and_partials_of_live_and_dead_processes(tmp_path):
     assert all(e.size_bytes > 0 and e.compute_s is not None for e in cache.entries())
 
     host = host_id()
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = run_python(["-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(dead.stdout)
     fp = "0123456789abcdef" * 4
     for name in (f".partial-{fp}~{host}.{dead_pid}~aaaaaa", f".partial-{fp}~{host}.{os.getpid()}~bbbbbb",

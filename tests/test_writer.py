@@ -4,8 +4,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import subprocess
-import sys
 import textwrap
 import threading
 import warnings
@@ -27,7 +25,8 @@ from lightning_ckpt import (
 )
 from lightning_ckpt.writer import cleanup_partials
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from support import ROOT as REPO
+from support import run_python
 
 
 def make_state(seed: int = 0, hidden: int = 4) -> dict:
@@ -307,6 +306,7 @@ def test_interrupted_save_is_never_listed_and_is_cleaned_up(tmp_path, writers):
     verify_checkpoint(str(tmp_path / "step=000001"))
 
 
+@pytest.mark.usefixtures("forkserver")
 def test_process_killed_at_the_commit_point_leaves_previous_checkpoint_intact(tmp_path):
     d = tmp_path / "ckpts"
     script = textwrap.dedent(
@@ -323,7 +323,7 @@ def test_process_killed_at_the_commit_point_leaves_previous_checkpoint_intact(tm
         """
     )
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    proc = run_python(["-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 17, proc.stderr
     partials = [e for e in os.listdir(d) if e.startswith(".partial-")]
     assert len(partials) == 1 and os.path.isfile(d / partials[0] / "manifest.json")

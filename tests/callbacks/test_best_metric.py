@@ -1,40 +1,19 @@
 """BestMetricCheckpoint with a real Trainer."""
 from __future__ import annotations
 
-import lightning.pytorch as pl
+import functools
+
 import pytest
 from lightning.pytorch.callbacks import Callback
 
 from lightning_ckpt import BestMetricCheckpoint, MonitorNotFoundError, latest_checkpoint, list_checkpoints
-from lightning_ckpt.demo import DemoDataModule, DemoModel
+from lightning_ckpt.demo import DemoModel
 
+import support
+from support import data
 
-def trainer(callbacks, val_every=2, **kw) -> pl.Trainer:
-    kw.setdefault("max_steps", 12)
-    return pl.Trainer(
-        callbacks=callbacks, logger=False, enable_progress_bar=False, enable_model_summary=False,
-        val_check_interval=val_every, check_val_every_n_epoch=None, num_sanity_val_steps=0, **kw,
-    )
-
-
-def data() -> DemoDataModule:
-    return DemoDataModule(n_train=64, n_val=32, batch_size=16)  # 4 batches per epoch
-
-
-class Scripted(DemoModel):
-    """Logs ``score`` at validation from a fixed table indexed by ``trainer.global_step``."""
-
-    script: dict = {}
-
-    def validation_step(self, batch, batch_idx):
-        super().validation_step(batch, batch_idx)
-        self.log("score", float(self.script[self.trainer.global_step]))
-
-
-def scripted(values: dict) -> Scripted:
-    m = Scripted()
-    m.script = dict(values)
-    return m
+trainer = functools.partial(support.trainer, val_every=2, max_steps=12)
+scripted = functools.partial(support.scripted, strict=True)  # `score` = values[global_step]; a missing step fails
 
 
 class RecordVal(Callback):
@@ -70,6 +49,7 @@ def test_top_k_best_by_val_loss_remain(tmp_path, top_k):
     assert cb.best_model_path is not None and cb.best_model_path.endswith(f"step={min(rec.seen, key=rec.seen.get):06d}")
 
 
+@pytest.mark.smoke
 def test_scripted_min_top2_evicts_and_deletes(tmp_path):
     values = {2: 0.5, 4: 0.25, 6: 0.375, 8: 0.125, 10: 0.75, 12: 0.3125}  # exact in float32
     cb = BestMetricCheckpoint(str(tmp_path), monitor="score", top_k=2)

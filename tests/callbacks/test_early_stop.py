@@ -1,43 +1,21 @@
 """EarlyStopAndSave with a real Trainer."""
 from __future__ import annotations
 
+import functools
 import math
 
-import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
 from lightning_ckpt import EarlyStopAndSave, PeriodicCheckpoint, latest_checkpoint, list_checkpoints, load_checkpoint
-from lightning_ckpt.demo import DemoDataModule, DemoModel
+from lightning_ckpt.demo import DemoModel
+
+import support
+from support import data, scripted
 
 
-def trainer(callbacks, val_every=2, **kw) -> pl.Trainer:
-    kw.setdefault("max_steps", 40)
-    return pl.Trainer(
-        callbacks=callbacks, logger=False, enable_progress_bar=False, enable_model_summary=False,
-        val_check_interval=val_every, check_val_every_n_epoch=None, num_sanity_val_steps=0, **kw,
-    )
-
-
-def data() -> DemoDataModule:
-    return DemoDataModule(n_train=64, n_val=32, batch_size=16)  # 4 batches per epoch
-
-
-class Scripted(DemoModel):
-    """Logs ``score`` at validation from a fixed table indexed by ``trainer.global_step`` (default 1.0)."""
-
-    script: dict = {}
-
-    def validation_step(self, batch, batch_idx):
-        super().validation_step(batch, batch_idx)
-        self.log("score", float(self.script.get(self.trainer.global_step, 1.0)))
-
-
-def scripted(values: dict, **kw) -> Scripted:
-    m = Scripted(**kw)
-    m.script = dict(values)
-    return m
+trainer = functools.partial(support.trainer, val_every=2, max_steps=40)
 
 
 def tagged(dirpath, tag):

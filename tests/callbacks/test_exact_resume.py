@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,12 +16,16 @@ from safetensors.torch import load_file
 
 from lightning_ckpt import latest_checkpoint, list_checkpoints, verify_checkpoint
 
-SCRIPT = os.path.join(os.path.dirname(os.path.dirname(__file__)), "train_script.py")
+from support import TESTS, run_python
+
+pytestmark = [pytest.mark.usefixtures("forkserver"), pytest.mark.slow]
+
+SCRIPT = os.path.join(TESTS, "train_script.py")
 N = 30  # 13 batches per epoch: the runs cross two epoch boundaries
 
 
 def _run(*args: str, expect_kill: bool = False) -> subprocess.CompletedProcess:
-    p = subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=300)
+    p = run_python([SCRIPT, *args], capture_output=True, text=True, timeout=300)
     if expect_kill:
         assert p.returncode == -signal.SIGKILL, p.stderr[-3000:]
     else:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 
@@ -9,7 +10,6 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from lightning_ckpt.store.local import LocalTransaction
 from lightning_ckpt import (
     CheckpointWriteError,
     LightningCkptIO,
@@ -19,19 +19,13 @@ from lightning_ckpt import (
     load_checkpoint,
     verify_checkpoint,
 )
-from lightning_ckpt.demo import DemoDataModule, DemoModel
+from lightning_ckpt.demo import DemoModel
+from lightning_ckpt.store.local import LocalTransaction
 
+import support
+from support import data
 
-def trainer(callbacks, **kw) -> pl.Trainer:
-    kw.setdefault("max_steps", 10)
-    return pl.Trainer(callbacks=callbacks, logger=False, enable_progress_bar=False, enable_model_summary=False, **kw)
-
-
-def data(**kw) -> DemoDataModule:
-    kw.setdefault("n_train", 64)
-    kw.setdefault("n_val", 32)
-    kw.setdefault("batch_size", 16)  # 4 batches per epoch
-    return DemoDataModule(**kw)
+trainer = functools.partial(support.trainer, max_steps=10)  # Lightning's validation: each epoch (4 batches)
 
 
 @pytest.mark.parametrize(
@@ -52,6 +46,7 @@ def test_bad_settings_raise_valueerror_naming_the_setting(tmp_path, kwargs, mess
         PeriodicCheckpoint(str(tmp_path), **kwargs)
 
 
+@pytest.mark.smoke
 def test_every_n_train_steps_and_final(tmp_path):
     cb = PeriodicCheckpoint(str(tmp_path), every_n_train_steps=3)
     trainer([cb], max_steps=10).fit(DemoModel(), data())
@@ -85,6 +80,7 @@ def test_every_n_seconds(tmp_path):
     assert [c.step for c in list_checkpoints(str(tmp_path))] == [1, 2, 3, 4]
 
 
+@pytest.mark.smoke
 def test_sync_save_and_plain_trainer_resume(tmp_path):
     cb = PeriodicCheckpoint(str(tmp_path), every_n_train_steps=4, async_save=False)
     trainer([cb], max_steps=8).fit(DemoModel(), data())

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -14,15 +13,20 @@ from safetensors.torch import load_file
 
 from lightning_ckpt import PreemptionCheckpoint, latest_checkpoint, list_checkpoints, verify_checkpoint
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SCRIPT = os.path.join(ROOT, "tests", "train_script.py")
-DDP = os.path.join(ROOT, "tests", "distributed", "ddp_script.py")
+import support.launch
+from support import TESTS, run_python
+
+pytestmark = pytest.mark.usefixtures("forkserver")
+
+SCRIPT = os.path.join(TESTS, "train_script.py")
+DDP = os.path.join(TESTS, "distributed", "ddp_script.py")
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=300)
+    return run_python([SCRIPT, *args], capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1"])
 def test_signal_saves_the_step_exits_cleanly_and_resumes_exactly(tmp_path, sig):
     straight = _run("--dir", str(tmp_path / "a"), "--max-steps", "30", "--every", "7", "--out", str(tmp_path / "a.st"))
@@ -46,14 +50,13 @@ def test_bad_signal_name():
         PreemptionCheckpoint("x", signals=[])
 
 
+@pytest.mark.distributed
 def test_sigterm_under_torchrun_all_ranks_save_the_same_step(tmp_path):
     """SIGTERM to the torchrun agent (as a scheduler sends it): it forwards the signal to every rank; the ranks agree
     on one step, commit a `preempt` checkpoint of it together and exit promptly."""
     d = str(tmp_path / "ckpts")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", DDP, "--dir", d,
-           "--max-steps", "100000", "--every", "20", "--preempt"]
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    p = support.launch.start(2, DDP, "--dir", d, "--max-steps", "100000", "--every", "20", "--preempt",
+                               stderr=subprocess.STDOUT)
     try:
         t0 = time.monotonic()
         while not (os.path.isdir(d) and any(e.startswith("step=") for e in os.listdir(d))):

@@ -1,34 +1,19 @@
 """RetentionPolicy with saving callbacks on the same folder and a real Trainer."""
 from __future__ import annotations
 
+import functools
 import logging
 
-import lightning.pytorch as pl
 import pytest
 
 from lightning_ckpt import BestMetricCheckpoint, PeriodicCheckpoint, RetentionPolicy, latest_checkpoint, list_checkpoints
-from lightning_ckpt.demo import DemoDataModule, DemoModel
+from lightning_ckpt.demo import DemoModel
+
+import support
+from support import data, scripted
 
 
-def trainer(callbacks, val_every=None, **kw) -> pl.Trainer:
-    kw.setdefault("max_steps", 10)
-    if val_every is not None:
-        kw.update(val_check_interval=val_every, check_val_every_n_epoch=None, num_sanity_val_steps=0)
-    else:
-        kw.update(limit_val_batches=0)
-    return pl.Trainer(callbacks=callbacks, logger=False, enable_progress_bar=False, enable_model_summary=False, **kw)
-
-
-def data() -> DemoDataModule:
-    return DemoDataModule(n_train=64, n_val=32, batch_size=16)  # 4 batches per epoch
-
-
-class Scripted(DemoModel):
-    script: dict = {}
-
-    def validation_step(self, batch, batch_idx):
-        super().validation_step(batch, batch_idx)
-        self.log("score", float(self.script.get(self.trainer.global_step, 1.0)))
+trainer = functools.partial(support.trainer, val_every=None, max_steps=10)
 
 
 def steps(d):
@@ -66,8 +51,7 @@ def test_max_total_bytes(tmp_path):
 
 def test_best_k_of_best_metric_checkpoint_is_protected(tmp_path):
     # val every 2 steps; 'score' best at step 2 and 4 (top_k=2); keep_last=1 would delete them
-    model = Scripted()
-    model.script = {2: 0.125, 4: 0.25, 6: 0.5, 8: 0.75, 10: 0.875}
+    model = scripted({2: 0.125, 4: 0.25, 6: 0.5, 8: 0.75, 10: 0.875})
     pc = PeriodicCheckpoint(str(tmp_path), every_n_train_steps=2, save_on_train_end=False)
     best = BestMetricCheckpoint(str(tmp_path), monitor="score", top_k=2)
     rp = RetentionPolicy(str(tmp_path), keep_last=1)

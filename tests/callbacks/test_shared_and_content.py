@@ -1,10 +1,9 @@
 """One save per step for all callbacks on a folder; content / include; conditional and adaptive saving."""
 from __future__ import annotations
 
+import functools
 import os
-import time
 
-import lightning.pytorch as pl
 import pytest
 import torch
 
@@ -19,49 +18,13 @@ from lightning_ckpt import (
     load_weights,
     verify_checkpoint,
 )
-from lightning_ckpt.demo import DemoDataModule, DemoModel
+from lightning_ckpt.demo import DemoModel
+
+import support
+from support import data, scripted
 
 
-def trainer(callbacks, val_every=None, **kw) -> pl.Trainer:
-    kw.setdefault("max_steps", 8)
-    if val_every is not None:
-        kw.update(val_check_interval=val_every, check_val_every_n_epoch=None, num_sanity_val_steps=0)
-    else:
-        kw.update(limit_val_batches=0)
-    return pl.Trainer(callbacks=callbacks, logger=False, enable_progress_bar=False, enable_model_summary=False, **kw)
-
-
-def data() -> DemoDataModule:
-    return DemoDataModule(n_train=64, n_val=32, batch_size=16)  # 4 batches per epoch
-
-
-class Scripted(DemoModel):
-    """``score`` at validation and ``tscore`` in training_step, from tables indexed by the step they belong to
-    (the value of ``tscore`` seen when step ``s`` ends is ``train_script[s]``)."""
-
-    script: dict = {}
-    train_script: dict = {}
-    sleep_s: float = 0.0
-
-    def training_step(self, batch, batch_idx):
-        if self.sleep_s:
-            time.sleep(self.sleep_s)
-        loss = super().training_step(batch, batch_idx)
-        if self.train_script:
-            self.log("tscore", float(self.train_script[self.trainer.global_step + 1]))
-        return loss
-
-    def validation_step(self, batch, batch_idx):
-        super().validation_step(batch, batch_idx)
-        self.log("score", float(self.script.get(self.trainer.global_step, 1.0)))
-
-
-def scripted(script=None, train_script=None, sleep_s=0.0) -> Scripted:
-    m = Scripted()
-    m.script = dict(script or {})
-    m.train_script = dict(train_script or {})
-    m.sleep_s = sleep_s
-    return m
+trainer = functools.partial(support.trainer, val_every=None, max_steps=8)
 
 
 def folders(d):

@@ -21,8 +21,11 @@ from safetensors.torch import load_file
 from lightning_ckpt import PreemptionCheckpoint, list_checkpoints, verify_checkpoint
 from lightning_ckpt.callbacks.preemption import requeue_slurm_job, slurm_job_id
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SCRIPT = os.path.join(ROOT, "tests", "slurm_script.py")
+from support import TESTS, free_port, start_python
+
+pytestmark = pytest.mark.usefixtures("forkserver")
+
+SCRIPT = os.path.join(TESTS, "slurm_script.py")
 
 # logs one JSON line per call: its arguments and the committed checkpoints (step, tags) found in $CKPT_DIR, read
 # from their manifest.json files (a folder is committed once renamed from .partial-*, with its manifest inside)
@@ -64,12 +67,11 @@ def _slurm_env(bindir: str, ckpt_dir: str, log: str, **extra: str) -> dict:
     return env
 
 
-def _start(args: list, env: dict) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, SCRIPT, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+def _start(args: list, env: dict):
+    return start_python([SCRIPT, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _finish(p: subprocess.Popen) -> tuple[int, str, str]:
+def _finish(p) -> tuple[int, str, str]:
     try:
         out, err = p.communicate(timeout=300)
     finally:
@@ -89,6 +91,7 @@ def _hpc_files(root) -> list:
     return sorted(str(p) for p in root.rglob("hpc_ckpt_*"))
 
 
+@pytest.mark.slow
 def test_requeue_signal_commits_preempt_then_requeues_and_the_requeued_job_resumes_exactly(tmp_path, fake_scontrol):
     d, log = str(tmp_path / "ckpts"), str(tmp_path / "scontrol.log")
     cmd = ["--dir", d, "--root", str(tmp_path / "root"), "--max-steps", "30", "--every", "7", "--signal-at", "10",
@@ -143,20 +146,13 @@ def test_array_job_requeue_id_and_slurm_requeue_false_keeps_lightnings_handler(t
     assert [(c.step, c.tags) for c in list_checkpoints(d2)] == [(6, ["final"])]
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
+@pytest.mark.distributed
 def test_two_ranks_the_signal_on_rank_1_only_both_save_the_step_and_rank_0_requeues_after_the_commit(tmp_path, fake_scontrol):
     """Two SLURM tasks (DDP on CPU, one process each, as srun starts them); only rank 1 gets SIGUSR1. Both ranks
     agree on the step, write their shares of one `preempt` checkpoint and stop cleanly; rank 0, which never got the
     signal, requeues once, after the commit."""
     d, log = str(tmp_path / "ckpts"), str(tmp_path / "scontrol.log")
-    port = str(_free_port())
+    port = str(free_port())
     procs = [
         _start(["--dir", d, "--root", str(tmp_path / "root"), "--max-steps", "8", "--every", "100", "--signal-at", "3",
                 "--signal-rank", "1", "--devices", "2"],

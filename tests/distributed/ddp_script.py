@@ -28,6 +28,7 @@ class FailInSave(pl.Callback):
 
     def __init__(self, rank: int, step: int, how: str) -> None:
         self.rank, self.step, self.how = rank, step, how
+        self.restore: dict = {}
 
     def setup(self, trainer, pl_module, stage):
         if trainer.global_rank != self.rank:
@@ -43,6 +44,7 @@ class FailInSave(pl.Callback):
                 time.sleep(2.0)
                 return real_commit(tx, *a, **k)
 
+            self.restore["commit"] = real_commit
             LocalTransaction.commit = slow_commit
             return
         real, target = LocalTransaction.write_tensors, f"step={self.step:06d}"
@@ -54,7 +56,15 @@ class FailInSave(pl.Callback):
                 time.sleep(600)
             return real(tx, *a, **k)
 
+        self.restore["write_tensors"] = real
         LocalTransaction.write_tensors = failing
+
+    def teardown(self, trainer, pl_module, stage):  # this process may run other scripts next (tests/support/shared.py)
+        from lightning_ckpt.store.local import LocalTransaction
+
+        for name, real in self.restore.items():
+            setattr(LocalTransaction, name, real)
+        self.restore = {}
 
 
 def main() -> None:

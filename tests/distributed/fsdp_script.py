@@ -31,7 +31,8 @@ def build():
 
 def main() -> None:
     out, mode = sys.argv[1], sys.argv[2]
-    dist.init_process_group("gloo")
+    if not dist.is_initialized():  # initialized already: an earlier run of a shared launch (tests/support/shared.py)
+        dist.init_process_group("gloo")
     rank = dist.get_rank()
     m, opt = build()
     for i in range(3):
@@ -62,7 +63,8 @@ def main() -> None:
     dist.barrier()
     if rank == 0:
         print("FSDP-OK")
-    dist.destroy_process_group()
+    if not os.environ.get("LC_TEST_SHARED_LAUNCH"):  # else the next run of the shared launch uses the group
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

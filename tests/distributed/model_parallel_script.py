@@ -125,5 +125,5 @@ if __name__ == "__main__":
     import torch.distributed as dist
 
     gc.collect()
-    if dist.is_initialized():
+    if dist.is_initialized() and not os.environ.get("LC_TEST_SHARED_LAUNCH"):  # a shared launch destroys it at its end
         dist.destroy_process_group()

@@ -2,24 +2,29 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from lightning_ckpt import latest_checkpoint, list_checkpoints, load_checkpoint
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from support import ROOT
+from support.launch import nodes
+from support.shared import two_ranks
+
+pytestmark = pytest.mark.usefixtures("forkserver")
+
+CLI = os.path.join(ROOT, "examples", "cli.py")
+DDP_YAML = os.path.join(ROOT, "configs", "ddp.yaml")
+
+# runs in the session's shared 2-rank launch (support.shared), in its own folder (the YAML's dirpath is relative)
+cli_ddp_yaml = two_ranks("cli_ddp_yaml", CLI, lambda d: ["fit", "--config", DDP_YAML, "--trainer.devices", "2",
+                                                    "--trainer.max_steps", "40"], cwd=True)
 
 
-def test_ddp_yaml_under_torchrun(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(ROOT, "examples", "cli.py"), "fit", "--config", os.path.join(ROOT, "configs", "ddp.yaml"),
-           "--trainer.devices", "2", "--trainer.max_steps", "40"]
-    p = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert p.returncode == 0, p.stderr[-4000:]
-    d = str(tmp_path / "runs" / "ddp")
+def test_ddp_yaml_under_torchrun(cli_ddp_yaml):
+    d = str(cli_ddp_yaml / "runs" / "ddp")
     ckpts = list_checkpoints(d)
     assert [c.step for c in ckpts] == [20, 40]
     assert all(c.manifest["world_size"] == 2 for c in ckpts)
@@ -31,23 +36,13 @@ def test_ddp_yaml_under_torchrun(tmp_path):
 def test_ddp_yaml_on_two_nodes_with_node_local_folders(tmp_path):
     """examples/ddp_torchrun.sh two-nodes: each node runs in its own working directory, so the YAML's relative
     dirpath is a folder of its own; each folder ends up with every checkpoint whole."""
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from test_two_nodes import free_port
-
-    port = free_port()
-    procs = []
     for node in (0, 1):
-        cwd = tmp_path / f"node{node}"
-        cwd.mkdir()
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
-               "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port),
-               os.path.join(ROOT, "examples", "cli.py"), "fit", "--config", os.path.join(ROOT, "configs", "ddp.yaml"),
-               "--trainer.devices", "1", "--trainer.num_nodes", "2", "--trainer.max_steps", "40"]
-        procs.append(subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                      env={**os.environ, "OMP_NUM_THREADS": "1"}))
-    for p in procs:
-        _, err = p.communicate(timeout=240)
-        assert p.returncode == 0, err[-4000:]
+        (tmp_path / f"node{node}").mkdir()
+    results = nodes(2, 1, CLI, lambda node: ["fit", "--config", DDP_YAML, "--trainer.devices", "1",
+                                             "--trainer.num_nodes", "2", "--trainer.max_steps", "40"],
+                    cwd=lambda node: str(tmp_path / f"node{node}"))
+    for p in results:
+        assert p.returncode == 0, p.stderr[-4000:]
     folders = [str(tmp_path / f"node{n}" / "runs" / "ddp") for n in (0, 1)]
     for d in folders:
         ckpts = list_checkpoints(d)

@@ -3,13 +3,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 
-import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch import seed_everything
 from safetensors.torch import load_file
 
 from lightning_ckpt import (
@@ -20,17 +18,14 @@ from lightning_ckpt import (
     merge_checkpoint,
     verify_checkpoint,
 )
-from lightning_ckpt.demo import DemoDataModule, DemoModel
+from lightning_ckpt.demo import DemoModel
 
-SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ddp_script.py")
+from support import TESTS, data, torchrun, trainer
+from support.shared import two_ranks
 
+pytestmark = pytest.mark.usefixtures("forkserver")
 
-def torchrun(nproc: int, *args: str, ok: bool = True, timeout: float = 240) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", SCRIPT, *args]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    if ok:
-        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
-    return p
+SCRIPT = os.path.join(TESTS, "distributed", "ddp_script.py")
 
 
 def rank_bytes(path: str) -> dict[int, int]:
@@ -42,12 +37,26 @@ def rank_bytes(path: str) -> dict[int, int]:
     return out
 
 
-@pytest.fixture(scope="module")
-def ddp2(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ddp2")
-    torchrun(2, "--dir", str(d / "ckpts"), "--max-steps", "8", "--every", "4", "--hidden", "128",
-             "--out", str(d / "final.safetensors"), "--merge")
-    return d
+# runs in the session's shared 2-rank launch (support.shared); each fixture's value is the run's folder
+ddp2 = two_ranks("ddp2", SCRIPT, lambda d: ["--dir", d / "ckpts", "--max-steps", "8", "--every", "4", "--hidden", "128",
+                                            "--out", d / "final.safetensors", "--merge"])
+ddp_rank0_mode = two_ranks("ddp_rank0_mode", SCRIPT, lambda d: ["--dir", d, "--max-steps", "4", "--every", "4",
+                                                           "--mode", "rank0"])
+ddp_if_busy_skip = two_ranks("ddp_if_busy_skip", SCRIPT, lambda d: [
+    "--dir", d / "ckpts", "--max-steps", "8", "--every", "1", "--if-busy", "skip", "--slow-rank", "0",
+    "--timeout", "30"])
+
+
+def _one_process_checkpoint(d) -> None:
+    seed_everything(3, verbose=False)
+    cb = PeriodicCheckpoint(str(d / "ckpts"), every_n_train_steps=4)
+    t = trainer([cb], val_every=None, max_steps=4, num_sanity_val_steps=0)
+    t.fit(DemoModel(), data(n_train=128))
+
+
+ddp_one_to_two = two_ranks("ddp_one_to_two", SCRIPT, lambda d: [
+    "--dir", d / "ckpts", "--max-steps", "8", "--every", "4", "--resume", "--out", d / "w.safetensors"],
+    prepare=_one_process_checkpoint)
 
 
 def test_sharded_ddp_save_splits_replicated_state_across_ranks(ddp2):
@@ -87,9 +96,8 @@ def test_resume_two_ranks_in_one_process(ddp2, tmp_path):
     src = latest_checkpoint(str(ddp2 / "ckpts"))
     model = DemoModel(hidden=128)
     cb = PeriodicCheckpoint(str(tmp_path / "one"), every_n_train_steps=100)
-    t = pl.Trainer(max_steps=10, callbacks=[cb], logger=False, enable_progress_bar=False, enable_model_summary=False,
-                   num_sanity_val_steps=0, limit_val_batches=0)
-    t.fit(model, DemoDataModule(n_train=128, n_val=32, batch_size=16), ckpt_path=src)
+    t = trainer([cb], val_every=None, max_steps=10, num_sanity_val_steps=0)
+    t.fit(model, data(n_train=128), ckpt_path=src)
     assert t.global_step == 10
     opt_state = t.optimizers[0].state_dict()["state"]
     assert opt_state and all(int(s["step"]) == 10 for s in opt_state.values())
@@ -105,28 +113,21 @@ def test_merge_on_train_end_equals_the_trained_model(ddp2):
     model.load_state_dict(merged)  # clean names, strict
 
 
-def test_resume_one_process_checkpoint_with_two_ranks(tmp_path):
-    """Resharding 1 -> 2."""
-    d = str(tmp_path / "ckpts")
-    pl.seed_everything(3, verbose=False)
-    cb = PeriodicCheckpoint(d, every_n_train_steps=4)
-    t = pl.Trainer(max_steps=4, callbacks=[cb], logger=False, enable_progress_bar=False, enable_model_summary=False,
-                   num_sanity_val_steps=0, limit_val_batches=0)
-    t.fit(DemoModel(), DemoDataModule(n_train=128, n_val=32, batch_size=16))
-    torchrun(2, "--dir", d, "--max-steps", "8", "--every", "4", "--resume", "--out", str(tmp_path / "w.safetensors"))
-    info = json.load(open(str(tmp_path / "w.safetensors.json")))
+def test_resume_one_process_checkpoint_with_two_ranks(ddp_one_to_two):
+    """Resharding 1 -> 2: a single-process Trainer saved step 4 (``_one_process_checkpoint``), two ranks resume."""
+    d = str(ddp_one_to_two / "ckpts")
+    info = json.load(open(str(ddp_one_to_two / "w.safetensors.json")))
     assert info["world_size"] == 2 and info["global_step"] == 8 and info["resumed_from"].endswith("step=000004")
     m = list_checkpoints(d)[-1].manifest
     assert m["world_size"] == 2 and m["resumed_from"].endswith("step=000004")
 
 
-def test_three_ranks_sync_and_rank0_mode(tmp_path):
+def test_three_ranks_sync_and_rank0_mode(tmp_path, ddp_rank0_mode):
     d3 = str(tmp_path / "three")
-    torchrun(3, "--dir", d3, "--max-steps", "4", "--every", "4", "--sync")
+    torchrun(3, SCRIPT, "--dir", d3, "--max-steps", "4", "--every", "4", "--sync")
     per_rank = rank_bytes(latest_checkpoint(d3))
     assert set(per_rank) == {0, 1, 2}
-    d0 = str(tmp_path / "rank0")
-    torchrun(2, "--dir", d0, "--max-steps", "4", "--every", "4", "--mode", "rank0")
+    d0 = str(ddp_rank0_mode)  # 2 ranks, --mode rank0
     m = list_checkpoints(d0)[-1].manifest
     assert {f["rank"] for f in m["files"].values()} == {0} and m["mode"] == "rank0"
     verify_checkpoint(latest_checkpoint(d0))
@@ -137,7 +138,7 @@ def test_three_ranks_sync_and_rank0_mode(tmp_path):
 def test_rank_killed_during_a_save_leaves_no_commit_and_no_hang(tmp_path):
     d = str(tmp_path / "ckpts")
     t0 = time.monotonic()
-    p = torchrun(2, "--dir", d, "--max-steps", "12", "--every", "4", "--die-rank", "1", "--die-step", "8",
+    p = torchrun(2, SCRIPT, "--dir", d, "--max-steps", "12", "--every", "4", "--die-rank", "1", "--die-step", "8",
                  "--timeout", "20", ok=False)
     assert p.returncode != 0
     assert time.monotonic() - t0 < 120
@@ -151,7 +152,7 @@ def test_stuck_rank_fails_the_save_on_the_others_within_the_timeout(tmp_path):
     """A rank that stalls (alive) in a save: the others get a clear error after save_timeout_s, not a hang."""
     d = str(tmp_path / "ckpts")
     t0 = time.monotonic()
-    p = torchrun(2, "--dir", d, "--max-steps", "12", "--every", "4", "--hang-rank", "1", "--hang-step", "8",
+    p = torchrun(2, SCRIPT, "--dir", d, "--max-steps", "12", "--every", "4", "--hang-rank", "1", "--hang-step", "8",
                  "--timeout", "5", "--sync", ok=False, timeout=200)
     elapsed = time.monotonic() - t0
     assert p.returncode != 0
@@ -160,13 +161,11 @@ def test_stuck_rank_fails_the_save_on_the_others_within_the_timeout(tmp_path):
     assert [c.step for c in list_checkpoints(d)] == [4]
 
 
-def test_if_busy_skip_skips_the_same_saves_on_every_rank(tmp_path):
+def test_if_busy_skip_skips_the_same_saves_on_every_rank(ddp_if_busy_skip):
     """if_busy="skip" with rank 0's commits two seconds slower than rank 1's part: rank 1 is done while rank 0 is still
     busy. The ranks must agree to skip (a save is a collective); otherwise one rank saves alone and the run hangs or
     fails. Saving every step: some saves are skipped, the run finishes, and every checkpoint verifies."""
-    d = str(tmp_path / "ckpts")
-    torchrun(2, "--dir", d, "--max-steps", "8", "--every", "1", "--if-busy", "skip", "--slow-rank", "0",
-             "--timeout", "30")
+    d = str(ddp_if_busy_skip / "ckpts")
     steps = [c.step for c in list_checkpoints(d)]
     assert 1 <= len(steps) < 8 and steps[-1] == 8, steps  # skipped some; the final save is never skipped
     for c in list_checkpoints(d):

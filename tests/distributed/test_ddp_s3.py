@@ -5,23 +5,21 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import pytest
 from safetensors.torch import load_file
 
 from lightning_ckpt import list_checkpoints, load_checkpoint
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from seaweed import s3_server  # noqa: E402
-from test_ddp import torchrun  # noqa: E402
+from support import torchrun
+from support.launch import DDP_SCRIPT as SCRIPT
+from support.launch import ddp_two_nodes as two_nodes
+from support.launch import node_folder as folder
+from support.launch import ok
 
+pytestmark = pytest.mark.usefixtures("forkserver")
 
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    with s3_server(str(tmp_path_factory.mktemp("weed-ddp")), "ddp") as server:
-        yield server
+BUCKET = "ddp"  # the s3 fixture's bucket for this module
 
 
 def _cached(root):
@@ -31,14 +29,15 @@ def _cached(root):
 def test_two_ranks_save_to_s3_and_resume_from_it_fetching_only_their_files(s3, tmp_path, monkeypatch):
     monkeypatch.setenv("LIGHTNING_CKPT_STAGING", str(tmp_path / "staging"))
     uri = "s3://ddp/run"
-    torchrun(2, "--dir", uri, "--max-steps", "8", "--every", "4", "--auto-resume", "--rank-cache", str(tmp_path / "c1"))
+    torchrun(2, SCRIPT, "--dir", uri, "--max-steps", "8", "--every", "4", "--auto-resume",
+             "--rank-cache", str(tmp_path / "c1"))
     assert [c.step for c in list_checkpoints(uri)] == [4, 8]
     m = list_checkpoints(uri)[-1].manifest
     assert m["world_size"] == 2 and set(m["state_files"]) == {"0", "1"}
 
     out = str(tmp_path / "w.safetensors")
-    torchrun(2, "--dir", uri, "--max-steps", "12", "--every", "4", "--auto-resume", "--rank-cache", str(tmp_path / "c2"),
-             "--out", out)
+    torchrun(2, SCRIPT, "--dir", uri, "--max-steps", "12", "--every", "4", "--auto-resume",
+             "--rank-cache", str(tmp_path / "c2"), "--out", out)
     info = json.load(open(out + ".json"))
     assert info["resumed_from"] == f"{uri}/step=000008" and info["global_step"] == 12
     assert [c.step for c in list_checkpoints(uri)] == [4, 8, 12]
@@ -55,12 +54,12 @@ def test_two_ranks_save_to_s3_and_resume_from_it_fetching_only_their_files(s3, t
 
 def test_two_ranks_back_up_local_saves_and_resume_on_a_fresh_machine(s3, tmp_path):
     d = str(tmp_path / "ckpts")
-    torchrun(2, "--dir", d, "--max-steps", "8", "--every", "4", "--backup", "s3://ddp/backup")
+    torchrun(2, SCRIPT, "--dir", d, "--max-steps", "8", "--every", "4", "--backup", "s3://ddp/backup")
     assert [c.step for c in list_checkpoints("s3://ddp/backup")] == [4, 8]
     fresh = str(tmp_path / "fresh")  # another machine: nothing local
     out = str(tmp_path / "w.safetensors")
-    torchrun(2, "--dir", fresh, "--max-steps", "12", "--every", "4", "--backup", "s3://ddp/backup", "--auto-resume",
-             "--out", out)
+    torchrun(2, SCRIPT, "--dir", fresh, "--max-steps", "12", "--every", "4", "--backup", "s3://ddp/backup",
+             "--auto-resume", "--out", out)
     info = json.load(open(out + ".json"))
     assert info["resumed_from"] == os.path.join(fresh, "step=000008") and info["global_step"] == 12
     assert [c.step for c in list_checkpoints("s3://ddp/backup")] == [4, 8, 12]
@@ -70,8 +69,6 @@ def test_two_nodes_with_node_local_folders_back_up_and_resume_on_fresh_nodes_fro
     """--nnodes 2, each node with its own local folder and backups on: rank 0 uploads its node's folder, which holds
     the whole checkpoint (every rank's own state included). Relaunched on two fresh nodes (empty folders), both nodes
     resume from S3."""
-    from test_two_nodes import folder, ok, two_nodes
-
     uri = "s3://ddp/nodes-backup"
     ok(two_nodes(tmp_path / "a", 1, "--max-steps", "8", "--every", "4", "--backup", uri))
     assert [c.step for c in list_checkpoints(uri)] == [4, 8]
@@ -89,8 +86,6 @@ def test_two_nodes_with_node_local_folders_back_up_and_resume_on_fresh_nodes_fro
 def test_two_nodes_save_to_an_s3_dirpath_with_node_local_staging(s3, tmp_path):
     """An s3:// dirpath on two nodes, each staging on its own disk: only rank 0's node stages (and uploads) each
     checkpoint, with the other node's rank state handed over; nothing is left staged on either node."""
-    from test_two_nodes import ok, two_nodes
-
     uri = "s3://ddp/nodes-direct"
     ok(two_nodes(tmp_path, 1, "--max-steps", "8", "--every", "4", "--auto-resume", dirpath=uri,
                  node_env={"LIGHTNING_CKPT_STAGING": str(tmp_path / "staging{node}")}))

@@ -3,8 +3,6 @@ the merger consolidates the shards. (Lightning's FSDP strategies need a GPU; thi
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,14 +10,23 @@ from safetensors.torch import load_file
 
 from lightning_ckpt import list_checkpoints, load_checkpoint, merge_checkpoint, verify_checkpoint
 
-SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fsdp_script.py")
+from support import TESTS
+from support.shared import output, two_ranks
+
+SCRIPT = os.path.join(TESTS, "distributed", "fsdp_script.py")
+SHARDED_TENSOR_SCRIPT = os.path.join(TESTS, "distributed", "sharded_tensor_script.py")
+
+# runs in the session's shared 2-rank launch (support.shared); each fixture's value is the run's folder
+fsdp2_async = two_ranks("fsdp2_async", SCRIPT, lambda d: [d, "async"])
+fsdp2_sync = two_ranks("fsdp2_sync", SCRIPT, lambda d: [d, "sync"])
+fsdp1_sharded_tensors = two_ranks("fsdp1_sharded_tensors", SHARDED_TENSOR_SCRIPT, lambda d: [d])
 
 
 @pytest.mark.parametrize("mode", ["async", "sync"])
-def test_fsdp2_shards_written_by_their_owners_and_resharded(tmp_path, mode):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", SCRIPT, str(tmp_path), mode]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert p.returncode == 0 and "FSDP-OK" in p.stdout, p.stdout[-2000:] + p.stderr[-4000:]
+def test_fsdp2_shards_written_by_their_owners_and_resharded(fsdp2_async, fsdp2_sync, mode):
+    tmp_path = {"async": fsdp2_async, "sync": fsdp2_sync}[mode]  # the script's output folder
+    out = output(tmp_path, rank=0)
+    assert "FSDP-OK" in out, out[-4000:]
     ckpt = list_checkpoints(str(tmp_path / "ckpts"))[-1]
     verify_checkpoint(ckpt.path)
     m = ckpt.manifest
@@ -36,14 +43,13 @@ def test_fsdp2_shards_written_by_their_owners_and_resharded(tmp_path, mode):
     assert merged.keys() == full.keys() and all(torch.equal(merged[k], full[k]) for k in full)
 
 
-def test_fsdp1_sharded_tensors_written_by_their_owners(tmp_path):
+def test_fsdp1_sharded_tensors_written_by_their_owners(fsdp1_sharded_tensors):
     """FSDP1's sharded state dict (ShardedTensor, as FSDPStrategy(state_dict_type="sharded") produces on GPUs): each
     rank writes only its rows, sync and async (the async snapshot copies local shards only), and reloads them; one
     process reads the whole tensors back."""
-    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sharded_tensor_script.py")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script, str(tmp_path)]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert p.returncode == 0 and "SHARDED-TENSOR-OK" in p.stdout, p.stdout[-2000:] + p.stderr[-4000:]
+    tmp_path = fsdp1_sharded_tensors  # the script's output folder
+    out = output(tmp_path, rank=0)
+    assert "SHARDED-TENSOR-OK" in out, out[-4000:]
     for mode in ("sync", "async"):
         path = str(tmp_path / mode / "step=000003")
         verify_checkpoint(path)

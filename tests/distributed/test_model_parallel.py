@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,24 +13,21 @@ from safetensors.torch import load_file
 
 from lightning_ckpt import list_checkpoints, merge_checkpoint, verify_checkpoint
 
-SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model_parallel_script.py")
+from support import TESTS, torchrun
+from support.shared import two_ranks
+
+pytestmark = pytest.mark.usefixtures("forkserver")
+
+SCRIPT = os.path.join(TESTS, "distributed", "model_parallel_script.py")
 
 
-def torchrun(nproc: int, *args: str) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", SCRIPT, *args]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+# runs in the session's shared 2-rank launch (support.shared); the fixture's value is the run's folder
+model_parallel_two = two_ranks("model_parallel_two", SCRIPT, lambda d: [
+    "--dir", d / "ckpts", "--max-steps", "4", "--every", "2", "--out", d / "a.safetensors"])
 
 
-@pytest.fixture(scope="module")
-def two(tmp_path_factory):
-    d = tmp_path_factory.mktemp("mp2")
-    torchrun(2, "--dir", str(d / "ckpts"), "--max-steps", "4", "--every", "2", "--out", str(d / "a.safetensors"))
-    return d
-
-
-def test_each_rank_writes_only_its_own_shards(two):
-    ckpts = list_checkpoints(str(two / "ckpts"))
+def test_each_rank_writes_only_its_own_shards(model_parallel_two):
+    ckpts = list_checkpoints(str(model_parallel_two / "ckpts"))
     assert [c.step for c in ckpts] == [2, 4]
     verify_checkpoint(ckpts[-1].path)
     m = ckpts[-1].manifest
@@ -46,20 +41,21 @@ def test_each_rank_writes_only_its_own_shards(two):
             (f"{group}-rank00000.safetensors", 0), (f"{group}-rank00001.safetensors", t["shape"][0] // 2)], key
 
 
-def test_merged_file_equals_the_trained_model(two, tmp_path):
-    merge_checkpoint(list_checkpoints(str(two / "ckpts"))[-1].path, str(tmp_path / "merged.safetensors"))
+def test_merged_file_equals_the_trained_model(model_parallel_two, tmp_path):
+    merge_checkpoint(list_checkpoints(str(model_parallel_two / "ckpts"))[-1].path, str(tmp_path / "merged.safetensors"))
     merged = load_file(str(tmp_path / "merged.safetensors"))
-    trained = load_file(str(two / "a.safetensors"))
+    trained = load_file(str(model_parallel_two / "a.safetensors"))
     assert merged.keys() == trained.keys()
     for k in trained:
         assert torch.equal(merged[k], trained[k]), k
 
 
-def test_resume_two_ranks_on_one_and_one_on_two(two, tmp_path):
+def test_resume_two_ranks_on_one_and_one_on_two(model_parallel_two, tmp_path):
     one = tmp_path / "one"
-    torchrun(1, "--dir", str(one), "--max-steps", "6", "--every", "2", "--sync",
-             "--resume", str(two / "ckpts" / "step=000004"), "--out", str(tmp_path / "b.safetensors"))
-    restored, trained = load_file(str(tmp_path / "b.safetensors.restored")), load_file(str(two / "a.safetensors"))
+    torchrun(1, SCRIPT, "--dir", str(one), "--max-steps", "6", "--every", "2", "--sync",
+             "--resume", str(model_parallel_two / "ckpts" / "step=000004"), "--out", str(tmp_path / "b.safetensors"))
+    restored = load_file(str(tmp_path / "b.safetensors.restored"))
+    trained = load_file(str(model_parallel_two / "a.safetensors"))
     assert restored.keys() == trained.keys()
     for k in trained:  # 2 -> 1: the shards of both ranks reassembled, exactly
         assert torch.equal(restored[k], trained[k]), k
@@ -69,7 +65,7 @@ def test_resume_two_ranks_on_one_and_one_on_two(two, tmp_path):
     assert info["lrs"] == [pytest.approx(0.01 * 0.5 ** 2)]  # StepLR(3, 0.5) per step, restored at step 4
     assert [c.step for c in list_checkpoints(str(one))] == [6]
 
-    torchrun(2, "--dir", str(tmp_path / "again"), "--max-steps", "8", "--every", "2",
+    torchrun(2, SCRIPT, "--dir", str(tmp_path / "again"), "--max-steps", "8", "--every", "2",
              "--resume", str(one / "step=000006"), "--out", str(tmp_path / "c.safetensors"))
     restored, trained = load_file(str(tmp_path / "c.safetensors.restored")), load_file(str(tmp_path / "b.safetensors"))
     for k in trained:  # 1 -> 2: each rank read its half
@@ -81,9 +77,8 @@ def test_resume_two_ranks_on_one_and_one_on_two(two, tmp_path):
 def test_node_local_folders_refuse_sharded_state_with_a_clear_error(tmp_path):
     """A folder per node cannot hold a whole checkpoint of FSDP-sharded state: the save fails on every rank with an
     error that says what to use instead, and nothing is committed."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", SCRIPT,
-           "--dir", str(tmp_path / "node{rank}"), "--max-steps", "2", "--every", "2", "--out", str(tmp_path / "x")]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    p = torchrun(2, SCRIPT, "--dir", str(tmp_path / "node{rank}"), "--max-steps", "2", "--every", "2",
+                 "--out", str(tmp_path / "x"), ok=False)
     assert p.returncode != 0
     assert "local to each node" in p.stderr and "shared filesystem" in p.stderr, p.stderr[-3000:]
     for r in (0, 1):

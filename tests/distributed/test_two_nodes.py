@@ -8,9 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -18,39 +15,11 @@ from safetensors.torch import load_file
 
 from lightning_ckpt import list_checkpoints, load_checkpoint, verify_checkpoint
 
-SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ddp_script.py")
+from support.launch import ddp_two_nodes as two_nodes
+from support.launch import node_folder as folder
+from support.launch import ok
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def two_nodes(base, per_node: int, *args: str, timeout: float = 240, dirpath: str | None = None,
-              node_env: dict | None = None) -> list[subprocess.CompletedProcess]:
-    """One torchrun per node, as on two machines; node k saves into ``base/node<k>/ckpts`` (or ``dirpath``).
-    ``{node}`` in ``args`` and in ``node_env`` values is replaced by the node's number."""
-    port = free_port()
-    procs = []
-    for node in (0, 1):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
-               "--nproc_per_node", str(per_node), "--master_addr", "127.0.0.1", "--master_port", str(port),
-               SCRIPT, "--dir", dirpath or str(base / f"node{node}" / "ckpts"),
-               *[a.replace("{node}", str(node)) for a in args]]
-        env = {**os.environ, "OMP_NUM_THREADS": "1",
-               **{k: v.replace("{node}", str(node)) for k, v in (node_env or {}).items()}}
-        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
-    out = []
-    for p in procs:
-        stdout, stderr = p.communicate(timeout=timeout)
-        out.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
-    return out
-
-
-def ok(results: list[subprocess.CompletedProcess]) -> None:
-    for r in results:
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+pytestmark = pytest.mark.usefixtures("forkserver")
 
 
 @pytest.fixture(scope="module")
@@ -59,10 +28,6 @@ def run(tmp_path_factory):
     ok(two_nodes(base, 2, "--max-steps", "8", "--every", "4", "--hidden", "128", "--merge",
                  "--out", str(base / "final{node}.safetensors")))
     return base
-
-
-def folder(base, node: int) -> str:
-    return str(base / f"node{node}" / "ckpts")
 
 
 def test_each_node_folder_holds_whole_checkpoints(run):
