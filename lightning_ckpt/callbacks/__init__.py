@@ -8,8 +8,9 @@ from .io import LightningCkptIO, install_checkpoint_io
 from .periodic import PeriodicCheckpoint
 from .preemption import PreemptionCheckpoint
 from .retention import RetentionPolicy
+from ..session.state import InexactResumeWarning
 
 __all__ = [
     "BackupToS3", "BaseCheckpointCallback", "BestMetricCheckpoint", "EarlyStopAndSave", "ExportOnTrainEnd", "LightningCkptIO", "MonitorNotFoundError",
-    "PeriodicCheckpoint", "PreemptionCheckpoint", "RetentionPolicy", "install_checkpoint_io",
+    "PeriodicCheckpoint", "PreemptionCheckpoint", "RetentionPolicy", "install_checkpoint_io", "InexactResumeWarning",
 ]

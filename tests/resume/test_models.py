@@ -54,3 +54,20 @@ def test_ema_checkpoint_holds_the_averaged_weights_and_the_training_weights(tmp_
     for k, v in seen["cur"].items():
         assert torch.equal(ckpt["current_model_state"][k], v), k
     assert any(not torch.equal(seen["avg"][k], seen["cur"][k]) for k in seen["avg"])
+
+
+def test_swa_average_is_in_the_callback_state_and_in_the_model_after_fit(tmp_path):
+    """StochasticWeightAveraging keeps its average in its own state (``average_model_state``); it copies it into the
+    model only in on_train_end, after the last checkpoint took the state the run can go on from."""
+    from model_cells import swa
+    from resume_cells import Net
+
+    cell = Cell("swa", EPOCHS, ("fit", {}), model=lambda: Net(sched="epoch"), extra=swa, trainer={"max_epochs": 4})
+    run = fit(cell, str(tmp_path / "ckpts"), "cut")
+    ckpt = load_checkpoint(latest_checkpoint(str(tmp_path / "ckpts")))
+    assert ckpt["global_step"] == 40
+    (state,) = [v for k, v in ckpt["callbacks"].items() if k.startswith("StochasticWeightAveraging")]
+    after_fit = run.model.state_dict()
+    for k, v in after_fit.items():
+        assert torch.equal(state["average_model_state"][k], v), k  # the model after fit holds the average
+    assert any(not torch.equal(ckpt["state_dict"][k], v) for k, v in after_fit.items())  # the checkpoint: trained
