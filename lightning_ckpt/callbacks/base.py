@@ -27,7 +27,7 @@ from ..read import latest_checkpoint, list_checkpoints
 from ..session import resume
 from ..session.options import SaveOptions, check_dirpath, check_option_names
 from ..session.session import FolderSession, Participant, SaveContext
-from ..session.state import STATE_KEY, SaveRequest
+from ..session.state import FULL, STATE_KEY, SaveRequest, warn_inexact
 from ..store import is_remote
 from ..tools.merge import merge_checkpoint
 from . import compat, resume_exact
@@ -271,6 +271,10 @@ class BaseCheckpointCallback(Checkpoint, Participant):
         session.requests.clear()
         # keep a save that was fully requested (it becomes a valid checkpoint) but never mask the training error
         session.wait(raise_errors=False)
+        if session.unwarned is not None:  # a state taken before its step's end is the one kept: say so now
+            step, record = session.unwarned
+            session.unwarned = None
+            warn_inexact(session.inexact_warned, record, step)
         if session.arrive(self, "exception"):
             session.record_failure(exception)
             _end(trainer, session)  # Lightning calls no teardown hook after an exception
@@ -310,10 +314,11 @@ class BaseCheckpointCallback(Checkpoint, Participant):
             self.request_save(trainer, tags)
         if not session.arrive(self, hook):
             return
-        if stage == "end" and not session.requests and compat.fit_ends_after_step(trainer, epoch_end=hook == "epoch_end"):
-            # the fit ends after this step and nothing saves it: its final save takes the state here, not after
-            # Lightning's end-of-fit hooks (an epoch end it runs when it stops mid-epoch, averaged weights copied into
-            # the model, ...); with a save of this step, on_train_end adds its tag to that save
+        if stage == "end" and not any(r.group == FULL for r in session.requests) and \
+                compat.fit_ends_after_step(trainer, epoch_end=hook == "epoch_end"):
+            # the fit ends after this step and nothing saves its full state: its final save takes the state here, not
+            # after Lightning's end-of-fit hooks (an epoch end it runs when it stops mid-epoch, averaged weights copied
+            # into the model, ...); with a full save of this step, on_train_end adds its tag to that save
             for p in session.saving:
                 tags = p._want_save_on_train_end(trainer) if isinstance(p, BaseCheckpointCallback) else None
                 if tags is not None:

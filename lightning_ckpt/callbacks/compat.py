@@ -135,20 +135,22 @@ def after_train_data_setup(trainer: "pl.Trainer", fn: Callable[[], None]) -> Cal
     restart (``_FitLoop.reset``). Returns ``undo()``."""
     loop = trainer.fit_loop
     original = loop.setup_data
+    own = "setup_data" in vars(loop)  # someone else's wrapper on the instance: put it back, not the class's method
+
+    def undo() -> None:
+        if vars(loop).get("setup_data") is setup_data:
+            if own:
+                loop.setup_data = original
+            else:
+                del loop.setup_data
 
     def setup_data(*args: Any, **kwargs: Any) -> Any:
-        loop.setup_data = original  # once
-        del loop.setup_data  # back to the class's method
+        undo()  # once
         out = original(*args, **kwargs)
         fn()
         return out
 
     loop.setup_data = setup_data
-
-    def undo() -> None:
-        if loop.__dict__.get("setup_data") is setup_data:
-            del loop.setup_data
-
     return undo
 
 

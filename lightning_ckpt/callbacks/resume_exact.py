@@ -56,7 +56,7 @@ def stage_of(trainer: Any, session: Any, hook: str) -> str:
 def resume_state(trainer: Any, position: str, after: bool, early: bool = False) -> dict:
     """Our part of a full checkpoint beyond Lightning's own: where the state was taken, the Trainer's callback
     metrics, the module's torchmetrics states, and why a resume from it would not be exact (empty when it is)."""
-    epoch_ended = bool(compat.epoch_ended(trainer)) if position in ("epoch_end", "train_end") else False
+    epoch_ended = bool(compat.epoch_ended(trainer)) if position in ("epoch_end", "train_end", "after_step") else False
     reset = position == "epoch_end" and epoch_ended  # Lightning resets logged training metrics after this hook
     return {
         "position": position,
@@ -106,11 +106,16 @@ def inexact_reasons(trainer: Any, position: str, after: bool, epoch_ended: bool,
             "follows did not finish: SIGTERM stops Lightning there), and a resumed run does not run the rest of that "
             "step. Preempt with a signal Lightning does not act on itself (e.g. SIGUSR1 via --signal=USR1@90) so "
             "the step ends before the save")
-    if after or position in ("after_step", "late") or (position == "train_end" and not epoch_ended):
+    if after or position == "late" or (position == "train_end" and not epoch_ended):
         reasons.append(
             "the state was taken after the end of its training step (the run stopped in a way that could not be "
             "foreseen at the step's end, e.g. should_stop set in LightningModule.on_train_batch_end): a resumed run "
             "does not continue where the run that went on would be. Stop from a callback or validation instead")
+    if position == "after_step" and not epoch_ended and compat.step_end_hook(trainer) == "validation_end":
+        reasons.append(
+            "the state was taken after Lightning ended its step on SIGTERM, after the step's validation: a resumed "
+            "run repeats what Lightning does after that validation (step-interval plateau schedulers, the logging "
+            "step). Preempt with a signal Lightning does not act on (e.g. SIGUSR1)")
     if mid and compat.accumulating(trainer):
         reasons.append(
             "the save falls in the middle of gradient accumulation (accumulate_grad_batches): the accumulated "
@@ -199,7 +204,7 @@ def on_train_data_ready(trainer: Any, info: Optional[dict], rng: Optional[dict])
         if position == "epoch_end":
             # Lightning steps the epoch-interval ReduceLROnPlateau schedulers right after on_train_epoch_end
             compat.replay_plateau_steps(trainer, "epoch")
-        if position == "epoch_end" or (position == "train_end" and info.get("epoch_ended")):
+        if position == "epoch_end" or (position in ("train_end", "after_step") and info.get("epoch_ended")):
             compat.load_skipped_loader_states(trainer)
             compat.resume_at_epoch_start(trainer)
         elif position == "batch_end":

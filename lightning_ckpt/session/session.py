@@ -105,7 +105,8 @@ class FolderSession:
         self.pending_rng: Optional[dict] = None  # RNG states to restore where the saved run was (see callbacks)
         self.resume_info: Optional[dict] = None  # our entry of the checkpoint this fit resumed from ("resume")
         self.step_plan: Optional[tuple] = None  # (step, the hook that ends it): where that step's save is taken
-        self.inexact_warned: set = set()
+        self.inexact_warned: set = set()  # the reasons a resume would not be exact, warned about once
+        self.unwarned: Optional[tuple] = None  # (step, resume record) of a state taken early: warned if it is kept
         self.on_save_error: Optional[str] = options.on_save_error
         self.save_errors: list[CheckpointError] = []
         self.deleted: list[str] = []
@@ -228,17 +229,15 @@ class FolderSession:
         step = int(ctx.step)
         metrics = ctx.metrics()
         for group, tags in group_requests(requests).items():
-            kind = kind_of(group)
-            final = "final" in tags
-            pending = w.pending
-            if pending is not None and pending.step == step and (after or final) and w.merge(step, tags, metrics, kind):
+            kind, pending = kind_of(group), w.pending
+            if pending is not None and pending.step == step and (after or "final" in tags) and w.merge(step, tags, metrics, kind):
                 continue  # a later hook of the step adds its tags to the step's save
             if self.last_saved_step == step and pending is None and (after or tags <= self.last_save_tags | {"final"}):
                 continue  # already committed at this step (e.g. the step we resumed from)
             if pending is not None and pending.step == step and pending.kind == kind:
                 tags = tags | set(pending.tags)
                 w.abandon()  # replaced by a newer state of the same step
-            self._save(ctx, group, tags, metrics, final, sync, after, warn=not keep)
+            self._save(ctx, group, tags, metrics, "final" in tags, sync, after, warn=not keep)
         if urgent and not keep:  # the process may end right after this hook (SIGTERM): commit now
             self.wait(raise_errors=False)
 
@@ -251,14 +250,14 @@ class FolderSession:
             if ctx.any_rank(w.writing_sealed):
                 log.warning("lightning_ckpt: save at step %s skipped: a rank is still writing the previous one", ctx.step)
                 return
-        content, include, exclude = group
         checkpoint, summary = checkpoint_of(ctx, group, after, self.inexact_warned if warn else None)
+        self.unwarned = None if warn else (int(ctx.step), summary)
         self.guard(w.raise_if_failed)  # an earlier background save failed
         pending = self.guard(
             w.save, checkpoint, step=int(ctx.step), epoch=int(ctx.epoch), tags=tags, metrics=metrics,
             hparams=ctx.hparams(), kind=kind_of(group),
-            meta={"resumed_from": self.resumed_from, "run_id": self.run_id, "include": list(include),
-                  "exclude": list(exclude), **({"resume": summary} if summary is not None else {})},
+            meta={"resumed_from": self.resumed_from, "run_id": self.run_id, "include": list(group[1]),
+                  "exclude": list(group[2]), **({"resume": summary} if summary is not None else {})},
             if_busy="wait" if final else None,  # the end of fit is never skipped
             sync=sync,
         )

@@ -31,6 +31,7 @@ warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
 
 import lightning.pytorch as pl  # noqa: E402
 from lightning.pytorch.utilities import CombinedLoader  # noqa: E402
+from lightning.pytorch.utilities.exceptions import SIGTERMException  # noqa: E402
 from torchdata.stateful_dataloader import StatefulDataLoader  # noqa: E402
 from torchdata.stateful_dataloader.sampler import RandomSampler as StatefulRandomSampler  # noqa: E402
 
@@ -206,8 +207,9 @@ class Cell:
 
     ``callbacks(dirpath, phase)`` builds the saving callbacks for ``phase`` in ``("ref", "cut", "resume")``;
     ``stop`` says how the cut run ends: ``("crash", step)`` (in-process crash once the saves so far are committed),
-    ``("kill", step)`` (SIGKILL, see fork_server.py) or ``("fit", trainer overrides)`` (the run ends by itself:
-    ``max_steps``, ``max_epochs``, an early stop, a preemption). ``expect``: ``"exact"``, or a phrase of the reason
+    ``("kill", step)`` (SIGKILL, see fork_server.py), ``("signal" | "sigterm", step)`` (a preemption notice, SIGUSR1
+    or SIGTERM, during ``step``) or ``("fit", trainer overrides)`` (the run ends by itself: ``max_steps``,
+    ``max_epochs``, an early stop). ``expect``: ``"exact"``, or a phrase of the reason
     the checkpoint must record (and the warning must give).
     """
 
@@ -272,7 +274,7 @@ def fit(cell: Cell, dirpath: str, phase: str, ckpt_path: Optional[str] = None, s
         warnings.simplefilter("always")
         try:
             trainer.fit(model, train, val, ckpt_path=ckpt_path)
-        except Crash:
+        except (Crash, SIGTERMException):
             pass
     return Run(dump=comparable_state(trainer), seen=list(model.seen), global_step=int(trainer.global_step),
                ckpt=ckpt_path, warnings=[str(w.message) for w in caught if "lightning_ckpt" in str(w.message)],
@@ -371,6 +373,8 @@ def cut_and_resume(cell: Cell, tmp: str) -> tuple[Run, Run, str]:
         cut = fit(cell, d, "cut", trainer_overrides=arg)
     elif kind == "signal":
         cut = fit(cell, d, "cut", extra_callbacks=[SignalAt(arg)])
+    elif kind == "sigterm":  # Lightning stops the fit with a SIGTERMException
+        cut = fit(cell, d, "cut", extra_callbacks=[SignalAt(arg, signal.SIGTERM)])
     else:
         raise ValueError(kind)
     ckpt = latest_checkpoint(d)

@@ -15,6 +15,8 @@ import torch
 from model_cells import KILL_CELLS
 from resume_cells import Cell, Run, check_cell
 
+pytestmark = pytest.mark.filterwarnings("ignore:.*set_vital.*:UserWarning")  # torchdata on torch 2.13
+
 SERVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fork_server.py")
 
 

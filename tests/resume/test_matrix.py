@@ -3,13 +3,15 @@ Trainer and compared bit for bit with the run that went straight through (see re
 process; the reference runs are shared between the cells that train the same run."""
 from __future__ import annotations
 
-import signal
-
 import pytest
 from lightning.pytorch.callbacks import EarlyStopping
 
 from lightning_ckpt import BestMetricCheckpoint, EarlyStopAndSave, PeriodicCheckpoint, PreemptionCheckpoint
-from resume_cells import Cell, Net, check_cell, cut_and_resume, fit
+from torch.utils.data import DataLoader, TensorDataset
+
+from resume_cells import Cell, Net, check_cell, cut_and_resume, fit, tensors
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*set_vital.*:UserWarning")  # torchdata on torch 2.13
 
 REFS: dict = {}
 REPORT: dict = {}
@@ -43,9 +45,9 @@ def lightning_early_stopping(phase):
     return [EarlyStopping("val_loss", stopping_threshold=1e9 if phase == "cut" else None, patience=100)]
 
 
-def preempt(**kw):
-    return lambda d, phase: [PreemptionCheckpoint(d, signals=["SIGUSR1"], async_save=False),
-                             PeriodicCheckpoint(d, every_n_train_steps=100, async_save=False, **kw)]
+def preempt(sig: str = "SIGUSR1"):
+    return lambda d, phase: [PreemptionCheckpoint(d, signals=[sig], async_save=False),
+                             PeriodicCheckpoint(d, every_n_train_steps=100, async_save=False)]
 
 
 CELLS = [
@@ -70,6 +72,14 @@ CELLS = [
     Cell("preemption mid-epoch", preempt(), ("signal", 4), ref="base"),
     Cell("preemption at a validation step", preempt(), ("signal", 5), trainer=VAL5, ref="val5"),
     Cell("preemption at the last batch of an epoch", preempt(), ("signal", 10), ref="base"),
+    Cell("preemption by SIGTERM, mid-epoch", preempt("SIGTERM"), ("sigterm", 4), ref="base"),
+    Cell("preemption by SIGTERM at the last batch of an epoch, no validation", preempt("SIGTERM"), ("sigterm", 10),
+         val=False, ref="noval"),
+    # Lightning raises inside the validation that follows: the state is the one before it (SIGUSR1 waits for it), and
+    # a resumed run skips that validation (its shuffling val loader then draws from the RNG in the straight run only)
+    Cell("preemption by SIGTERM at a validation step", preempt("SIGTERM"), ("sigterm", 5), trainer=VAL5,
+         make_val=lambda: DataLoader(TensorDataset(*tensors(12, 2)), batch_size=6, shuffle=True),
+         expect="a preemption took the state before the end of its training step", differs=True, ref="val5-shuffled"),
     # ---------------------------------------------------------------- triggers
     Cell("every_n_seconds", periodic(every_n_seconds=1e-9), ("crash", 7), ref="base"),
     Cell("best metric at validation", lambda d, p: [BestMetricCheckpoint(d, monitor="val_loss", async_save=False)],

@@ -8,6 +8,8 @@ from lightning_ckpt import latest_checkpoint, load_checkpoint
 from model_cells import CELLS, EPOCHS, HF
 from resume_cells import Cell, check_cell, cut_and_resume, fit
 
+pytestmark = pytest.mark.filterwarnings("ignore:.*set_vital.*:UserWarning")  # torchdata on torch 2.13
+
 REFS: dict = {}
 
 

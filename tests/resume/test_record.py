@@ -2,11 +2,15 @@
 reason), the manifest's ``resume`` record, and ``lightning-ckpt show``."""
 from __future__ import annotations
 
+import pytest
+
 import torch
 
 from lightning_ckpt import CheckpointWriter, PeriodicCheckpoint, list_checkpoints
 from lightning_ckpt.cli import main
 from resume_cells import Cell, fit
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*set_vital.*:UserWarning")  # torchdata on torch 2.13
 
 EVERY3 = lambda d, phase: [PeriodicCheckpoint(d, every_n_train_steps=3, async_save=False)]  # noqa: E731
 
