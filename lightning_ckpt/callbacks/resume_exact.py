@@ -99,7 +99,7 @@ def inexact_reasons(trainer: Any, position: str, after: bool, epoch_ended: bool,
     """Why resuming from a checkpoint saved now would not reproduce the uninterrupted run, each with what to change.
     Empty when the resume is exact."""
     reasons: list[str] = []
-    mid = position in MID_EPOCH
+    mid = position in MID_EPOCH or (position != "epoch_end" and not epoch_ended)  # the state is inside an epoch
     if early:
         reasons.append(
             "a preemption took the state before the end of its training step (the validation or epoch end that "
@@ -130,8 +130,10 @@ def inexact_reasons(trainer: Any, position: str, after: bool, epoch_ended: bool,
                 "on_epoch=True) outside every checkpoint: after a resume in the middle of an epoch it covers the rest "
                 "of the epoch only. Save at epoch ends (every_n_epochs), or log these with on_epoch=False or as a "
                 "torchmetrics Metric")
+        from lightning.pytorch.callbacks import StochasticWeightAveraging
+
         for cb in trainer.callbacks:
-            if type(cb).__name__ == "StochasticWeightAveraging" and trainer.current_epoch >= getattr(cb, "swa_start", 0):
+            if isinstance(cb, StochasticWeightAveraging) and trainer.current_epoch >= cb.swa_start:
                 reasons.append(
                     "StochasticWeightAveraging sets up its SWALR scheduler in on_train_epoch_start, which Lightning "
                     "does not run when it resumes in the middle of an epoch: that epoch's scheduler step is lost. "
