@@ -250,8 +250,9 @@ class FolderSession:
             if ctx.any_rank(w.writing_sealed):
                 log.warning("lightning_ckpt: save at step %s skipped: a rank is still writing the previous one", ctx.step)
                 return
-        checkpoint, summary = checkpoint_of(ctx, group, after, self.inexact_warned if warn else None)
-        self.unwarned = None if warn else (int(ctx.step), summary)
+        warned = self.inexact_warned if warn and w.rank == 0 else None  # every rank records it, rank 0 says it
+        checkpoint, summary = checkpoint_of(ctx, group, after, warned)
+        self.unwarned = None if warn or w.rank != 0 else (int(ctx.step), summary)
         self.guard(w.raise_if_failed)  # an earlier background save failed
         pending = self.guard(
             w.save, checkpoint, step=int(ctx.step), epoch=int(ctx.epoch), tags=tags, metrics=metrics,
