@@ -9,6 +9,7 @@ from .io import LightningCkptIO, install_checkpoint_io
 from .periodic import PeriodicCheckpoint
 from .preemption import PreemptionCheckpoint
 from .retention import RetentionPolicy
+from ..session.state import InexactResumeWarning
 
 load_module = compat.load_module
 compat.install_folder_loading()  # MyModule.load_from_checkpoint(folder) and ckpt_path=folder without the plugin
@@ -17,4 +18,5 @@ compat.install_ckpt_path_names()  # ckpt_path="last" / "best" with this package'
 __all__ = [
     "BackupToS3", "BaseCheckpointCallback", "BestMetricCheckpoint", "EarlyStopAndSave", "ExportOnTrainEnd", "LightningCkptIO", "MonitorNotFoundError",
     "PeriodicCheckpoint", "PreemptionCheckpoint", "RetentionPolicy", "install_checkpoint_io", "load_module",
+    "InexactResumeWarning",
 ]

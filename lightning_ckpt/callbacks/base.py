@@ -4,103 +4,36 @@
   detection), the others join it. One registry, ``SESSIONS``, maps a Trainer to its sessions.
 - Every training hook: each saving callback decides (the subclasses' ``_want_save_on_*``) and requests; once every
   saving callback on the folder has seen the hook, the session writes the state once, with the union of the tags.
-- A save is sealed at the next step boundary; a later hook of the same step (validation producing a metric) replaces
-  the uncommitted save, so the committed state is the newest one of that step and carries every tag.
-- RNG states captured with a save are restored right before the first training batch after a resume.
+- A save takes the state at the end of its training step, the last of our hooks a run that goes on runs in that
+  step (see ``resume_exact``); requests of earlier hooks of the step wait for it, those of later hooks of the same
+  step add their tags. It is sealed (committed) at the next step boundary.
+- On resume, right after Lightning set up the training data, ``resume_exact.on_train_data_ready`` puts back what
+  Lightning does not (callback metrics, torchmetrics states, the start of the next epoch, plateau scheduler steps)
+  and then the RNG states.
 """
 from __future__ import annotations
 
 import logging
 import time
-import weakref
 from typing import Any, Iterable, Optional
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import Checkpoint
 
-from ..format.codec import join_key
 from ..errors import CheckpointError
 from ..read import latest_checkpoint, list_checkpoints
 from ..session import resume
 from ..session.options import SaveOptions, check_dirpath, check_option_names
-from ..session.rng import restore_rng
-from ..session.session import FolderSession, Participant, SaveContext
-from ..session.state import STATE_KEY, SaveRequest
+from ..session.session import FolderSession, Participant
+from ..session.state import FULL, STATE_KEY, SaveRequest, warn_inexact
 from ..store import is_remote
 from ..tools.merge import merge_checkpoint
-from . import compat
+from . import compat, resume_exact
+from .context import SESSIONS, MonitorNotFoundError, TrainerContext, metric_value, session_of  # noqa: F401
 from .io import install_checkpoint_io
 
 log = logging.getLogger("lightning_ckpt")
 
-SESSIONS: "weakref.WeakKeyDictionary[Any, dict[str, FolderSession]]" = weakref.WeakKeyDictionary()
-
-
-class MonitorNotFoundError(CheckpointError, KeyError):
-    """The monitored metric was never logged."""
-
-    def __str__(self) -> str:  # KeyError would quote the message
-        return str(self.args[0])
-
-
-def session_of(trainer: Any, dirpath: str, who: str) -> FolderSession:
-    """The session of the saving callbacks on ``dirpath``; a clear error when there is none."""
-    session = SESSIONS.get(trainer, {}).get(dirpath)
-    if session is None:
-        raise ValueError(f"{who}({dirpath!r}) has no saving callback on that folder; add e.g. "
-                         f"PeriodicCheckpoint({dirpath!r}, ...) to the same Trainer")
-    return session
-
-
-def metric_value(trainer: "pl.Trainer", monitor: str, who: str) -> float:
-    """The monitored value as rank 0 sees it (broadcast, so every rank takes the same save decisions)."""
-    metrics = trainer.callback_metrics
-    present = monitor in metrics
-    value = None
-    if present:
-        v = metrics[monitor]
-        value = float(v.item() if isinstance(v, torch.Tensor) else v)
-    logged = sorted(metrics)
-    if trainer.world_size > 1:
-        present, value, logged = trainer.strategy.broadcast((present, value, logged), src=0)
-    if not present:
-        raise MonitorNotFoundError(
-            f"{who} monitors {monitor!r}, which was not logged. Metrics logged so far: "
-            f"{', '.join(logged) if logged else '(none)'}. Log it with self.log({monitor!r}, value) or fix `monitor`."
-        )
-    return float(value)
-
-
-class TrainerContext(SaveContext):
-    """What a save needs from the Trainer (see :class:`~lightning_ckpt.session.session.SaveContext`)."""
-
-    def __init__(self, trainer: "pl.Trainer") -> None:
-        self.trainer = trainer
-        self.step = int(trainer.global_step)
-        self.epoch = int(trainer.current_epoch)
-
-    def metrics(self) -> dict:
-        return dict(self.trainer.callback_metrics)
-
-    def hparams(self) -> Optional[dict]:
-        module = self.trainer.lightning_module
-        return dict(module.hparams) if module is not None and module.hparams else None
-
-    def dump(self, weights_only: bool) -> dict:
-        return compat.dump_checkpoint(self.trainer, weights_only)
-
-    def stable_keys(self) -> set[str]:
-        """Frozen parameters and buffers of the module: expected to stay as they are (deduplicated saves)."""
-        module = self.trainer.lightning_module
-        if module is None:
-            return set()
-        names = [n for n, p in module.named_parameters() if not p.requires_grad]
-        names += [n for n, _ in module.named_buffers()]
-        return {join_key(("state_dict", n)) for n in names}
-
-    def any_rank(self, flag: bool) -> bool:
-        return bool(self.trainer.strategy.reduce_boolean_decision(flag, all=False))
 
 
 class BaseCheckpointCallback(Checkpoint, Participant):
@@ -128,6 +61,7 @@ class BaseCheckpointCallback(Checkpoint, Participant):
                 raise ValueError(f"backup_uri repeats dirpath {self.dirpath}; the checkpoints already go there")
         self._session: Optional[FolderSession] = None
         self._undo_resume: Any = None
+        self._undo_data_hook: Any = None
 
     # ------------------------------------------------------------ subclass hooks: return tags to save, or None
     def _want_save_on_train_batch_end(self, trainer: "pl.Trainer") -> Optional[Iterable[str]]:
@@ -203,35 +137,44 @@ class BaseCheckpointCallback(Checkpoint, Participant):
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self._session is not None:
             self._session.last_save_time = time.monotonic()
+            if self._session.resume_info is not None:
+                # Lightning decided how to restart; from here its fit loop must act as in a run that never stopped
+                compat.end_restart_after_reset(trainer)
 
     def on_load_checkpoint(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", checkpoint: dict[str, Any]) -> None:
         session = self._session
         if session is None:
             return
         ours = checkpoint.get(STATE_KEY)
-        if isinstance(ours, dict) and isinstance(ours.get("rng"), dict):
-            session.pending_rng = ours["rng"]
+        if isinstance(ours, dict) and trainer.state.fn == "fit" and self._undo_data_hook is None and not any(
+                getattr(p, "_undo_data_hook", None) for p in session.participants if p is not self):
+            info = ours.get("resume") if isinstance(ours.get("resume"), dict) else None
+            rng = ours.get("rng") if isinstance(ours.get("rng"), dict) else None
+            session.resume_info = info
+            session.pending_rng = rng
+            # put back what Lightning does not, and the RNG, right after the fit loop set up its training data
+            self._undo_data_hook = compat.after_train_data_setup(
+                trainer, lambda: self._on_train_data_ready(trainer, session))
         if session.last_saved_step is None:
             # the step we resumed at is already on disk: do not write it again
             session.last_saved_step = int(checkpoint.get("global_step", -1))
+
+    def _on_train_data_ready(self, trainer: "pl.Trainer", session: FolderSession) -> None:
+        self._undo_data_hook = None
+        rng, session.pending_rng = session.pending_rng, None
+        resume_exact.on_train_data_ready(trainer, session.resume_info, rng)
 
     def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int) -> None:
         session = self._session
         if session is None:
             return
         if session.requests:  # a hook we expected later in the last step did not come; save what was asked
-            log.warning("lightning_ckpt: saving requests of step %s late (expected validation did not run)",
-                        session.last_saved_step)
-            session.flush(TrainerContext(trainer))
+            log.warning("lightning_ckpt: saving requests of step %s late (the step's last hook did not come)",
+                        trainer.global_step)
+            session.flush(TrainerContext(trainer, "late"))
         session.guard(session.writer.seal)  # a step boundary: the previous step's save may commit now
         if session.arrive(self, "batch_start"):
             _report(trainer, session)
-        # Restore RNG states as late as possible: right before the first training step after a resume, where the
-        # uninterrupted run was when it saved. Lightning's own set-up (sanity check, iterator creation) may consume
-        # random numbers before this point; restoring here makes those draws irrelevant.
-        rng, session.pending_rng = session.pending_rng, None
-        if rng is not None:
-            restore_rng(rng)
 
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int) -> None:
         self._hook(trainer, self._want_save_on_train_batch_end, hook="batch_end")
@@ -245,7 +188,7 @@ class BaseCheckpointCallback(Checkpoint, Participant):
         self._hook(trainer, self._want_save_on_train_epoch_end, hook="epoch_end")
 
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        self._hook(trainer, self._want_save_on_train_end, final=True, hook="train_end")
+        self._hook(trainer, self._want_save_on_train_end, hook="train_end")
         session = self._session
         if session is None or not session.arrive(self, "train_end.finish"):
             return
@@ -264,6 +207,10 @@ class BaseCheckpointCallback(Checkpoint, Participant):
         session.requests.clear()
         # keep a save that was fully requested (it becomes a valid checkpoint) but never mask the training error
         session.wait(raise_errors=False)
+        if session.unwarned is not None:  # a state taken before its step's end is the one kept: say so now
+            step, record = session.unwarned
+            session.unwarned = None
+            warn_inexact(session.inexact_warned, record, step)
         if session.arrive(self, "exception"):
             session.record_failure(exception)
             _end(trainer, session)  # Lightning calls no teardown hook after an exception
@@ -272,6 +219,9 @@ class BaseCheckpointCallback(Checkpoint, Participant):
         if self._undo_resume is not None:  # fit never restored: undo the interception
             self._undo_resume()
             self._undo_resume = None
+        if self._undo_data_hook is not None:  # fit never started its loop
+            self._undo_data_hook()
+            self._undo_data_hook = None
         session = self._session
         if session is None or stage != "fit":
             return
@@ -286,16 +236,35 @@ class BaseCheckpointCallback(Checkpoint, Participant):
         return True
 
     # ------------------------------------------------------------ request / flush
-    def _hook(self, trainer: "pl.Trainer", want: Any, final: bool = False, hook: str = "") -> None:
+    def _hook(self, trainer: "pl.Trainer", want: Any, hook: str) -> None:
         session = self._session
         if session is None:
             return
+        if hook == "batch_end" and compat.accumulating(trainer):
+            session.step_plan = (int(trainer.global_step), "accumulating")
+            session.arrive(self, hook)  # gradient accumulation: not a step boundary, nothing is decided here
+            return
+        stage = resume_exact.stage_of(trainer, session, hook)
         tags = want(trainer)
         if tags is not None:
             self.request_save(trainer, tags)
-        if session.arrive(self, hook) and not (session.requests and not session.urgent
-                                                and compat.step_goes_on(trainer, hook)):
-            session.flush(TrainerContext(trainer), final=final)
+        if not session.arrive(self, hook):
+            return
+        if stage == "end" and not any(r.group == FULL for r in session.requests) and \
+                compat.fit_ends_after_step(trainer, epoch_end=hook == "epoch_end"):
+            # the fit ends after this step and nothing saves its full state: its final save takes the state here, not
+            # after Lightning's end-of-fit hooks (an epoch end it runs when it stops mid-epoch, averaged weights copied
+            # into the model, ...); with a full save of this step, on_train_end adds its tag to that save
+            for p in session.saving:
+                tags = p._want_save_on_train_end(trainer) if isinstance(p, BaseCheckpointCallback) else None
+                if tags is not None:
+                    p.request_save(trainer, tags)
+        if stage == "wait":
+            if session.urgent:  # a preemption: take the state now as well, Lightning may stop before the step's end
+                session.flush(TrainerContext(trainer, hook, early=True), keep=True)  # (the step's end replaces it)
+            return
+        position = hook if stage == "end" else ("train_end" if hook == "train_end" else "after_step")
+        session.flush(TrainerContext(trainer, position), after=stage == "after")
 
     def request_save(self, trainer: "pl.Trainer", tags: Iterable[str], *, force: bool = False,
                      content: Optional[str] = None, urgent: bool = False) -> None:

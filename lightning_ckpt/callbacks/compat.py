@@ -37,7 +37,11 @@ def check(trainer: "pl.Trainer") -> None:
         missing += _missing(trainer._accelerator_connector, ("cluster_environment",), "_AcceleratorConnector")
         missing += _missing(trainer.fit_loop, ("_data_fetcher", "epoch_loop"), "_FitLoop")
         el = getattr(trainer.fit_loop, "epoch_loop", None)
-        missing += _missing(el, ("_skip_next_val", "_should_check_val_fx", "batch_progress"), "_TrainingEpochLoop")
+        missing += _missing(el, ("_skip_next_val", "_should_check_val_fx", "batch_progress", "_num_ready_batches_reached",
+                                 "_should_accumulate", "update_lr_schedulers", "_results"), "_TrainingEpochLoop")
+        missing += _missing(trainer.fit_loop, ("_can_stop_early", "_combined_loader", "setup_data", "_restarting",
+                                              "_combined_loader_states_to_load"),
+                            "_FitLoop")
     missing += _missing(Callback, ("_generate_state_key",), "Callback")
     from lightning.fabric.plugins.io import torch_io
     from lightning.pytorch.core import saving
@@ -88,18 +92,142 @@ def intercept_resume(trainer: "pl.Trainer", choose: Callable[[Any], Any]) -> Cal
     return undo
 
 
-def step_goes_on(trainer: "pl.Trainer", hook: str) -> bool:
-    """Will another hook of ours run in this same training step (validation after this batch, or the end of the
-    epoch)? Mirrors Lightning's ``_TrainingEpochLoop.on_advance_end``."""
+def step_end_hook(trainer: "pl.Trainer") -> str:
+    """At ``on_train_batch_end``: the last of our hooks in this training step in a run that is not stopping here:
+    ``"epoch_end"`` when the epoch ends after this batch, ``"validation_end"`` when validation is scheduled after
+    it, else ``"batch_end"``. Validation that runs only because ``trainer.should_stop`` was set (Lightning validates
+    before it stops) is not scheduled: a run that goes on would not run it. Mirrors
+    ``_TrainingEpochLoop.on_advance_end`` and ``_FitLoop.on_advance_end``."""
     el = trainer.fit_loop.epoch_loop
-    last_batch = bool(el.batch_progress.is_last_batch)
-    if hook == "batch_end":
-        if not el._skip_next_val and el._should_check_val_fx(trainer.fit_loop._data_fetcher):
-            return True  # validation runs next
-        return last_batch  # on_train_epoch_end runs next
-    if hook == "validation_end":
-        return last_batch and not trainer.sanity_checking
-    return False
+    if el._num_ready_batches_reached():
+        return "epoch_end"
+    if el._skip_next_val:
+        return "batch_end"
+    stop = trainer.should_stop
+    try:
+        trainer.should_stop = False
+        scheduled = bool(el._should_check_val_fx(trainer.fit_loop._data_fetcher))
+    finally:
+        trainer.should_stop = stop
+    return "validation_end" if scheduled else "batch_end"
+
+
+def epoch_ended(trainer: "pl.Trainer") -> bool:
+    """At ``on_train_epoch_end``: did the epoch really end (every batch of it ran)? Lightning also calls the hook
+    when ``max_steps`` or ``should_stop`` ends the loop in the middle of an epoch."""
+    return bool(trainer.fit_loop.epoch_loop._num_ready_batches_reached())
+
+
+def fit_ends_after_step(trainer: "pl.Trainer", epoch_end: bool) -> bool:
+    """Will the fit end once the current training step is over (``max_steps`` reached, a stop requested that the
+    loop honours, or, at a real epoch end, ``max_epochs`` reached)? Mirrors ``_FitLoop.done``."""
+    if trainer.max_steps is not None and trainer.max_steps != -1 and trainer.global_step >= trainer.max_steps:
+        return True
+    if trainer.should_stop and trainer.fit_loop._can_stop_early:
+        return True
+    max_epochs = trainer.max_epochs
+    return bool(epoch_end and max_epochs is not None and max_epochs != -1 and trainer.current_epoch + 1 >= max_epochs)
+
+
+def accumulating(trainer: "pl.Trainer") -> bool:
+    """In ``on_train_batch_end`` (or a validation that follows it): the optimizer did not step after this batch
+    (gradient accumulation), so this is not a step boundary."""
+    module = trainer.lightning_module
+    return bool(module is not None and module.automatic_optimization
+                and trainer.fit_loop.epoch_loop._should_accumulate())
+
+
+def after_train_data_setup(trainer: "pl.Trainer", fn: Callable[[], None]) -> Callable[[], None]:
+    """Run ``fn()`` once, right after the fit loop has set up its training data at the start of ``fit`` (the loader
+    states of a resumed checkpoint are loaded and the first iterator exists) and before the loop decides how to
+    restart (``_FitLoop.reset``). Returns ``undo()``."""
+    loop = trainer.fit_loop
+    original = loop.setup_data
+    own = "setup_data" in vars(loop)  # someone else's wrapper on the instance: put it back, not the class's method
+
+    def undo() -> None:
+        if vars(loop).get("setup_data") is setup_data:
+            if own:
+                loop.setup_data = original
+            else:
+                del loop.setup_data
+
+    def setup_data(*args: Any, **kwargs: Any) -> Any:
+        undo()  # once
+        out = original(*args, **kwargs)
+        fn()
+        return out
+
+    loop.setup_data = setup_data
+    return undo
+
+
+def resume_at_epoch_start(trainer: "pl.Trainer") -> None:
+    """After the loops were restored from a checkpoint saved at the end of an epoch (and the training data was set
+    up, the loader states loaded): start the next epoch as a run that never stopped does (``on_train_epoch_start``,
+    a new loader iterator, the epoch's schedulers), instead of Lightning's restart path. Lightning restarts every
+    iteration-based fit (``max_steps``) and then resumes such a checkpoint as an unfinished epoch."""
+    loop = trainer.fit_loop
+    loop._restarting = False  # not the FitLoop setter: it forces True for iteration-based training
+    loop.epoch_loop.restarting = False  # and every loop below
+    if hasattr(loop, "_resuming_from_checkpoint"):  # Lightning >= 2.5.1: else the epoch would reuse the old iterator
+        loop._resuming_from_checkpoint = False
+
+
+def load_skipped_loader_states(trainer: "pl.Trainer") -> None:
+    """Load the training loaders' states of the restored checkpoint if Lightning skipped them (it loads them only
+    when its fit loop restarts, not when an epoch-based fit resumes at an epoch end), and start an iterator from
+    them, as Lightning does after loading them, so the next epoch's iterator continues from the saved state (a
+    shuffling sampler's generator, a dataset's own position)."""
+    loop = trainer.fit_loop
+    states = loop._combined_loader_states_to_load
+    if not states or loop._combined_loader is None or loop._data_fetcher is None:
+        return
+    loop._combined_loader._load_state_dicts(states)
+    loop._combined_loader_states_to_load = []
+    iter(loop._data_fetcher)
+
+
+def end_restart_after_reset(trainer: "pl.Trainer") -> None:
+    """After the fit loop decided how to restart (from ``on_train_start`` on): no longer mark the fit loop as
+    restarting, so the end of the resumed epoch steps the epoch-interval ``ReduceLROnPlateau`` schedulers, which
+    Lightning skips for the whole first epoch of a resumed run (``_FitLoop.on_advance_end``). The loops below keep
+    their own flags."""
+    trainer.fit_loop._restarting = False
+
+
+def replay_plateau_steps(trainer: "pl.Trainer", interval: str) -> None:
+    """Step the ``ReduceLROnPlateau`` schedulers of ``interval`` as Lightning does right after the hook a checkpoint
+    was saved in (``_TrainingEpochLoop.update_lr_schedulers``), with the loop counters as restored."""
+    trainer.fit_loop.epoch_loop.update_lr_schedulers(interval, update_plateau_schedulers=True)
+
+
+def epoch_aggregated_training_metrics(trainer: "pl.Trainer") -> list[str]:
+    """Names of values logged in training with ``on_epoch=True`` whose running aggregate Lightning keeps outside
+    any checkpoint (logged tensors; a logged torchmetrics ``Metric`` keeps its own state)."""
+    results = trainer.fit_loop.epoch_loop._results
+    return sorted(r.meta.name for r in results.values()
+                  if getattr(r, "is_tensor", False) and r.meta.on_epoch and r.update_called)
+
+
+def logged_training_metric_objects(trainer: "pl.Trainer") -> list:
+    """torchmetrics ``Metric`` objects logged in training (``self.log(name, metric)``): Lightning resets them right
+    after ``on_train_epoch_end``."""
+    results = trainer.fit_loop.epoch_loop._results
+    return [r.value for r in results.values() if not getattr(r, "is_tensor", True) and hasattr(r, "value")]
+
+
+def set_metric_update_count(metric: Any, n: int) -> None:
+    """Put back how many updates a torchmetrics ``Metric`` had (``update_count`` has no setter): its ``compute``
+    warns when it seems never updated."""
+    metric._update_count = n
+    metric._computed = None
+
+
+def train_loaders(trainer: "pl.Trainer") -> list:
+    """The training data loaders of the fit (each of a ``CombinedLoader``)."""
+    combined = trainer.fit_loop._combined_loader
+    return list(combined.flattened) if combined is not None else []
 
 
 def cluster_environment(trainer: "pl.Trainer") -> Any:

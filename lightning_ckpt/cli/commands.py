@@ -128,6 +128,17 @@ def cmd_show(args: argparse.Namespace) -> int:
     print(f"checkpoint   {where}")
     print(f"step         {m['step']}   epoch {m.get('epoch')}   kind {m.get('kind')}   world size {m.get('world_size')}")
     print(f"tags         {', '.join(m.get('tags') or []) or '-'}")
+    resume = m.get("resume")
+    if m.get("kind", "full") != "full":
+        print(f"exact resume -  (a {m.get('kind')} checkpoint does not resume training)")
+    elif not isinstance(resume, dict):
+        print("exact resume unknown (not recorded: written by an older lightning_ckpt)")
+    elif resume.get("exact"):
+        print("exact resume yes")
+    else:
+        print("exact resume no, because")
+        for why in resume.get("why") or ["(no reason recorded)"]:
+            print(f"  - {why}")
     print(f"size         {_human_bytes(size)} in {len(m['files'])} files, {len(m.get('tensors', {}))} tensors")
     t = m.get("timings") if isinstance(m.get("timings"), dict) else {}
     if t:

@@ -32,7 +32,7 @@ from ..writer.job import SaveResult
 from .backups import BackupLocation, Uploader
 from .options import FOLDER_OPTIONS, SaveOptions
 from .backups import staging_dir  # noqa: F401 - re-exported: where saves into an s3:// dirpath are staged
-from .state import SaveContext, SaveRequest, group_requests, kind_of, shape_checkpoint  # noqa: F401
+from .state import SaveContext, SaveRequest, checkpoint_of, group_requests, kind_of  # noqa: F401
 
 log = logging.getLogger("lightning_ckpt")
 
@@ -84,6 +84,10 @@ class FolderSession:
         self.branched = False  # resumed_from is a branch point (resume_from=): a new run, even in this folder
         self._lineage: Optional[dict] = None
         self.pending_rng: Optional[dict] = None  # RNG states to restore where the saved run was (see callbacks)
+        self.resume_info: Optional[dict] = None  # our entry of the checkpoint this fit resumed from ("resume")
+        self.step_plan: Optional[tuple] = None  # (step, the hook that ends it): where that step's save is taken
+        self.inexact_warned: set = set()  # the reasons a resume would not be exact, warned about once
+        self.unwarned: Optional[tuple] = None  # (step, resume record) of a state taken early: warned if it is kept
         self.on_save_error: Optional[str] = options.on_save_error
         self.save_errors: list[CheckpointError] = []
         self.deleted: list[str] = []
@@ -193,10 +197,11 @@ class FolderSession:
     def request(self, req: SaveRequest) -> None:
         self.requests.append(req)
 
-    def flush(self, ctx: SaveContext, final: bool = False) -> None:
-        """Write what was requested in this hook: one checkpoint per kind of content, every tag on it. A save of the
-        same step not yet committed is replaced by this newer state of the step (and gives it its tags)."""
-        requests, self.requests = self.requests, []
+    def flush(self, ctx: SaveContext, after: bool = False, keep: bool = False) -> None:
+        """Write what this training step requested: one checkpoint per kind of content, every tag on it. ``after``:
+        past the step's end: add the tags to its save (none: save now, recorded as not exact). ``keep``: the step goes
+        on: keep the requests, do not commit (the step's end replaces this save)."""
+        requests, self.requests = list(self.requests), (self.requests if keep else [])
         if not requests:
             return
         urgent = any(r.urgent for r in requests)
@@ -205,20 +210,20 @@ class FolderSession:
         step = int(ctx.step)
         metrics = ctx.metrics()
         for group, tags in group_requests(requests).items():
-            kind = kind_of(group)
-            pending = w.pending
-            if pending is not None and pending.step == step and final and w.merge(step, tags, metrics, kind):
-                continue  # the end of fit adds its tag to the save of the last step
-            if self.last_saved_step == step and pending is None and tags <= self.last_save_tags | {"final"}:
+            kind, pending = kind_of(group), w.pending
+            if pending is not None and pending.step == step and (after or "final" in tags) and w.merge(step, tags, metrics, kind):
+                continue  # a later hook of the step adds its tags to the step's save
+            if self.last_saved_step == step and pending is None and (after or tags <= self.last_save_tags | {"final"}):
                 continue  # already committed at this step (e.g. the step we resumed from)
             if pending is not None and pending.step == step and pending.kind == kind:
                 tags = tags | set(pending.tags)
                 w.abandon()  # replaced by a newer state of the same step
-            self._save(ctx, group, tags, metrics, final, sync)
-        if urgent:  # the process may end right after this hook (SIGTERM): commit now
+            self._save(ctx, group, tags, metrics, "final" in tags, sync, after, warn=not keep)
+        if urgent and not keep:  # the process may end right after this hook (SIGTERM): commit now
             self.wait(raise_errors=False)
 
-    def _save(self, ctx: SaveContext, group: tuple, tags: set, metrics: dict, final: bool, sync: bool) -> None:
+    def _save(self, ctx: SaveContext, group: tuple, tags: set, metrics: dict, final: bool, sync: bool,
+              after: bool = False, warn: bool = True) -> None:
         t0 = time.perf_counter()
         w = self.writer
         if w.if_busy == "skip" and w.world_size > 1 and not final:
@@ -226,15 +231,16 @@ class FolderSession:
             if ctx.any_rank(w.writing_sealed):
                 log.warning("lightning_ckpt: save at step %s skipped: a rank is still writing the previous one", ctx.step)
                 return
-        content, include, exclude = group
-        checkpoint = shape_checkpoint(ctx.dump(content != "full"), group)
+        warned = self.inexact_warned if warn and w.rank == 0 else None  # every rank records it, rank 0 says it
+        checkpoint, summary = checkpoint_of(ctx, group, after, warned)
+        self.unwarned = None if warn or w.rank != 0 else (int(ctx.step), summary)
         self.guard(w.raise_if_failed)  # an earlier background save failed
         pending = self.guard(
             w.save, checkpoint, step=int(ctx.step), epoch=int(ctx.epoch), tags=tags, metrics=metrics,
             hparams=ctx.hparams(), kind=kind_of(group),
             meta={"resumed_from": self.resumed_from, "run_id": self.run_id, "lineage": self.lineage(),
-                  "include": list(include),
-                  "exclude": list(exclude)},
+                  "include": list(group[1]), "exclude": list(group[2]),
+                  **({"resume": summary} if summary is not None else {})},
             if_busy="wait" if final else None,  # the end of fit is never skipped
             sync=sync,
             stable=ctx.stable_keys() if w.dedup is not None else (),

@@ -3,6 +3,8 @@ for partial checkpoints, and the package's own entry in the checkpoint dictionar
 from __future__ import annotations
 
 import fnmatch
+import logging
+import warnings
 from dataclasses import dataclass
 from typing import Any, Optional, Protocol
 
@@ -11,6 +13,11 @@ import torch
 from ..format.manifest import STATE_KEY
 from .rng import capture_rng
 
+log = logging.getLogger("lightning_ckpt")
+
+
+class InexactResumeWarning(UserWarning):
+    """A checkpoint was saved in a configuration where resuming from it does not reproduce the run bit for bit."""
 FULL = ("full", (), ())
 
 
@@ -48,9 +55,10 @@ def kind_of(group: tuple) -> str:
     return "partial" if (include or exclude) else content
 
 
-def shape_checkpoint(checkpoint: dict, group: tuple) -> dict:
+def shape_checkpoint(checkpoint: dict, group: tuple, resume: Optional[dict] = None) -> dict:
     """The checkpoint dictionary of one group: tensors selected, and our own entry (with the RNG states of this
-    process for a full checkpoint, the only kind that resumes training)."""
+    process and what a resumed run needs besides Lightning's state, ``resume``, for a full checkpoint, the only kind
+    that resumes training)."""
     content, include, exclude = group
     if content == "light":
         checkpoint.pop("state_dict", None)
@@ -60,7 +68,47 @@ def shape_checkpoint(checkpoint: dict, group: tuple) -> dict:
     checkpoint[STATE_KEY] = {"format": 1, "kind": kind}
     if kind == "full":
         checkpoint[STATE_KEY]["rng"] = capture_rng()
+        if resume is not None:
+            checkpoint[STATE_KEY]["resume"] = resume
     return checkpoint
+
+
+def checkpoint_of(ctx: Any, group: tuple, after: bool, warned: Optional[set]) -> tuple[dict, Optional[dict]]:
+    """The checkpoint dictionary of one group from the save context, and the manifest's record of whether a resume
+    from it is exact (each reason it is not is warned about once per fit: ``warned``; None: not now)."""
+    resume = resume_of(ctx, group, after)
+    checkpoint = shape_checkpoint(ctx.dump(group[0] != "full"), group, resume)
+    summary = resume_summary(resume)
+    if warned is not None:
+        warn_inexact(warned, summary, ctx.step)
+    return checkpoint, summary
+
+
+def resume_of(ctx: Any, group: tuple, after: bool) -> Optional[dict]:
+    """For a full checkpoint, what a resumed run needs besides the dumped state, from the save context's optional
+    ``resume_state(after)`` (the callbacks': where in the step the state is taken, the reasons a resume from it would
+    not be exact under ``"inexact"``); ``after``: the state is taken after its training step ended."""
+    fn = getattr(ctx, "resume_state", None)
+    return fn(after) if kind_of(group) == "full" and callable(fn) else None
+
+
+def resume_summary(resume: Optional[dict]) -> Optional[dict]:
+    """What the manifest records about resuming from a full checkpoint (``lightning-ckpt show`` prints it)."""
+    if resume is None:
+        return None
+    why = list(resume.get("inexact") or [])
+    return {"exact": not why, "why": why, "position": resume.get("position")}
+
+
+def warn_inexact(seen: set, summary: Optional[dict], step: int) -> None:
+    """Warn about each reason a resume would not be exact once per fit and folder, at the first save it applies to."""
+    for r in (summary or {}).get("why") or ():
+        if r in seen:
+            continue
+        seen.add(r)
+        msg = f"lightning_ckpt: resuming from the checkpoint of step {step} will not reproduce this run exactly: {r}."
+        log.warning(msg)
+        warnings.warn(msg, InexactResumeWarning, stacklevel=3)
 
 
 def filter_state(checkpoint: dict, include: tuple, exclude: tuple) -> dict:
