@@ -55,12 +55,22 @@ from lightning_ckpt.demo import DemoDataModule, DemoModel  # noqa: E402
 IN_FEATURES = 512
 OUT_FEATURES = 512
 
+# the compute-bound workload (issue 14): training uses every core, so background work competes with it
+COMPUTE_HPARAMS = dict(in_features=4096, hidden=4096, out_features=4096, layers=3, dropout=0.1, lr=1e-4)
+WORKLOADS = {
+    "default": {"hparams": None, "args": {"ckpts": 4, "every": 8, "batch": 64, "fit_repeats": 1}},
+    "compute": {"hparams": COMPUTE_HPARAMS, "args": {"ckpts": 3, "every": 4, "batch": 4, "fit_repeats": 3}},
+}
+
 TARGETS = {
     "train_ours_async_vs_lightning": ("<=", 0.25),
+    "train_ours_async_vs_ours_sync": ("<=", 1.0),
+    "train_raw_vs_ours_sync": (">=", 0.9),
+    "end_of_fit_vs_disk": ("<=", 1.1),
     "save_ours_vs_raw": (">=", 0.9),
     "save_ours_vs_torch_save": (">=", 1.3),
-    "restore_load_vs_raw": (">=", 0.9),
-    "restore_fit_vs_raw": (">=", 0.9),
+    "restore_load_vs_raw": (">=", 0.95),
+    "restore_fit_vs_raw": (">=", 0.95),
 }
 
 
@@ -318,6 +328,45 @@ class StepClock(Callback):
         return (self.t_train_start or 0.0) - (self.t_setup or 0.0)
 
 
+class RecordingCheckpoint(PeriodicCheckpoint):
+    """``PeriodicCheckpoint`` that keeps what each save reported: the training stall of each save (the time the
+    saving hook blocked training), each commit's time breakdown (``SaveResult.breakdown``), and how far the save in
+    flight had got when training ended (``bytes_done`` of its job)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.results: list = []
+        self.stalls: list[float] = []
+        self.at_train_end: dict = {}
+
+    def setup(self, trainer, pl_module, stage):  # noqa: D102
+        super().setup(trainer, pl_module, stage)
+        if self._session is not None:
+            self._session.writer.on_commit.append(self.results.append)
+
+    def _recorded(self, hook, *args):
+        s = self._session
+        before = (s.last_saved_step, s.last_save_time) if s is not None else None
+        hook(*args)
+        if s is not None and (s.last_saved_step, s.last_save_time) != before and s.last_stall_s is not None:
+            self.stalls.append(s.last_stall_s)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # noqa: D102
+        self._recorded(super().on_train_batch_end, trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_train_epoch_end(self, trainer, pl_module):  # noqa: D102 (a save on an epoch's last batch is taken here)
+        self._recorded(super().on_train_epoch_end, trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module):  # noqa: D102
+        s = self._session
+        p = s.writer.pending if s is not None else None
+        if p is not None:
+            job = p._job
+            self.at_train_end = {"pending_step": p.step, "bytes_done": int(getattr(job, "bytes_done", 0)),
+                                 "bytes_total": int(getattr(job, "bytes_total", 0))}
+        super().on_train_end(trainer, pl_module)
+
+
 def trainer_kwargs(root: str, max_steps: int) -> dict:
     return dict(
         accelerator="cpu",
@@ -359,8 +408,9 @@ def run_fit(variant: str, hp: dict, args, base: str, max_steps: int, every: int)
         if variant == "lightning_async":
             plugins.append(AsyncCheckpointIO())
     elif variant in ("ours_sync", "ours_async"):
-        callbacks.append(PeriodicCheckpoint(ckdir, every_n_train_steps=every, async_save=(variant == "ours_async"),
-                                            save_on_train_end=False))
+        rec = RecordingCheckpoint(ckdir, every_n_train_steps=every, async_save=(variant == "ours_async"),
+                                  save_on_train_end=False)
+        callbacks.append(rec)
         kw = {}
     else:
         raise ValueError(variant)
@@ -376,7 +426,11 @@ def run_fit(variant: str, hp: dict, args, base: str, max_steps: int, every: int)
     t0 = time.perf_counter()
     trainer.fit(model, dm)
     trainer.strategy.checkpoint_io.teardown()  # no-op if fit already tore down (it does); waits for async IO
-    wall = time.perf_counter() - t0
+    t_end = time.perf_counter()
+    wall = t_end - t0
+    # training ends at on_train_end (the clock's hook runs before any checkpoint callback's: Lightning puts those
+    # last); what follows until fit returns is the end-of-fit wait (ours: the last save's write and commit)
+    train_s = (clock.t_train_end or t_end) - t0
     foreign = meter.cores()
     LOAD_SEEN.append(foreign)
     # durability debt: bytes the fit left dirty in the page cache (Lightning does not fsync)
@@ -393,18 +447,49 @@ def run_fit(variant: str, hp: dict, args, base: str, max_steps: int, every: int)
     stray = [f for f in files_under(d) if f.endswith(".ckpt") and not f.startswith(ckdir)]
     if stray:
         log(f"  WARNING: {variant}: unexpected .ckpt files {stray}")
-    res = {"variant": variant, "wall_s": wall, "ckpts": ckpts, "n_ckpts": len(ckpts), "intervals": clock.intervals(),
-           "sync_after_s": sync_after, "dir": d, "foreign_cores": foreign, "global_step": int(trainer.global_step)}
+    res = {"variant": variant, "wall_s": wall, "train_s": train_s, "end_of_fit_s": wall - train_s, "ckpts": ckpts,
+           "n_ckpts": len(ckpts), "intervals": clock.intervals(), "sync_after_s": sync_after, "dir": d,
+           "foreign_cores": foreign, "global_step": int(trainer.global_step)}
+    rec = next((c for c in callbacks if isinstance(c, RecordingCheckpoint)), None)
+    if rec is not None:
+        res["stalls_s"] = list(rec.stalls)
+        res["breakdowns"] = [dict(r.breakdown, write_s=r.write_s, bytes=r.bytes) for r in rec.results]
+        res["at_train_end"] = dict(rec.at_train_end)
     del trainer, model, dm, callbacks, plugins
     gc.collect()
     return res
+
+
+BREAKDOWN = ("stall_s", "snapshot_s", "write_phase_s", "write_syscalls_s", "fsync_s", "checksum_s", "commit_s",
+             "write_s")
+
+
+def save_breakdown(runs: list[dict]) -> dict:
+    """Median over every save of every round of each time of the save breakdown (``SaveResult.breakdown``), plus the
+    training stall of each save (how long its hook blocked training)."""
+    out: dict[str, float] = {}
+    stalls = [s for x in runs for s in x.get("stalls_s", [])]
+    if stalls:
+        out["stall_s"] = median(stalls)
+    for key in BREAKDOWN[1:]:
+        vals = [b[key] for x in runs for b in x.get("breakdowns", []) if b.get(key) is not None]
+        if vals:
+            out[key] = median(vals)
+    sizes = [b.get("bytes_written") or b.get("bytes") for x in runs for b in x.get("breakdowns", [])]
+    if sizes:
+        out["bytes"] = median([float(v) for v in sizes if v])
+    ends = [x.get("at_train_end") for x in runs if x.get("at_train_end")]
+    if ends:
+        out["left_at_train_end_bytes"] = median([float(e["bytes_total"] - e["bytes_done"]) for e in ends
+                                                 if e.get("bytes_total")] or [float("nan")])
+    return out
 
 
 def bench_training(hp: dict, args, base: str) -> tuple[dict, dict]:
     every, n = args.every, args.ckpts
     max_steps = every * n
     log(f"\n== 1. Training time lost per checkpoint  ({max_steps} steps, checkpoint every {every} steps -> {n} "
-        f"checkpoints, batch {args.batch}, {args.fit_repeats} round(s))")
+        f"checkpoints, batch {args.batch}, {args.fit_repeats} round(s) in rotated order, os.sync before each fit)")
     # warm-up: first Trainer/fit in a process pays one-time costs (imports, thread pools, allocator)
     w = run_fit("none", hp, args, base, max(2, min(every, 4)), every)
     shutil.rmtree(w["dir"], ignore_errors=True)
@@ -412,13 +497,14 @@ def bench_training(hp: dict, args, base: str) -> tuple[dict, dict]:
     runs: dict[str, list[dict]] = {k: [] for k in order}
     keep: dict[str, str] = {}
     for r in range(args.fit_repeats):
-        seq = order if r % 2 == 0 else [order[0]] + order[1:][::-1]
+        seq = order[r % len(order):] + order[: r % len(order)]  # rotated: no variant always follows the same one
         for v in seq:
             res = run_fit(v, hp, args, base, max_steps, every)
             runs[v].append(res)
             med_int = median(res["intervals"]) if res["intervals"] else float("nan")
-            log(f"  {v:16s} round {r + 1}: fit {res['wall_s']:7.2f}s  ckpts {res['n_ckpts']}  median step "
-                f"{med_int:.3f}s  os.sync after fit {res['sync_after_s']:.2f}s  outside {res['foreign_cores']:.2f} cores")
+            log(f"  {v:16s} round {r + 1}: fit {res['wall_s']:7.2f}s (end-of-fit {res['end_of_fit_s']:5.2f}s)  ckpts "
+                f"{res['n_ckpts']}  median step {med_int:.3f}s  os.sync after fit {res['sync_after_s']:.2f}s  outside "
+                f"{res['foreign_cores']:.2f} cores")
             if v != "none" and res["n_ckpts"] != n:
                 log(f"  WARNING: {v} wrote {res['n_ckpts']} checkpoints, expected {n}")
             # keep the last checkpoint of the last round for the restore section; free the rest
@@ -437,10 +523,13 @@ def bench_training(hp: dict, args, base: str) -> tuple[dict, dict]:
     shutil.rmtree(res["dir"], ignore_errors=True)
 
     base_wall = median([x["wall_s"] for x in runs["none"]])
+    base_train = median([x["train_s"] for x in runs["none"]])
+    base_end = median([x["end_of_fit_s"] for x in runs["none"]])
     base_step = median([i for x in runs["none"] for i in x["intervals"]])
     out: dict[str, Any] = {"steps": max_steps, "every_n_train_steps": every, "checkpoints": n, "batch": args.batch,
-                           "fit_no_ckpt_s": base_wall, "fit_no_ckpt_all_s": [x["wall_s"] for x in runs["none"]],
-                           "median_step_s": base_step, "variants": {}}
+                           "rounds": args.fit_repeats, "fit_no_ckpt_s": base_wall,
+                           "fit_no_ckpt_all_s": [x["wall_s"] for x in runs["none"]],
+                           "end_of_fit_no_ckpt_s": base_end, "median_step_s": base_step, "variants": {}}
     for v in order[1:]:
         wall = median([x["wall_s"] for x in runs[v]])
         k = max(1, runs[v][-1]["n_ckpts"])
@@ -450,26 +539,44 @@ def bench_training(hp: dict, args, base: str) -> tuple[dict, dict]:
             "fit_s": wall,
             "fit_all_s": [x["wall_s"] for x in runs[v]],
             "lost_per_ckpt_s": (wall - base_wall) / k,
+            # until training ended (every save's stall and the background work's interference) ...
+            "steady_per_ckpt_s": (median([x["train_s"] for x in runs[v]]) - base_train) / k,
+            # ... and after: the wait at the end of fit for the last save (beyond a fit without checkpoints)
+            "end_of_fit_wait_s": median([x["end_of_fit_s"] for x in runs[v]]) - base_end,
+            "end_of_fit_all_s": [x["end_of_fit_s"] for x in runs[v]],
             "step_excess_per_ckpt_s": excess,
             "max_step_s": max(max(x["intervals"] or [0.0]) for x in runs[v]),
             "sync_after_fit_s": median([x["sync_after_s"] for x in runs[v]]),
             "n_ckpts": k,
             "foreign_cores": max(x["foreign_cores"] for x in runs[v]),
         }
+        if v.startswith("ours"):
+            out["variants"][v]["breakdown"] = save_breakdown(runs[v])
     ref = out["variants"]["lightning"]["lost_per_ckpt_s"]
     log("")
-    log(f"  no checkpoints: fit {base_wall:.2f}s (median of {len(runs['none'])}), median step {base_step * 1000:.0f} ms")
-    log(f"  {'variant':52s} {'fit s':>7s} {'lost/ckpt s':>11s} {'x Lightning':>11s} {'step-excess/ckpt s':>18s} "
-        f"{'max step s':>10s} {'os.sync after':>13s}")
+    log(f"  no checkpoints: fit {base_wall:.2f}s (median of {len(runs['none'])}), median step {base_step * 1000:.0f} ms, "
+        f"end of fit {base_end:.2f}s")
+    log(f"  {'variant':52s} {'fit s':>7s} {'lost/ckpt s':>11s} {'x Lightning':>11s} {'steady/ckpt s':>13s} "
+        f"{'end-of-fit s':>12s} {'max step s':>10s} {'os.sync after':>13s}")
     for v, label in VARIANTS.items():
         r = out["variants"][v]
         ratio = r["lost_per_ckpt_s"] / ref if ref > 0 else float("nan")  # nan: Lightning lost nothing measurable
         r["ratio_vs_lightning"] = ratio
-        log(f"  {label:52s} {r['fit_s']:7.2f} {r['lost_per_ckpt_s']:11.3f} {ratio:10.2f}x {r['step_excess_per_ckpt_s']:18.3f} "
-            f"{r['max_step_s']:10.2f} {r['sync_after_fit_s']:12.2f}s")
-    log("  (lost/ckpt: fit-time difference; step-excess: sum over steps of (step interval - median step without "
-        "checkpoints) per checkpoint;\n   os.sync after: time to flush what the fit left un-durable in the page cache; "
-        "Lightning's TorchCheckpointIO does not fsync, ours does before commit)")
+        log(f"  {label:52s} {r['fit_s']:7.2f} {r['lost_per_ckpt_s']:11.3f} {ratio:10.2f}x {r['steady_per_ckpt_s']:13.3f} "
+            f"{r['end_of_fit_wait_s']:12.2f} {r['max_step_s']:10.2f} {r['sync_after_fit_s']:12.2f}s")
+    log("  (lost/ckpt: fit-time difference per checkpoint = steady/ckpt + end-of-fit / checkpoints; steady: until "
+        "training ended (on_train_end);\n   end-of-fit: from then until fit returned, beyond a fit without "
+        "checkpoints; os.sync after: time to flush what the fit left un-durable in the page cache;\n   Lightning's "
+        "TorchCheckpointIO does not fsync, ours does before commit)")
+    log("\n  where the time of our saves goes (median per save, seconds; stall = training blocked in the saving hook):")
+    log(f"  {'variant':10s} " + " ".join(f"{k[:-2]:>13s}" for k in BREAKDOWN) + f" {'GB':>6s} {'left at end GB':>14s}")
+    for v in ("ours_sync", "ours_async"):
+        b = out["variants"][v]["breakdown"]
+        log(f"  {v:10s} " + " ".join(f"{b.get(k, float('nan')):13.3f}" for k in BREAKDOWN)
+            + f" {b.get('bytes', float('nan')) / 1e9:6.3f} {b.get('left_at_train_end_bytes', float('nan')) / 1e9:14.3f}")
+    log("  (snapshot: copy into host buffers (async) or state shaping (sync); write_phase: all files written and "
+        "fsynced; write_syscalls / fsync: time in those calls;\n   checksum: CRC32C (+ content hash) CPU time, in a helper "
+        "thread; commit: manifest, renames, latest.json; write: from the start of the write to the commit)")
     return out, keep
 
 
@@ -527,6 +634,41 @@ def save_raw(state: dict, d: str, nbytes: int) -> tuple[float, int]:
     return time.perf_counter() - t0, nbytes
 
 
+def aligned_copy(state: dict, nbytes: int, align: int = 4096) -> memoryview:
+    """The state's tensor bytes, back to back, in a page-aligned buffer of ``nbytes`` rounded up to ``align``."""
+    n = (nbytes + align - 1) // align * align
+    raw = torch.zeros(n + align, dtype=torch.uint8)
+    off = (-raw.data_ptr()) % align
+    mv = memoryview(raw.numpy()).cast("B")[off: off + n]
+    pos = 0
+    for t in iter_tensors(state):
+        v = tensor_bytes(t)[: max(0, min(t.numel() * t.element_size(), nbytes - pos))]
+        mv[pos: pos + len(v)] = v
+        pos += len(v)
+    return mv
+
+
+def save_raw_direct(src: memoryview, d: str, nbytes: int) -> tuple[float, int]:
+    """The disk's own speed: ``nbytes`` written with O_DIRECT (no page cache) from a page-aligned buffer in 8 MiB
+    writes, then fsync of the file and of its folder. Falls back to a buffered write where O_DIRECT is refused."""
+    path = os.path.join(d, "raw-direct.bin")
+    t0 = time.perf_counter()
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_DIRECT", 0), 0o644)
+    except OSError:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        pos, n = 0, len(src)
+        while pos < n:
+            pos += os.write(fd, src[pos: min(n, pos + (8 << 20))])
+        os.ftruncate(fd, nbytes)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    fsync_dir(d)
+    return time.perf_counter() - t0, nbytes
+
+
 def save_torch(state: dict, d: str) -> tuple[float, int]:
     path = os.path.join(d, "state.pt")
     t0 = time.perf_counter()
@@ -552,11 +694,12 @@ def bench_save(hp: dict, args, base: str) -> dict:
     shutil.rmtree(d, ignore_errors=True)
 
     nbytes_ref = None
-    times: dict[str, list[float]] = {"ours": [], "raw": [], "torch_save": []}
+    aligned = None
+    methods = ["ours", "raw", "raw_direct", "torch_save"]
+    times: dict[str, list[float]] = {m: [] for m in methods}
     sizes: dict[str, int] = {}
-    methods = ["ours", "raw", "torch_save"]
     for r in range(args.io_repeats):
-        seq = methods[r % 3:] + methods[: r % 3]
+        seq = methods[r % len(methods):] + methods[: r % len(methods)]
         if nbytes_ref is None and seq[0] != "ours":
             seq = ["ours"] + [m for m in seq if m != "ours"]  # raw needs ours' byte count
         for m in seq:
@@ -569,6 +712,10 @@ def bench_save(hp: dict, args, base: str) -> dict:
                 nbytes_ref = nb
             elif m == "raw":
                 dt, nb = save_raw(state, d, nbytes_ref)
+            elif m == "raw_direct":
+                if aligned is None:
+                    aligned = aligned_copy(state, nbytes_ref)
+                dt, nb = save_raw_direct(aligned, d, nbytes_ref)
             else:
                 dt, nb = save_torch(state, d)
             times[m].append(dt)
@@ -577,7 +724,7 @@ def bench_save(hp: dict, args, base: str) -> dict:
             LOAD_SEEN.append(fl)
             log(f"  {m:10s} repeat {r + 1}: {dt:6.2f}s  {nb / dt / 1e9:6.3f} GB/s  ({gb(nb)})  outside {fl:.2f} cores")
             shutil.rmtree(d, ignore_errors=True)
-    del state
+    del state, aligned
     gc.collect()
     out = {}
     for m in methods:
@@ -585,10 +732,11 @@ def bench_save(hp: dict, args, base: str) -> dict:
         out[m] = {"median_s": t, "bytes": sizes[m], "gbps": sizes[m] / t / 1e9, "all_s": times[m]}
     out["ratio_ours_vs_raw"] = out["ours"]["gbps"] / out["raw"]["gbps"]
     out["ratio_ours_vs_torch_save"] = out["ours"]["gbps"] / out["torch_save"]["gbps"]
+    out["ratio_ours_vs_raw_direct"] = out["ours"]["gbps"] / out["raw_direct"]["gbps"]
     log("")
     log(f"  {'method':40s} {'median s':>9s} {'GB/s':>7s} {'ours / it':>10s}")
     labels = {"ours": "ours CheckpointWriter(sync) save+wait", "raw": "raw os.write + fsync (same bytes)",
-              "torch_save": "torch.save + fsync"}
+              "raw_direct": "raw O_DIRECT write + fsync (the disk)", "torch_save": "torch.save + fsync"}
     for m in methods:
         ratio = out["ours"]["gbps"] / out[m]["gbps"]
         log(f"  {labels[m]:40s} {out[m]['median_s']:9.2f} {out[m]['gbps']:7.3f} {ratio:9.2f}x")
@@ -755,14 +903,18 @@ def fmt_ratio(key: str, value: float) -> str:
 
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workload", choices=sorted(WORKLOADS), default="default",
+                   help="default: DemoModel sized by --gb, batch 64, training leaves the cores partly idle; compute: "
+                        "4 x Linear(4096, 4096) + Adam, batch 4 (0.81 GB of state), training keeps both cores busy, "
+                        "a save every 4 steps, 12 steps, 3 rounds")
     p.add_argument("--gb", type=float, default=0.8, help="full training state size in GB (weights + 2 Adam moments, fp32)")
     p.add_argument("--dir", default=tempfile.gettempdir(), help="folder on the disk under test (a temp folder is made in it)")
     p.add_argument("--json", default=None, help="also write the results as JSON to this path")
-    p.add_argument("--ckpts", type=int, default=4, help="checkpoints per training run")
-    p.add_argument("--every", type=int, default=8, help="checkpoint every N training steps")
-    p.add_argument("--batch", type=int, default=64, help="training batch size")
-    p.add_argument("--layers", type=int, default=4, help="hidden layers of the MLP")
-    p.add_argument("--fit-repeats", type=int, default=1, help="rounds of the four checkpointing fits")
+    p.add_argument("--ckpts", type=int, default=None, help="checkpoints per training run (default: 4; compute: 3)")
+    p.add_argument("--every", type=int, default=None, help="checkpoint every N training steps (default: 8; compute: 4)")
+    p.add_argument("--batch", type=int, default=None, help="training batch size (default: 64; compute: 4)")
+    p.add_argument("--layers", type=int, default=4, help="hidden layers of the MLP (default workload)")
+    p.add_argument("--fit-repeats", type=int, default=None, help="rounds of the checkpointing fits (default: 1; compute: 3)")
     p.add_argument("--io-repeats", type=int, default=3, help="repeats of each save / restore measurement")
     p.add_argument("--prefault-gib", type=float, default=None,
                    help="GiB of memory to touch once before measuring (default: min(4 + 14 x gb, 70%% of available))")
@@ -770,13 +922,18 @@ def main(argv: Optional[list[str]] = None) -> int:
                    help="seconds (in total) the benchmark may wait for other processes to go quiet before a measurement")
     p.add_argument("--only", default="train,save,restore", help="comma-separated subset of train,save,restore")
     args = p.parse_args(argv)
+    for k, v in WORKLOADS[args.workload]["args"].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.workload == "compute":
+        TARGETS["train_ours_async_vs_lightning"] = ("<=", 0.5)
     quiet()
     sections = set(args.only.split(","))
     _QUIET_BUDGET[0] = args.wait_idle
 
     t_start = time.perf_counter()
     facts = machine_facts(args)
-    hp = model_hparams(args.gb, args.layers)
+    hp = WORKLOADS[args.workload]["hparams"] or model_hparams(args.gb, args.layers)
     m = make_model(hp)
     P = n_params(m)
     del m
@@ -791,7 +948,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     if pf >= 1:
         log(f"  prefault        touched {int(pf)} GiB once in {prefault(pf):.1f}s (first-touch cost kept out of the timings)")
     base = tempfile.mkdtemp(prefix="lc-bench-", dir=args.dir)
-    results: dict[str, Any] = {"machine": facts, "args": vars(args), "model": {"hparams": hp, "params": P, "state_gb": state_gb}}
+    results: dict[str, Any] = {"machine": facts, "args": vars(args), "workload": args.workload,
+                               "model": {"hparams": hp, "params": P, "state_gb": state_gb},
+                               "loadavg_start": os.getloadavg()}
+    log(f"  workload         {args.workload}; load average at start {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     try:
         keep: dict = {}
         train_steps = args.every * args.ckpts
@@ -811,11 +971,29 @@ def main(argv: Optional[list[str]] = None) -> int:
         summary["train_ours_async_vs_lightning"] = tr["ours_async"]["ratio_vs_lightning"]
         summary["train_ours_sync_vs_lightning"] = tr["ours_sync"]["ratio_vs_lightning"]
         summary["train_lightning_async_vs_lightning"] = tr["lightning_async"]["ratio_vs_lightning"]
+        summary["train_steady_per_ckpt_s"] = {v: round(tr[v]["steady_per_ckpt_s"], 4) for v in VARIANTS}
+        summary["train_end_of_fit_wait_s"] = {v: round(tr[v]["end_of_fit_wait_s"], 4) for v in VARIANTS}
+        a, sy = tr["ours_async"]["lost_per_ckpt_s"], tr["ours_sync"]["lost_per_ckpt_s"]
+        summary["train_ours_async_vs_ours_sync"] = a / sy if sy > 0 else float("nan")
     if "save" in results:
         s = results["save"]
-        summary["save_gbps"] = {k: round(s[k]["gbps"], 4) for k in ("ours", "raw", "torch_save")}
+        summary["save_gbps"] = {k: round(s[k]["gbps"], 4) for k in ("ours", "raw", "raw_direct", "torch_save")}
         summary["save_ours_vs_raw"] = s["ratio_ours_vs_raw"]
+        summary["save_ours_vs_raw_direct"] = s["ratio_ours_vs_raw_direct"]
         summary["save_ours_vs_torch_save"] = s["ratio_ours_vs_torch_save"]
+    if "training" in results and "save" in results:
+        raw_s = s["raw"]["median_s"] * results["model"]["state_gb"] * 1e9 / s["raw"]["bytes"]
+        sy = tr["ours_sync"]["lost_per_ckpt_s"]
+        summary["train_raw_vs_ours_sync"] = raw_s / sy if sy > 0 else float("nan")
+        # the end-of-fit wait against the time the disk needs for what was left to write of the last save
+        b = tr["ours_async"].get("breakdown", {})
+        left = b.get("left_at_train_end_bytes")
+        if left is None or left != left:
+            left = b.get("bytes", results["model"]["state_gb"] * 1e9)
+        disk_s = left / (s["raw_direct"]["gbps"] * 1e9)
+        summary["end_of_fit_left_bytes"] = left
+        summary["end_of_fit_disk_s"] = disk_s
+        summary["end_of_fit_vs_disk"] = tr["ours_async"]["end_of_fit_wait_s"] / disk_s if disk_s > 0 else float("nan")
     if "restore" in results:
         r = results["restore"]
         summary["restore_cache"] = r["cache"]
@@ -826,6 +1004,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         summary["restore_fit_vs_raw"] = r["ratio_fit_vs_raw"]
         summary["restore_fit_diff_vs_raw"] = r["ratio_fit_diff_vs_raw"]
     summary["total_wall_s"] = time.perf_counter() - t_start
+    summary["loadavg_end"] = os.getloadavg()
     summary["max_foreign_load_cores"] = max(LOAD_SEEN) if LOAD_SEEN else None
     summary["median_foreign_load_cores"] = median(LOAD_SEEN) if LOAD_SEEN else None
     results["summary"] = summary
@@ -835,7 +1014,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     if "training" in results:
         for v, label in VARIANTS.items():
             log(f"  lost per checkpoint {label:52s} {tr[v]['lost_per_ckpt_s']:7.3f}s  ({tr[v]['ratio_vs_lightning']:.2f}x)")
+        for v, label in VARIANTS.items():
+            log(f"  steady-state per checkpoint / end-of-fit wait {v:16s} {tr[v]['steady_per_ckpt_s']:7.3f}s / "
+                f"{tr[v]['end_of_fit_wait_s']:6.3f}s")
         log(f"  train: ours async / Lightning default            {fmt_ratio('train_ours_async_vs_lightning', summary['train_ours_async_vs_lightning'])}")
+        log(f"  train: ours async / ours sync                     {fmt_ratio('train_ours_async_vs_ours_sync', summary['train_ours_async_vs_ours_sync'])}")
+    if "train_raw_vs_ours_sync" in summary:
+        log(f"  train: raw write+fsync / ours sync lost per ckpt  {fmt_ratio('train_raw_vs_ours_sync', summary['train_raw_vs_ours_sync'])}")
+        log(f"  end-of-fit wait (async) / disk time of the {summary['end_of_fit_left_bytes'] / 1e9:.2f} GB left "
+            f"({summary['end_of_fit_disk_s']:.2f}s at the O_DIRECT raw rate) {fmt_ratio('end_of_fit_vs_disk', summary['end_of_fit_vs_disk'])}")
     if "save" in results:
         log(f"  save:  ours / raw write+fsync                     {fmt_ratio('save_ours_vs_raw', summary['save_ours_vs_raw'])}")
         log(f"  save:  ours / torch.save+fsync                    {fmt_ratio('save_ours_vs_torch_save', summary['save_ours_vs_torch_save'])}")
@@ -844,6 +1031,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         log(f"  load_checkpoint vs raw read                       {fmt_ratio('restore_load_vs_raw', summary['restore_load_vs_raw'])}")
         log(f"  Trainer.fit(ckpt_path) restore vs raw (hooks)     {fmt_ratio('restore_fit_vs_raw', summary['restore_fit_vs_raw'])}")
         log(f"  Trainer.fit(ckpt_path) restore vs raw (fit diff)  {fmt_ratio('restore_fit_vs_raw', summary['restore_fit_diff_vs_raw'])}")
+    log(f"  load average at start {' '.join(f'{x:.2f}' for x in results['loadavg_start'])}, at end "
+        f"{' '.join(f'{x:.2f}' for x in summary['loadavg_end'])}")
     finish(results, args.json, LOAD_SEEN, facts["cores"], summary["total_wall_s"],
            outside="this process (other processes, kernel writeback)")
     return 0

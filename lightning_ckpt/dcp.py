@@ -39,15 +39,15 @@ from .format import manifest as mf
 from .format.checksum import crc32c
 from .format.tensorfile import (
     FileRecord,
-    byte_view,
     check_header,
     dtype_from_name,
     dtype_name,
     header_end_from_prefix,
-    readinto_exact,
 )
+from .store.chunkread import read_to_cuda, read_to_host
 from .store.fs import open_member
 from .store.local import LocalTransaction
+from .store.prefetch import MIN_BYTES as PREFETCH_MIN_BYTES, Prefetcher
 
 # First path segment of a flat key -> file group. Everything else goes to "extra".
 GROUPS = {"state_dict": "model", "optimizer_states": "optim"}
@@ -310,23 +310,50 @@ class LCStorageReader(StorageReader):
                 b += 1
             buckets[b].append(r)
             acc += r[3]
-        if n_threads == 1:
-            self._read_bucket(buckets[0], planner)
-        else:
-            import concurrent.futures as cf
+        prefetch, fds = None, []
+        try:
+            if total >= PREFETCH_MIN_BYTES:  # fault in the host memory the readers fill next, read the files ahead
+                fds = [open_member(*self.ck.where(key)[:2], self.ck.entry(key)["size"]) for key in sorted(per_file)]
+                regions = [[self._host_region(planner, item, info, key) for key, item, info, _ in bk] for bk in buckets]
+                prefetch = Prefetcher(fds, regions, total)
+            if n_threads == 1:
+                self._read_bucket(0, buckets[0], planner, prefetch)
+            else:
+                import concurrent.futures as cf
 
-            with cf.ThreadPoolExecutor(n_threads, thread_name_prefix="lightning_ckpt-read") as ex:
-                for fut in [ex.submit(self._read_bucket, bk, planner) for bk in buckets if bk]:
-                    fut.result()
+                with cf.ThreadPoolExecutor(n_threads, thread_name_prefix="lightning_ckpt-read") as ex:
+                    futs = [ex.submit(self._read_bucket, i, bk, planner, prefetch) for i, bk in enumerate(buckets)]
+                    for fut in futs:
+                        fut.result()
+        finally:
+            if prefetch is not None:
+                prefetch.close()
+            for fd in fds:
+                os.close(fd)
         fut: Future[None] = Future()
         fut.set_result(None)
         return fut
 
-    def _read_bucket(self, bucket: list, planner: LoadPlanner) -> None:
+    def _host_region(self, planner: LoadPlanner, item: Any, info: _ChunkInfo, key: Any) -> tuple[int, int] | None:
+        """The host memory a chunk is read straight into (address, bytes), or None (a GPU, or through a copy)."""
+        target = planner.resolve_tensor(item)
+        t = self.ck.entry(key)["tensors"][info.name]
+        if target.device.type != "cpu" or not self._direct(item, info, target, t):
+            return None
+        return target.data_ptr(), t["end"] - t["begin"]
+
+    @staticmethod
+    def _direct(item: Any, info: _ChunkInfo, target: torch.Tensor, t: dict) -> bool:
+        """The whole chunk goes into a destination laid out exactly like it: read straight into its memory."""
+        return (all(o == 0 for o in item.storage_offsets) and tuple(item.lengths) == info.sizes
+                and target.is_contiguous() and target.dtype == dtype_from_name(t["dtype"])
+                and tuple(target.shape) == info.sizes)
+
+    def _read_bucket(self, index: int, bucket: list, planner: LoadPlanner, prefetch: Any) -> None:
         handles: dict[str, Any] = {}
         cache: dict[str, torch.Tensor] = {}
         try:
-            for key, item, info, _ in bucket:
+            for i, (key, item, info, _) in enumerate(bucket):
                 f = handles.get(key)
                 folder, fname, entry = self.ck.where(key)
                 where = os.path.join(folder, fname)
@@ -334,89 +361,27 @@ class LCStorageReader(StorageReader):
                     f = os.fdopen(open_member(folder, fname, entry["size"]), "rb", buffering=0)
                     handles[key] = f
                     self._check_header(f, key)
-                self._read_item(f, where, entry, item, info, planner, cache)
+                gate = (lambda upto, i=i: prefetch.wait(index, i, upto)) if prefetch is not None else None
+                self._read_item(f, where, entry, item, info, planner, cache, gate)
         finally:
             for f in handles.values():
                 f.close()
 
-    def _read_chunk(self, f, where: str, t: dict, into: torch.Tensor | None) -> torch.Tensor:
-        dtype = dtype_from_name(t["dtype"])
-        shape = [int(s) for s in t["shape"]]
-        n = t["end"] - t["begin"]
-        buf = into if into is not None else torch.empty(shape, dtype=dtype)
-        if buf.numel() * buf.element_size() != n:
-            raise CheckpointCorruptError(f"{where}: a tensor's byte range does not match its shape and dtype")
-        mv = byte_view(buf)
-        f.seek(t["begin"])
-        readinto_exact(f, mv, where)
-        if self.verify and crc32c(mv) != t["crc32c"]:
-            raise CheckpointCorruptError(
-                f"{where}: checksum mismatch in tensor {t.get('_name', '')!r}; the file is corrupt. "
-                "Use an earlier checkpoint (latest_checkpoint skips corrupt ones)."
-            )
+    def _read_chunk(self, f, where: str, t: dict, into: torch.Tensor | None, gate: Any = None) -> torch.Tensor:
+        buf = into if into is not None else torch.empty([int(s) for s in t["shape"]], dtype=dtype_from_name(t["dtype"]))
+        read_to_host(f, where, t, buf, self.verify, gate)
         return buf
 
-    _PIECE = 64 << 20
-
-    def _read_chunk_to_cuda(self, f, where: str, t: dict, target: torch.Tensor) -> None:
-        """Disk -> pinned staging piece -> GPU, two pieces in flight: the host-to-device copy of one piece overlaps
-        the read of the next, so a restore onto the GPU runs at disk speed. The checksum covers every byte read."""
-        n = t["end"] - t["begin"]
-        if target.numel() * target.element_size() != n:
-            raise CheckpointCorruptError(f"{where}: a tensor's byte range does not match its shape and dtype")
-        tl = self._tls
-        if not hasattr(tl, "staging"):
-            tl.staging = [torch.empty(self._PIECE, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
-            tl.events = [None, None]
-            tl.stream = torch.cuda.Stream(device=target.device)
-        staging, events, stream = tl.staging, tl.events, tl.stream
-        dst = target.reshape(-1).view(torch.uint8) if n else target
-        f.seek(t["begin"])
-        crc, pos, i = 0, 0, 0
-        while pos < n:
-            k = min(self._PIECE, n - pos)
-            buf = staging[i % 2]
-            ev = events[i % 2]
-            if ev is not None:
-                ev.synchronize()  # the copy that used this staging buffer is done
-            mv = memoryview(buf.numpy()).cast("B")[:k]
-            readinto_exact(f, mv, where)
-            if self.verify:
-                crc = crc32c(mv, crc)
-            with torch.cuda.stream(stream):
-                dst[pos : pos + k].copy_(buf[:k], non_blocking=True)
-                ev = torch.cuda.Event()
-                ev.record(stream)
-            events[i % 2] = ev
-            pos += k
-            i += 1
-        for ev in events:
-            if ev is not None:
-                ev.synchronize()
-        torch.cuda.current_stream(target.device).wait_stream(stream)
-        if self.verify and crc != t["crc32c"]:
-            raise CheckpointCorruptError(
-                f"{where}: checksum mismatch in tensor {t.get('_name', '')!r}; the file is corrupt. "
-                "Use an earlier checkpoint (latest_checkpoint skips corrupt ones)."
-            )
-
-    def _read_item(self, f, where, entry, item, info: _ChunkInfo, planner: LoadPlanner, cache) -> None:
+    def _read_item(self, f, where, entry, item, info: _ChunkInfo, planner: LoadPlanner, cache, gate: Any = None) -> None:
         t = dict(entry["tensors"][info.name], _name=info.name)
         if tuple(int(s) for s in t["shape"]) != info.sizes:
             raise CheckpointCorruptError(f"{where}: tensor {info.name!r} has a shape that does not match the manifest index")
         target = planner.resolve_tensor(item).detach()
-        # the whole chunk into a destination laid out exactly like it: read straight into its memory
-        direct = (
-            all(o == 0 for o in item.storage_offsets)
-            and tuple(item.lengths) == info.sizes
-            and target.is_contiguous()
-            and target.dtype == dtype_from_name(t["dtype"])
-            and tuple(target.shape) == info.sizes
-        )
+        direct = self._direct(item, info, target, t)
         if direct and target.device.type == "cuda":
-            self._read_chunk_to_cuda(f, where, t, target)
+            read_to_cuda(f, where, t, target, self.verify, self._tls)
         elif direct and target.device.type == "cpu":
-            self._read_chunk(f, where, t, target)
+            self._read_chunk(f, where, t, target, gate)
         else:
             src = cache.get((info.file, info.name))
             if src is None:

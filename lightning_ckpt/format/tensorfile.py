@@ -111,9 +111,11 @@ class FileRecord:
     tensors: list[TensorRecord] = field(default_factory=list)
 
 
-def header_bytes(items: Sequence[tuple[str, torch.dtype, Sequence[int], int]], metadata: dict | None) -> tuple[bytes, list[tuple[int, int]]]:
+def header_bytes(items: Sequence[tuple[str, torch.dtype, Sequence[int], int]], metadata: dict | None,
+                 data_phase: tuple[int, int] | None = None) -> tuple[bytes, list[tuple[int, int]]]:
     """The safetensors header (length prefix + JSON padded to 8 bytes) of ``(name, dtype, shape, nbytes)`` items, and
-    each item's ``[begin, end)`` relative to the end of the header."""
+    each item's ``[begin, end)`` relative to the end of the header. ``data_phase=(phase, align)``: pad the JSON (with
+    spaces, as the format allows) so that the tensor data starts at an offset that is ``phase`` modulo ``align``."""
     header: dict = {}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
@@ -127,6 +129,9 @@ def header_bytes(items: Sequence[tuple[str, torch.dtype, Sequence[int], int]], m
         pos += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     pad = (8 - (8 + len(raw)) % 8) % 8
+    if data_phase is not None:
+        phase, align = data_phase
+        pad = (phase - 8 - len(raw)) % align
     raw += b" " * pad
     return struct.pack("<Q", len(raw)) + raw, offsets
 
@@ -157,11 +162,36 @@ def _timed(fn: Callable) -> Callable:
     return run
 
 
+def direct_io_layout(prepared: list[tuple[str, torch.Tensor]], align: int) -> tuple[list, tuple[int, int] | None]:
+    """The order of ``prepared`` (name, CPU tensor) in a file written with direct I/O, and where its data must start
+    (``(phase, align)`` for :func:`header_bytes`): the tensors whose size is a multiple of ``align`` and whose memory has
+    the most common phase modulo ``align`` first, in memory order (neighbours in memory are neighbours in the file),
+    the others after them in their own order. Each of the first then sits in the file at its memory's phase, so a
+    direct write takes its bytes straight from its memory (``store/direct.py``). Only the order of the tensors in the
+    file changes: readers find every tensor by its offsets."""
+    sizes = [nbytes_of(t) for _, t in prepared]
+    phases = [t.data_ptr() % align if n else 0 for (_, t), n in zip(prepared, sizes)]
+    by_phase: dict[int, int] = {}
+    for n, ph in zip(sizes, phases):
+        if n >= align and n % align == 0 and ph % 8 == 0:
+            by_phase[ph] = by_phase.get(ph, 0) + n
+    if not by_phase:
+        return prepared, None
+    phase = max(sorted(by_phase), key=lambda ph: by_phase[ph])
+    first = [i for i, (n, ph) in enumerate(zip(sizes, phases)) if n >= align and n % align == 0 and ph == phase]
+    first.sort(key=lambda i: prepared[i][1].data_ptr())
+    chosen = set(first)
+    order = first + [i for i in range(len(prepared)) if i not in chosen]
+    return [prepared[i] for i in order], (phase, align)
+
+
 def encode_tensors(name: str, tensors: Sequence[tuple[str, torch.Tensor]], metadata: dict | None = None,
-                   crc_executor: Executor | None = None, content_hash: bool = True) -> EncodedFile:
+                   crc_executor: Executor | None = None, content_hash: bool = True,
+                   align: int | None = None) -> EncodedFile:
     """A safetensors file of ``tensors`` (CPU tensors). With ``crc_executor`` the checksums (and with
     ``content_hash`` each tensor's XXH3-128, in the same pass) are computed in that executor while the caller writes,
-    so they cost no wall time when the disk is the bottleneck."""
+    so they cost no wall time when the disk is the bottleneck. ``align``: lay the file out for direct I/O with that
+    alignment (:func:`direct_io_layout`)."""
     prepared = []
     for tname, t in tensors:
         if t.device.type != "cpu":
@@ -171,7 +201,10 @@ def encode_tensors(name: str, tensors: Sequence[tuple[str, torch.Tensor]], metad
         if not t.is_contiguous():
             t = t.contiguous()
         prepared.append((tname, t))
-    header, offsets = header_bytes([(n, t.dtype, t.shape, nbytes_of(t)) for n, t in prepared], metadata)
+    data_phase = None
+    if align:
+        prepared, data_phase = direct_io_layout(prepared, align)
+    header, offsets = header_bytes([(n, t.dtype, t.shape, nbytes_of(t)) for n, t in prepared], metadata, data_phase)
     views = [byte_view(t) for _, t in prepared]
     fn = _timed(crc32c_and_hash) if content_hash else _timed(lambda v: (crc32c(v), None))
     if crc_executor is not None:

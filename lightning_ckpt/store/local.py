@@ -41,6 +41,7 @@ from .base import (
     owner_token,
     partial_name,
 )
+from . import direct
 from .fs import OPS, _is_real_dir, _is_real_file, read_member
 from .lock import FolderLock
 
@@ -259,8 +260,14 @@ class LocalTransaction(Transaction):
 
     def write_tensors(self, fname: str, tensors, metadata: dict | None = None, crc_executor: Any = None,
                       content_hash: bool = True) -> FileRecord:
-        """A safetensors file of CPU tensors (each tensor's XXH3-128 recorded unless ``content_hash`` is off)."""
-        return self.write_file(encode_tensors(fname, tensors, metadata, crc_executor, content_hash))
+        """A safetensors file of CPU tensors (each tensor's XXH3-128 recorded unless ``content_hash`` is off); laid
+        out for direct I/O when it will be written that way (``store/direct.py``)."""
+        tensors = list(tensors)
+        align = None
+        if self.store.fsync and direct.enabled() and not direct.refused(self.path) and \
+                sum(t.numel() * t.element_size() for _, t in tensors) >= direct.MIN_BYTES:
+            align = direct.ALIGN
+        return self.write_file(encode_tensors(fname, tensors, metadata, crc_executor, content_hash, align=align))
 
     def sync(self) -> None:
         """Make the entries of the partial folder durable (after a rank wrote its files)."""

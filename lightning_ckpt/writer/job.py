@@ -110,6 +110,13 @@ class SaveJob:
         self.tensor_index: dict = {}
         self.t0 = time.perf_counter()
         self.breakdown: dict = {}
+        # progress of the write, readable from any thread: bytes of this rank's files written so far, and about how
+        # many it writes in all (tensor bytes + state; global sizes for sharded tensors)
+        self.bytes_done = 0
+        self.bytes_total = _nbytes(tensors) + len(state_bytes or b"")
+
+    def _progress(self, n: int) -> None:
+        self.bytes_done += n
 
     def add(self, tags: Iterable[str], metrics: dict | None) -> bool:
         with self._lock:
@@ -136,6 +143,7 @@ class SaveJob:
         w = self.w
         self.t0 = time.perf_counter()
         IO_TIMES.reset()
+        IO_TIMES.on_bytes = self._progress
         crc0 = CHECKSUM_SECONDS[0]
         folder = f"-n{w.folder_ranks[0]}" if w.node_local else ""  # never one partial folder for two folder groups
         # every rank of the folder writes into the same transaction: the same id, and rank 0's owner token
@@ -162,6 +170,7 @@ class SaveJob:
                 self.decision = self._decide()
                 collective_failed = False
                 self.tensors = {k: v for k, v in self.tensors.items() if k not in self.decision.reuse}
+                self.bytes_total = _nbytes(self.tensors) + len(self.state_bytes or b"")
                 pack_keys = set(self.decision.to_pack)
             if w.folder_written:
                 self.tx.open()  # every rank: the folder may be shared or node-local
@@ -187,10 +196,12 @@ class SaveJob:
         finally:
             self.tensors = {}  # the buffers are the writer's; do not keep references
             self.handoff = None
+            IO_TIMES.on_bytes = None
+            direct_bytes = IO_TIMES.direct_bytes
             write_s, fsync_s, nbytes = IO_TIMES.reset()
             self.breakdown = {"snapshot_s": self.snapshot_s, "write_phase_s": time.perf_counter() - self.t0,
                               "write_syscalls_s": write_s, "fsync_s": fsync_s, "bytes_written": nbytes,
-                              "checksum_s": CHECKSUM_SECONDS[0] - crc0}
+                              "bytes_direct": direct_bytes, "checksum_s": CHECKSUM_SECONDS[0] - crc0}
         if w.node_local and not collective_failed:
             # every folder is written: only then may any folder commit (the others learn here that one failed)
             report = None if failed is None else f"{type(failed).__name__}: {failed}"[:500]
@@ -365,6 +376,10 @@ class SaveJob:
             name=name, path=final, step=m["step"], bytes=total, snapshot_s=self.snapshot_s, write_s=write_s,
             tags=m["tags"], kind=m["kind"], metrics=dict(m["metrics"]), breakdown=dict(self.breakdown),
         )
+
+
+def _nbytes(tensors: dict) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values() if isinstance(t, torch.Tensor))
 
 
 def _packed(t: torch.Tensor) -> tuple[str, list[int], bytes]:

@@ -3,14 +3,29 @@
 ``HostBuffers.snapshot(tensors)`` copies every tensor into a CPU buffer of the same shape and dtype (pinned
 when CUDA is present, so device-to-host copies run at full bandwidth and asynchronously), allocating only for keys
 whose shape or dtype changed since the last save. Training may resume as soon as it returns.
+
+Buffers of :data:`PAGE_ALIGNED_FROM` bytes or more start on a page boundary, so that the files written from them with
+``O_DIRECT`` take their bytes straight from these buffers (``store/direct.py``, ``tensorfile.direct_io_layout``).
 """
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch
 
 from ..compat import is_sharded_tensor, shard_types, sharded_tensor_like
+
+PAGE = 4096
+PAGE_ALIGNED_FROM = 64 << 10
+
+
+def aligned_empty(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised CPU tensor whose data starts on a page boundary (a view into a slightly larger buffer)."""
+    n = shape.numel() * torch.empty(0, dtype=dtype).element_size()
+    raw = torch.empty(n + PAGE, dtype=torch.uint8)
+    off = (-raw.data_ptr()) % PAGE
+    return raw[off:off + n].view(dtype).view(shape)
 
 
 class HostBuffers:
@@ -27,7 +42,10 @@ class HostBuffers:
         buf = self._buffers.get(key)
         if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
             pin = self._pin and t.device.type == "cuda"
-            buf = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=pin)
+            if not pin and t.numel() * t.element_size() >= PAGE_ALIGNED_FROM:
+                buf = aligned_empty(t.shape, t.dtype)
+            else:  # (pinned memory is page-aligned already: cudaHostAlloc)
+                buf = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=pin)
             self._buffers[key] = buf
             self.allocations += 1
         return buf
@@ -38,11 +56,13 @@ class HostBuffers:
             k in self._buffers and self._buffers[k].shape == t.shape and self._buffers[k].dtype == t.dtype)]
         if len(missing) < 2:
             return
-        align = 64
         offsets, total = [], 0
         for _, t in missing:
+            n = t.numel() * t.element_size()
+            align = PAGE if n >= PAGE_ALIGNED_FROM else 64  # cudaHostAlloc memory starts on a page boundary
+            total = (total + align - 1) // align * align
             offsets.append(total)
-            total += (t.numel() * t.element_size() + align - 1) // align * align
+            total += n
         slab = torch.empty(total, dtype=torch.uint8, pin_memory=True)
         for (k, t), off in zip(missing, offsets):
             n = t.numel() * t.element_size()
@@ -119,8 +139,14 @@ class HostBuffers:
         meta.tensor_properties.pin_memory = bool(shards) and all(s.tensor.is_pinned() for s in shards)
         return sharded_tensor_like(t, shards, meta), any_async
 
-    def clear(self) -> None:
-        self._buffers.clear()
+    def clear(self, background: bool = False) -> None:
+        """Drop every buffer. ``background``: return the memory to the system in a helper thread (unmapping a
+        checkpoint's worth of pages takes tens of milliseconds per GB; the end of a fit need not wait for it)."""
+        old, self._buffers = self._buffers, {}
+        if background and old:
+            threading.Thread(target=old.clear, name="lightning_ckpt-free", daemon=True).start()
+        else:
+            old.clear()
 
 
 def _is_sharded_tensor(t: Any) -> bool:

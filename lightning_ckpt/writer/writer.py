@@ -326,7 +326,7 @@ class CheckpointWriter:
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
             self._crc_pool.shutdown(wait=True)
-            self._buffers.clear()
+            self._buffers.clear(background=True)
             if self.dedup is not None:
                 self.dedup.close()
             self._destroy_groups()
