@@ -304,3 +304,27 @@ def test_lineage_continues_a_run_on_resume_and_branches_from_an_older_checkpoint
     assert child.branch and child.parent == first[0].name
     runs = {c.manifest["lineage"]["run"] for c in list_checkpoints(d)}
     assert runs == {root.run, child.run}
+
+
+def test_a_branch_into_the_same_folder_shares_bytes_keeps_its_own_retention_and_resumes_itself(tmp_path):
+    d = tmp_path / "ckpts"
+    _fit(d, 6)
+    main_before = [c.name for c in list_checkpoints(d)]
+    assert main_before == ["step=000004", "step=000006"]
+    _fit(d, 10, resume_from="step=000004", run_name="lr2")  # a branch from an older checkpoint, with its own name
+    names = [c.name for c in list_checkpoints(d)]
+    assert names == ["step=000004", "step=000006", "lr2-step=000008", "lr2-step=000010"]  # step 6 of lr2 pruned
+    assert len(packs_in(d)) == 1  # the frozen layers are shared with the main run
+    branch = list_checkpoints(d)[-1].manifest["lineage"]
+    assert branch["run_name"] == "lr2" and branch["branch"] and branch["parent"] == "step=000004"
+    # relaunched with resume="auto", the branch continues itself (not the main run, not its branch point)
+    _fit(d, 12, resume_from="step=000004", run_name="lr2", resume="auto")
+    last = list_checkpoints(d)[-1]
+    assert last.name == "lr2-step=000012" and last.manifest["lineage"]["run"] == branch["run"]
+    # and the main run resumes its own newest checkpoint
+    _fit(d, 8, resume="auto")
+    assert latest_checkpoint(d, run_name=None).endswith("step=000008")
+    roots = lineage(str(d))
+    assert len(roots) == 1 and [r.run_name for r in roots[0].children] == ["lr2"]
+    with pytest.raises(ValueError, match="run_name"):
+        PeriodicCheckpoint(d, run_name="../escape")
