@@ -17,7 +17,7 @@ from typing import Any, Iterable
 import torch
 
 from .errors import CheckpointCorruptError, CheckpointError, CheckpointNotFoundError
-from .format.codec import decode
+from .format.codec import MAX_JSON_DEPTH, decode, json_depth
 from .format.tensorfile import VERIFY_BLOCK, check_file, iter_regions
 from .store import Store, locate, open_store
 from .format.checksum import crc32c
@@ -213,6 +213,9 @@ def read_state_doc(folder: str, m: dict, rank: int = 0) -> Any:
     raw = read_member(folder, fname, MAX_STATE_BYTES, size=entry["size"], where=where)
     if crc32c(raw) != entry["header_crc32c"]:
         raise CheckpointCorruptError(f"{where}: checksum mismatch; the state file is corrupt. Use an earlier checkpoint.")
+    if json_depth(raw) > MAX_JSON_DEPTH:
+        raise CheckpointCorruptError(f"{where} nests deeper than {MAX_JSON_DEPTH} levels; the state file is corrupt "
+                                     "or hostile")
     try:
         return json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
