@@ -245,13 +245,13 @@ def test_diff_says_what_changed_from_the_manifests(tmp_path):
 
 
 # ------------------------------------------------------------------ Lightning
-def _fit(dirpath, max_steps, ckpt_path=None, keep_last=2, **kw):
+def _fit(dirpath, max_steps, ckpt_path=None, keep_last=2, lr=1e-2, **kw):
     import lightning.pytorch as pl
 
     from lightning_ckpt.demo import DemoDataModule, DemoModel
 
     torch.manual_seed(0)
-    model = DemoModel(hidden=96, layers=3, frozen_layers=2)
+    model = DemoModel(hidden=96, layers=3, frozen_layers=2, lr=lr)
     cbs = [PeriodicCheckpoint(dirpath, every_n_train_steps=2, **kw), RetentionPolicy(dirpath, keep_last=keep_last)]
     t = pl.Trainer(max_steps=max_steps, callbacks=cbs, logger=False, enable_progress_bar=False,
                    enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, accelerator="cpu",
@@ -328,3 +328,14 @@ def test_a_branch_into_the_same_folder_shares_bytes_keeps_its_own_retention_and_
     assert len(roots) == 1 and [r.run_name for r in roots[0].children] == ["lr2"]
     with pytest.raises(ValueError, match="run_name"):
         PeriodicCheckpoint(d, run_name="../escape")
+
+
+def test_a_branch_trains_with_its_own_optimizer_settings(tmp_path):
+    d = tmp_path / "ckpts"
+    _fit(d, 6)
+    _fit(d, 10, resume_from="step=000006", run_name="fast", lr=0.05)
+    group = load_checkpoint(list_checkpoints(d)[-1].path)["optimizer_states"][0]["param_groups"][0]
+    # the new base learning rate, with the parent's schedule position (StepLR: x0.9 every 5 steps, 2 steps done)
+    assert group["initial_lr"] == 0.05 and abs(group["lr"] - 0.05 * 0.9 ** 2) < 1e-9
+    parent = load_checkpoint(str(d / "step=000006"))["optimizer_states"][0]["param_groups"][0]
+    assert parent["initial_lr"] == 0.01

@@ -141,6 +141,10 @@ class BaseCheckpointCallback(Checkpoint, Participant):
             # where the fit starts (ckpt_path, resume="auto", resume_from, or fresh) is decided when Lightning restores
             self._undo_resume = compat.intercept_resume(trainer, lambda path: names.choose_start(self, trainer, path))
 
+    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self._session is not None and self._undo_resume is not None:  # the first saving callback of the folder
+            self._configured = names.optimizer_settings(trainer)  # before a restore overwrites them
+
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         # after Lightning restored (which some strategies do only after on_fit_start)
         if self._undo_resume is not None:
@@ -154,6 +158,10 @@ class BaseCheckpointCallback(Checkpoint, Participant):
                     "ckpt_path=lightning_ckpt.resume_path(dirpath) to fit().")
         if self._session is not None and trainer.ckpt_path:
             self._session.resumed_from = str(trainer.ckpt_path)
+        configured, self._configured = getattr(self, "_configured", None), None
+        if self._session is not None and self._session.branched and configured is not None:
+            for change in names.apply_branch_settings(trainer, configured):  # a branch runs with its own settings
+                self._announce(f"lightning_ckpt: branch {self.options.run_name or ''}: {change}")
         if self._session is not None:
             self._session.last_save_time = time.monotonic()
             if self._session.resume_info is not None:

@@ -148,3 +148,45 @@ def _refuse_existing(cb: BaseCheckpointCallback, session: Any) -> None:
         "this fit starts fresh, so two runs would mix in one folder. Resume it (trainer.fit(..., ckpt_path='last') or "
         "resume='auto'), branch from one of them (resume_from=..., run_name=...), choose another dirpath, or pass "
         "allow_existing=True to add this run's checkpoints next to them.")
+
+
+def optimizer_settings(trainer: "pl.Trainer") -> list[list[dict]]:
+    """Every param group's settings (all but ``params``) of the Trainer's optimizers, as this run configured them."""
+    return [[{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] for opt in trainer.optimizers]
+
+
+def apply_branch_settings(trainer: "pl.Trainer", configured: list[list[dict]]) -> list[str]:
+    """A branch (``resume_from``) restored its parent's optimizer states, whose param groups carry the parent's
+    settings; put back the ones this run configured (a new learning rate, weight decay, ...), and the schedulers'
+    base learning rates with them. The moments and the schedule's position stay. Returns what changed."""
+    changed = []
+    opts = trainer.optimizers
+    if len(opts) != len(configured):
+        return changed
+    for i, (opt, groups) in enumerate(zip(opts, configured)):
+        if len(opt.param_groups) != len(groups):
+            continue
+        for j, (g, mine) in enumerate(zip(opt.param_groups, groups)):
+            scheduled = "initial_lr" in g and "initial_lr" in mine
+            for k, v in mine.items():
+                if k not in g or not _differs(g[k], v) or (scheduled and k == "lr"):
+                    continue
+                if scheduled and k == "initial_lr" and g["initial_lr"]:
+                    # a scheduled learning rate: the new base, at the schedule's position (lr scaled alike)
+                    old_lr = g["lr"]
+                    g["lr"] = old_lr * v / g["initial_lr"]
+                    changed.append(f"optimizer {i} group {j} lr: {old_lr!r} -> {g['lr']!r}")
+                changed.append(f"optimizer {i} group {j} {k}: {g[k]!r} -> {v!r}")
+                g[k] = v
+    for cfg in trainer.lr_scheduler_configs:
+        sched = cfg.scheduler
+        if hasattr(sched, "base_lrs") and hasattr(sched, "optimizer"):
+            sched.base_lrs = [g.get("initial_lr", g["lr"]) for g in sched.optimizer.param_groups]
+    return changed
+
+
+def _differs(a: Any, b: Any) -> bool:
+    try:
+        return bool(a != b)
+    except Exception:  # noqa: BLE001 - tensors and other values without a plain truth value
+        return a is not b
