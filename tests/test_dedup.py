@@ -389,3 +389,30 @@ def test_a_pack_found_by_hash_survives_a_collection_before_the_commit(tmp_path):
     assert torch.equal(load_checkpoint(res.path)["state_dict"]["f"], f)
     BlobStore(str(tmp_path)).collect()  # the pending save's hold is released: A is kept as referenced, no more
     assert set(packs_in(tmp_path)) == pack_a
+
+
+def test_a_copy_into_the_store_cut_short_by_a_crash_is_removed_by_the_next_collection(tmp_path):
+    """A pull killed while it copied a pack into ``.blobs`` leaves its temp file there (found by the kill -9
+    campaign, restore.mid_pack_copy): the next collection removes it when its process is gone, and only then."""
+    import subprocess
+
+    from lightning_ckpt.store.base import SEP, TMP_PREFIX, host_id, owner_token
+
+    model = FineTune()
+    opt = torch.optim.Adam(model.head.parameters())
+    w = CheckpointWriter(tmp_path, async_save=False)
+    w.save(state(model, opt), step=0, stable=STABLE)
+    w.close()
+    (pack,) = packs_in(tmp_path)
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    dead = tmp_path / mf.BLOBS / f"{TMP_PREFIX}{pack}{SEP}{host_id()}.{gone.pid}{SEP}0123"
+    live = tmp_path / mf.BLOBS / f"{TMP_PREFIX}{pack}{SEP}{owner_token()}{SEP}4567"  # a copy under way
+    for p in (dead, live):
+        p.write_bytes(b"half a pack")
+    assert BlobStore(str(tmp_path)).collect(dry_run=True) == ([], 0)
+    assert dead.exists()  # a dry run removes nothing
+    BlobStore(str(tmp_path)).collect()
+    assert not dead.exists() and live.exists()
+    assert packs_in(tmp_path) == [pack]
+    verify_checkpoint(list_checkpoints(tmp_path)[0].path)

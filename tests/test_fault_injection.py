@@ -189,6 +189,7 @@ class Folder:
     last_step: int | None = None        # newest committed step after the previous trial (None: nothing yet)
     trials: int = 0
     remote_only: bool = False           # the folder was deleted: the next run restores `last_step` from S3 itself
+    blobs_debris: set = field(default_factory=set)  # entries of .blobs other than packs after the previous trial
     unreferenced: set = field(default_factory=set)  # packs no committed checkpoint referenced after the previous trial
 
     @property
@@ -222,6 +223,7 @@ class Campaign:
     collections: Counter = field(default_factory=Counter)  # "local"/"s3" -> collections the children completed
     packs_removed: Counter = field(default_factory=Counter)  # "local"/"s3" -> packs those collections removed
     crash_packs_collected: int = 0                       # unreferenced packs a crash left, removed by the relaunch
+    crash_debris_collected: int = 0                      # temp files a crash left in .blobs, removed by the relaunch
     sweeps_left_packs: int = 0                           # kills at gc.mid_sweep that left unreferenced packs
     log: list = field(default_factory=list)
 
@@ -311,7 +313,7 @@ def check_local(c: Campaign, f: Folder, rep: dict, leftovers_before: set, shapes
             f"training had reached step {progress} but the newest checkpoint is {latest_step}: more than one "
             "checkpoint interval lost"
         )
-    if point == "restore.after_download":
+    if point in ("restore.after_download", "restore.mid_pack_copy"):
         assert f.remote_only and latest is None, f"killed while restoring from S3, yet the folder has {latest}"
     if PHASES_OF_POINT.get(point) in ("retention", "upload") or point in COMMITTED_POINTS:
         assert latest is not None, f"killed at {point}, after a commit, yet there is no checkpoint"
@@ -350,11 +352,16 @@ def check_local(c: Campaign, f: Folder, rep: dict, leftovers_before: set, shapes
         assert not rec["left"], (
             f"a {rec['where']} collection left packs it should have removed: {rec['left']} (it removed {rec['removed']})")
     unreferenced = present - referenced
+    blobs = os.path.join(f.dir, mf.BLOBS)
+    debris = {e for e in os.listdir(blobs) if e not in present} if os.path.isdir(blobs) else set()
     if any(rec["where"] == "local" for rec in gc_log):
         stale = f.unreferenced & unreferenced
         assert not stale, f"packs left unreferenced by the previous crash survived the relaunch's collection: {sorted(stale)}"
         c.crash_packs_collected += len(f.unreferenced - present)
-    f.unreferenced = unreferenced
+        stale = f.blobs_debris & debris
+        assert not stale, f"what a crash left in {blobs} survived the relaunch's collection: {sorted(stale)}"
+        c.crash_debris_collected += len(f.blobs_debris)
+    f.unreferenced, f.blobs_debris = unreferenced, debris
     if rep["outcome"] == "exit":
         assert not unreferenced, f"the run ended normally but left unreferenced packs: {sorted(unreferenced)}"
     if point == "gc.mid_sweep" and unreferenced:
@@ -449,7 +456,7 @@ def delete_local(c: Campaign, f: Folder, restore_here: bool) -> None:
     """The machine is gone: delete the run folder. Either ``resume_path`` (here) or the relaunched run (by itself)
     must restore the newest valid checkpoint on S3."""
     shutil.rmtree(f.dir)
-    f.unreferenced = set()
+    f.unreferenced, f.blobs_debris = set(), set()
     newest = remote_steps(f.uri)  # every one of them was pulled and verified by check_s3
     if not restore_here:
         f.last_step = newest[0][0] if newest else None
@@ -645,7 +652,10 @@ def test_kill9_during_write_commit_retention_upload(fork_server, s3, tmp_path):
             plan = random_kill = None
             if f is loop and restore_kill_due:
                 restore_kill_due = False
-                plan = {"point": "restore.after_download", "k": 1 + c.rng.randrange(3)}
+                if c.fired["restore"] == 0:
+                    plan = {"point": "restore.after_download", "k": 1 + c.rng.randrange(3)}
+                else:
+                    plan = {"point": "restore.mid_pack_copy", "k": 1}
             elif (deliberate_since_random >= 4 or not need) and c.random_kills < RANDOM_KILLS + 10:
                 deliberate_since_random = 0
                 if c.rng.random() < 0.2:  # during start-up: resume, S3 pull, clean-up of leftovers
@@ -662,7 +672,7 @@ def test_kill9_during_write_commit_retention_upload(fork_server, s3, tmp_path):
                 real_resume(c, rep["latest"], str(n))
             if f is loop and loop.trials % DELETE_LOCAL_EVERY == 0:
                 here = (loop.trials // DELETE_LOCAL_EVERY) % 2 == 1
-                restore_kill_due = not here and not c.fired["restore"]
+                restore_kill_due = not here and c.fired["restore"] < len(KILL_POINTS["restore"])
                 failure = None
                 try:
                     delete_local(c, loop, restore_here=here)
@@ -685,7 +695,8 @@ def test_kill9_during_write_commit_retention_upload(fork_server, s3, tmp_path):
         print(f"S3 objects left behind by interrupted uploads/deletions (no manifest, never listed): {orphans}")
         print(f"collections completed: {dict(c.collections)}, packs they removed: {dict(c.packs_removed)}; packs a "
               f"crash left unreferenced, collected by the relaunch: {c.crash_packs_collected}; gc.mid_sweep kills that "
-              f"left unreferenced packs behind: {c.sweeps_left_packs}")
+              f"left unreferenced packs behind: {c.sweeps_left_packs}; temp files a crash left in .blobs, removed by "
+              f"the relaunch: {c.crash_debris_collected}")
         print(f"trials: {len(c.log)}, killed {c.killed}, completed {c.completed}; Trainer resumes {c.resumes}; "
               f"restores from S3: by resume_path {c.restores}, by the relaunched run {c.child_restores}; {time.monotonic() - t_start:.1f}s")
 
@@ -697,5 +708,6 @@ def test_kill9_during_write_commit_retention_upload(fork_server, s3, tmp_path):
     assert c.killed >= MIN_TRIALS, f"only {c.killed} trials ended in kill -9 (seed {SEED})"
     assert c.random_kills >= RANDOM_KILLS // 2, f"only {c.random_kills} random kills landed (seed {SEED})"
     assert c.fired["restore"] >= 1, "no relaunch was killed while it restored the deleted folder from S3"
+    assert c.fired_points["restore.mid_pack_copy"] >= 1, "no relaunch was killed while it copied a pack it restored"
     assert c.restores >= 1 and c.child_restores >= 1 and c.resumes >= 5
     assert not fork_server.children()

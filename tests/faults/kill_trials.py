@@ -30,6 +30,7 @@ import logging
 import mmap
 import os
 import select
+import shutil
 import signal
 import struct
 import sys
@@ -60,7 +61,7 @@ import lightning_ckpt.store.local as store_local  # noqa: E402
 import lightning_ckpt.store.s3 as store_s3  # noqa: E402
 from lightning_ckpt import BackupToS3, PeriodicCheckpoint, RetentionPolicy, latest_checkpoint, resume_path  # noqa: E402
 from lightning_ckpt.errors import CheckpointError, CheckpointNotFoundError  # noqa: E402
-from lightning_ckpt.format.manifest import BLOBS  # noqa: E402
+from lightning_ckpt.format.manifest import BLOBS, PACK_RE  # noqa: E402
 from lightning_ckpt.store.base import LOCK_FILE  # noqa: E402
 from lightning_ckpt.read import read_checkpoint_manifest  # noqa: E402
 from lightning_ckpt.writer.meta import run_info  # noqa: E402
@@ -204,6 +205,7 @@ KILL_POINTS = {
     ],
     "restore": [
         "restore.after_download",   # the run folder is gone; a relaunch pulling the newest checkpoint from S3 dies
+        "restore.mid_pack_copy",    # ... or dies half way through copying a pack into the folder's content store
     ],
 }
 PHASE_OF = {p: ph for ph, pts in KILL_POINTS.items() for p in pts}
@@ -472,7 +474,7 @@ def install_gc_points(kp: KillPoints) -> None:
 
     def unlink(path):
         n = getattr(sweep, "n", None)
-        if n is None or f"/{BLOBS}/" not in path:
+        if n is None or f"/{BLOBS}/" not in path or not PACK_RE.match(os.path.basename(path)):
             return real_unlink(path)
         if n == 0:
             kp.hit("gc.before_sweep", path=path)
@@ -552,6 +554,20 @@ def install_gc_points(kp: KillPoints) -> None:
         return out
 
     store_s3.S3Store.collect_packs = collect_packs
+
+    real_copyfile = shutil.copyfile
+
+    def copyfile(src, dst, *args, **kwargs):  # a pull (restore) copies the packs it fetched into .blobs
+        if f"/{BLOBS}/" in str(dst):
+            n = kp.claim("restore.mid_pack_copy")
+            if n:
+                with open(src, "rb") as fi, open(dst, "wb") as fo:
+                    data = fi.read()
+                    fo.write(data[: len(data) // 2])
+                kp.die("restore.mid_pack_copy", n, path=str(dst), bytes_written=len(data) // 2, of=len(data))
+        return real_copyfile(src, dst, *args, **kwargs)
+
+    shutil.copyfile = copyfile
 
 
 def install_lock_points(kp: KillPoints) -> None:
