@@ -65,13 +65,13 @@ BUCKET = "faults"  # the s3 fixture's bucket for this module (the session's serv
 SEED = int(os.environ.get("LC_FAULT_SEED", "1234"))
 PHASES = ("write", "commit", "retention", "upload", "gc", "lock")
 # deliberate kills that must fire in each phase (the lock's points are passed once per run, at its start)
-KILLS_PER_PHASE = {"write": 8, "commit": 10, "retention": 10, "upload": 10, "gc": 10, "lock": 4}
+KILLS_PER_PHASE = {"write": 8, "commit": 9, "retention": 9, "upload": 9, "gc": 10, "lock": 4}
 MIN_PER_PHASE = {ph: n - 2 for ph, n in KILLS_PER_PHASE.items()}  # asserted
 RANDOM_KILLS = 14             # kills by the server after a random delay
-MIN_TRIALS = 62               # asserted: trials that ended in SIGKILL
+MIN_TRIALS = 60               # asserted: trials that ended in SIGKILL
 MAX_TRIALS = 110              # safety cap on the schedule
 BUDGET = 6                    # training steps per child (if it is not killed first)
-RESUME_EVERY = 6              # a real Trainer resume from the newest checkpoint every N trials (and at the end)
+RESUME_EVERY = 8              # a real Trainer resume from the newest checkpoint every N trials (and at the end)
 FRESH_EVERY = 6               # every N-th trial runs in a fresh folder with a fresh S3 prefix
 DELETE_LOCAL_EVERY = 9        # after every N-th trial in it, the crash-looping folder is deleted (restored from S3)
 TRIAL_TIMEOUT_S = 90.0        # a child running longer is stuck: killed, and the test fails

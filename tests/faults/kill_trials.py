@@ -528,27 +528,48 @@ def install_gc_points(kp: KillPoints) -> None:
     store_s3.S3Store.delete_keys = delete_keys
 
     real_s3_collect = store_s3.S3Store.collect_packs
+    real_list_objects = store_s3.S3Store.list_objects
+    real_manifests = store_s3.S3Store.manifests
+
+    def list_objects(store, sub=""):  # the collection's own listings, kept for the check after it (no extra LIST)
+        out = real_list_objects(store, sub)
+        seen = getattr(s3_sweep, "seen", None)
+        if seen is not None and sub == BLOBS:
+            seen.setdefault("packs", out)
+        return out
+
+    def manifests(store):
+        out = real_manifests(store)
+        seen = getattr(s3_sweep, "seen", None)
+        if seen is not None:
+            seen.setdefault("manifests", out)
+        return out
+
+    store_s3.S3Store.list_objects = list_objects
+    store_s3.S3Store.manifests = manifests
 
     def collect_packs(store, *, grace_s=3600.0, mine=frozenset(), dry_run=False):
         if dry_run:
             return real_s3_collect(store, grace_s=grace_s, mine=mine, dry_run=True)
         grace_s, mine = S3_PACK_GRACE_S, set(mine)
-        now = dt.datetime.now(dt.timezone.utc)  # before the collection's own clock reading: older there too
-        listed = {o["Key"].rsplit("/", 1)[-1]: o for o in store.list_objects(BLOBS)}
+        now = dt.datetime.now(dt.timezone.utc)  # before the collection reads its clock: a pack is older there
+        s3_sweep.on, s3_sweep.seen = True, {}
+        try:
+            out = real_s3_collect(store, grace_s=grace_s, mine=mine)
+        finally:
+            s3_sweep.on, seen, s3_sweep.seen = False, s3_sweep.seen, None
+        # what the collection saw: the packs listed, and the manifests, unless it found none (then nothing is due)
+        listed = {o["Key"].rsplit("/", 1)[-1]: o for o in seen.get("packs", ())}
+        listed = {n: o for n, o in listed.items() if PACK_RE.match(n)}
         referenced, readable = set(), True
-        for _, m in store.manifests():
+        for _, m in seen.get("manifests", ()):
             if isinstance(m, CheckpointError):
                 readable = False
             else:
                 referenced.update((m.get("packs") or {}).keys())
         due = {n for n, o in listed.items() if n not in referenced
                and (n in mine or (now - o["LastModified"]).total_seconds() >= grace_s)}
-        s3_sweep.on = True
-        try:
-            out = real_s3_collect(store, grace_s=grace_s, mine=mine)
-        finally:
-            s3_sweep.on = False
-        after = {o["Key"].rsplit("/", 1)[-1] for o in store.list_objects(BLOBS)}
+        after = {o["Key"].rsplit("/", 1)[-1] for o in real_list_objects(store, BLOBS)} if due else set()
         kp.record({"where": "s3", "removed": out[0], "left": sorted(due & after) if readable else [],
                    "readable": readable})
         return out
