@@ -28,3 +28,8 @@ class CheckpointWriteError(CheckpointError):
 
 class CheckpointMismatchError(CheckpointError):
     """The checkpoint does not fit the object it is loaded into (tensor shapes, missing keys, partial content)."""
+
+
+class FolderNotEmptyError(CheckpointWriteError):
+    """A fresh run would write into a folder that holds the same run's checkpoints (two runs would mix): resume it,
+    branch from it, choose another folder, or opt in with ``allow_existing=True``."""

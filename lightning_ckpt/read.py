@@ -17,7 +17,7 @@ from typing import Any, Iterable
 import torch
 
 from .errors import CheckpointCorruptError, CheckpointError, CheckpointNotFoundError
-from .format.codec import decode
+from .format.codec import MAX_JSON_DEPTH, decode, json_depth
 from .format.tensorfile import VERIFY_BLOCK, check_file, iter_regions
 from .store import Store, locate, open_store
 from .format.checksum import crc32c
@@ -27,6 +27,21 @@ from .store.fs import open_member, read_member
 log = logging.getLogger("lightning_ckpt")
 
 MAX_STATE_BYTES = 1 << 30  # a rank's non-tensor state (JSON); anything larger is refused before it is read
+ANY_RUN: Any = object()  # run_name filter: every run of the folder
+
+
+def run_name_of(m: dict) -> str | None:
+    """The ``run_name`` a checkpoint was saved under (None: the folder's main line, and every older checkpoint)."""
+    lin = m.get("lineage")
+    name = lin.get("run_name") if isinstance(lin, dict) else None
+    return name if isinstance(name, str) else None
+
+
+def of_run(ckpts: list, run_name: Any = ANY_RUN) -> list:
+    """The checkpoints (``CheckpointInfo``) of one run of a folder several runs share; all with ``ANY_RUN``."""
+    if run_name is ANY_RUN:
+        return list(ckpts)
+    return [c for c in ckpts if run_name_of(c.manifest) == run_name]
 
 
 @dataclass
@@ -150,13 +165,14 @@ def check_sizes(ck: "Opened", keys: Iterable[tuple[str, str]]) -> None:
         os.close(open_member(folder, fname, entry["size"]))
 
 
-def latest_checkpoint(dirpath: Any, *, verify: bool = True) -> str | None:
+def latest_checkpoint(dirpath: Any, *, verify: bool = True, run_name: Any = ANY_RUN) -> str | None:
     """Path of the newest committed checkpoint in ``dirpath`` that passes verification, or ``None``.
 
     Corrupt or unreadable checkpoints are skipped with a warning; interrupted saves are never considered. When no
     checkpoint can be used but some were written by a newer release, :class:`CheckpointFormatError` is raised
     (upgrade): starting fresh next to them would silently lose that run. A folder that does not exist gives ``None``
-    with a warning (a mistyped path must not look like a fresh start).
+    with a warning (a mistyped path must not look like a fresh start). ``run_name``: only that run's checkpoints
+    (None: the folder's main line) in a folder several runs share.
     """
     store = open_store(dirpath)
     if not store.remote and not store.exists():
@@ -166,7 +182,7 @@ def latest_checkpoint(dirpath: Any, *, verify: bool = True) -> str | None:
     ckpts, skipped = _scan(dirpath)
     for path, err in skipped:
         warnings.warn(f"lightning_ckpt: skipping {path}: {err}", stacklevel=2)
-    for c in reversed(ckpts):
+    for c in reversed(of_run(ckpts, run_name)):
         if not verify:
             return c.path
         try:
@@ -197,6 +213,9 @@ def read_state_doc(folder: str, m: dict, rank: int = 0) -> Any:
     raw = read_member(folder, fname, MAX_STATE_BYTES, size=entry["size"], where=where)
     if crc32c(raw) != entry["header_crc32c"]:
         raise CheckpointCorruptError(f"{where}: checksum mismatch; the state file is corrupt. Use an earlier checkpoint.")
+    if json_depth(raw) > MAX_JSON_DEPTH:
+        raise CheckpointCorruptError(f"{where} nests deeper than {MAX_JSON_DEPTH} levels; the state file is corrupt "
+                                     "or hostile")
     try:
         return json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:

@@ -95,3 +95,15 @@ def shared_launch(request, tmp_path_factory, forkserver):
     """The session's shared 2-rank torchrun launch (``support.shared``), for the runs the selected tests need."""
     needed = {n for item in request.session.items for n in getattr(item, "fixturenames", ()) if n in shared.REGISTRY}
     return shared.SharedLaunch(tmp_path_factory.mktemp("shared-2rank"), sorted(needed))
+
+
+@pytest.fixture(autouse=True)
+def _nothing_written_into_the_working_directory():
+    """A test writes only under its tmp_path: a Trainer without ``default_root_dir`` and without one of this
+    package's saving callbacks gets Lightning's own ModelCheckpoint, which writes ``./checkpoints/`` into the
+    working directory (the repository)."""
+    cwd = os.getcwd()
+    before = set(os.listdir(cwd))
+    yield
+    new = set(os.listdir(cwd)) - before - {".pytest_cache", "__pycache__"}
+    assert not new, f"the test wrote {sorted(new)} into the working directory {cwd}; give it a tmp_path"

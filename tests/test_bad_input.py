@@ -427,9 +427,33 @@ def test_state_file_that_is_not_json_is_corrupt(run, payload):
     ids=["json-depth", "tag-depth", "dict-depth"],
 )
 def test_deeply_nested_state_is_corrupt_not_a_recursion_error(run, raw):
+    import sys
+
     run.replace_state(raw)
     with pytest.raises(CheckpointCorruptError):
         load_checkpoint(str(run.bad))
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(limit, 20_000))  # another library raised it: the depth bound must not depend on it
+    try:
+        with pytest.raises(CheckpointCorruptError, match="nests deeper"):
+            load_checkpoint(str(run.bad))
+    finally:
+        sys.setrecursionlimit(limit)
+
+
+def test_a_state_too_deep_to_load_is_refused_when_it_is_saved(tmp_path):
+    from lightning_ckpt import CheckpointError, CheckpointWriter
+
+    deep: dict = {}
+    node = deep
+    for _ in range(300):
+        node["x"] = {}
+        node = node["x"]
+    w = CheckpointWriter(str(tmp_path), async_save=False)
+    with pytest.raises(CheckpointError, match="nests deeper"):
+        w.save({"state_dict": {"w": torch.ones(2)}, "deep": deep}, step=1)
+    w.close()
+    assert list_checkpoints(str(tmp_path)) == []
 
 
 @pytest.mark.parametrize(

@@ -102,3 +102,25 @@ def test_conflicting_options_fail_before_training(tmp_path, base, edit, message)
     assert p.returncode != 0
     assert message in p.stderr
     assert not (tmp_path / "runs").exists(), "training started"
+
+
+def test_finetune_and_branch_recipes_share_the_frozen_layers(tmp_path):
+    from lightning_ckpt.store.blobs import BlobStore
+    from lightning_ckpt.tools.lineage import lineage
+
+    run_cli(tmp_path, "fit", "--config", config("finetune.yaml"))
+    d = tmp_path / "runs" / "finetune"
+    assert [c.name for c in list_checkpoints(str(d))] == ["step=000030", "step=000040"]
+    run_cli(tmp_path, "fit", "--config", config("finetune_branch.yaml"))
+    names = [c.name for c in list_checkpoints(str(d))]
+    assert names == ["step=000030", "step=000040", "lr-high-step=000050", "lr-high-step=000060"]
+    for c in list_checkpoints(str(d)):
+        verify_checkpoint(c.path)
+    assert len(BlobStore(str(d)).names()) == 1  # the frozen layers, once for both runs
+    branch = list_checkpoints(str(d))[-1].manifest
+    assert branch["hparams"]["lr"] == 0.05 and branch["lineage"]["parent"] == "step=000030"
+    [root] = lineage(str(d))
+    assert [r.run_name for r in root.children] == ["lr-high"]
+    # relaunching the branch with a larger max_steps continues it
+    run_cli(tmp_path, "fit", "--config", config("finetune_branch.yaml"), "--trainer.max_steps", "70")
+    assert latest_checkpoint(str(d), run_name="lr-high").endswith("lr-high-step=000070")

@@ -21,6 +21,7 @@ from lightning_ckpt import (
 )
 from lightning_ckpt.errors import CheckpointCorruptError
 from lightning_ckpt.format import manifest as mf
+from lightning_ckpt.store import LocalStore
 from lightning_ckpt.store.blobs import BlobStore
 from lightning_ckpt.tools.diff import diff_checkpoints
 from lightning_ckpt.tools.lineage import lineage
@@ -190,23 +191,44 @@ def test_collection_stops_when_a_manifest_cannot_be_read(tmp_path):
     assert packs_in(tmp_path), "a pack was removed although an unreadable manifest may reference it"
 
 
-def test_a_missing_pack_fails_the_save_cleanly_and_the_next_save_writes_again(tmp_path):
+def test_a_missing_pack_is_written_again_or_fails_the_save_cleanly(tmp_path):
     model = FineTune()
     opt = torch.optim.Adam(model.head.parameters())
-    w = CheckpointWriter(tmp_path, async_save=False)
-    w.save(state(model, opt), step=0, stable=STABLE)
-    for p in packs_in(tmp_path):  # deleted by hand behind the writer's back
-        os.unlink(os.path.join(tmp_path, mf.BLOBS, p))
+    w = CheckpointWriter(tmp_path, async_save=True, auto_seal=False)
+
+    def save(step, **kw):
+        p = w.save(state(model, opt), step=step, stable=STABLE, **kw)
+        return p
+
+    def remove_packs():  # deleted by hand behind the writer's back
+        for p in packs_in(tmp_path):
+            os.unlink(os.path.join(tmp_path, mf.BLOBS, p))
+
+    save(0)
+    w.seal()
+    w.wait()
+    remove_packs()  # before the next save: it finds them gone and writes the tensors again
+    save(1)
+    w.seal()
+    assert w.wait().bytes > frozen_bytes(model)
+    verify_checkpoint(list_checkpoints(tmp_path)[-1].path)
+    pending = save(2, sync=True)  # written, referencing the pack of step 1; not committed yet
+    remove_packs()  # between the write and the commit: the commit refuses to reference it
     from lightning_ckpt.errors import CheckpointError
 
-    with pytest.raises(CheckpointError):
-        w.save(state(model, opt), step=1, stable=STABLE)
-    res = w.save(state(model, opt), step=2, stable=STABLE).result()
+    with pytest.raises(CheckpointError, match="missing"):
+        w.seal()  # a sync save commits in the caller's thread, when sealed
+    with pytest.raises(CheckpointError, match="missing"):
+        pending.result()
+    save(3)
+    w.seal()
+    res = w.wait()
     w.close()
-    assert [c.name for c in list_checkpoints(tmp_path)] == ["step=000000", "step=000002"]
+    assert [c.name for c in list_checkpoints(tmp_path)] == ["step=000000", "step=000001", "step=000003"]
     verify_checkpoint(res.path)
-    with pytest.raises(CheckpointCorruptError):
-        verify_checkpoint(list_checkpoints(tmp_path)[0].path)
+    for c in list_checkpoints(tmp_path)[:2]:
+        with pytest.raises(CheckpointCorruptError):
+            verify_checkpoint(c.path)
 
 
 def test_standalone_export_needs_nothing_else(tmp_path):
@@ -245,13 +267,13 @@ def test_diff_says_what_changed_from_the_manifests(tmp_path):
 
 
 # ------------------------------------------------------------------ Lightning
-def _fit(dirpath, max_steps, ckpt_path=None, keep_last=2, **kw):
+def _fit(dirpath, max_steps, ckpt_path=None, keep_last=2, lr=1e-2, **kw):
     import lightning.pytorch as pl
 
     from lightning_ckpt.demo import DemoDataModule, DemoModel
 
     torch.manual_seed(0)
-    model = DemoModel(hidden=96, layers=3, frozen_layers=2)
+    model = DemoModel(hidden=96, layers=3, frozen_layers=2, lr=lr)
     cbs = [PeriodicCheckpoint(dirpath, every_n_train_steps=2, **kw), RetentionPolicy(dirpath, keep_last=keep_last)]
     t = pl.Trainer(max_steps=max_steps, callbacks=cbs, logger=False, enable_progress_bar=False,
                    enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, accelerator="cpu",
@@ -304,3 +326,128 @@ def test_lineage_continues_a_run_on_resume_and_branches_from_an_older_checkpoint
     assert child.branch and child.parent == first[0].name
     runs = {c.manifest["lineage"]["run"] for c in list_checkpoints(d)}
     assert runs == {root.run, child.run}
+
+
+def test_a_branch_into_the_same_folder_shares_bytes_keeps_its_own_retention_and_resumes_itself(tmp_path):
+    d = tmp_path / "ckpts"
+    _fit(d, 6)
+    main_before = [c.name for c in list_checkpoints(d)]
+    assert main_before == ["step=000004", "step=000006"]
+    _fit(d, 10, resume_from="step=000004", run_name="lr2")  # a branch from an older checkpoint, with its own name
+    names = [c.name for c in list_checkpoints(d)]
+    assert names == ["step=000004", "step=000006", "lr2-step=000008", "lr2-step=000010"]  # step 6 of lr2 pruned
+    assert len(packs_in(d)) == 1  # the frozen layers are shared with the main run
+    branch = list_checkpoints(d)[-1].manifest["lineage"]
+    assert branch["run_name"] == "lr2" and branch["branch"] and branch["parent"] == "step=000004"
+    # relaunched with resume="auto", the branch continues itself (not the main run, not its branch point)
+    _fit(d, 12, resume_from="step=000004", run_name="lr2", resume="auto")
+    last = list_checkpoints(d)[-1]
+    assert last.name == "lr2-step=000012" and last.manifest["lineage"]["run"] == branch["run"]
+    # and the main run resumes its own newest checkpoint
+    _fit(d, 8, resume="auto")
+    assert latest_checkpoint(d, run_name=None).endswith("step=000008")
+    roots = lineage(str(d))
+    assert len(roots) == 1 and [r.run_name for r in roots[0].children] == ["lr2"]
+    with pytest.raises(ValueError, match="run_name"):
+        PeriodicCheckpoint(d, run_name="../escape")
+
+
+def test_a_branch_trains_with_its_own_optimizer_settings(tmp_path):
+    d = tmp_path / "ckpts"
+    _fit(d, 6)
+    _fit(d, 10, resume_from="step=000006", run_name="fast", lr=0.05)
+    group = load_checkpoint(list_checkpoints(d)[-1].path)["optimizer_states"][0]["param_groups"][0]
+    # the new base learning rate, with the parent's schedule position (StepLR: x0.9 every 5 steps, 2 steps done)
+    assert group["initial_lr"] == 0.05 and abs(group["lr"] - 0.05 * 0.9 ** 2) < 1e-9
+    parent = load_checkpoint(str(d / "step=000006"))["optimizer_states"][0]["param_groups"][0]
+    assert parent["initial_lr"] == 0.01
+
+
+# ------------------------------------------------------------------ content found by hash after a collection
+def _flip_saves(w, f, t, steps):
+    """Save ``{f, t}`` at each step, ``t`` trained every step; ``f`` (stable) changes sign before the saves in
+    ``steps`` marked True. Returns the results."""
+    out = []
+    for step, flip in steps:
+        t.add_(1.0)
+        if flip:
+            f.mul_(-1.0)
+        out.append(w.save({"state_dict": {"f": f, "t": t}}, step=step, stable=["state_dict/f"]).result())
+    return out
+
+
+def test_content_of_a_collected_pack_is_written_again_not_referenced(tmp_path):
+    """A stable tensor returns to the bytes of a pack that retention and collection removed since: the writer's
+    content index still named that pack, and the save failed ("deleted by hand or by another process")."""
+    f, t = torch.randn(256), torch.randn(8)
+    w = CheckpointWriter(tmp_path, async_save=False)
+    # 1: f packed (pack A); 2: f flipped, in the checkpoint's own files; 3: unchanged, packed (pack B); 4: flipped
+    # back to A's bytes, own files
+    _flip_saves(w, f, t, [(1, False), (2, True), (3, False), (4, True)])
+    pack_a = set(list_checkpoints(tmp_path)[0].manifest["packs"])
+    for c in list_checkpoints(tmp_path)[:-1]:
+        remove_checkpoint(c.path)  # retention: A is referenced by nothing now, and collected
+    assert not pack_a & set(packs_in(tmp_path))
+    (res,) = _flip_saves(w, f, t, [(5, False)])  # unchanged since 4: its bytes are A's, which is gone
+    w.close()
+    verify_checkpoint(res.path)
+    assert torch.equal(load_checkpoint(res.path)["state_dict"]["f"], f)
+    assert set(list_checkpoints(tmp_path)[-1].manifest["packs"]) <= set(packs_in(tmp_path))
+
+
+def test_a_pack_found_by_hash_survives_a_collection_before_the_commit(tmp_path):
+    """The save decided to reference pack A (found by content hash), then retention removed the last checkpoint
+    that referenced A and collected, all before the save's commit: A is held for the save, which commits."""
+    f, t = torch.randn(256), torch.randn(8)
+    w = CheckpointWriter(tmp_path, async_save=True, auto_seal=False)
+    for step, flip in [(1, False), (2, True), (3, False), (4, True)]:
+        t.add_(1.0)
+        if flip:
+            f.mul_(-1.0)
+        w.save({"state_dict": {"f": f, "t": t}}, step=step, stable=["state_dict/f"])
+        w.seal()
+        w.wait()
+    first = list_checkpoints(tmp_path)[0]
+    pack_a = set(first.manifest["packs"])
+    t.add_(1.0)
+    # written now (sync=True), committed when sealed: its decision references A
+    pending = w.save({"state_dict": {"f": f, "t": t}}, step=5, stable=["state_dict/f"], sync=True)
+    for c in list_checkpoints(tmp_path)[:-1]:
+        LocalStore(tmp_path).delete(c.name)
+    BlobStore(str(tmp_path)).collect()
+    assert pack_a <= set(packs_in(tmp_path)), "a pack a pending save references was collected"
+    w.seal()
+    res = pending.result()
+    w.close()
+    assert set(list_checkpoints(tmp_path)[-1].manifest["packs"]) == pack_a
+    verify_checkpoint(res.path)
+    assert torch.equal(load_checkpoint(res.path)["state_dict"]["f"], f)
+    BlobStore(str(tmp_path)).collect()  # the pending save's hold is released: A is kept as referenced, no more
+    assert set(packs_in(tmp_path)) == pack_a
+
+
+def test_a_copy_into_the_store_cut_short_by_a_crash_is_removed_by_the_next_collection(tmp_path):
+    """A pull killed while it copied a pack into ``.blobs`` leaves its temp file there (found by the kill -9
+    campaign, restore.mid_pack_copy): the next collection removes it when its process is gone, and only then."""
+    import subprocess
+
+    from lightning_ckpt.store.base import SEP, TMP_PREFIX, host_id, owner_token
+
+    model = FineTune()
+    opt = torch.optim.Adam(model.head.parameters())
+    w = CheckpointWriter(tmp_path, async_save=False)
+    w.save(state(model, opt), step=0, stable=STABLE)
+    w.close()
+    (pack,) = packs_in(tmp_path)
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    dead = tmp_path / mf.BLOBS / f"{TMP_PREFIX}{pack}{SEP}{host_id()}.{gone.pid}{SEP}0123"
+    live = tmp_path / mf.BLOBS / f"{TMP_PREFIX}{pack}{SEP}{owner_token()}{SEP}4567"  # a copy under way
+    for p in (dead, live):
+        p.write_bytes(b"half a pack")
+    assert BlobStore(str(tmp_path)).collect(dry_run=True) == ([], 0)
+    assert dead.exists()  # a dry run removes nothing
+    BlobStore(str(tmp_path)).collect()
+    assert not dead.exists() and live.exists()
+    assert packs_in(tmp_path) == [pack]
+    verify_checkpoint(list_checkpoints(tmp_path)[0].path)

@@ -1,5 +1,7 @@
 """Reference counting and garbage collection of the content store against random sequences of saves, branches
-(new writers on the same folder, as a resumed or branched process) and deletions (hypothesis stateful testing).
+(new writers on the same folder, as a resumed or branched process) and deletions (hypothesis stateful testing),
+including deletions and collections between a save's write and its commit, and frozen tensors returning to bytes
+the store held before (found by content hash, maybe collected since).
 
 After every step: every committed checkpoint verifies and loads exactly what was saved into it, no committed manifest
 references a missing pack, and after a collection no pack is left that neither a committed manifest references nor a
@@ -33,7 +35,9 @@ def fresh_model(seed: int) -> dict[str, torch.Tensor]:
 class Branch:
     def __init__(self, folder: str, model: dict) -> None:
         self.model = model
-        self.writer = CheckpointWriter(folder, async_save=False)
+        self.initial = {k: v.clone() for k, v in model.items()}
+        # each save is written at once (sync) and committed when sealed: something can happen in between
+        self.writer = CheckpointWriter(folder, async_save=True, auto_seal=False)
         self.step = 0
 
 
@@ -49,8 +53,10 @@ class ContentStoreMachine(RuleBasedStateMachine):
     def start(self, seed):
         self.branches.append(Branch(self.dir, fresh_model(seed)))
 
-    @rule(i=st.integers(0, 7), train=st.booleans(), touch_frozen=st.sampled_from([None, "inplace", "data", "replace"]))
-    def save(self, i, train, touch_frozen):
+    @rule(i=st.integers(0, 7), train=st.booleans(),
+          touch_frozen=st.sampled_from([None, "inplace", "data", "replace", "revert"]),
+          delete_before_commit=st.one_of(st.none(), st.integers(0, 100)))
+    def save(self, i, train, touch_frozen, delete_before_commit):
         b = self.branches[i % len(self.branches)]
         if train:
             for k in TRAINED:
@@ -61,8 +67,19 @@ class ContentStoreMachine(RuleBasedStateMachine):
             b.model["f1"].data.add_(3.0)
         elif touch_frozen == "replace":
             b.model["f2"] = b.model["f2"] + 1.0
+        elif touch_frozen == "revert":  # the bytes of the branch's first save, in a pack maybe collected since
+            for k in FROZEN:
+                b.model[k].copy_(b.initial[k])
         b.step += 1
-        res = b.writer.save({"state_dict": dict(b.model)}, step=b.step, stable=STABLE).result()
+        pending = b.writer.save({"state_dict": dict(b.model)}, step=b.step, stable=STABLE, sync=True)
+        if delete_before_commit is not None and self.expected:  # retention and a collection between write and commit
+            names = sorted(self.expected)
+            name = names[delete_before_commit % len(names)]
+            assert LocalStore(self.dir).delete(name)
+            del self.expected[name]
+            BlobStore(self.dir).collect()
+        b.writer.seal()
+        res = pending.result()
         self.expected[res.name] = {k: v.clone() for k, v in b.model.items()}
         self.collected = False
 

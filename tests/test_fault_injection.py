@@ -1,4 +1,5 @@
-"""kill -9 of the training process at chosen and at random moments during write, commit, retention and upload.
+"""kill -9 of the training process at chosen and at random moments during write, commit, retention, upload, the
+content store's garbage collection (local and S3) and while it holds the folder's lock.
 
 After every kill: ``latest_checkpoint`` returns a checkpoint that verifies and loads (once any save committed), no
 ``.partial-*`` folder is ever listed, the relaunch resumes from the newest valid checkpoint and loses at most one
@@ -8,8 +9,17 @@ resumes from the newest checkpoint. A few times the local folder is deleted (the
 checkpoint on S3 is restored, alternately by ``resume_path`` here and by the relaunched run itself (once killed while
 it downloads).
 
-The job: the demo model, a checkpoint every step, ``RetentionPolicy(keep_last=2)``, backups to S3 with the location's
-own retention (keep 3), ``resume="auto"`` (see ``training_setup`` in ``tests/faults/kill_trials.py``).
+Deduplicated checkpoints: every committed checkpoint, local and on S3, references only packs that are there and
+verify; every collection the child ran (after retention, locally and on S3) left no pack it should have removed
+(locally: none that no committed manifest references and no pending save holds; on S3: none of those unreferenced
+that the run uploaded or that are older than the grace); the packs a crash left unreferenced are gone after the
+relaunch's first collection, and a run that ends normally leaves no unreferenced pack at all. The folder's lock is
+free after every kill (the kernel released it) and the relaunch takes it.
+
+The job: the demo model fine-tuned (frozen layers, refreshed every few steps so that packs are written, reused and
+collected: ``BackboneRefresh``), a deduplicated checkpoint every step, ``RetentionPolicy(keep_last=2)``, backups to S3
+with the location's own retention (keep 3), ``resume="auto"`` (see ``training_setup`` in
+``tests/faults/kill_trials.py``).
 
 Starting Python with torch and Lightning costs seconds, so one fork server (``tests/faults/kill_trials.py``) imports
 everything once and forks a child per trial; see its docstring. It is itself started as a child of the session's
@@ -39,6 +49,10 @@ import pytest
 import torch
 
 from lightning_ckpt import CheckpointNotFoundError, latest_checkpoint, list_checkpoints, load_checkpoint, resume_path, verify_checkpoint
+from lightning_ckpt.format import manifest as mf
+from lightning_ckpt.store.blobs import BlobStore
+from lightning_ckpt.store.lock import FolderLock
+from lightning_ckpt.store.s3 import S3Store
 from lightning_ckpt.tools.transfer import pull_checkpoint
 
 from support import ROOT, TESTS, list_remote, remote_steps, start_python
@@ -49,14 +63,15 @@ SERVER_SCRIPT = os.path.join(TESTS, "faults", "kill_trials.py")
 BUCKET = "faults"  # the s3 fixture's bucket for this module (the session's server)
 
 SEED = int(os.environ.get("LC_FAULT_SEED", "1234"))
-PHASES = ("write", "commit", "retention", "upload")
-KILLS_PER_PHASE = 10          # deliberate kills that must fire in each phase
-MIN_PER_PHASE = 8             # asserted
+PHASES = ("write", "commit", "retention", "upload", "gc", "lock")
+# deliberate kills that must fire in each phase (the lock's points are passed once per run, at its start)
+KILLS_PER_PHASE = {"write": 8, "commit": 9, "retention": 9, "upload": 9, "gc": 10, "lock": 4}
+MIN_PER_PHASE = {ph: n - 2 for ph, n in KILLS_PER_PHASE.items()}  # asserted
 RANDOM_KILLS = 14             # kills by the server after a random delay
-MIN_TRIALS = 50               # asserted: trials that ended in SIGKILL
-MAX_TRIALS = 90               # safety cap on the schedule
+MIN_TRIALS = 60               # asserted: trials that ended in SIGKILL
+MAX_TRIALS = 110              # safety cap on the schedule
 BUDGET = 6                    # training steps per child (if it is not killed first)
-RESUME_EVERY = 5              # a real Trainer resume from the newest checkpoint every N trials (and at the end)
+RESUME_EVERY = 8              # a real Trainer resume from the newest checkpoint every N trials (and at the end)
 FRESH_EVERY = 6               # every N-th trial runs in a fresh folder with a fresh S3 prefix
 DELETE_LOCAL_EVERY = 9        # after every N-th trial in it, the crash-looping folder is deleted (restored from S3)
 TRIAL_TIMEOUT_S = 90.0        # a child running longer is stuck: killed, and the test fails
@@ -174,6 +189,8 @@ class Folder:
     last_step: int | None = None        # newest committed step after the previous trial (None: nothing yet)
     trials: int = 0
     remote_only: bool = False           # the folder was deleted: the next run restores `last_step` from S3 itself
+    blobs_debris: set = field(default_factory=set)  # entries of .blobs other than packs after the previous trial
+    unreferenced: set = field(default_factory=set)  # packs no committed checkpoint referenced after the previous trial
 
     @property
     def uri(self) -> str:
@@ -202,6 +219,12 @@ class Campaign:
     s3_checked: dict = field(default_factory=dict)       # (prefix, name) -> signature of its verified objects
     s3_complete: set = field(default_factory=set)        # (prefix, name) ever seen complete on S3
     s3_orphans: dict = field(default_factory=dict)       # prefix -> names with objects but no manifest on S3
+    s3_packs_of: dict = field(default_factory=dict)      # (manifest key, ETag) -> the packs that manifest references
+    collections: Counter = field(default_factory=Counter)  # "local"/"s3" -> collections the children completed
+    packs_removed: Counter = field(default_factory=Counter)  # "local"/"s3" -> packs those collections removed
+    crash_packs_collected: int = 0                       # unreferenced packs a crash left, removed by the relaunch
+    crash_debris_collected: int = 0                      # temp files a crash left in .blobs, removed by the relaunch
+    sweeps_left_packs: int = 0                           # kills at gc.mid_sweep that left unreferenced packs
     log: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -211,7 +234,15 @@ class Campaign:
 def _expected_model_shapes() -> dict:
     from lightning_ckpt.demo import DemoModel
 
-    return {k: tuple(v.shape) for k, v in DemoModel().state_dict().items()}
+    return {k: tuple(v.shape) for k, v in DemoModel(**MODEL_KW).state_dict().items()}
+
+
+def read_gc_log(path: str) -> list[dict]:
+    try:
+        with open(path) as fh:
+            return [json.loads(line) for line in fh if line.strip()]
+    except FileNotFoundError:
+        return []
 
 
 def _listing(d: str) -> str:
@@ -229,20 +260,32 @@ def _step_of(name: str) -> int:
 
 
 # ------------------------------------------------------------------------------------------------- checks
-def check_local(c: Campaign, f: Folder, rep: dict, leftovers_before: set, shapes: dict) -> str | None:
+def check_local(c: Campaign, f: Folder, rep: dict, leftovers_before: set, shapes: dict, gc_log: list[dict]) -> str | None:
     """Everything that must hold in the run folder after the child died. Returns the newest checkpoint's path."""
     fired = rep.get("fired") or {}
     point = fired.get("point", "")
+    ckpts, latest = [], None  # no folder: the child was killed before it created it
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        ckpts = list_checkpoints(f.dir)
-        latest = latest_checkpoint(f.dir)
+        if os.path.isdir(f.dir):
+            ckpts = list_checkpoints(f.dir)
+            latest = latest_checkpoint(f.dir)
     bad = [str(w.message) for w in caught if "lightning_ckpt" in str(w.message)]
+    if not os.path.isdir(f.dir):  # killed before the run made its folder: only the missing-folder warning
+        bad = [b for b in bad if "does not exist: no checkpoint to resume from" not in b]
     assert not bad, f"listing or choosing the latest checkpoint warned about a broken checkpoint: {bad}"
     names = [ck.name for ck in ckpts]
     assert not [n for n in names if n.startswith(".")], f"a partial/trash folder is listed as a checkpoint: {names}"
+    present = set(BlobStore(f.dir).names()) if os.path.isdir(f.dir) else set()
+    referenced = {p for ck in ckpts for p in ck.manifest.get("packs") or {}}
     for ck in ckpts:  # every committed checkpoint is complete, not only the newest
-        verify_checkpoint(ck.path)
+        packs = ck.manifest.get("packs") or {}
+        missing = sorted(set(packs) - present)
+        assert not missing, f"{ck.name} references packs that are not in {f.dir}/{mf.BLOBS}: {missing}"
+        for p, entry in packs.items():
+            size = os.path.getsize(BlobStore(f.dir).pack(p))
+            assert size == int(entry["size"]), f"{ck.name} references {p} of {entry['size']} bytes; it has {size}"
+        verify_checkpoint(ck.path)  # every byte, the packs it references included
     latest_step = None
     if latest is not None:
         assert os.path.basename(latest) == ckpts[-1].name, f"latest_checkpoint={latest} is not the newest of {names}"
@@ -272,7 +315,7 @@ def check_local(c: Campaign, f: Folder, rep: dict, leftovers_before: set, shapes
             f"training had reached step {progress} but the newest checkpoint is {latest_step}: more than one "
             "checkpoint interval lost"
         )
-    if point == "restore.after_download":
+    if point in ("restore.after_download", "restore.mid_pack_copy"):
         assert f.remote_only and latest is None, f"killed while restoring from S3, yet the folder has {latest}"
     if PHASES_OF_POINT.get(point) in ("retention", "upload") or point in COMMITTED_POINTS:
         assert latest is not None, f"killed at {point}, after a commit, yet there is no checkpoint"
@@ -303,6 +346,35 @@ def check_local(c: Campaign, f: Folder, rep: dict, leftovers_before: set, shapes
     if rep.get("train_started"):
         still = leftovers_before & set(os.listdir(f.dir))
         assert not still, f"leftovers of an earlier crash were not cleaned up by the relaunch: {sorted(still)}"
+
+    # the content store: every collection the child completed left nothing it should have removed; the packs left
+    # unreferenced before the relaunch are gone after its first collection; a run that ended leaves none at all
+    for rec in gc_log:
+        assert rec["readable"], f"a manifest could not be read during a collection: {rec}"
+        assert not rec["left"], (
+            f"a {rec['where']} collection left packs it should have removed: {rec['left']} (it removed {rec['removed']})")
+    unreferenced = present - referenced
+    blobs = os.path.join(f.dir, mf.BLOBS)
+    debris = {e for e in os.listdir(blobs) if e not in present} if os.path.isdir(blobs) else set()
+    if any(rec["where"] == "local" for rec in gc_log):
+        stale = f.unreferenced & unreferenced
+        assert not stale, f"packs left unreferenced by the previous crash survived the relaunch's collection: {sorted(stale)}"
+        c.crash_packs_collected += len(f.unreferenced - present)
+        stale = f.blobs_debris & debris
+        assert not stale, f"what a crash left in {blobs} survived the relaunch's collection: {sorted(stale)}"
+        c.crash_debris_collected += len(f.blobs_debris)
+    f.unreferenced, f.blobs_debris = unreferenced, debris
+    if rep["outcome"] == "exit":
+        assert not unreferenced, f"the run ended normally but left unreferenced packs: {sorted(unreferenced)}"
+    if point == "gc.mid_sweep" and unreferenced:
+        c.sweeps_left_packs += 1
+
+    # the lock: free once its holder is dead (flock is released by the kernel), and a relaunch can take it
+    if os.path.isdir(f.dir):
+        assert FolderLock(f.dir).holder() is None, f"the lock of {f.dir} is still held after its holder died"
+        lock = FolderLock(f.dir)
+        lock.acquire({"run_id": "test_fault_injection"})
+        lock.release()
     return latest
 
 
@@ -316,10 +388,23 @@ def check_s3(c: Campaign, f: Folder, rep: dict) -> list[str]:
             if "/" in rel:
                 objs[rel.split("/", 1)[0]].append((o["Key"], o["ETag"], o["Size"]))
     names = list_remote(f.uri)
-    c.s3_orphans[f.prefix] = sorted(set(objs) - set(names))  # objects of interrupted uploads/deletes, no manifest
+    c.s3_orphans[f.prefix] = sorted(set(objs) - set(names) - {mf.BLOBS})  # of interrupted uploads/deletes
+    packs = {k.rsplit("/", 1)[-1]: (k, e, sz) for k, e, sz in objs.get(mf.BLOBS, ())}
     scratch = os.path.join(c.root, "s3-pulls")
     for n in list(names):
-        sig = tuple(sorted(objs.get(n, ())))
+        # its packs are there, with their sizes (a pull may find them in the read cache and not notice)
+        refs = {}
+        man = [(k, e) for k, e, _ in objs.get(n, ()) if k.endswith("/" + mf.MANIFEST)]
+        if man:
+            if man[0] not in c.s3_packs_of:
+                try:
+                    c.s3_packs_of[man[0]] = S3Store(f.uri).read_manifest(n)[0].get("packs") or {}
+                except CheckpointNotFoundError:
+                    c.s3_packs_of[man[0]] = {}  # deleted since the listing (see below)
+            refs = c.s3_packs_of[man[0]]
+        missing = sorted(p for p, e in refs.items() if p not in packs or packs[p][2] != int(e["size"]))
+        assert not missing, f"S3 lists {f.uri}/{n}, whose packs {missing} are missing or of another size on S3"
+        sig = tuple(sorted(objs.get(n, ()))) + tuple(sorted(packs[p] for p in refs))
         if c.s3_checked.get((f.prefix, n)) == sig:
             continue
         try:
@@ -373,6 +458,7 @@ def delete_local(c: Campaign, f: Folder, restore_here: bool) -> None:
     """The machine is gone: delete the run folder. Either ``resume_path`` (here) or the relaunched run (by itself)
     must restore the newest valid checkpoint on S3."""
     shutil.rmtree(f.dir)
+    f.unreferenced, f.blobs_debris = set(), set()
     newest = remote_steps(f.uri)  # every one of them was pulled and verified by check_s3
     if not restore_here:
         f.last_step = newest[0][0] if newest else None
@@ -393,24 +479,26 @@ def delete_local(c: Campaign, f: Folder, restore_here: bool) -> None:
 
 
 # kill points (see tests/faults/kill_trials.py)
-UNCOMMITTED_POINTS = {"write.mid_file", "write.after_file", "commit.before_manifest", "commit.mid_manifest", "commit.before_rename"}
+UNCOMMITTED_POINTS = {"write.mid_file", "write.after_file", "commit.before_manifest", "commit.mid_manifest", "commit.before_rename",
+                      "gc.after_adopt"}
 COMMITTED_POINTS = {"commit.after_rename", "commit.before_latest", "commit.mid_latest", "commit.after_latest"}
 PHASES_OF_POINT: dict[str, str] = {}
 
 
-def _load_points() -> dict[str, list[str]]:
-    """The kill points, read from the server script without importing it (it imports torch and Lightning)."""
+def _literal(name: str):
+    """A constant of the server script, read without importing it (it imports torch and Lightning)."""
     import ast
 
     with open(SERVER_SCRIPT) as fh:
         tree = ast.parse(fh.read())
     for node in tree.body:
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "KILL_POINTS" for t in node.targets):
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == name for t in node.targets):
             return ast.literal_eval(node.value)
-    raise AssertionError("KILL_POINTS not found in kill_trials.py")
+    raise AssertionError(f"{name} not found in kill_trials.py")
 
 
-KILL_POINTS = _load_points()
+KILL_POINTS = _literal("KILL_POINTS")
+MODEL_KW = _literal("MODEL_KW")
 PHASES_OF_POINT.update({p: ph for ph, pts in KILL_POINTS.items() for p in pts})
 
 
@@ -425,7 +513,7 @@ def plan_kill(c: Campaign, phase: str, cycle: dict) -> dict:
     point = cycle[phase].pop()
     n = c.counts[point]
     # early in the run (where retention and uploads happen too); uploads and retention lag training, so stay low
-    hi = max(1, int(n * (0.6 if phase in ("retention", "upload") else 0.5)))
+    hi = max(1, int(n * (0.6 if phase in ("retention", "upload", "gc") else 0.5)))
     return {"point": point, "k": 1 + c.rng.randrange(hi)}
 
 
@@ -438,7 +526,7 @@ def run_trial(c: Campaign, f: Folder, n: int, plan: dict | None, random_kill: di
         leftovers = {e for e in os.listdir(f.dir) if e.startswith((".partial-", ".trash-", ".tmp-"))}
     cmd = {"op": "trial", "trial": n, "dir": f.dir, "uri": f.uri, "budget": BUDGET, "seed": n, "plan": plan,
            "random_kill": random_kill, "marker": os.path.join(tdir, f"{n}.marker"), "log": os.path.join(tdir, f"{n}.log"),
-           "timeout": TRIAL_TIMEOUT_S}
+           "gc_log": os.path.join(tdir, f"{n}.gc.jsonl"), "timeout": TRIAL_TIMEOUT_S}
     if count:
         cmd["counts_file"] = os.path.join(tdir, f"{n}.counts")
     rep = c.server.call(cmd, timeout=TRIAL_TIMEOUT_S + 60)
@@ -462,7 +550,8 @@ def run_trial(c: Campaign, f: Folder, n: int, plan: dict | None, random_kill: di
             assert rep.get("signal") == signal.SIGKILL, f"the child died of signal {rep.get('signal')}"
         if plan is not None and rep.get("fired"):
             assert rep["fired"]["point"] == plan["point"]
-        latest = check_local(c, f, rep, leftovers, shapes)
+        gc_log = read_gc_log(cmd["gc_log"])
+        latest = check_local(c, f, rep, leftovers, shapes, gc_log)
         s3_names = check_s3(c, f, rep)
         assert not c.server.children(), f"a child of the fork server survived: {c.server.children()}"
     except Exception as e:  # noqa: BLE001 - an assertion, or a corrupt checkpoint found by verify/load/pull
@@ -488,6 +577,9 @@ def run_trial(c: Campaign, f: Folder, n: int, plan: dict | None, random_kill: di
             c.child_restores += 1
         f.remote_only = False
     f.trials += 1
+    for rec in gc_log:
+        c.collections[rec["where"]] += 1
+        c.packs_removed[rec["where"]] += len(rec["removed"])
     if rep["outcome"] == "killed":
         c.killed += 1
     else:
@@ -544,14 +636,14 @@ def test_kill9_during_write_commit_retention_upload(fork_server, s3, tmp_path):
         real_resume(c, latest_checkpoint(cal.dir), "cal")
 
         # the schedule: deliberate kills round-robin over the phases (until each has KILLS_PER_PHASE that fired),
-        # a random kill after every third one; mostly one crash-looping folder, sometimes a fresh folder
+        # a random kill after every fourth one; mostly one crash-looping folder, sometimes a fresh folder
         cycle: dict = {}
         restore_kill_due = False  # after the folder was deleted: kill the relaunch while it pulls from S3
         n = 2
         phase_i = 0
         deliberate_since_random = 0
         while True:
-            need = [ph for ph in PHASES if c.fired[ph] < KILLS_PER_PHASE]
+            need = [ph for ph in PHASES if c.fired[ph] < KILLS_PER_PHASE[ph]]
             if (not need and c.random_kills >= RANDOM_KILLS and c.killed >= MIN_TRIALS) or n >= MAX_TRIALS:
                 break
             if n % FRESH_EVERY == 0:
@@ -562,8 +654,11 @@ def test_kill9_during_write_commit_retention_upload(fork_server, s3, tmp_path):
             plan = random_kill = None
             if f is loop and restore_kill_due:
                 restore_kill_due = False
-                plan = {"point": "restore.after_download", "k": 1 + c.rng.randrange(3)}
-            elif (deliberate_since_random >= 3 or not need) and c.random_kills < RANDOM_KILLS + 10:
+                if c.fired["restore"] == 0:
+                    plan = {"point": "restore.after_download", "k": 1 + c.rng.randrange(3)}
+                else:
+                    plan = {"point": "restore.mid_pack_copy", "k": 1}
+            elif (deliberate_since_random >= 4 or not need) and c.random_kills < RANDOM_KILLS + 10:
                 deliberate_since_random = 0
                 if c.rng.random() < 0.2:  # during start-up: resume, S3 pull, clean-up of leftovers
                     random_kill = {"after": "fork", "delay": round(c.rng.uniform(0, c.t_setup * 1.2), 3)}
@@ -571,7 +666,7 @@ def test_kill9_during_write_commit_retention_upload(fork_server, s3, tmp_path):
                     random_kill = {"after": "train", "delay": round(c.rng.uniform(0, c.t_train * 0.9), 3)}
             else:
                 deliberate_since_random += 1
-                phase = need[phase_i % len(need)] if need else PHASES[phase_i % 4]
+                phase = need[phase_i % len(need)] if need else PHASES[phase_i % len(PHASES)]
                 phase_i += 1
                 plan = plan_kill(c, phase, cycle)
             rep = run_trial(c, f, n, plan, random_kill, shapes)
@@ -579,7 +674,7 @@ def test_kill9_during_write_commit_retention_upload(fork_server, s3, tmp_path):
                 real_resume(c, rep["latest"], str(n))
             if f is loop and loop.trials % DELETE_LOCAL_EVERY == 0:
                 here = (loop.trials // DELETE_LOCAL_EVERY) % 2 == 1
-                restore_kill_due = not here and not c.fired["restore"]
+                restore_kill_due = not here and c.fired["restore"] < len(KILL_POINTS["restore"])
                 failure = None
                 try:
                     delete_local(c, loop, restore_here=here)
@@ -600,13 +695,21 @@ def test_kill9_during_write_commit_retention_upload(fork_server, s3, tmp_path):
         print(f"random kills: {c.random_kills} (last event before them, by phase: {dict(c.random_events)})")
         orphans = {p: v for p, v in c.s3_orphans.items() if v}
         print(f"S3 objects left behind by interrupted uploads/deletions (no manifest, never listed): {orphans}")
+        print(f"collections completed: {dict(c.collections)}, packs they removed: {dict(c.packs_removed)}; packs a "
+              f"crash left unreferenced, collected by the relaunch: {c.crash_packs_collected}; gc.mid_sweep kills that "
+              f"left unreferenced packs behind: {c.sweeps_left_packs}; temp files a crash left in .blobs, removed by "
+              f"the relaunch: {c.crash_debris_collected}")
         print(f"trials: {len(c.log)}, killed {c.killed}, completed {c.completed}; Trainer resumes {c.resumes}; "
               f"restores from S3: by resume_path {c.restores}, by the relaunched run {c.child_restores}; {time.monotonic() - t_start:.1f}s")
 
     for ph in PHASES:
-        assert c.fired[ph] >= MIN_PER_PHASE, f"only {c.fired[ph]} deliberate kills fired in phase {ph!r} (seed {SEED})"
+        assert c.fired[ph] >= MIN_PER_PHASE[ph], f"only {c.fired[ph]} deliberate kills fired in phase {ph!r} (seed {SEED})"
+    # the content store was exercised: packs collected locally and on S3, some of them left behind by a crash
+    assert c.packs_removed["local"] >= 10 and c.packs_removed["s3"] >= 5, dict(c.packs_removed)
+    assert c.crash_packs_collected >= 1, "no pack left unreferenced by a crash was seen collected by the relaunch"
     assert c.killed >= MIN_TRIALS, f"only {c.killed} trials ended in kill -9 (seed {SEED})"
     assert c.random_kills >= RANDOM_KILLS // 2, f"only {c.random_kills} random kills landed (seed {SEED})"
     assert c.fired["restore"] >= 1, "no relaunch was killed while it restored the deleted folder from S3"
+    assert c.fired_points["restore.mid_pack_copy"] >= 1, "no relaunch was killed while it copied a pack it restored"
     assert c.restores >= 1 and c.child_restores >= 1 and c.resumes >= 5
     assert not fork_server.children()

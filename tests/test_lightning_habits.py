@@ -63,7 +63,7 @@ def test_convert_writes_a_ckpt_that_strict_readers_and_lightning_accept(run, tmp
     ckpt = torch.load(out, map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 4 and "lightning_ckpt" not in ckpt
     assert _same(DemoModel.load_from_checkpoint(out), model)
-    t = trainer(max_steps=6)
+    t = trainer(max_steps=6, default_root_dir=str(tmp_path))  # (Lightning writes its own .ckpt there)
     t.fit(DemoModel(hidden=24, dropout=0.0), DemoDataModule(), ckpt_path=out)
     assert t.global_step == 6
     assert main(["convert", path, str(tmp_path)]) == 2  # a folder is not a file to write
@@ -97,3 +97,147 @@ def test_export_a_transformers_model_as_a_hugging_face_folder(tmp_path):
     assert back.lm_head.weight is back.transformer.wte.weight  # tied embeddings stay one tensor
     with pytest.raises(CheckpointMismatchError, match="prefix"):
         export_hf(latest_checkpoint(d), str(tmp_path / "hf2"), GPT2LMHeadModel(cfg), prefix="nope.")
+
+
+# ------------------------------------------------------------------ ckpt_path="last"/"best", default dirpath, mixing
+from lightning_ckpt import BestMetricCheckpoint, RetentionPolicy, list_checkpoints  # noqa: E402
+from lightning_ckpt.errors import FolderNotEmptyError  # noqa: E402
+
+
+class ValLoss(DemoModel):
+    """val_loss follows a script (one value per validation), so which checkpoint is best is known."""
+
+    script = [0.5, 0.2, 0.4, 0.3, 0.6, 0.7]
+
+    def validation_step(self, batch, batch_idx):
+        v = self.script[min(self.trainer.global_step // 2 - 1, len(self.script) - 1)]
+        self.log("val_loss", torch.tensor(v))
+
+
+def _fit_best(d, max_steps, *, first="periodic", ckpt_path=None, **kw):
+    cbs = [PeriodicCheckpoint(d, every_n_train_steps=2, **kw), BestMetricCheckpoint(d, monitor="val_loss", top_k=2)]
+    if first != "periodic":
+        cbs.reverse()
+    t = trainer(cbs, max_steps=max_steps, limit_val_batches=1, val_check_interval=2, check_val_every_n_epoch=None)
+    model = ValLoss(hidden=16, dropout=0.0)
+    t.fit(model, DemoDataModule(n_train=64, batch_size=4), ckpt_path=ckpt_path)
+    return t, model, cbs
+
+
+def test_ckpt_path_last_resumes_the_newest_checkpoint_in_a_new_trainer(tmp_path):
+    d = str(tmp_path / "ck")
+    _fit_best(d, 6)
+    before = [c.name for c in list_checkpoints(d)]
+    t, model, _ = _fit_best(d, 10, ckpt_path="last")
+    assert t.ckpt_path == latest_checkpoint(d) or t.ckpt_path.endswith("step=000006")
+    names = [c.name for c in list_checkpoints(d)]
+    assert not any(n.endswith("-v2") for n in names), names  # resumed at step 6, not from step 0 next to the old run
+    assert "step=000010" in names and set(before) - {"step=000002"} <= set(names) | {"step=000004"}
+    # validate(ckpt_path="last") on a new Trainer evaluates the trained weights, not fresh ones
+    t2 = trainer([PeriodicCheckpoint(d, every_n_train_steps=2)], limit_val_batches=1)
+    fresh = ValLoss(hidden=16, dropout=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t2.validate(fresh, DemoDataModule(), ckpt_path="last", verbose=False)
+    assert t2.ckpt_path.endswith("step=000010") and _same(fresh, model)
+
+
+@pytest.mark.parametrize("first", ["periodic", "best"])
+def test_ckpt_path_best_whatever_the_callback_order_and_in_a_new_trainer(tmp_path, first):
+    d = str(tmp_path / "ck")
+    _fit_best(d, 12, first=first)
+    # val_loss by step: 2->0.5 4->0.2 6->0.4 8->0.3 10->0.6 12->0.7: the best is step 4
+    t = trainer([PeriodicCheckpoint(d, every_n_train_steps=2), BestMetricCheckpoint(d, monitor="val_loss", top_k=2)][
+        ::(1 if first == "periodic" else -1)], limit_val_batches=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t.validate(ValLoss(hidden=16, dropout=0.0), DemoDataModule(), ckpt_path="best", verbose=False)
+    assert t.ckpt_path.endswith("step=000004")
+    # a Trainer with only a PeriodicCheckpoint: the rule comes from the manifests
+    t = trainer([PeriodicCheckpoint(d, every_n_train_steps=2)], limit_val_batches=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t.validate(ValLoss(hidden=16, dropout=0.0), DemoDataModule(), ckpt_path="best", verbose=False)
+    assert t.ckpt_path.endswith("step=000004")
+    assert t.callbacks[0].best_model_path.endswith("step=000004") if hasattr(t.callbacks[0], "best_model_path") else True
+
+
+def test_ckpt_path_best_skips_a_corrupt_best(tmp_path):
+    d = str(tmp_path / "ck")
+    _fit_best(d, 8)
+    best = os.path.join(d, "step=000004")
+    victim = next(f for f in os.listdir(best) if f.startswith("model-"))
+    with open(os.path.join(best, victim), "r+b") as f:
+        f.seek(-8, 2)
+        f.write(b"\xff" * 8)
+    t = trainer([PeriodicCheckpoint(d, every_n_train_steps=2)], limit_val_batches=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t.validate(ValLoss(hidden=16, dropout=0.0), DemoDataModule(), ckpt_path="best", verbose=False)
+    assert t.ckpt_path.endswith("step=000008")  # 0.3: the second best
+
+
+def test_ls_marks_the_current_best_and_not_one_that_fell_out(tmp_path, capsys):
+    d = str(tmp_path / "ck")
+    _fit_best(d, 12)
+    capsys.readouterr()
+    assert main(["ls", d]) == 0
+    out = capsys.readouterr().out
+    lines = {ln.split()[0]: ln for ln in out.splitlines() if ln.startswith("step=")}
+    assert "best #1" in lines["step=000004"] and "best #2" in lines["step=000008"]
+    # step 2 (0.5) entered the top-2 and fell out; it is kept by PeriodicCheckpoint, so it is listed, not as best
+    assert "was best" in lines["step=000002"] and "best #" not in lines["step=000002"]
+    assert "best now: step=000004" in out
+
+
+def test_a_fresh_run_into_a_folder_with_checkpoints_is_refused_with_the_choices(tmp_path):
+    d = str(tmp_path / "ck")
+    _fit_best(d, 4)
+    names = sorted(os.listdir(d))
+    with pytest.raises(FolderNotEmptyError) as e:
+        _fit_best(d, 4)
+    msg = str(e.value)
+    assert "ckpt_path='last'" in msg and "resume='auto'" in msg and "allow_existing=True" in msg and "dirpath" in msg
+    assert sorted(os.listdir(d)) == names  # nothing written, nothing deleted
+    _fit_best(d, 6, allow_existing=True)  # the explicit opt-in
+    _fit_best(d, 8, resume="auto")  # resuming is no fresh start
+
+
+def test_default_dirpath_is_default_root_dir_checkpoints(tmp_path):
+    t = trainer([PeriodicCheckpoint(every_n_train_steps=2), RetentionPolicy(keep_last=1)], max_steps=6,
+                default_root_dir=str(tmp_path))
+    t.fit(DemoModel(hidden=8), DemoDataModule(n_train=64, batch_size=8))
+    names = [c.name for c in list_checkpoints(str(tmp_path / "checkpoints"))]
+    assert names == ["step=000006"]
+
+
+def test_verbose_prints_one_line_per_save_and_deletion_and_is_quiet_without(tmp_path):
+    import logging
+
+    lines: list[str] = []
+
+    class Grab(logging.Handler):
+        def emit(self, record):
+            lines.append(record.getMessage())
+
+    lg = logging.getLogger("lightning.pytorch.utilities.rank_zero")  # where Lightning prints its own lines
+    h = Grab(level=logging.INFO)
+    lg.addHandler(h)
+    level = lg.level
+    lg.setLevel(logging.INFO)
+    try:
+        d = str(tmp_path / "v")
+        trainer([PeriodicCheckpoint(d, every_n_train_steps=2), RetentionPolicy(d, keep_last=1)], max_steps=4).fit(
+            DemoModel(hidden=8), DemoDataModule(n_train=64, batch_size=8))
+        saved = [ln for ln in lines if ln.startswith("lightning_ckpt: saved ")]
+        assert len(saved) == 2 and all("training paused" in ln and "MB written" in ln for ln in saved), lines
+        assert [ln for ln in lines if ln.startswith("lightning_ckpt: deleted ")] == [
+            f"lightning_ckpt: deleted {os.path.join(d, 'step=000002')} (retention policy)"]
+        lines.clear()
+        q = str(tmp_path / "q")
+        trainer([PeriodicCheckpoint(q, every_n_train_steps=2, verbose=False)], max_steps=4).fit(
+            DemoModel(hidden=8), DemoDataModule(n_train=64, batch_size=8))
+        assert not [ln for ln in lines if ln.startswith("lightning_ckpt:")], lines
+    finally:
+        lg.removeHandler(h)
+        lg.setLevel(level)

@@ -21,14 +21,14 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Checkpoint
 
 from ..errors import CheckpointError
-from ..read import latest_checkpoint, list_checkpoints
-from ..session import resume
+from ..read import latest_checkpoint, list_checkpoints, of_run
 from ..session.options import SaveOptions, check_dirpath, check_option_names
 from ..session.session import FolderSession, Participant
 from ..session.state import FULL, STATE_KEY, SaveRequest, warn_inexact
 from ..store import is_remote
 from ..tools.merge import merge_checkpoint
-from . import compat, resume_exact
+from ..tools.best import best_checkpoints
+from . import compat, names, resume_exact
 from .context import SESSIONS, MonitorNotFoundError, TrainerContext, metric_value, session_of  # noqa: F401
 from .io import install_checkpoint_io
 
@@ -41,19 +41,20 @@ class BaseCheckpointCallback(Checkpoint, Participant):
 
     Args:
         dirpath: folder for this run's checkpoints (created if missing), or ``s3://bucket/prefix``: saves are then
-            written to a local staging folder, uploaded, and the staged copy removed once uploaded.
+            written to a local staging folder, uploaded, and the staged copy removed once uploaded. Default:
+            ``<default_root_dir>/checkpoints`` of the Trainer, as Lightning's ``ModelCheckpoint``.
         **options: the options of :class:`~lightning_ckpt.SaveOptions` (``async_save``, ``name_template``,
             ``backup_uri``, ``resume``, ...), the same for every saving callback.
     """
 
     saves = True
 
-    def __init__(self, dirpath: str, **options: Any) -> None:
+    def __init__(self, dirpath: Optional[str] = None, **options: Any) -> None:
         super().__init__()
         check_option_names(type(self).__name__, options)
         self.options = SaveOptions(**options)
-        self.dirpath = check_dirpath(dirpath)
-        if is_remote(self.dirpath):
+        self.dirpath: Optional[str] = check_dirpath(dirpath) if dirpath is not None else None  # None: at setup
+        if self.dirpath is not None and is_remote(self.dirpath):
             if self.options.merge_on_train_end:
                 raise ValueError("merge_on_train_end needs a local dirpath; with an s3:// dirpath run "
                                  "`lightning-ckpt merge s3://.../<checkpoint> OUT` after training")
@@ -87,11 +88,40 @@ class BaseCheckpointCallback(Checkpoint, Participant):
             raise RuntimeError(f"{type(self).__name__} is not attached to a Trainer yet")
         return self._session.writer
 
+    @property
+    def best_model_path(self) -> Optional[str]:
+        """The current best checkpoint of this callback's folder (from the manifests), or None (Lightning's name)."""
+        if self.dirpath is None:
+            return None
+        best = best_checkpoints(self.dirpath, run_name=self.options.run_name)
+        return best[0].path if best else None
+
+    @property
+    def last_model_path(self) -> Optional[str]:
+        """The newest committed checkpoint of this callback's folder (not verified), or None (Lightning's name)."""
+        if self.dirpath is None:
+            return None
+        return latest_checkpoint(self.dirpath, verify=False, run_name=self.options.run_name)
+
+    def _announce(self, msg: str) -> None:
+        (self._session.announce if self._session is not None else log.info)(msg)
+
+    def _own_checkpoints(self) -> list:
+        """The committed checkpoints of this callback's run in its folder (several runs may share one)."""
+        return of_run(list_checkpoints(self.dirpath), self.options.run_name)
+
+    def resolve_ckpt_path(self, trainer: "pl.Trainer", name: str, others: list) -> Optional[str]:
+        """``fit/validate/test(ckpt_path="last" | "best")``: called by Lightning's path resolver (see
+        ``compat.install_ckpt_path_names``) before any hook runs."""
+        return names.resolve_ckpt_path(self, trainer, name, others)
+
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         compat.check(trainer)
         install_checkpoint_io(trainer)
         if stage != "fit" or self._session is not None:
             return
+        if self.dirpath is None:
+            self.dirpath = names.default_dirpath(trainer)
         sessions = SESSIONS.setdefault(trainer, {})
         session = sessions.get(self.dirpath)
         if session is None:
@@ -101,40 +131,37 @@ class BaseCheckpointCallback(Checkpoint, Participant):
             trainer.strategy.barrier("lightning_ckpt.setup")
         session.join(self, self.options)
         self._session = session
+        if self.options.verbose:
+            from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+            session.announce = rank_zero_info  # printed on rank 0 where Lightning prints its own lines
         session.add_backups(self.options.locations, uploading=trainer.is_global_zero)
-        if self.options.resume == "auto" and trainer.state.fn == "fit" and not any(
+        if trainer.state.fn == "fit" and not any(
                 getattr(p, "_undo_resume", None) for p in session.participants if p is not self):
-            self._undo_resume = compat.intercept_resume(trainer, lambda path: self._auto_resume(trainer, path))
-
-    def _auto_resume(self, trainer: "pl.Trainer", checkpoint_path: Any) -> Any:
-        """``resume="auto"``: with no ``ckpt_path``, the newest valid checkpoint of the folder or its backups."""
-        if checkpoint_path:
-            return checkpoint_path
-        from lightning.pytorch.utilities.rank_zero import rank_zero_info
-
-        session = self._session
-        assert session is not None
-        broadcast = (lambda obj: trainer.strategy.broadcast(obj, src=0)) if trainer.world_size > 1 else (lambda obj: obj)
-        found = resume.choose(session, trainer.is_global_zero, broadcast)
-        if found:  # printed where Lightning prints its own messages
-            rank_zero_info(f"lightning_ckpt: resume='auto': resuming from {found}")
-        else:
-            rank_zero_info(f"lightning_ckpt: resume='auto': no checkpoint in {session.key} or its backups; starting fresh")
-        return found
+            # where the fit starts (ckpt_path, resume="auto", resume_from, or fresh) is decided when Lightning restores
+            self._undo_resume = compat.intercept_resume(trainer, lambda path: names.choose_start(self, trainer, path))
 
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self._session is not None and self._undo_resume is not None:  # the first saving callback of the folder
+            self._configured = names.optimizer_settings(trainer)  # before a restore overwrites them
+
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        # after Lightning restored (which some strategies do only after on_fit_start)
         if self._undo_resume is not None:
             ran = self._undo_resume()
             self._undo_resume = None
             if not ran:
                 raise CheckpointError(
-                    f"resume='auto' on {self.dirpath}: Lightning {pl.__version__} did not call the restore step this "
-                    f"package hooks into, so the run would silently start from step 0. Use a supported Lightning "
-                    f"({compat.SUPPORTED}) or pass ckpt_path=lightning_ckpt.resume_path(dirpath) to fit().")
+                    f"{self.dirpath}: Lightning {pl.__version__} did not call the restore step this package hooks into, "
+                    "so resume='auto', resume_from and the check for another run's checkpoints would be skipped "
+                    f"silently. Use a supported Lightning ({compat.SUPPORTED}) or pass "
+                    "ckpt_path=lightning_ckpt.resume_path(dirpath) to fit().")
         if self._session is not None and trainer.ckpt_path:
             self._session.resumed_from = str(trainer.ckpt_path)
-
-    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        configured, self._configured = getattr(self, "_configured", None), None
+        if self._session is not None and self._session.branched and configured is not None:
+            for change in names.apply_branch_settings(trainer, configured):  # a branch runs with its own settings
+                self._announce(f"lightning_ckpt: branch {self.options.run_name or ''}: {change}")
         if self._session is not None:
             self._session.last_save_time = time.monotonic()
             if self._session.resume_info is not None:
@@ -293,9 +320,9 @@ def _end(trainer: Any, session: FolderSession) -> None:
     session.close()
 
 
-def best_path_at(dirpath: str, step: int) -> Optional[str]:
-    """The committed checkpoint of ``step`` tagged ``best`` in ``dirpath``, if any."""
-    for c in reversed(list_checkpoints(dirpath)):
+def best_path_at(dirpath: str, *, step: int, run_name: Optional[str] = None) -> Optional[str]:
+    """The committed checkpoint of ``step`` tagged ``best`` in ``dirpath`` (of run ``run_name``), if any."""
+    for c in reversed(of_run(list_checkpoints(dirpath), run_name)):
         if c.step == step and "best" in c.tags:
             return c.path
     return None

@@ -9,7 +9,6 @@ from typing import Any, Literal, Optional
 
 import lightning.pytorch as pl
 
-from ..read import list_checkpoints
 from ..store import is_remote
 from ..policy.conditions import Monitor
 from . import compat
@@ -43,8 +42,8 @@ class BestMetricCheckpoint(BaseCheckpointCallback):
 
     def __init__(
         self,
-        dirpath: str,
-        monitor: str,
+        dirpath: Optional[str] = None,
+        monitor: Optional[str] = None,
         mode: Literal["min", "max"] = "min",
         top_k: int = 1,
         min_delta: float = 0.0,
@@ -52,6 +51,9 @@ class BestMetricCheckpoint(BaseCheckpointCallback):
         save_top_k: Optional[int] = None,
         **options: Any,
     ) -> None:
+        if not isinstance(monitor, str) or not monitor:
+            raise ValueError(f"{type(self).__name__} needs monitor=, the name of a metric logged with self.log "
+                             f"(got {monitor!r})")
         super().__init__(dirpath, **options)
         if save_top_k is not None:
             if top_k != 1 and top_k != save_top_k:
@@ -77,6 +79,11 @@ class BestMetricCheckpoint(BaseCheckpointCallback):
         return compat.state_key(self, dirpath=self.dirpath, monitor=self.monitor, mode=self.mode)
 
     @property
+    def best_rule(self) -> dict:
+        """How this callback ranks checkpoints; recorded in every manifest of the folder (``ckpt_path="best"``)."""
+        return {"monitor": self.monitor, "mode": self.mode, "top_k": self.top_k}
+
+    @property
     def best_model_path(self) -> Optional[str]:
         """Path of the best checkpoint so far (committed once ``fit`` returns)."""
         if not self.best_k:
@@ -88,12 +95,12 @@ class BestMetricCheckpoint(BaseCheckpointCallback):
         return self.best_k[0]["score"] if self.best_k else None
 
     def _path_of_step(self, step: int) -> Optional[str]:
-        return best_path_at(self.dirpath, step)
+        return best_path_at(self.dirpath, run_name=self.options.run_name, step=step)
 
     def _rebuild_from_disk(self, upto_step: int) -> None:
         """The manifests on disk are the truth: tags and metrics are final once committed."""
         scored = []
-        for c in list_checkpoints(self.dirpath):
+        for c in self._own_checkpoints():
             v = c.metrics.get(self.monitor)
             if "best" in c.tags and c.step <= upto_step and isinstance(v, (int, float)) and math.isfinite(v):
                 scored.append({"step": c.step, "score": float(v)})
@@ -104,7 +111,7 @@ class BestMetricCheckpoint(BaseCheckpointCallback):
     def protect(self) -> set[str]:
         with self._lock:
             steps = {d["step"] for d in self.best_k}
-        return {c.name for c in list_checkpoints(self.dirpath) if c.step in steps and "best" in c.tags}
+        return {c.name for c in self._own_checkpoints() if c.step in steps and "best" in c.tags}
 
     # --------------------------------------------------------------- decisions
     def _check(self, trainer: "pl.Trainer"):
@@ -164,7 +171,7 @@ class BestMetricCheckpoint(BaseCheckpointCallback):
         if not ready:
             return
         names = [
-            c.name for c in list_checkpoints(self.dirpath)
+            c.name for c in self._own_checkpoints()
             if c.step in ready and c.step not in keep_steps and set(c.tags) <= {"best"}
         ]
         shared.delete(names, reason=f"no longer among the best {self.top_k} by {self.monitor}")

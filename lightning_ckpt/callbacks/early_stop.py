@@ -9,7 +9,6 @@ import lightning.pytorch as pl
 import torch
 
 from ..load import load_weights
-from ..read import list_checkpoints
 from ..policy.conditions import Monitor
 from . import compat
 from .base import BaseCheckpointCallback, best_path_at, metric_value
@@ -44,8 +43,8 @@ class EarlyStopAndSave(BaseCheckpointCallback):
 
     def __init__(
         self,
-        dirpath: str,
-        monitor: str,
+        dirpath: Optional[str] = None,
+        monitor: Optional[str] = None,
         mode: Literal["min", "max"] = "min",
         patience: int = 3,
         min_delta: float = 0.0,
@@ -56,6 +55,9 @@ class EarlyStopAndSave(BaseCheckpointCallback):
         check_on_train_epoch_end: bool = False,
         **options: Any,
     ) -> None:
+        if not isinstance(monitor, str) or not monitor:
+            raise ValueError(f"{type(self).__name__} needs monitor=, the name of a metric logged with self.log "
+                             f"(got {monitor!r})")
         super().__init__(dirpath, **options)
         self.spec = Monitor(monitor, mode, min_delta)
         if not isinstance(patience, int) or isinstance(patience, bool) or patience < 1:
@@ -90,12 +92,17 @@ class EarlyStopAndSave(BaseCheckpointCallback):
 
     @property
     def best_model_path(self) -> Optional[str]:
-        return None if self.best_step is None else best_path_at(self.dirpath, self.best_step)
+        return None if self.best_step is None else best_path_at(self.dirpath, run_name=self.options.run_name, step=self.best_step)
+
+    @property
+    def best_rule(self) -> dict:
+        """How this callback ranks checkpoints (its best is the one it keeps); recorded in every manifest."""
+        return {"monitor": self.monitor, "mode": self.mode, "top_k": 1}
 
     def protect(self) -> set[str]:
         if self.best_step is None:
             return set()
-        return {c.name for c in list_checkpoints(self.dirpath) if c.step == self.best_step and "best" in c.tags}
+        return {c.name for c in self._own_checkpoints() if c.step == self.best_step and "best" in c.tags}
 
     def after_commit(self, result: Any) -> None:
         shared = self._session
@@ -103,7 +110,7 @@ class EarlyStopAndSave(BaseCheckpointCallback):
             return
         ready = [e for e in self._previous_best_steps if e < result.step]
         self._previous_best_steps = [e for e in self._previous_best_steps if e >= result.step]
-        names = [c.name for c in list_checkpoints(self.dirpath)
+        names = [c.name for c in self._own_checkpoints()
                  if c.step in ready and c.step != self.best_step and set(c.tags) <= {"best"}]
         shared.delete(names, reason=f"a better {self.monitor} was saved")
 
@@ -134,7 +141,7 @@ class EarlyStopAndSave(BaseCheckpointCallback):
             self.stopped_step, self.stop_reason = step, reason
             trainer.should_stop = True
             tags.add("early-stop")
-            log.info("lightning_ckpt: early stop at step %d: %s", step, reason)
+            self._announce(f"lightning_ckpt: early stop at step {step}: {reason}")
         if not tags:
             return None
         return tags
@@ -165,7 +172,8 @@ class EarlyStopAndSave(BaseCheckpointCallback):
                 log.warning("lightning_ckpt: the best checkpoint of step %s is gone; weights not restored", self.best_step)
                 return
             load_weights(path, trainer.lightning_module, strict=not self.options.partial)
-            log.info("lightning_ckpt: restored the best weights (%s=%.6g, step %d) from %s", self.monitor, self.best_score, self.best_step, path)
+            self._announce(f"lightning_ckpt: restored the best weights ({self.monitor}={self.best_score:.6g}, step "
+                           f"{self.best_step}) from {path}")
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

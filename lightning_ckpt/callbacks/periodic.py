@@ -53,7 +53,7 @@ class PeriodicCheckpoint(BaseCheckpointCallback):
 
     def __init__(
         self,
-        dirpath: str,
+        dirpath: Optional[str] = None,
         every_n_train_steps: Optional[int] = None,
         every_n_epochs: Optional[int] = None,
         every_n_seconds: Optional[float] = None,

@@ -105,7 +105,7 @@ class PreemptionCheckpoint(BaseCheckpointCallback):
 
     def __init__(
         self,
-        dirpath: str,
+        dirpath: Optional[str] = None,
         signals: Optional[list[str]] = None,
         slurm_requeue: bool = True,
         **options: Any,

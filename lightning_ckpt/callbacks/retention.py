@@ -14,6 +14,7 @@ from ..tools.prune import committed_records, plan_deletions
 from ..writer.options import check_bool
 from . import compat
 from .base import session_of
+from .names import default_dirpath
 
 log = logging.getLogger("lightning_ckpt")
 
@@ -33,7 +34,8 @@ class RetentionPolicy(Callback, Participant):
                    RetentionPolicy("ckpts/", keep_last=2, keep_every_n_steps=1000)]
 
     Args:
-        dirpath: the folder of the saving callbacks this policy prunes.
+        dirpath: the folder of the saving callbacks this policy prunes (default: theirs by default,
+            ``<default_root_dir>/checkpoints``).
         keep_last: keep the N newest.
         keep_best: keep the N best by ``monitor`` (read from each checkpoint's recorded metrics).
         monitor: metric for ``keep_best``.
@@ -48,7 +50,7 @@ class RetentionPolicy(Callback, Participant):
 
     def __init__(
         self,
-        dirpath: str,
+        dirpath: Optional[str] = None,
         keep_last: Optional[int] = None,
         keep_best: Optional[int] = None,
         monitor: Optional[str] = None,
@@ -59,7 +61,7 @@ class RetentionPolicy(Callback, Participant):
         keep_tags: Optional[list[str]] = None,
     ) -> None:
         super().__init__()
-        self.dirpath = check_dirpath(dirpath)
+        self.dirpath: Optional[str] = check_dirpath(dirpath) if dirpath is not None else None  # None: the default
         self.rules = RetentionRules(keep_last, keep_best, monitor, mode, keep_every_n_steps, max_total_bytes, keep_tags)
         if not self.rules.has_keep_rule and max_total_bytes is None:
             raise ValueError("RetentionPolicy needs at least one rule: keep_last, keep_best, keep_every_n_steps, "
@@ -73,6 +75,8 @@ class RetentionPolicy(Callback, Participant):
         return compat.state_key(self, dirpath=self.dirpath)
 
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self.dirpath is None:
+            self.dirpath = default_dirpath(trainer)
         session = session_of(trainer, self.dirpath, "RetentionPolicy")
         self._session = session
         session.join(self)
@@ -93,7 +97,7 @@ class RetentionPolicy(Callback, Participant):
             return
         if self.dry_run:
             try:
-                doomed = plan_deletions(committed_records(session.dirpath), [self.rules],
+                doomed = plan_deletions(committed_records(session.dirpath, session.options.run_name), [self.rules],
                                         session.protected() | {result.name})
             except ValueError as e:
                 log.warning("lightning_ckpt: retention (dry run): %s", e)

@@ -24,20 +24,8 @@ from typing import Optional, Sequence
 
 from ..errors import CheckpointError, CheckpointNotFoundError
 from ..version import __version__
-from .commands import (
-    cmd_convert,
-    cmd_export,
-    cmd_lineage,
-    cmd_diff,
-    cmd_ls,
-    cmd_merge,
-    cmd_prune,
-    cmd_pull,
-    cmd_push,
-    cmd_report,
-    cmd_show,
-    cmd_verify,
-)
+from .commands import cmd_diff, cmd_ls, cmd_merge, cmd_prune, cmd_show, cmd_verify
+from .copying import cmd_convert, cmd_export, cmd_lineage, cmd_pull, cmd_push, cmd_report
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,7 +8,7 @@ import math
 import os
 import sys
 import time
-from typing import Optional
+from typing import Any, Optional
 
 from ..errors import CheckpointCorruptError, CheckpointError, CheckpointFormatError, CheckpointNotFoundError
 
@@ -84,6 +84,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         print(f"lightning-ckpt: {args.dir} is not a folder", file=sys.stderr)
         return 2
     ckpts = list_checkpoints(args.dir)
+    best_now = _current_best(ckpts)
     verified: dict[str, str] = {}
     if args.verify:
         for c in ckpts:
@@ -97,6 +98,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         _dump([
             {"name": c.name, "path": c.path, "step": c.step, "epoch": c.epoch, "tags": c.tags, "metrics": c.metrics,
              "size_bytes": c.size_bytes, "kind": c.kind, "created_unix": c.created_unix,
+             "best_rank": best_now.get(c.name) or None,
              "verified": {"ok": True, "CORRUPT": False}.get(verified.get(c.name, ""))}
             for c in ckpts
         ])
@@ -108,14 +110,46 @@ def cmd_ls(args: argparse.Namespace) -> int:
     for c in ckpts:
         metrics = " ".join(f"{k}={_fmt_metric(v)}" for k, v in sorted(c.metrics.items())[:4])
         created = c.created_unix if isinstance(c.created_unix, (int, float)) else None
-        rows.append((c.name, str(c.step), str(c.epoch), ",".join(c.tags), metrics, _human_bytes(c.size_bytes),
+        rows.append((c.name, str(c.step), str(c.epoch), _tags_text(c, best_now), metrics, _human_bytes(c.size_bytes),
                      _human_age(created), verified.get(c.name, "-")))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
+    if any(best_now.values()):
+        ranked = {n: r for n, r in best_now.items() if r}
+        first = min(ranked, key=ranked.get)
+        print(f"best now: {first}" + (f" (and {len(ranked) - 1} more in the top-k)" if len(ranked) > 1 else "")
+              + "; 'was best': tagged best when saved, since fallen out of the top-k")
     if not args.verify:
         print("(VERIFIED: run with --verify to check every byte)")
     return 1 if "CORRUPT" in verified.values() else 0
+
+
+def _current_best(ckpts: list) -> dict[str, int]:
+    """Name -> rank (1 = best) of the checkpoints in the top-k now, by the rule their manifests record, per run."""
+    from ..read import of_run, run_name_of
+    from ..tools.best import rank_best
+
+    from ..tools.best import best_rule
+
+    out: dict[str, int] = {}
+    for run in {run_name_of(c.manifest) for c in ckpts}:
+        mine = of_run(ckpts, run)
+        if best_rule(mine) is None:  # written before rules were recorded: the tags are all there is
+            out.update({c.name: 0 for c in mine if "best" in c.tags})
+            continue
+        for i, c in enumerate(rank_best(mine)):
+            out[c.name] = i + 1
+    return out
+
+
+def _tags_text(c: Any, best_now: dict) -> str:
+    if best_now.get(c.name) == 0:
+        return ",".join(c.tags)
+    tags = [t if t != "best" or c.name in best_now else "was best" for t in c.tags]
+    if c.name in best_now:
+        tags = [f"best #{best_now[c.name]}" if t == "best" else t for t in tags]
+    return ",".join(tags)
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -293,6 +327,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
     return 0
 
 
+
 @contextlib.contextmanager
 def _bar(total: int, desc: str, quiet: bool):
     """A byte progress bar on stderr (closed on exit); ``None`` when tqdm is missing."""
@@ -307,93 +342,3 @@ def _bar(total: int, desc: str, quiet: bool):
     finally:
         if bar is not None:
             bar.close()
-
-
-def cmd_push(args: argparse.Namespace) -> int:
-    from ..tools.transfer import push_checkpoint
-
-    m = _manifest_or_hint(args.path)
-    with _bar(sum(f["size"] for f in m["files"].values()), "push", args.quiet) as bar:
-        try:
-            res = push_checkpoint(args.path, args.dest, progress=bar.update if bar is not None else None)
-        except ValueError as e:
-            print(f"lightning-ckpt push: {e}", file=sys.stderr)
-            return 2
-    if args.json:
-        print(json.dumps({"uri": res.uri, "files": res.files, "bytes": res.bytes}))
-    else:
-        print(f"pushed {args.path} -> {res.uri} ({res.files} objects, {_human_bytes(res.bytes)})")
-    return 0
-
-
-def cmd_pull(args: argparse.Namespace) -> int:
-    from ..tools.transfer import pull_checkpoint
-
-    with _bar(0, "pull", args.quiet) as bar:
-        try:
-            path = pull_checkpoint(args.src, args.dir, progress=bar.update if bar is not None else None)
-        except ValueError as e:
-            print(f"lightning-ckpt pull: {e}", file=sys.stderr)
-            return 2
-    if args.json:
-        print(json.dumps({"path": path}))
-    else:
-        print(f"pulled {args.src} -> {path} (verified)")
-    return 0
-
-
-def cmd_convert(args: argparse.Namespace) -> int:
-    from ..tools.convert import convert_to_lightning
-
-    out = convert_to_lightning(args.path, args.out)
-    if args.json:
-        _dump({"ckpt": out})
-    else:
-        print(f"wrote {out} (a Lightning .ckpt; loads with torch.load(weights_only=True) and load_from_checkpoint)")
-    return 0
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    from ..tools.standalone import export_standalone
-
-    try:
-        out = export_standalone(args.path, args.dest, name=args.name)
-    except FileExistsError as e:
-        print(f"lightning-ckpt export: {e}", file=sys.stderr)
-        return 2
-    if args.json:
-        _dump({"path": out})
-    else:
-        print(f"wrote {out} (self-contained: every byte it needs is in that folder; verified)")
-    return 0
-
-
-def cmd_lineage(args: argparse.Namespace) -> int:
-    from ..tools.lineage import as_json, format_tree, lineage
-
-    roots = lineage(args.dir)
-    if args.json:
-        _dump({"dir": args.dir, "runs": as_json(roots)})
-        return 0
-    if not roots:
-        print(f"no checkpoints in {args.dir}")
-        return 0
-    for line in format_tree(roots, _human_bytes):
-        print(line)
-    return 0
-
-
-def cmd_report(args: argparse.Namespace) -> int:
-    from ..store import is_remote
-    from ..tools.report import collect_run, default_output, render_report, save_html
-
-    if not is_remote(args.dir) and not os.path.isdir(args.dir):
-        print(f"lightning-ckpt: {args.dir} is not a folder", file=sys.stderr)
-        return 2
-    rep = collect_run(args.dir, monitor=args.monitor, mode=args.mode)
-    out = save_html(render_report(rep), args.out if args.out else default_output(args.dir))
-    if args.json:
-        _dump({"path": out, "kept": len(rep.kept), "pruned": len(rep.pruned), "monitor": rep.monitor})
-    else:
-        print(f"wrote {out} ({len(rep.kept)} kept, {len(rep.pruned)} pruned checkpoint(s))")
-    return 0

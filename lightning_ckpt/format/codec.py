@@ -13,13 +13,14 @@ import base64
 import enum
 import math
 import pathlib
+import re
 import warnings
 from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
 
-from ..errors import CheckpointCorruptError
+from ..errors import CheckpointCorruptError, CheckpointError
 
 SEP = "/"
 
@@ -73,6 +74,10 @@ def encode(
     kf = key_fn or (lambda k: k)
 
     def enc(x: Any, path: tuple[str, ...]) -> Any:
+        if len(path) > MAX_DEPTH:
+            raise CheckpointError(
+                f"the state to save nests deeper than {MAX_DEPTH} levels at {join_key(path[:8])}/...; a checkpoint's "
+                "non-tensor state must be a shallow structure (flatten it, or keep it out of the checkpoint)")
         if isinstance(x, torch.Tensor):
             key = kf(join_key(path))
             tensors[key] = x
@@ -131,6 +136,21 @@ def encode(
         return {"$repr": [_qualname(type(x)), repr(x)[:2000]]}
 
     return enc(obj, ()), tensors
+
+
+MAX_DEPTH = 200  # nesting of the state a save accepts (Lightning's checkpoint dictionaries nest about ten deep)
+MAX_JSON_DEPTH = 2 * MAX_DEPTH + 16  # what a reader accepts (tagged values such as tuples nest two JSON levels)
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+
+
+def json_depth(raw: bytes) -> int:
+    """How deeply the JSON text ``raw`` nests (brackets inside strings not counted), without parsing it: a hostile
+    state file is refused before the parser or the decoder recurse into it, whatever the recursion limit."""
+    text = np.frombuffer(_STRING.sub(b'""', raw), dtype=np.uint8)
+    if not len(text):
+        return 0
+    step = ((text == ord("[")) | (text == ord("{"))).astype(np.int32) - ((text == ord("]")) | (text == ord("}")))
+    return int(np.cumsum(step).max())
 
 
 def decode(doc: Any, tensor_getter: Callable[[str], torch.Tensor]) -> Any:

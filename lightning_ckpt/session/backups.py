@@ -27,7 +27,7 @@ from typing import Any, Callable, Optional
 
 from ..errors import CheckpointCorruptError, CheckpointNotFoundError
 from ..policy.retention import RetentionRules
-from ..read import list_checkpoints
+from ..read import ANY_RUN, list_checkpoints
 from ..store import LocalStore, open_store
 from ..store.blobs import BlobStore
 from ..tools.prune import committed_records, plan_deletions
@@ -129,6 +129,7 @@ class Uploader:
         self.extra_rules: list[RetentionRules] = []  # RetentionPolicy callbacks on an s3:// dirpath
         self.orphan_age_s = 3600.0  # objects without a manifest untouched this long are debris of a crash
         self.pushed_packs: set[str] = set()  # packs this uploader sent (collected without the grace period)
+        self.run_name: Any = ANY_RUN  # the run whose checkpoints its retention ranks (the session sets it)
         self.uploaded: list[str] = []
         self.deleted: list[str] = []
         self.skipped: list[str] = []  # local checkpoints that failed verification: never uploaded
@@ -281,7 +282,7 @@ class Uploader:
         if not rule_sets:
             return
         try:
-            records = committed_records(self.uri)
+            records = committed_records(self.uri, self.run_name)
         except Exception as e:  # noqa: BLE001
             log.warning("lightning_ckpt: cannot list %s for retention (%r); trying again after the next upload", self.uri, e)
             return

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Literal, Optional, Union
 
@@ -24,7 +25,8 @@ from .backups import BackupLocation, parse_locations
 Content = Literal["full", "weights", "light"]
 
 # options that shape the one writer of a folder: callbacks on one folder must agree on them (see FolderSession.join)
-FOLDER_OPTIONS = ("name_template", "if_busy", "distributed", "save_timeout_s", "dedup")
+FOLDER_OPTIONS = ("name_template", "if_busy", "distributed", "save_timeout_s", "dedup", "run_name", "resume_from")
+RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
 
 # Lightning ModelCheckpoint / EarlyStopping arguments and what they are called here
 LIGHTNING_NAMES = {
@@ -75,6 +77,14 @@ class SaveOptions:
             are written once into the folder's content store (``<dirpath>/.blobs/``) and referenced by later
             checkpoints (and by runs branched from them) instead of being written again. ``False`` keeps every
             checkpoint folder self-contained (``lightning-ckpt export --standalone`` makes one from any checkpoint).
+        run_name: the name of this run inside a folder several runs share (branches): its checkpoints are named
+            ``<run_name>-<name_template>`` (or put ``{run}`` in the template), ``resume="auto"``, ``ckpt_path="last"``
+            and retention see only this run's checkpoints, and ``lightning-ckpt lineage`` shows it by name. Letters,
+            digits and ``._+-``.
+        resume_from: branch from this checkpoint (a path or ``s3://`` URI, or a checkpoint name in ``dirpath``): when
+            ``fit`` is called without ``ckpt_path`` and this run has no checkpoint of its own yet (with
+            ``resume="auto"``: else always), training starts from it as a new run (new settings allowed), sharing its
+            unchanged tensors in the folder's content store. Give each branch in one folder its own ``run_name``.
         filename: Lightning's name for ``name_template``; Lightning's templates (``"{epoch}-{val_loss:.2f}"``, which
             insert the metric names) are accepted.
     """
@@ -95,6 +105,8 @@ class SaveOptions:
     allow_existing: bool = False
     verbose: bool = True
     dedup: bool = True
+    run_name: Optional[str] = None
+    resume_from: Optional[str] = None
     filename: Optional[str] = None
 
     def __post_init__(self) -> None:
@@ -105,6 +117,18 @@ class SaveOptions:
                 raise ValueError("filename and name_template are both set; they are the same setting (filename is "
                                  "Lightning's name for it): keep one")
             self.name_template = lightning_filename(self.filename)
+        if self.run_name is not None:
+            if not isinstance(self.run_name, str) or not RUN_NAME.match(self.run_name):
+                raise ValueError(f"run_name={self.run_name!r} is invalid: use 1-64 letters, digits or '._+-', starting "
+                                 "with a letter or digit")
+            tpl = self.name_template
+            self.name_template = tpl.replace("{run}", self.run_name) if "{run}" in tpl else f"{self.run_name}-{tpl}"
+        if self.resume_from is not None and (not isinstance(self.resume_from, (str, os.PathLike))
+                                             or not os.fspath(self.resume_from)):
+            raise ValueError(f"resume_from={self.resume_from!r} is invalid: give the path of a checkpoint to branch "
+                             "from (a folder, or s3://bucket/prefix/NAME)")
+        if self.resume_from is not None:
+            self.resume_from = os.fspath(self.resume_from)
         self.name_template = validate_name_template(self.name_template)
         check_choice("if_busy", self.if_busy, ("wait", "skip"))
         check_choice("content", self.content, ("full", "weights", "light"))

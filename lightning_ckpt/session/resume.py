@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Any, Iterable, Optional
 import torch.distributed as dist
 
 from ..errors import CheckpointError
-from ..read import latest_checkpoint, list_checkpoints, read_checkpoint_manifest, verify_checkpoint
+from ..read import ANY_RUN, latest_checkpoint, list_checkpoints, of_run, read_checkpoint_manifest, verify_checkpoint
+from ..read import latest_checkpoint as _latest
 from ..store import is_remote, open_store
 from ..tools.transfer import pull_checkpoint
 
@@ -25,7 +26,7 @@ def _uris(backup_uri: Any) -> list[str]:
     return [open_store(s["uri"] if isinstance(s, dict) else s).uri for s in specs]
 
 
-def resume_path(dirpath: Any, backup_uri: Any = None) -> Optional[str]:
+def resume_path(dirpath: Any, backup_uri: Any = None, *, run_name: Any = ANY_RUN) -> Optional[str]:
     """Where to resume from: the newest valid checkpoint among ``dirpath`` and the backups (``"s3://bucket/prefix"``,
     a list of them, or of ``{"uri": ...}`` location dicts); a backup is pulled into ``dirpath`` and verified only when
     it is newer than every valid local one (local wins a tie: nothing to download); ``None`` when there is none (start
@@ -36,17 +37,17 @@ def resume_path(dirpath: Any, backup_uri: Any = None) -> Optional[str]:
     ``dirpath`` may itself be an ``s3://`` URI: then the newest valid checkpoint there is returned (verified through
     the local cache). Use it as ``trainer.fit(model, data, ckpt_path=resume_path("ckpts/", "s3://b/run"))``, so
     relaunching the same command, on the same machine or a fresh one, continues the run (or set ``resume="auto"`` on a
-    saving callback).
+    saving callback). ``run_name``: only that run's checkpoints, in a folder several runs share.
     """
     store = open_store(dirpath)
     if store.remote:
-        return latest_checkpoint(store.uri)
-    local = latest_checkpoint(store.uri) if store.exists() else None
+        return latest_checkpoint(store.uri, run_name=run_name)
+    local = latest_checkpoint(store.uri, run_name=run_name) if store.exists() else None
     local_step = int(read_checkpoint_manifest(local)["step"]) if local is not None else -1
     candidates: list[tuple[int, int, str, str]] = []
     for order, uri in enumerate(_uris(backup_uri)):
         try:
-            steps = [(c.step, c.name) for c in list_checkpoints(uri)]
+            steps = [(c.step, c.name) for c in of_run(list_checkpoints(uri), run_name)]
         except Exception as e:  # noqa: BLE001 - S3 down, bucket missing, credentials
             if local is None:
                 raise
@@ -78,7 +79,8 @@ def common_local_names(session: "FolderSession") -> tuple[list[str], list[str]]:
         dist.all_gather_object(out, obj, group=w.pg)
         return [x for x in out if x is not None]
 
-    mine = [c.name for c in list_checkpoints(session.dirpath)] if lead and os.path.isdir(session.dirpath) else None
+    mine = ([c.name for c in of_run(list_checkpoints(session.dirpath), session.run_name)]
+            if lead and os.path.isdir(session.dirpath) else None)
     lists = gather(mine)
     common = [n for n in lists[0] if all(n in other for other in lists[1:])] if lists else []
     bad: list = []
@@ -106,6 +108,11 @@ def auto_resume_path(session: "FolderSession", among: Optional[list[str]] = None
     local checkpoints every folder holds (see :func:`common_local_names`); a newer backup is then read from S3 by
     every rank rather than pulled into one node's folder."""
     uris = list(session.uploaders)
+    run = session.run_name
+
+    def latest_checkpoint(where: Any) -> Optional[str]:
+        return _latest(where, run_name=run)
+
     if among is not None:
         local = os.path.join(session.dirpath, among[-1]) if among else None
         if session.remote:  # only rank 0's staging folder is written: every node reads the uploaded checkpoints
@@ -148,7 +155,7 @@ def auto_resume_path(session: "FolderSession", among: Optional[list[str]] = None
             return staged or remote
         return staged if _step(staged) >= _step(remote) else remote
     try:
-        return resume_path(session.dirpath, uris)
+        return resume_path(session.dirpath, uris, run_name=run)
     except CheckpointError:
         raise
     except Exception as e:  # noqa: BLE001 - e.g. the S3 server is down and nothing is local

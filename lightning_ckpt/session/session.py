@@ -23,14 +23,14 @@ from typing import Any, Iterable, Optional
 
 from ..errors import CheckpointError, CheckpointWriteError
 from ..policy.retention import RetentionRules
-from ..store.blobs import BlobStore
 from ..store import is_remote
 from ..tools.lineage import start_lineage
-from ..tools.prune import plan_deletions, record_failed_run, committed_records
+from ..tools.prune import record_failed_run
 from ..writer import CheckpointWriter
 from ..writer.job import SaveResult
 from .backups import BackupLocation, Uploader
 from .options import FOLDER_OPTIONS, SaveOptions
+from .deleting import Deleting
 from .backups import staging_dir  # noqa: F401 - re-exported: where saves into an s3:// dirpath are staged
 from .state import SaveContext, SaveRequest, checkpoint_of, group_requests, kind_of  # noqa: F401
 
@@ -54,7 +54,7 @@ class Participant:
         the Trainer for the callbacks)."""
 
 
-class FolderSession:
+class FolderSession(Deleting):
     """Everything the callbacks of one ``fit`` share for one folder (``key``: an absolute path or an ``s3://`` URI)."""
 
     def __init__(self, key: str, options: SaveOptions) -> None:
@@ -95,6 +95,9 @@ class FolderSession:
         self.lock: Any = None
         self.uploading = False  # this rank runs the uploads (rank 0)
         self._deleter = cf.ThreadPoolExecutor(1, thread_name_prefix="lightning_ckpt-delete")
+        # one line per save, deletion, early stop and best-weights restore (the callbacks print it on rank 0 with
+        # verbose=True, as Lightning's callbacks do; by default it goes to this package's logger only)
+        self.announce: Any = lambda msg: log.info("%s", msg)
 
     # ------------------------------------------------------------------ set-up
     def open(self) -> None:
@@ -155,6 +158,7 @@ class FolderSession:
                 continue
             primary = loc.uri == self.remote  # the run's own folder: the callbacks' protections hold there too
             up = Uploader(loc, self.dirpath, protect=self.protected if primary else None, primary=primary)
+            up.run_name = self.options.run_name
             self.uploaders[loc.uri] = up
             added.append(up)
             if uploading:
@@ -239,6 +243,7 @@ class FolderSession:
             w.save, checkpoint, step=int(ctx.step), epoch=int(ctx.epoch), tags=tags, metrics=metrics,
             hparams=ctx.hparams(), kind=kind_of(group),
             meta={"resumed_from": self.resumed_from, "run_id": self.run_id, "lineage": self.lineage(),
+                  "best_rule": self.best_rules(),
                   "include": list(group[1]), "exclude": list(group[2]),
                   **({"resume": summary} if summary is not None else {})},
             if_busy="wait" if final else None,  # the end of fit is never skipped
@@ -253,11 +258,21 @@ class FolderSession:
         self.last_save_tags = set(tags)
         self.last_save_time = time.monotonic()
 
+    @property
+    def run_name(self) -> Optional[str]:
+        """The run this session writes in a folder several runs may share (None: the folder's main line)."""
+        return self.options.run_name
+
+    def best_rules(self) -> list[dict]:
+        """The rules of the participants that rank checkpoints (``best_rule``: monitor, mode, top_k), recorded in
+        every manifest so that ``ckpt_path="best"`` and ``lightning-ckpt ls`` can rank from the manifests alone."""
+        return [r for r in (getattr(p, "best_rule", None) for p in self.participants) if isinstance(r, dict)]
+
     def lineage(self) -> dict:
         """The run this session's checkpoints belong to and where it came from (see ``tools/lineage.start_lineage``)."""
         if self._lineage is None:
             self._lineage = start_lineage(self.resumed_from, self.dirpath, remote=bool(self.remote),
-                                          branched=self.branched)
+                                          branched=self.branched, run_name=self.options.run_name)
         return self._lineage
 
     def guard(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -281,50 +296,6 @@ class FolderSession:
             log.error("lightning_ckpt: a background save failed: %s", e)
 
     # ------------------------------------------------------------------ after each commit (folder leader)
-    def protected(self) -> set[str]:
-        names: set[str] = set()
-        if self.resumed_from:
-            names.add(os.path.basename(os.path.normpath(self.resumed_from)))
-        for p in list(self.participants):
-            try:
-                names |= set(p.protect())
-            except Exception as e:  # noqa: BLE001
-                log.error("lightning_ckpt: %s could not say what to keep: %r", type(p).__name__, e)
-        for up in list(self.uploaders.values()):
-            names |= up.pending()  # a checkpoint waiting for its upload is never deleted locally
-        return names
-
-    def delete(self, names: Iterable[str], reason: str) -> list[str]:
-        """Delete committed checkpoints (never a protected one): out of the listing now, the bytes in the background.
-        Returns the names deleted."""
-        protected = self.protected()
-        done = []
-        for name in names:
-            if name in protected:
-                continue
-            if self.primary is not None:  # an s3:// dirpath: delete there, after the uploads queued before
-                self.primary.enqueue_delete(name)
-            else:
-                trash = self.store.trash(name)
-                if trash is None:
-                    continue
-                self._deleter.submit(self.store.purge, trash)
-            done.append(name)
-            if self.options.verbose:
-                log.info("lightning_ckpt: deleted %s (%s)", self.store.path(name) if not self.remote else
-                         f"{self.remote}/{name}", reason)
-        self.deleted += done
-        if done and self.primary is None:
-            self._deleter.submit(self._collect_packs)  # after the purges queued above
-        return done
-
-    def _collect_packs(self) -> None:
-        """Remove the packs of the folder's content store no checkpoint references any more (the deleter thread)."""
-        try:
-            BlobStore(self.dirpath, fsync=self.store.fsync).collect()
-        except Exception as e:  # noqa: BLE001 - retried after the next deletion
-            log.error("lightning_ckpt: could not collect unreferenced packs in %s: %r", self.dirpath, e)
-
     def _after_commit(self, res: SaveResult) -> None:
         """In the committing thread: the run's metric history, the uploads, the participants, then retention."""
         self.committed.append(res)
@@ -334,6 +305,10 @@ class FolderSession:
                 f.write(json.dumps(line, allow_nan=False, default=str) + "\n")
         except (OSError, ValueError) as e:
             log.error("lightning_ckpt: could not append to metrics.jsonl: %s", e)
+        stall = self.stalls.get(res.step)
+        self.announce(f"lightning_ckpt: saved {res.path if not self.remote else self.remote + '/' + res.name} (step "
+                      f"{res.step}" + (f", {', '.join(res.tags)}" if res.tags else "") + f"; {res.bytes / 1e6:.1f} MB written"
+                      + (f", training paused {stall:.2f} s" if stall is not None else "") + ")")
         if self.uploading:
             for up in self.uploaders.values():
                 up.enqueue(res.path)
@@ -344,18 +319,6 @@ class FolderSession:
                 log.error("lightning_ckpt: %s failed after the commit of %s: %r", type(p).__name__, res.name, e)
         if self.retention and self.primary is None:
             self.apply_retention(res.name)
-
-    def apply_retention(self, newest: str) -> list[str]:
-        """Delete what no retention rule set keeps (a checkpoint stays when any set keeps it)."""
-        try:
-            doomed = plan_deletions(committed_records(self.dirpath), [r for _, r in self.retention],
-                                    self.protected() | {newest})
-        except ValueError as e:
-            log.warning("lightning_ckpt: retention deletes nothing in %s: %s", self.key, e)
-            return []
-        done = self.delete(doomed, "retention policy") if doomed else []
-        self.retention_deleted += done
-        return done
 
     # ------------------------------------------------------------------ end
     def finish(self, context: Any = None) -> None:
@@ -377,8 +340,8 @@ class FolderSession:
     def record_failure(self, exception: BaseException) -> None:
         """Each folder's leader: note that this run ended in an exception (``lightning-ckpt prune --failed``)."""
         w = self.writer
-        if not (w.is_leader and w.folder_written):
-            return
+        if not (w.is_leader and w.folder_written) or not w.committed_names:
+            return  # nothing committed: nothing for prune --failed to remove
         try:
             record_failed_run(self.dirpath, self.run_id, repr(exception), time.time())
         except OSError as e:

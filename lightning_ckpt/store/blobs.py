@@ -13,7 +13,8 @@ Two rules keep it crash-safe (see docs/DESIGN.md, "Deduplicated checkpoints"):
   only unmarked ones that no save of this process may still reference (``pin``). It runs with the folder's lock held
   (the only process that writes there) and, inside the process, under the same lock as the commit, so a pack adopted
   for a commit in flight is never swept. A manifest that cannot be read stops the sweep: it may reference anything.
-  A kill -9 anywhere leaves at worst unreferenced packs, removed by the next collection.
+  A kill -9 anywhere leaves at worst unreferenced packs, and temp files of a copy into the store cut short (a pull),
+  both removed by the next collection.
 """
 from __future__ import annotations
 
@@ -115,6 +116,19 @@ class BlobStore:
             return []
         return sorted(e for e in os.listdir(self.path) if PACK_RE.match(e))
 
+    def _remove_debris(self) -> None:
+        """Remove the temp files of copies into the store whose process is gone (a pull killed while it copied a
+        pack: ``.tmp-<pack>~<owner>~<id>``, see ``LocalStore.replacing``). In this process no copy runs meanwhile:
+        pulls copy under ``self.lock``."""
+        from .local import LocalStore
+
+        for p in LocalStore(self.path, fsync=False).debris():
+            if _is_real_dir(p):
+                OPS.rmtree(p)
+            else:
+                OPS.unlink(p)
+            log.info("lightning_ckpt: removed %s, left by an interrupted copy into the content store", p)
+
     def collect(self, *, dry_run: bool = False) -> tuple[list[str], int]:
         """Remove every pack no committed manifest of the folder references and no pending save may reference.
         Returns (removed pack names, bytes freed). Call it with the folder's lock held."""
@@ -125,6 +139,8 @@ class BlobStore:
         self._check_dir()
         store = LocalStore(self.root)
         with self.lock:
+            if not dry_run:
+                self._remove_debris()
             present = self.names()
             if not present:
                 return [], 0

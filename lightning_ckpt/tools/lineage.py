@@ -47,12 +47,13 @@ def lineage_of(m: dict) -> dict:
             "branch": False}
 
 
-def start_lineage(parent: Optional[str], dirpath: str, *, remote: bool = False, branched: bool = False) -> dict:
+def start_lineage(parent: Optional[str], dirpath: str, *, remote: bool = False, branched: bool = False,
+                  run_name: Optional[str] = None) -> dict:
     """The lineage record of a run that starts from checkpoint ``parent`` (None: fresh) and saves into ``dirpath``.
     Resuming from the newest checkpoint of a run in this folder continues that run; anything else (a fresh start,
     ``resume_from=``/``branched``, a checkpoint of another folder, rewinding to an older checkpoint) starts a new run
     whose parent is that checkpoint (its name when it is in this folder, else its path)."""
-    run, name, ref = None, None, parent
+    run, ref = None, parent
     if parent:
         folder = os.path.dirname(os.path.normpath(str(parent)))
         same = not remote and os.path.realpath(folder) == os.path.realpath(dirpath)
@@ -62,13 +63,26 @@ def start_lineage(parent: Optional[str], dirpath: str, *, remote: bool = False, 
             pm = None
         if same:
             ref = os.path.basename(os.path.normpath(str(parent)))
-        if same and pm is not None and not branched:
+        if same and pm is not None and not branched and lineage_of(pm).get("run_name") == run_name:
             plin = lineage_of(pm)
             newest = max((c.step for c in _scan(dirpath)[0] if lineage_of(c.manifest)["run"] == plin["run"]),
                          default=-1)
             if int(pm["step"]) >= newest:  # a continuation after a crash or a stop
-                run, name = plin["run"], plin.get("run_name")
-    return {"run": run or uuid.uuid4().hex[:12], "run_name": name, "parent": ref, "branch": bool(parent) and run is None}
+                run = plin["run"]
+    return {"run": run or uuid.uuid4().hex[:12], "run_name": run_name, "parent": ref, "branch": bool(parent) and run is None}
+
+
+def branch_points(dirpath: str) -> set[str]:
+    """Checkpoints of the folder another run of it started from (``lineage.parent``): retention keeps them, so that
+    ``lightning-ckpt lineage`` shows where each branch came from."""
+    out: set[str] = set()
+    if not os.path.isdir(dirpath):
+        return out
+    for c in _scan(dirpath)[0]:
+        lin = c.manifest.get("lineage")
+        if isinstance(lin, dict) and lin.get("branch") and isinstance(lin.get("parent"), str):
+            out.add(lin["parent"])
+    return out
 
 
 def lineage(dirpath: Any) -> list[Run]:

@@ -13,18 +13,19 @@ from typing import Any
 
 from ..errors import CheckpointError
 from ..policy.retention import Record, RetentionRules, plan_retention
-from ..read import list_checkpoints
+from ..read import ANY_RUN, list_checkpoints, of_run
 from ..store import LocalStore, open_store
 from ..store.fs import read_member
 
 RUNS_DIR = ".runs"  # <dirpath>/.runs/<run_id>.json: a note left by a run that ended in an exception
 
 
-def committed_records(where: Any) -> list[Record]:
-    """Retention records of the committed checkpoints of a folder or of an ``s3://`` location. A pack of the content
-    store that several checkpoints share counts once, in the size of the oldest of them."""
+def committed_records(where: Any, run_name: Any = ANY_RUN) -> list[Record]:
+    """Retention records of the committed checkpoints of a folder or of an ``s3://`` location (``run_name``: of that
+    run only, in a folder several runs share). A pack of the content store that several checkpoints share counts once,
+    in the size of the oldest of them."""
     out, counted = [], set()
-    for c in list_checkpoints(where):
+    for c in of_run(list_checkpoints(where), run_name):
         packs = c.manifest.get("packs") or {}
         size = c.size_bytes + sum(int(e["size"]) for n, e in packs.items() if n not in counted)
         counted.update(packs)
@@ -136,7 +137,10 @@ def prune(dirpath: Any, rules: RetentionRules | None, *, failed: bool = False, d
         ckpts = list_checkpoints(dirpath)
         doomed: dict[str, str] = {}
         if rules is not None and (rules.has_keep_rule or rules.max_total_bytes is not None):
-            for name in plan_deletions(committed_records(dirpath), [rules]):
+            from .lineage import branch_points
+
+            keep = branch_points(store.uri) if not store.remote else set()
+            for name in plan_deletions(committed_records(dirpath), [rules], keep):
                 doomed[name] = "retention rules"
         if failed and not store.remote:
             ids = failed_run_ids(store.uri)

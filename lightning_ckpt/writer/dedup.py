@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import stat
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -95,6 +96,7 @@ class Decision:
 
     reuse: dict[str, Ref] = field(default_factory=dict)
     to_pack: set[str] = field(default_factory=set)
+    held: list[str] = field(default_factory=list)  # packs found by hash, pinned until the save ends (``release``)
 
     def for_others(self) -> tuple[list[str], list[str]]:
         return sorted(self.reuse), sorted(self.to_pack)
@@ -167,18 +169,47 @@ class Deduper:
 
     # ---------------------------------------------------------------- the background thread, on the leader
     def decide(self, plan: Plan, tensors: dict[str, Any]) -> Decision:
-        """Resolve the candidates: reuse those whose bytes a pack of the folder already holds, pack the rest."""
+        """Resolve the candidates: reuse those whose bytes a pack of the folder already holds, pack the rest. A pack
+        found by hash is held (pinned) until the save ends (``release``), so that no collection removes it before
+        the commit."""
         d = Decision(reuse=dict(plan.reuse))
         for k in sorted(plan.candidates):
             t = tensors.get(k)
             if t is None:
                 continue
             ref = self._lookup(t)
+            if ref is not None and ref.pack not in d.held and not self._hold(ref, d):
+                # collected (or damaged) since the index was built: look again in what the folder holds now
+                self.index = None
+                ref = self._lookup(t)
+                if ref is not None and ref.pack not in d.held and not self._hold(ref, d):
+                    ref = None
             if ref is not None:
                 d.reuse[k] = ref
             else:
                 d.to_pack.add(k)
         return d
+
+    def _hold(self, ref: Ref, d: Decision) -> bool:
+        """Pin ``ref``'s pack for the save deciding ``d`` if it is still in the store with its size (under the blob
+        lock: a collection either ran before, and the pack is gone, or runs after and sees the pin)."""
+        with self.blobs.lock:
+            try:
+                st = os.lstat(self.blobs.pack(ref.pack))
+            except OSError:
+                return False
+            if not stat.S_ISREG(st.st_mode) or st.st_size != int(ref.entry.get("size", -1)):
+                return False
+            self.blobs.pin([ref.pack])
+        d.held.append(ref.pack)
+        return True
+
+    def release(self, d: Decision | None) -> None:
+        """The save that decided ``d`` is over (committed, failed or dropped): its held packs are no longer pinned
+        by it (a committed one is referenced by its manifest now, and pinned by ``committed`` while reused)."""
+        if d is not None and d.held:
+            self.blobs.unpin(d.held)
+            d.held = []
 
     def _lookup(self, t: torch.Tensor) -> Ref | None:
         if self.index is None:

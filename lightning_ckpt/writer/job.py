@@ -220,6 +220,7 @@ class SaveJob:
         if failed is not None:
             if w.is_leader:
                 self.tx.abort()
+            self._release()
             raise self._translate(failed)
 
     def _decide(self) -> Any:
@@ -237,6 +238,11 @@ class SaveJob:
                 reused, packed = box[0]
                 d = Decision(reuse={k: None for k in reused}, to_pack=set(packed))
         return d
+
+    def _release(self) -> None:
+        """The save is over: the packs its decision held for it are no longer pinned by it (writer/dedup.py)."""
+        if self.decision is not None and self.w.dedup is not None:
+            self.w.dedup.release(self.decision)
 
     def _translate(self, e: BaseException) -> BaseException:
         err = unwrap_dcp_error(e)
@@ -275,6 +281,7 @@ class SaveJob:
         if self.abandoned:
             if self.w.is_leader:
                 self.tx.abort()
+            self._release()
             raise _Abandoned()
         if not (self.w.is_leader and self.w.folder_written):  # rank 0 (node-local: each folder's first rank) commits
             if self.decision is not None and self.w.dedup is not None:
@@ -290,6 +297,8 @@ class SaveJob:
                 if self.w.dedup is not None:
                     self.w.dedup.forget()  # a pack it counted on may be gone: the next save looks again
             raise self._translate(e)
+        finally:
+            self._release()
         for hook in list(self.w.on_commit):
             try:
                 hook(res)

@@ -30,7 +30,9 @@ _RUN_INFO: dict | None = None
 
 
 def run_info() -> dict:
-    """Metadata about the process that writes checkpoints; computed once."""
+    """Metadata about the process that writes checkpoints; what cannot change in a process (versions, the git commit,
+    the host) is computed once, the rest (argv, working directory, pid, seed) at every call, so a forked process
+    records its own."""
     global _RUN_INFO
     if _RUN_INFO is None:
         versions = {"python": platform.python_version(), "torch": torch.__version__}
@@ -46,10 +48,13 @@ def run_info() -> dict:
             "git_commit": _git_commit(),
             "host": socket.gethostname(),
             "platform": platform.platform(),
-            "argv": list(sys.argv),
-            "cwd": os.getcwd(),
         }
     info = dict(_RUN_INFO)
+    info["argv"] = list(sys.argv)
+    try:
+        info["cwd"] = os.getcwd()
+    except OSError:  # the working directory was removed
+        info["cwd"] = None
     info["pid"] = os.getpid()
     info["seed"] = os.environ.get("PL_GLOBAL_SEED")
     return info

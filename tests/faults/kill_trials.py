@@ -5,9 +5,9 @@ boto3 once, runs no torch compute and starts no thread, then answers one JSON co
 line on stdout:
 
 ``{"op": "trial", ...}``
-    fork a child that trains the demo model (a checkpoint every step, ``RetentionPolicy(keep_last=2)``, backups to S3
-    with the location's own retention; see ``training_setup``), resuming from the newest valid checkpoint, local or
-    on S3. The child dies by SIGKILL: either it kills itself at the ``k``-th pass
+    fork a child that fine-tunes the demo model (frozen layers, refreshed now and then: see ``BackboneRefresh``; a
+    deduplicated checkpoint every step, ``RetentionPolicy(keep_last=2)``, backups to S3 with the location's own
+    retention; see ``training_setup``), resuming from the newest valid checkpoint, local or on S3. The child dies by SIGKILL: either it kills itself at the ``k``-th pass
     through a kill point (``plan``; it writes a marker file just before), or the server kills it after a random delay
     (``random_kill``). The reply says how it ended, which kill point fired, where training had got to, the last
     instrumented event before the end, and (for ``count`` runs) how often each kill point was passed.
@@ -23,11 +23,14 @@ and share its process group, so killing the group ends everything.
 from __future__ import annotations
 
 import ctypes
+import datetime as dt
+import fcntl
 import json
 import logging
 import mmap
 import os
 import select
+import shutil
 import signal
 import struct
 import sys
@@ -51,10 +54,15 @@ import boto3.s3.transfer  # noqa: E402,F401
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402,F401
 
+import lightning_ckpt.store.blobs as store_blobs  # noqa: E402
 import lightning_ckpt.store.fs as store_fs  # noqa: E402
+import lightning_ckpt.store.lock as store_lock  # noqa: E402
 import lightning_ckpt.store.local as store_local  # noqa: E402
 import lightning_ckpt.store.s3 as store_s3  # noqa: E402
 from lightning_ckpt import BackupToS3, PeriodicCheckpoint, RetentionPolicy, latest_checkpoint, resume_path  # noqa: E402
+from lightning_ckpt.errors import CheckpointError, CheckpointNotFoundError  # noqa: E402
+from lightning_ckpt.format.manifest import BLOBS, PACK_RE  # noqa: E402
+from lightning_ckpt.store.base import LOCK_FILE  # noqa: E402
 from lightning_ckpt.read import read_checkpoint_manifest  # noqa: E402
 from lightning_ckpt.writer.meta import run_info  # noqa: E402
 from lightning_ckpt.demo import DemoDataModule, DemoModel  # noqa: E402
@@ -69,6 +77,14 @@ BUILTIN_BACKUP_AND_RESUME = os.environ.get("LC_FAULT_BACKUP", "builtin") == "bui
 KEEP_LAST = 2  # local retention
 S3_KEEP_LAST = 3  # the S3 location's own retention (keeps the prefix small, and kills land in S3 deletions too)
 MAX_STEPS = 1_000_000  # never reached: each child trains `budget` steps and stops, unless it is killed first
+# a fine-tune: the first two of three hidden layers frozen, so deduplicated saves put them into packs of the folder's
+# content store (a literal: tests/test_fault_injection.py reads it without importing this script)
+MODEL_KW = {"layers": 3, "frozen_layers": 2}
+REFRESH_PERIOD = 4  # BackboneRefresh: the frozen layers change before every 4th save (see there)
+# S3 packs no manifest references are collected once this old even when another process uploaded them (the
+# default, an hour, protects another machine's upload in progress; here one process at a time writes a prefix, so
+# the packs of a killed run's uploads are collected by the relaunch's first S3 retention pass)
+S3_PACK_GRACE_S = 0.0
 
 
 def training_setup(dirpath: str, uri: str) -> tuple[list, str | None]:
@@ -84,7 +100,26 @@ def training_setup(dirpath: str, uri: str) -> tuple[list, str | None]:
 
 def make_model_and_data() -> tuple[DemoModel, DemoDataModule]:
     # 4 batches per epoch: saves fall on epoch boundaries too
-    return DemoModel(), DemoDataModule(n_train=64, n_val=16, batch_size=16)
+    return DemoModel(**MODEL_KW), DemoDataModule(n_train=64, n_val=16, batch_size=16)
+
+
+class BackboneRefresh(pl.Callback):
+    """Changes the frozen layers now and then (a backbone refreshed from elsewhere, or unfrozen for a while), so that
+    the content store sees every part of a pack's life in a few steps: packs written, reused, left unreferenced by
+    retention and collected. Before save ``n`` (the step that starts at ``global_step == n - 1``), ``net.0`` changes
+    when ``n % 4 == 0`` and ``net.3`` when ``n % 4`` is 0 or 1. So save ``4k`` writes both into its own files, save
+    ``4k+1`` packs ``net.0``, ``4k+2`` packs ``net.3``, ``4k+3`` references both packs, which become unreferenced
+    together when retention deletes save ``4k+3`` (a sweep that removes two packs). Deterministic in the step, so a
+    resumed run changes them exactly as the run it continues."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        n = int(trainer.global_step) + 1
+        phase = n % REFRESH_PERIOD
+        with torch.no_grad():
+            for i, when in ((0, (0,)), (3, (0, 1))):
+                if phase in when:
+                    for p in pl_module.net[i].parameters():
+                        p.add_(1e-3)
 
 
 def make_trainer(callbacks: list, max_steps: int) -> pl.Trainer:
@@ -157,8 +192,20 @@ KILL_POINTS = {
         "upload.after_manifest",    # manifest.json uploaded (the commit on S3), latest.json not updated
         "upload.after_latest",      # latest.json updated on S3
     ],
+    "gc": [
+        "gc.after_adopt",           # the save's pack moved into <dir>/.blobs (fsynced), its manifest not yet written
+        "gc.before_sweep",          # a collection marked what the committed manifests reference, removed nothing yet
+        "gc.mid_sweep",             # a collection removed an unreferenced pack, the rest of its sweep (if any) not
+        "gc.s3_after_pack",         # a pack uploaded to <prefix>/.blobs, the checkpoint's manifest not yet
+        "gc.s3_mid_collect",        # the S3 pack collection deleted some of the unreferenced packs, not the others
+    ],
+    "lock": [
+        "lock.after_flock",         # the folder's lock taken (flock), the holder's details not yet written into it
+        "lock.after_acquire",       # the lock taken and recorded, the previous crash's debris not yet cleaned up
+    ],
     "restore": [
         "restore.after_download",   # the run folder is gone; a relaunch pulling the newest checkpoint from S3 dies
+        "restore.mid_pack_copy",    # ... or dies half way through copying a pack into the folder's content store
     ],
 }
 PHASE_OF = {p: ph for ph, pts in KILL_POINTS.items() for p in pts}
@@ -167,11 +214,22 @@ PHASE_OF = {p: ph for ph, pts in KILL_POINTS.items() for p in pts}
 class KillPoints:
     """Counts passes through each kill point; at the planned pass, writes the marker file and SIGKILLs itself."""
 
-    def __init__(self, plan: dict | None, marker: str) -> None:
+    def __init__(self, plan: dict | None, marker: str, gc_log: str | None = None) -> None:
         self.plan = plan
         self.marker = marker
+        self.gc_log = gc_log
         self.counts: dict[str, int] = defaultdict(int)
         self.lock = threading.Lock()
+
+    def record(self, rec: dict) -> None:
+        """Append one JSON line to the trial's collection log (one write: it survives the SIGKILL that may follow)."""
+        if self.gc_log is None:
+            return
+        fd = os.open(self.gc_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            os.write(fd, (json.dumps(rec) + "\n").encode())
+        finally:
+            os.close(fd)
 
     def claim(self, point: str) -> int:
         """Count a pass through ``point``; return its number if it is the planned pass (the caller dies), else 0."""
@@ -265,7 +323,7 @@ def install_kill_points(kp: KillPoints) -> None:
     real_rename = ops.rename
 
     def rename(src, dst):
-        if "/.partial-" in src:
+        if "/.partial-" in src and f"/{BLOBS}/" not in dst:  # (a pack moving into .blobs is gc.after_adopt)
             kp.hit("commit.before_rename", path=src, name=_ckpt_name_of(dst))
             real_rename(src, dst)
             kp.hit("commit.after_rename", path=dst, name=_ckpt_name_of(dst))
@@ -376,6 +434,186 @@ def install_kill_points(kp: KillPoints) -> None:
 
     store_s3.S3Store.download = download
 
+    install_gc_points(kp)
+    install_lock_points(kp)
+
+
+def _local_references(blobs) -> tuple[set[str], bool]:
+    """The packs the committed manifests of ``blobs``' folder reference, and whether every manifest could be read."""
+    store = store_local.LocalStore(blobs.root)
+    out: set[str] = set()
+    for name in store.names():
+        try:
+            m, _ = store.read_manifest(name)
+        except CheckpointNotFoundError:
+            continue
+        except CheckpointError:
+            return out, False
+        out.update((m.get("packs") or {}).keys())
+    return out, True
+
+
+def install_gc_points(kp: KillPoints) -> None:
+    """The content store: a pack's adoption into ``.blobs`` (inside the commit), the sweep of a collection (its
+    unlinks), the upload of a pack and the S3 pack collection (its deletion request). Each collection is also
+    checked as it ends: what it leaves must be referenced (``KillPoints.record``, asserted by the test)."""
+    ops = store_fs.OPS
+
+    real_adopt = store_blobs.BlobStore.adopt
+
+    def adopt(blobs, src_folder, names):
+        names = list(names)
+        real_adopt(blobs, src_folder, names)
+        if names:
+            kp.hit("gc.after_adopt", name=_ckpt_name_of(src_folder), packs=names)
+
+    store_blobs.BlobStore.adopt = adopt
+
+    sweep = threading.local()  # .n: packs this thread's collection removed so far (None: not collecting)
+    real_unlink = ops.unlink
+
+    def unlink(path):
+        n = getattr(sweep, "n", None)
+        if n is None or f"/{BLOBS}/" not in path or not PACK_RE.match(os.path.basename(path)):
+            return real_unlink(path)
+        if n == 0:
+            kp.hit("gc.before_sweep", path=path)
+        real_unlink(path)
+        sweep.n = n + 1
+        kp.hit("gc.mid_sweep", path=path, removed=n + 1)
+
+    ops.unlink = unlink
+
+    real_collect = store_blobs.BlobStore.collect
+
+    def collect(blobs, *, dry_run=False):
+        if dry_run:
+            return real_collect(blobs, dry_run=True)
+        with blobs.lock:  # no commit in between: what the manifests reference now is what the collection sees
+            referenced, readable = _local_references(blobs)
+            pinned = blobs.pinned()
+            sweep.n = 0
+            try:
+                out = real_collect(blobs)
+            finally:
+                sweep.n = None
+            left = set(blobs.names()) - referenced - pinned - blobs.pinned()
+            kp.record({"where": "local", "removed": out[0], "left": sorted(left) if readable else [],
+                       "readable": readable})
+        return out
+
+    store_blobs.BlobStore.collect = collect
+
+    real_put = store_s3.S3Store.put_file
+
+    def put_file(store, key, path, progress=None, metadata=None):
+        real_put(store, key, path, progress, metadata)
+        if f"/{BLOBS}/" in key:
+            kp.hit("gc.s3_after_pack", key=key)
+
+    store_s3.S3Store.put_file = put_file
+
+    s3_sweep = threading.local()
+    real_delete_keys = store_s3.S3Store.delete_keys
+
+    def delete_keys(store, keys):
+        if getattr(s3_sweep, "on", False) and keys:
+            n = kp.claim("gc.s3_mid_collect")
+            if n:
+                gone = keys[: max(1, len(keys) // 2)]
+                real_delete_keys(store, gone)
+                kp.die("gc.s3_mid_collect", n, deleted=gone, kept=keys[len(gone):])
+        return real_delete_keys(store, keys)
+
+    store_s3.S3Store.delete_keys = delete_keys
+
+    real_s3_collect = store_s3.S3Store.collect_packs
+    real_list_objects = store_s3.S3Store.list_objects
+    real_manifests = store_s3.S3Store.manifests
+
+    def list_objects(store, sub=""):  # the collection's own listings, kept for the check after it (no extra LIST)
+        out = real_list_objects(store, sub)
+        seen = getattr(s3_sweep, "seen", None)
+        if seen is not None and sub == BLOBS:
+            seen.setdefault("packs", out)
+        return out
+
+    def manifests(store):
+        out = real_manifests(store)
+        seen = getattr(s3_sweep, "seen", None)
+        if seen is not None:
+            seen.setdefault("manifests", out)
+        return out
+
+    store_s3.S3Store.list_objects = list_objects
+    store_s3.S3Store.manifests = manifests
+
+    def collect_packs(store, *, grace_s=3600.0, mine=frozenset(), dry_run=False):
+        if dry_run:
+            return real_s3_collect(store, grace_s=grace_s, mine=mine, dry_run=True)
+        grace_s, mine = S3_PACK_GRACE_S, set(mine)
+        now = dt.datetime.now(dt.timezone.utc)  # before the collection reads its clock: a pack is older there
+        s3_sweep.on, s3_sweep.seen = True, {}
+        try:
+            out = real_s3_collect(store, grace_s=grace_s, mine=mine)
+        finally:
+            s3_sweep.on, seen, s3_sweep.seen = False, s3_sweep.seen, None
+        # what the collection saw: the packs listed, and the manifests, unless it found none (then nothing is due)
+        listed = {o["Key"].rsplit("/", 1)[-1]: o for o in seen.get("packs", ())}
+        listed = {n: o for n, o in listed.items() if PACK_RE.match(n)}
+        referenced, readable = set(), True
+        for _, m in seen.get("manifests", ()):
+            if isinstance(m, CheckpointError):
+                readable = False
+            else:
+                referenced.update((m.get("packs") or {}).keys())
+        due = {n for n, o in listed.items() if n not in referenced
+               and (n in mine or (now - o["LastModified"]).total_seconds() >= grace_s)}
+        after = {o["Key"].rsplit("/", 1)[-1] for o in real_list_objects(store, BLOBS)} if due else set()
+        kp.record({"where": "s3", "removed": out[0], "left": sorted(due & after) if readable else [],
+                   "readable": readable})
+        return out
+
+    store_s3.S3Store.collect_packs = collect_packs
+
+    real_copyfile = shutil.copyfile
+
+    def copyfile(src, dst, *args, **kwargs):  # a pull (restore) copies the packs it fetched into .blobs
+        if f"/{BLOBS}/" in str(dst):
+            n = kp.claim("restore.mid_pack_copy")
+            if n:
+                with open(src, "rb") as fi, open(dst, "wb") as fo:
+                    data = fi.read()
+                    fo.write(data[: len(data) // 2])
+                kp.die("restore.mid_pack_copy", n, path=str(dst), bytes_written=len(data) // 2, of=len(data))
+        return real_copyfile(src, dst, *args, **kwargs)
+
+    shutil.copyfile = copyfile
+
+
+def install_lock_points(kp: KillPoints) -> None:
+    """The folder's lock (``store/lock.py``): killed holding it, the relaunch must take it over (the kernel releases
+    a dead process's flock)."""
+    real_flock = fcntl.flock
+
+    def flock(fd, op):
+        real_flock(fd, op)
+        if op & fcntl.LOCK_EX:
+            num = fd if isinstance(fd, int) else fd.fileno()
+            path = os.readlink(f"/proc/self/fd/{num}")
+            if os.path.basename(path) == LOCK_FILE:
+                kp.hit("lock.after_flock", path=path)
+
+    fcntl.flock = flock
+
+    real_acquire = store_lock.FolderLock.acquire
+
+    def acquire(lock, info):
+        real_acquire(lock, info)
+        kp.hit("lock.after_acquire", path=lock.path)
+
+    store_lock.FolderLock.acquire = acquire
+
 
 # ------------------------------------------------------------------------------------------------ child bodies
 class Probe(pl.Callback):
@@ -425,14 +663,14 @@ def _child_common(log_path: str) -> None:
 
 def child_trial(cmd: dict) -> int:
     t0 = time.monotonic()
-    kp = KillPoints(cmd.get("plan"), cmd["marker"])
+    kp = KillPoints(cmd.get("plan"), cmd["marker"], cmd.get("gc_log"))
     install_kill_points(kp)
     pl.seed_everything(int(cmd.get("seed", 0)), verbose=False)
     callbacks, ckpt_path = training_setup(cmd["dir"], cmd["uri"])
     how = "resume='auto'" if BUILTIN_BACKUP_AND_RESUME else f"ckpt_path={ckpt_path}"
     print(f"[trial {cmd.get('trial')}] fit with {how} (set up in {time.monotonic() - t0:.3f}s)", flush=True)
     model, data = make_model_and_data()
-    trainer = make_trainer([Probe(int(cmd["budget"])), *callbacks], MAX_STEPS)
+    trainer = make_trainer([Probe(int(cmd["budget"])), BackboneRefresh(), *callbacks], MAX_STEPS)
     trainer.fit(model, data, ckpt_path=ckpt_path)
     print(f"[trial {cmd.get('trial')}] finished at global_step={trainer.global_step}", flush=True)
     if cmd.get("counts_file"):

@@ -1,0 +1,100 @@
+"""The verbs of ``lightning-ckpt`` that copy checkpoints elsewhere or describe a whole folder: push, pull, convert,
+export, lineage, report (the others are in ``commands.py``); each imports what it needs when it runs."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .commands import _bar, _dump, _human_bytes, _manifest_or_hint
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from ..tools.transfer import push_checkpoint
+
+    m = _manifest_or_hint(args.path)
+    with _bar(sum(f["size"] for f in m["files"].values()), "push", args.quiet) as bar:
+        try:
+            res = push_checkpoint(args.path, args.dest, progress=bar.update if bar is not None else None)
+        except ValueError as e:
+            print(f"lightning-ckpt push: {e}", file=sys.stderr)
+            return 2
+    if args.json:
+        print(json.dumps({"uri": res.uri, "files": res.files, "bytes": res.bytes}))
+    else:
+        print(f"pushed {args.path} -> {res.uri} ({res.files} objects, {_human_bytes(res.bytes)})")
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from ..tools.transfer import pull_checkpoint
+
+    with _bar(0, "pull", args.quiet) as bar:
+        try:
+            path = pull_checkpoint(args.src, args.dir, progress=bar.update if bar is not None else None)
+        except ValueError as e:
+            print(f"lightning-ckpt pull: {e}", file=sys.stderr)
+            return 2
+    if args.json:
+        print(json.dumps({"path": path}))
+    else:
+        print(f"pulled {args.src} -> {path} (verified)")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from ..tools.convert import convert_to_lightning
+
+    out = convert_to_lightning(args.path, args.out)
+    if args.json:
+        _dump({"ckpt": out})
+    else:
+        print(f"wrote {out} (a Lightning .ckpt; loads with torch.load(weights_only=True) and load_from_checkpoint)")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from ..tools.standalone import export_standalone
+
+    try:
+        out = export_standalone(args.path, args.dest, name=args.name)
+    except FileExistsError as e:
+        print(f"lightning-ckpt export: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        _dump({"path": out})
+    else:
+        print(f"wrote {out} (self-contained: every byte it needs is in that folder; verified)")
+    return 0
+
+
+def cmd_lineage(args: argparse.Namespace) -> int:
+    from ..tools.lineage import as_json, format_tree, lineage
+
+    roots = lineage(args.dir)
+    if args.json:
+        _dump({"dir": args.dir, "runs": as_json(roots)})
+        return 0
+    if not roots:
+        print(f"no checkpoints in {args.dir}")
+        return 0
+    for line in format_tree(roots, _human_bytes):
+        print(line)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from ..store import is_remote
+    from ..tools.report import collect_run, default_output, render_report, save_html
+
+    if not is_remote(args.dir) and not os.path.isdir(args.dir):
+        print(f"lightning-ckpt: {args.dir} is not a folder", file=sys.stderr)
+        return 2
+    rep = collect_run(args.dir, monitor=args.monitor, mode=args.mode)
+    out = save_html(render_report(rep), args.out if args.out else default_output(args.dir))
+    if args.json:
+        _dump({"path": out, "kept": len(rep.kept), "pruned": len(rep.pruned), "monitor": rep.monitor})
+    else:
+        print(f"wrote {out} ({len(rep.kept)} kept, {len(rep.pruned)} pruned checkpoint(s))")
+    return 0
