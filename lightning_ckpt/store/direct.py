@@ -96,6 +96,15 @@ def _set_direct(fd: int, on: bool) -> None:
     fcntl.fcntl(fd, fcntl.F_SETFL, (fl | O_DIRECT) if on else (fl & ~O_DIRECT))
 
 
+def write_through_cache(fd: int, data: Any) -> int:
+    """``os.write(fd, data)`` whatever ``fd``'s mode: ``O_DIRECT`` is turned off on it first (a write of any length
+    from any memory then succeeds). For callers that write a few bytes of their own into a file being written, such
+    as the fault-injection tests' kill points (a kill halfway through a file)."""
+    if is_direct(fd):
+        _set_direct(fd, False)
+    return os.write(fd, data)
+
+
 def refuse(fd: int) -> None:
     """The filesystem of ``fd`` refused an aligned direct write: remember it, and turn direct I/O off on ``fd``."""
     try:

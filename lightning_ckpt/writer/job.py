@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import logging
+import math
 import os
 import threading
 import time
@@ -388,7 +389,16 @@ class SaveJob:
 
 
 def _nbytes(tensors: dict) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors.values() if isinstance(t, torch.Tensor))
+    """About how many bytes ``tensors`` take (a save's progress only: never raises; a sharded tensor counts its
+    global size, whose ``numel`` it may not support)."""
+    n = 0
+    for t in tensors.values():
+        if isinstance(t, torch.Tensor):
+            try:
+                n += math.prod(int(s) for s in t.size()) * t.dtype.itemsize
+            except Exception:  # noqa: BLE001 (progress is informational)
+                pass
+    return n
 
 
 def _packed(t: torch.Tensor) -> tuple[str, list[int], bytes]:
