@@ -13,6 +13,9 @@ evicted with posix_fadvise before each read).
 
 "Time lost per checkpoint" = sum over all training steps of (step time - median step time) / number of saves,
 plus the wait at the end of fit, so the background work of async saves that slows the steps around it counts too.
+The two parts are also reported separately: the steady-state stall per save (the step-time excess per save, while
+training runs) and the end-of-fit wait (from the last step's end until fit returned, beyond the same wait of a fit
+without checkpoints: for an async save, the part of the last save not yet written when training ended).
 """
 from __future__ import annotations
 
@@ -148,6 +151,7 @@ class Steps:
         excess = sum(max(0.0, s - med) for s in warm)
         tail = fit_end - self.t_end[-1]
         return {"median_step_s": med, "excess_s": excess, "end_of_fit_s": tail,
+                "steady_stall_per_ckpt_s": excess / n_saves, "max_step_excess_s": max((s - med for s in warm), default=0.0),
                 "lost_per_ckpt_s": (excess + tail) / n_saves, "steps": len(spans) + 1}
 
 
@@ -200,7 +204,8 @@ def run_variant(name: str, Big, width: int, batch: int, steps: int, every: int, 
         torch.cuda.empty_cache()
     shutil.rmtree(d, ignore_errors=True)
     say(f"{name:16s} lost/ckpt {res['lost_per_ckpt_s']:.3f}s  (median step {res['median_step_s'] * 1e3:.1f} ms, "
-        f"excess {res['excess_s']:.2f}s, end-of-fit wait {res['end_of_fit_s']:.2f}s, {n_saves} saves)")
+        f"steady-state stall/save {res['steady_stall_per_ckpt_s']:.3f}s, end-of-fit wait {res['end_of_fit_s']:.2f}s, "
+        f"{n_saves} saves)")
     return res
 
 
@@ -347,8 +352,11 @@ def main() -> None:
     if base_tail is not None:
         for name, r in results.items():
             if name != "none" and "error" not in r:
-                r["lost_per_ckpt_s"] = (r["excess_s"] + max(0.0, r["end_of_fit_s"] - base_tail)) / r["saves"]
-                say(f"{name:16s} lost/ckpt net of the no-checkpoint run's end-of-fit {base_tail:.2f}s: {r['lost_per_ckpt_s']:.3f}s")
+                r["end_of_fit_wait_s"] = max(0.0, r["end_of_fit_s"] - base_tail)
+                r["lost_per_ckpt_s"] = (r["excess_s"] + r["end_of_fit_wait_s"]) / r["saves"]
+                say(f"{name:16s} lost/ckpt net of the no-checkpoint run's end-of-fit {base_tail:.2f}s: {r['lost_per_ckpt_s']:.3f}s "
+                    f"= steady-state {r['steady_stall_per_ckpt_s']:.3f}s/save + end-of-fit wait {r['end_of_fit_wait_s']:.2f}s "
+                    f"/ {r['saves']} saves")
     if "extras" in skip:
         _summary(out, results, None, a.json)
         return
@@ -427,7 +435,8 @@ def _summary(out, results, rss, json_path) -> None:
     state_gb = out["state_gb"]
     base = results.get("lightning", {}).get("lost_per_ckpt_s")
     print("\n== summary (" + out["gpu"] + f", {state_gb:.2f} GB state) ==")
-    print(f"{'variant':16s} {'lost/ckpt s':>12s} {'vs Lightning':>13s} {'GPU mem growth GB':>18s}")
+    print(f"{'variant':16s} {'lost/ckpt s':>12s} {'vs Lightning':>13s} {'steady stall/save s':>20s} "
+          f"{'end-of-fit wait s':>18s} {'GPU mem growth GB':>18s}")
     for name, r in results.items():
         if name == "none":
             continue
@@ -435,7 +444,11 @@ def _summary(out, results, rss, json_path) -> None:
             print(f"{name:16s} {'error':>12s}")
             continue
         ratio = f"{r['lost_per_ckpt_s'] / base:.3f}x" if base else "-"
-        print(f"{name:16s} {r['lost_per_ckpt_s']:12.3f} {ratio:>13s} {r['gpu_mem_growth_gb']:18.3f}")
+        eof = r.get("end_of_fit_wait_s", r["end_of_fit_s"])
+        print(f"{name:16s} {r['lost_per_ckpt_s']:12.3f} {ratio:>13s} {r['steady_stall_per_ckpt_s']:20.3f} {eof:18.2f} "
+              f"{r['gpu_mem_growth_gb']:18.3f}")
+    print("(steady stall/save: step-time excess over the median step, per save, while training runs; end-of-fit wait: "
+          "last step's end -> fit returned, beyond a fit without checkpoints)")
     print(f"pinned D2H floor {out['pinned_d2h_s']:.3f}s")
     if rss:
         print(f"restore {out['restore']['ratio']:.2f}x raw read; host RSS min/max over 10 saves {min(rss):.2f}/{max(rss):.2f} GB")

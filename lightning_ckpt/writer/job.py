@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import logging
-import math
 import os
 import threading
 import time
@@ -27,6 +26,7 @@ from ..format.tensorfile import CHECKSUM_SECONDS
 from ..store.base import first_free
 from ..store.fs import IO_TIMES
 from .meta import json_safe
+from .snapshot import total_nbytes
 
 if TYPE_CHECKING:
     from .writer import CheckpointWriter
@@ -111,10 +111,9 @@ class SaveJob:
         self.tensor_index: dict = {}
         self.t0 = time.perf_counter()
         self.breakdown: dict = {}
-        # progress of the write, readable from any thread: bytes of this rank's files written so far, and about how
-        # many it writes in all (tensor bytes + state; global sizes for sharded tensors)
+        # the write's progress (any thread may read it): bytes of this rank's files written so far, of about how many
         self.bytes_done = 0
-        self.bytes_total = _nbytes(tensors) + len(state_bytes or b"")
+        self.bytes_total = total_nbytes(tensors) + len(state_bytes or b"")
 
     def _progress(self, n: int) -> None:
         self.bytes_done += n
@@ -171,7 +170,7 @@ class SaveJob:
                 self.decision = self._decide()
                 collective_failed = False
                 self.tensors = {k: v for k, v in self.tensors.items() if k not in self.decision.reuse}
-                self.bytes_total = _nbytes(self.tensors) + len(self.state_bytes or b"")
+                self.bytes_total = total_nbytes(self.tensors) + len(self.state_bytes or b"")
                 pack_keys = set(self.decision.to_pack)
             if w.folder_written:
                 self.tx.open()  # every rank: the folder may be shared or node-local
@@ -386,19 +385,6 @@ class SaveJob:
             name=name, path=final, step=m["step"], bytes=total, snapshot_s=self.snapshot_s, write_s=write_s,
             tags=m["tags"], kind=m["kind"], metrics=dict(m["metrics"]), breakdown=dict(self.breakdown),
         )
-
-
-def _nbytes(tensors: dict) -> int:
-    """About how many bytes ``tensors`` take (a save's progress only: never raises; a sharded tensor counts its
-    global size, whose ``numel`` it may not support)."""
-    n = 0
-    for t in tensors.values():
-        if isinstance(t, torch.Tensor):
-            try:
-                n += math.prod(int(s) for s in t.size()) * t.dtype.itemsize
-            except Exception:  # noqa: BLE001 (progress is informational)
-                pass
-    return n
 
 
 def _packed(t: torch.Tensor) -> tuple[str, list[int], bytes]:

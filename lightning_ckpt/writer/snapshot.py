@@ -9,6 +9,7 @@ Buffers of :data:`PAGE_ALIGNED_FROM` bytes or more start on a page boundary, so 
 """
 from __future__ import annotations
 
+import math
 import threading
 from typing import Any
 
@@ -147,6 +148,19 @@ class HostBuffers:
             threading.Thread(target=old.clear, name="lightning_ckpt-free", daemon=True).start()
         else:
             old.clear()
+
+
+def total_nbytes(tensors: dict) -> int:
+    """About how many bytes ``tensors`` take (a save's progress only: never raises; a sharded tensor counts its
+    global size, whose ``numel`` it may not support)."""
+    n = 0
+    for t in tensors.values():
+        if isinstance(t, torch.Tensor):
+            try:
+                n += math.prod(int(s) for s in t.size()) * t.dtype.itemsize
+            except Exception:  # noqa: BLE001 (progress is informational)
+                pass
+    return n
 
 
 def _is_sharded_tensor(t: Any) -> bool:
