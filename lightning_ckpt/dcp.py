@@ -313,7 +313,8 @@ class LCStorageReader(StorageReader):
         prefetch, fds = None, []
         try:
             if total >= PREFETCH_MIN_BYTES:  # fault in the host memory the readers fill next, read the files ahead
-                fds = [open_member(*self.ck.where(key)[:2], self.ck.entry(key)["size"]) for key in sorted(per_file)]
+                for key in sorted(per_file):  # (appended one by one: closed below even if a later open fails)
+                    fds.append(open_member(*self.ck.where(key)[:2], self.ck.entry(key)["size"]))
                 regions = [[self._host_region(planner, item, info, key) for key, item, info, _ in bk] for bk in buckets]
                 prefetch = Prefetcher(fds, regions, total)
             if n_threads == 1:

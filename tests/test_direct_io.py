@@ -341,3 +341,22 @@ def test_restore_flipped_byte_is_corrupt(ddir, monkeypatch, prefetch_min):
     with pytest.raises(CheckpointCorruptError):
         load_checkpoint(path)
     assert load_checkpoint(path, verify=False)["global_step"] == 7
+
+
+def test_direct_layout_files_open_with_safetensors(ddir):
+    """A file laid out for direct I/O (header padded with spaces to the data's phase, tensors reordered) is still a
+    plain safetensors file."""
+    from safetensors.torch import load_file
+
+    state = _state()
+    w = CheckpointWriter(ddir, async_save=True)
+    w.save(state, step=2, epoch=0)
+    w.close()
+    path = os.path.join(ddir, "step=000002")
+    seen = {}
+    for f in os.listdir(path):
+        if f.endswith(".safetensors"):
+            seen.update(load_file(os.path.join(path, f)))
+    flat = {k.rsplit("/", 1)[-1]: v for k, v in seen.items()}
+    for k, v in state["state_dict"].items():
+        assert torch.equal(flat[k], v.contiguous()), k
