@@ -7,9 +7,14 @@ Measures, in one run on one disk (ratios are only ever taken between numbers of 
    (a) Lightning ``ModelCheckpoint`` with the default ``TorchCheckpointIO``, (b) the same with
    ``AsyncCheckpointIO``, (c) ``PeriodicCheckpoint(async_save=False)``, (d) ``PeriodicCheckpoint(async_save=True)``.
    The fit time includes waiting for outstanding background saves (ours waits in ``on_train_end``, Lightning's
-   ``AsyncCheckpointIO`` in teardown, both inside ``Trainer.fit``).
+   ``AsyncCheckpointIO`` in teardown, both inside ``Trainer.fit``); it is also reported apart (steady-state loss
+   until ``on_train_end``, end-of-fit wait after it), with a breakdown of where our saves' time goes. A raw write +
+   fsync (after each ours_sync fit) and an ``O_DIRECT`` raw write (after each ours_async fit) of the same bytes are
+   the references of the sync save and of the end-of-fit wait. Fits during which other processes used more than
+   0.25 cores are run again (``--retries``).
 2. Durable save throughput of the same state (model + Adam state): ``CheckpointWriter(async_save=False)`` vs the
-   same number of bytes written raw with ``os.write`` + ``fsync`` vs ``torch.save`` + ``fsync``.
+   same number of bytes written raw with ``os.write`` + ``fsync``, with ``O_DIRECT`` + ``fsync``, and
+   ``torch.save`` + ``fsync``.
 3. Restore: ``load_checkpoint`` and a ``Trainer.fit(..., ckpt_path=...)`` resume vs reading the same bytes raw
    (``readinto`` a preallocated buffer), with the page cache dropped before every read where possible.
 
@@ -18,6 +23,11 @@ No pass/fail: it prints the numbers, the ratios and the targets. Usage (from the
     python benchmarks/bench_foundation.py              # ~0.8 GB of state, a few minutes
     python benchmarks/bench_foundation.py --gb 0.1     # quick run, well under a minute
     python benchmarks/bench_foundation.py --json out.json --dir /mnt/nvme/tmp
+    python benchmarks/bench_foundation.py --workload compute   # compute-bound training (issue 14)
+
+Two workloads: ``default`` (training leaves the cores partly idle) and ``compute`` (4 x ``Linear(4096, 4096)`` +
+Adam, batch 4, 0.81 GB of state: training keeps every core busy). ``LIGHTNING_CKPT_DIRECT_IO=0`` measures the package
+without ``O_DIRECT`` writes.
 """
 from __future__ import annotations
 
