@@ -38,10 +38,15 @@ def _direct_ok(folder: str) -> bool:
         os.unlink(path)
 
 
+DIRECT_OK: list[bool] = []  # whether the folder the current test got from ``ddir`` takes O_DIRECT
+
+
 @pytest.fixture
 def ddir(tmp_path):
     """A folder on a filesystem that takes ``O_DIRECT``: the test's tmp_path, else one on a disk-backed filesystem
-    (``/var/tmp``, the home folder, the folder above the repository); the test is skipped where none does."""
+    (``/var/tmp``, the home folder, the folder above the repository); where none does, tmp_path (the writes then take
+    the fallback, and the tests check what they can: ``direct_taken()`` says which)."""
+    DIRECT_OK[:] = [True]
     if _direct_ok(str(tmp_path)):
         yield str(tmp_path)
         return
@@ -56,7 +61,24 @@ def ddir(tmp_path):
                     shutil.rmtree(d, ignore_errors=True)
                 return
             shutil.rmtree(d, ignore_errors=True)
-    pytest.skip("no filesystem here accepts O_DIRECT")
+    DIRECT_OK[:] = [False]
+    yield str(tmp_path)
+
+
+def direct_taken() -> bool:
+    return bool(DIRECT_OK and DIRECT_OK[0])
+
+
+def test_real_o_direct_path(ddir):
+    """The one test that needs a filesystem taking O_DIRECT: an aligned file goes to the disk straight from memory."""
+    if not direct_taken():
+        pytest.skip("no filesystem here accepts O_DIRECT")
+    pieces = [_aligned(8 * MB)]
+    path = os.path.join(ddir, "f.bin")
+    nbytes, direct_bytes = _write(path, pieces)
+    assert nbytes == direct_bytes == 8 * MB
+    with open(path, "rb") as f:
+        assert f.read() == _expected(pieces)
 
 
 @pytest.fixture(autouse=True)
@@ -114,7 +136,7 @@ def test_direct_write_byte_identical(ddir, case):
         got = f.read()
     assert len(got) == len(want) and got == want
     assert direct_bytes <= len(want)
-    if case in ("one aligned piece", "aligned, odd tail", "header then same-phase data", "empty pieces"):
+    if direct_taken() and case in ("one aligned piece", "aligned, odd tail", "header then same-phase data", "empty pieces"):
         assert direct_bytes >= len(want) - 2 * direct.ALIGN, "the aligned bytes went through the bounce buffer"
     if case == "read-only pieces":
         assert direct_bytes == 0
@@ -182,7 +204,7 @@ def test_write_refused_starts_over_buffered(ddir, monkeypatch):
     pieces = [b"head" * 10, _aligned(6 * MB, phase=40), _aligned(3 * MB + 1)]
     path = os.path.join(ddir, "f.bin")
     nbytes, direct_bytes = _write(path, pieces)
-    assert refused_once and direct_bytes == 0
+    assert refused_once == ([1] if direct_taken() else []) and direct_bytes == 0
     assert nbytes == len(_expected(pieces))
     with open(path, "rb") as f:
         assert f.read() == _expected(pieces)
@@ -197,7 +219,7 @@ def test_other_write_errors_propagate(ddir, monkeypatch):
     with pytest.raises(OSError) as e:
         _write(os.path.join(ddir, "f.bin"), [_aligned(4 * MB)])
     assert e.value.errno == errno.ENOSPC
-    assert not direct.refused(ddir)
+    assert direct.refused(ddir) == (not direct_taken())
 
 
 class Killed(BaseException):
@@ -224,9 +246,9 @@ def test_kill_point_mid_file_fires_in_direct_write(ddir, monkeypatch):
     pieces = [_aligned(8 * MB), _aligned(8 * MB + 11)]
     with pytest.raises(Killed):
         _write(path, pieces)
-    assert seen[0] and seen[1], "the writes did not go through OPS.write_all with O_DIRECT"
+    assert len(seen) >= 2 and (not direct_taken() or (seen[0] and seen[1])), "the writes did not go through OPS.write_all with O_DIRECT"
     assert os.path.getsize(path) > 8 * MB
-    assert not direct.refused(ddir)
+    assert direct.refused(ddir) == (not direct_taken())
 
 
 def _state(misaligned: bool = True) -> dict:
@@ -266,7 +288,8 @@ def test_checkpoint_written_direct_loads_and_verifies(ddir, async_save):
     w.close()
     # async: from the writer's page-aligned host buffers, nearly every byte; sync: from the caller's tensors, those
     # whose memory has the most common phase (here at least the largest)
-    assert got and got[0].breakdown.get("bytes_direct", 0) > (8 * MB if async_save else 2 * MB), got[0].breakdown
+    assert got and (not direct_taken() or got[0].breakdown.get("bytes_direct", 0) > (8 * MB if async_save else 2 * MB)), \
+        got[0].breakdown
     path = os.path.join(ddir, "step=000007")
     verify_checkpoint(path)
     _same(state["state_dict"], load_checkpoint(path)["state_dict"])
