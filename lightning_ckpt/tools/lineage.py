@@ -112,22 +112,21 @@ def lineage(dirpath: Any) -> list[Run]:
         else:
             roots.append(run)
     seen: set[str] = set()
-    todo = list(roots)
-    while todo:
-        r = todo.pop()
-        seen.add(r.run)
-        todo.extend(c for c in r.children if c.run not in seen)
+
+    def reach(start: list[Run]) -> None:
+        while start:
+            r = start.pop()
+            seen.add(r.run)
+            start.extend(c for c in r.children if c.run not in seen)
+
+    reach(list(roots))
     for run in runs.values():  # runs in a cycle of parents (hand-edited or hostile records): shown as roots, once
         if run.run not in seen:
             for other in runs.values():
                 if run in other.children:
                     other.children.remove(run)
             roots.append(run)
-            stack = [run]
-            while stack:
-                r = stack.pop()
-                seen.add(r.run)
-                stack.extend(c for c in r.children if c.run not in seen)
+            reach([run])
     return roots
 
 
