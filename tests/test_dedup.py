@@ -451,3 +451,16 @@ def test_a_copy_into_the_store_cut_short_by_a_crash_is_removed_by_the_next_colle
     assert not dead.exists() and live.exists()
     assert packs_in(tmp_path) == [pack]
     verify_checkpoint(list_checkpoints(tmp_path)[0].path)
+
+
+def test_lineage_shows_runs_whose_recorded_parents_form_a_cycle(tmp_path):
+    """Two runs each recorded as branched from the other's checkpoint (hand-edited records): both are shown, as
+    roots, and nothing loops."""
+    w = CheckpointWriter(tmp_path, async_save=False)
+    for step, run, parent in ((1, "aaaaaaaaaaaa", "step=000002"), (2, "bbbbbbbbbbbb", "step=000001")):
+        w.save({"state_dict": {"w": torch.full((4,), float(step))}}, step=step,
+               meta={"lineage": {"run": run, "run_name": None, "parent": parent, "branch": True}})
+    w.close()
+    roots = lineage(str(tmp_path))
+    shown = [r.run for r in roots] + [c.run for r in roots for c in r.children]
+    assert sorted(shown) == ["aaaaaaaaaaaa", "bbbbbbbbbbbb"]

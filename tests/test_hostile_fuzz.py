@@ -34,9 +34,11 @@ from lightning_ckpt import (
     load_checkpoint,
     load_weights,
     merge_checkpoint,
+    resume_path,
     verify_checkpoint,
 )
 from lightning_ckpt.cli import main
+from lightning_ckpt.tools.best import best_checkpoints
 from lightning_ckpt.format import manifest as mf
 from lightning_ckpt.format.checksum import crc32c
 from lightning_ckpt.read import read_checkpoint_manifest
@@ -76,8 +78,13 @@ def world():
     run = os.path.join(root, "run")
     w = CheckpointWriter(run, async_save=False)
     try:
-        w.save(_state(1), step=3, metrics={"val_loss": 0.5})
-        w.save(_state(0), step=7, metrics={"val_loss": 0.25})
+        # the records the session writes beside the data (lineage, ranking rule, resume source), for the fuzzer
+        rec = {"lineage": {"run": "a1b2c3d4e5f6", "run_name": None, "parent": None, "branch": False},
+               "best_rule": [{"monitor": "val_loss", "mode": "min", "top_k": 2}], "resumed_from": None}
+        w.save(_state(1), step=3, metrics={"val_loss": 0.5}, tags=["best"], meta=rec)
+        rec = dict(rec, lineage=dict(rec["lineage"], run="0f9e8d7c6b5a", parent="step=000003", branch=True),
+                   resumed_from=os.path.join(run, "step=000003"))
+        w.save(_state(0), step=7, metrics={"val_loss": 0.25}, tags=["best"], meta=rec)
     finally:
         w.close()
     pristine = os.path.join(root, "pristine")
@@ -194,6 +201,14 @@ def _read_everything(world: dict, bad: str, data_intact: bool) -> None:
         _cli(argv)
     code, text = _cli(["ls", world["run"], "--json"])
     json.loads(text)  # valid JSON, whatever the metrics hold
+    code, text = _cli(["lineage", world["run"], "--json"])
+    assert code == 0 and world["good"].rsplit("/", 1)[1] in text, "one bad checkpoint broke lineage"
+    _cli(["lineage", world["run"]])
+    best = _call("best_checkpoints", best_checkpoints, world["run"])
+    assert not isinstance(best, CheckpointError), f"one bad checkpoint broke best_checkpoints: {best}"
+    if bad not in [c.path for c in listed]:  # skipped as corrupt: the good one's rule and rank stand
+        assert [c.path for c in best] == [world["good"]], "a skipped checkpoint changed the ranking"
+    _call("resume_path", resume_path, world["run"])
     # a link planted in the folder may be looked at, but only without following it (O_NOFOLLOW)
     outside = [p for p, flags in _OPENED if os.path.realpath(p) == os.path.realpath(world["secret"])
                and (flags == -1 or not flags & os.O_NOFOLLOW or os.path.realpath(p) == os.path.abspath(p))]
@@ -287,6 +302,26 @@ def test_mutated_manifests(world, victim, data):
         raw = json.dumps(m).encode()
     with open(os.path.join(bad, "manifest.json"), "wb") as f:
         f.write(raw)
+    _read_everything(world, bad, data_intact=True)
+
+
+@FUZZ
+@given(data=st.data())
+def test_mutated_lineage_ranking_and_resume_records(world, victim, data):
+    """The records the tools read beside the data (``lineage``, ``best_rule``, ``resumed_from``) given any JSON value
+    or any shape (digest recomputed): lineage, ls, best and resume give a CheckpointError or a correct answer."""
+    bad = victim()
+    m = json.loads(open(os.path.join(bad, "manifest.json"), "rb").read())
+    paths = [p for p in _paths({k: m[k] for k in ("lineage", "best_rule", "resumed_from")})]
+    for _ in range(data.draw(st.integers(1, 3))):
+        path = data.draw(st.sampled_from([p for p in paths if p]))
+        try:
+            _set(m, path, data.draw(json_values | st.sampled_from(["step=000003", "step=000007", "best", "min"])))
+        except (KeyError, IndexError, TypeError):
+            pass
+        paths = list(_paths({k: m.get(k) for k in ("lineage", "best_rule", "resumed_from")}))
+    with open(os.path.join(bad, "manifest.json"), "wb") as f:
+        f.write(mf.dumps(m))
     _read_everything(world, bad, data_intact=True)
 
 

@@ -176,3 +176,18 @@ def test_no_module_is_over_about_400_lines_unless_it_says_why():
         if n > 450 or (n > 400 and "one cohesive" not in doc.lower()):
             long.append(f"{path.relative_to(PKG)}: {n} lines")
     assert not long, "split these by concern (or say why not in their opening docstring):\n" + "\n".join(long)
+
+
+def test_only_the_store_decides_whether_a_location_is_local_or_s3():
+    """A new backend touches the store package only: nothing else tests a path for a URI scheme."""
+    bad = []
+    for mod, tree in modules().items():
+        if mod == "store" or mod.startswith("store."):
+            continue
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr in ("startswith", "partition", "split")
+                    and any(isinstance(a, ast.Constant) and isinstance(a.value, str) and "://" in a.value
+                            for a in node.args)):
+                bad.append(f"lightning_ckpt.{mod}:{node.lineno}")
+    assert not bad, "ask lightning_ckpt.store (is_remote, open_store, folder_key, locate) instead:\n" + "\n".join(bad)

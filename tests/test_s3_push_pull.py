@@ -54,7 +54,8 @@ def test_upload_without_manifest_is_not_a_checkpoint_and_corrupt_objects_are_ref
     client.put_object(Bucket="ckpts", Key="run3/step=000007/model-rank00000.safetensors", Body=bytes(data))
     with pytest.raises(CheckpointCorruptError):
         pull_checkpoint("s3://ckpts/run3/step=000007", str(tmp_path / "bad"))
-    assert not [e for e in os.listdir(tmp_path / "bad")], "nothing partial is left behind"
+    # nothing partial is left behind (the lock file the pull held stays, as after a run: it is not a save)
+    assert not [e for e in os.listdir(tmp_path / "bad") if e != ".lock"], "nothing partial is left behind"
 
 
 @pytest.mark.usefixtures("forkserver")
@@ -120,3 +121,68 @@ def test_read_cache_keeps_the_newest_versions_of_a_folder(s3, tmp_path, monkeypa
     monkeypatch.setenv("LIGHTNING_CKPT_CACHE_KEEP", "-1")
     with pytest.raises(ValueError, match="LIGHTNING_CKPT_CACHE_KEEP"):
         fetch_checkpoint("s3://ckpts/cached/step=000003")
+
+
+def test_pull_into_a_folder_another_process_is_writing_is_refused(s3, tmp_path):
+    """A pull writes a checkpoint and packs into the folder: not while another run holds its lock (that run's
+    retention and collection would race with it); the same process (a run pulling its own backup) may."""
+    import subprocess
+    import sys
+
+    from lightning_ckpt.store import LocalStore
+    from lightning_ckpt.store.lock import FolderBusyError
+
+    (a,) = _ckpts(tmp_path, steps=(3,))
+    push_checkpoint(a, "s3://ckpts/busy")
+    dest = tmp_path / "dest"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from lightning_ckpt.store import LocalStore; "
+         "lk = LocalStore(sys.argv[1]).lock({'run_id': 'trainer'}); print('held', flush=True); time.sleep(60)",
+         str(dest)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(FolderBusyError, match="trainer"):
+            pull_checkpoint("s3://ckpts/busy", str(dest))
+        assert sorted(os.listdir(dest)) == [".lock"]  # nothing written, not even a partial
+    finally:
+        holder.kill()
+        holder.wait()
+    lock = LocalStore(str(dest)).lock({"run_id": "this run"})
+    try:  # this process holds it: a run pulling its own backup
+        got = pull_checkpoint("s3://ckpts/busy", str(dest))
+    finally:
+        lock.release()
+    assert torch.equal(load_checkpoint(got)["state_dict"]["w"], load_checkpoint(a)["state_dict"]["w"])
+    assert LocalStore(str(dest)).lock_holder() is None  # the pull did not leave the lock taken
+
+
+def test_pulls_of_one_checkpoint_by_two_processes_wait_for_each_other_and_fetch_once(s3, tmp_path, monkeypatch):
+    """Every rank of a job resolving ckpt_path='last' pulls the newest backup into the same folder: the second waits
+    for the first (its lock says it is a pull), then finds the checkpoint there and fetches nothing."""
+    import subprocess
+    import sys
+    import time
+
+    from lightning_ckpt.store.s3 import S3Store
+    from lightning_ckpt.tools.transfer import PULL_RUN_ID
+
+    (a,) = _ckpts(tmp_path, steps=(4,))
+    push_checkpoint(a, "s3://ckpts/twice")
+    dest = tmp_path / "dest"
+    other = subprocess.Popen(  # "another rank": takes the lock as a pull does, pulls, holds on a moment, releases
+        [sys.executable, "-c", "import sys, time; from lightning_ckpt.store import LocalStore; "
+         "from lightning_ckpt.tools.transfer import pull_checkpoint; "
+         f"lk = LocalStore(sys.argv[1]).lock({{'run_id': {PULL_RUN_ID!r}}}); print('held', flush=True); "
+         "time.sleep(1.0); lk.release(); pull_checkpoint('s3://ckpts/twice', sys.argv[1])",
+         str(dest)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout.readline().strip() == "held"
+        t0 = time.monotonic()
+        got = pull_checkpoint("s3://ckpts/twice", str(dest))
+        assert time.monotonic() - t0 > 0.5  # it waited for the other pull's lock, not failed
+    finally:
+        assert other.wait(60) == 0
+    # a third pull of the same checkpoint: verified in place, nothing downloaded
+    monkeypatch.setattr(S3Store, "download", lambda *a, **k: pytest.fail("downloaded a checkpoint already there"))
+    assert pull_checkpoint("s3://ckpts/twice", str(dest)) == got
+    assert torch.equal(load_checkpoint(got)["state_dict"]["w"], load_checkpoint(a)["state_dict"]["w"])

@@ -11,6 +11,7 @@ import time
 from typing import Any, Optional
 
 from ..errors import CheckpointCorruptError, CheckpointError, CheckpointFormatError, CheckpointNotFoundError
+from ..store import folder_key
 
 
 def _jsonable(x):
@@ -158,7 +159,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         _dump(m)
         return 0
     size = sum(f["size"] for f in m["files"].values())
-    where = args.path if str(args.path).startswith("s3://") else os.path.abspath(args.path)
+    where = folder_key(args.path)
     print(f"checkpoint   {where}")
     print(f"step         {m['step']}   epoch {m.get('epoch')}   kind {m.get('kind')}   world size {m.get('world_size')}")
     print(f"tags         {', '.join(m.get('tags') or []) or '-'}")

@@ -180,6 +180,27 @@ def chunk_member(c: dict) -> tuple[str, str]:
     return ("pack", c["pack"]) if "pack" in c else ("file", c["file"])
 
 
+def _opt_str(v: Any) -> bool:
+    return v is None or (isinstance(v, str) and len(v) <= 4096)
+
+
+def _check_records(m: dict, where: str) -> None:
+    """The records the tools read beside the data (lineage, ranking rules, the resume source): their types, so that a
+    hostile value is a corrupt manifest rather than a TypeError in ``lineage``, ``ls`` or ``ckpt_path="best"``."""
+    lin = m.get("lineage")
+    if lin is not None and not (isinstance(lin, dict) and isinstance(lin.get("run"), str) and len(lin["run"]) <= 256
+                                and _opt_str(lin.get("run_name")) and _opt_str(lin.get("parent"))
+                                and isinstance(lin.get("branch", False), bool)):
+        raise _corrupt(where, "has a malformed lineage record")
+    rules = m.get("best_rule")
+    if rules is not None and not (isinstance(rules, list) and len(rules) <= 64 and all(
+            isinstance(r, dict) and isinstance(r.get("monitor"), str) and r.get("mode", "min") in ("min", "max")
+            and (r.get("top_k") is None or (_is_int(r["top_k"]))) for r in rules)):
+        raise _corrupt(where, "has a malformed best_rule record")
+    if not _opt_str(m.get("resumed_from")):
+        raise _corrupt(where, "has a malformed resumed_from record")
+
+
 def validate_manifest(m: Any, where: str) -> dict:
     """Check the structure of a parsed manifest before anything is allocated or read from it: every field of the
     right type, every file's checksummed regions tiling it, every tensor's byte range exactly shape x itemsize of a
@@ -211,6 +232,7 @@ def validate_manifest(m: Any, where: str) -> dict:
             raise _corrupt(where, f"has a field {key!r} of the wrong type ({type(m[key]).__name__})")
     if not all(isinstance(t, str) for t in m.get("tags") or []):
         raise _corrupt(where, "has a tag that is not a string")
+    _check_records(m, where)
     files = _need(m, "files", dict, where)
     for fname, f in files.items():
         check_member_name(fname, where)

@@ -226,6 +226,13 @@ class LocalStore(Store):
         lk.acquire(info or {})
         return lk
 
+    def lock_unless_mine(self, info: dict | None = None) -> "FolderLock | None":
+        """For a tool that writes into the folder (a pull): take its lock, or None when this process already holds
+        it (a run that pulls its own backup). Raises :class:`FolderBusyError` when another process holds it."""
+        if FolderLock(self.root).path in FolderLock._held:
+            return None
+        return self.lock(info)
+
     def lock_holder(self) -> dict | None:
         """Who holds the folder's lock (their recorded details), or None when nobody does."""
         return FolderLock(self.root).holder()

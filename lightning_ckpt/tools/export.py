@@ -17,7 +17,7 @@ import time
 from typing import Any, Optional
 
 from ..read import read_checkpoint_manifest
-from ..store import LocalStore
+from ..store import LocalStore, folder_key
 from ..store.fs import OPS
 from .merge import merge_checkpoint
 
@@ -71,7 +71,7 @@ def export_checkpoint(
             files["config.yaml"] = config_yaml.encode()
         run = m.get("run") or {}
         meta = {
-            "source_checkpoint": str(path) if str(path).startswith("s3://") else os.path.abspath(os.fspath(path)),
+            "source_checkpoint": folder_key(path),
             "name": m.get("name"),
             "step": m.get("step"),
             "epoch": m.get("epoch"),

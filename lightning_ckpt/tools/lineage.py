@@ -111,6 +111,22 @@ def lineage(dirpath: Any) -> list[Run]:
             runs[parent_run].children.append(run)
         else:
             roots.append(run)
+    seen: set[str] = set()
+
+    def reach(start: list[Run]) -> None:
+        while start:
+            r = start.pop()
+            seen.add(r.run)
+            start.extend(c for c in r.children if c.run not in seen)
+
+    reach(list(roots))
+    for run in runs.values():  # runs in a cycle of parents (hand-edited or hostile records): shown as roots, once
+        if run.run not in seen:
+            for other in runs.values():
+                if run in other.children:
+                    other.children.remove(run)
+            roots.append(run)
+            reach([run])
     return roots
 
 

@@ -5,23 +5,27 @@ A push uploads every data object (with its whole-file CRC32C as object metadata)
 the objects go up, then the manifest (the commit on S3), then ``latest.json``. Pushing a checkpoint that is already
 there repairs it: objects that are missing, of the wrong size, or whose recorded checksum differs from the manifest's
 are uploaded again, so after a push the remote copy verifies. A pull downloads into a partial folder, fsyncs and
-verifies every byte, then commits it (replacing an older local copy of the same name atomically).
+verifies every byte, then commits it (replacing an older local copy of the same name atomically), under the local
+folder's lock: never into a folder another process's run is writing; a checkpoint already there with the same
+manifest is verified and kept.
 """
 from __future__ import annotations
 
 import concurrent.futures as cf
 import logging
 import os
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from ..errors import CheckpointNotFoundError
+from ..errors import CheckpointError, CheckpointNotFoundError
 from ..format import manifest as mf
 from ..format.tensorfile import file_crc32c
 from ..read import Opened, _verify_files, verify_checkpoint
 from ..store import LocalStore, locate, open_store
 from ..store.blobs import BlobStore
 from ..store.fs import OPS
+from ..store.lock import FolderBusyError
 
 log = logging.getLogger("lightning_ckpt")
 
@@ -150,6 +154,41 @@ def pull_checkpoint(src: Any, dest_dir: Any, *, progress: ProgressFn = None) -> 
     m, raw = got
     local = LocalStore(dest_dir)
     local.makedirs()
+    lock = _lock_for_pull(local)
+    try:
+        try:  # already here, the same checkpoint (another rank's pull of it, a repeated command): nothing to fetch
+            if local.read_manifest(name)[1] == raw:
+                verify_checkpoint(local.path(name))
+                return local.path(name)
+        except CheckpointError:
+            pass  # absent, or damaged: fetched again and replaced atomically
+        return _pull_into(store, name, m, raw, local, progress)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+PULL_RUN_ID = "lightning-ckpt pull"
+PULL_WAIT_S = 3600.0  # the longest wait for another process's pull into the same folder
+
+
+def _lock_for_pull(local: LocalStore) -> Any:
+    """The folder's lock for a pull (None when this process holds it already). A run writing into the folder (another
+    process) makes the pull fail at once with :class:`FolderBusyError`: it must not get a checkpoint and packs it did
+    not write under its retention and collection. Another process's pull (each rank of a job pulling the newest
+    backup for ``ckpt_path="last"``) is waited for."""
+    deadline = time.monotonic() + PULL_WAIT_S
+    while True:
+        try:
+            return local.lock_unless_mine({"run_id": PULL_RUN_ID})
+        except FolderBusyError:
+            holder = local.lock_holder()
+            if holder is not None and (holder.get("run_id") != PULL_RUN_ID or time.monotonic() > deadline):
+                raise
+            time.sleep(0.1)
+
+
+def _pull_into(store: Any, name: str, m: dict, raw: bytes, local: LocalStore, progress: ProgressFn) -> str:
     tx = local.begin(name).open()
     blobs = BlobStore(local.root, fsync=local.fsync)
     try:
