@@ -73,3 +73,27 @@ def test_json_output_for_scripts(tmp_path, capsys):
     rep = json.loads(capsys.readouterr().out)
     assert [os.path.basename(d["path"]) for d in rep["deleted"]] == ["step=000001", "step=000002"]
     assert [os.path.basename(p) for p in rep["kept"]] == ["step=000003"]
+
+
+def test_help_imports_neither_torch_nor_lightning_and_reading_verbs_no_lightning(tmp_path):
+    """`--help` answers at once (no torch, no Lightning: about 1 s of imports on the CI machine); ls, show, verify,
+    diff and lineage read checkpoints with torch but never import Lightning (a cold interpreter, as a user runs it)."""
+    import subprocess
+    import sys
+
+    a, b = _make(tmp_path)
+    code = ("import sys, contextlib, io; from lightning_ckpt.cli import main\n"
+            "for argv in {argvs!r}:\n"
+            "    with contextlib.redirect_stdout(io.StringIO()):\n"
+            "        try: main(argv)\n"
+            "        except SystemExit: pass\n"
+            "print(sorted(m for m in ('torch', 'lightning', 'pytorch_lightning') if m in sys.modules))")
+
+    def imported(*argvs):
+        out = subprocess.run([sys.executable, "-c", code.format(argvs=list(argvs))], capture_output=True, text=True,
+                             check=True).stdout
+        return out.strip().splitlines()[-1]
+
+    assert imported(["--help"]) == "[]"
+    assert imported(["ls", str(tmp_path)], ["show", a], ["verify", a], ["diff", a, b],
+                    ["lineage", str(tmp_path)]) == "['torch']"

@@ -11,7 +11,6 @@ import time
 from typing import Any, Optional
 
 from ..errors import CheckpointCorruptError, CheckpointError, CheckpointFormatError, CheckpointNotFoundError
-from ..store import folder_key
 
 
 def _jsonable(x):
@@ -159,6 +158,8 @@ def cmd_show(args: argparse.Namespace) -> int:
         _dump(m)
         return 0
     size = sum(f["size"] for f in m["files"].values())
+    from ..store import folder_key
+
     where = folder_key(args.path)
     print(f"checkpoint   {where}")
     print(f"step         {m['step']}   epoch {m.get('epoch')}   kind {m.get('kind')}   world size {m.get('world_size')}")
