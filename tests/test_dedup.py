@@ -464,3 +464,42 @@ def test_lineage_shows_runs_whose_recorded_parents_form_a_cycle(tmp_path):
     roots = lineage(str(tmp_path))
     shown = [r.run for r in roots] + [c.run for r in roots for c in r.children]
     assert sorted(shown) == ["aaaaaaaaaaaa", "bbbbbbbbbbbb"]
+
+
+def test_merge_convert_and_export_read_the_shared_bytes_of_a_deduplicated_checkpoint(tmp_path):
+    """The tools that copy weights out (merge to one safetensors file, convert to a Lightning .ckpt, the final-model
+    export) take the frozen tensors from the content store, byte for byte."""
+    from safetensors.torch import load_file
+
+    from lightning_ckpt.tools.convert import convert_to_lightning
+    from lightning_ckpt.tools.export import export_checkpoint
+    from lightning_ckpt.tools.merge import merge_checkpoint
+
+    torch.manual_seed(3)
+    model = FineTune(96)
+    opt = torch.optim.Adam(model.head.parameters())
+    d = tmp_path / "ckpts"
+    w = CheckpointWriter(d, async_save=False)
+    for step in (1, 2):
+        train_step(model, opt)
+        w.save(state(model, opt), step=step, stable=STABLE)
+    w.close()
+    last = list_checkpoints(d)[-1]
+    assert last.manifest["packs"] and "state_dict/frozen.weight" not in str(last.manifest["files"])
+    want = model.state_dict()
+    res = merge_checkpoint(last.path, str(tmp_path / "model.safetensors"))
+    merged = {}
+    for f in res.files:
+        merged.update(load_file(f))
+    for k, v in want.items():
+        assert torch.equal(merged[k], v), k
+    ckpt = torch.load(convert_to_lightning(last.path, tmp_path / "model.ckpt"), weights_only=True)
+    for k, v in want.items():
+        assert torch.equal(ckpt["state_dict"][k], v), k
+    out = export_checkpoint(last.path, str(tmp_path / "export"))
+    files = [os.path.join(out, f) for f in os.listdir(out) if f.endswith(".safetensors")]
+    exported = {}
+    for f in files:
+        exported.update(load_file(f))
+    for k, v in want.items():
+        assert torch.equal(exported[k], v), k
