@@ -50,6 +50,7 @@ import torch
 
 from lightning_ckpt import CheckpointNotFoundError, latest_checkpoint, list_checkpoints, load_checkpoint, resume_path, verify_checkpoint
 from lightning_ckpt.format import manifest as mf
+from lightning_ckpt.read import read_checkpoint_manifest
 from lightning_ckpt.store.blobs import BlobStore
 from lightning_ckpt.store.lock import FolderLock
 from lightning_ckpt.store.s3 import S3Store
@@ -454,6 +455,12 @@ def real_resume(c: Campaign, latest: str, tag: str) -> None:
     c.resumes += 1
 
 
+def newest_remote_has_packs(uri: str) -> bool:
+    """Whether the newest complete checkpoint at ``uri`` references packs of the content store."""
+    newest = remote_steps(uri)
+    return bool(newest) and bool(read_checkpoint_manifest(f"{uri}/{newest[0][1]}").get("packs"))
+
+
 def delete_local(c: Campaign, f: Folder, restore_here: bool) -> None:
     """The machine is gone: delete the run folder. Either ``resume_path`` (here) or the relaunched run (by itself)
     must restore the newest valid checkpoint on S3."""
@@ -642,9 +649,13 @@ def test_kill9_during_write_commit_retention_upload(fork_server, s3, tmp_path):
         n = 2
         phase_i = 0
         deliberate_since_random = 0
+        def restore_missing() -> list[str]:
+            return [p for p in KILL_POINTS["restore"] if not c.fired_points.get(p)]
+
         while True:
             need = [ph for ph in PHASES if c.fired[ph] < KILLS_PER_PHASE[ph]]
-            if (not need and c.random_kills >= RANDOM_KILLS and c.killed >= MIN_TRIALS) or n >= MAX_TRIALS:
+            if (not need and c.random_kills >= RANDOM_KILLS and c.killed >= MIN_TRIALS
+                    and not restore_missing()) or n >= MAX_TRIALS:
                 break
             if n % FRESH_EVERY == 0:
                 fresh_n += 1
@@ -654,10 +665,8 @@ def test_kill9_during_write_commit_retention_upload(fork_server, s3, tmp_path):
             plan = random_kill = None
             if f is loop and restore_kill_due:
                 restore_kill_due = False
-                if c.fired["restore"] == 0:
-                    plan = {"point": "restore.after_download", "k": 1 + c.rng.randrange(3)}
-                else:
-                    plan = {"point": "restore.mid_pack_copy", "k": 1}
+                point = restore_missing()[0]
+                plan = {"point": point, "k": 1 + c.rng.randrange(3) if point == "restore.after_download" else 1}
             elif (deliberate_since_random >= 4 or not need) and c.random_kills < RANDOM_KILLS + 10:
                 deliberate_since_random = 0
                 if c.rng.random() < 0.2:  # during start-up: resume, S3 pull, clean-up of leftovers
@@ -672,9 +681,16 @@ def test_kill9_during_write_commit_retention_upload(fork_server, s3, tmp_path):
             rep = run_trial(c, f, n, plan, random_kill, shapes)
             if n % RESUME_EVERY == 0 and rep["latest"] is not None:
                 real_resume(c, rep["latest"], str(n))
-            if f is loop and loop.trials % DELETE_LOCAL_EVERY == 0:
-                here = (loop.trials // DELETE_LOCAL_EVERY) % 2 == 1
-                restore_kill_due = not here and c.fired["restore"] < len(KILL_POINTS["restore"])
+            regular = loop.trials % DELETE_LOCAL_EVERY == 0
+            # the quota is met but a restore kill point has not fired yet: delete the folder again sooner
+            overdue = not need and restore_missing() and loop.trials % 3 == 0
+            if f is loop and (regular or overdue):
+                here = regular and (loop.trials // DELETE_LOCAL_EVERY) % 2 == 1
+                missing = restore_missing()
+                # a pack copy can only be killed when the checkpoint the relaunch pulls references packs (every
+                # fourth save has its frozen layers in its own files: see BackboneRefresh)
+                restore_kill_due = not here and bool(missing) and (
+                    missing[0] != "restore.mid_pack_copy" or newest_remote_has_packs(loop.uri))
                 failure = None
                 try:
                     delete_local(c, loop, restore_here=here)
