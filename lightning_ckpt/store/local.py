@@ -229,7 +229,7 @@ class LocalStore(Store):
     def lock_unless_mine(self, info: dict | None = None) -> "FolderLock | None":
         """For a tool that writes into the folder (a pull): take its lock, or None when this process already holds
         it (a run that pulls its own backup). Raises :class:`FolderBusyError` when another process holds it."""
-        if FolderLock(self.root).path in FolderLock._held:
+        if FolderLock(self.root).mine():
             return None
         return self.lock(info)
 

@@ -75,6 +75,10 @@ class FolderLock:
         os.close(self.fd)  # closing the only descriptor of the file releases the lock
         self.fd = None
 
+    def mine(self) -> bool:
+        """Whether this process holds the lock."""
+        return self.path in FolderLock._held
+
     def holder(self) -> dict | None:
         """The holder's details when the lock is held (by anyone), else None. Never blocks."""
         import fcntl

@@ -121,10 +121,9 @@ def lineage(dirpath: Any) -> list[Run]:
 
     reach(list(roots))
     for run in runs.values():  # runs in a cycle of parents (hand-edited or hostile records): shown as roots, once
-        if run.run not in seen:
-            for other in runs.values():
-                if run in other.children:
-                    other.children.remove(run)
+        if run.run not in seen:  # not a root, so its parent is a run of this folder: detach it from that one
+            parent = runs[where[run.parent]]
+            parent.children = [c for c in parent.children if c is not run]
             roots.append(run)
             reach([run])
     return roots
