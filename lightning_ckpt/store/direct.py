@@ -51,9 +51,11 @@ def enabled() -> bool:
     return bool(O_DIRECT) and os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-def wanted(pieces: Iterable[Any]) -> bool:
-    """Whether a durable file of these pieces should be written directly (large enough, and enabled)."""
-    return enabled() and sum(memoryview(p).nbytes for p in pieces) >= MIN_BYTES
+def wanted(nbytes: int, folder: str | None = None) -> bool:
+    """Whether a durable file of ``nbytes`` should be written directly: large enough, enabled, and (given its
+    ``folder``) on a filesystem that did not refuse ``O_DIRECT`` before. The writer lays a file out for direct I/O
+    by the same rule that opens it so."""
+    return enabled() and nbytes >= MIN_BYTES and (folder is None or not refused(folder))
 
 
 def _device_of(path: str) -> int | None:

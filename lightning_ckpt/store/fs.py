@@ -67,7 +67,7 @@ class FsOps:
         pieces = data if isinstance(data, list) else [data]
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
         fd = -1
-        if fsync and direct.wanted(pieces):
+        if fsync and direct.wanted(sum(memoryview(p).nbytes for p in pieces)):
             fd = direct.open_for_write(path, flags)
         if fd < 0:
             fd = os.open(path, flags, 0o644)

@@ -270,10 +270,8 @@ class LocalTransaction(Transaction):
         """A safetensors file of CPU tensors (each tensor's XXH3-128 recorded unless ``content_hash`` is off); laid
         out for direct I/O when it will be written that way (``store/direct.py``)."""
         tensors = list(tensors)
-        align = None
-        if self.store.fsync and direct.enabled() and not direct.refused(self.path) and \
-                sum(t.numel() * t.element_size() for _, t in tensors) >= direct.MIN_BYTES:
-            align = direct.ALIGN
+        nbytes = sum(t.numel() * t.element_size() for _, t in tensors)
+        align = direct.ALIGN if self.store.fsync and direct.wanted(nbytes, self.path) else None
         return self.write_file(encode_tensors(fname, tensors, metadata, crc_executor, content_hash, align=align))
 
     def sync(self) -> None:
