@@ -57,6 +57,7 @@ from lightning_ckpt.store.s3 import S3Store
 from lightning_ckpt.tools.transfer import pull_checkpoint
 
 from support import ROOT, TESTS, list_remote, remote_steps, start_python
+from support.files import tail
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
@@ -146,11 +147,7 @@ class ForkServer:
         return out
 
     def stderr_tail(self, n: int = 3000) -> str:
-        try:
-            with open(self.stderr_path, "rb") as f:
-                return f.read()[-n:].decode("utf-8", "replace")
-        except OSError:
-            return ""
+        return tail(self.stderr_path, n)
 
     def close(self) -> None:
         try:
@@ -568,12 +565,12 @@ def run_trial(c: Campaign, f: Folder, n: int, plan: dict | None, random_kill: di
             s3_now = str(list_remote(f.uri))
         except Exception as err:  # noqa: BLE001
             s3_now = repr(err)
-        tail = rep.get("log_tail") or _read_tail(cmd["log"])
+        log = rep.get("log_tail") or tail(cmd["log"], missing="(no log)")
         failure = (
             f"fault-injection trial {n} failed: {e}{context}"
             f"\n  folder listing:\n    {_listing(f.dir)}"
             f"\n  complete checkpoints on S3: {s3_now}"
-            f"\n  child log (tail):\n{tail}"
+            f"\n  child log (tail):\n{log}"
         )
     if failure is not None:
         pytest.fail(failure, pytrace=False)
@@ -605,14 +602,6 @@ def run_trial(c: Campaign, f: Folder, n: int, plan: dict | None, random_kill: di
                  f"{rep.get('wall')}s (setup {rep.get('train_start_s')}s) + checks {time.monotonic() - t_check:.2f}s")
     rep["latest"] = latest
     return rep
-
-
-def _read_tail(path: str, n: int = 3000) -> str:
-    try:
-        with open(path, "rb") as fh:
-            return fh.read()[-n:].decode("utf-8", "replace")
-    except OSError:
-        return "(no log)"
 
 
 # ------------------------------------------------------------------------------------------------- the test

@@ -30,6 +30,8 @@ import threading
 import time
 from typing import Any, Sequence
 
+from .files import tail
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 SERVER_SCRIPT = os.path.join(HERE, "_forkserver.py")
@@ -88,11 +90,7 @@ class ForkServer:
         return self.ready
 
     def log_tail(self, n: int = 4000) -> str:
-        try:
-            with open(self.log_path, "rb") as f:
-                return f.read()[-n:].decode("utf-8", "replace")
-        except OSError:
-            return ""
+        return tail(self.log_path, n)
 
     def spawn(self, argv: Sequence[str], env: dict, cwd: str, fds: tuple[int, int, int], threads: int,
               unbuffered: bool = False) -> tuple[socket.socket, int]:

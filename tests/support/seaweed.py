@@ -16,6 +16,7 @@ import tempfile
 import threading
 import time
 
+from .files import tail
 from .net import free_port
 
 BUCKETS: set[str] = set()  # buckets handed out on the session server
@@ -69,11 +70,7 @@ class SeaweedS3:
         self.wait_ready(timeout)
 
     def log_tail(self, n: int = 3000) -> str:
-        try:
-            with open(os.path.join(self.workdir, "weed.log"), "rb") as f:
-                return f.read()[-n:].decode("utf-8", "replace")
-        except OSError:
-            return ""
+        return tail(os.path.join(self.workdir, "weed.log"), n)
 
     def client(self):
         import boto3
