@@ -273,13 +273,29 @@ def _delete(doc, path):
         doc.pop(path[-1])
 
 
+def _manifest(ckpt: str) -> dict:
+    with open(os.path.join(ckpt, "manifest.json"), "rb") as f:
+        return json.loads(f.read())
+
+
+def _rewrite(ckpt: str, m: dict) -> None:
+    """Write ``m`` as the manifest of ``ckpt``, digest recomputed as an attacker would (plain JSON where the
+    package's own writer refuses the values)."""
+    try:
+        raw = mf.dumps(m)
+    except (TypeError, ValueError):
+        raw = json.dumps(m).encode()
+    with open(os.path.join(ckpt, "manifest.json"), "wb") as f:
+        f.write(raw)
+
+
 # ------------------------------------------------------------------------------------------------ campaigns
 @FUZZ
 @given(data=st.data())
 def test_mutated_manifests(world, victim, data):
     """Any field of the manifest replaced, deleted or retyped (digest recomputed, as an attacker would)."""
     bad = victim()
-    m = json.loads(open(os.path.join(bad, "manifest.json"), "rb").read())
+    m = _manifest(bad)
     paths = [p for p in _paths(m) if p]
     for _ in range(data.draw(st.integers(1, 3))):
         path = data.draw(st.sampled_from(paths))
@@ -296,12 +312,7 @@ def test_mutated_manifests(world, victim, data):
         paths = [p for p in _paths(m) if p]
         if not paths:
             break
-    try:
-        raw = mf.dumps(m)
-    except (TypeError, ValueError):
-        raw = json.dumps(m).encode()
-    with open(os.path.join(bad, "manifest.json"), "wb") as f:
-        f.write(raw)
+    _rewrite(bad, m)
     _read_everything(world, bad, data_intact=True)
 
 
@@ -311,17 +322,15 @@ def test_mutated_lineage_ranking_and_resume_records(world, victim, data):
     """The records the tools read beside the data (``lineage``, ``best_rule``, ``resumed_from``) given any JSON value
     or any shape (digest recomputed): lineage, ls, best and resume give a CheckpointError or a correct answer."""
     bad = victim()
-    m = json.loads(open(os.path.join(bad, "manifest.json"), "rb").read())
-    paths = [p for p in _paths({k: m[k] for k in ("lineage", "best_rule", "resumed_from")})]
+    m = _manifest(bad)
+    records = ("lineage", "best_rule", "resumed_from")
     for _ in range(data.draw(st.integers(1, 3))):
-        path = data.draw(st.sampled_from([p for p in paths if p]))
+        path = data.draw(st.sampled_from([p for p in _paths(m) if p and p[0] in records]))
         try:
             _set(m, path, data.draw(json_values | st.sampled_from(["step=000003", "step=000007", "best", "min"])))
         except (KeyError, IndexError, TypeError):
             pass
-        paths = list(_paths({k: m.get(k) for k in ("lineage", "best_rule", "resumed_from")}))
-    with open(os.path.join(bad, "manifest.json"), "wb") as f:
-        f.write(mf.dumps(m))
+    _rewrite(bad, m)
     _read_everything(world, bad, data_intact=True)
 
 
@@ -330,7 +339,7 @@ def test_mutated_lineage_ranking_and_resume_records(world, victim, data):
 def test_mutated_index_shapes_dtypes_and_chunks(world, victim, data):
     """The tensor index and the file records, where memory safety lives: shapes, dtypes, offsets, sizes, ranges."""
     bad = victim()
-    m = json.loads(open(os.path.join(bad, "manifest.json"), "rb").read())
+    m = _manifest(bad)
     key = data.draw(st.sampled_from(sorted(m["tensors"])))
     entry = m["tensors"][key]
     chunk = entry["chunks"][0]
@@ -358,8 +367,7 @@ def test_mutated_index_shapes_dtypes_and_chunks(world, victim, data):
     else:  # a consistent-looking lie: [2, 3] read as [2, 7]
         grown = [s + data.draw(st.integers(0, 5)) for s in entry["shape"]]
         entry["shape"] = chunk["sizes"] = rec["shape"] = grown
-    with open(os.path.join(bad, "manifest.json"), "wb") as f:
-        f.write(mf.dumps(m))
+    _rewrite(bad, m)
     _read_everything(world, bad, data_intact=True)
 
 
@@ -420,10 +428,9 @@ def test_mutated_state_documents(world, victim, doc):
     raw = json.dumps(doc).encode()
     with open(os.path.join(bad, "state-rank00000.json"), "wb") as f:
         f.write(raw)
-    m = json.loads(open(os.path.join(bad, "manifest.json"), "rb").read())
+    m = _manifest(bad)
     m["files"]["state-rank00000.json"].update(size=len(raw), header_end=len(raw), header_crc32c=crc32c(raw))
-    with open(os.path.join(bad, "manifest.json"), "wb") as f:
-        f.write(mf.dumps(m))
+    _rewrite(bad, m)
     _read_everything(world, bad, data_intact=False)
 
 

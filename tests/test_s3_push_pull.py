@@ -3,13 +3,19 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
 from lightning_ckpt import CheckpointCorruptError, CheckpointWriter, load_checkpoint, resume_path
 from lightning_ckpt.cli import main
-from lightning_ckpt.tools.transfer import pull_checkpoint, push_checkpoint
+from lightning_ckpt.store import LocalStore
+from lightning_ckpt.store.lock import FolderBusyError
+from lightning_ckpt.store.s3 import S3Store
+from lightning_ckpt.tools.transfer import PULL_RUN_ID, pull_checkpoint, push_checkpoint
 
 from support import list_remote, run_python
 
@@ -123,24 +129,25 @@ def test_read_cache_keeps_the_newest_versions_of_a_folder(s3, tmp_path, monkeypa
         fetch_checkpoint("s3://ckpts/cached/step=000003")
 
 
+def _holding_the_lock(dest, run_id: str, then: str) -> subprocess.Popen:
+    """Another process that takes ``dest``'s lock as ``run_id`` and, once it holds it, runs the statements ``then``
+    (``lk``: the lock)."""
+    p = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from lightning_ckpt.store import LocalStore; "
+         f"lk = LocalStore(sys.argv[1]).lock({{'run_id': {run_id!r}}}); print('held', flush=True); {then}",
+         str(dest)], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "held"
+    return p
+
+
 def test_pull_into_a_folder_another_process_is_writing_is_refused(s3, tmp_path):
     """A pull writes a checkpoint and packs into the folder: not while another run holds its lock (that run's
     retention and collection would race with it); the same process (a run pulling its own backup) may."""
-    import subprocess
-    import sys
-
-    from lightning_ckpt.store import LocalStore
-    from lightning_ckpt.store.lock import FolderBusyError
-
     (a,) = _ckpts(tmp_path, steps=(3,))
     push_checkpoint(a, "s3://ckpts/busy")
     dest = tmp_path / "dest"
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from lightning_ckpt.store import LocalStore; "
-         "lk = LocalStore(sys.argv[1]).lock({'run_id': 'trainer'}); print('held', flush=True); time.sleep(60)",
-         str(dest)], stdout=subprocess.PIPE, text=True)
+    holder = _holding_the_lock(dest, "trainer", "time.sleep(60)")
     try:
-        assert holder.stdout.readline().strip() == "held"
         with pytest.raises(FolderBusyError, match="trainer"):
             pull_checkpoint("s3://ckpts/busy", str(dest))
         assert sorted(os.listdir(dest)) == [".lock"]  # nothing written, not even a partial
@@ -159,24 +166,14 @@ def test_pull_into_a_folder_another_process_is_writing_is_refused(s3, tmp_path):
 def test_pulls_of_one_checkpoint_by_two_processes_wait_for_each_other_and_fetch_once(s3, tmp_path, monkeypatch):
     """Every rank of a job resolving ckpt_path='last' pulls the newest backup into the same folder: the second waits
     for the first (its lock says it is a pull), then finds the checkpoint there and fetches nothing."""
-    import subprocess
-    import sys
-    import time
-
-    from lightning_ckpt.store.s3 import S3Store
-    from lightning_ckpt.tools.transfer import PULL_RUN_ID
-
     (a,) = _ckpts(tmp_path, steps=(4,))
     push_checkpoint(a, "s3://ckpts/twice")
     dest = tmp_path / "dest"
-    other = subprocess.Popen(  # "another rank": takes the lock as a pull does, pulls, holds on a moment, releases
-        [sys.executable, "-c", "import sys, time; from lightning_ckpt.store import LocalStore; "
-         "from lightning_ckpt.tools.transfer import pull_checkpoint; "
-         f"lk = LocalStore(sys.argv[1]).lock({{'run_id': {PULL_RUN_ID!r}}}); print('held', flush=True); "
-         "time.sleep(1.0); lk.release(); pull_checkpoint('s3://ckpts/twice', sys.argv[1])",
-         str(dest)], stdout=subprocess.PIPE, text=True)
+    # "another rank": holds the lock as a pull does for a moment, then pulls the same checkpoint itself
+    other = _holding_the_lock(dest, PULL_RUN_ID, "time.sleep(1.0); lk.release(); "
+                              "from lightning_ckpt.tools.transfer import pull_checkpoint; "
+                              "pull_checkpoint('s3://ckpts/twice', sys.argv[1])")
     try:
-        assert other.stdout.readline().strip() == "held"
         t0 = time.monotonic()
         got = pull_checkpoint("s3://ckpts/twice", str(dest))
         assert time.monotonic() - t0 > 0.5  # it waited for the other pull's lock, not failed
