@@ -117,7 +117,7 @@ class LocalStore(Store):
 
     def read_latest(self) -> dict | None:
         try:
-            raw = read_member(self.root, mf.LATEST, MAX_LATEST_BYTES)
+            raw = read_member(self.root, mf.LATEST, MAX_LATEST_BYTES, follow_folder=True)  # the user's folder
             doc = json.loads(raw)
         except (CheckpointError, OSError, ValueError):
             return None

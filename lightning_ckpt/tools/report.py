@@ -114,7 +114,7 @@ def _read_history(store: Any) -> tuple[Optional[list[dict]], int]:
             if not os.path.isfile(path):
                 return None, 0
             size = os.path.getsize(path)
-            raw = read_member(store.root, HISTORY, MAX_HISTORY_BYTES) if size <= MAX_HISTORY_BYTES else _tail(path)
+            raw = read_member(store.root, HISTORY, MAX_HISTORY_BYTES, follow_folder=True) if size <= MAX_HISTORY_BYTES else _tail(path)
     except (CheckpointError, OSError):
         return None, 0
     lines, bad = [], 0
