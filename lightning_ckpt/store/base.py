@@ -16,6 +16,7 @@ one more complete entry. Deletion is ``store.delete(name)``: the entry leaves th
 from __future__ import annotations
 
 import os
+import re
 import socket
 import uuid
 import zlib
@@ -28,6 +29,8 @@ TMP_PREFIX = ".tmp-"
 PROBE_PREFIX = ".probe-"
 LOCK_FILE = ".lock"
 SEP = "~"  # never in an entry name (see check_name), so it splits partial names unambiguously
+
+_PID = re.compile(r"[1-9][0-9]{0,8}")  # ASCII digits (str.isdigit() takes "²"), small enough for os.kill
 
 IfExists = Literal["version", "discard", "replace"]
 
@@ -90,7 +93,7 @@ def owner_gone(owner: str | None) -> bool:
     if not owner or "." not in owner:
         return False
     host, _, pid = owner.partition(".")
-    return host == host_id() and pid.isdigit() and not pid_alive(int(pid))
+    return host == host_id() and _PID.fullmatch(pid) is not None and not pid_alive(int(pid))
 
 
 class Transaction(ABC):
