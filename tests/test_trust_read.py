@@ -6,8 +6,10 @@ from __future__ import annotations
 import io
 import contextlib
 import json
+import logging
 import os
 import shutil
+import sys
 import warnings
 
 import pytest
@@ -26,7 +28,7 @@ from lightning_ckpt import (
     verify_checkpoint,
 )
 from lightning_ckpt.cli import main
-from lightning_ckpt.cli.text import shown
+from lightning_ckpt.cli.text import escaped_diagnostics, shown
 from lightning_ckpt.format import manifest as mf
 from lightning_ckpt.format.checksum import crc32c
 from lightning_ckpt.format.codec import decode
@@ -221,6 +223,25 @@ def test_verify_load_and_latest_skip_a_state_that_decodes_badly(tmp_path, raw):
 
 
 # ------------------------------------------------------------------------------------------------ 5. the terminal
+def test_an_entry_name_with_a_control_character_is_refused_when_written(tmp_path):
+    """The writer's rule matches the reader's: a name the listing would never show ("step\n") is not written."""
+    with pytest.raises(ValueError, match="control character"):
+        LocalStore(tmp_path).begin("step=000001\n")
+
+
+def test_warnings_and_log_messages_of_a_verb_reach_stderr_escaped(capsys):
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        # printed as in a shell (pytest records warnings otherwise)
+        warnings.showwarning = lambda m, c, f, n, file=None, line=None: sys.stderr.write(
+            warnings.formatwarning(m, c, f, n, line))
+        with escaped_diagnostics():
+            warnings.warn("skipping x\x1b[2J\ny")
+            logging.getLogger("lightning_ckpt").warning("removed p\rq")
+    err = capsys.readouterr().err
+    assert err.splitlines() == ["lightning-ckpt: warning: skipping x\\x1b[2J\\ny", "lightning-ckpt: removed p\\rq"]
+
+
 EVIL = "\x1b[2J\x1b[31mowned\x07\r\nfake line\u202e"
 
 

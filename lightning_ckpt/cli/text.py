@@ -55,12 +55,12 @@ def escaped_diagnostics() -> Iterator[None]:
     handler = _EscapingHandler(logging.WARNING)
     log.addHandler(handler)
 
-    def show(message: Any, category: type, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
-        say(f"lightning-ckpt: warning: {message}", file=sys.stderr)
+    def one_line(message: Any, category: type, filename: str, lineno: int, line: Any = None) -> str:
+        return shown(f"lightning-ckpt: warning: {message}") + "\n"
 
     try:
         with warnings.catch_warnings():
-            warnings.showwarning = show
+            warnings.formatwarning = one_line  # how a shown warning reads; recorded ones (pytest.warns) are untouched
             yield
     finally:
         log.removeHandler(handler)

@@ -47,9 +47,9 @@ def first_free(base: str, taken: Callable[[str], bool]) -> str:
 def check_entry_name(name: object) -> str:
     """An entry's name must be one path component that is not hidden and has no ``~`` (ValueError otherwise)."""
     if (not isinstance(name, str) or not name or name in (".", "..") or name.startswith(".") or "/" in name
-            or os.sep in name or SEP in name or "\0" in name or len(name) > 255):
+            or os.sep in name or SEP in name or len(name) > 255 or any(ord(c) < 32 or ord(c) == 127 for c in name)):
         raise ValueError(f"{name!r} cannot name an entry of a folder: give one path component that does not start "
-                         "with '.' and has no '/' or '~'")
+                         "with '.' and has no '/', '~' or control character")
     return name
 
 
