@@ -132,6 +132,20 @@ def test_a_checkpoint_folder_that_is_a_link_is_neither_listed_nor_read(tmp_path)
     assert _cli(["show", path])[0] != 0
 
 
+def test_a_history_planted_as_a_link_is_neither_copied_into_an_export_nor_reported(tmp_path):
+    from lightning_ckpt.tools.export import export_checkpoint
+    from lightning_ckpt.tools.report import collect_run
+
+    path = _run(tmp_path / "run", steps=(1,))[0]
+    secret = tmp_path / "secret.jsonl"
+    secret.write_text(json.dumps({"step": 1, "name": "step=000001", "metrics": {"secret": 42.0}}) + "\n")
+    history = tmp_path / "run" / "metrics.jsonl"
+    os.symlink(secret, history)
+    out = export_checkpoint(path, tmp_path / "export", history=str(history))
+    assert not os.path.exists(os.path.join(out, "metrics.jsonl"))
+    assert "secret" not in json.dumps(collect_run(tmp_path / "run").__dict__, default=str)
+
+
 # ------------------------------------------------------------------------------------------------ 2. whole names
 def test_name_patterns_match_the_whole_name_not_a_trailing_newline(tmp_path):
     assert mf.is_plain_name("step=000001") and not mf.is_plain_name("step=000001\n")
