@@ -254,6 +254,7 @@ def test_warnings_and_log_messages_of_a_verb_reach_stderr_escaped(capsys):
             logging.getLogger("lightning_ckpt").warning("removed p\rq")
     err = capsys.readouterr().err
     assert err.splitlines() == ["lightning-ckpt: warning: skipping x\\x1b[2J\\ny", "lightning-ckpt: removed p\\rq"]
+    assert warnings.formatwarning is not None and "lightning-ckpt" not in warnings.formatwarning("m", UserWarning, "f", 1)
 
 
 EVIL = "\x1b[2J\x1b[31mowned\x07\r\nfake line\u202e"

@@ -58,9 +58,10 @@ def escaped_diagnostics() -> Iterator[None]:
     def one_line(message: Any, category: type, filename: str, lineno: int, line: Any = None) -> str:
         return shown(f"lightning-ckpt: warning: {message}") + "\n"
 
+    before = warnings.formatwarning  # (catch_warnings does not restore it)
+    warnings.formatwarning = one_line  # how a shown warning reads; recorded ones (pytest.warns) are untouched
     try:
-        with warnings.catch_warnings():
-            warnings.formatwarning = one_line  # how a shown warning reads; recorded ones (pytest.warns) are untouched
-            yield
+        yield
     finally:
+        warnings.formatwarning = before
         log.removeHandler(handler)
