@@ -236,6 +236,17 @@ def test_verify_load_and_latest_skip_a_state_that_decodes_badly(tmp_path, raw):
         assert latest_checkpoint(tmp_path / "run") == good  # resume="auto" goes on from the one before
 
 
+def test_a_state_that_would_build_more_python_objects_than_the_budget_is_refused_before_parsing(monkeypatch):
+    from lightning_ckpt.format import codec
+
+    raw = b"[" + b"{}," * 100_000 + b"0]"  # 300 KB of text, about 7 MB of Python objects
+    assert 6 << 20 < codec.json_memory(raw) < 20 << 20
+    monkeypatch.setattr(codec, "MAX_STATE_MEMORY", 4 << 20)  # the real bound (2 GiB) needs a 70 MB file
+    monkeypatch.setattr(codec.json, "loads", lambda *a, **k: pytest.fail("parsed before the budget was checked"))
+    with pytest.raises(CheckpointCorruptError, match="MiB of Python objects"):
+        codec.parse_state(raw, "state.json")
+
+
 # ------------------------------------------------------------------------------------------------ 5. the terminal
 def test_an_entry_name_with_a_control_character_is_refused_when_written(tmp_path):
     """The writer's rule matches the reader's: a name the listing would never show ("step\n") is not written."""
