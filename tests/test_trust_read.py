@@ -146,6 +146,23 @@ def test_a_history_planted_as_a_link_is_neither_copied_into_an_export_nor_report
     assert "secret" not in json.dumps(collect_run(tmp_path / "run").__dict__, default=str)
 
 
+def test_a_checkpoint_deleted_between_the_listing_and_its_manifest_read_is_skipped_silently(tmp_path, monkeypatch):
+    import lightning_ckpt.store.local as local
+
+    first, second = _run(tmp_path / "run")
+    read_member = local.read_member
+
+    def deleted_first(folder, *a, **k):
+        if folder == second:
+            shutil.rmtree(folder)  # retention, in another process
+        return read_member(folder, *a, **k)
+
+    monkeypatch.setattr(local, "read_member", deleted_first)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert [c.path for c in list_checkpoints(tmp_path / "run")] == [first]
+
+
 # ------------------------------------------------------------------------------------------------ 2. whole names
 def test_name_patterns_match_the_whole_name_not_a_trailing_newline(tmp_path):
     assert mf.is_plain_name("step=000001") and not mf.is_plain_name("step=000001\n")

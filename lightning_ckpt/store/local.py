@@ -104,8 +104,10 @@ class LocalStore(Store):
         where = os.path.join(folder, mf.MANIFEST)
         try:
             raw = read_member(folder, mf.MANIFEST, MAX_MANIFEST_BYTES, where=where)
-        except FileNotFoundError:  # deleted (retention) between the listing and the read
-            raise CheckpointNotFoundError(f"{folder} was deleted while it was being read") from None
+        except CheckpointError:
+            if not os.path.lexists(folder):  # deleted (retention) between the listing and the read
+                raise CheckpointNotFoundError(f"{folder} was deleted while it was being read") from None
+            raise
         return mf.parse_manifest(raw, where), raw
 
     def local_folder(self, name: str, files: Iterable[str] | None = None, manifest: tuple[dict, bytes] | None = None,
