@@ -122,6 +122,27 @@ def test_a_checkpoint_folder_swapped_for_a_link_after_its_manifest_was_read_is_r
             read()
 
 
+def test_push_refuses_a_link_on_the_path_before_a_byte_goes_up(s3, tmp_path, monkeypatch):
+    from lightning_ckpt.store.s3 import S3Store
+    from lightning_ckpt.tools.transfer import push_checkpoint
+
+    paths = _run(tmp_path / "run")
+    blobs = tmp_path / "run" / mf.BLOBS
+    shutil.move(blobs, tmp_path / "elsewhere")
+    os.symlink(tmp_path / "elsewhere", blobs)
+    sent = []
+    put_file = S3Store.put_file
+
+    def recording(self, key, path, *a, **k):
+        sent.append(path)
+        return put_file(self, key, path, *a, **k)
+
+    monkeypatch.setattr(S3Store, "put_file", recording)
+    with pytest.raises(CheckpointCorruptError, match="symbolic link"):
+        push_checkpoint(paths[-1], s3.uri("run"))
+    assert sent == [], "bytes went up through a link"
+
+
 def test_a_checkpoint_folder_that_is_a_link_is_neither_listed_nor_read(tmp_path):
     path = _run(tmp_path / "run", steps=(1,))[0]
     shutil.move(path, tmp_path / "real")
