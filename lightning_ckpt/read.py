@@ -7,7 +7,6 @@ downloads only the files its reads need.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import warnings
@@ -17,7 +16,7 @@ from typing import Any, Iterable
 import torch
 
 from .errors import CheckpointCorruptError, CheckpointError, CheckpointNotFoundError
-from .format.codec import MAX_JSON_DEPTH, decode, json_depth
+from .format.codec import decode, parse_state
 from .format.tensorfile import VERIFY_BLOCK, check_file, iter_regions
 from .store import Store, locate, open_store
 from .format.checksum import crc32c
@@ -213,13 +212,7 @@ def read_state_doc(folder: str, m: dict, rank: int = 0) -> Any:
     raw = read_member(folder, fname, MAX_STATE_BYTES, size=entry["size"], where=where)
     if crc32c(raw) != entry["header_crc32c"]:
         raise CheckpointCorruptError(f"{where}: checksum mismatch; the state file is corrupt. Use an earlier checkpoint.")
-    if json_depth(raw) > MAX_JSON_DEPTH:
-        raise CheckpointCorruptError(f"{where} nests deeper than {MAX_JSON_DEPTH} levels; the state file is corrupt "
-                                     "or hostile")
-    try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise CheckpointCorruptError(f"{where} is not valid JSON ({e}); the state file is corrupt or hostile") from None
+    return parse_state(raw, where)
 
 
 def read_checkpoint_manifest(path: Any) -> dict:

@@ -92,7 +92,9 @@ def world():
     secret = os.path.join(root, "secret.bin")
     with open(secret, "wb") as f:
         f.write(SECRET * 64)
-    yield {"root": root, "run": run, "good": os.path.join(run, "step=000003"), "pristine": pristine, "secret": secret}
+    outside = os.path.join(root, "outside")  # where a link planted for a whole checkpoint folder points
+    yield {"root": root, "run": run, "good": os.path.join(run, "step=000003"), "pristine": pristine, "secret": secret,
+           "outside": outside, "members": set(os.listdir(pristine))}
     shutil.rmtree(root, ignore_errors=True)
 
 
@@ -209,10 +211,26 @@ def _read_everything(world: dict, bad: str, data_intact: bool) -> None:
     if bad not in [c.path for c in listed]:  # skipped as corrupt: the good one's rule and rank stand
         assert [c.path for c in best] == [world["good"]], "a skipped checkpoint changed the ranking"
     _call("resume_path", resume_path, world["run"])
-    # a link planted in the folder may be looked at, but only without following it (O_NOFOLLOW)
-    outside = [p for p, flags in _OPENED if os.path.realpath(p) == os.path.realpath(world["secret"])
-               and (flags == -1 or not flags & os.O_NOFOLLOW or os.path.realpath(p) == os.path.abspath(p))]
+    outside = _opened_outside(world)
     assert not outside, f"a reader opened a file outside the checkpoint folder: {outside}"
+
+
+def _opened_outside(world: dict) -> list[str]:
+    """Opens that followed a link out of the run folder. A link planted in the folder (a member, or the checkpoint
+    folder itself) may be looked at, but only without following it (O_NOFOLLOW); a member opened relative to its
+    folder's descriptor (``dir_fd``: the audit sees its bare name) must be opened with O_NOFOLLOW."""
+    out = []
+    for p, flags in _OPENED:
+        nofollow = flags != -1 and bool(flags & os.O_NOFOLLOW)
+        if not os.path.isabs(p):
+            if p in world["members"] and not nofollow:
+                out.append(p)
+            continue
+        real = os.path.realpath(p)
+        for target in (os.path.realpath(world["secret"]), os.path.realpath(world["outside"])):
+            if (real == target or real.startswith(target + os.sep)) and (not nofollow or real == os.path.abspath(p)):
+                out.append(p)
+    return out
 
 
 @pytest.fixture
@@ -221,6 +239,8 @@ def victim(world):
     path = os.path.join(world["run"], "step=000007")
 
     def make() -> str:
+        if os.path.islink(path):  # the checkpoint folder itself was a link
+            os.unlink(path)
         if os.path.lexists(path):
             for e in os.listdir(path):  # a FIFO, link or folder left by the previous example
                 p = os.path.join(path, e)
@@ -230,6 +250,8 @@ def victim(world):
         return path
 
     yield make
+    if os.path.islink(path):
+        os.unlink(path)
     shutil.rmtree(path, ignore_errors=True)
 
 
@@ -381,7 +403,14 @@ def test_mutated_file_bytes_types_links_and_sizes(world, victim, data):
     fname = data.draw(st.sampled_from(names))
     path = os.path.join(bad, fname)
     what = data.draw(st.sampled_from(["flip", "truncate", "grow", "link-out", "link-zero", "fifo", "folder",
-                                      "missing"]))
+                                      "missing", "link-folder"]))
+    if what == "link-folder":  # the checkpoint folder itself a link to a copy outside the run folder
+        shutil.rmtree(world["outside"], ignore_errors=True)
+        shutil.copytree(bad, world["outside"])
+        shutil.rmtree(bad)
+        os.symlink(world["outside"], bad)
+        _read_everything(world, bad, data_intact=True)
+        return
     raw = open(path, "rb").read()
     if what == "flip" and raw:
         pos = data.draw(st.integers(0, len(raw) - 1))
@@ -432,6 +461,74 @@ def test_mutated_state_documents(world, victim, doc):
     m["files"]["state-rank00000.json"].update(size=len(raw), header_end=len(raw), header_crc32c=crc32c(raw))
     _rewrite(bad, m)
     _read_everything(world, bad, data_intact=False)
+
+
+_HOSTILE_NUMBERS = st.sampled_from([0, 1, -1, 7, 2**31 - 1, 2**31, 2**63, 2**64, 10**30, 1e300, 1.5, True,
+                                    float("inf"), float("-inf"), float("nan")])
+_HOSTILE_DTYPES = st.sampled_from(["V8", "V2147483647", "V", "float16", "int8", "uint64", "i4,i4", "(4096,4096)f8",
+                                   "O", "S3", "U3", "M8[s]", "c16", "bool", "float64", "", "x" * 40])
+_TAGS = ["$t", "$np", "$npscalar", "$dtype", "$tuple", "$dict", "$set", "$bytes", "$float", "$size", "$device",
+         "$path", "$namespace", "$type", "$enum", "$repr", "$evil"]
+_ANY_SMALL = _HOSTILE_NUMBERS | st.text(max_size=6) | st.lists(_HOSTILE_NUMBERS | st.text(max_size=4), max_size=3)
+hostile_entries = st.one_of(
+    st.builds(lambda d, v: {"$npscalar": [d, v]}, _HOSTILE_DTYPES,
+              _HOSTILE_NUMBERS | st.text(max_size=4) | st.just({"$bytes": "AAAA"}) | st.just({"$float": "inf"})),
+    st.builds(lambda v: {"$size": v}, st.lists(_HOSTILE_NUMBERS, max_size=3) | _HOSTILE_NUMBERS),
+    st.builds(lambda t, v: {t: v}, st.sampled_from(_TAGS), _ANY_SMALL | st.dictionaries(st.text(max_size=3), _ANY_SMALL,
+                                                                                         max_size=2)),
+    st.sampled_from([{"$t": "state_dict/layer.weight"}, {"$np": "state_dict/emb"}, {"$t": "state_dict/missing"}]),
+)
+
+
+def _footprint(x, depth=0) -> int:
+    """Bytes held by a decoded state (numpy values, bytes, strings, tensors counted once per storage)."""
+    if depth > 500:
+        return 0
+    if isinstance(x, torch.Tensor):
+        return 0  # the tensors are the checkpoint's own, read from the files (bounded by their sizes)
+    if isinstance(x, (bytes, str)):
+        return len(x)
+    if hasattr(x, "nbytes"):
+        return int(x.nbytes)
+    if isinstance(x, dict):
+        return sum(_footprint(k, depth + 1) + _footprint(v, depth + 1) for k, v in x.items())
+    if isinstance(x, (list, tuple, set, frozenset)):
+        return sum(_footprint(v, depth + 1) for v in x)
+    return 0
+
+
+@settings(FUZZ, max_examples=max(1, FUZZ.max_examples // 2))  # the decoding readers only: a cheap campaign
+@given(data=st.data())
+def test_mutated_state_entries(world, victim, data):
+    """One entry of the real state document (at any depth) replaced by a hostile tagged value, sometimes repeated
+    hundreds of times (a 10 KB file of 2 GiB values): a CheckpointError, or a state whose values are no bigger than
+    their text."""
+    bad = victim()
+    path = os.path.join(bad, "state-rank00000.json")
+    with open(path, "rb") as f:
+        doc = json.loads(f.read())
+    value = data.draw(hostile_entries)
+    if data.draw(st.booleans()):
+        value = [value] * data.draw(st.sampled_from([2, 300]))
+    where = data.draw(st.sampled_from([p for p in _paths(doc) if p]))
+    _set(doc, where, value)
+    raw = json.dumps(doc).encode()
+    with open(path, "wb") as f:
+        f.write(raw)
+    m = _manifest(bad)
+    m["files"]["state-rank00000.json"].update(size=len(raw), header_end=len(raw), header_crc32c=crc32c(raw))
+    _rewrite(bad, m)
+    _OPENED.clear()
+    got = _call("load_checkpoint", load_checkpoint, bad)
+    if not isinstance(got, CheckpointError):
+        assert _footprint(got) <= 64 * len(raw) + (1 << 20), "a decoded value is far bigger than its text"
+    _call("verify_checkpoint", verify_checkpoint, bad)
+    _call("load_weights", load_weights, bad, _model(), strict=False)
+    latest = _call("latest_checkpoint", latest_checkpoint, world["run"])  # resume="auto": skips it, never raises
+    assert latest in (world["good"], bad), f"latest_checkpoint gave {latest!r}"
+    _cli(["verify", bad])
+    _cli(["show", bad])
+    assert not _opened_outside(world)
 
 
 def test_the_campaign_stayed_within_its_memory_bound(world):

@@ -19,6 +19,7 @@ Nothing heavy is imported at start (no Lightning; torch only when a verb needs i
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from typing import Optional, Sequence
 
@@ -26,6 +27,7 @@ from ..errors import CheckpointError, CheckpointNotFoundError
 from ..version import __version__
 from .commands import cmd_diff, cmd_ls, cmd_merge, cmd_prune, cmd_show, cmd_verify
 from .copying import cmd_convert, cmd_export, cmd_lineage, cmd_pull, cmd_push, cmd_report
+from .text import escaped_diagnostics, say
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,19 +122,32 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        with escaped_diagnostics():
+            return args.func(args)
     except CheckpointNotFoundError as e:
-        print(f"lightning-ckpt: {e}", file=sys.stderr)
+        say(f"lightning-ckpt: {e}", file=sys.stderr, lines=True)
         return 2
     except CheckpointError as e:
-        print(f"lightning-ckpt: {e}", file=sys.stderr)
+        say(f"lightning-ckpt: {e}", file=sys.stderr, lines=True)
         return 1
     except ValueError as e:  # a bad path, URI or setting: bad usage
-        print(f"lightning-ckpt {args.command}: {e}", file=sys.stderr)
+        say(f"lightning-ckpt {args.command}: {e}", file=sys.stderr, lines=True)
         return 2
+    except OSError as e:  # an output path that cannot be written (under a file, no permission, disk full)
+        say(f"lightning-ckpt {args.command}: {_os_error(e)}", file=sys.stderr)
+        return 1
     except Exception as e:  # noqa: BLE001
         if type(e).__module__.split(".")[0] in ("botocore", "boto3", "s3transfer"):
-            print(f"lightning-ckpt: an S3 request failed: {e}. Check AWS_ENDPOINT_URL, the credentials (AWS_PROFILE, "
-                  "AWS_ACCESS_KEY_ID, ...) and that the bucket exists.", file=sys.stderr)
+            say(f"lightning-ckpt: an S3 request failed: {e}. Check AWS_ENDPOINT_URL, the credentials (AWS_PROFILE, "
+                "AWS_ACCESS_KEY_ID, ...) and that the bucket exists.", file=sys.stderr)
             return 1
         raise
+
+
+def _os_error(e: OSError) -> str:
+    """One line for a failed system call: what failed, on which path, and the usual cause."""
+    where = " -> ".join(str(p) for p in (e.filename, e.filename2) if p is not None)
+    hint = {errno.ENOTDIR: " (a part of that path is a file, not a folder)",
+            errno.EEXIST: " (it exists already)", errno.EACCES: " (no permission)", errno.ENOSPC: " (disk full)",
+            errno.EROFS: " (read-only filesystem)", errno.EISDIR: " (it is a folder)"}.get(e.errno, "")
+    return f"{where}: {e.strerror or e}{hint}" if where else f"{e.strerror or e}{hint}"

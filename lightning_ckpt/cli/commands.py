@@ -11,6 +11,7 @@ import time
 from typing import Any, Optional
 
 from ..errors import CheckpointCorruptError, CheckpointError, CheckpointFormatError, CheckpointNotFoundError
+from .text import say, shown
 
 
 def _jsonable(x):
@@ -25,7 +26,7 @@ def _jsonable(x):
 
 
 def _dump(x) -> None:
-    print(json.dumps(_jsonable(x), indent=1))
+    print(json.dumps(_jsonable(x), indent=1))  # json escapes control characters
 
 
 def _manifest_or_hint(path: str) -> dict:
@@ -81,7 +82,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     from ..store import is_remote
 
     if not is_remote(args.dir) and not os.path.isdir(args.dir):
-        print(f"lightning-ckpt: {args.dir} is not a folder", file=sys.stderr)
+        say(f"lightning-ckpt: {args.dir} is not a folder", file=sys.stderr)
         return 2
     ckpts = list_checkpoints(args.dir)
     best_now = _current_best(ckpts)
@@ -93,7 +94,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
                 verified[c.name] = "ok"
             except CheckpointError as e:
                 verified[c.name] = "CORRUPT"
-                print(f"lightning-ckpt: {e}", file=sys.stderr)
+                say(f"lightning-ckpt: {e}", file=sys.stderr, lines=True)
     if args.json:
         _dump([
             {"name": c.name, "path": c.path, "step": c.step, "epoch": c.epoch, "tags": c.tags, "metrics": c.metrics,
@@ -104,24 +105,25 @@ def cmd_ls(args: argparse.Namespace) -> int:
         ])
         return 1 if "CORRUPT" in verified.values() else 0
     if not ckpts:
-        print(f"no committed checkpoints in {args.dir}")
+        say(f"no committed checkpoints in {args.dir}")
         return 0
     rows = [("NAME", "STEP", "EPOCH", "TAGS", "METRICS", "SIZE", "AGE", "VERIFIED")]
     for c in ckpts:
         metrics = " ".join(f"{k}={_fmt_metric(v)}" for k, v in sorted(c.metrics.items())[:4])
         created = c.created_unix if isinstance(c.created_unix, (int, float)) else None
-        rows.append((c.name, str(c.step), str(c.epoch), _tags_text(c, best_now), metrics, _human_bytes(c.size_bytes),
-                     _human_age(created), verified.get(c.name, "-")))
+        rows.append(tuple(shown(cell) for cell in (  # escaped before the widths are measured
+            c.name, str(c.step), str(c.epoch), _tags_text(c, best_now), metrics, _human_bytes(c.size_bytes),
+            _human_age(created), verified.get(c.name, "-"))))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
+        say("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
     if any(best_now.values()):
         ranked = {n: r for n, r in best_now.items() if r}
         first = min(ranked, key=ranked.get)
-        print(f"best now: {first}" + (f" (and {len(ranked) - 1} more in the top-k)" if len(ranked) > 1 else "")
+        say(f"best now: {first}" + (f" (and {len(ranked) - 1} more in the top-k)" if len(ranked) > 1 else "")
               + "; 'was best': tagged best when saved, since fallen out of the top-k")
     if not args.verify:
-        print("(VERIFIED: run with --verify to check every byte)")
+        say("(VERIFIED: run with --verify to check every byte)")
     return 1 if "CORRUPT" in verified.values() else 0
 
 
@@ -161,42 +163,42 @@ def cmd_show(args: argparse.Namespace) -> int:
     from ..store import folder_key
 
     where = folder_key(args.path)
-    print(f"checkpoint   {where}")
-    print(f"step         {m['step']}   epoch {m.get('epoch')}   kind {m.get('kind')}   world size {m.get('world_size')}")
-    print(f"tags         {', '.join(m.get('tags') or []) or '-'}")
+    say(f"checkpoint   {where}")
+    say(f"step         {m['step']}   epoch {m.get('epoch')}   kind {m.get('kind')}   world size {m.get('world_size')}")
+    say(f"tags         {', '.join(m.get('tags') or []) or '-'}")
     resume = m.get("resume")
     if m.get("kind", "full") != "full":
-        print(f"exact resume -  (a {m.get('kind')} checkpoint does not resume training)")
+        say(f"exact resume -  (a {m.get('kind')} checkpoint does not resume training)")
     elif not isinstance(resume, dict):
-        print("exact resume unknown (not recorded: written by an older lightning_ckpt)")
+        say("exact resume unknown (not recorded: written by an older lightning_ckpt)")
     elif resume.get("exact"):
-        print("exact resume yes")
+        say("exact resume yes")
     else:
-        print("exact resume no, because")
+        say("exact resume no, because")
         for why in resume.get("why") or ["(no reason recorded)"]:
-            print(f"  - {why}")
-    print(f"size         {_human_bytes(size)} in {len(m['files'])} files, {len(m.get('tensors', {}))} tensors")
+            say(f"  - {why}")
+    say(f"size         {_human_bytes(size)} in {len(m['files'])} files, {len(m.get('tensors', {}))} tensors")
     t = m.get("timings") if isinstance(m.get("timings"), dict) else {}
     if t:
-        print(f"timings      snapshot {_secs(t.get('snapshot_s'))}, write {_secs(t.get('write_s'))}")
+        say(f"timings      snapshot {_secs(t.get('snapshot_s'))}, write {_secs(t.get('write_s'))}")
     if m.get("resumed_from"):
-        print(f"resumed from {str(m['resumed_from'])[:300]}")
+        say(f"resumed from {str(m['resumed_from'])[:300]}")
     run = m.get("run") if isinstance(m.get("run"), dict) else {}
     if run:
         versions = run.get("versions") if isinstance(run.get("versions"), dict) else {}
-        print(f"written by   {run.get('host')} (pid {run.get('pid')}), git {run.get('git_commit') or '-'}, seed {run.get('seed')}")
-        print(f"versions     {', '.join(f'{k} {v}' for k, v in versions.items())}")
+        say(f"written by   {run.get('host')} (pid {run.get('pid')}), git {run.get('git_commit') or '-'}, seed {run.get('seed')}")
+        say(f"versions     {', '.join(f'{k} {v}' for k, v in versions.items())}")
     if m.get("metrics"):
-        print("metrics")
+        say("metrics")
         for k, v in sorted(m["metrics"].items()):
-            print(f"  {k} = {_fmt_metric(v)}")
+            say(f"  {k} = {_fmt_metric(v)}")
     if isinstance(m.get("hparams"), dict) and m["hparams"]:
-        print("hparams")
+        say("hparams")
         for k, v in sorted(m["hparams"].items()):
-            print(f"  {k} = {str(v)[:200]}")
-    print("files")
+            say(f"  {k} = {str(v)[:200]}")
+    say("files")
     for name, f in sorted(m["files"].items()):
-        print(f"  {name:40s} {_human_bytes(f['size']):>10s}  {len(f.get('tensors', {}))} tensors")
+        say(f"  {shown(name):40s} {_human_bytes(f['size']):>10s}  {len(f.get('tensors', {}))} tensors")
     return 0
 
 
@@ -210,18 +212,18 @@ def cmd_verify(args: argparse.Namespace) -> int:
         try:
             size = sum(f["size"] for f in _manifest_or_hint(p)["files"].values())
             show = not args.json and sys.stderr.isatty()
-            with _bar(size, f"verify {os.path.basename(p)}", not show) as bar:
+            with _bar(size, shown(f"verify {os.path.basename(p)}"), not show) as bar:
                 verify_checkpoint(p, progress=bar.update if show and bar is not None else None)
         except (CheckpointCorruptError, CheckpointFormatError, CheckpointNotFoundError) as e:
             if not args.json:
-                print(f"FAILED  {p}: {e}", file=sys.stderr)
+                say(f"FAILED  {p}: {e}", file=sys.stderr, lines=True)
             report.append({"path": p, "ok": False, "error": str(e)})
             status = max(status, 2 if isinstance(e, CheckpointNotFoundError) and len(args.paths) == 1 else 1)
             continue
         dt = time.perf_counter() - t0
         report.append({"path": p, "ok": True, "bytes": size, "seconds": round(dt, 4)})
         if not args.json:
-            print(f"OK      {p}  ({_human_bytes(size)} checked in {dt:.2f}s)")
+            say(f"OK      {p}  ({_human_bytes(size)} checked in {dt:.2f}s)")
     if args.json:
         _dump(report)
     return status
@@ -233,25 +235,25 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from ..tools.prune import committed_records, prune
 
     if not os.path.isdir(args.dir):
-        print(f"lightning-ckpt: {args.dir} is not a folder", file=sys.stderr)
+        say(f"lightning-ckpt: {args.dir} is not a folder", file=sys.stderr)
         return 2
     try:
         rules = RetentionRules(args.keep_last, args.keep_best, args.monitor, args.mode, args.keep_every_n_steps,
                                args.max_total_bytes)
     except ValueError as e:
-        print(f"lightning-ckpt prune: {e}", file=sys.stderr)
+        say(f"lightning-ckpt prune: {e}", file=sys.stderr, lines=True)
         return 2
     if not rules.has_keep_rule and args.max_total_bytes is None and not args.failed:
-        print("lightning-ckpt prune: give at least one rule (--keep-last, --keep-best, --keep-every-n-steps, "
+        say("lightning-ckpt prune: give at least one rule (--keep-last, --keep-best, --keep-every-n-steps, "
               "--max-total-bytes) or --failed", file=sys.stderr)
         return 2
     try:
         report = prune(args.dir, rules, failed=args.failed, dry_run=args.dry_run)
     except FolderBusyError as e:
-        print(f"lightning-ckpt prune: nothing deleted: {e}", file=sys.stderr)
+        say(f"lightning-ckpt prune: nothing deleted: {e}", file=sys.stderr, lines=True)
         return 2
     except ValueError as e:  # a rule ranks by a metric no checkpoint recorded
-        print(f"lightning-ckpt prune: {e}", file=sys.stderr)
+        say(f"lightning-ckpt prune: {e}", file=sys.stderr, lines=True)
         return 2
     if args.json:
         _dump({"dry_run": report.dry_run, "deleted": report.deleted, "partials": report.partials,
@@ -259,17 +261,17 @@ def cmd_prune(args: argparse.Namespace) -> int:
         return 0
     verb = "would delete" if args.dry_run else "deleted"
     for p in report.partials:
-        print(f"{verb} {p}  (interrupted save)")
+        say(f"{verb} {p}  (interrupted save)")
     for p in report.left_alone:
-        print(f"left {p}  (a save in progress by a running process)")
+        say(f"left {p}  (a save in progress by a running process)")
     for d in report.deleted:
-        print(f"{verb} {d['path']}  ({d['reason']}, {_human_bytes(d['bytes'])})")
+        say(f"{verb} {d['path']}  ({d['reason']}, {_human_bytes(d['bytes'])})")
     for p in report.packs:
         size = f", {_human_bytes(p['bytes'])}" if p.get("bytes") is not None else ""
-        print(f"{verb} {p['path']}  (no checkpoint kept references it{size})")
+        say(f"{verb} {p['path']}  (no checkpoint kept references it{size})")
     kept = {os.path.basename(p) for p in report.kept}
     kept_bytes = sum(r.size_bytes for r in committed_records(args.dir) if r.name in kept)  # shared packs once
-    print(f"kept {len(report.kept)} checkpoint(s), {_human_bytes(kept_bytes)}")
+    say(f"kept {len(report.kept)} checkpoint(s), {_human_bytes(kept_bytes)}")
     return 0
 
 
@@ -286,17 +288,17 @@ def cmd_merge(args: argparse.Namespace) -> int:
         try:
             res = merge_checkpoint(args.path, args.out, dtype=args.dtype, max_shard_bytes=args.max_shard_size, progress=progress)
         except ValueError as e:
-            print(f"lightning-ckpt merge: {e}", file=sys.stderr)
+            say(f"lightning-ckpt merge: {e}", file=sys.stderr, lines=True)
             return 2
     gbps = res.bytes / res.seconds / 1e9 if res.seconds > 0 else 0.0
     if args.json:
         _dump({"files": res.files, "index": res.index_path, "checksums": res.checksums_path,
                "tensors": res.tensors, "bytes": res.bytes, "seconds": round(res.seconds, 4)})
         return 0
-    print(f"wrote {', '.join(res.files)}: {res.tensors} tensors, {_human_bytes(res.bytes)} in {res.seconds:.2f}s ({gbps:.2f} GB/s)")
+    say(f"wrote {', '.join(res.files)}: {res.tensors} tensors, {_human_bytes(res.bytes)} in {res.seconds:.2f}s ({gbps:.2f} GB/s)")
     if res.index_path:
-        print(f"index {res.index_path}")
-    print(f"checksums {res.checksums_path}")
+        say(f"index {res.index_path}")
+    say(f"checksums {res.checksums_path}")
     return 0
 
 
@@ -311,21 +313,21 @@ def cmd_diff(args: argparse.Namespace) -> int:
             "tensors": [t.__dict__ for t in d.tensors],
         })
         return 0
-    print(f"A  {d.a}  (step {d.step_a})")
-    print(f"B  {d.b}  (step {d.step_b})")
+    say(f"A  {d.a}  (step {d.step_a})")
+    say(f"B  {d.b}  (step {d.step_b})")
     if d.metrics:
-        print("metrics")
+        say("metrics")
         for k, (va, vb) in d.metrics.items():
-            print(f"  {k:30s} {format_metric_change(va, vb)}")
+            say(f"  {shown(k):30s} {format_metric_change(va, vb)}")
     rows = d.tensors if args.all else d.changed
-    print(f"tensors: {len(d.changed)} of {len(d.tensors)} differ")
+    say(f"tensors: {len(d.changed)} of {len(d.tensors)} differ")
     for t in rows:
         extra = ""
         if t.status == "changed" and t.max_abs_diff is not None:
             extra = f"max |A-B| = {t.max_abs_diff:.6g}"
         elif t.status in ("shape", "dtype"):
             extra = f"{t.shape_a} vs {t.shape_b}"
-        print(f"  {t.status:10s} {t.key}  {extra}".rstrip())
+        say(f"  {t.status:10s} {t.key}  {extra}".rstrip())
     return 0
 
 

@@ -70,7 +70,7 @@ log = logging.getLogger("lightning_ckpt")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-_FP_RE = re.compile(r"^[0-9a-f]{64}$")
+_FP_RE = re.compile(r"[0-9a-f]{64}\Z")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.=+@,-]")
 
 

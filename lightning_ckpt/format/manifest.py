@@ -32,7 +32,7 @@ FORMAT_NAME = "lightning_ckpt"
 FORMAT_VERSION = 2  # the newest this release reads: 2 = tensors may live in packs of the folder's content store
 PLAIN_VERSION = 1  # what is written when nothing needs version 2 (self-contained folders older releases read too)
 BLOBS = ".blobs"  # the content store of a folder: packs (safetensors files) that several checkpoints reference
-PACK_RE = re.compile(r"^pack-[0-9a-f]{8}-[0-9]{1,9}-rank[0-9]{5}\.safetensors$")
+PACK_RE = re.compile(r"pack-[0-9a-f]{8}-[0-9]{1,9}-rank[0-9]{5}\.safetensors\Z")
 
 
 def pack_name(save_id: str, rank: int) -> str:
@@ -43,7 +43,7 @@ STATE_KEY = "lightning_ckpt"  # this package's own entry in a checkpoint diction
 MANIFEST = "manifest.json"
 LATEST = "latest.json"
 
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9_.=+@,-]+$")
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_.=+@,-]+\Z")  # \Z, not $: "$" also matches before a final "\n"
 MAX_NAME = 200
 
 
@@ -67,7 +67,8 @@ def check_member_name(name: Any, where: str) -> str:
 ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
             "F8_E4M3": 1, "F8_E5M2": 1, "C64": 8, "U16": 2, "U32": 4, "U64": 8}
 MAX_DIMS = 64
-_HEX32 = re.compile(r"^[0-9a-f]{32}$")
+_HEX32 = re.compile(r"[0-9a-f]{32}\Z")
+_RANK = re.compile(r"[0-9]{1,9}")  # ASCII digits only: str.isdigit() also takes "²" and "٣"
 MAX_CHUNKS = 4096  # chunks of one tensor (one per shard); tiling is checked pairwise below this bound
 DIGEST = "manifest_sha256"  # the SHA-256 of the manifest's canonical JSON without this field
 
@@ -272,7 +273,7 @@ def validate_manifest(m: Any, where: str) -> dict:
     if not isinstance(state_files, dict) or any(not isinstance(v, str) or v not in files or files[v].get("tensors")
                                                 for v in state_files.values()):
         raise CheckpointCorruptError(f"{where} names a state file the manifest does not list")
-    if not all(isinstance(r, str) and r.isdigit() and len(r) < 10 for r in state_files):
+    if not all(isinstance(r, str) and _RANK.fullmatch(r) for r in state_files):
         raise _corrupt(where, "names a state file of an invalid rank")
     return m
 

@@ -26,7 +26,7 @@ Content = Literal["full", "weights", "light"]
 
 # options that shape the one writer of a folder: callbacks on one folder must agree on them (see FolderSession.join)
 FOLDER_OPTIONS = ("name_template", "if_busy", "distributed", "save_timeout_s", "dedup", "run_name", "resume_from")
-RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}\Z")
 
 # Lightning ModelCheckpoint / EarlyStopping arguments and what they are called here
 LIGHTNING_NAMES = {

@@ -16,6 +16,7 @@ one more complete entry. Deletion is ``store.delete(name)``: the entry leaves th
 from __future__ import annotations
 
 import os
+import re
 import socket
 import uuid
 import zlib
@@ -28,6 +29,8 @@ TMP_PREFIX = ".tmp-"
 PROBE_PREFIX = ".probe-"
 LOCK_FILE = ".lock"
 SEP = "~"  # never in an entry name (see check_name), so it splits partial names unambiguously
+
+_PID = re.compile(r"[1-9][0-9]{0,8}")  # ASCII digits (str.isdigit() takes "²"), small enough for os.kill
 
 IfExists = Literal["version", "discard", "replace"]
 
@@ -44,9 +47,9 @@ def first_free(base: str, taken: Callable[[str], bool]) -> str:
 def check_entry_name(name: object) -> str:
     """An entry's name must be one path component that is not hidden and has no ``~`` (ValueError otherwise)."""
     if (not isinstance(name, str) or not name or name in (".", "..") or name.startswith(".") or "/" in name
-            or os.sep in name or SEP in name or "\0" in name or len(name) > 255):
+            or os.sep in name or SEP in name or len(name) > 255 or any(ord(c) < 32 or ord(c) == 127 for c in name)):
         raise ValueError(f"{name!r} cannot name an entry of a folder: give one path component that does not start "
-                         "with '.' and has no '/' or '~'")
+                         "with '.' and has no '/', '~' or control character")
     return name
 
 
@@ -90,7 +93,7 @@ def owner_gone(owner: str | None) -> bool:
     if not owner or "." not in owner:
         return False
     host, _, pid = owner.partition(".")
-    return host == host_id() and pid.isdigit() and not pid_alive(int(pid))
+    return host == host_id() and _PID.fullmatch(pid) is not None and not pid_alive(int(pid))
 
 
 class Transaction(ABC):

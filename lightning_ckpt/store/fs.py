@@ -167,20 +167,53 @@ def _rename_exchange(a: str, b: str) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------ reading members
-def open_member(folder: str, fname: str, size: int | None = None, *, where: str | None = None) -> int:
-    """Open ``folder/fname`` for reading: never through a link, never blocking on a FIFO, only a regular file, and
-    (when ``size`` is given) only of exactly that size. Returns a file descriptor. Raises CheckpointCorruptError."""
-    path = os.path.join(folder, fname)
-    where = where or path
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_LINK = ("is a symbolic link; a checkpoint's folders and files must be real folders and regular files inside its "
+         "run folder. Do not load it; use an earlier checkpoint.")
+
+
+def open_dir(folder: str, *, follow: bool = False, where: str | None = None) -> int:
+    """A descriptor of the directory ``folder``, never through a link as its last component (``follow``: a store's
+    root, the folder the user named, may be one). Members are then opened relative to it (``dir_fd``), so a link
+    swapped in for a checkpoint folder, or for ``.blobs``, after it was listed is refused too. Raises
+    CheckpointCorruptError."""
+    where = where or folder
+    flags = os.O_RDONLY | os.O_DIRECTORY | _CLOEXEC | (0 if follow else os.O_NOFOLLOW)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        return os.open(folder, flags)
     except FileNotFoundError:
         raise CheckpointCorruptError(f"{where} is missing; the checkpoint is incomplete, use an earlier one") from None
     except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise CheckpointCorruptError(f"{where} is a symbolic link; a checkpoint's files must be regular files "
-                                         "inside its folder. Do not load it; use an earlier checkpoint.") from None
+        if e.errno == errno.ELOOP or (e.errno == errno.ENOTDIR and os.path.islink(folder)):
+            raise CheckpointCorruptError(f"{where} {_LINK}") from None
+        if e.errno == errno.ENOTDIR:
+            raise CheckpointCorruptError(f"{where} is not a folder; use an earlier checkpoint") from None
         raise CheckpointCorruptError(f"cannot open {where} ({e.strerror or e}); use an earlier checkpoint") from None
+
+
+def open_member(folder: str, fname: str, size: int | None = None, *, where: str | None = None,
+                follow_folder: bool = False) -> int:
+    """Open ``folder/fname`` for reading: never through a link (neither ``folder``'s last component, unless
+    ``follow_folder``, nor any component of ``fname``), never blocking on a FIFO, only a regular file, and (when
+    ``size`` is given) only of exactly that size. Returns a file descriptor. Raises CheckpointCorruptError."""
+    path = os.path.join(folder, fname)
+    where = where or path
+    dfd = open_dir(folder, follow=follow_folder)
+    try:
+        *subdirs, leaf = fname.split("/")
+        for i, sub in enumerate(subdirs):  # a member below a subfolder: each folder on the way, no link either
+            try:
+                nfd = os.open(sub, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | _CLOEXEC, dir_fd=dfd)
+            except OSError as e:
+                raise _open_error(e, os.path.join(folder, *subdirs[: i + 1])) from None
+            os.close(dfd)
+            dfd = nfd
+        try:
+            fd = os.open(leaf, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | _CLOEXEC, dir_fd=dfd)
+        except OSError as e:
+            raise _open_error(e, where) from None
+    finally:
+        os.close(dfd)
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
@@ -196,9 +229,19 @@ def open_member(folder: str, fname: str, size: int | None = None, *, where: str 
         raise
 
 
-def read_member(folder: str, fname: str, limit: int, *, size: int | None = None, where: str | None = None) -> bytes:
+def _open_error(e: OSError, where: str) -> CheckpointCorruptError:
+    if isinstance(e, FileNotFoundError):
+        return CheckpointCorruptError(f"{where} is missing; the checkpoint is incomplete, use an earlier one")
+    if e.errno in (errno.ELOOP, errno.ENOTDIR):
+        return CheckpointCorruptError(f"{where} {_LINK}" if e.errno == errno.ELOOP else
+                                      f"{where} is not a folder; use an earlier checkpoint")
+    return CheckpointCorruptError(f"cannot open {where} ({e.strerror or e}); use an earlier checkpoint")
+
+
+def read_member(folder: str, fname: str, limit: int, *, size: int | None = None, where: str | None = None,
+                follow_folder: bool = False) -> bytes:
     """The whole content of a (small) member, at most ``limit`` bytes, opened as :func:`open_member` does."""
-    fd = open_member(folder, fname, size, where=where)
+    fd = open_member(folder, fname, size, where=where, follow_folder=follow_folder)
     with os.fdopen(fd, "rb", buffering=0) as f:
         n = os.fstat(f.fileno()).st_size
         if n > limit:
@@ -208,6 +251,18 @@ def read_member(folder: str, fname: str, limit: int, *, size: int | None = None,
     if len(raw) != n:
         raise CheckpointCorruptError(f"{where or os.path.join(folder, fname)} changed size while it was read")
     return raw
+
+
+def check_output_path(path: Any, what: str = "the output", *, folder: bool = False) -> str:
+    """``path`` made absolute, or a ValueError when a folder on the way to it (``folder``: or ``path`` itself) is a
+    file: a write there would fail deep inside with NotADirectoryError or FileExistsError."""
+    p = os.path.abspath(os.fspath(path))
+    parent = p if folder else os.path.dirname(p)
+    while not os.path.lexists(parent) and os.path.dirname(parent) != parent:
+        parent = os.path.dirname(parent)
+    if os.path.lexists(parent) and not os.path.isdir(parent):
+        raise ValueError(f"cannot write {what} {p}: {parent} is a file, not a folder; choose another path")
+    return p
 
 
 def _is_real_dir(path: str) -> bool:

@@ -104,8 +104,10 @@ class LocalStore(Store):
         where = os.path.join(folder, mf.MANIFEST)
         try:
             raw = read_member(folder, mf.MANIFEST, MAX_MANIFEST_BYTES, where=where)
-        except FileNotFoundError:  # deleted (retention) between the listing and the read
-            raise CheckpointNotFoundError(f"{folder} was deleted while it was being read") from None
+        except CheckpointError:
+            if not os.path.lexists(folder):  # deleted (retention) between the listing and the read
+                raise CheckpointNotFoundError(f"{folder} was deleted while it was being read") from None
+            raise
         return mf.parse_manifest(raw, where), raw
 
     def local_folder(self, name: str, files: Iterable[str] | None = None, manifest: tuple[dict, bytes] | None = None,
@@ -117,7 +119,7 @@ class LocalStore(Store):
 
     def read_latest(self) -> dict | None:
         try:
-            raw = read_member(self.root, mf.LATEST, MAX_LATEST_BYTES)
+            raw = read_member(self.root, mf.LATEST, MAX_LATEST_BYTES, follow_folder=True)  # the user's folder
             doc = json.loads(raw)
         except (CheckpointError, OSError, ValueError):
             return None

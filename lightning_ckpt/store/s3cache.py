@@ -26,7 +26,7 @@ from .local import LocalStore
 
 log = logging.getLogger("lightning_ckpt")
 
-_CACHED = re.compile(r".+-[0-9a-f]{8}$")  # <name>-<crc32c of its manifest>: one cached checkpoint version
+_CACHED = re.compile(r".+-[0-9a-f]{8}\Z")  # <name>-<crc32c of its manifest>: one cached checkpoint version
 CACHE_IDLE_S = 3600.0  # a cached checkpoint is pruned only after this long without a read
 
 

@@ -12,14 +12,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 from typing import Any, Optional
 
 from ..read import read_checkpoint_manifest
 from ..store import LocalStore, folder_key
-from ..store.fs import OPS
+from ..errors import CheckpointError
+from ..store.fs import OPS, read_member
 from .merge import merge_checkpoint
+
+log = logging.getLogger("lightning_ckpt")
+MAX_HISTORY_BYTES = 256 << 20  # the metrics.jsonl copied alongside
 
 
 def data_fingerprint(datamodule: Any) -> Optional[str]:
@@ -64,9 +69,12 @@ def export_checkpoint(
         res = merge_checkpoint(path, tx.file("model.safetensors"), dtype=dtype)
         metrics = m.get("metrics") or {}
         files: dict[str, bytes] = {"metrics.json": json.dumps(metrics, indent=1).encode()}
-        if history and os.path.isfile(history):
-            with open(history, "rb") as f:
-                files["metrics.jsonl"] = f.read()
+        if history and os.path.isfile(history):  # a regular file, never through a link, never a FIFO; bounded
+            try:
+                files["metrics.jsonl"] = read_member(os.path.dirname(os.path.abspath(history)),
+                                                     os.path.basename(history), MAX_HISTORY_BYTES, follow_folder=True)
+            except CheckpointError as e:
+                log.warning("lightning_ckpt: the export of %s leaves out %s: %s", path, history, e)
         if config_yaml:
             files["config.yaml"] = config_yaml.encode()
         run = m.get("run") or {}

@@ -26,7 +26,7 @@ from ..format.tensorfile import byte_view, check_header, dtype_from_name, dtype_
 from ..format.manifest import chunk_member
 from ..read import Opened, check_sizes, open_checkpoint
 from ..store import LocalStore
-from ..store.fs import OPS, open_member
+from ..store.fs import OPS, check_output_path, open_member
 
 _WRAPPER_PREFIXES = ("_forward_module.", "module.", "_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -107,7 +107,7 @@ def output_path(out: object) -> str:
         raise ValueError("the output path is empty; give a file such as export/model.safetensors or a folder")
     if p.endswith(os.sep) or os.path.isdir(p):
         p = os.path.join(p, "model.safetensors")
-    return os.path.abspath(p)
+    return check_output_path(p, "the merged weights")
 
 
 def merge_checkpoint(
@@ -131,6 +131,7 @@ def merge_checkpoint(
         progress: called with (bytes done, bytes total).
     """
     t0 = time.perf_counter()
+    out_path = output_path(out_path)  # a bad output path is refused before anything is read
     dtype = parse_dtype(dtype)
     limit = parse_size(max_shard_bytes)
     ck = open_checkpoint(path)

@@ -23,7 +23,7 @@ from typing import Any, Optional
 from ..errors import CheckpointError, CheckpointNotFoundError
 from ..read import _scan, open_checkpoint, read_state_doc
 from ..store import LocalStore, is_remote, open_store
-from ..store.fs import read_member
+from ..store.fs import open_member
 from .report_svg import bar_chart, line_chart
 
 HISTORY = "metrics.jsonl"
@@ -113,8 +113,7 @@ def _read_history(store: Any) -> tuple[Optional[list[dict]], int]:
             path = store.path(HISTORY)
             if not os.path.isfile(path):
                 return None, 0
-            size = os.path.getsize(path)
-            raw = read_member(store.root, HISTORY, MAX_HISTORY_BYTES) if size <= MAX_HISTORY_BYTES else _tail(path)
+            raw = _tail(store.root)
     except (CheckpointError, OSError):
         return None, 0
     lines, bad = [], 0
@@ -134,8 +133,12 @@ def _read_history(store: Any) -> tuple[Optional[list[dict]], int]:
     return lines, bad
 
 
-def _tail(path: str) -> bytes:
-    with open(path, "rb") as f:
+def _tail(root: str) -> bytes:
+    """The history, or its last ``MAX_HISTORY_BYTES`` (from a line start): a regular file, never through a link."""
+    with os.fdopen(open_member(root, HISTORY, follow_folder=True), "rb", buffering=0) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size <= MAX_HISTORY_BYTES:
+            return f.read(MAX_HISTORY_BYTES)
         f.seek(-MAX_HISTORY_BYTES, os.SEEK_END)
         data = f.read(MAX_HISTORY_BYTES)
     return data[data.find(b"\n") + 1:]  # the first line is cut

@@ -24,7 +24,7 @@ from ..format.tensorfile import file_crc32c
 from ..read import Opened, _verify_files, verify_checkpoint
 from ..store import LocalStore, locate, open_store
 from ..store.blobs import BlobStore
-from ..store.fs import OPS
+from ..store.fs import OPS, open_member
 from ..store.lock import FolderBusyError
 
 log = logging.getLogger("lightning_ckpt")
@@ -94,6 +94,12 @@ def push_checkpoint(path: Any, dest: Any, *, progress: ProgressFn = None, verify
     m, raw = src.read_manifest(name)
     folder = src.local_folder(name)
     remote = _remote(dest)
+    if not src.remote:  # each member a regular file of its size inside the folder, never through a link, before a
+        # byte goes up (the upload opens it by path; the concurrent verification catches a swap after this check)
+        for fname, entry in m["files"].items():
+            os.close(open_member(folder, fname, int(entry["size"])))
+        for pack, entry in (m.get("packs") or {}).items():
+            os.close(open_member(src.packs_folder(None), pack, int(entry["size"])))
     try:
         existing = remote.get_bytes(remote.key(name, mf.MANIFEST), 64 << 20)
     except CheckpointNotFoundError:
