@@ -338,7 +338,10 @@ def is_checkpoint_dir(path: Any) -> bool:
     try:
         if read_reference(path) is not None:
             return True  # a reference: loading it resolves it (or says why it cannot)
+    except CheckpointError:
+        return True  # a malformed reference: loading it says what is wrong
+    try:
         store, name = locate(path)
-    except (TypeError, ValueError, CheckpointError):
+    except (TypeError, ValueError):
         return False
     return store.remote or os.path.isfile(os.path.join(store.local_folder(name), MANIFEST))

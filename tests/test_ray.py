@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 import lightning_ckpt
 from lightning_ckpt import PeriodicCheckpoint, RetentionPolicy, latest_checkpoint, load_checkpoint, verify_checkpoint
+from lightning_ckpt.cli import main as cli_main
 from lightning_ckpt.errors import CheckpointCorruptError, CheckpointNotFoundError
 from lightning_ckpt.format.manifest import DIGEST
 from lightning_ckpt.read import REFERENCE, is_checkpoint_dir, list_checkpoints, read_reference
@@ -38,7 +39,11 @@ def ray_runtime():
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this test module
     path = os.pathsep.join([TREE, support.TESTS] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": path, "OMP_NUM_THREADS": "1", "RAY_TRAIN_V2_ENABLED": "1"}})
+             runtime_env={"env_vars": {"PYTHONPATH": path, "OMP_NUM_THREADS": "1", "RAY_TRAIN_V2_ENABLED": "1",
+                                       # a failed worker is noticed in 0.25 s, not 2 s; no watcher threads
+                                       "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
+                                       "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+                                       "RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION": "0"}})
     yield ray
     ray.shutdown()
 
@@ -178,7 +183,7 @@ def _trial(config: dict) -> None:
 
 
 @pytest.mark.slow
-def test_ray_tune_population_based_training_exploits_are_branches_of_one_folder(ray_runtime, tmp_path):
+def test_ray_tune_population_based_training_exploits_are_branches_of_one_folder(ray_runtime, tmp_path, capsys):
     from ray import tune
     from ray.tune.schedulers import PopulationBasedTraining
 
@@ -219,6 +224,10 @@ def test_ray_tune_population_based_training_exploits_are_branches_of_one_folder(
         print(f"\nexploit {br.run_name} <- {br.parent}: +{added} bytes against a full copy of {full} "
               f"({100 * added / full:.1f}%)")
         assert added <= 0.05 * full
+    assert cli_main(["lineage", folder]) == 0
+    tree = capsys.readouterr().out
+    for br in branches:  # `lightning-ckpt lineage` shows the exploit under the checkpoint it cloned
+        assert f"({br.run_name}), branched from {br.parent}:" in tree, tree
 
     # a trial that was paused and resumed (never exploited) ended exactly where a straight run ends
     starts = [json.load(open(p)) for p in glob.glob(os.path.join(root, "start-*.json"))]
@@ -280,8 +289,14 @@ def test_a_reference_folder_loads_its_checkpoint_and_says_why_it_cannot(tmp_path
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / REFERENCE).write_text('{"path": 3}')
+    assert is_checkpoint_dir(str(bad))  # so Lightning's ckpt_path hands it to us, and the load says what is wrong
     with pytest.raises(CheckpointCorruptError, match="not a checkpoint reference"):
         load_checkpoint(str(bad))
+
+    # a reference is a ckpt_path: the fit resumes from the checkpoint it names (step 6)
+    t = support.fit([PeriodicCheckpoint(str(tmp_path / "b"), every_n_train_steps=100)], ckpt_path=ref, max_steps=8,
+                    val_every=None)
+    assert t.global_step == 8 and load_checkpoint(latest_checkpoint(str(tmp_path / "b")))["global_step"] == 8
 
 
 def test_the_start_under_ray_continues_the_run_from_its_newest_commit_or_branches_another_runs(tmp_path):

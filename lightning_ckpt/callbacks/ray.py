@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from ..errors import CheckpointError, CheckpointNotFoundError, CheckpointWriteError
 from ..format.manifest import DIGEST
+from ..store import is_remote
 from ..read import REFERENCE, list_checkpoints, read_checkpoint_manifest, read_reference, reference_target
 from ..read import of_run, verify_checkpoint
 from ..tools.lineage import lineage_of
@@ -217,7 +218,7 @@ def start_from_ray(session: "FolderSession", is_global_zero: bool, broadcast: An
 def _choose(session: "FolderSession", ref: dict) -> tuple[str, bool, bool]:
     """Rank 0: (path, branched, relative to the folder) of where to start from Ray's reference ``ref``."""
     relative = session.writer.node_local and not session.remote  # node-local: each rank reads its own folder's copy
-    if ref.get("folder") == session.key and ref.get("run_name") == session.run_name:
+    if _same_folder(ref.get("folder"), session.key) and ref.get("run_name") == session.run_name:
         # this run: the reported checkpoint, or a commit of the same lineage run after it that Ray was not told of
         # (the worker died before reporting it)
         newer = [c for c in of_run(list_checkpoints(session.key), session.run_name)
@@ -234,3 +235,9 @@ def _choose(session: "FolderSession", ref: dict) -> tuple[str, bool, bool]:
     target = reference_target(ref, "the checkpoint Ray hands this trial")  # another run's: a branch of it
     verify_checkpoint(target)
     return target, True, False
+
+
+def _same_folder(a: Any, b: str) -> bool:
+    if not isinstance(a, str):
+        return False
+    return a == b if is_remote(b) or is_remote(a) else os.path.realpath(a) == os.path.realpath(b)
