@@ -317,3 +317,22 @@ def test_the_start_under_ray_continues_the_run_from_its_newest_commit_or_branche
         store.delete(os.path.basename(p))
     with pytest.raises(CheckpointNotFoundError, match="retention"):
         _choose(session, reported)
+
+
+@pytest.mark.parametrize("stop, recorded", [(SystemExit(0), False), (RuntimeError("crash"), True)])
+def test_a_stop_tune_asks_for_is_not_recorded_as_a_failed_run(tmp_path, stop, recorded):
+    """Ray Tune pauses or ends a function trial by raising SystemExit(0) inside its report; `prune --failed` must not
+    take that trial's checkpoints for a crashed run's."""
+    import lightning.pytorch as pl
+
+    class Stop(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 3:
+                raise stop
+
+    folder = str(tmp_path / "ckpts")
+    with pytest.raises(type(stop)):
+        support.fit([PeriodicCheckpoint(folder, every_n_train_steps=2, async_save=False), Stop()], max_steps=6,
+                    val_every=None)
+    assert len(list_checkpoints(folder)) == 1
+    assert bool(glob.glob(os.path.join(folder, ".runs", "*.json"))) is recorded
