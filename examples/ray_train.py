@@ -72,7 +72,8 @@ def main() -> None:
     ckpt = load_checkpoint(result.checkpoint.path)  # the checkpoint the reference names, its digest checked
     print(f"Ray's checkpoint {result.checkpoint.path}\n  names {ref['path']} (step {ref['step']}); loaded step "
           f"{ckpt['global_step']}, {sum(t.numel() for t in ckpt['state_dict'].values())} parameters")
-    print(f"  bytes Ray stored for it: {sum(os.path.getsize(os.path.join(result.checkpoint.path, f)) for f in os.listdir(result.checkpoint.path))}")
+    stored = sum(os.path.getsize(os.path.join(result.checkpoint.path, f)) for f in os.listdir(result.checkpoint.path))
+    print(f"  bytes Ray stored for it: {stored}")
     print(f"  lineage: lightning-ckpt lineage {os.path.join(args.dir, 'ckpts')}")
 
 

@@ -27,7 +27,7 @@ from .store.fs import open_member, read_member
 log = logging.getLogger("lightning_ckpt")
 
 MAX_STATE_BYTES = 1 << 30  # a rank's non-tensor state (JSON); anything larger is refused before it is read
-REFERENCE = "lightning_ckpt_ref.json"  # a folder that names a committed checkpoint (Ray's checkpoints: callbacks/ray.py)
+REFERENCE = "lightning_ckpt_ref.json"  # a folder naming a committed checkpoint (Ray's checkpoints: callbacks/ray.py)
 ANY_RUN: Any = object()  # run_name filter: every run of the folder
 
 

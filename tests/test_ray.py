@@ -135,7 +135,8 @@ def test_ray_train_reports_references_and_a_restarted_worker_group_resumes_exact
     assert len(attempts) == 1  # the first attempt failed before its end
     assert attempts[0]["ckpt_path"] == os.path.join(ckpts, "step=000008")
     assert read_reference(attempts[0]["given"])["step"] == 8
-    a, b = load_file(os.path.join(root, "uninterrupted-10.safetensors")), load_file(os.path.join(root, "resumed-10.safetensors"))
+    a = load_file(os.path.join(root, "uninterrupted-10.safetensors"))
+    b = load_file(os.path.join(root, "resumed-10.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert len({lineage_of(c.manifest)["run"] for c in list_checkpoints(ckpts)}) == 1  # one run, continued
 
@@ -176,7 +177,8 @@ def _trial(config: dict) -> None:
     given = ray.tune.get_checkpoint()
     n = len(glob.glob(os.path.join(config["root"], f"start-{trial}-*.json")))
     with open(os.path.join(config["root"], f"start-{trial}-{n}.json"), "w") as f:  # Tune may stop it at any report
-        json.dump({"trial": trial, "lr": config["lr"], "given": None if given is None else read_reference(given.path)}, f)
+        json.dump({"trial": trial, "lr": config["lr"],
+                   "given": None if given is None else read_reference(given.path)}, f)
     cb = PeriodicCheckpoint(config["folder"], every_n_train_steps=4, resume="auto", run_name=trial, async_save=False)
     trainer = _pbt_trainer([cb])
     trainer.fit(_pbt_model(config["lr"]), support.data(n_train=256, batch_size=16))
