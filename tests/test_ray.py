@@ -338,3 +338,16 @@ def test_a_stop_tune_asks_for_is_not_recorded_as_a_failed_run(tmp_path, stop, re
                     val_every=None)
     assert len(list_checkpoints(folder)) == 1
     assert bool(glob.glob(os.path.join(folder, ".runs", "*.json"))) is recorded
+
+
+def test_outside_ray_a_fit_never_imports_ray(forkserver, tmp_path):
+    code = ("import sys, lightning.pytorch as pl\n"
+            "from lightning_ckpt import PeriodicCheckpoint, load_checkpoint, latest_checkpoint\n"
+            "from lightning_ckpt.demo import DemoDataModule, DemoModel\n"
+            "pl.Trainer(max_steps=2, logger=False, enable_progress_bar=False, limit_val_batches=0,\n"
+            "           callbacks=[PeriodicCheckpoint(sys.argv[1], every_n_train_steps=1)]).fit(DemoModel(), DemoDataModule())\n"
+            "load_checkpoint(latest_checkpoint(sys.argv[1]))\n"
+            "print('ray' in sys.modules)")
+    out = support.run_python(["-c", code, str(tmp_path / "ckpts")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "False"
