@@ -223,8 +223,9 @@ def test_ray_tune_population_based_training_exploits_are_branches_of_one_folder(
         # the bytes the exploit added (the branch's first checkpoint: its own files and new packs) against a full copy
         # of the checkpoint it cloned; Ray itself stored one reference for the exploit
         added, full = br.checkpoints[0].own_bytes, parent.total_bytes
-        print(f"\nexploit {br.run_name} <- {br.parent}: +{added} bytes against a full copy of {full} "
-              f"({100 * added / full:.1f}%)")
+        with capsys.disabled():
+            print(f"\nexploit {br.run_name} <- {br.parent}: +{added} bytes against a full copy of {full} "
+                  f"({100 * added / full:.1f}%)")
         assert added <= 0.05 * full
     assert cli_main(["lineage", folder]) == 0
     tree = capsys.readouterr().out
