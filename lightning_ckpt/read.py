@@ -226,6 +226,7 @@ def read_state_doc(folder: str, m: dict, rank: int = 0) -> Any:
 def read_reference(folder: str) -> dict | None:
     """The record of a reference folder (``REFERENCE`` beside no manifest: what Ray keeps of a checkpoint this package
     reported), or None when ``folder`` is no reference. Raises CheckpointCorruptError for a malformed one."""
+    import json  # here: the module's state parsing lives in format.codec
     if not isinstance(folder, (str, os.PathLike)) or is_remote(folder):
         return None
     folder = os.fspath(folder)
