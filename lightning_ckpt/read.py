@@ -18,14 +18,15 @@ import torch
 from .errors import CheckpointCorruptError, CheckpointError, CheckpointNotFoundError
 from .format.codec import decode, parse_state
 from .format.tensorfile import VERIFY_BLOCK, check_file, iter_regions
-from .store import Store, locate, open_store
+from .store import Store, is_remote, locate, open_store
 from .format.checksum import crc32c
-from .format.manifest import MANIFEST
+from .format.manifest import DIGEST, MANIFEST
 from .store.fs import open_member, read_member
 
 log = logging.getLogger("lightning_ckpt")
 
 MAX_STATE_BYTES = 1 << 30  # a rank's non-tensor state (JSON); anything larger is refused before it is read
+REFERENCE = "lightning_ckpt_ref.json"  # a folder naming a committed checkpoint (Ray's checkpoints: callbacks/ray.py)
 ANY_RUN: Any = object()  # run_name filter: every run of the folder
 
 
@@ -215,9 +216,62 @@ def read_state_doc(folder: str, m: dict, rank: int = 0) -> Any:
     return parse_state(raw, where)
 
 
+def read_reference(folder: str) -> dict | None:
+    """The record of a reference folder (``REFERENCE`` beside no manifest: what Ray keeps of a checkpoint this package
+    reported), or None when ``folder`` is no reference. Raises CheckpointCorruptError for a malformed one."""
+    import json  # here: the module's state parsing lives in format.codec
+    if not isinstance(folder, (str, os.PathLike)) or is_remote(folder):
+        return None
+    folder = os.fspath(folder)
+    if not os.path.isfile(os.path.join(folder, REFERENCE)) or os.path.lexists(os.path.join(folder, MANIFEST)):
+        return None
+    where = os.path.join(folder, REFERENCE)
+    try:
+        ref = json.loads(read_member(folder, REFERENCE, 1 << 16))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise CheckpointCorruptError(f"{where} is not valid JSON ({e})") from None
+    fields = {"path": str, "name": str, "step": int, DIGEST: str}
+    if not isinstance(ref, dict) or any(not isinstance(ref.get(k), t) for k, t in fields.items()) or \
+            not isinstance(ref.get("uri"), (str, type(None))):
+        raise CheckpointCorruptError(f"{where} is not a checkpoint reference of this package (path, name, step, "
+                                     f"{DIGEST}); it is corrupt or was written by something else")
+    return ref
+
+
+def resolve_reference(path: Any) -> Any:
+    """``path`` itself, or, for a reference folder, the checkpoint it names (see :func:`reference_target`)."""
+    ref = read_reference(path) if isinstance(path, (str, os.PathLike)) else None
+    return path if ref is None else reference_target(ref, str(path))
+
+
+def reference_target(ref: dict, where: str) -> str:
+    """The checkpoint a reference record names: where it was committed (``path``), else its ``uri`` (an ``s3://``
+    dirpath), checked to be the very checkpoint reported (its manifest digest). Raises CheckpointNotFoundError when
+    it is gone (deleted by this package's retention or by hand), with what to do, and CheckpointCorruptError when
+    another checkpoint now has its name."""
+    tried = []
+    for target in [ref["path"]] + ([ref["uri"]] if ref.get("uri") else []):
+        try:
+            store, name = locate(target)
+            m = store.read_manifest(name)[0]
+        except (CheckpointNotFoundError, FileNotFoundError):
+            tried.append(target)
+            continue
+        if m.get(DIGEST) != ref[DIGEST]:
+            raise CheckpointCorruptError(
+                f"{where} is a reference to {target} (step {ref['step']}), but the checkpoint there now is another one "
+                f"(its manifest digest differs): the one reported was deleted and the name reused. Load another "
+                "reported checkpoint, or the folder's newest with lightning_ckpt.latest_checkpoint(...)")
+        return target
+    raise CheckpointNotFoundError(
+        f"{where} is a reference to the checkpoint {ref['name']} (step {ref['step']}), which is no longer at "
+        f"{' nor '.join(tried)}: this package's retention (keep_last, keep_every, ...) or a prune deleted it; Ray "
+        "keeps references only. Load a newer reported checkpoint (result.checkpoint), or keep more checkpoints")
+
+
 def read_checkpoint_manifest(path: Any) -> dict:
     """The validated manifest of the checkpoint at ``path`` (a folder, or ``s3://bucket/prefix/<name>``)."""
-    store, name = locate(path)
+    store, name = locate(resolve_reference(path))
     return store.read_manifest(name)[0]
 
 
@@ -259,8 +313,8 @@ class Opened:
 def open_checkpoint(path: Any, rank: int | None = None, *, everything: bool = False, refresh: bool = False) -> Opened:
     """Open the checkpoint at ``path`` for reading. Local: nothing is read but the manifest. On S3 the manifest and
     this rank's state file are downloaded now (``everything``: every member); :meth:`Opened.fetch` downloads what a
-    reader's plan needs later."""
-    store, name = locate(path)
+    reader's plan needs later. A reference folder (``REFERENCE``) opens the checkpoint it names."""
+    store, name = locate(resolve_reference(path))
     m, raw = store.read_manifest(name)
     if not store.remote:
         return Opened(store, name, m, raw, store.local_folder(name))
@@ -275,6 +329,11 @@ def open_checkpoint(path: Any, rank: int | None = None, *, everything: bool = Fa
 def is_checkpoint_dir(path: Any) -> bool:
     """Does ``path`` name a checkpoint of this package (a folder with a manifest, or any ``s3://`` URI: it is read on
     load, with a clear error when nothing is committed there)?"""
+    try:
+        if read_reference(path) is not None:
+            return True  # a reference: loading it resolves it (or says why it cannot)
+    except CheckpointError:
+        return True  # a malformed reference: loading it says what is wrong
     try:
         store, name = locate(path)
     except (TypeError, ValueError):

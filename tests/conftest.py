@@ -2,7 +2,8 @@
 
 Markers (``pyproject.toml``): ``distributed`` (torchrun or other multi-process groups), ``s3`` (the SeaweedFS
 server), ``faults`` (the kill -9 campaign), ``slow`` (several seconds each even with the fork server), ``smoke`` (the
-subset `.ci/run` also runs under the oldest supported Lightning). Tests under ``tests/distributed/`` are marked
+subset `.ci/run` also runs under the oldest supported Lightning), ``ray`` (a local Ray runtime: the ``ray_runtime``
+fixture of ``tests/test_ray.py``, one for all its tests). Tests under ``tests/distributed/`` are marked
 ``distributed`` and tests that use the ``s3`` or ``own_s3`` fixture ``s3`` here, so new tests get them too.
 
 The quick subset for local work: ``python -m pytest -q -m "not slow and not distributed and not s3 and not faults"``.
@@ -39,6 +40,8 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.distributed)
         if "s3" in names or "own_s3" in names:
             item.add_marker(pytest.mark.s3)
+        if "ray_runtime" in names:
+            item.add_marker(pytest.mark.ray)
 
 
 def pytest_collection_finish(session):

@@ -29,6 +29,7 @@ from ..store import is_remote
 from ..tools.merge import merge_checkpoint
 from ..tools.best import best_checkpoints
 from . import compat, names, resume_exact
+from .ray import attach as attach_ray
 from .context import SESSIONS, MonitorNotFoundError, TrainerContext, metric_value, session_of  # noqa: F401
 from .io import install_checkpoint_io
 
@@ -128,6 +129,7 @@ class BaseCheckpointCallback(Checkpoint, Participant):
             session = FolderSession(self.dirpath, self.options)
             session.open()  # every rank: the folder may be local to each node
             sessions[self.dirpath] = session
+            attach_ray(session)  # under Ray Train / Tune: report each commit to Ray (a reference)
             trainer.strategy.barrier("lightning_ckpt.setup")
         session.join(self, self.options)
         self._session = session
@@ -359,3 +361,5 @@ def _report(trainer: "pl.Trainer", session: FolderSession) -> None:
                 lg.log_metrics(metrics, step=res.step)
             except Exception as e:  # noqa: BLE001 - a logger problem must not stop training
                 log.error("lightning_ckpt: logger %s failed: %r", type(lg).__name__, e)
+    for reporter in session.reporters:  # every rank (Ray: every rank reports each sealed save)
+        reporter.report(trainer)

@@ -105,6 +105,14 @@ def choose_start(cb: BaseCheckpointCallback, trainer: "pl.Trainer", ckpt_path: A
     allow_existing = any(p.options.allow_existing for p in saving)
     broadcast = (lambda obj: trainer.strategy.broadcast(obj, src=0)) if trainer.world_size > 1 else (lambda obj: obj)
     if auto:
+        from .ray import start_from_ray
+
+        reported = start_from_ray(session, trainer.is_global_zero, broadcast)  # Ray's checkpoint, when under Ray
+        if reported is not None:
+            session.branched = reported[1]
+            rank_zero_info(f"lightning_ckpt: resume='auto': {'branching' if reported[1] else 'resuming'} from "
+                           f"{reported[0]} (the checkpoint Ray hands this attempt)")
+            return reported[0]
         found = resume.choose(session, trainer.is_global_zero, broadcast)
         if found:
             rank_zero_info(f"lightning_ckpt: resume='auto': resuming from {found}")

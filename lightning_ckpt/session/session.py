@@ -98,6 +98,10 @@ class FolderSession(Deleting):
         # one line per save, deletion, early stop and best-weights restore (the callbacks print it on rank 0 with
         # verbose=True, as Lightning's callbacks do; by default it goes to this package's logger only)
         self.announce: Any = lambda msg: log.info("%s", msg)
+        # outside observers (callbacks/ray.py): on_save(pending) on every rank, in the training thread, for each save
+        # started; reporters' report(context) at each step boundary after the seal and at the end of fit
+        self.on_save: list = []
+        self.reporters: list = []
 
     # ------------------------------------------------------------------ set-up
     def open(self) -> None:
@@ -252,6 +256,8 @@ class FolderSession(Deleting):
         )
         if pending is None:
             return
+        for hook in self.on_save:
+            hook(pending)
         self.last_stall_s = time.perf_counter() - t0
         self.stalls[int(ctx.step)] = self.last_stall_s
         self.last_saved_step = int(ctx.step)
@@ -342,6 +348,8 @@ class FolderSession(Deleting):
         w = self.writer
         if not (w.is_leader and w.folder_written) or not w.committed_names:
             return  # nothing committed: nothing for prune --failed to remove
+        if isinstance(exception, SystemExit) and exception.code in (0, None):
+            return  # a stop that was asked for (Ray Tune pausing or ending a trial at a report), not a failure
         try:
             record_failed_run(self.dirpath, self.run_id, repr(exception), time.time())
         except OSError as e:
