@@ -28,6 +28,7 @@ from .folders import split_by_folder
 from .job import PendingSave, SaveJob, SaveResult, _Abandoned, _packed
 from .meta import background_priority, manifest_header
 from .dedup import Deduper
+from .elastic import warn_restart_store
 from .options import check_bool, check_choice, check_seconds, format_name, validate_name_template
 from .snapshot import HostBuffers, _as_dtensor, _is_sharded_tensor
 
@@ -95,6 +96,7 @@ class CheckpointWriter:
             ids = [(self.writer_id, self.owner)]
             dist.broadcast_object_list(ids, src=dist.get_global_rank(self.pg, 0) if process_group is not None else 0, group=self.pg)
             self.writer_id, self.owner = ids[0]
+            warn_restart_store(self.rank)
         # Which ranks see the same folder (see detect_folders): all of them unless the folder is node-local.
         self.folder_ranks: tuple[int, ...] = tuple(range(self.world_size))
         self.node_local = False
