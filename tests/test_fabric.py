@@ -13,7 +13,8 @@ from lightning.fabric import Fabric
 from safetensors.torch import load_file
 from torch import nn
 
-from lightning_ckpt import LightningCkptIO, list_checkpoints, load_checkpoint, verify_checkpoint
+from lightning_ckpt import (LightningCkptIO, list_checkpoints, load_checkpoint, load_weights, merge_checkpoint,
+                            verify_checkpoint)
 from lightning_ckpt.writer import CheckpointWriter
 
 from support import ROOT, run_python
@@ -90,6 +91,13 @@ def test_fabric_save_writes_a_verified_deduplicated_folder_and_load_restores_in_
     assert packs[0] == set() and packs[1] and packs[1] == packs[2]
     # the folder is the callbacks' layout: the model's own names, readable without Fabric
     assert set(load_checkpoint(ckpts[-1].path)["state_dict"]) == set(model.module.state_dict())
+    plain, _ = model_and_optimizer(seed=3)
+    load_weights(ckpts[-1].path, plain)
+    assert_same(plain, model.module)
+    merge_checkpoint(ckpts[-1].path, str(tmp_path / "merged" / "model.safetensors"))
+    merged = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    assert merged.keys() == model.module.state_dict().keys()
+    assert all(torch.equal(merged[k], v) for k, v in model.module.state_dict().items())
     fabric.strategy.checkpoint_io.teardown()
 
 
@@ -125,6 +133,25 @@ torch.save({{"model": model.module.state_dict(), "optimizer": optimizer.optimize
     for argv in (["ls", str(tmp_path / "ckpts")], ["verify", str(path)], ["show", str(path)]):
         p = run_python(["-m", "lightning_ckpt.cli", *argv], capture_output=True, text=True, timeout=60)
         assert p.returncode == 0 and "step-0003" in p.stdout, (argv, p.stdout, p.stderr)
+
+
+def test_an_async_save_at_the_end_of_a_script_is_committed_at_exit(tmp_path):
+    """The script ends right after ``fabric.save`` (async, no teardown): the save still commits. Before, its writer
+    thread failed at interpreter exit ("cannot schedule new futures after interpreter shutdown") and nothing was
+    committed."""
+    path = tmp_path / "c" / "last"
+    script = f"""
+import torch
+from lightning.fabric import Fabric
+from lightning_ckpt import LightningCkptIO
+fabric = Fabric(accelerator="cpu", devices=1, plugins=[LightningCkptIO(async_save=True)])
+model = fabric.setup(torch.nn.Linear(1000, 1000))
+fabric.save({str(path)!r}, {{"model": model, "step": 1}})
+"""
+    p = run_python(["-c", script], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and "failed" not in p.stderr, p.stderr[-3000:]
+    verify_checkpoint(str(path))
+    assert list_checkpoints(str(tmp_path / "c"))[0].step == 1
 
 
 def test_several_modules_and_optimizers_round_trip(tmp_path):

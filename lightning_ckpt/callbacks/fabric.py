@@ -30,8 +30,11 @@ folder and back:
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import threading
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -152,6 +155,8 @@ class FabricFolders:
             writer.store.cleanup(everyone=True)  # the lock holder alone writes here: a dead writer's leftovers go
         except OSError as e:
             log.warning("lightning_ckpt: could not clean up %s: %r", folder, e)
+        if not self.writers:
+            _close_at_exit(self)
         self.writers[folder] = (writer, lock)
         return writer
 
@@ -168,3 +173,25 @@ class FabricFolders:
         finally:
             for _, lock in writers.values():
                 lock.release()
+
+
+def _close_at_exit(folders: FabricFolders) -> None:
+    """Fabric has no end of training to wait at: the last ``fabric.save`` of a script may still be writing when
+    the script ends. The writer's threads use ``concurrent.futures``, which refuses new work once the interpreter
+    starts shutting down, before ``atexit`` handlers run; so the writers are closed (every save committed) from
+    ``threading``'s own exit hooks, which run before that refusal (they run in reverse order of registration, and
+    ``concurrent.futures`` registers its hook when it is imported)."""
+    ref = weakref.ref(folders)
+
+    def close() -> None:
+        f = ref()
+        if f is not None and f.writers:
+            try:
+                f.close()
+            except Exception as e:  # noqa: BLE001 - reported, as a failed background save is
+                log.error("lightning_ckpt: a Fabric save did not complete at exit: %r", e)
+
+    try:
+        threading._register_atexit(close)  # the hook concurrent.futures itself uses
+    except (AttributeError, RuntimeError):  # no such hook, or already shutting down: atexit is the next best
+        atexit.register(close)
