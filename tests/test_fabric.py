@@ -186,6 +186,8 @@ def test_fabric_save_never_overwrites_and_refuses_names_that_are_not_plain(tmp_p
         fabric.save(tmp_path / "c" / "last", {"model": model})
     with pytest.raises(ValueError, match="not a plain name"):
         fabric.save(tmp_path / "c" / ".hidden", {"model": model})
+    with pytest.raises(ValueError, match="lightning-ckpt push"):
+        fabric.save("s3://bucket/run/step-1", {"model": model})
     after = load_checkpoint(str(tmp_path / "c" / "last"))["state_dict"]
     assert all(torch.equal(before[k], after[k]) for k in before)  # the earlier checkpoint is intact
     fabric.strategy.checkpoint_io.remove_checkpoint(tmp_path / "c" / "last")

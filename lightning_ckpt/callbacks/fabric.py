@@ -23,24 +23,24 @@ folder and back:
   collective; DDP state is replicated, so rank 0 holds all of it. Strategies that shard the model (Fabric's FSDP and
   ModelParallel) save with their own code and never call the IO.
 - A save to a path that already holds a checkpoint is refused (``torch.save`` would overwrite it): an earlier
-  checkpoint is never replaced by surprise; save under a new name, or remove the old one first
-  (``lightning_ckpt.remove_checkpoint``, or the IO's ``remove_checkpoint``).
+  checkpoint is never replaced by surprise; save under a new name, or remove the old one first (the IO's
+  ``remove_checkpoint``).
 - The manifest's step is the state's ``step`` (or ``global_step``, ``iter_num``, ...) when it has an integer one,
   else the number of this IO's saves; its epoch, the state's integer ``epoch``.
 """
 from __future__ import annotations
 
-import atexit
 import logging
 import os
-import threading
 import weakref
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
+from ..compat import before_thread_shutdown
 from ..format import manifest as mf
+from ..store import is_remote
 from ..writer import CheckpointWriter
 
 log = logging.getLogger("lightning_ckpt")
@@ -122,6 +122,10 @@ class FabricFolders:
     def save(self, state: Mapping[str, Any], path: Any) -> str:
         """Write ``state`` as the checkpoint ``path`` (returns its path once written; with ``async_save`` the
         commit may still be under way: :meth:`wait`)."""
+        if is_remote(path):
+            raise ValueError(
+                f"fabric.save({path!r}): LightningCkptIO writes Fabric checkpoints into a local (or shared) folder; "
+                "save there and copy them to S3 with `lightning-ckpt push PATH s3://bucket/prefix`.")
         target = os.path.abspath(os.fspath(path))
         folder, name = os.path.split(target.rstrip(os.sep))
         if not mf.is_plain_name(name):
@@ -134,7 +138,7 @@ class FabricFolders:
             raise ValueError(
                 f"fabric.save({os.fspath(path)!r}): {target} already exists; a lightning_ckpt checkpoint is never "
                 "overwritten in place. Save under a new name (say with the step in it), or delete the old one first "
-                "with lightning_ckpt.remove_checkpoint(path).")
+                "with the IO's remove_checkpoint(path).")
         ckpt = to_checkpoint(state)
         values = ckpt[RECORD]["values"]
         self.saves += 1
@@ -191,7 +195,4 @@ def _close_at_exit(folders: FabricFolders) -> None:
             except Exception as e:  # noqa: BLE001 - reported, as a failed background save is
                 log.error("lightning_ckpt: a Fabric save did not complete at exit: %r", e)
 
-    try:
-        threading._register_atexit(close)  # the hook concurrent.futures itself uses
-    except (AttributeError, RuntimeError):  # no such hook, or already shutting down: atexit is the next best
-        atexit.register(close)
+    before_thread_shutdown(close)
