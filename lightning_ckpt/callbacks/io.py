@@ -133,8 +133,8 @@ class LightningCkptIO(CheckpointIO):
 
 def _is_trainer_checkpoint(checkpoint: Any) -> bool:
     """A Trainer's checkpoint dictionary (``trainer.save_checkpoint``, Lightning's ``ModelCheckpoint``), not
-    Fabric's state: Lightning writes its version and the loops' state into every one."""
-    return isinstance(checkpoint, dict) and ("pytorch-lightning_version" in checkpoint or "loops" in checkpoint)
+    Fabric's state: Lightning writes its version into every one (its checkpoint connector's ``dump_checkpoint``)."""
+    return isinstance(checkpoint, dict) and "pytorch-lightning_version" in checkpoint
 
 
 def install_checkpoint_io(trainer: Any) -> LightningCkptIO:
