@@ -63,3 +63,17 @@ def check() -> None:
     if missing:
         raise CheckpointError(f"lightning_ckpt supports torch {SUPPORTED}; the installed torch {torch.__version__} "
                               f"lacks {', '.join(missing)}. Install a supported version.")
+
+
+def before_thread_shutdown(fn: Any) -> None:
+    """Run ``fn`` when the interpreter starts to shut down, before ``concurrent.futures`` refuses new work (a private
+    hook of Python's ``threading``, the one ``concurrent.futures`` itself registers with; hooks run in reverse order
+    of registration). ``atexit`` handlers would run too late. Where the hook is missing, or shutdown has begun,
+    ``atexit`` is the next best."""
+    import atexit
+    import threading
+
+    try:
+        threading._register_atexit(fn)  # type: ignore[attr-defined]
+    except (AttributeError, RuntimeError):
+        atexit.register(fn)

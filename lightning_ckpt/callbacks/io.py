@@ -1,8 +1,14 @@
-"""A Lightning ``CheckpointIO`` that reads lightning_ckpt checkpoint folders and passes everything else on.
+"""A Lightning ``CheckpointIO`` that reads lightning_ckpt checkpoint folders, writes them for Lightning Fabric, and
+passes everything else on.
 
 The saving callbacks install it in their ``setup`` hook, which Lightning calls before it restores ``ckpt_path``, so
 ``Trainer.fit(model, ckpt_path=<checkpoint folder>)`` works with no plugin argument. Without one of our callbacks,
 pass ``Trainer(plugins=[LightningCkptIO()])``.
+
+Under Fabric (``Fabric(plugins=[LightningCkptIO()])``), ``fabric.save(path, state)`` writes a checkpoint folder at
+``path`` and ``fabric.load(path, state)`` restores from one (see ``callbacks/fabric.py``). A Trainer's checkpoint
+dictionary (``trainer.save_checkpoint``, Lightning's ``ModelCheckpoint``) still goes to the wrapped IO: the
+Trainer's checkpoints of this package are the callbacks' business.
 """
 from __future__ import annotations
 
@@ -14,21 +20,49 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from ..errors import CheckpointMismatchError
 from ..load import load_checkpoint, load_into
 from ..read import is_checkpoint_dir, read_checkpoint_manifest
+from ..tools.prune import remove_checkpoint
+from ..writer.options import check_bool
 from . import compat
+from .fabric import FabricFolders, from_checkpoint
 
 
 class LightningCkptIO(CheckpointIO):
-    """Loads lightning_ckpt folders (verified, no pickle); delegates saving and other paths to ``wrapped``."""
+    """Loads lightning_ckpt folders (verified, no pickle); under Fabric, saves them too. A Trainer's checkpoints,
+    and paths that are no checkpoint folder, go to ``wrapped`` (``TorchCheckpointIO`` by default).
 
-    def __init__(self, wrapped: Optional[CheckpointIO] = None) -> None:
+    Args:
+        wrapped: the IO for everything else.
+        async_save: Fabric saves: ``fabric.save`` returns once the state is copied into host buffers; the files
+            are written and committed in a background thread (a later save, a load, ``teardown`` and the end of the
+            process wait for it).
+        dedup: Fabric saves: share unchanged tensors between the checkpoints of a folder (its content store).
+        fsync: Fabric saves: make files durable before the commit.
+    """
+
+    def __init__(self, wrapped: Optional[CheckpointIO] = None, *, async_save: bool = False, dedup: bool = True,
+                 fsync: bool = True) -> None:
         super().__init__()
         self.wrapped = wrapped if wrapped is not None else TorchCheckpointIO()
         self.trainer: Any = None
+        self.async_save = check_bool("async_save", async_save)
+        self.fabric = FabricFolders(async_save=self.async_save, dedup=check_bool("dedup", dedup),
+                                    fsync=check_bool("fsync", fsync))
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
-        self.wrapped.save_checkpoint(checkpoint, path, storage_options=storage_options)
+        if self.trainer is not None or _is_trainer_checkpoint(checkpoint):
+            self.wrapped.save_checkpoint(checkpoint, path, storage_options=storage_options)
+            return
+        if storage_options is not None:
+            raise TypeError(f"LightningCkptIO.save_checkpoint takes no storage_options (got {storage_options!r})")
+        self.fabric.save(checkpoint, path)
 
     def load_checkpoint(self, path: Any, map_location: Optional[Any] = None, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        if self.trainer is None:
+            self._saves_done()
+        if self.trainer is None and is_checkpoint_dir(path):  # Fabric (or a Trainer without our callbacks)
+            self._check_kind(str(path))
+            ckpt = load_checkpoint(path, map_location=map_location if map_location is not None else "cpu", rank=0)
+            return from_checkpoint(ckpt)
         if is_checkpoint_dir(path):
             self._check_kind(str(path))
             rank = int(getattr(self.trainer, "global_rank", 0) or 0)  # each rank restores its own state and RNG
@@ -41,10 +75,27 @@ class LightningCkptIO(CheckpointIO):
         return self.wrapped.load_checkpoint(path, **kwargs)
 
     def remove_checkpoint(self, path: Any) -> None:
+        if is_checkpoint_dir(path):
+            self.fabric.wait()
+            remove_checkpoint(path)
+            return
         self.wrapped.remove_checkpoint(path)
 
     def teardown(self) -> None:
-        self.wrapped.teardown()
+        try:
+            self.fabric.close()
+        finally:
+            self.wrapped.teardown()
+
+    def _saves_done(self) -> None:
+        """Before a load: this process's saves are committed, and with ``async_save`` under several processes,
+        rank 0's too (Fabric saves on rank 0 only; every rank calls the IO to load, so the barrier is safe)."""
+        self.fabric.wait()
+        if self.async_save:
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                dist.barrier()
 
     def _check_kind(self, path: str) -> None:
         kind = read_checkpoint_manifest(path).get("kind", "full")
@@ -78,6 +129,12 @@ class LightningCkptIO(CheckpointIO):
                 + ". The model was built with different hyperparameters than the run that saved it; build it with "
                 "the saved ones (see `lightning-ckpt show PATH`, field hparams) or start a fresh run."
             )
+
+
+def _is_trainer_checkpoint(checkpoint: Any) -> bool:
+    """A Trainer's checkpoint dictionary (``trainer.save_checkpoint``, Lightning's ``ModelCheckpoint``), not
+    Fabric's state: Lightning writes its version into every one (its checkpoint connector's ``dump_checkpoint``)."""
+    return isinstance(checkpoint, dict) and "pytorch-lightning_version" in checkpoint
 
 
 def install_checkpoint_io(trainer: Any) -> LightningCkptIO:

@@ -4,6 +4,7 @@ One save is a transaction of the folder's ``LocalStore`` (see ``store/local.py``
 writes its files into the same partial folder through DCP (``dcp.LCStorageWriter``), then the folder's leader commits
 it (manifest last, rename) and publishes ``latest.json``. A crash at any point leaves the previous checkpoints and
 either no new one or a complete one; leftover partial folders are never listed and are removed by the next run.
+The module is one cohesive object (the writer's save, seal and commit states), a little over 400 lines.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from .folders import split_by_folder
 from .job import PendingSave, SaveJob, SaveResult, _Abandoned, _packed
 from .meta import background_priority, manifest_header
 from .dedup import Deduper
+from .elastic import warn_restart_store
 from .options import check_bool, check_choice, check_seconds, format_name, validate_name_template
 from .snapshot import HostBuffers, _as_dtensor, _is_sharded_tensor
 
@@ -63,6 +65,8 @@ class CheckpointWriter:
             (``.blobs/``, see ``writer/dedup.py``): tensors named ``stable`` in :meth:`save` and tensors unchanged
             since the previous save are written once and referenced afterwards. ``False`` keeps every checkpoint
             folder self-contained. (Not with node-local folders, where every folder is a whole copy anyway.)
+        alone: write and commit every save in this process alone, nothing collective, even under a process group
+            (Fabric saves on rank 0 only); the state must be whole here.
     """
 
     def __init__(
@@ -78,6 +82,7 @@ class CheckpointWriter:
         timeout_s: float = 600.0,
         process_group: Any = None,
         dedup: bool = True,
+        alone: bool = False,
     ) -> None:
         check_choice("if_busy", if_busy, ("wait", "skip"))
         self.mode = check_choice("mode", mode, ("sharded", "rank0"), "every rank writes its share, or rank 0 all")
@@ -87,7 +92,7 @@ class CheckpointWriter:
         self.writer_id = uuid.uuid4().hex[:8]
         self.owner = owner_token()  # rank 0's: every rank's files of one save go into one partial folder
         self._seq = 0
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if not alone and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
             self.pg = process_group if process_group is not None else dist.new_group(
                 backend="gloo", timeout=timedelta(seconds=self.timeout_s)
@@ -95,6 +100,7 @@ class CheckpointWriter:
             ids = [(self.writer_id, self.owner)]
             dist.broadcast_object_list(ids, src=dist.get_global_rank(self.pg, 0) if process_group is not None else 0, group=self.pg)
             self.writer_id, self.owner = ids[0]
+            warn_restart_store(self.rank)  # torchrun --max-restarts with the agent's shared store (writer/elastic.py)
         # Which ranks see the same folder (see detect_folders): all of them unless the folder is node-local.
         self.folder_ranks: tuple[int, ...] = tuple(range(self.world_size))
         self.node_local = False
@@ -195,6 +201,7 @@ class CheckpointWriter:
         if_busy: IfBusy | None = None,
         sync: bool = False,
         stable: Iterable[str] = (),
+        name: str | None = None,
     ) -> PendingSave | None:
         """Save ``state``. Returns a handle, or ``None`` if skipped because the previous save is still writing.
         ``if_busy`` overrides the writer's setting for this save (say ``"wait"`` for the last save of a run).
@@ -202,6 +209,7 @@ class CheckpointWriter:
         then happens when it is sealed, in the caller's thread).
         ``stable``: flat keys of tensors expected to stay unchanged (frozen parameters, buffers: ``state_dict/<name>``);
         with ``dedup`` they are written once into the folder's content store and referenced by later checkpoints.
+        ``name``: the folder name instead of ``name_template``'s (plain; if taken, committed as ``name-v2``).
 
         Raises the error of an earlier background save, if there was one, before starting.
         """
@@ -258,7 +266,7 @@ class CheckpointWriter:
             tensors = {k: v for k, v in tensors.items() if is_model_or_optim(k)}
             state_bytes = None
         snapshot_s = time.perf_counter() - t0
-        name = format_name(self.name_template, step, epoch, metrics)
+        name = name if name is not None else format_name(self.name_template, step, epoch, metrics)
         self._seq += 1
         job = SaveJob(
             writer=self,

@@ -23,15 +23,16 @@ DDP_SCRIPT = os.path.join(os.path.dirname(HERE), "distributed", "ddp_script.py")
 
 
 def torchrun_argv(nproc: int, script: str, *args: str, nnodes: int = 1, node_rank: int = 0,
-                  master_port: int | None = None) -> list[str]:
-    """``python`` arguments of a torchrun launch: standalone on one node, or node ``node_rank`` of ``nnodes``."""
+                  master_port: int | None = None, torchrun_args: Sequence[str] = ()) -> list[str]:
+    """``python`` arguments of a torchrun launch: standalone on one node, or node ``node_rank`` of ``nnodes``;
+    ``torchrun_args`` go to torchrun itself (say ``["--max-restarts", "1"]``)."""
     if nnodes == 1:
         launch = ["--standalone", f"--nproc_per_node={nproc}"]
     else:
         launch = ["--nnodes", str(nnodes), "--node_rank", str(node_rank), "--nproc_per_node", str(nproc),
                   "--master_addr", "127.0.0.1", "--master_port", str(master_port)]
     worker = [sys.executable, "-S", SHIM] if forkserver.enabled() else []
-    return ["-m", "torch.distributed.run", *launch, *(["--no-python"] if worker else []), *worker,
+    return ["-m", "torch.distributed.run", *launch, *torchrun_args, *(["--no-python"] if worker else []), *worker,
             script, *[str(a) for a in args]]
 
 
@@ -51,9 +52,9 @@ def start(nproc: int, script: str, *args: str, env: dict | None = None, cwd=None
 
 
 def torchrun(nproc: int, script: str, *args: str, ok: bool = True, timeout: float = 240, env: dict | None = None,
-             cwd=None) -> subprocess.CompletedProcess:
+             cwd=None, torchrun_args: Sequence[str] = ()) -> subprocess.CompletedProcess:
     """One standalone launch of ``nproc`` ranks; asserts that it succeeded unless ``ok=False``."""
-    p = forkserver.run(torchrun_argv(nproc, script, *args), capture_output=True, text=True, timeout=timeout,
+    p = forkserver.run(torchrun_argv(nproc, script, *args, torchrun_args=torchrun_args), capture_output=True, text=True, timeout=timeout,
                        env=launch_env(env), cwd=cwd)
     if ok:
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
