@@ -76,7 +76,8 @@ def client() -> Any:
 
 
 def error_code(e: BaseException) -> str:
-    return str(getattr(e, "response", {}).get("Error", {}).get("Code", ""))
+    resp = getattr(e, "response", None)
+    return str(((resp if isinstance(resp, dict) else {}).get("Error") or {}).get("Code", ""))
 
 
 def is_unavailable(e: BaseException) -> bool:
@@ -90,7 +91,8 @@ def is_unavailable(e: BaseException) -> bool:
     if isinstance(e, (bx.ConnectionError, bx.HTTPClientError, bx.IncompleteReadError, ux.HTTPError,
                       http.client.HTTPException, socket.timeout, ConnectionError)):
         return True
-    status = getattr(e, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode")
+    resp = getattr(e, "response", None)
+    status = ((resp if isinstance(resp, dict) else {}).get("ResponseMetadata") or {}).get("HTTPStatusCode")
     return isinstance(status, int) and status >= 500
 
 
