@@ -8,7 +8,11 @@ Commit on S3: every data object first (multipart, parallel parts, S3-side CRC32C
 ``<prefix>/latest.json``; a name without its manifest is not a checkpoint, so an interrupted upload is never listed.
 Deletion: the manifest first (from then on it is not a checkpoint), then the objects. Objects left without a manifest
 by an interrupted upload or deletion are removed by :meth:`S3Store.cleanup` once nothing touched them for an hour.
-Every S3 request goes through a method of :class:`S3Store` (the fault-injection tests wrap them).
+Every S3 request goes through a method of :class:`S3Store` (the fault-injection tests wrap them); an endpoint that
+does not answer within the timeouts and attempts of ``store/s3client.py`` (``LIGHTNING_CKPT_S3_*``) is one
+:class:`StorageUnavailableError`. Reads never take more bytes than the manifest (or the bound) allows.
+Packs of the content store (``<prefix>/.blobs/``) a push found there carry reuse marks while it commits
+(:meth:`S3Store.collect_packs`).
 """
 from __future__ import annotations
 
