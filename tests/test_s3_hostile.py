@@ -149,8 +149,8 @@ def _mutate(s3, world, prefix: str, kind: str) -> None:
         raise AssertionError(kind)
 
 
-# (truncated and deleted shards: test_s3_heal.py, test_s3_locations.py)
-DAMAGED = ["shard-flipped", "shard-larger", "pack-flipped", "pack-larger", "pack-deleted", "state-larger"]
+# (flipped, truncated and deleted shards: test_s3_heal.py, test_s3_locations.py, test_s3_push_pull.py)
+DAMAGED = ["shard-larger", "pack-flipped", "pack-larger", "pack-deleted", "state-larger"]
 INTACT = ["extra-keys", "latest-hostile"]
 
 
