@@ -1,6 +1,7 @@
 """A hostile bucket (the fuzzer reaching S3): the objects of committed checkpoints tampered with, replaced by larger
-objects or deleted, extra keys planted, a listing past 1,000 keys, a hostile ``latest.json``, and the server
-killed in the middle of a download; each run through every S3 reader (ls, latest, verify, load, pull).
+objects or deleted, extra keys planted, a listing past 1,000 keys, a hostile ``latest.json``, random byte-level
+damage (hypothesis: ``LC_S3_FUZZ_EXAMPLES``, default 8), and the server killed in the middle of a download; each run
+through the S3 readers (ls, latest, verify, load, pull).
 
 Every reader must give the right data or a ``CheckpointError``, never download more than the manifests allow (bytes
 read from response bodies are counted), and never lose the earlier good checkpoint (on S3, and the copy pulled into a
@@ -15,11 +16,15 @@ import os
 import threading
 import warnings
 
+import itertools
+
 import boto3
 import pytest
 import torch
 from botocore.config import Config
 from botocore.response import StreamingBody
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from lightning_ckpt import (CheckpointError, CheckpointWriter, StorageUnavailableError, latest_checkpoint,
                             list_checkpoints, load_checkpoint, verify_checkpoint)
@@ -191,6 +196,47 @@ def test_a_hostile_bucket_through_every_reader(s3, world, tmp_path, monkeypatch,
     verify_checkpoint(os.path.join(dest, GOOD))
     assert sorted(e for e in os.listdir(dest) if not e.startswith((".lock", mf.BLOBS))) == (
         [GOOD] if damaged or not listed else [GOOD, VICTIM])
+
+
+FUZZ = settings(max_examples=int(os.environ.get("LC_S3_FUZZ_EXAMPLES", "8")), deadline=None, database=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+_CASE = itertools.count()
+
+
+@FUZZ
+@given(target=st.sampled_from(["model-rank00000.safetensors", "state-rank00000.json", mf.MANIFEST, "pack"]),
+       op=st.sampled_from(["flip", "truncate", "extend", "prepend"]), where=st.floats(0, 1), n=st.integers(1, 1 << 16))
+def test_fuzzed_objects_through_the_readers(s3, world, tmp_path, counted, target, op, where, n):
+    """Any object of the newest checkpoint with a byte flipped, cut, or bytes added before or after: latest falls back
+    to the good one, verify and load refuse or give the right data, within the byte bound."""
+    prefix = f"fuzz-{next(_CASE)}"
+    uri = _clone(s3, world, prefix)
+    client = s3.client()
+    (pack,) = world["victim_manifest"]["packs"]
+    key = f"{prefix}/{mf.BLOBS}/{pack}" if target == "pack" else f"{prefix}/{VICTIM}/{target}"
+    b = bytearray(client.get_object(Bucket=BUCKET, Key=key)["Body"].read())
+    at = min(len(b) - 1, int(where * len(b)))
+    if op == "flip":
+        b[at] ^= 1 << (n % 8)
+    body = {"flip": bytes(b), "truncate": bytes(b[:at]), "extend": bytes(b) + os.urandom(n),
+            "prepend": os.urandom(n) + bytes(b)}[op]
+    client.put_object(Bucket=BUCKET, Key=key, Body=body)
+    saved = os.environ.get("LIGHTNING_CKPT_CACHE")
+    os.environ["LIGHTNING_CKPT_CACHE"] = str(tmp_path / prefix)  # nothing cached by an earlier example
+    try:
+        bound, victim = world["bound"], f"{uri}/{VICTIM}"
+        verified = _call("verify_checkpoint", counted, bound, verify_checkpoint, victim)
+        got = _call("load_checkpoint", counted, bound, load_checkpoint, victim)
+        if not isinstance(got, CheckpointError):
+            for k, t in world["expected"]["state_dict"].items():
+                assert torch.equal(got["state_dict"][k], t), f"load_checkpoint returned wrong data for {k}"
+        latest = _call("latest_checkpoint", counted, bound, latest_checkpoint, uri)
+        assert latest == (f"{uri}/{GOOD}" if isinstance(verified, CheckpointError) else victim), latest
+    finally:
+        if saved is None:
+            del os.environ["LIGHTNING_CKPT_CACHE"]
+        else:
+            os.environ["LIGHTNING_CKPT_CACHE"] = saved
 
 
 @pytest.mark.slow
