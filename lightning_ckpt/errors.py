@@ -40,3 +40,5 @@ class StorageUnavailableError(CheckpointError):
     hanging. Nothing was read or changed; nothing is wrong with the checkpoints. Fix the endpoint or the network, or
     set the timeouts (``LIGHTNING_CKPT_S3_CONNECT_TIMEOUT``, ``LIGHTNING_CKPT_S3_READ_TIMEOUT``,
     ``LIGHTNING_CKPT_S3_MAX_ATTEMPTS``; docs/backups.md)."""
+
+    unavailable = True  # readers that skip a corrupt checkpoint on any CheckpointError re-raise this one

@@ -16,7 +16,7 @@ from typing import Any, Iterable
 
 import torch
 
-from .errors import CheckpointCorruptError, CheckpointError, CheckpointNotFoundError, StorageUnavailableError
+from .errors import CheckpointCorruptError, CheckpointError, CheckpointNotFoundError
 from .format.codec import MAX_JSON_DEPTH, decode, json_depth
 from .format.tensorfile import VERIFY_BLOCK, check_file, iter_regions
 from .store import Store, locate, open_store
@@ -188,9 +188,9 @@ def latest_checkpoint(dirpath: Any, *, verify: bool = True, run_name: Any = ANY_
         try:
             verify_checkpoint(c.path)
             return c.path
-        except StorageUnavailableError:
-            raise  # the endpoint, not the checkpoint: never a reason to take an older one
         except CheckpointError as e:
+            if getattr(e, "unavailable", False):  # StorageUnavailableError: the endpoint, not the checkpoint
+                raise  # never a reason to take an older one
             warnings.warn(f"lightning_ckpt: skipping corrupt checkpoint {c.path}: {e}", stacklevel=2)
             log.warning("skipping corrupt checkpoint %s: %s", c.path, e)
     newer = [err for _, err in skipped if getattr(err, "newer", False)]
