@@ -17,7 +17,9 @@ import torch
 from lightning_ckpt import CheckpointWriter, StorageUnavailableError, list_checkpoints, resume_path, verify_checkpoint
 from lightning_ckpt.cli import main
 from lightning_ckpt.format import manifest as mf
+from lightning_ckpt.policy.retention import RetentionRules
 from lightning_ckpt.store.s3 import S3Store, S3Transaction
+from lightning_ckpt.tools.prune import prune
 from lightning_ckpt.tools.transfer import push_checkpoint
 
 from support import start_python
@@ -205,6 +207,8 @@ def test_a_collection_elsewhere_never_deletes_a_pack_a_push_found_there(s3, tmp_
         other.go()
         assert other.removed() == [], "the collection deleted a pack a push committed a reference to meanwhile"
         verify_checkpoint(f"{uri}/step=000002")
+        # a dry-run prune lists no pack to remove: the reuse marks are not packs
+        assert prune(uri, RetentionRules(keep_last=1), dry_run=True).packs == []
 
         # once no manifest references it any more, the pack is collected (after the grace: here, at once)
         store.delete("step=000002")
