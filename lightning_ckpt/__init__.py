@@ -42,6 +42,7 @@ _EXPORTS = {
     "CheckpointNotFoundError": "errors",
     "CheckpointWriteError": "errors",
     "FolderNotEmptyError": "errors",
+    "StorageUnavailableError": "errors",
     # writing without Lightning, and tools
     "CheckpointWriter": "writer",
     "diff_checkpoints": "tools.diff",
@@ -75,7 +76,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
                             MonitorNotFoundError, PeriodicCheckpoint, PreemptionCheckpoint, RetentionPolicy,
                             load_module)
     from .errors import (CheckpointCorruptError, CheckpointError, CheckpointFormatError, CheckpointMismatchError,
-                         CheckpointNotFoundError, CheckpointWriteError, FolderNotEmptyError)
+                         CheckpointNotFoundError, CheckpointWriteError, FolderNotEmptyError, StorageUnavailableError)
     from .extras.stages import StageCache, StageCacheWarning, UncacheableValueError, checkpointed_stage
     from .load import load_checkpoint, load_into, load_weights
     from .read import CheckpointInfo, latest_checkpoint, list_checkpoints, verify_checkpoint

@@ -33,3 +33,12 @@ class CheckpointMismatchError(CheckpointError):
 class FolderNotEmptyError(CheckpointWriteError):
     """A fresh run would write into a folder that holds the same run's checkpoints (two runs would mix): resume it,
     branch from it, choose another folder, or opt in with ``allow_existing=True``."""
+
+
+class StorageUnavailableError(CheckpointError):
+    """The storage (an S3 endpoint) did not answer within its timeouts and retry budget: it is down, unreachable or
+    hanging. Nothing was read or changed; nothing is wrong with the checkpoints. Fix the endpoint or the network, or
+    set the timeouts (``LIGHTNING_CKPT_S3_CONNECT_TIMEOUT``, ``LIGHTNING_CKPT_S3_READ_TIMEOUT``,
+    ``LIGHTNING_CKPT_S3_MAX_ATTEMPTS``; docs/backups.md)."""
+
+    unavailable = True  # readers that skip a corrupt checkpoint on any CheckpointError re-raise this one

@@ -189,6 +189,8 @@ def latest_checkpoint(dirpath: Any, *, verify: bool = True, run_name: Any = ANY_
             verify_checkpoint(c.path)
             return c.path
         except CheckpointError as e:
+            if getattr(e, "unavailable", False):  # StorageUnavailableError: the endpoint, not the checkpoint
+                raise  # never a reason to take an older one
             warnings.warn(f"lightning_ckpt: skipping corrupt checkpoint {c.path}: {e}", stacklevel=2)
             log.warning("skipping corrupt checkpoint %s: %s", c.path, e)
     newer = [err for _, err in skipped if getattr(err, "newer", False)]

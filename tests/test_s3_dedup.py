@@ -43,7 +43,7 @@ def _own_cache_and_staging(tmp_path, monkeypatch):
 
 def remote_packs(uri: str) -> dict[str, dict]:
     """The pack objects of ``uri``'s content store: {name: listing}."""
-    return {o["Key"].rsplit("/", 1)[-1]: o for o in S3Store(uri).list_objects(mf.BLOBS)}
+    return S3Store(uri).blob_listing()[0]
 
 
 def remote_referenced(uri: str) -> set[str]:
@@ -80,9 +80,9 @@ def count_downloads(monkeypatch) -> list[str]:
     keys: list[str] = []
     real = S3Store.download
 
-    def download(store, key, dest, progress=None):
+    def download(store, key, dest, size, progress=None):
         keys.append(key)
-        return real(store, key, dest, progress)
+        return real(store, key, dest, size, progress)
 
     monkeypatch.setattr(S3Store, "download", download)
     return keys

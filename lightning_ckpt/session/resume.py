@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Optional
 
 import torch.distributed as dist
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, StorageUnavailableError
 from ..read import ANY_RUN, latest_checkpoint, list_checkpoints, of_run, read_checkpoint_manifest, verify_checkpoint
 from ..read import latest_checkpoint as _latest
 from ..store import is_remote, open_store
@@ -59,8 +59,13 @@ def resume_path(dirpath: Any, backup_uri: Any = None, *, run_name: Any = ANY_RUN
         try:
             return pull_checkpoint(f"{uri}/{name}", store.uri)
         except Exception as e:  # noqa: BLE001 - a missing object, the server dying mid-download, a corrupt copy
-            if local is None and not isinstance(e, CheckpointError):
+            down = isinstance(e, StorageUnavailableError)  # an older one is on the same dead endpoint
+            if local is None and (down or not isinstance(e, CheckpointError)):
                 raise
+            if down:
+                warnings.warn(f"lightning_ckpt: could not pull the backup {uri}/{name} ({e}); resuming from the local "
+                              f"{local}", stacklevel=2)
+                return local
             warnings.warn(f"lightning_ckpt: could not pull the backup {uri}/{name} ({e!r}); "
                           + (f"resuming from the local {local}" if local else "trying an older one"), stacklevel=2)
     return local

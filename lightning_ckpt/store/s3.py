@@ -8,25 +8,35 @@ Commit on S3: every data object first (multipart, parallel parts, S3-side CRC32C
 ``<prefix>/latest.json``; a name without its manifest is not a checkpoint, so an interrupted upload is never listed.
 Deletion: the manifest first (from then on it is not a checkpoint), then the objects. Objects left without a manifest
 by an interrupted upload or deletion are removed by :meth:`S3Store.cleanup` once nothing touched them for an hour.
-Every S3 request goes through a method of :class:`S3Store` (the fault-injection tests wrap them).
+Every S3 request goes through a method of :class:`S3Store` (the fault-injection tests wrap them); an endpoint that
+does not answer within the timeouts and attempts of ``store/s3client.py`` (``LIGHTNING_CKPT_S3_*``) is one
+:class:`StorageUnavailableError`. Reads never take more bytes than the manifest (or the bound) allows.
+Packs of the content store (``<prefix>/.blobs/``) a push found there carry reuse marks while it commits
+(:meth:`S3Store.collect_packs`).
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import logging
-import os
 import threading
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
-from ..errors import CheckpointCorruptError, CheckpointError, CheckpointNotFoundError
+from ..errors import CheckpointCorruptError, CheckpointError, CheckpointNotFoundError, StorageUnavailableError
 from ..format import manifest as mf
-from .base import IfExists, Store, Transaction
+from . import s3client
+from .base import IfExists, Store, Transaction, owner_token
+from .s3client import client, error_code as _code, is_unavailable
+
+__all__ = ["S3Store", "S3Transaction", "client", "parse_s3_uri", "join_key"]
 
 log = logging.getLogger("lightning_ckpt")
 
 ProgressFn = Optional[Callable[[int], None]]
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024
+REUSED = ".reused~"  # <prefix>/.blobs/<pack>.reused~<host>.<pid>: that process's push found the pack there and
+# committed (or is committing) a manifest referencing it
 SCHEME = "s3://"
 
 
@@ -46,34 +56,6 @@ def join_key(*parts: str) -> str:
     return "/".join(p.strip("/") for p in parts if p and p.strip("/"))
 
 
-_CLIENTS: dict = {}
-_CLIENTS_LOCK = threading.Lock()
-
-
-def client() -> Any:
-    """A boto3 S3 client for the current AWS settings (one per process and setting; boto3 clients are thread-safe)."""
-    key = (os.getpid(),) + tuple(os.environ.get(v) for v in (
-        "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE",
-        "AWS_DEFAULT_REGION", "AWS_REGION"))
-    with _CLIENTS_LOCK:
-        c = _CLIENTS.get(key)
-        if c is None:
-            try:
-                import boto3
-                from botocore.config import Config
-            except ImportError:  # pragma: no cover
-                raise CheckpointError("S3 support needs boto3: pip install 'lightning-ckpt[s3]'") from None
-            c = _CLIENTS[key] = boto3.client("s3", config=Config(retries={"max_attempts": 8, "mode": "adaptive"}))
-    return c
-
-
-def download_config() -> Any:
-    """Downloads: 64 MiB parts, 8 in flight."""
-    from boto3.s3.transfer import TransferConfig
-
-    return TransferConfig(multipart_threshold=64 << 20, multipart_chunksize=64 << 20, max_concurrency=8)
-
-
 def upload_config() -> Any:
     """Uploads: 8 MiB parts, 8 in flight. Measured (benchmarks/bench_s3.py) against 64 MiB parts: botocore reads each
     part several times (checksum, signature, send), which stays in the CPU cache with small parts; the client's CPU
@@ -81,10 +63,6 @@ def upload_config() -> Any:
     from boto3.s3.transfer import TransferConfig
 
     return TransferConfig(multipart_threshold=8 << 20, multipart_chunksize=8 << 20, max_concurrency=8)
-
-
-def _code(e: BaseException) -> str:
-    return str(getattr(e, "response", {}).get("Error", {}).get("Code", ""))
 
 
 class S3Store(Store):
@@ -103,66 +81,89 @@ class S3Store(Store):
         return join_key(self.prefix, *parts)
 
     # ---------------------------------------------------------------- requests (one method each)
-    def get_bytes(self, key: str, limit: int) -> bytes:
+    @contextlib.contextmanager
+    def _request(self, what: str) -> Iterator[None]:
+        """An endpoint that is down or never answers (after the timeouts and retries, ``store/s3client.py``) is one
+        :class:`StorageUnavailableError`, whatever botocore, urllib3 or the socket raised."""
         try:
-            resp = client().get_object(Bucket=self.bucket, Key=key)
-        except Exception as e:  # noqa: BLE001 - botocore's ClientError, without importing botocore here
-            if _code(e) in ("NoSuchKey", "404", "NoSuchBucket"):
-                raise CheckpointNotFoundError(f"s3://{self.bucket}/{key} does not exist") from None
+            yield
+        except CheckpointError:
             raise
-        body = resp["Body"]
-        if int(resp.get("ContentLength") or 0) > limit:
-            body.close()
-            raise CheckpointCorruptError(f"s3://{self.bucket}/{key} is larger than {limit} bytes; refusing to read it")
-        data = body.read(limit + 1)
+        except Exception as e:  # noqa: BLE001 - botocore's errors, without importing botocore here
+            if is_unavailable(e):
+                raise s3client.unavailable(e, what) from e
+            raise
+
+    def get_bytes(self, key: str, limit: int) -> bytes:
+        with self._request(f"reading s3://{self.bucket}/{key}"):
+            try:
+                resp = client().get_object(Bucket=self.bucket, Key=key, Range=f"bytes=0-{limit}")
+            except Exception as e:  # noqa: BLE001 - botocore's ClientError, without importing botocore here
+                if _code(e) in ("NoSuchKey", "404", "NoSuchBucket"):
+                    raise CheckpointNotFoundError(f"s3://{self.bucket}/{key} does not exist") from None
+                if _code(e) in ("InvalidRange", "416"):
+                    return b""  # an empty object
+                raise
+            body = resp["Body"]
+            try:
+                total = str(resp.get("ContentRange") or "").rpartition("/")[2]
+                if (total.isdigit() and int(total) > limit) or int(resp.get("ContentLength") or 0) > limit:
+                    raise CheckpointCorruptError(
+                        f"s3://{self.bucket}/{key} is larger than {limit} bytes; refusing to read it")
+                data = body.read(limit + 1)  # never more than the bound, whatever the server sends
+            finally:
+                body.close()
         if len(data) > limit:
             raise CheckpointCorruptError(f"s3://{self.bucket}/{key} is larger than {limit} bytes; refusing to read it")
         return data
 
     def head(self, key: str) -> dict:
         """The object's headers (size, metadata), or {} when it is missing."""
-        try:
-            return client().head_object(Bucket=self.bucket, Key=key)
-        except Exception as e:  # noqa: BLE001
-            if _code(e) in ("NoSuchKey", "404", "NotFound"):
-                return {}
-            raise
+        with self._request(f"asking for s3://{self.bucket}/{key}"):
+            try:
+                return client().head_object(Bucket=self.bucket, Key=key)
+            except Exception as e:  # noqa: BLE001
+                if _code(e) in ("NoSuchKey", "404", "NotFound"):
+                    return {}
+                raise
 
     def put_file(self, key: str, path: str, progress: ProgressFn = None, metadata: dict | None = None) -> None:
         extra = {"ChecksumAlgorithm": "CRC32C"}
         if metadata:
             extra["Metadata"] = {str(k): str(v) for k, v in metadata.items()}
-        client().upload_file(path, self.bucket, key, ExtraArgs=extra, Config=upload_config(), Callback=progress)
+        with self._request(f"uploading s3://{self.bucket}/{key}"):
+            client().upload_file(path, self.bucket, key, ExtraArgs=extra, Config=upload_config(), Callback=progress)
 
     def put_bytes(self, key: str, data: bytes) -> None:
-        client().put_object(Bucket=self.bucket, Key=key, Body=data, ChecksumAlgorithm="CRC32C")
+        with self._request(f"writing s3://{self.bucket}/{key}"):
+            client().put_object(Bucket=self.bucket, Key=key, Body=data, ChecksumAlgorithm="CRC32C")
 
-    def download(self, key: str, dest: str, progress: ProgressFn = None) -> None:
-        try:
-            client().download_file(self.bucket, key, dest, Config=download_config(), Callback=progress)
-        except Exception as e:  # noqa: BLE001
-            if _code(e) in ("NoSuchKey", "404"):
-                raise CheckpointCorruptError(
-                    f"s3://{self.bucket}/{key} is missing although its checkpoint's manifest lists it; the upload is "
-                    "incomplete or was damaged. Use an earlier checkpoint, or push the checkpoint again.") from None
-            raise
+    def download(self, key: str, dest: str, size: int, progress: ProgressFn = None) -> None:
+        """Download ``key`` into ``dest``: exactly ``size`` bytes, the size the verified manifest gives; an object of
+        another size is refused before more than that is read (``s3client.download``)."""
+        with self._request(f"downloading s3://{self.bucket}/{key}"):
+            s3client.download(self.bucket, key, dest, size, progress)
 
     def delete_keys(self, keys: list[str]) -> None:
-        for i in range(0, len(keys), 1000):
-            client().delete_objects(Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in keys[i : i + 1000]]})
+        with self._request(f"deleting objects under {self.uri}"):
+            for i in range(0, len(keys), 1000):
+                client().delete_objects(Bucket=self.bucket,
+                                        Delete={"Objects": [{"Key": k} for k in keys[i : i + 1000]]})
 
     def list_objects(self, sub: str = "") -> list[dict]:
         """Every object under the prefix (or ``prefix/sub``): dicts with Key, Size, ETag, LastModified."""
         base = self.key(sub)
         base = base + "/" if base else ""
         out: list[dict] = []
-        try:
-            for page in client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base):
-                out += page.get("Contents", [])
-        except Exception as e:  # noqa: BLE001
-            if _code(e) == "NoSuchBucket":
-                raise CheckpointNotFoundError(f"the bucket of {self.uri} does not exist; create it or fix the URI") from None
-            raise
+        with self._request(f"listing s3://{self.bucket}/{base}"):
+            try:
+                for page in client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base):
+                    out += page.get("Contents", [])
+            except Exception as e:  # noqa: BLE001
+                if _code(e) == "NoSuchBucket":
+                    raise CheckpointNotFoundError(
+                        f"the bucket of {self.uri} does not exist; create it or fix the URI") from None
+                raise
         return out
 
     # ---------------------------------------------------------------- listing
@@ -194,6 +195,8 @@ class S3Store(Store):
                 continue
             try:
                 out.append((name, self._manifest(name, str(obj.get("ETag", "")))[0]))
+            except StorageUnavailableError:
+                raise  # the endpoint, not this checkpoint: never a reason to skip it
             except CheckpointError as e:
                 out.append((name, e))
         return out
@@ -267,15 +270,43 @@ class S3Store(Store):
         self.delete_keys(keys)
         return bool(keys)
 
+    def blob_listing(self) -> tuple[dict[str, dict], dict[str, list[dict]]]:
+        """The content store's packs and their reuse marks: ({pack: listing}, {pack: [listing of each
+        ``<pack>.reused~<owner>``]})."""
+        packs: dict[str, dict] = {}
+        marks: dict[str, list[dict]] = {}
+        for o in self.list_objects(mf.BLOBS):
+            n = o["Key"].rsplit("/", 1)[-1]
+            if mf.PACK_RE.match(n):
+                packs[n] = o
+            elif REUSED in n and mf.PACK_RE.match(n.partition(REUSED)[0]):
+                marks.setdefault(n.partition(REUSED)[0], []).append(o)
+        return packs, marks
+
+    def mark_reused(self, packs: Iterable[str]) -> None:
+        """Say that a push is about to commit a manifest referencing ``packs``, found already there (it did not upload
+        them): each gets a fresh ``<pack>.reused~<host>.<pid>`` object, which keeps a collection elsewhere from
+        deleting the pack for ``grace_s`` (see :meth:`collect_packs`)."""
+        for n in packs:
+            self.put_bytes(self.key(mf.BLOBS, mf.check_member_name(n, "a pack") + REUSED + owner_token()), b"")
+
     def collect_packs(self, *, grace_s: float = 3600.0, mine: set[str] | frozenset = frozenset(),
                       dry_run: bool = False) -> tuple[list[str], int]:
         """Delete the packs of the content store (``<prefix>/.blobs/``) that no committed manifest references: those
-        this process uploaded (``mine``) at once, any other only once nothing touched it for ``grace_s`` seconds (it
-        may belong to an upload in progress elsewhere, whose manifest comes last). A manifest that cannot be read
-        stops the sweep. Returns (deleted pack names, bytes freed)."""
-        packs = {o["Key"].rsplit("/", 1)[-1]: o for o in self.list_objects(mf.BLOBS)}
-        packs = {n: o for n, o in packs.items() if mf.PACK_RE.match(n)}
-        if not packs:
+        this process uploaded (``mine``) at once unless a push of another process reused one since, any other only once
+        neither it nor its reuse marks were touched for ``grace_s`` seconds (it may belong to an upload in progress elsewhere, whose
+        manifest comes last). A manifest that cannot be read stops the sweep. Returns (deleted pack names, bytes
+        freed).
+
+        Against a push in another process that found a pack there and did not upload it (``tools/transfer.py``):
+        that push writes the pack's reuse mark right before its manifest. This collection reads the manifests after
+        its first listing and lists the marks again right before it deletes: a push that committed before the
+        manifests were read marks the pack by its manifest, one that wrote its mark before the second listing is
+        seen there; only a push that marks and commits between the second listing and the delete request is not,
+        and that push checks the pack again after its commit and uploads it again if it is gone.
+        """
+        packs, marks = self.blob_listing()
+        if not packs and not marks:
             return [], 0
         marked: set[str] = set()
         for name, m in self.manifests():
@@ -285,10 +316,27 @@ class S3Store(Store):
                 return [], 0
             marked.update((m.get("packs") or {}).keys())
         now = _dt.datetime.now(_dt.timezone.utc)
-        doomed = [n for n, o in sorted(packs.items()) if n not in marked
-                  and (n in mine or (now - o["LastModified"]).total_seconds() >= grace_s)]
-        if doomed and not dry_run:
-            self.delete_keys([packs[n]["Key"] for n in doomed])
+
+        me = REUSED + owner_token()
+
+        def due(n: str, packs: dict, marks: dict) -> bool:
+            o, ts = packs[n], marks.get(n, [])
+            if n in mine and not any(t["LastModified"] >= o["LastModified"] for t in ts if not t["Key"].endswith(me)):
+                return True  # this process uploaded it, and no push of another process reused it since
+            newest = max([o["LastModified"]] + [t["LastModified"] for t in ts])
+            return (now - newest).total_seconds() >= grace_s
+
+        doomed = [n for n in sorted(packs) if n not in marked and due(n, packs, marks)]
+        orphans = [t["Key"] for n, ts in sorted(marks.items()) if n not in packs for t in ts
+                   if (now - t["LastModified"]).total_seconds() >= grace_s]
+        if dry_run:
+            return doomed, sum(int(packs[n]["Size"]) for n in doomed)
+        if doomed:  # a push elsewhere may have marked one as reused since the first listing: look again, then delete
+            packs, marks = self.blob_listing()
+            doomed = [n for n in doomed if n in packs and due(n, packs, marks)]
+        if doomed or orphans:
+            self.delete_keys([packs[n]["Key"] for n in doomed] + [t["Key"] for n in doomed for t in marks.get(n, [])]
+                             + orphans)
         return doomed, sum(int(packs[n]["Size"]) for n in doomed)
 
     def uncommit(self, name: str) -> None:

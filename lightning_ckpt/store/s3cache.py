@@ -4,6 +4,8 @@
 manifest>/`` (a checkpoint replaced under the same name never mixes with an old copy), in parallel, each through a temp
 file that is checked against the manifest (size and every checksum) before it is renamed into place: a corrupt or
 truncated download never enters the cache, and once the object is repaired on S3 the next read fetches it again.
+A download never asks for more bytes than the manifest gives (an object replaced by a larger one is refused at the
+first response, ``store/s3client.download``), so a hostile bucket cannot fill the disk.
 Several processes may fetch the same checkpoint at once (a lock per file). The most recently read
 ``LIGHTNING_CKPT_CACHE_KEEP`` versions of each S3 folder are kept; the others are removed after an hour unread.
 """
@@ -110,7 +112,7 @@ def fetch(store, name: str, files: Iterable[str] | None = None, *, manifest: tup
             if os.path.isfile(dst):
                 return
             with cache.replacing(fname) as tmp:
-                store.download(store.key(name, fname), tmp, progress)
+                store.download(store.key(name, fname), tmp, m["files"][fname]["size"], progress)
                 fd = open_member(os.path.dirname(tmp), os.path.basename(tmp), m["files"][fname]["size"],
                                  where=f"{store.path(name)}/{fname}")
                 with os.fdopen(fd, "rb", buffering=0) as f:  # a corrupt download never enters the cache
@@ -145,7 +147,7 @@ def fetch_packs(store, entries: dict[str, dict], *, progress=None, refresh: bool
             if os.path.isfile(dst):
                 return
             with cache.replacing(name) as tmp:
-                store.download(store.key(mf.BLOBS, name), tmp, progress)
+                store.download(store.key(mf.BLOBS, name), tmp, entries[name]["size"], progress)
                 fd = open_member(os.path.dirname(tmp), os.path.basename(tmp), entries[name]["size"], where=where)
                 with os.fdopen(fd, "rb", buffering=0) as f:
                     check_file(f, entries[name], where)

@@ -51,7 +51,7 @@ def _collect_packs(store: Any, ckpts: list, doomed: dict, dry_run: bool) -> list
         needed = {p for c in ckpts if c.name not in doomed for p in (c.manifest.get("packs") or {})}
         sizes = {p: int(e["size"]) for c in ckpts for p, e in (c.manifest.get("packs") or {}).items()}
         if store.remote:
-            present = {o["Key"].rsplit("/", 1)[-1] for o in store.list_objects(mf.BLOBS)}
+            present = set(store.blob_listing()[0])  # the packs, not their reuse marks
         else:
             present = set(BlobStore(store.uri).names())
         return [{"path": f"{store.uri}/{mf.BLOBS}/{p}", "bytes": sizes.get(p, 0)}

@@ -4,7 +4,9 @@ transaction of the destination store, so an interrupted copy is never seen as a 
 A push uploads every data object (with its whole-file CRC32C as object metadata), verifying the local copy while
 the objects go up, then the manifest (the commit on S3), then ``latest.json``. Pushing a checkpoint that is already
 there repairs it: objects that are missing, of the wrong size, or whose recorded checksum differs from the manifest's
-are uploaded again, so after a push the remote copy verifies. A pull downloads into a partial folder, fsyncs and
+are uploaded again, so after a push the remote copy verifies. Packs of the content store already there are not sent
+again; a push that references one marks it as reused right before its commit (a collection in another process then
+leaves it alone) and checks it is still there after the commit. A pull downloads into a partial folder, fsyncs and
 verifies every byte, then commits it (replacing an older local copy of the same name atomically), under the local
 folder's lock: never into a folder another process's run is writing; a checkpoint already there with the same
 manifest is verified and kept.
@@ -68,13 +70,14 @@ def stale_objects(store: Any, name: str, m: dict) -> list[str]:
     return _stale(store, m["files"], store.objects(name))
 
 
-def _push_packs(src: Any, remote: Any, m: dict, progress: ProgressFn) -> tuple[int, list[str]]:
+def _push_packs(src: Any, remote: Any, m: dict, progress: ProgressFn) -> tuple[int, list[str], list[str]]:
     """Upload the packs of the content store that ``m`` references and ``remote`` lacks (or holds damaged): a pack
-    never changes under its name, so one already there is never sent again. Returns the bytes and packs sent."""
+    never changes under its name, so one already there is never sent again. Returns the bytes and packs sent, and
+    the packs found there (reused: see :func:`_keep_reused`)."""
     packs = m.get("packs") or {}
     if not packs:
-        return 0, []
-    listed = {o["Key"].rsplit("/", 1)[-1]: o for o in remote.list_objects(mf.BLOBS)}
+        return 0, [], []
+    listed, _ = remote.blob_listing()
     folder = src.packs_folder(packs)
     sent, names = 0, []
     for pack in _stale(remote, packs, listed):
@@ -82,7 +85,34 @@ def _push_packs(src: Any, remote: Any, m: dict, progress: ProgressFn) -> tuple[i
                         {CRC_META: f"{file_crc32c(packs[pack]):08x}"})
         sent += int(packs[pack]["size"])
         names.append(pack)
-    return sent, names
+    return sent, names, sorted(set(packs) - set(names))
+
+
+def _upload_missing_packs(src: Any, remote: Any, m: dict, names: list[str], progress: ProgressFn) -> list[str]:
+    """Upload again those of the packs ``names`` (referenced by ``m``) that are not at ``remote`` with their size;
+    returns them."""
+    packs = m.get("packs") or {}
+    gone = [n for n in names
+            if int(remote.head(remote.key(mf.BLOBS, n)).get("ContentLength", -1)) != int(packs[n]["size"])]
+    if gone:
+        folder = src.packs_folder(packs)
+        for n in gone:
+            remote.put_file(remote.key(mf.BLOBS, n), os.path.join(folder, n), progress,
+                            {CRC_META: f"{file_crc32c(packs[n]):08x}"})
+    return gone
+
+
+def _keep_reused(src: Any, remote: Any, m: dict, reused: list[str], progress: ProgressFn) -> None:
+    """Right before the commit: the packs this push found at ``remote`` and did not upload get a fresh reuse mark,
+    so a collection in another process (which may have judged them unreferenced before this manifest existed)
+    leaves them alone (``S3Store.collect_packs``); one collected before the mark is uploaded again."""
+    if not reused:
+        return
+    remote.mark_reused(reused)
+    gone = _upload_missing_packs(src, remote, m, reused, progress)
+    if gone:
+        log.info("lightning_ckpt: %s: pack(s) %s were collected since this push found them; uploaded again",
+                 remote.uri, ", ".join(gone))
 
 
 def push_checkpoint(path: Any, dest: Any, *, progress: ProgressFn = None, verify: bool = True) -> TransferResult:
@@ -115,7 +145,7 @@ def push_checkpoint(path: Any, dest: Any, *, progress: ProgressFn = None, verify
             # another checkpoint of that name is there: un-commit it first, so that an interrupted overwrite is never
             # listed as a checkpoint whose files do not match its manifest
             remote.uncommit(name)
-    total, packs_sent = _push_packs(src, remote, m, progress)  # before the manifest that references them
+    total, packs_sent, reused = _push_packs(src, remote, m, progress)  # before the manifest that references them
     tx = remote.begin(name)
 
     def up(fname: str) -> int:
@@ -137,7 +167,13 @@ def push_checkpoint(path: Any, dest: Any, *, progress: ProgressFn = None, verify
                     tx.abort()  # never committed: remove what went up
                 raise bad
     if files or existing != raw:
+        _keep_reused(src, remote, m, reused, progress)
         tx.commit(raw)  # the commit point on S3
+        if reused:  # a collection's delete already on its way when the marks were written: put the pack back
+            gone = _upload_missing_packs(src, remote, m, reused, progress)
+            if gone:
+                log.warning("lightning_ckpt: %s/%s: pack(s) %s were deleted by a collection elsewhere while this push "
+                            "committed; uploaded them again", remote.uri, name, ", ".join(gone))
     remote.publish_latest({"name": name, "step": m["step"], "epoch": m.get("epoch")})
     return TransferResult(remote.path(name), len(files) + 1, total + len(raw), tuple(packs_sent))
 
@@ -200,7 +236,7 @@ def _pull_into(store: Any, name: str, m: dict, raw: bytes, local: LocalStore, pr
     try:
         def down(fname: str) -> None:
             dst = tx.file(fname)
-            store.download(store.key(name, fname), dst, progress)
+            store.download(store.key(name, fname), dst, m["files"][fname]["size"], progress)
             if local.fsync:
                 OPS.fsync_file(dst)
 

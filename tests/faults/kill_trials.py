@@ -429,8 +429,8 @@ def install_kill_points(kp: KillPoints) -> None:
 
     real_download = store_s3.S3Store.download
 
-    def download(store, key, dest, progress=None):
-        real_download(store, key, dest, progress)
+    def download(store, key, dest, size, progress=None):
+        real_download(store, key, dest, size, progress)
         kp.hit("restore.after_download", key=key, name=_name_of_key(key), path=dest)
 
     store_s3.S3Store.download = download
