@@ -227,7 +227,7 @@ class S3Store(Store):
 
     def read_latest(self) -> dict | None:
         try:
-            d = json.loads(self.get_bytes(self.key(mf.LATEST), 1 << 20))
+            d = json.loads(self.get_bytes(self.key(mf.LATEST), 16 << 20))  # with the index (store/hint.py)
         except (CheckpointError, ValueError, UnicodeDecodeError):
             return None
         return d if isinstance(d, dict) else None
@@ -255,10 +255,25 @@ class S3Store(Store):
         mf.check_member_name(name, "the entry name")
         return S3Transaction(self, name)
 
-    def publish_latest(self, doc: dict) -> None:
-        """``latest.json`` never moves back to an older step (say, a ``push`` of an old checkpoint)."""
-        if self.latest_step() <= int(doc.get("step", -1)):
-            self.put_bytes(self.key(mf.LATEST), json.dumps(doc).encode())
+    def publish_latest(self, doc: dict, manifest: tuple[dict, bytes] | None = None) -> None:
+        """``latest.json`` never moves back to an older step (say, a ``push`` of an old checkpoint); its index
+        (``store/hint.py``) takes in every pushed checkpoint."""
+        from .hint import hint_json, publish_s3
+
+        old = self.read_latest()
+        step = old.get("step") if isinstance(old, dict) else None
+        step = step if isinstance(step, int) and not isinstance(step, bool) else -1
+        new = publish_s3(self, doc, manifest, old)
+        if step > int(doc.get("step", -1)):  # keep the newest checkpoint's fields, take the index
+            new = {**old, "index": new["index"]} if "index" in new else None
+        if new is not None:
+            self.put_bytes(self.key(mf.LATEST), hint_json(new))
+
+    def newest_hinted(self, run_name: Any, any_run: bool) -> list[tuple[str, dict]] | None:
+        """The newest checkpoint of a run through ``latest.json`` (``store/hint.py``), or None: list the location."""
+        from .hint import newest
+
+        return newest(self, run_name, any_run)
 
     def delete(self, name: str) -> bool:
         mf.check_member_name(name, "delete")

@@ -132,7 +132,7 @@ def push_checkpoint(path: Any, dest: Any, *, progress: ProgressFn = None, verify
                 raise bad
     if files or existing != raw:
         tx.commit(raw)  # the commit point on S3
-    remote.publish_latest({"name": name, "step": m["step"], "epoch": m.get("epoch")})
+    remote.publish_latest({"name": name, "step": m["step"], "epoch": m.get("epoch")}, manifest=(m, raw))
     return TransferResult(remote.path(name), len(files) + 1, total + len(raw), tuple(packs_sent))
 
 
