@@ -24,7 +24,6 @@ from .format.checksum import crc32c
 from .format.manifest import MANIFEST
 from .store.fs import open_member, read_member
 from .store.listing import LISTINGS
-from .store.lock import FolderLock
 
 log = logging.getLogger("lightning_ckpt")
 
@@ -215,9 +214,9 @@ def latest_checkpoint(dirpath: Any, *, verify: bool = True, run_name: Any = ANY_
 def _latest_hinted(store: Store, verify: bool, run_name: Any) -> Any:
     """``latest_checkpoint`` through the ``latest.json`` hint and its index (``store/hint.py``): the path, None (the
     run has no checkpoint), or False when the hint cannot answer or what it finds does not verify (then the folder
-    is listed and every manifest read, as before). A folder whose listing this process keeps (its lock is held:
-    ``_Listings``) is answered from that listing."""
-    if not store.remote and FolderLock(store.uri).mine():
+    is listed and every manifest read, as before). A folder whose listing this process keeps in memory (a run's
+    folder: ``store/listing.py``) is answered from that listing."""
+    if not store.remote and LISTINGS.kept(store.uri):
         return False
     try:
         got = store.newest_hinted(None if run_name is ANY_RUN else run_name, run_name is ANY_RUN)

@@ -14,7 +14,7 @@ import warnings
 import pytest
 import torch
 
-from lightning_ckpt import CheckpointWriter, latest_checkpoint, list_checkpoints
+from lightning_ckpt import CheckpointWriter, latest_checkpoint, list_checkpoints, resume_path
 from lightning_ckpt.callbacks import BestMetricCheckpoint, PeriodicCheckpoint, RetentionPolicy
 from lightning_ckpt.demo import DemoModel
 from lightning_ckpt.format import manifest as mf
@@ -191,8 +191,11 @@ def test_callbacks_read_o1_manifests_per_save_in_a_big_folder(tmp_path, reads):
 def _count_requests():
     calls: list[str] = []
 
-    def before(event_name, **kwargs):
-        calls.append(event_name.rsplit(".", 1)[-1])
+    def before(event_name, params=None, **kwargs):
+        op = event_name.rsplit(".", 1)[-1]
+        calls.append(op)
+        if op == "GetObject" and str((params or {}).get("Key", "")).endswith("/manifest.json"):
+            calls.append("manifest")
 
     client().meta.events.register("before-call.s3", before)
     return calls, lambda: client().meta.events.unregister("before-call.s3", before)
@@ -226,5 +229,13 @@ def test_s3_latest_checkpoint_makes_o1_requests_at_1000_checkpoints(tmp_path, s3
     assert calls.count("ListObjectsV2") == 2  # 1,000 manifests and the real checkpoint's files: two pages
     assert calls.count("GetObject") <= 2 + 4, calls  # latest.json, the manifest, the verification's downloads
     # (before the index: one GET per manifest, 1,001 here)
-    assert len(calls) <= 10, calls
+    assert len(calls) - calls.count("manifest") <= 10, calls
+    # a relaunch on a new machine (empty local folder) finds and pulls it the same way: no GET per checkpoint
+    calls, stop = _count_requests()
+    try:
+        got = resume_path(str(tmp_path / "relaunch"), uri)
+    finally:
+        stop()
+    assert got == str(tmp_path / "relaunch" / "step=005000")
+    assert calls.count("manifest") <= 3, calls
     assert len(S3Store(uri).names()) == 1001  # the listing goes past the first 1,000 keys

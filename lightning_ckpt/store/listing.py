@@ -32,6 +32,12 @@ class Listings:
         self._lock = threading.Lock()
         self._by_root: dict[str, dict] = {}
 
+    def kept(self, root: str) -> bool:
+        """Whether the listing of ``root`` is in memory now (its lock is held and it was listed since)."""
+        with self._lock:
+            memo = self._by_root.get(root)
+        return memo is not None and memo["lock"] is FolderLock._held.get(FolderLock(root).path)
+
     def scan(self, store: Any, read: Callable[[str], Any], order: Callable[[Any], Any]) -> tuple[list, list] | None:
         """The (sorted by ``order``) results of ``read(name)`` for the checkpoints of a local folder whose lock this
         process holds, and ``(path, error)`` of those it raised ``CheckpointError`` for; None for any other folder."""

@@ -187,16 +187,24 @@ class S3Store(Store):
     def manifests(self) -> list[tuple[str, dict | CheckpointError]]:
         """(name, manifest, or the error reading it) of every committed entry. Manifests are cached by ETag, so
         listing again costs one LIST request."""
-        out: list[tuple[str, dict | CheckpointError]] = []
-        for name, objs in sorted(self.objects_by_name().items()):
-            obj = objs.get(mf.MANIFEST)
-            if obj is None:
-                continue
+        import concurrent.futures as cf
+
+        listed = [(name, str(objs[mf.MANIFEST].get("ETag", ""))) for name, objs in sorted(self.objects_by_name().items())
+                  if mf.MANIFEST in objs]
+
+        def one(item: tuple[str, str]) -> tuple[str, dict | CheckpointError]:
             try:
-                out.append((name, self._manifest(name, str(obj.get("ETag", "")))[0]))
+                return item[0], self._manifest(*item)[0]
             except CheckpointError as e:
-                out.append((name, e))
-        return out
+                return item[0], e
+
+        with self._cache_lock:
+            fresh = [it for it in listed if (self.bucket, self.key(it[0], mf.MANIFEST), it[1]) not in self._cache]
+        got = {}
+        if len(fresh) > 1:
+            with cf.ThreadPoolExecutor(min(16, len(fresh))) as ex:  # the GETs overlap (a folder of 1,000s)
+                got = dict(ex.map(one, fresh))
+        return [(item[0], got[item[0]]) if item[0] in got else one(item) for item in listed]
 
     _cache: dict = {}
     _cache_lock = threading.Lock()
