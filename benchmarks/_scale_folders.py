@@ -9,12 +9,15 @@ folder does):
 - ``latest_checkpoint``: wall time and manifests read (requests on S3), through the hint, and (local) with the
   index removed from ``latest.json``, which is what every release before this one did at every call;
 - ``list_checkpoints``, ``lightning-ckpt ls``, ``lineage`` and ``report`` (local: ``report`` writes the HTML page);
-- the callbacks' added time per save in a real ``Trainer.fit`` (``DemoModel``; ``PeriodicCheckpoint`` every step,
+- the callbacks' added time per save (CPU time of the process, all threads; wall time beside it) in a real
+  ``Trainer.fit`` (``DemoModel``; ``PeriodicCheckpoint`` every step,
   ``BestMetricCheckpoint`` top 2 every step, ``RetentionPolicy(keep_last=2, keep_every_n_steps=10)``; synchronous
   saves, so that all the per-save work is in the training step; not fsynced unless ``--fsync``, so that the disk's
   flush time, which does not depend on the folder, does not hide the callbacks' own work): the median step time with the callbacks minus the
   median step time of the same fit without them, the first steps left out. The one-time cost of a fit into a big
-  folder (its listing is read once) is reported apart (``first_save_extra_s``). On S3 the folder is the ``s3://``
+  folder (its listing is read once) is reported apart (``first_save_extra_s``). Beside it, the CPU time of the
+  committing thread in the session's after-commit work (metric history, best-k evictions, retention: what depends
+  on the folder's size) and in ``publish_latest`` per save, medians: the numbers the shared machine disturbs least. On S3 the folder is the ``s3://``
   location itself (staged locally, uploaded after each commit, retention applied there): the fit's wall time per
   save minus that of a fit without callbacks (the uploads run in the background; the fit waits for the last).
 
@@ -133,8 +136,10 @@ def cli(*argv: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ a real fit
-def fit_steps(dirpath: str | None, steps: int, **cb_options: Any) -> tuple[list[float], float]:
-    """Step durations (s) of a real fit (with the saving callbacks on ``dirpath``, none when None), and its wall time."""
+def fit_steps(dirpath: str | None, steps: int, **cb_options: Any) -> tuple[list[float], list[float], float]:
+    """Step durations (s) of a real fit (with the saving callbacks on ``dirpath``, none when None): wall time, and CPU
+    time of the process (every thread; far less sensitive than wall time to other jobs on a shared machine), and the
+    fit's wall time."""
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import Callback
 
@@ -142,10 +147,12 @@ def fit_steps(dirpath: str | None, steps: int, **cb_options: Any) -> tuple[list[
     from lightning_ckpt.demo import DemoDataModule, DemoModel
 
     marks: list[float] = []
+    cpu: list[float] = []
 
     class Clock(Callback):
         def on_train_batch_end(self, *a: Any) -> None:
             marks.append(time.perf_counter())
+            cpu.append(time.process_time())
 
     cbs: list = [Clock()]
     if dirpath is not None:
@@ -161,16 +168,41 @@ def fit_steps(dirpath: str | None, steps: int, **cb_options: Any) -> tuple[list[
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         tr.fit(DemoModel(), datamodule=DemoDataModule())
     wall = time.perf_counter() - t
-    return [b - a for a, b in zip(marks, marks[1:])], wall
+    return [b - a for a, b in zip(marks, marks[1:])], [b - a for a, b in zip(cpu, cpu[1:])], wall
 
 
 def callbacks_per_save(folder: str, steps: int, skip: int, **cb_options: Any) -> dict:
-    base_steps, base_wall = fit_steps(None, steps)
-    cb_steps, cb_wall = fit_steps(folder, steps, **cb_options)
-    base = statistics.median(base_steps[skip:])
-    with_cb = statistics.median(cb_steps[skip:])
-    return {"added_per_save_s": with_cb - base, "step_s_without": base, "step_s_with": with_cb,
-            "first_save_extra_s": (cb_steps[0] if cb_steps else 0.0) - with_cb,
+    """The callbacks' added time per save: median step with them minus median step without (CPU time of the
+    process, and wall time), the first ``skip`` steps left out; the first save's extra time (the folder's listing
+    is read once per fit); and the fit's wall time per save."""
+    from lightning_ckpt.session.session import FolderSession
+
+    base_wall_steps, base_cpu_steps, base_wall = fit_steps(None, steps)
+    spent: dict[str, list[float]] = {"after_commit": [], "publish_latest": []}
+    real = {"after_commit": FolderSession._after_commit, "publish_latest": LocalStore.publish_latest}
+
+    def timed_method(what: str) -> Callable:
+        def wrapper(*a: Any, **kw: Any) -> Any:
+            t = time.thread_time()  # CPU time of the committing thread: other jobs on the machine barely show
+            try:
+                return real[what](*a, **kw)
+            finally:
+                spent[what].append(time.thread_time() - t)
+        return wrapper
+
+    FolderSession._after_commit = timed_method("after_commit")  # type: ignore[method-assign]
+    LocalStore.publish_latest = timed_method("publish_latest")  # type: ignore[method-assign]
+    try:
+        cb_wall_steps, cb_cpu_steps, cb_wall = fit_steps(folder, steps, **cb_options)
+    finally:
+        FolderSession._after_commit = real["after_commit"]  # type: ignore[method-assign]
+        LocalStore.publish_latest = real["publish_latest"]  # type: ignore[method-assign]
+    med = statistics.median
+    return {"after_commit_cpu_s": med(spent["after_commit"][skip:] or [0.0]),
+            "publish_latest_cpu_s": med(spent["publish_latest"][skip:] or [0.0]),"added_per_save_s": med(cb_cpu_steps[skip:]) - med(base_cpu_steps[skip:]),
+            "step_cpu_s_without": med(base_cpu_steps[skip:]), "step_cpu_s_with": med(cb_cpu_steps[skip:]),
+            "added_per_save_wall_s": med(cb_wall_steps[skip:]) - med(base_wall_steps[skip:]),
+            "first_save_extra_s": (cb_wall_steps[0] - med(cb_wall_steps[skip:])) if cb_wall_steps else 0.0,
             "wall_added_per_save_s": (cb_wall - base_wall) / steps}
 
 
@@ -204,9 +236,11 @@ def bench_local(args: Any, base: str, seed: str) -> dict:
         log(f"local {n:5d}: latest {row['latest_s'] * 1e3:7.1f} ms ({row['latest_manifest_reads']:.0f} manifests; "
             f"without the index {row['latest_no_index_s'] * 1e3:7.1f} ms, {row['latest_no_index_manifest_reads']:.0f}) "
             f"| list {row['list_s'] * 1e3:6.0f} ms, ls {row['ls_s'] * 1e3:6.0f} ms, lineage {row['lineage_s'] * 1e3:6.0f}"
-            f" ms, report {row['report_s'] * 1e3:6.0f} ms | callbacks +{row['added_per_save_s'] * 1e3:5.1f} ms/save "
-            f"(step {row['step_s_without'] * 1e3:.1f} -> {row['step_s_with'] * 1e3:.1f} ms; first save "
-            f"+{row['first_save_extra_s'] * 1e3:.0f} ms)")
+            f" ms, report {row['report_s'] * 1e3:6.0f} ms | after-commit {row['after_commit_cpu_s'] * 1e3:5.2f} ms + "
+            f"latest.json {row['publish_latest_cpu_s'] * 1e3:5.2f} ms CPU/save | callbacks +"
+            f"{row['added_per_save_s'] * 1e3:5.1f} ms CPU/save "
+            f"(step {row['step_cpu_s_without'] * 1e3:.1f} -> {row['step_cpu_s_with'] * 1e3:.1f} ms CPU; wall "
+            f"+{row['added_per_save_wall_s'] * 1e3:.1f} ms; first save +{row['first_save_extra_s'] * 1e3:.0f} ms)")
         shutil.rmtree(folder, ignore_errors=True)
     return out
 
@@ -296,8 +330,9 @@ def bench_s3(args: Any, base: str, seed: str) -> dict:
                 f"{row['latest_list_pages']:.0f} LIST, {row['latest_get_requests']:.0f} GET) | list cold "
                 f"{row['list_cold_s'] * 1e3:6.0f} ms ({row['list_cold_requests']} requests), warm "
                 f"{row['list_warm_s'] * 1e3:6.0f} ms ({row['list_warm_requests']}), ls {row['ls_s'] * 1e3:6.0f} ms "
-                f"| fit +{row['wall_added_per_save_s'] * 1e3:6.1f} ms/save wall (step +"
-                f"{row['added_per_save_s'] * 1e3:.1f} ms; first save +{row['first_save_extra_s'] * 1e3:.0f} ms)")
+                f"| after-commit {row['after_commit_cpu_s'] * 1e3:5.2f} ms CPU/save | fit +"
+                f"{row['wall_added_per_save_s'] * 1e3:6.1f} ms/save wall (step +"
+                f"{row['added_per_save_s'] * 1e3:.1f} ms CPU; first save +{row['first_save_extra_s'] * 1e3:.0f} ms)")
     return out
 
 
@@ -321,8 +356,8 @@ def run(args: Any) -> dict:
             rows = out.get(where) or {}
             if len(rows) >= 2:
                 lo, hi = rows[min(rows, key=int)], rows[max(rows, key=int)]
-                out[f"{where}_callbacks_ratio"] = (hi["added_per_save_s"] / lo["added_per_save_s"]
-                                                   if lo["added_per_save_s"] > 0 else None)
+                for key in ("added_per_save_s", "after_commit_cpu_s"):
+                    out[f"{where}_{key}_ratio"] = hi[key] / lo[key] if lo[key] > 0 else None
         out["settings"] = {k: v for k, v in vars(args).items() if k != "json"}
         return out
     finally:
@@ -349,9 +384,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     out = run(args)
     for where in ("local", "s3"):
-        if f"{where}_callbacks_ratio" in out and out[f"{where}_callbacks_ratio"] is not None:
-            log(f"{where}: callbacks' added time per save, largest folder / smallest: "
-                f"{out[f'{where}_callbacks_ratio']:.2f}x")
+        for key, what in (("after_commit_cpu_s", "after-commit work per save (CPU)"),
+                          ("added_per_save_s", "callbacks' added step time per save (CPU)")):
+            r = out.get(f"{where}_{key}_ratio")
+            if r is not None:
+                log(f"{where}: {what}, largest folder / smallest: {r:.2f}x")
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(out, f, indent=1)

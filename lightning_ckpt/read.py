@@ -7,6 +7,7 @@ downloads only the files its reads need.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -42,7 +43,7 @@ def of_run(ckpts: list, run_name: Any = ANY_RUN) -> list:
     """The checkpoints (``CheckpointInfo``) of one run of a folder several runs share; all with ``ANY_RUN``."""
     if run_name is ANY_RUN:
         return list(ckpts)
-    return [c for c in ckpts if run_name_of(c.manifest) == run_name]
+    return [c for c in ckpts if c.run_name == run_name]
 
 
 @dataclass
@@ -59,6 +60,11 @@ class CheckpointInfo:
     kind: str
     created_unix: float | None
     manifest: dict = field(repr=False, default_factory=dict)
+
+    @functools.cached_property
+    def run_name(self) -> str | None:
+        """The run it was saved under (``run_name_of`` its manifest; kept: a run's folder is listed from memory)."""
+        return run_name_of(self.manifest)
 
 
 def _info(store: Store, name: str, m: dict) -> CheckpointInfo:

@@ -1,6 +1,7 @@
 """The listing of a run's own folder, kept in memory while the run holds the folder's lock (``read._scan``)."""
 from __future__ import annotations
 
+import bisect
 import os
 import stat
 import threading
@@ -52,7 +53,8 @@ class Listings:
                 return None
             if memo is None or memo["lock"] is not held:
                 local_store.watch(root)  # before the listing: nothing committed after it is missed
-                memo = self._by_root[root] = {"lock": held, "seen": 0, "listed": -1e9, "entries": {}, "sorted": None}
+                memo = self._by_root[root] = {"lock": held, "seen": 0, "listed": -1e9, "entries": {}, "sorted": None,
+                                              "added": [], "removed": []}
             changed = local_store.changed_since(root, memo["seen"])
             if changed is None:  # unwatched meanwhile (another reader saw the lock released): start over
                 del self._by_root[root]
@@ -64,8 +66,7 @@ class Listings:
                 memo["listed"] = now
                 present = local_entries(root)
                 for name in [n for n, (ino, _) in entries.items() if present.get(n) != ino]:
-                    del entries[name]
-                    memo["sorted"] = None
+                    memo["removed"].append(entries.pop(name)[1])
                 todo = [(n, ino) for n, ino in present.items() if n not in entries]
             else:  # only what this process changed
                 todo = []
@@ -76,8 +77,7 @@ class Listings:
                         st = None
                     ino = st.st_ino if st is not None and stat.S_ISDIR(st.st_mode) else None
                     if name in entries and entries[name][0] != ino:
-                        del entries[name]
-                        memo["sorted"] = None
+                        memo["removed"].append(entries.pop(name)[1])
                     if ino is not None and name not in entries:
                         todo.append((name, ino))
             for name, ino in todo:
@@ -90,15 +90,37 @@ class Listings:
                 except CheckpointError as err:
                     got = err
                 entries[name] = (ino, got)
-                memo["sorted"] = None
-            if memo["sorted"] is None:
-                infos = sorted((g for _, g in entries.values() if g is not None and not isinstance(g, CheckpointError)),
-                               key=order)
-                bad = sorted(((store.path(n), g) for n, (_, g) in entries.items() if isinstance(g, CheckpointError)),
-                             key=lambda pe: pe[0])
-                memo["sorted"] = (infos, bad)
+                memo["added"].append(got)
+            self._resort(memo, store, order)
             infos, bad = memo["sorted"]
         return list(infos), list(bad)
+
+    @staticmethod
+    def _resort(memo: dict, store: Any, order: Callable[[Any], Any]) -> None:
+        """Keep the sorted results in step with the entries: a commit or a deletion moves one item (``bisect``), not
+        the whole folder."""
+        added, removed = memo["added"], memo["removed"]
+        memo["added"], memo["removed"] = [], []
+        if memo["sorted"] is not None and not any(isinstance(g, CheckpointError) for g in added + removed):
+            infos = memo["sorted"][0]
+            for g in removed:
+                if g is None:
+                    continue
+                i = bisect.bisect_left(infos, order(g), key=order)
+                while i < len(infos) and infos[i] is not g:
+                    i += 1
+                if i < len(infos):
+                    del infos[i]
+            for g in added:
+                if g is not None:
+                    bisect.insort(infos, g, key=order)
+            return
+        entries = memo["entries"]
+        infos = sorted((g for _, g in entries.values() if g is not None and not isinstance(g, CheckpointError)),
+                       key=order)
+        bad = sorted(((store.path(n), g) for n, (_, g) in entries.items() if isinstance(g, CheckpointError)),
+                     key=lambda pe: pe[0])
+        memo["sorted"] = (infos, bad)
 
 
 LISTINGS = Listings()
