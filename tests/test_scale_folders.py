@@ -239,3 +239,35 @@ def test_s3_latest_checkpoint_makes_o1_requests_at_1000_checkpoints(tmp_path, s3
     assert got == str(tmp_path / "relaunch" / "step=005000")
     assert calls.count("manifest") <= 3, calls
     assert len(S3Store(uri).names()) == 1001  # the listing goes past the first 1,000 keys
+
+
+def test_a_locked_folder_is_listed_from_memory_and_still_sees_every_change(tmp_path, reads, monkeypatch):
+    from lightning_ckpt.store.listing import Listings
+
+    d = tmp_path / "ckpts"
+    first = _one(tmp_path / "seed")
+    clone(first, str(d), range(1, 21))
+    monkeypatch.setattr(Listings, "RELIST_S", 3600.0)
+    lock = LocalStore(str(d)).lock({"run_id": "test"})
+    try:
+        assert len(list_checkpoints(str(d))) == 20
+        reads["n"] = 0
+        for _ in range(3):
+            assert len(list_checkpoints(str(d))) == 20
+        assert reads["n"] == 0  # from memory
+        w = CheckpointWriter(str(d), async_save=False)  # a commit and a deletion through the store of this process
+        try:
+            w.save({"state_dict": {"w": torch.randn(4)}, "global_step": 99}, step=99).result()
+        finally:
+            w.close()
+        LocalStore(str(d)).delete("step=000003")
+        reads["n"] = 0  # (the writer's first latest.json indexed the folder: it had no index)
+        steps = [c.step for c in list_checkpoints(str(d))]
+        assert steps == [s for s in range(1, 21) if s != 3] + [99] and reads["n"] == 1  # only the new one
+        shutil.rmtree(d / "step=000004")  # by hand: seen at the next listing of the names
+        monkeypatch.setattr(Listings, "RELIST_S", 0.0)
+        assert 4 not in [c.step for c in list_checkpoints(str(d))]
+    finally:
+        lock.release()
+    reads["n"] = 0
+    assert len(list_checkpoints(str(d))) == 19 and reads["n"] == 19  # not locked: read in full, as before
