@@ -271,3 +271,14 @@ def test_a_locked_folder_is_listed_from_memory_and_still_sees_every_change(tmp_p
         lock.release()
     reads["n"] = 0
     assert len(list_checkpoints(str(d))) == 19 and reads["n"] == 19  # not locked: read in full, as before
+
+
+def test_a_runs_newest_replaced_by_an_older_checkpoint_under_its_name_reindexes(tmp_path, reads):
+    d = _folder(tmp_path, n=6)
+    shutil.rmtree(d / "step=000006")
+    clone(str(d / "step=000001"), str(d), [2], name="step=000006")  # committed (replace) under the newest's name
+    LocalStore(str(d)).publish_latest({"name": "step=000006", "step": 2, "epoch": 0})
+    idx = hint.Index.parse(json.loads((d / "latest.json").read_text()))
+    assert idx.runs[None]["name"] == "step=000005"  # not the replaced entry: the folder was indexed again
+    reads["n"] = 0
+    assert latest_checkpoint(str(d)) == str(d / "step=000005") and reads["n"] <= 2

@@ -102,15 +102,19 @@ class Index:
         return {"v": VERSION, "runs": [self.runs[k] for k in sorted(self.runs, key=lambda k: (k is not None, k or ""))],
                 "ids": base64.b64encode(struct.pack(f"<{len(ids)}Q", *ids)).decode()}
 
-    def add(self, name: str, version: Any, m: dict, raw: bytes) -> None:
-        """Account for committed entry ``name`` (its manifest ``m``, bytes ``raw``)."""
+    def add(self, name: str, version: Any, m: dict, raw: bytes) -> bool:
+        """Account for committed entry ``name`` (its manifest ``m``, bytes ``raw``). False when that cannot be done
+        from the index alone: the run's newest entry was replaced under its name by an older checkpoint, so which
+        one is now the run's newest needs every manifest (the caller indexes the folder again)."""
         self.ids.add(entry_id(name, version))
         e = {"run_name": run_of(m), "name": name, "version": str(version), "step": int(m["step"]),
              "created": _created(m), "sha": hashlib.sha256(raw).hexdigest()}
         old = self.runs.get(e["run_name"])
-        if old is None or old["name"] == name or (order_key(e["step"], e["created"], name)
-                                                  >= order_key(old["step"], old["created"], old["name"])):
+        newer = old is None or (order_key(e["step"], e["created"], name)
+                                >= order_key(old["step"], old["created"], old["name"]))
+        if newer or old["name"] == name:
             self.runs[e["run_name"]] = e
+        return newer or old["name"] != name
 
 
 # ------------------------------------------------------------------------------------------------ local folders
@@ -186,7 +190,8 @@ def publish_local(store: Any, doc: dict, manifest: tuple[dict, bytes] | None) ->
             rescan = old is None or n is None or n >= RESCAN_EVERY
             _MEMO[store.root] = 0 if rescan else n + 1
         idx = _rescan_local(store, old) if rescan else old
-        idx.add(name, version, m, raw)
+        if not idx.add(name, version, m, raw):
+            idx = _rescan_local(store, None)
         if len(idx.ids) > MAX_IDS:
             return doc
         return {**doc, "index": idx.to_doc()}
@@ -222,7 +227,11 @@ def publish_s3(store: Any, doc: dict, manifest: tuple[dict, bytes] | None, old_d
             listed = len(idx.ids) + 1
         else:
             idx = old
-        idx.add(name, hashlib.md5(raw).hexdigest(), m, raw)
+        if not idx.add(name, hashlib.md5(raw).hexdigest(), m, raw):
+            present = {n: etag(objs[mf.MANIFEST]) for n, objs in store.objects_by_name().items() if mf.MANIFEST in objs}
+            idx = Index()
+            _account(store, idx, present, sorted(present))
+            listed = len(idx.ids) + 1
         if len(idx.ids) > MAX_IDS:
             return doc
         return {**doc, "index": {**idx.to_doc(), "listed": listed}}
