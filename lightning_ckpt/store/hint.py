@@ -212,6 +212,9 @@ def publish_s3(store: Any, doc: dict, manifest: tuple[dict, bytes] | None, old_d
     readers read that manifest). Never raises."""
     try:
         name = doc["name"]
+        last = getattr(store, "last_commit", None)
+        if manifest is None and last is not None and last[0] == name:
+            manifest = (json.loads(last[1]), last[1])  # pushed just now by this store object
         m, raw = manifest if manifest is not None else store.read_manifest(name)
         old = Index.parse(old_doc)
         meta = old_doc.get("index", {}).get("listed", 0) if isinstance(old_doc, dict) and old is not None else 0

@@ -91,6 +91,7 @@ class S3Store(Store):
     """Checkpoints under ``s3://bucket/prefix``."""
 
     remote = True
+    last_commit: tuple[str, bytes] | None = None  # (name, manifest bytes) this object pushed last (store/hint.py)
 
     def __init__(self, uri: str) -> None:
         self.bucket, self.prefix = parse_s3_uri(uri)

@@ -132,7 +132,8 @@ def push_checkpoint(path: Any, dest: Any, *, progress: ProgressFn = None, verify
                 raise bad
     if files or existing != raw:
         tx.commit(raw)  # the commit point on S3
-    remote.publish_latest({"name": name, "step": m["step"], "epoch": m.get("epoch")}, manifest=(m, raw))
+    remote.last_commit = (name, raw)  # for the index of latest.json (store/hint.py): no GET of what was just pushed
+    remote.publish_latest({"name": name, "step": m["step"], "epoch": m.get("epoch")})
     return TransferResult(remote.path(name), len(files) + 1, total + len(raw), tuple(packs_sent))
 
 

@@ -338,12 +338,12 @@ def install_kill_points(kp: KillPoints) -> None:
     real_publish = store_local.LocalStore.publish_latest
     in_latest = threading.local()
 
-    def publish_latest(store, doc, *args, **kwargs):
+    def publish_latest(store, doc):
         name = doc.get("name", "")
         kp.hit("commit.before_latest", path=store.root, name=name)
         in_latest.name = name
         try:
-            real_publish(store, doc, *args, **kwargs)
+            real_publish(store, doc)
         finally:
             in_latest.name = None
         kp.hit("commit.after_latest", path=store.root, name=name)
