@@ -201,6 +201,7 @@ def _count_requests():
     return calls, lambda: client().meta.events.unregister("before-call.s3", before)
 
 
+@pytest.mark.slow
 def test_s3_latest_checkpoint_makes_o1_requests_at_1000_checkpoints(tmp_path, s3):
     """1,000 committed checkpoints (manifests put directly; listing them takes two LIST pages), one real one pushed
     last: ``latest_checkpoint`` reads latest.json, lists once and reads one manifest, however many there are."""
