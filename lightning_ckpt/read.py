@@ -7,6 +7,8 @@ downloads only the files its reads need.
 """
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import os
 import warnings
@@ -22,6 +24,7 @@ from .store import Store, is_remote, locate, open_store
 from .format.checksum import crc32c
 from .format.manifest import DIGEST, MANIFEST
 from .store.fs import open_member, read_member
+from .store.listing import LISTINGS
 
 log = logging.getLogger("lightning_ckpt")
 
@@ -41,7 +44,7 @@ def of_run(ckpts: list, run_name: Any = ANY_RUN) -> list:
     """The checkpoints (``CheckpointInfo``) of one run of a folder several runs share; all with ``ANY_RUN``."""
     if run_name is ANY_RUN:
         return list(ckpts)
-    return [c for c in ckpts if run_name_of(c.manifest) == run_name]
+    return [c for c in ckpts if c.run_name == run_name]
 
 
 @dataclass
@@ -58,6 +61,11 @@ class CheckpointInfo:
     kind: str
     created_unix: float | None
     manifest: dict = field(repr=False, default_factory=dict)
+
+    @functools.cached_property
+    def run_name(self) -> str | None:
+        """The run it was saved under (``run_name_of`` its manifest; kept: a run's folder is listed from memory)."""
+        return run_name_of(self.manifest)
 
 
 def _info(store: Store, name: str, m: dict) -> CheckpointInfo:
@@ -92,6 +100,10 @@ def list_checkpoints(dirpath: Any) -> list[CheckpointInfo]:
 def _scan(dirpath: Any) -> tuple[list[CheckpointInfo], list[tuple[str, CheckpointError]]]:
     """The readable checkpoints of a folder (sorted) and (path, error) of those whose manifest could not be read."""
     store = open_store(dirpath)
+    if not store.remote:
+        cached = LISTINGS.scan(store, lambda name: _info(store, name, store.read_manifest(name)[0]), _order)
+        if cached is not None:
+            return cached
     out: list[CheckpointInfo] = []
     skipped: list[tuple[str, CheckpointError]] = []
     if store.remote:
@@ -110,8 +122,14 @@ def _scan(dirpath: Any) -> tuple[list[CheckpointInfo], list[tuple[str, Checkpoin
             skipped.append((store.path(name), m))
         else:
             out.append(_info(store, name, m))
-    out.sort(key=lambda c: (c.step, c.created_unix or 0.0, c.name))
+    out.sort(key=_order)
     return out, skipped
+
+
+def _order(c: CheckpointInfo) -> tuple:
+    return (c.step, c.created_unix or 0.0, c.name)
+
+
 
 
 def verify_checkpoint(path: Any, *, progress: Any = None) -> None:
@@ -179,6 +197,9 @@ def latest_checkpoint(dirpath: Any, *, verify: bool = True, run_name: Any = ANY_
         warnings.warn(f"lightning_ckpt: {store.uri} does not exist: no checkpoint to resume from (is the path "
                       "right?)", stacklevel=2)
         return None
+    fast = _latest_hinted(store, verify, run_name)
+    if fast is not False:
+        return fast
     ckpts, skipped = _scan(dirpath)
     for path, err in skipped:
         warnings.warn(f"lightning_ckpt: skipping {path}: {err}", stacklevel=2)
@@ -197,6 +218,30 @@ def latest_checkpoint(dirpath: Any, *, verify: bool = True, run_name: Any = ANY_
     if newer:  # nothing this release can read, but a newer one wrote here: never a silent fresh start
         raise newer[0]
     return None
+
+
+def _latest_hinted(store: Store, verify: bool, run_name: Any) -> Any:
+    """``latest_checkpoint`` through the ``latest.json`` hint and its index (``store/hint.py``): the path, None (the
+    run has no checkpoint), or False when the hint cannot answer or what it finds does not verify (then the folder
+    is listed and every manifest read, as before). A folder whose listing this process keeps in memory (a run's
+    folder: ``store/listing.py``) is answered from that listing."""
+    if not store.remote and LISTINGS.kept(store.uri):
+        return False
+    try:
+        got = store.newest_hinted(None if run_name is ANY_RUN else run_name, run_name is ANY_RUN)
+    except CheckpointError:
+        return False
+    if got is None:
+        return False
+    if not got:
+        return None
+    path = store.path(got[0][0])
+    if verify:
+        try:
+            verify_checkpoint(path)
+        except CheckpointError:
+            return False  # the full listing skips it with a warning and tries the older ones
+    return path
 
 
 def state_file_of(m: dict, rank: int = 0) -> str | None:

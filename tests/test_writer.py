@@ -104,7 +104,10 @@ def test_save_commits_a_loadable_checkpoint(tmp_path, writers, async_save):
         "manifest.json", "model-rank00000.safetensors", "optim-rank00000.safetensors",
         "extra-rank00000.safetensors", "state-rank00000.json",
     ])
-    assert read_latest(d) == {"name": "step=000005", "step": 5, "epoch": 1}
+    latest = read_latest(d)  # the hint, and the folder's index beside it (store/hint.py)
+    assert set(latest) == {"name", "step", "epoch", "index"}
+    assert {k: latest[k] for k in ("name", "step", "epoch")} == {"name": "step=000005", "step": 5, "epoch": 1}
+    assert [e["name"] for e in latest["index"]["runs"]] == ["step=000005"]
     verify_checkpoint(str(ck))
     assert_state_equal(state, load_checkpoint(str(ck)))
     (info,) = list_checkpoints(str(d))

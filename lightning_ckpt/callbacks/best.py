@@ -71,6 +71,9 @@ class BestMetricCheckpoint(BaseCheckpointCallback):
         self.every_n_train_steps = every_n_train_steps
         self.best_k: list[dict] = []  # [{"step", "score"}], best first
         self._evicted: list[int] = []  # steps to delete once a newer save committed
+        # step -> [(name, tags)] of the best-tagged checkpoints committed or listed in this fit: protecting and evicting
+        # them needs no listing of the folder at each save (a folder of thousands, or an s3:// one)
+        self._known: dict[int, list[tuple[str, frozenset]]] = {}
         self._lock = threading.Lock()
         self._validated_this_epoch = False
 
@@ -111,7 +114,18 @@ class BestMetricCheckpoint(BaseCheckpointCallback):
     def protect(self) -> set[str]:
         with self._lock:
             steps = {d["step"] for d in self.best_k}
-        return {c.name for c in self._own_checkpoints() if c.step in steps and "best" in c.tags}
+            known = {st: self._known[st] for st in steps if st in self._known}
+        if len(known) == len(steps):
+            return {name for entries in known.values() for name, _ in entries}
+        return {c.name for c in self._learn(steps) if c.step in steps}
+
+    def _learn(self, steps: set) -> list:
+        """This run's best-tagged checkpoints of ``steps`` in the folder (listed), remembered from now on."""
+        found = [c for c in self._own_checkpoints() if c.step in steps and "best" in c.tags]
+        with self._lock:
+            for st in steps:
+                self._known[st] = [(c.name, frozenset(c.tags)) for c in found if c.step == st]
+        return found
 
     # --------------------------------------------------------------- decisions
     def _check(self, trainer: "pl.Trainer"):
@@ -165,15 +179,22 @@ class BestMetricCheckpoint(BaseCheckpointCallback):
         if shared is None or "best" not in result.tags:
             return
         with self._lock:
+            self._known.setdefault(result.step, []).append((result.name, frozenset(result.tags)))
             ready = [e for e in self._evicted if e < result.step]
             self._evicted = [e for e in self._evicted if e >= result.step]
             keep_steps = {d["step"] for d in self.best_k}
+            doomed = {e for e in ready if e not in keep_steps}
+            unknown = {e for e in doomed if e not in self._known}
+            names = [name for e in doomed - unknown for name, tags in self._known[e] if tags <= {"best"}]
+            for e in doomed - unknown:
+                del self._known[e]
         if not ready:
             return
-        names = [
-            c.name for c in self._own_checkpoints()
-            if c.step in ready and c.step not in keep_steps and set(c.tags) <= {"best"}
-        ]
+        if unknown:  # best checkpoints of before this fit: listed once
+            names += [c.name for c in self._learn(unknown) if set(c.tags) <= {"best"}]
+            with self._lock:
+                for e in unknown:
+                    self._known.pop(e, None)
         shared.delete(names, reason=f"no longer among the best {self.top_k} by {self.monitor}")
 
     # --------------------------------------------------------------- state

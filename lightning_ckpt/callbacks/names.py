@@ -10,7 +10,7 @@ from ..errors import CheckpointError, CheckpointNotFoundError, FolderNotEmptyErr
 from ..read import _scan, of_run, read_checkpoint_manifest, verify_checkpoint
 from ..session import resume
 from ..session.options import check_dirpath
-from ..store import is_remote
+from ..store import is_remote, open_store
 from ..tools.best import best_checkpoints
 
 if TYPE_CHECKING:
@@ -142,7 +142,11 @@ def choose_start(cb: BaseCheckpointCallback, trainer: "pl.Trainer", ckpt_path: A
 def _refuse_existing(cb: BaseCheckpointCallback, session: Any) -> None:
     where = session.remote or session.dirpath
     try:
-        ckpts = of_run(_scan(where)[0], cb.options.run_name) if session.remote or os.path.isdir(where) else []
+        if not session.remote and not os.path.isdir(where):
+            return
+        if open_store(where).newest_hinted(cb.options.run_name, False) == []:
+            return  # the folder's index says this run has no checkpoint there (no manifest read, no GET each)
+        ckpts = of_run(_scan(where)[0], cb.options.run_name)
     except CheckpointError:
         raise
     except Exception:  # noqa: BLE001 - S3 unreachable: the first upload reports it

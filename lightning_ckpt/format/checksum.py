@@ -65,13 +65,15 @@ _ZEROS: list[list[int]] = []  # _ZEROS[k]: the operator that appends 2**k zero b
 
 
 def _zero_operators() -> list[list[int]]:
-    if not _ZEROS:
+    if len(_ZEROS) < 64:  # built whole, then published: threads uploading a checkpoint's files call this at once
+        ops = []
         op = [_POLY] + [1 << n for n in range(31)]  # one zero bit
         for _ in range(3):  # -> one zero byte
             op = _gf2_square(op)
         for _ in range(64):
-            _ZEROS.append(op)
+            ops.append(op)
             op = _gf2_square(op)
+        _ZEROS[:] = ops
     return _ZEROS
 
 

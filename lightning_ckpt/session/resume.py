@@ -44,31 +44,55 @@ def resume_path(dirpath: Any, backup_uri: Any = None, *, run_name: Any = ANY_RUN
         return latest_checkpoint(store.uri, run_name=run_name)
     local = latest_checkpoint(store.uri, run_name=run_name) if store.exists() else None
     local_step = int(read_checkpoint_manifest(local)["step"]) if local is not None else -1
-    candidates: list[tuple[int, int, str, str]] = []
-    for order, uri in enumerate(_uris(backup_uri)):
-        try:
-            steps = [(c.step, c.name) for c in of_run(list_checkpoints(uri), run_name)]
-        except Exception as e:  # noqa: BLE001 - S3 down, bucket missing, credentials
-            if local is None:
-                raise
-            warnings.warn(f"lightning_ckpt: cannot read backup location {uri} ({e!r}); resuming from the local {local}",
-                          stacklevel=2)
-            continue
-        candidates += [(step, -order, uri, name) for step, name in steps if step > local_step]
-    for step, _, uri, name in sorted(candidates, reverse=True):  # newest first; the first location on a tie
-        try:
-            return pull_checkpoint(f"{uri}/{name}", store.uri)
-        except Exception as e:  # noqa: BLE001 - a missing object, the server dying mid-download, a corrupt copy
-            down = isinstance(e, StorageUnavailableError)  # an older one is on the same dead endpoint
-            if local is None and (down or not isinstance(e, CheckpointError)):
-                raise
-            if down:
-                warnings.warn(f"lightning_ckpt: could not pull the backup {uri}/{name} ({e}); resuming from the local "
-                              f"{local}", stacklevel=2)
-                return local
-            warnings.warn(f"lightning_ckpt: could not pull the backup {uri}/{name} ({e!r}); "
-                          + (f"resuming from the local {local}" if local else "trying an older one"), stacklevel=2)
+    uris = _uris(backup_uri)
+    tried: set[tuple[str, str]] = set()
+    for quick in (True, False):  # each location's newest through its latest.json first; then every manifest
+        candidates: list[tuple[int, int, str, str]] = []
+        answered = True  # every location's newest came from its index
+        for order, uri in enumerate(uris):
+            try:
+                steps = _newest_of(uri, run_name) if quick else None
+                if steps is None:
+                    answered = False
+                    if quick:
+                        continue
+                    steps = [(c.step, c.name) for c in of_run(list_checkpoints(uri), run_name)]
+            except Exception as e:  # noqa: BLE001 - S3 down, bucket missing, credentials
+                answered = False
+                if local is None and not quick:
+                    raise
+                if not quick:
+                    warnings.warn(f"lightning_ckpt: cannot read backup location {uri} ({e!r}); resuming from the "
+                                  f"local {local}", stacklevel=2)
+                continue
+            candidates += [(step, -order, uri, name) for step, name in steps
+                           if step > local_step and (uri, name) not in tried]
+        if quick and not answered:
+            continue  # some location cannot say what its newest is: compare every location's full listing
+        for step, _, uri, name in sorted(candidates, reverse=True):  # newest first; the first location on a tie
+            tried.add((uri, name))
+            try:
+                return pull_checkpoint(f"{uri}/{name}", store.uri)
+            except Exception as e:  # noqa: BLE001 - a missing object, the server dying mid-download, a corrupt copy
+                down = isinstance(e, StorageUnavailableError)  # an older one is on the same dead endpoint
+                if local is None and (down or not isinstance(e, CheckpointError)):
+                    raise
+                if down:
+                    warnings.warn(f"lightning_ckpt: could not pull the backup {uri}/{name} ({e}); resuming from the "
+                                  f"local {local}", stacklevel=2)
+                    return local
+                warnings.warn(f"lightning_ckpt: could not pull the backup {uri}/{name} ({e!r}); "
+                              + (f"resuming from the local {local}" if local else "trying an older one"), stacklevel=2)
+        if quick and not candidates:
+            break  # no location holds anything newer than the local checkpoint
     return local
+
+
+def _newest_of(uri: str, run_name: Any) -> Optional[list[tuple[int, str]]]:
+    """[(step, name)] of the newest checkpoint of ``run_name`` at an S3 location through its ``latest.json`` index
+    (``[]``: none), without a GET per checkpoint; None when the index cannot tell (then every manifest is read)."""
+    got = open_store(uri).newest_hinted(None if run_name is ANY_RUN else run_name, run_name is ANY_RUN)
+    return None if got is None else [(int(m["step"]), name) for name, m in got]
 
 
 def common_local_names(session: "FolderSession") -> tuple[list[str], list[str]]:

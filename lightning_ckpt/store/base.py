@@ -152,8 +152,9 @@ class Store(ABC):
         """Start writing entry ``name``. Several processes that pass the same ``tx_id`` write into one entry."""
 
     @abstractmethod
-    def publish_latest(self, doc: dict) -> None:
-        """Replace ``latest.json`` atomically with ``doc`` (``name``, ``step``, ``epoch``)."""
+    def publish_latest(self, doc: dict, manifest: tuple[dict, bytes] | None = None) -> None:
+        """Replace ``latest.json`` atomically with ``doc`` (``name``, ``step``, ``epoch``) and the folder's index
+        (``store/hint.py``); ``manifest``: the (manifest, bytes) of the entry just committed, if the caller has it."""
 
     # -- deleting
     @abstractmethod

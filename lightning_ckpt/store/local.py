@@ -18,6 +18,7 @@ import errno
 import json
 import logging
 import os
+import threading
 from typing import Any, Iterable, Iterator
 
 from ..errors import CheckpointError, CheckpointNotFoundError, CheckpointWriteError
@@ -48,7 +49,36 @@ from .lock import FolderLock
 log = logging.getLogger("lightning_ckpt")
 
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024
-MAX_LATEST_BYTES = 1 << 20
+
+_WATCHED: dict[str, list[str]] = {}  # root -> names committed or trashed there by this process since it was watched
+_WATCH_LOCK = threading.Lock()
+
+
+def watch(root: str) -> None:
+    """Start recording the names this process commits or deletes in ``root`` (``read._Listings``)."""
+    with _WATCH_LOCK:
+        _WATCHED[root] = []
+
+
+def unwatch(root: str) -> None:
+    with _WATCH_LOCK:
+        _WATCHED.pop(root, None)
+
+
+def changed_since(root: str, seen: int) -> tuple[list[str], int] | None:
+    """The names changed in a watched ``root`` after the first ``seen`` changes, and the new count (None: not
+    watched)."""
+    with _WATCH_LOCK:
+        log_ = _WATCHED.get(root)
+        return None if log_ is None else (log_[seen:], len(log_))
+
+
+def _changed(root: str, name: str) -> None:
+    with _WATCH_LOCK:
+        log_ = _WATCHED.get(root)
+        if log_ is not None:
+            log_.append(name)
+MAX_LATEST_BYTES = 16 << 20  # latest.json with the index of a folder of ~1M checkpoints (store/hint.py)
 
 
 class LocalStore(Store):
@@ -60,6 +90,7 @@ class LocalStore(Store):
     """
 
     remote = False
+    last_commit: tuple[str, bytes] | None = None  # (name, manifest bytes) of this store object's latest commit
 
     def __init__(self, root: str | os.PathLike, *, fsync: bool = True) -> None:
         self.root = os.path.abspath(os.fspath(root))
@@ -133,8 +164,16 @@ class LocalStore(Store):
         check_entry_name(name)
         return LocalTransaction(self, name, tx_id or new_id(), owner)
 
-    def publish_latest(self, doc: dict) -> None:
-        self.write_atomic(mf.LATEST, json.dumps(doc).encode())
+    def publish_latest(self, doc: dict, manifest: tuple[dict, bytes] | None = None) -> None:
+        from .hint import hint_json, publish_local
+
+        self.write_atomic(mf.LATEST, hint_json(publish_local(self, doc, manifest)))
+
+    def newest_hinted(self, run_name: Any, any_run: bool) -> list[tuple[str, dict]] | None:
+        """The newest checkpoint of a run through ``latest.json`` (``store/hint.py``), or None: list the folder."""
+        from .hint import newest
+
+        return newest(self, run_name, any_run)
 
     def write_atomic(self, fname: str, data: bytes) -> None:
         """Replace the file ``fname`` of the folder: readers see the old or the new content, never a part."""
@@ -175,6 +214,7 @@ class LocalStore(Store):
             OPS.rename(self.path(name), trash)
         except FileNotFoundError:
             return None
+        _changed(self.root, name)
         return trash
 
     def purge(self, trash: str) -> None:
@@ -316,6 +356,9 @@ class LocalTransaction(Transaction):
                     store.trash(base) if is_plain_name(base) else OPS.rmtree(dst)
                 OPS.rename(self.path, dst)
             final = base
+        _changed(store.root, final)
+        if manifest is not None:  # for the index of latest.json (store/hint.py), published next
+            store.last_commit = (final, manifest)
         if store.fsync:
             OPS.fsync_dir(store.root)
         self.committed = final

@@ -69,6 +69,7 @@ class S3Store(Store):
     """Checkpoints under ``s3://bucket/prefix``."""
 
     remote = True
+    last_commit: tuple[str, bytes] | None = None  # (name, manifest bytes) this object pushed last (store/hint.py)
 
     def __init__(self, uri: str) -> None:
         self.bucket, self.prefix = parse_s3_uri(uri)
@@ -188,18 +189,26 @@ class S3Store(Store):
     def manifests(self) -> list[tuple[str, dict | CheckpointError]]:
         """(name, manifest, or the error reading it) of every committed entry. Manifests are cached by ETag, so
         listing again costs one LIST request."""
-        out: list[tuple[str, dict | CheckpointError]] = []
-        for name, objs in sorted(self.objects_by_name().items()):
-            obj = objs.get(mf.MANIFEST)
-            if obj is None:
-                continue
+        import concurrent.futures as cf
+
+        listed = [(name, str(objs[mf.MANIFEST].get("ETag", ""))) for name, objs in sorted(self.objects_by_name().items())
+                  if mf.MANIFEST in objs]
+
+        def one(item: tuple[str, str]) -> tuple[str, dict | CheckpointError]:
             try:
-                out.append((name, self._manifest(name, str(obj.get("ETag", "")))[0]))
+                return item[0], self._manifest(*item)[0]
             except StorageUnavailableError:
                 raise  # the endpoint, not this checkpoint: never a reason to skip it
             except CheckpointError as e:
-                out.append((name, e))
-        return out
+                return item[0], e
+
+        with self._cache_lock:
+            fresh = [it for it in listed if (self.bucket, self.key(it[0], mf.MANIFEST), it[1]) not in self._cache]
+        got = {}
+        if len(fresh) > 1:
+            with cf.ThreadPoolExecutor(min(16, len(fresh))) as ex:  # the GETs overlap (a folder of 1,000s)
+                got = dict(ex.map(one, fresh))
+        return [(item[0], got[item[0]]) if item[0] in got else one(item) for item in listed]
 
     _cache: dict = {}
     _cache_lock = threading.Lock()
@@ -230,7 +239,7 @@ class S3Store(Store):
 
     def read_latest(self) -> dict | None:
         try:
-            d = json.loads(self.get_bytes(self.key(mf.LATEST), 1 << 20))
+            d = json.loads(self.get_bytes(self.key(mf.LATEST), 16 << 20))  # with the index (store/hint.py)
         except (CheckpointError, ValueError, UnicodeDecodeError):
             return None
         return d if isinstance(d, dict) else None
@@ -258,10 +267,25 @@ class S3Store(Store):
         mf.check_member_name(name, "the entry name")
         return S3Transaction(self, name)
 
-    def publish_latest(self, doc: dict) -> None:
-        """``latest.json`` never moves back to an older step (say, a ``push`` of an old checkpoint)."""
-        if self.latest_step() <= int(doc.get("step", -1)):
-            self.put_bytes(self.key(mf.LATEST), json.dumps(doc).encode())
+    def publish_latest(self, doc: dict, manifest: tuple[dict, bytes] | None = None) -> None:
+        """``latest.json`` never moves back to an older step (say, a ``push`` of an old checkpoint); its index
+        (``store/hint.py``) takes in every pushed checkpoint."""
+        from .hint import hint_json, publish_s3
+
+        old = self.read_latest()
+        step = old.get("step") if isinstance(old, dict) else None
+        step = step if isinstance(step, int) and not isinstance(step, bool) else -1
+        new = publish_s3(self, doc, manifest, old)
+        if step > int(doc.get("step", -1)):  # keep the newest checkpoint's fields, take the index
+            new = {**old, "index": new["index"]} if "index" in new else None
+        if new is not None:
+            self.put_bytes(self.key(mf.LATEST), hint_json(new))
+
+    def newest_hinted(self, run_name: Any, any_run: bool) -> list[tuple[str, dict]] | None:
+        """The newest checkpoint of a run through ``latest.json`` (``store/hint.py``), or None: list the location."""
+        from .hint import newest
+
+        return newest(self, run_name, any_run)
 
     def delete(self, name: str) -> bool:
         mf.check_member_name(name, "delete")

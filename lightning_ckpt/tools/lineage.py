@@ -79,9 +79,14 @@ def branch_points(dirpath: str) -> set[str]:
     if not os.path.isdir(dirpath):
         return out
     for c in _scan(dirpath)[0]:
-        lin = c.manifest.get("lineage")
-        if isinstance(lin, dict) and lin.get("branch") and isinstance(lin.get("parent"), str):
-            out.add(lin["parent"])
+        parent = c.__dict__.get("_branch_parent", False)  # worked out once per listed checkpoint
+        if parent is False:
+            lin = c.manifest.get("lineage")
+            parent = lin["parent"] if (isinstance(lin, dict) and lin.get("branch")
+                                       and isinstance(lin.get("parent"), str)) else None
+            c.__dict__["_branch_parent"] = parent
+        if parent is not None:
+            out.add(parent)
     return out
 
 

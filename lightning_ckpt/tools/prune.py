@@ -26,10 +26,20 @@ def committed_records(where: Any, run_name: Any = ANY_RUN) -> list[Record]:
     in the size of the oldest of them."""
     out, counted = [], set()
     for c in of_run(list_checkpoints(where), run_name):
-        packs = c.manifest.get("packs") or {}
+        rec = c.__dict__.get("_record")  # made once per listed checkpoint (a run's folder is listed from memory)
+        packs = c.manifest.get("packs")
+        if not packs:
+            if rec is None:
+                rec = c.__dict__["_record"] = Record(c.name, c.step, c.size_bytes, dict(c.metrics), tuple(c.tags),
+                                                     c.created_unix or 0.0)
+            out.append(rec)
+            continue
         size = c.size_bytes + sum(int(e["size"]) for n, e in packs.items() if n not in counted)
         counted.update(packs)
-        out.append(Record(c.name, c.step, size, dict(c.metrics), tuple(c.tags), c.created_unix or 0.0))
+        if rec is None or rec.size_bytes != size:
+            rec = c.__dict__["_record"] = Record(c.name, c.step, size, dict(c.metrics), tuple(c.tags),
+                                                 c.created_unix or 0.0)
+        out.append(rec)
     return out
 
 

@@ -174,6 +174,7 @@ def push_checkpoint(path: Any, dest: Any, *, progress: ProgressFn = None, verify
             if gone:
                 log.warning("lightning_ckpt: %s/%s: pack(s) %s were deleted by a collection elsewhere while this push "
                             "committed; uploaded them again", remote.uri, name, ", ".join(gone))
+    remote.last_commit = (name, raw)  # for the index of latest.json (store/hint.py): no GET of what was just pushed
     remote.publish_latest({"name": name, "step": m["step"], "epoch": m.get("epoch")})
     return TransferResult(remote.path(name), len(files) + 1, total + len(raw), tuple(packs_sent))
 

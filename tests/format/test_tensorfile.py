@@ -243,3 +243,31 @@ def test_read_header_rejects_garbage(tmp_path):
     p.write_bytes(struct.pack("<Q", 8) + b"[1,2,3] ")
     with pytest.raises(CheckpointCorruptError):
         read_header(str(p))
+
+
+def test_crc32c_combine_is_safe_from_threads_the_first_time(monkeypatch):
+    """Uploads compute whole-file CRC32Cs in several threads at once; the operators built on first use must never be
+    seen half-built (it raised IndexError in a fresh process)."""
+    import threading
+    import time
+
+    from lightning_ckpt.format import checksum
+
+    real = checksum._gf2_square
+
+    def slow_square(op):
+        time.sleep(0.0005)  # let the other threads run while the table is being built
+        return real(op)
+
+    monkeypatch.setattr(checksum, "_ZEROS", [])
+    monkeypatch.setattr(checksum, "_gf2_square", slow_square)
+    a, b = b"x" * 7, b"y" * 1000
+    want = checksum.crc32c(a + b)
+    start = threading.Barrier(8)
+
+    def one(_):
+        start.wait()
+        return checksum.crc32c_combine(checksum.crc32c(a), checksum.crc32c(b), len(b))
+
+    with ThreadPoolExecutor(8) as ex:
+        assert list(ex.map(one, range(8))) == [want] * 8
