@@ -13,6 +13,9 @@ does not answer within the timeouts and attempts of ``store/s3client.py`` (``LIG
 :class:`StorageUnavailableError`. Reads never take more bytes than the manifest (or the bound) allows.
 Packs of the content store (``<prefix>/.blobs/``) a push found there carry reuse marks while it commits
 (:meth:`S3Store.collect_packs`).
+
+One cohesive object, kept whole past 400 lines: every S3 request of the package is a method of :class:`S3Store`, so
+the kill -9 campaign can wrap each request and nothing else; the client settings and downloads are in ``s3client``.
 """
 from __future__ import annotations
 
