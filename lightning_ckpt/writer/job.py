@@ -347,7 +347,7 @@ class SaveJob:
         m["tensors"] = tensors
         if packs:
             m["packs"] = packs
-            m["format_version"] = mf.FORMAT_VERSION
+        m["format_version"] = mf.version_for(len(tensors), bool(packs))
         m["state_files"] = {str(f.rank): f.record["name"] for f in own if f.record["name"].startswith("state-")}
         total = sum(f.record["size"] for f in files)  # written by this save (its own files and its new packs)
         write_s = time.perf_counter() - self.t0
