@@ -10,7 +10,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
-from .dcp import LCStorageReader, is_model_or_optim, unwrap_dcp_error
+from .dcp import LCStorageReader, WholeChunks, is_model_or_optim, unwrap_dcp_error
 from .errors import CheckpointCorruptError, CheckpointError, CheckpointMismatchError
 from .format.codec import decode, encode
 from .format.tensorfile import dtype_from_name
@@ -40,10 +40,9 @@ def load_tensors(ck: Opened, keys: list[str] | None = None, *, verify: bool = Tr
     if not targets:
         return targets
     reader = LCStorageReader(ck, verify=verify)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-            dcp.load(targets, storage_reader=reader, planner=DefaultLoadPlanner(allow_partial_load=False), no_dist=True)
+    try:  # every chunk whole into its place: no DCP plan needed (dcp.WholeChunks)
+        plan = WholeChunks(ck, targets)
+        reader.read_chunks(plan.chunks, plan)
     except BaseException as e:
         err = unwrap_dcp_error(e)
         if isinstance(err, CheckpointError):
@@ -74,12 +73,14 @@ def load_checkpoint(path: str, map_location: Any = "cpu", *, verify: bool = True
     wanted: list[str] = []
     skipped = tuple(f"{k}/" for k in without_tensors_of)
 
+    placeholder = torch.zeros(0)
+
     def collect(key: str) -> torch.Tensor:
         if not isinstance(key, str):
             raise CheckpointCorruptError(f"{path}: the state refers to a tensor by an invalid key {key!r}")
         if not (skipped and key.startswith(skipped)):
             wanted.append(key)
-        return torch.zeros(0)
+        return placeholder
 
     decode(doc, collect)  # the tensors this rank's state refers to (in a multi-rank checkpoint: not the others')
     device = "cpu"

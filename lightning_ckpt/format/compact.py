@@ -23,6 +23,8 @@ hold by construction for what is expanded, and the rest is checked while expandi
 from __future__ import annotations
 
 import re
+from itertools import chain
+from math import prod
 from typing import Any
 
 from ..errors import CheckpointCorruptError
@@ -32,6 +34,8 @@ COMPACT_FROM = 256  # tensors in a manifest from which the writer uses version 3
 # releases; below this the compact layout saves little)
 COLUMNS = "columns"
 _RECORD_FIELDS = {"dtype", "shape", "begin", "end", "crc32c"}
+_HASHED_FIELDS = _RECORD_FIELDS | {"xxh128"}
+_INT, _STR, _KEY, _LIST = {int}, {str}, {str, type(None)}, {list}
 _HEX32 = re.compile(r"^[0-9a-f]{32}$")
 MAX_DIMS = 64
 
@@ -94,6 +98,11 @@ def compact(m: dict, itemsize: dict[str, int]) -> dict:
     return out
 
 
+def _shape_ok(shape: Any) -> bool:
+    return type(shape) is list and len(shape) <= MAX_DIMS and (
+        not shape or (set(map(type, shape)) == _INT and min(shape) >= 0))
+
+
 def _columns(f: Any, fname: str, kind: str, whole: dict, index: dict, itemsize: dict) -> dict | None:
     if not isinstance(f, dict) or not isinstance(f.get("tensors"), dict) or not f["tensors"] or COLUMNS in f:
         return None
@@ -101,25 +110,29 @@ def _columns(f: Any, fname: str, kind: str, whole: dict, index: dict, itemsize: 
     hend = f.get("header_end")
     if not _is_int(hend):
         return None
+    order = list(recs.items())  # the writer lists them in file order; anything else is sorted first
     try:
-        order = sorted(recs.items(), key=lambda kv: kv[1]["begin"])
-    except (TypeError, KeyError):
+        if any(order[i][1]["begin"] > order[i + 1][1]["begin"] for i in range(len(order) - 1)):
+            order.sort(key=lambda kv: kv[1]["begin"])
+    except (TypeError, KeyError, AttributeError):
         return None
     names, keys, dtypes, shapes, crcs, hashes = [], [], [], [], [], []
     pos = hend
     for name, r in order:
-        if not isinstance(r, dict) or not (set(r) == _RECORD_FIELDS or set(r) == _RECORD_FIELDS | {"xxh128"}):
+        if type(r) is not dict or not (r.keys() == _RECORD_FIELDS or r.keys() == _HASHED_FIELDS):
             return None
         dtype, shape = r["dtype"], r["shape"]
-        if (r["begin"] != pos or dtype not in itemsize or not isinstance(shape, list)
-                or not all(_is_int(s) and s >= 0 for s in shape) or not _is_int(r["crc32c"])):
+        if r["begin"] != pos or type(dtype) is not str or dtype not in itemsize or not _shape_ok(shape) or (
+                type(r["crc32c"]) is not int):
             return None
-        pos += _numel(shape) * itemsize[dtype]
+        pos += prod(shape) * itemsize[dtype]
         if r["end"] != pos:
             return None
         key = whole.get((kind, fname, name))
-        if key is not None and (index[key].get("dtype") != dtype or index[key].get("shape") != shape):
-            key = None
+        if key is not None:
+            t = index[key]
+            if t["dtype"] != dtype or t["shape"] != shape:
+                key = None
         names.append(name)
         keys.append(key)
         dtypes.append(dtype)
@@ -181,31 +194,35 @@ def _expand_file(f: dict, fw: str, kind: str, fname: str, implied: dict, explici
         raise _corrupt(fw, "has columns of different lengths")
     recs: dict[str, dict] = {}
     pos = hend
+    if not (set(map(type, names)) == _STR and set(map(type, dtypes)) == _STR and set(map(type, crcs)) == _INT
+            and set(map(type, keys)) <= _KEY):
+        raise _corrupt(fw, "has columns of the wrong types")
+    if not set(dtypes) <= itemsize.keys():
+        raise _corrupt(fw, f"has an unknown dtype {sorted(set(dtypes) - itemsize.keys())[0][:40]!r}")
+    if len(set(names)) != n:
+        raise _corrupt(fw, "has a repeated tensor name")
+    if hashes is not None and not all(h is None or (type(h) is str and _HEX32.match(h)) for h in hashes):
+        raise _corrupt(fw, "has a malformed content hash")
+    if set(map(type, shapes)) != _LIST or max(map(len, shapes)) > MAX_DIMS:
+        raise _corrupt(fw, "has an invalid shape")
+    dims = list(chain.from_iterable(shapes))  # every dimension of every shape, checked at once
+    if dims and (set(map(type, dims)) != _INT or min(dims) < 0):
+        raise _corrupt(fw, "has an invalid shape")
+    member = kind
     for i in range(n):
-        name, dtype, shape, crc = names[i], dtypes[i], shapes[i], crcs[i]
-        if not isinstance(name, str) or name in recs:
-            raise _corrupt(fw, f"has an invalid or repeated tensor name {str(name)[:80]!r}")
-        if type(dtype) is not str or dtype not in itemsize:
-            raise _corrupt(fw, f"has an unknown dtype {str(dtype)[:40]!r}")
-        if type(shape) is not list or len(shape) > MAX_DIMS or not all(type(s) is int and s >= 0 for s in shape):
-            raise _corrupt(fw, f"has an invalid shape {str(shape)[:80]}")
-        if type(crc) is not int:
-            raise _corrupt(fw, f"has an invalid checksum for tensor {name[:80]!r}")
+        name, dtype, shape = names[i], dtypes[i], shapes[i]
         begin = pos
-        pos += _numel(shape) * itemsize[dtype]
-        rec = {"dtype": dtype, "shape": shape, "begin": begin, "end": pos, "crc32c": crc}
+        pos += prod(shape) * itemsize[dtype]
+        rec = {"dtype": dtype, "shape": shape, "begin": begin, "end": pos, "crc32c": crcs[i]}
         if hashes is not None and hashes[i] is not None:
-            h = hashes[i]
-            if not (isinstance(h, str) and _HEX32.match(h)):
-                raise _corrupt(fw, "has a malformed content hash")
-            rec["xxh128"] = h
+            rec["xxh128"] = hashes[i]
         recs[name] = rec
         key = keys[i]
         if key is not None:
-            if not isinstance(key, str) or key in implied or key in explicit:
-                raise _corrupt(fw, f"claims the index key {str(key)[:80]!r} twice")
+            if key in implied or key in explicit:
+                raise _corrupt(fw, f"claims the index key {key[:80]!r} twice")
             implied[key] = {"dtype": dtype, "shape": shape, "chunks": [
-                {kind: fname, "name": name, "offsets": [0] * len(shape), "sizes": list(shape)}]}
+                {member: fname, "name": name, "offsets": [0] * len(shape), "sizes": list(shape)}]}
     if pos != size:
         raise CheckpointCorruptError(f"{fw}: its checksummed regions cover {pos} of {size} bytes")
     out = {k: v for k, v in f.items() if k != COLUMNS}

@@ -162,6 +162,29 @@ def _timed(fn: Callable) -> Callable:
     return run
 
 
+def _sums(views: list) -> list[tuple[int, None]]:
+    return [(crc32c(v), None) for v in views]
+
+
+def _sums_hashed(views: list) -> list[tuple[int, str]]:
+    return [crc32c_and_hash(v) for v in views]
+
+
+CRC_BATCH_BYTES = 4 << 20  # a checksum task covers tensors of about this many bytes (or one larger tensor)
+
+
+def _batches(sizes: list[int]) -> list[tuple[int, int]]:
+    out, start, acc = [], 0, 0
+    for i, n in enumerate(sizes):
+        acc += n
+        if acc >= CRC_BATCH_BYTES:
+            out.append((start, i + 1))
+            start, acc = i + 1, 0
+    if start < len(sizes):
+        out.append((start, len(sizes)))
+    return out
+
+
 def direct_io_layout(prepared: list[tuple[str, torch.Tensor]], align: int) -> tuple[list, tuple[int, int] | None]:
     """The order of ``prepared`` (name, CPU tensor) in a file written with direct I/O, and where its data must start
     (``(phase, align)`` for :func:`header_bytes`): the tensors whose size is a multiple of ``align`` and whose memory has
@@ -206,14 +229,14 @@ def encode_tensors(name: str, tensors: Sequence[tuple[str, torch.Tensor]], metad
         prepared, data_phase = direct_io_layout(prepared, align)
     header, offsets = header_bytes([(n, t.dtype, t.shape, nbytes_of(t)) for n, t in prepared], metadata, data_phase)
     views = [byte_view(t) for _, t in prepared]
-    fn = _timed(crc32c_and_hash) if content_hash else _timed(lambda v: (crc32c(v), None))
-    if crc_executor is not None:
-        futures = [crc_executor.submit(fn, v) for v in views]
+    fn = _timed(_sums_hashed) if content_hash else _timed(_sums)
+    if crc_executor is not None:  # one task per batch of tensors, not one per tensor
+        futures = [crc_executor.submit(fn, views[a:b]) for a, b in _batches([len(v) for v in views])]
     else:
-        crcs = [fn(v) for v in views]
+        crcs = fn(views)
 
     def finish() -> FileRecord:
-        got = [f.result() for f in futures] if crc_executor is not None else crcs
+        got = [x for f in futures for x in f.result()] if crc_executor is not None else crcs
         base = len(header)
         return FileRecord(
             name=name,

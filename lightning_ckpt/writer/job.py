@@ -26,6 +26,7 @@ from ..format.tensorfile import CHECKSUM_SECONDS
 from ..store.base import first_free
 from ..store.fs import IO_TIMES
 from .meta import json_safe
+from .plain import write_plain
 from .snapshot import total_nbytes
 
 if TYPE_CHECKING:
@@ -185,12 +186,14 @@ class SaveJob:
                     content_hash=w.content_hash,
                 )
                 pg = w.folder_pg if w.node_local else w.pg
-                with warnings.catch_warnings():
-                    warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-                    if pg is not None and len(w.folder_ranks) > 1:
-                        dcp.save(self.tensors, storage_writer=storage_writer, planner=DefaultSavePlanner(), process_group=pg)
-                    else:
-                        dcp.save(self.tensors, storage_writer=storage_writer, planner=DefaultSavePlanner(), no_dist=True)
+                plain = None
+                if not w.node_local:  # no sharded tensor: written without DCP's planning (writer/plain.py)
+                    plain = write_plain(w, self.tx, self.tensors, state_bytes=self.state_bytes, pack_keys=pack_keys,
+                                        pack_name=storage_writer.pack_name, content_hash=w.content_hash)
+                if plain is not None:
+                    self.files, self.tensor_index = plain
+                else:
+                    self._save_dcp(storage_writer, pg)
         except BaseException as e:
             failed = e
         finally:
@@ -222,6 +225,15 @@ class SaveJob:
                 self.tx.abort()
             self._release()
             raise self._translate(failed)
+
+    def _save_dcp(self, storage_writer: LCStorageWriter, pg: Any) -> None:
+        """Sharded state (or node-local folders): DCP plans who writes which chunk."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+            if pg is not None and len(self.w.folder_ranks) > 1:
+                dcp.save(self.tensors, storage_writer=storage_writer, planner=DefaultSavePlanner(), process_group=pg)
+            else:
+                dcp.save(self.tensors, storage_writer=storage_writer, planner=DefaultSavePlanner(), no_dist=True)
 
     def _decide(self) -> Any:
         """The leader decides which tensors are reused or packed (writer/dedup.py); every rank learns it (one

@@ -163,11 +163,16 @@ def total_nbytes(tensors: dict) -> int:
     return n
 
 
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)  # neither sharded nor a DTensor: decided without an import
+
+
 def _is_sharded_tensor(t: Any) -> bool:
-    return is_sharded_tensor(t)
+    return type(t) not in _PLAIN_TYPES and is_sharded_tensor(t)
 
 
 def _as_dtensor(t: torch.Tensor):
+    if type(t) in _PLAIN_TYPES:
+        return None
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # pragma: no cover
