@@ -13,6 +13,7 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from .dcp import LCStorageReader, WholeChunks, is_model_or_optim, unwrap_dcp_error
 from .errors import CheckpointCorruptError, CheckpointError, CheckpointMismatchError
 from .format.codec import decode, encode
+from .format.gcpause import pausing
 from .format.tensorfile import dtype_from_name
 from .format.manifest import chunk_member
 from .read import Opened, check_sizes, open_checkpoint, read_state_doc
@@ -53,6 +54,7 @@ def load_tensors(ck: Opened, keys: list[str] | None = None, *, verify: bool = Tr
     return targets
 
 
+@pausing
 def load_checkpoint(path: str, map_location: Any = "cpu", *, verify: bool = True, rank: int = 0,
                     without_tensors_of: Iterable[str] = ()) -> dict:
     """Load a checkpoint written by this package as the Lightning checkpoint dictionary.
@@ -101,6 +103,7 @@ def load_checkpoint(path: str, map_location: Any = "cpu", *, verify: bool = True
     return decode(doc, get)
 
 
+@pausing
 def load_into(path: str, state: dict, *, process_group: Any = None, verify: bool = True, rank: int | None = None) -> None:
     """Load a checkpoint's tensors in place into ``state``, a (nested) dict shaped like the saved one, whose tensors
     may be plain, ``DTensor`` (FSDP2) or ``ShardedTensor``, laid out for any world size: DCP plans which bytes each
@@ -145,6 +148,7 @@ def load_into(path: str, state: dict, *, process_group: Any = None, verify: bool
         raise
 
 
+@pausing
 def load_weights(path: str, model: torch.nn.Module, *, strict: bool = True, map_location: Any = "cpu"):
     """Load the model weights of any checkpoint that has them (full, weights, partial) into ``model``.
 

@@ -31,6 +31,7 @@ from typing import Any
 
 from ..errors import CheckpointCorruptError, CheckpointFormatError
 from . import compact as _compact
+from .gcpause import pausing
 
 FORMAT_NAME = "lightning_ckpt"
 FORMAT_VERSION = 3  # the newest this release reads: 2 = tensors may live in packs of the folder's content store,
@@ -305,6 +306,7 @@ def canonical(m: dict) -> bytes:
     return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
 
 
+@pausing
 def parse_manifest(raw: bytes, where: str) -> dict:
     """Parse the bytes of a ``manifest.json``, check its digest first (when it has one: manifests written before
     the digest existed have none), then validate its structure (``where`` names it in errors)."""

@@ -23,6 +23,7 @@ from ..errors import CheckpointError, CheckpointWriteError
 from ..format import manifest as mf
 from ..format.tensorfile import byte_view, dtype_from_name, dtype_name
 from ..format.tensorfile import CHECKSUM_SECONDS
+from ..format.gcpause import pausing
 from ..store.base import first_free
 from ..store.fs import IO_TIMES
 from .meta import json_safe
@@ -128,6 +129,7 @@ class SaveJob:
                 self.header["metrics"].update(json_safe(metrics))
             return True
 
+    @pausing
     def run_logged(self) -> SaveResult:
         try:
             self.write()
@@ -283,6 +285,7 @@ class SaveJob:
             return wrapped
         return e
 
+    @pausing
     def commit(self) -> SaveResult:
         """Phase 2: manifest last, rename, latest.json, then the on-commit hooks (retention)."""
         with self._lock:

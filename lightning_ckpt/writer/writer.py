@@ -22,6 +22,7 @@ import torch.distributed as dist
 from ..dcp import is_model_or_optim
 from ..errors import CheckpointError, CheckpointWriteError
 from ..format.codec import encode, warn_unsupported
+from ..format.gcpause import pausing
 from ..store.base import owner_token
 from ..store.local import LocalStore, check_writable_dir
 from .folders import split_by_folder
@@ -181,6 +182,7 @@ class CheckpointWriter:
             return False
         return p._job.add(tags, metrics)
 
+    @pausing
     def save(
         self,
         state: dict,
