@@ -77,6 +77,43 @@ def byte_view(t: torch.Tensor) -> memoryview:
     return memoryview(flat.numpy()).cast("B")
 
 
+def byte_views(tensors: Sequence[torch.Tensor]) -> tuple[list[memoryview], list[memoryview]]:
+    """Byte views of contiguous CPU ``tensors`` (one per tensor), and the pieces that hold them back to back: tensors
+    adjacent in memory within one allocation (a snapshot's small tensors are views of one buffer,
+    ``writer/snapshot.SmallSlabs``) share one piece, so a file of many small tensors is written in a few large writes
+    and each tensor's view is a slice of its piece (no per-tensor NumPy view)."""
+    views: list = [None] * len(tensors)
+    pieces: list[memoryview] = []
+    i, n = 0, len(tensors)
+    while i < n:
+        t = tensors[i]
+        nb = nbytes_of(t)
+        start = t.data_ptr()
+        end, j = start + nb, i + 1
+        if nb and j < n and tensors[j].data_ptr() == end:
+            st = t.untyped_storage()
+            limit = st.data_ptr() + st.nbytes()
+            while j < n:
+                m = nbytes_of(tensors[j])
+                if not m or tensors[j].data_ptr() != end or end + m > limit:
+                    break
+                end, j = end + m, j + 1
+        if j == i + 1:
+            views[i] = byte_view(t)
+            pieces.append(views[i])
+        else:
+            base = torch.empty(0, dtype=torch.uint8).set_(st, start - st.data_ptr(), (end - start,))
+            run = memoryview(base.numpy()).cast("B")
+            pieces.append(run)
+            off = 0
+            for k in range(i, j):
+                m = nbytes_of(tensors[k])
+                views[k] = run[off:off + m]
+                off += m
+        i = j
+    return views, pieces
+
+
 def nbytes_of(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
@@ -228,7 +265,7 @@ def encode_tensors(name: str, tensors: Sequence[tuple[str, torch.Tensor]], metad
     if align:
         prepared, data_phase = direct_io_layout(prepared, align)
     header, offsets = header_bytes([(n, t.dtype, t.shape, nbytes_of(t)) for n, t in prepared], metadata, data_phase)
-    views = [byte_view(t) for _, t in prepared]
+    views, pieces = byte_views([t for _, t in prepared])
     fn = _timed(_sums_hashed) if content_hash else _timed(_sums)
     if crc_executor is not None:  # one task per batch of tensors, not one per tensor
         futures = [crc_executor.submit(fn, views[a:b]) for a, b in _batches([len(v) for v in views])]
@@ -247,7 +284,7 @@ def encode_tensors(name: str, tensors: Sequence[tuple[str, torch.Tensor]], metad
                      for (n, t), (b, e), (c, h) in zip(prepared, offsets, got)],
         )
 
-    return EncodedFile(name, [memoryview(header)] + views, finish)
+    return EncodedFile(name, [memoryview(header)] + pieces, finish)
 
 
 def encode_bytes(name: str, data: bytes) -> EncodedFile:

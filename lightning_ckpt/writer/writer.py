@@ -232,10 +232,11 @@ class CheckpointWriter:
         own_kept = self.mode == "sharded" or self.rank == 0
         writes_shared = self.folder_written and (self.mode == "sharded" or self.is_leader)
         writes_own = own_kept and self.folder_written
-        tensors = {
-            k: v for k, v in tensors.items()
-            if (writes_shared if is_model_or_optim(k) else own_kept)
-        }
+        if not (writes_shared and own_kept):  # (both: every tensor is kept, no per-tensor filter)
+            tensors = {
+                k: v for k, v in tensors.items()
+                if (writes_shared if is_model_or_optim(k) else own_kept)
+            }
         plan = None
         if self.dedup is not None and self.folder_written:
             if self.is_leader:
