@@ -430,41 +430,6 @@ class LCStorageReader(StorageReader):
         return True
 
 
-class _Whole:
-    """A read of one stored chunk whole into ``target`` (no DCP plan item needed)."""
-
-    __slots__ = ("target", "storage_offsets", "lengths")
-
-    def __init__(self, target: torch.Tensor, sizes: tuple[int, ...]) -> None:
-        self.target, self.storage_offsets, self.lengths = target, (0,) * len(sizes), sizes
-
-
-class WholeChunks:
-    """The planner of a load that reads every chunk of the wanted tensors whole into freshly allocated tensors: what
-    ``load_checkpoint`` does, without DCP's per-tensor planning (on the 2-core machine about 5 s of a 50,000-tensor
-    load)."""
-
-    def __init__(self, ck: Any, targets: dict[str, torch.Tensor]) -> None:
-        self.chunks: list[tuple[_Whole, _ChunkInfo]] = []
-        index = ck.m["tensors"]
-        for key, target in targets.items():
-            for c in index[key]["chunks"]:
-                offsets, sizes = tuple(c["offsets"]), tuple(c["sizes"])
-                view = target
-                if view.dim() and (any(offsets) or sizes != tuple(target.shape)):
-                    for dim, (o, n) in enumerate(zip(offsets, sizes)):
-                        view = view.narrow(dim, o, n)
-                self.chunks.append((_Whole(view, sizes), _ChunkInfo(mf.chunk_member(c), c["name"], offsets, sizes)))
-
-    @staticmethod
-    def resolve_tensor(item: _Whole) -> torch.Tensor:
-        return item.target
-
-    @staticmethod
-    def commit_tensor(item: _Whole, tensor: torch.Tensor) -> None:
-        pass
-
-
 def unwrap_dcp_error(e: BaseException) -> BaseException:
     """DCP wraps every rank's error in a ``CheckpointException``; return the first underlying one."""
     from torch.distributed.checkpoint.api import CheckpointException

@@ -10,13 +10,48 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
-from .dcp import LCStorageReader, WholeChunks, is_model_or_optim, unwrap_dcp_error
+from .dcp import LCStorageReader, _ChunkInfo, is_model_or_optim, unwrap_dcp_error
 from .errors import CheckpointCorruptError, CheckpointError, CheckpointMismatchError
 from .format.codec import decode, encode
 from .format.gcpause import pausing
 from .format.tensorfile import dtype_from_name
 from .format.manifest import chunk_member
 from .read import Opened, check_sizes, open_checkpoint, read_state_doc
+
+
+class _Whole:
+    """A read of one stored chunk whole into ``target`` (no DCP plan item needed)."""
+
+    __slots__ = ("target", "storage_offsets", "lengths")
+
+    def __init__(self, target: torch.Tensor, sizes: tuple[int, ...]) -> None:
+        self.target, self.storage_offsets, self.lengths = target, (0,) * len(sizes), sizes
+
+
+class WholeChunks:
+    """The planner of a load that reads every chunk of the wanted tensors whole into freshly allocated tensors: what
+    ``load_checkpoint`` does, without DCP's per-tensor planning (on the 2-core machine about 5 s of a 50,000-tensor
+    load)."""
+
+    def __init__(self, ck: Any, targets: dict[str, torch.Tensor]) -> None:
+        self.chunks: list[tuple[_Whole, _ChunkInfo]] = []
+        index = ck.m["tensors"]
+        for key, target in targets.items():
+            for c in index[key]["chunks"]:
+                offsets, sizes = tuple(c["offsets"]), tuple(c["sizes"])
+                view = target
+                if view.dim() and (any(offsets) or sizes != tuple(target.shape)):
+                    for dim, (o, n) in enumerate(zip(offsets, sizes)):
+                        view = view.narrow(dim, o, n)
+                self.chunks.append((_Whole(view, sizes), _ChunkInfo(chunk_member(c), c["name"], offsets, sizes)))
+
+    @staticmethod
+    def resolve_tensor(item: _Whole) -> torch.Tensor:
+        return item.target
+
+    @staticmethod
+    def commit_tensor(item: _Whole, tensor: torch.Tensor) -> None:
+        pass
 
 
 def load_tensors(ck: Opened, keys: list[str] | None = None, *, verify: bool = True,

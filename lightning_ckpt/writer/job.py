@@ -21,12 +21,12 @@ from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from ..dcp import LCStorageWriter, _FileResult, unwrap_dcp_error
 from ..errors import CheckpointError, CheckpointWriteError
 from ..format import manifest as mf
-from ..format.tensorfile import byte_view, dtype_from_name, dtype_name
 from ..format.tensorfile import CHECKSUM_SECONDS
 from ..format.gcpause import pausing
 from ..store.base import first_free
 from ..store.fs import IO_TIMES
 from .meta import json_safe
+from .folders import _unpacked
 from .plain import write_plain
 from .snapshot import total_nbytes
 
@@ -77,9 +77,6 @@ class PendingSave:
 
     def result(self, timeout: float | None = None) -> SaveResult:
         return self._future.result(timeout)
-
-
-# which content satisfies which request: a full checkpoint also serves as a weights one
 
 
 class _Abandoned(Exception):
@@ -400,16 +397,3 @@ class SaveJob:
             name=name, path=final, step=m["step"], bytes=total, snapshot_s=self.snapshot_s, write_s=write_s,
             tags=m["tags"], kind=m["kind"], metrics=dict(m["metrics"]), breakdown=dict(self.breakdown),
         )
-
-
-def _packed(t: torch.Tensor) -> tuple[str, list[int], bytes]:
-    """A CPU tensor as plain values, to hand to another rank (no tensor pickling: the snapshot buffers are views)."""
-    t = t.detach().cpu().contiguous()
-    return dtype_name(t.dtype), list(t.shape), bytes(byte_view(t))
-
-
-def _unpacked(p: tuple[str, list[int], bytes]) -> torch.Tensor:
-    dtype, shape, data = p
-    if not data:
-        return torch.empty(shape, dtype=dtype_from_name(dtype))
-    return torch.frombuffer(bytearray(data), dtype=dtype_from_name(dtype)).reshape(shape)

@@ -25,8 +25,8 @@ from ..format.codec import encode, warn_unsupported
 from ..format.gcpause import pausing
 from ..store.base import owner_token
 from ..store.local import LocalStore, check_writable_dir
-from .folders import split_by_folder
-from .job import PendingSave, SaveJob, SaveResult, _Abandoned, _packed
+from .folders import _packed, split_by_folder
+from .job import PendingSave, SaveJob, SaveResult, _Abandoned
 from .meta import background_priority, manifest_header
 from .dedup import Deduper
 from .options import check_bool, check_choice, check_seconds, format_name, validate_name_template
