@@ -1,5 +1,5 @@
 """One save of a :class:`~lightning_ckpt.writer.CheckpointWriter`: phase 1 writes every rank's files into the
-folder's transaction (through DCP), phase 2 commits it on the folder's leader (manifest last, rename, latest.json) and
+folder's transaction (``writer/plain.py`` without sharded tensors, else through DCP), phase 2 commits it on the folder's leader (manifest last, rename, latest.json) and
 runs the writer's on-commit hooks. Node-local folders add two collectives: every rank's own state is handed to every
 folder before the write, and every folder learns before the commit whether all folders were written."""
 from __future__ import annotations
@@ -29,7 +29,6 @@ from .meta import json_safe
 from .folders import _unpacked
 from .plain import write_plain
 from .snapshot import total_nbytes
-
 if TYPE_CHECKING:
     from .writer import CheckpointWriter
 
@@ -80,7 +79,7 @@ class PendingSave:
 
 
 class _Abandoned(Exception):
-    pass
+    """A save dropped before its commit (``CheckpointWriter.abandon``)."""
 
 
 class SaveJob:
@@ -93,7 +92,7 @@ class SaveJob:
         self.seq = seq
         self.name = name
         self.tensors = tensors
-        self.state_bytes = state_bytes
+        self.state_bytes = state_bytes  # (a background save's: encoded in write())
         self.header = header
         self.tags: set[str] = set(header["tags"])
         self.snapshot_s = snapshot_s
@@ -112,7 +111,7 @@ class SaveJob:
         self.breakdown: dict = {}
         # the write's progress (any thread may read it): bytes of this rank's files written so far, of about how many
         self.bytes_done = 0
-        self.bytes_total = total_nbytes(tensors) + len(state_bytes or b"")
+        self.bytes_total = total_nbytes(tensors) + (len(state_bytes) if isinstance(state_bytes, bytes) else 0)
 
     def _progress(self, n: int) -> None:
         self.bytes_done += n
@@ -145,6 +144,8 @@ class SaveJob:
         IO_TIMES.reset()
         IO_TIMES.on_bytes = self._progress
         crc0 = CHECKSUM_SECONDS[0]
+        if self.state_bytes is not None and not isinstance(self.state_bytes, bytes):  # encoded here, off the caller
+            self.state_bytes = bytes(self.state_bytes); self.bytes_total += len(self.state_bytes)  # noqa: E702
         folder = f"-n{w.folder_ranks[0]}" if w.node_local else ""  # never one partial folder for two folder groups
         # every rank of the folder writes into the same transaction: the same id, and rank 0's owner token
         self.tx = w.store.begin(self.name, tx_id=f"{w.writer_id}-{self.seq}{folder}", owner=w.owner)

@@ -8,7 +8,6 @@ either no new one or a complete one; leftover partial folders are never listed a
 from __future__ import annotations
 
 import concurrent.futures as cf
-import json
 import logging
 import os
 import threading
@@ -27,7 +26,7 @@ from ..store.base import owner_token
 from ..store.local import LocalStore, check_writable_dir
 from .folders import _packed, split_by_folder
 from .job import PendingSave, SaveJob, SaveResult, _Abandoned
-from .meta import background_priority, manifest_header
+from .meta import StateDoc, background_priority, manifest_header, state_bytes_of
 from .dedup import Deduper
 from .options import check_bool, check_choice, check_seconds, format_name, validate_name_template
 from .snapshot import HostBuffers, _as_dtensor, _is_sharded_tensor
@@ -252,7 +251,8 @@ class CheckpointWriter:
             tensors = self._buffers.snapshot(tensors)
         else:
             tensors = {k: v.detach() for k, v in tensors.items()}  # DCP copies device tensors to host as it writes
-        state_bytes = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode("utf-8") if own_kept else None
+        # the document is the writer's own (new containers, immutable leaves): a background save encodes it (StateDoc)
+        state_bytes = (StateDoc(doc) if not inline and not self.node_local else state_bytes_of(doc)) if own_kept else None
         handoff = None
         if self.node_local:  # this rank's own state, for the folders of the other nodes (see detect_folders)
             handoff = None if not own_kept else (
