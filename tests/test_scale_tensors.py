@@ -133,13 +133,12 @@ def test_two_ranks_save_20000_tensors_with_a_fixed_number_of_collectives(many_te
     info = json.loads((many_tensors / "info.json").read_text())
     assert info["world_size"] == 2
     for per_rank in info["collectives"]:
-        assert per_rank["1"] == per_rank["2"] == per_rank["3"], per_rank  # 1,000 tensors, then 20,000
-        assert sum(per_rank["2"].values()) <= 3
+        assert per_rank["1"] == per_rank["3"], per_rank  # 1,000 tensors, then 20,000
+        assert sum(per_rank["3"].values()) <= 3
     folder = many_tensors / "ckpts"
-    two = folder / "step=000002"
-    sizes = [os.path.getsize(two / f"model-rank0000{r}.safetensors") for r in (0, 1)]
-    assert min(sizes) > 0.4 * sum(sizes)  # each rank wrote about half of the replicated state
     three = folder / "step=000003"  # saved in the background, changed right after the save returned
+    sizes = [os.path.getsize(three / f"model-rank0000{r}.safetensors") for r in (0, 1)]
+    assert min(sizes) > 0.4 * sum(sizes)  # each rank wrote about half of the replicated state
     verify_checkpoint(str(three))
     out = load_checkpoint(str(three), rank=1)  # 2 -> 1: one process reads both ranks' files
     want = model(N, 3.0)
