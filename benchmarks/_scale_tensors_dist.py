@@ -1,12 +1,12 @@
 #!/usr/bin/env python
-"""Per-tensor cost with two ranks (issue 22): 2 ranks (gloo, torchrun) with ``--n`` tensors each (``--total-mb`` in
+"""Per-tensor cost with two ranks (issue 22): 2 ranks (gloo, torchrun) with ``--tensors`` tensors each (``--total-mb`` in
 all), as DDP holds them (replicated: the plain path, ``writer/plain.py``) and as FSDP2 holds them (``fully_shard``:
 DTensor shards, through DCP), against one process saving the same state; and the collectives each save ran.
 
     python benchmarks/_scale_tensors_dist.py            # launches torchrun itself; prints a table, writes JSON
 
 Per layout: durable synchronous save time (slowest rank), load time (DDP: ``load_checkpoint`` in each rank; FSDP2:
-``load_into`` the sharded state), collectives per save at ``--n`` and at ``--n // 10`` tensors (counted by wrapping
+``load_into`` the sharded state), collectives per save at ``--tensors`` and at ``--tensors // 10`` tensors (counted by wrapping
 ``torch.distributed``'s functions).
 """
 from __future__ import annotations
@@ -51,9 +51,10 @@ def _worker(a: argparse.Namespace) -> None:
         counts.clear()
         t0 = time.perf_counter()
         w.save(state, step=step).result()
+        took, ran = time.perf_counter() - t0, dict(counts)  # (before this benchmark's own collective below)
         got = [None] * world
-        dist.all_gather_object(got, time.perf_counter() - t0)
-        return max(got)
+        dist.all_gather_object(got, took)
+        return max(got), ran
 
     for layout in ("ddp", "fsdp2"):
         d = os.path.join(a.dir, layout)
@@ -69,8 +70,8 @@ def _worker(a: argparse.Namespace) -> None:
                 fully_shard(model)
                 state = {"state_dict": get_model_state_dict(model)}
             w = CheckpointWriter(d, async_save=False, dedup=False)
-            save_s = timed_save(w, state, n)
-            res[n] = {"save_s": save_s, "collectives": dict(counts)}
+            save_s, ran = timed_save(w, state, n)
+            res[n] = {"save_s": save_s, "collectives": ran}
             w.close()
             path = os.path.join(d, f"step={n:06d}")
             dist.barrier()
@@ -111,7 +112,7 @@ def run(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "dist.json")
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               os.path.abspath(__file__), "--worker", "--dir", d, "--out", out, "--n", str(args.n),
+               os.path.abspath(__file__), "--worker", "--dir", d, "--out", out, "--tensors", str(args.n),
                "--total-mb", str(args.total_mb)]
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
         subprocess.run(cmd, check=True, env=env, cwd=ROOT)
@@ -123,7 +124,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--n", type=int, default=10000, help="tensors per rank")
+    p.add_argument("--tensors", dest="n", type=int, default=10000, help="tensors per rank")
     p.add_argument("--total-mb", type=int, default=64)
     p.add_argument("--worker", action="store_true")
     p.add_argument("--dir")
