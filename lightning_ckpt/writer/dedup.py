@@ -122,20 +122,29 @@ class Deduper:
         """``leader``: the rank that commits decides; the others only note what they saw."""
         stable = set(stable)
         p = Plan()
-        is_shared = self.is_shared
+        is_shared, known, seen, strided = self.is_shared, self.known, p.seen, torch.strided
         for k, t in tensors.items():
-            if type(t) in _PLAIN:  # (the common case, without eligible's checks for sharded types)
-                if not is_shared(k):
+            if type(t) in _PLAIN:  # (the common case: signature() inlined, without eligible's checks for sharded types)
+                if not is_shared(k) or t.layout != strided:
                     continue
-            elif not eligible(k, t, is_shared):
-                continue
-            sig = signature(t)
-            if sig is None:
-                continue
-            p.seen[k] = (t, sig)
+                version = tensor_version(t)
+                if version is None:
+                    continue
+                try:
+                    ptr = t.untyped_storage().data_ptr()
+                except (RuntimeError, NotImplementedError):
+                    continue
+                sig = (t.device, t.dtype, t.shape, t.stride(), t.storage_offset(), ptr, version)
+            else:
+                if not eligible(k, t, is_shared):
+                    continue
+                sig = signature(t)
+                if sig is None:
+                    continue
+            seen[k] = (t, sig)
             if not leader:
                 continue
-            kn = self.known.get(k)
+            kn = known.get(k)
             if kn is not None and kn.sig == sig:
                 if kn.ref is not None and self._spot_check(t, kn.ref):
                     p.reuse[k] = kn.ref

@@ -233,7 +233,9 @@ def total_nbytes(tensors: dict) -> int:
     global size, whose ``numel`` it may not support)."""
     n = 0
     for t in tensors.values():
-        if isinstance(t, torch.Tensor):
+        if type(t) in _PLAIN_TYPES:
+            n += t.nbytes
+        elif isinstance(t, torch.Tensor):
             try:
                 n += math.prod(int(s) for s in t.size()) * t.dtype.itemsize
             except Exception:  # noqa: BLE001 (progress is informational)
