@@ -38,28 +38,39 @@ def model(n: int, shift: float = 0.0) -> dict[str, torch.Tensor]:
     return {f"layer{i}.weight": torch.arange(3, dtype=torch.float32) + i + shift for i in range(n)}
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory) -> str:
-    """Two background saves of 20,000 tensors of three floats (plus a few of other dtypes), each changed right after
-    its save returned; the path of the second."""
-    d = tmp_path_factory.mktemp("many")
-    sd = model(N)
-    extra = {"ids": torch.arange(5), "half": torch.ones(3, dtype=torch.bfloat16)}
-    w = CheckpointWriter(str(d), async_save=True, dedup=False)
+def background_saves(folder: str, sd: dict, steps: tuple[int, ...], extra: dict | None = None) -> tuple[str, int]:
+    """Background saves of ``sd``, each changed right after its save returned; the last path and how many host buffers
+    the writer allocated."""
+    w = CheckpointWriter(folder, async_save=True, dedup=False)
     try:
-        for step in (1, 2):
-            p = w.save({"state_dict": sd, "extra": extra}, step=step)
+        for step in steps:
+            p = w.save({"state_dict": sd, **({"extra": extra} if extra else {})}, step=step)
             for t in sd.values():  # training goes on while the save is written: the checkpoint keeps the values
                 t.add_(1000)
             path = p.result().path
             for t in sd.values():
                 t.sub_(1000)
-            # one buffer per dtype (float32, int64, bfloat16) for all 20,002 tensors: one bulk copy; reused by the
-            # second save
-            assert w._buffers.allocations == 3
+        return path, w._buffers.allocations
     finally:
         w.close()
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory) -> str:
+    """A background save of 20,000 tensors of three floats (plus a few of other dtypes), changed right after the save
+    returned."""
+    extra = {"ids": torch.arange(5), "half": torch.ones(3, dtype=torch.bfloat16)}
+    path, allocations = background_saves(str(tmp_path_factory.mktemp("many")), model(N), (1,), extra)
+    assert allocations == 3  # one buffer per dtype (float32, int64, bfloat16) for all 20,002 tensors: one bulk copy
     return path
+
+
+def test_the_host_buffers_of_many_small_tensors_are_reused(tmp_path):
+    sd = model(500)
+    path, allocations = background_saves(str(tmp_path), sd, (1, 2, 3))
+    assert allocations == 1  # laid out by the first save, reused by the next two
+    out = load_checkpoint(path)["state_dict"]
+    assert all(torch.equal(out[k], v) for k, v in sd.items())
 
 
 def test_20000_tensors_save_load_verify_merge(saved, tmp_path):
