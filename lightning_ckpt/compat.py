@@ -48,6 +48,17 @@ def shard_types() -> tuple[Any, Any]:
     return _sharded_tensor_module().Shard, ShardMetadata
 
 
+def foreach_copy(dsts: list, srcs: list) -> None:
+    """``dst.copy_(src)`` for each pair in one call (``torch._foreach_copy_``: one dispatch for many small tensors);
+    a loop where this torch lacks it."""
+    fn = getattr(torch, "_foreach_copy_", None)
+    if fn is None:
+        for d, s in zip(dsts, srcs):
+            d.copy_(s)
+    else:
+        fn(dsts, srcs)
+
+
 def check() -> None:
     """Raise when the installed torch lacks what this package uses."""
     missing = []

@@ -49,12 +49,15 @@ from .store.fs import open_member
 from .store.local import LocalTransaction
 from .store.prefetch import MIN_BYTES as PREFETCH_MIN_BYTES, Prefetcher
 
+SMALL_CHUNK = 1 << 20  # chunks below this are read by one thread, without the prefetcher's per-chunk bookkeeping
+
 # First path segment of a flat key -> file group. Everything else goes to "extra".
 GROUPS = {"state_dict": "model", "optimizer_states": "optim"}
 
 
 def group_of(key: str) -> str:
-    return GROUPS.get(key.split("/", 1)[0], "extra")
+    i = key.find("/")
+    return GROUPS.get(key if i < 0 else key[:i], "extra")
 
 
 def is_model_or_optim(key: str) -> bool:
@@ -135,47 +138,21 @@ class LCStorageWriter(StorageWriter):
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         rank = plan.storage_data if isinstance(plan.storage_data, int) else self.rank
-        by_group: dict[str, list] = defaultdict(list)
+        items = []
         for item in plan.items:
             if item.type == WriteItemType.BYTE_IO:
                 raise CheckpointError(
                     f"{item.index.fqn!r} is not a tensor; non-tensor state must go through the JSON state file"
                 )
-            fqn = item.index.fqn
-            by_group["~pack" if fqn in self.pack_keys else group_of(fqn)].append(item)
-        results: list[WriteResult] = []
-        files: list[_FileResult] = []
-        for group in sorted(by_group):
-            items = by_group[group]
-            is_pack = group == "~pack"
-            fname = self.pack_name(rank) if is_pack else mf.shard_file_name(group, rank)
-            named = []
-            for item in items:
-                t = planner.resolve_data(item)
-                assert isinstance(t, torch.Tensor)
-                t = t.detach()
-                chunk = item.tensor_data.chunk
-                is_shard = item.type == WriteItemType.SHARD or tuple(chunk.sizes) != tuple(item.tensor_data.size)
-                named.append((name_in_file(item.index.fqn, tuple(chunk.offsets), is_shard), t, item))
-            rec = self.tx.write_tensors(fname, [(n, t) for n, t, _ in named],
-                                        metadata={"format": "pt", "lightning_ckpt": str(mf.PLAIN_VERSION)},
-                                        crc_executor=self.crc_executor, content_hash=self.content_hash and is_pack)
-            by_name = {tr.name: tr for tr in rec.tensors}
-            for n, t, item in named:
-                tr = by_name[n]
-                chunk = item.tensor_data.chunk
-                info = _ChunkInfo(("pack" if is_pack else "file", fname), n, tuple(int(o) for o in chunk.offsets),
-                                  tuple(int(s) for s in chunk.sizes))
-                results.append(WriteResult(index=item.index, size_in_bytes=tr.end - tr.begin, storage_data=info))
-            files.append(_FileResult(rank, dict(_record_json(rec, rank), **({"pack": True} if is_pack else {}))))
-        states = dict(self.extra_states)
-        if self.state_bytes is not None:
-            states[rank] = self.state_bytes
-        for r in sorted(states):
-            srec = self.tx.write_bytes(mf.state_file_name(r), states[r])
-            files.append(_FileResult(r, _record_json(srec, r)))
-        if files:
-            self.tx.sync()
+            t = planner.resolve_data(item)
+            assert isinstance(t, torch.Tensor)
+            chunk = item.tensor_data.chunk
+            is_shard = item.type == WriteItemType.SHARD or tuple(chunk.sizes) != tuple(item.tensor_data.size)
+            items.append((item.index.fqn, t, tuple(chunk.offsets), tuple(chunk.sizes), is_shard, item))
+        files, written = write_rank_files(
+            self.tx, rank, items, pack_keys=self.pack_keys, pack_name=self.pack_name, state_bytes=self.state_bytes,
+            extra_states=self.extra_states, crc_executor=self.crc_executor, content_hash=self.content_hash)
+        results = [WriteResult(index=item.index, size_in_bytes=n, storage_data=info) for item, info, n in written]
         for fr in files:
             results.append(WriteResult(index=MetadataIndex(f"$file/{fr.record['name']}"), size_in_bytes=fr.record["size"], storage_data=fr))
         fut: Future[list[WriteResult]] = Future()
@@ -211,6 +188,45 @@ class LCStorageWriter(StorageWriter):
 
     def storage_meta(self):
         return None
+
+
+def write_rank_files(tx: LocalTransaction, rank: int, items: list, *, pack_keys: set[str] | frozenset = frozenset(),
+                     pack_name: Callable[[int], str] | None = None, state_bytes: bytes | None = None,
+                     extra_states: dict[int, bytes] | None = None, crc_executor: Executor | None = None,
+                     content_hash: bool = True) -> tuple[list[_FileResult], list[tuple[Any, _ChunkInfo, int]]]:
+    """Write one rank's tensors into the transaction: one safetensors file per group (model, optimizer, the rest; the
+    tensors of ``pack_keys`` into this rank's pack), then the state files, then make them durable. ``items``:
+    ``(key, tensor, offsets, sizes, is_shard, tag)``. Returns the files written and, per item, ``(tag, chunk info,
+    bytes)``. Used by :class:`LCStorageWriter` (a DCP plan) and by the writer's plain path (``writer/plain.py``)."""
+    by_group: dict[str, list] = defaultdict(list)
+    for it in items:
+        by_group["~pack" if it[0] in pack_keys else group_of(it[0])].append(it)
+    written: list[tuple[Any, _ChunkInfo, int]] = []
+    files: list[_FileResult] = []
+    for group in sorted(by_group):
+        is_pack = group == "~pack"
+        fname = pack_name(rank) if is_pack else mf.shard_file_name(group, rank)
+        named = [(name_in_file(key, offsets, is_shard), t.detach(), offsets, sizes, tag)
+                 for key, t, offsets, sizes, is_shard, tag in by_group[group]]
+        rec = tx.write_tensors(fname, [(n, t) for n, t, *_ in named],
+                               metadata={"format": "pt", "lightning_ckpt": str(mf.PLAIN_VERSION)},
+                               crc_executor=crc_executor, content_hash=content_hash and is_pack)
+        by_name = {tr.name: tr for tr in rec.tensors}
+        member = ("pack" if is_pack else "file", fname)
+        for n, t, offsets, sizes, tag in named:
+            tr = by_name[n]
+            info = _ChunkInfo(member, n, tuple(int(o) for o in offsets), tuple(int(s) for s in sizes))
+            written.append((tag, info, tr.end - tr.begin))
+        files.append(_FileResult(rank, dict(_record_json(rec, rank), **({"pack": True} if is_pack else {}))))
+    states = dict(extra_states or {})
+    if state_bytes is not None:
+        states[rank] = state_bytes
+    for r in sorted(states):
+        srec = tx.write_bytes(mf.state_file_name(r), states[r])
+        files.append(_FileResult(r, _record_json(srec, r)))
+    if files:
+        tx.sync()
+    return files, written
 
 
 def _record_json(rec: FileRecord, rank: int) -> dict:
@@ -288,9 +304,17 @@ class LCStorageReader(StorageReader):
     read_threads = max(2, min(8, os.cpu_count() or 2))
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        self.read_chunks([(item, self.storage_data[item.storage_index]) for item in plan.items], planner)
+        fut: Future[None] = Future()
+        fut.set_result(None)
+        return fut
+
+    def read_chunks(self, chunks: list[tuple[Any, _ChunkInfo]], planner: Any) -> None:
+        """Read ``(item, chunk)`` pairs: ``item.storage_offsets``/``item.lengths`` select the part of the stored chunk
+        that ``planner.resolve_tensor(item)`` receives (``planner.commit_tensor(item, tensor)`` follows). DCP's load
+        plan gives them; so does ``load.load_tensors`` without DCP (``WholeChunks``)."""
         per_file: dict[str, list] = defaultdict(list)
-        for item in plan.items:
-            info = self.storage_data[item.storage_index]
+        for item, info in chunks:
             per_file[info.file].append((item, info))
         self.ck.fetch(sorted(per_file))  # on S3: this rank downloads only the members its plan reads
         # contiguous runs of (file, offset)-sorted items, cut into buckets of about equal bytes, one per thread
@@ -302,7 +326,9 @@ class LCStorageReader(StorageReader):
                 t = entry["tensors"][info.name]
                 runs.append((fname, item, info, t["end"] - t["begin"]))
         total = sum(r[3] for r in runs)
-        n_threads = max(1, min(self.read_threads, len(runs), 1 + total // (16 << 20)))
+        # threads for the large chunks' bytes: small chunks cost Python time per chunk, which threads only contend for
+        large = sum(r[3] for r in runs if r[3] >= SMALL_CHUNK)
+        n_threads = max(1, min(self.read_threads, len(runs), 1 + large // (16 << 20)))
         buckets: list[list] = [[] for _ in range(n_threads)]
         acc, b = 0, 0
         for r in runs:
@@ -315,7 +341,8 @@ class LCStorageReader(StorageReader):
             if total >= PREFETCH_MIN_BYTES:  # fault in the host memory the readers fill next, read the files ahead
                 for key in sorted(per_file):  # (appended one by one: closed below even if a later open fails)
                     fds.append(open_member(*self.ck.where(key)[:2], self.ck.entry(key)["size"]))
-                regions = [[self._host_region(planner, item, info, key) for key, item, info, _ in bk] for bk in buckets]
+                regions = [[self._host_region(planner, item, info, key) if n >= SMALL_CHUNK else None
+                            for key, item, info, n in bk] for bk in buckets]  # (small ones: faulted in as read)
                 prefetch = Prefetcher(fds, regions, total)
             if n_threads == 1:
                 self._read_bucket(0, buckets[0], planner, prefetch)
@@ -331,9 +358,6 @@ class LCStorageReader(StorageReader):
                 prefetch.close()
             for fd in fds:
                 os.close(fd)
-        fut: Future[None] = Future()
-        fut.set_result(None)
-        return fut
 
     def _host_region(self, planner: LoadPlanner, item: Any, info: _ChunkInfo, key: Any) -> tuple[int, int] | None:
         """The host memory a chunk is read straight into (address, bytes), or None (a GPU, or through a copy)."""
@@ -354,15 +378,21 @@ class LCStorageReader(StorageReader):
         handles: dict[str, Any] = {}
         cache: dict[str, torch.Tensor] = {}
         try:
-            for i, (key, item, info, _) in enumerate(bucket):
+            for i, (key, item, info, n) in enumerate(bucket):
                 f = handles.get(key)
-                folder, fname, entry = self.ck.where(key)
-                where = os.path.join(folder, fname)
                 if f is None:
+                    folder, fname, entry = self.ck.where(key)
+                    where = os.path.join(folder, fname)
                     f = os.fdopen(open_member(folder, fname, entry["size"]), "rb", buffering=0)
                     handles[key] = f
                     self._check_header(f, key)
-                gate = (lambda upto, i=i: prefetch.wait(index, i, upto)) if prefetch is not None else None
+                    last = key
+                elif key != last:
+                    folder, fname, entry = self.ck.where(key)
+                    where, last = os.path.join(folder, fname), key
+                gate = None
+                if prefetch is not None and n >= SMALL_CHUNK:
+                    gate = lambda upto, i=i: prefetch.wait(index, i, upto)  # noqa: E731
                 self._read_item(f, where, entry, item, info, planner, cache, gate)
         finally:
             for f in handles.values():

@@ -20,6 +20,7 @@ import torch
 
 from ..errors import CheckpointCorruptError, CheckpointError
 from .checksum import crc32c, crc32c_and_hash, crc32c_combine
+from .views import byte_view, byte_views, nbytes_of  # noqa: F401 (re-exported: readers import them from here)
 
 DTYPE_TO_ST: dict[torch.dtype, str] = {
     torch.float64: "F64",
@@ -61,24 +62,6 @@ def dtype_from_name(name: str) -> torch.dtype:
         return ST_TO_DTYPE[name]
     except KeyError:
         raise CheckpointCorruptError(f"unknown tensor dtype {name!r} in a checkpoint file") from None
-
-
-def byte_view(t: torch.Tensor) -> memoryview:
-    """A zero-copy byte view of a contiguous CPU tensor."""
-    if t.device.type != "cpu":
-        raise ValueError(f"byte_view needs a CPU tensor, got one on {t.device}")
-    if not t.is_contiguous():
-        t = t.contiguous()
-    if t.numel() == 0:
-        return memoryview(b"")
-    flat = t.reshape(-1)
-    if flat.dtype != torch.uint8:
-        flat = flat.view(torch.uint8)
-    return memoryview(flat.numpy()).cast("B")
-
-
-def nbytes_of(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
 
 
 @dataclass
@@ -162,6 +145,29 @@ def _timed(fn: Callable) -> Callable:
     return run
 
 
+def _sums(views: list) -> list[tuple[int, None]]:
+    return [(crc32c(v), None) for v in views]
+
+
+def _sums_hashed(views: list) -> list[tuple[int, str]]:
+    return [crc32c_and_hash(v) for v in views]
+
+
+CRC_BATCH_BYTES = 4 << 20  # a checksum task covers tensors of about this many bytes (or one larger tensor)
+
+
+def _batches(sizes: list[int]) -> list[tuple[int, int]]:
+    out, start, acc = [], 0, 0
+    for i, n in enumerate(sizes):
+        acc += n
+        if acc >= CRC_BATCH_BYTES:
+            out.append((start, i + 1))
+            start, acc = i + 1, 0
+    if start < len(sizes):
+        out.append((start, len(sizes)))
+    return out
+
+
 def direct_io_layout(prepared: list[tuple[str, torch.Tensor]], align: int) -> tuple[list, tuple[int, int] | None]:
     """The order of ``prepared`` (name, CPU tensor) in a file written with direct I/O, and where its data must start
     (``(phase, align)`` for :func:`header_bytes`): the tensors whose size is a multiple of ``align`` and whose memory has
@@ -205,15 +211,15 @@ def encode_tensors(name: str, tensors: Sequence[tuple[str, torch.Tensor]], metad
     if align:
         prepared, data_phase = direct_io_layout(prepared, align)
     header, offsets = header_bytes([(n, t.dtype, t.shape, nbytes_of(t)) for n, t in prepared], metadata, data_phase)
-    views = [byte_view(t) for _, t in prepared]
-    fn = _timed(crc32c_and_hash) if content_hash else _timed(lambda v: (crc32c(v), None))
-    if crc_executor is not None:
-        futures = [crc_executor.submit(fn, v) for v in views]
+    views, pieces = byte_views([t for _, t in prepared])
+    fn = _timed(_sums_hashed) if content_hash else _timed(_sums)
+    if crc_executor is not None:  # one task per batch of tensors, not one per tensor
+        futures = [crc_executor.submit(fn, views[a:b]) for a, b in _batches([len(v) for v in views])]
     else:
-        crcs = [fn(v) for v in views]
+        crcs = fn(views)
 
     def finish() -> FileRecord:
-        got = [f.result() for f in futures] if crc_executor is not None else crcs
+        got = [x for f in futures for x in f.result()] if crc_executor is not None else crcs
         base = len(header)
         return FileRecord(
             name=name,
@@ -224,7 +230,7 @@ def encode_tensors(name: str, tensors: Sequence[tuple[str, torch.Tensor]], metad
                      for (n, t), (b, e), (c, h) in zip(prepared, offsets, got)],
         )
 
-    return EncodedFile(name, [memoryview(header)] + views, finish)
+    return EncodedFile(name, [memoryview(header)] + pieces, finish)
 
 
 def encode_bytes(name: str, data: bytes) -> EncodedFile:

@@ -31,7 +31,7 @@ def standalone_manifest(m: dict) -> dict:
         for c in t["chunks"]:
             if "pack" in c:
                 c["file"] = c.pop("pack")
-    out["format_version"] = mf.PLAIN_VERSION
+    out["format_version"] = mf.version_for(len(out.get("tensors") or {}), False)
     out.pop(mf.DIGEST, None)
     return out
 

@@ -43,7 +43,7 @@ WINDOW = 4096  # bytes of each spot-check window
 def signature(t: torch.Tensor) -> tuple | None:
     """What identifies an unchanged tensor between two saves, or None when it cannot be tracked (an inference tensor
     has no version counter; a tensor subclass may hide its storage)."""
-    if type(t) not in (torch.Tensor, torch.nn.Parameter) or t.layout != torch.strided:
+    if type(t) not in _PLAIN or t.layout != torch.strided:
         return None
     version = tensor_version(t)
     if version is None:
@@ -52,7 +52,11 @@ def signature(t: torch.Tensor) -> tuple | None:
         ptr = t.untyped_storage().data_ptr()
     except (RuntimeError, NotImplementedError):
         return None
-    return (str(t.device), t.dtype, tuple(t.shape), tuple(t.stride()), t.storage_offset(), ptr, version)
+    # (torch.device, torch.Size and the stride tuple compare by value: no conversion per tensor)
+    return (t.device, t.dtype, t.shape, t.stride(), t.storage_offset(), ptr, version)
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def eligible(key: str, t: Any, is_shared: Any) -> bool:
@@ -118,16 +122,29 @@ class Deduper:
         """``leader``: the rank that commits decides; the others only note what they saw."""
         stable = set(stable)
         p = Plan()
+        is_shared, known, seen, strided = self.is_shared, self.known, p.seen, torch.strided
         for k, t in tensors.items():
-            if not eligible(k, t, self.is_shared):
-                continue
-            sig = signature(t)
-            if sig is None:
-                continue
-            p.seen[k] = (t, sig)
+            if type(t) in _PLAIN:  # (the common case: signature() inlined, without eligible's checks for sharded types)
+                if not is_shared(k) or t.layout != strided:
+                    continue
+                version = tensor_version(t)
+                if version is None:
+                    continue
+                try:
+                    ptr = t.untyped_storage().data_ptr()
+                except (RuntimeError, NotImplementedError):
+                    continue
+                sig = (t.device, t.dtype, t.shape, t.stride(), t.storage_offset(), ptr, version)
+            else:
+                if not eligible(k, t, is_shared):
+                    continue
+                sig = signature(t)
+                if sig is None:
+                    continue
+            seen[k] = (t, sig)
             if not leader:
                 continue
-            kn = self.known.get(k)
+            kn = known.get(k)
             if kn is not None and kn.sig == sig:
                 if kn.ref is not None and self._spot_check(t, kn.ref):
                     p.reuse[k] = kn.ref

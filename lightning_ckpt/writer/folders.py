@@ -6,12 +6,14 @@ import os
 from datetime import timedelta
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 from ..errors import CheckpointWriteError
 from ..store.base import PROBE_PREFIX, SEP
 from ..store.fs import OPS
 from ..store.local import LocalStore
+from ..format.tensorfile import byte_view, dtype_from_name, dtype_name
 
 log = logging.getLogger("lightning_ckpt")
 
@@ -63,3 +65,16 @@ def split_by_folder(w: Any) -> None:
             w.folder_ranks, w.folder_pg = g, pg
     log.info("lightning_ckpt: %s is local to ranks %s (%d folders); each folder is committed as a whole checkpoint",
              w.dirpath, list(w.folder_ranks), len(groups))
+
+
+def _packed(t: torch.Tensor) -> tuple[str, list[int], bytes]:
+    """A CPU tensor as plain values, to hand to another rank (no tensor pickling: the snapshot buffers are views)."""
+    t = t.detach().cpu().contiguous()
+    return dtype_name(t.dtype), list(t.shape), bytes(byte_view(t))
+
+
+def _unpacked(p: tuple[str, list[int], bytes]) -> torch.Tensor:
+    dtype, shape, data = p
+    if not data:
+        return torch.empty(shape, dtype=dtype_from_name(dtype))
+    return torch.frombuffer(bytearray(data), dtype=dtype_from_name(dtype)).reshape(shape)

@@ -1,5 +1,5 @@
 """One save of a :class:`~lightning_ckpt.writer.CheckpointWriter`: phase 1 writes every rank's files into the
-folder's transaction (through DCP), phase 2 commits it on the folder's leader (manifest last, rename, latest.json) and
+folder's transaction (``writer/plain.py`` without sharded tensors, else through DCP), phase 2 commits it on the folder's leader (manifest last, rename, latest.json) and
 runs the writer's on-commit hooks. Node-local folders add two collectives: every rank's own state is handed to every
 folder before the write, and every folder learns before the commit whether all folders were written."""
 from __future__ import annotations
@@ -21,13 +21,14 @@ from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from ..dcp import LCStorageWriter, _FileResult, unwrap_dcp_error
 from ..errors import CheckpointError, CheckpointWriteError
 from ..format import manifest as mf
-from ..format.tensorfile import byte_view, dtype_from_name, dtype_name
 from ..format.tensorfile import CHECKSUM_SECONDS
+from ..format.gcpause import pausing
 from ..store.base import first_free
 from ..store.fs import IO_TIMES
 from .meta import json_safe
+from .folders import _unpacked
+from .plain import write_plain
 from .snapshot import total_nbytes
-
 if TYPE_CHECKING:
     from .writer import CheckpointWriter
 
@@ -77,11 +78,8 @@ class PendingSave:
         return self._future.result(timeout)
 
 
-# which content satisfies which request: a full checkpoint also serves as a weights one
-
-
 class _Abandoned(Exception):
-    pass
+    """A save dropped before its commit (``CheckpointWriter.abandon``)."""
 
 
 class SaveJob:
@@ -94,7 +92,7 @@ class SaveJob:
         self.seq = seq
         self.name = name
         self.tensors = tensors
-        self.state_bytes = state_bytes
+        self.state_bytes = state_bytes  # (a background save's: encoded in write())
         self.header = header
         self.tags: set[str] = set(header["tags"])
         self.snapshot_s = snapshot_s
@@ -113,7 +111,7 @@ class SaveJob:
         self.breakdown: dict = {}
         # the write's progress (any thread may read it): bytes of this rank's files written so far, of about how many
         self.bytes_done = 0
-        self.bytes_total = total_nbytes(tensors) + len(state_bytes or b"")
+        self.bytes_total = total_nbytes(tensors) + (len(state_bytes) if isinstance(state_bytes, bytes) else 0)
 
     def _progress(self, n: int) -> None:
         self.bytes_done += n
@@ -127,6 +125,7 @@ class SaveJob:
                 self.header["metrics"].update(json_safe(metrics))
             return True
 
+    @pausing
     def run_logged(self) -> SaveResult:
         try:
             self.write()
@@ -145,6 +144,8 @@ class SaveJob:
         IO_TIMES.reset()
         IO_TIMES.on_bytes = self._progress
         crc0 = CHECKSUM_SECONDS[0]
+        if self.state_bytes is not None and not isinstance(self.state_bytes, bytes):  # encoded here, off the caller
+            self.state_bytes = bytes(self.state_bytes); self.bytes_total += len(self.state_bytes)  # noqa: E702
         folder = f"-n{w.folder_ranks[0]}" if w.node_local else ""  # never one partial folder for two folder groups
         # every rank of the folder writes into the same transaction: the same id, and rank 0's owner token
         self.tx = w.store.begin(self.name, tx_id=f"{w.writer_id}-{self.seq}{folder}", owner=w.owner)
@@ -185,12 +186,14 @@ class SaveJob:
                     content_hash=w.content_hash,
                 )
                 pg = w.folder_pg if w.node_local else w.pg
-                with warnings.catch_warnings():
-                    warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-                    if pg is not None and len(w.folder_ranks) > 1:
-                        dcp.save(self.tensors, storage_writer=storage_writer, planner=DefaultSavePlanner(), process_group=pg)
-                    else:
-                        dcp.save(self.tensors, storage_writer=storage_writer, planner=DefaultSavePlanner(), no_dist=True)
+                plain = None
+                if not w.node_local:  # no sharded tensor: written without DCP's planning (writer/plain.py)
+                    plain = write_plain(w, self.tx, self.tensors, state_bytes=self.state_bytes, pack_keys=pack_keys,
+                                        pack_name=storage_writer.pack_name, content_hash=w.content_hash)
+                if plain is not None:
+                    self.files, self.tensor_index = plain
+                else:
+                    self._save_dcp(storage_writer, pg)
         except BaseException as e:
             failed = e
         finally:
@@ -222,6 +225,15 @@ class SaveJob:
                 self.tx.abort()
             self._release()
             raise self._translate(failed)
+
+    def _save_dcp(self, storage_writer: LCStorageWriter, pg: Any) -> None:
+        """Sharded state (or node-local folders): DCP plans who writes which chunk."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+            if pg is not None and len(self.w.folder_ranks) > 1:
+                dcp.save(self.tensors, storage_writer=storage_writer, planner=DefaultSavePlanner(), process_group=pg)
+            else:
+                dcp.save(self.tensors, storage_writer=storage_writer, planner=DefaultSavePlanner(), no_dist=True)
 
     def _decide(self) -> Any:
         """The leader decides which tensors are reused or packed (writer/dedup.py); every rank learns it (one
@@ -271,6 +283,7 @@ class SaveJob:
             return wrapped
         return e
 
+    @pausing
     def commit(self) -> SaveResult:
         """Phase 2: manifest last, rename, latest.json, then the on-commit hooks (retention)."""
         with self._lock:
@@ -347,7 +360,7 @@ class SaveJob:
         m["tensors"] = tensors
         if packs:
             m["packs"] = packs
-            m["format_version"] = mf.FORMAT_VERSION
+        m["format_version"] = mf.version_for(len(tensors), bool(packs))
         m["state_files"] = {str(f.rank): f.record["name"] for f in own if f.record["name"].startswith("state-")}
         total = sum(f.record["size"] for f in files)  # written by this save (its own files and its new packs)
         write_s = time.perf_counter() - self.t0
@@ -385,16 +398,3 @@ class SaveJob:
             name=name, path=final, step=m["step"], bytes=total, snapshot_s=self.snapshot_s, write_s=write_s,
             tags=m["tags"], kind=m["kind"], metrics=dict(m["metrics"]), breakdown=dict(self.breakdown),
         )
-
-
-def _packed(t: torch.Tensor) -> tuple[str, list[int], bytes]:
-    """A CPU tensor as plain values, to hand to another rank (no tensor pickling: the snapshot buffers are views)."""
-    t = t.detach().cpu().contiguous()
-    return dtype_name(t.dtype), list(t.shape), bytes(byte_view(t))
-
-
-def _unpacked(p: tuple[str, list[int], bytes]) -> torch.Tensor:
-    dtype, shape, data = p
-    if not data:
-        return torch.empty(shape, dtype=dtype_from_name(dtype))
-    return torch.frombuffer(bytearray(data), dtype=dtype_from_name(dtype)).reshape(shape)

@@ -2,6 +2,7 @@
 hyper-parameters into plain JSON; and the priority of its background threads."""
 from __future__ import annotations
 
+import json
 import os
 import platform
 import socket
@@ -116,3 +117,18 @@ def manifest_header(*, step, epoch, tags, metrics, hparams, meta, kind, save_id,
     if meta:
         h.update(json_safe(meta))
     return h
+
+
+def state_bytes_of(doc: Any) -> bytes:
+    return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode("utf-8")
+
+
+class StateDoc:
+    """A rank's non-tensor state, encoded to bytes when the background save needs them (``SaveJob.write``): off the
+    training thread (the JSON of a state of 50,000 tensors' references takes about 0.1 s)."""
+
+    def __init__(self, doc: Any) -> None:
+        self.doc = doc
+
+    def __bytes__(self) -> bytes:
+        return state_bytes_of(self.doc)

@@ -9,7 +9,6 @@ The module is one cohesive object (the writer's save, seal and commit states), a
 from __future__ import annotations
 
 import concurrent.futures as cf
-import json
 import logging
 import os
 import threading
@@ -23,11 +22,12 @@ import torch.distributed as dist
 from ..dcp import is_model_or_optim
 from ..errors import CheckpointError, CheckpointWriteError
 from ..format.codec import encode, warn_unsupported
+from ..format.gcpause import pausing
 from ..store.base import owner_token
 from ..store.local import LocalStore, check_writable_dir
-from .folders import split_by_folder
-from .job import PendingSave, SaveJob, SaveResult, _Abandoned, _packed
-from .meta import background_priority, manifest_header
+from .folders import _packed, split_by_folder
+from .job import PendingSave, SaveJob, SaveResult, _Abandoned
+from .meta import StateDoc, background_priority, manifest_header, state_bytes_of
 from .dedup import Deduper
 from .elastic import warn_restart_store
 from .options import check_bool, check_choice, check_seconds, format_name, validate_name_template
@@ -187,6 +187,7 @@ class CheckpointWriter:
             return False
         return p._job.add(tags, metrics)
 
+    @pausing
     def save(
         self,
         state: dict,
@@ -238,10 +239,11 @@ class CheckpointWriter:
         own_kept = self.mode == "sharded" or self.rank == 0
         writes_shared = self.folder_written and (self.mode == "sharded" or self.is_leader)
         writes_own = own_kept and self.folder_written
-        tensors = {
-            k: v for k, v in tensors.items()
-            if (writes_shared if is_model_or_optim(k) else own_kept)
-        }
+        if not (writes_shared and own_kept):  # (both: every tensor is kept, no per-tensor filter)
+            tensors = {
+                k: v for k, v in tensors.items()
+                if (writes_shared if is_model_or_optim(k) else own_kept)
+            }
         plan = None
         if self.dedup is not None and self.folder_written:
             if self.is_leader:
@@ -257,7 +259,8 @@ class CheckpointWriter:
             tensors = self._buffers.snapshot(tensors)
         else:
             tensors = {k: v.detach() for k, v in tensors.items()}  # DCP copies device tensors to host as it writes
-        state_bytes = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode("utf-8") if own_kept else None
+        # the document is the writer's own (new containers, immutable leaves): a background save encodes it (StateDoc)
+        state_bytes = (StateDoc(doc) if not inline and not self.node_local else state_bytes_of(doc)) if own_kept else None
         handoff = None
         if self.node_local:  # this rank's own state, for the folders of the other nodes (see detect_folders)
             handoff = None if not own_kept else (
