@@ -25,7 +25,7 @@ from ..errors import CheckpointError, CheckpointWriteError
 from ..policy.retention import RetentionRules
 from ..store import is_remote
 from ..tools.lineage import start_lineage
-from ..tools.prune import record_failed_run
+from ..tools.needed import record_failed_run, settle_resumed
 from ..writer import CheckpointWriter
 from ..writer.job import SaveResult
 from .backups import BackupLocation, Uploader
@@ -110,7 +110,10 @@ class FolderSession(Deleting):
         if w.is_leader and w.folder_written:
             try:
                 self.lock = self.store.lock({"run_id": self.run_id})
-                self.store.cleanup(everyone=True)  # this run alone writes here: every partial entry is debris
+                # holding the lock, this run alone writes here: every partial entry is debris. With locks disabled
+                # (LIGHTNING_CKPT_LOCK=0) only those of writers that are gone: the lock no longer waits, but a live
+                # writer's save is still never taken
+                self.store.cleanup(everyone=self.lock.held)
             except CheckpointError as e:
                 mine = e
         error = w.agree(None if mine is None else str(mine))
@@ -299,6 +302,11 @@ class FolderSession(Deleting):
     def _after_commit(self, res: SaveResult) -> None:
         """In the committing thread: the run's metric history, the uploads, the participants, then retention."""
         self.committed.append(res)
+        if len(self.committed) == 1 and self.resumed_from and not self.remote:
+            try:  # a run noted as failed that this one resumed or branched from is not failed any more
+                settle_resumed(self.dirpath, self.resumed_from, self.run_id)
+            except (CheckpointError, OSError) as e:
+                log.error("lightning_ckpt: could not update the failed-run note of %s: %s", self.resumed_from, e)
         line = {"step": res.step, "name": res.name, "tags": res.tags, "time": time.time(), "metrics": res.metrics}
         try:
             with open(os.path.join(self.dirpath, "metrics.jsonl"), "a") as f:
@@ -344,7 +352,7 @@ class FolderSession(Deleting):
             return  # nothing committed: nothing for prune --failed to remove
         try:
             record_failed_run(self.dirpath, self.run_id, repr(exception), time.time())
-        except OSError as e:
+        except (CheckpointError, OSError) as e:
             log.error("lightning_ckpt: could not record the failed run: %s", e)
 
     def close(self) -> None:
