@@ -33,7 +33,8 @@ class Deleting:
                 log.error("lightning_ckpt: %s could not say what to keep: %r", type(p).__name__, e)
         for up in list(self.uploaders.values()):
             names |= up.pending()  # a checkpoint waiting for its upload is never deleted locally
-        names |= set(needed(_scan(self.dirpath)[0] if ckpts is None else ckpts))
+        # a ranking rule of a live participant is left to it: it knows the saves in flight (its protect() above)
+        names |= set(needed(_scan(self.dirpath)[0] if ckpts is None else ckpts, live_rules=self.best_rules()))
         return names
 
     def delete(self, names: Iterable[str], reason: str) -> list[str]:

@@ -80,7 +80,7 @@ class FolderSession(Deleting):
         self.last_stall_s: Optional[float] = None
         self.stalls: dict[int, float] = {}  # step -> training stall of its save (seconds)
         self.committed: list[SaveResult] = []  # commits not yet reported to the loggers
-        self.resumed_from: Optional[str] = None
+        self._resumed_from: Optional[str] = None
         self.branched = False  # resumed_from is a branch point (resume_from=): a new run, even in this folder
         self._lineage: Optional[dict] = None
         self.pending_rng: Optional[dict] = None  # RNG states to restore where the saved run was (see callbacks)
@@ -120,6 +120,21 @@ class FolderSession(Deleting):
         if error is not None:
             self.close()
             raise mine if mine is not None else CheckpointWriteError(error)
+
+    @property
+    def resumed_from(self) -> Optional[str]:
+        """The checkpoint this fit resumed or branched from (None: a fresh start)."""
+        return self._resumed_from
+
+    @resumed_from.setter
+    def resumed_from(self, path: Optional[str]) -> None:
+        self._resumed_from = path
+        w = self.writer
+        if path and not self.remote and w.is_leader and w.folder_written:
+            try:  # a run noted as failed that this one resumes or branches from is not failed any more
+                settle_resumed(self.dirpath, path, self.run_id)
+            except (CheckpointError, OSError) as e:
+                log.error("lightning_ckpt: could not update the failed-run note of %s: %s", path, e)
 
     def join(self, participant: Participant, options: Optional[SaveOptions] = None) -> None:
         """Add a participant; a saving one brings its options, which must agree with the folder's."""
@@ -302,11 +317,6 @@ class FolderSession(Deleting):
     def _after_commit(self, res: SaveResult) -> None:
         """In the committing thread: the run's metric history, the uploads, the participants, then retention."""
         self.committed.append(res)
-        if len(self.committed) == 1 and self.resumed_from and not self.remote:
-            try:  # a run noted as failed that this one resumed or branched from is not failed any more
-                settle_resumed(self.dirpath, self.resumed_from, self.run_id)
-            except (CheckpointError, OSError) as e:
-                log.error("lightning_ckpt: could not update the failed-run note of %s: %s", self.resumed_from, e)
         line = {"step": res.step, "name": res.name, "tags": res.tags, "time": time.time(), "metrics": res.metrics}
         try:
             with open(os.path.join(self.dirpath, "metrics.jsonl"), "a") as f:

@@ -14,7 +14,7 @@ A live run's own protections (its resume point before its first commit, uploads 
 by its session; a live writer's partial save is never debris (its owner token names a running process).
 
 **Failed runs** are noted in ``<dirpath>/.runs/<run_id>.json`` by the session of a run that ended in an exception. A
-relaunch that resumes or branches from one of that run's checkpoints supersedes the note at its first commit
+relaunch that resumes or branches from one of that run's checkpoints supersedes the note when it resumes
 (``status: "resumed"``), and :func:`failed_runs` also counts as not failed any run one of whose checkpoints another
 run resumed from, or whose run (``lineage.run``) a later process went on with (a note left by an older release).
 Every entry read here is checked for its type first (``lstat``): ``.runs`` must be a real folder and each note a
@@ -50,9 +50,10 @@ def _ref(path: Any) -> Optional[str]:
     return os.path.basename(os.path.normpath(path)) if isinstance(path, str) and path else None
 
 
-def needed(ckpts: list) -> dict[str, str]:
+def needed(ckpts: list, live_rules: list = ()) -> dict[str, str]:
     """The checkpoints (``CheckpointInfo`` of one listing of a folder, oldest first) that no deletion may take, with
-    the reason of each (see the module's docstring)."""
+    the reason of each (see the module's docstring). ``live_rules``: ranking rules (``best_rule`` dicts) of a live
+    run's callbacks, whose current best that run protects itself (it also knows its saves still in flight)."""
     names = {c.name for c in ckpts}
     out: dict[str, str] = {}
 
@@ -68,6 +69,8 @@ def needed(ckpts: list) -> dict[str, str]:
     for line, cs in lines.items():
         add(cs[-1].name, f"the newest checkpoint of run {line!r}" if line else "the newest checkpoint of the main line")
         for rule in _best_rules(cs):
+            if rule in live_rules:
+                continue
             for c in rank_best(cs, rule["monitor"], rule.get("mode", "min"), rule.get("top_k")):
                 add(c.name, f"a current best by {rule['monitor']}")
     for c in ckpts:
@@ -170,7 +173,7 @@ def record_failed_run(dirpath: str, run_id: str, error: str, when: float) -> Non
 
 
 def settle_resumed(dirpath: str, parent: Any, by_run: str) -> Optional[str]:
-    """A run of ``dirpath`` resumed or branched from checkpoint ``parent`` and committed: when ``parent`` is a
+    """A run of ``dirpath`` resumes or branches from checkpoint ``parent``: when ``parent`` is a
     checkpoint of this folder written by a run noted as failed, supersede that note (``status: "resumed"``, by whom).
     Returns the run id whose note was superseded, else None."""
     if not isinstance(parent, str) or not parent:
