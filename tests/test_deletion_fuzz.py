@@ -152,11 +152,19 @@ class DeletionMachine(RuleBasedStateMachine):
                              self.locked)
 
     # ---------------------------------------------------------------- the writer process
-    @precondition(lambda self: self.writer is not None and self.writer.pending is None)
-    @rule(train=st.booleans(), touch=st.booleans(), loss=st.integers(0, 20))
-    def write(self, train, touch, loss):
-        got = self.writer.ask({"op": "write", "train": train, "touch": touch, "loss": loss / 4})
-        self.writer.pending = {"crc": got["crc"], "tag": got["tag"], "loss": loss / 4}
+    @precondition(lambda self: self.writer is not None)
+    @rule(saves=st.lists(st.tuples(st.booleans(), st.booleans(), st.integers(0, 20)), min_size=1, max_size=3),
+          hold=st.booleans())
+    def save(self, saves, hold):
+        """Saves committed one after the other; ``hold``: the last one stays written but not committed (a save in
+        progress while the next steps run)."""
+        for i, (train, touch, loss) in enumerate(saves):
+            if self.writer.pending is not None:
+                self.commit()
+            got = self.writer.ask({"op": "write", "train": train, "touch": touch, "loss": loss / 4})
+            self.writer.pending = {"crc": got["crc"], "tag": got["tag"], "loss": loss / 4}
+            if not (hold and i == len(saves) - 1):
+                self.commit()
 
     @precondition(lambda self: self.writer is not None and self.writer.pending is not None)
     @rule()
@@ -272,6 +280,6 @@ class DeletionMachine(RuleBasedStateMachine):
 
 
 DeletionMachine.TestCase.settings = settings(
-    max_examples=int(os.environ.get("LC_DELETE_EXAMPLES", "8")), stateful_step_count=20, deadline=None, database=None,
+    max_examples=int(os.environ.get("LC_DELETE_EXAMPLES", "8")), stateful_step_count=25, deadline=None, database=None,
     suppress_health_check=[HealthCheck.too_slow])
 TestDeletions = DeletionMachine.TestCase
