@@ -119,9 +119,16 @@ def read_notes(dirpath: str) -> dict[str, dict]:
     if d is None:
         return {}
     out: dict[str, dict] = {}
-    for e in sorted(os.listdir(d)):
+    try:
+        entries = sorted(os.listdir(d))
+    except OSError as err:
+        raise RunNotesError(f"cannot list {d} ({err.strerror or err}): nothing was deleted") from None
+    for e in entries:
         p = os.path.join(d, e)
-        st = os.lstat(p)
+        try:
+            st = os.lstat(p)
+        except FileNotFoundError:  # removed since the listing
+            continue
         if e.startswith("."):  # a temp file of a note being written (its writer's owner token in the name)
             continue
         if not stat.S_ISREG(st.st_mode) or not e.endswith(".json"):
