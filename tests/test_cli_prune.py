@@ -13,6 +13,7 @@ import torch
 from lightning_ckpt import BestMetricCheckpoint, CheckpointWriter, PeriodicCheckpoint, latest_checkpoint, list_checkpoints
 from lightning_ckpt.cli import main
 from lightning_ckpt.store.lock import LockFileError
+from lightning_ckpt.tools.needed import hold_resume_point, release_resume_point
 from lightning_ckpt.tools.prune import CheckpointProtectedError, failed_run_ids, remove_checkpoint
 from lightning_ckpt.demo import DemoModel
 
@@ -293,3 +294,18 @@ def test_failed_combined_with_keep_last(tmp_path):
     assert main(["prune", str(tmp_path), "--failed", "--keep-last", "1"]) == 0
     assert steps(tmp_path) == [4]
     assert steps(tmp_path / "other") == [10]
+
+
+def test_a_live_runs_resume_point_is_kept_before_its_first_save(tmp_path, monkeypatch):
+    """With locks disabled, a deletion in another process sees what a live run resumed from before any manifest
+    records it (the run's session notes it as running; this test's process stands for that run)."""
+    monkeypatch.setenv("LIGHTNING_CKPT_LOCK", "0")
+    make(tmp_path, LOSSES)
+    assert hold_resume_point(str(tmp_path), str(tmp_path / "step=000002"), "live")
+    assert main(["prune", str(tmp_path), "--keep-last", "1"]) == 0
+    assert steps(tmp_path) == [2, 5]
+    with pytest.raises(CheckpointProtectedError, match="live run"):
+        remove_checkpoint(str(tmp_path / "step=000002"))
+    release_resume_point(str(tmp_path), "live")  # the run ended
+    assert main(["prune", str(tmp_path), "--keep-last", "1"]) == 0
+    assert steps(tmp_path) == [5]

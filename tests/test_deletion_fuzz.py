@@ -42,7 +42,7 @@ import torch
 from lightning_ckpt import CheckpointWriter, load_checkpoint
 from lightning_ckpt.store import LocalStore
 from lightning_ckpt.tools.lineage import start_lineage
-from lightning_ckpt.tools.needed import record_failed_run, settle_resumed
+from lightning_ckpt.tools.needed import hold_resume_point, record_failed_run, settle_resumed
 
 folder, seed, parent, run_id, line, locked = sys.argv[1:7]
 parent = parent or None
@@ -52,6 +52,7 @@ if parent:
     model = {k: v.clone() for k, v in load_checkpoint(parent)["state_dict"].items()}
     step = int(json.load(open(os.path.join(parent, "manifest.json")))["step"])
     settle_resumed(folder, parent, run_id)  # as a run's session does when it resumes or branches
+    hold_resume_point(folder, parent, run_id)
 else:
     g = torch.Generator().manual_seed(int(seed))
     model = {k: torch.randn(32 + 8 * i, generator=g) for i, k in enumerate(["f0", "f1", "t0", "t1"])}
@@ -139,7 +140,7 @@ class DeletionMachine(RuleBasedStateMachine):
         self.runs = 0
         self.env = os.environ.get("LIGHTNING_CKPT_LOCK")
 
-    @initialize(locked=st.booleans(), seed=st.integers(0, 3))
+    @initialize(locked=st.sampled_from([False, False, True]), seed=st.integers(0, 3))
     def start(self, locked, seed):
         self.locked = locked
         if not locked:
@@ -193,6 +194,17 @@ class DeletionMachine(RuleBasedStateMachine):
             self.parents.add(parent)
             self.resumed_runs.add(self.expected[parent]["run_id"])
         self.launch(seed, parent, line)
+
+    @precondition(lambda self: self.writer is not None and self.expected)
+    @rule(how=st.sampled_from(["kill", "fail"]), pick=st.one_of(st.none(), st.integers(0, 100)), seed=st.integers(0, 3),
+          then=st.one_of(st.none(), st.tuples(st.one_of(st.none(), st.integers(1, 3)), st.booleans())))
+    def restart(self, how, pick, seed, then):
+        """A crash and its relaunch at once (the common case, reached in fewer steps); ``then``: a prune right after,
+        before the relaunched run recorded anything in a manifest."""
+        self.crash(how)
+        self.relaunch(pick, seed)
+        if then is not None:
+            self.prune(*then)
 
     # ---------------------------------------------------------------- deletions in this process
     def needed(self) -> set[str]:

@@ -25,7 +25,7 @@ from ..errors import CheckpointError, CheckpointWriteError
 from ..policy.retention import RetentionRules
 from ..store import is_remote
 from ..tools.lineage import start_lineage
-from ..tools.needed import record_failed_run, settle_resumed
+from ..tools.needed import hold_resume_point, record_failed_run, release_resume_point, settle_resumed
 from ..writer import CheckpointWriter
 from ..writer.job import SaveResult
 from .backups import BackupLocation, Uploader
@@ -81,6 +81,7 @@ class FolderSession(Deleting):
         self.stalls: dict[int, float] = {}  # step -> training stall of its save (seconds)
         self.committed: list[SaveResult] = []  # commits not yet reported to the loggers
         self._resumed_from: Optional[str] = None
+        self._holds = False  # a "running" note says what this run resumed from (for deletions in other processes)
         self.branched = False  # resumed_from is a branch point (resume_from=): a new run, even in this folder
         self._lineage: Optional[dict] = None
         self.pending_rng: Optional[dict] = None  # RNG states to restore where the saved run was (see callbacks)
@@ -133,6 +134,7 @@ class FolderSession(Deleting):
         if path and not self.remote and w.is_leader and w.folder_written:
             try:  # a run noted as failed that this one resumes or branches from is not failed any more
                 settle_resumed(self.dirpath, path, self.run_id)
+                self._holds = hold_resume_point(self.dirpath, path, self.run_id) or self._holds
             except (CheckpointError, OSError) as e:
                 log.error("lightning_ckpt: could not update the failed-run note of %s: %s", path, e)
 
@@ -372,6 +374,12 @@ class FolderSession(Deleting):
         except CheckpointError as e:  # already reported at the end of fit or in on_exception
             log.error("lightning_ckpt: %s", e)
         finally:
+            if self._holds:
+                self._holds = False
+                try:
+                    release_resume_point(self.dirpath, self.run_id)
+                except (CheckpointError, OSError) as e:
+                    log.error("lightning_ckpt: could not remove this run's note in %s: %s", self.dirpath, e)
             self._deleter.shutdown(wait=True)
             for up in self.uploaders.values():
                 up.stop()

@@ -31,7 +31,8 @@ from typing import Any, Optional
 from ..errors import CheckpointError
 from ..read import run_name_of
 from ..store import LocalStore
-from ..store.fs import read_member
+from ..store.base import owner_gone, owner_token
+from ..store.fs import OPS, read_member
 from .best import rank_best
 
 RUNS_DIR = ".runs"  # <dirpath>/.runs/<run_id>.json: a note left by a run that ended in an exception
@@ -50,10 +51,11 @@ def _ref(path: Any) -> Optional[str]:
     return os.path.basename(os.path.normpath(path)) if isinstance(path, str) and path else None
 
 
-def needed(ckpts: list, live_rules: list = ()) -> dict[str, str]:
+def needed(ckpts: list, live_rules: list = (), history: bool = True) -> dict[str, str]:
     """The checkpoints (``CheckpointInfo`` of one listing of a folder, oldest first) that no deletion may take, with
     the reason of each (see the module's docstring). ``live_rules``: ranking rules (``best_rule`` dicts) of a live
-    run's callbacks, whose current best that run protects itself (it also knows its saves still in flight)."""
+    run's callbacks, whose current best that run protects itself (it also knows its saves still in flight).
+    ``history=False`` (a backup location, a copy of a run folder that keeps them): not the resume and branch points."""
     names = {c.name for c in ckpts}
     out: dict[str, str] = {}
 
@@ -73,7 +75,7 @@ def needed(ckpts: list, live_rules: list = ()) -> dict[str, str]:
                 continue
             for c in rank_best(cs, rule["monitor"], rule.get("mode", "min"), rule.get("top_k")):
                 add(c.name, f"a current best by {rule['monitor']}")
-    for c in ckpts:
+    for c in ckpts if history else ():
         m = c.manifest
         add(_ref(m.get("resumed_from")), f"the checkpoint {c.name} resumed from")
         lin = m.get("lineage")
@@ -201,6 +203,40 @@ def settle_resumed(dirpath: str, parent: Any, by_run: str) -> Optional[str]:
     _write_note(dirpath, run_id, {**rec, "status": "resumed", "resumed_by": by_run,
                                   "resumed_from": os.path.basename(os.path.normpath(parent)), "resumed_time": time.time()})
     return run_id
+
+
+def hold_resume_point(dirpath: str, parent: Any, run_id: str) -> bool:
+    """A live run of ``dirpath`` resumes or branches from checkpoint ``parent`` of the same folder: note it
+    (``.runs/<run_id>.json``, ``status: "running"`` with this process's owner token) so that a deletion in another
+    process keeps it before the run's first commit records it in a manifest (:func:`live_holds`; with the folder lock
+    on, no deletion runs beside a live run anyway). Replaced by the failure note if the run fails, removed by
+    :func:`release_resume_point` when it ends. Returns whether a note was written."""
+    if not isinstance(parent, str) or not parent:
+        return False
+    if os.path.realpath(os.path.dirname(os.path.normpath(parent))) != os.path.realpath(dirpath):
+        return False
+    _write_note(dirpath, run_id, {"run_id": run_id, "status": "running", "owner": owner_token(),
+                                  "resumed_from": os.path.basename(os.path.normpath(parent)), "time": time.time()})
+    return True
+
+
+def release_resume_point(dirpath: str, run_id: str) -> None:
+    """The run ended: remove its ``running`` note (a failure note that replaced it stays)."""
+    rec = read_notes(dirpath).get(run_id)
+    if rec is not None and rec.get("status") == "running":
+        OPS.unlink(os.path.join(dirpath, RUNS_DIR, f"{run_id}.json"))
+
+
+def live_holds(dirpath: str) -> dict[str, str]:
+    """Checkpoints live runs of the folder resumed from (their ``running`` notes whose process still runs; a process
+    of another machine is never declared gone), with the reason."""
+    out: dict[str, str] = {}
+    for rec in read_notes(dirpath).values():
+        owner = rec.get("owner")
+        name = rec.get("resumed_from")
+        if rec.get("status") == "running" and isinstance(owner, str) and isinstance(name, str) and not owner_gone(owner):
+            out.setdefault(name, f"the checkpoint the live run {rec.get('run_id')} (process {owner}) resumed from")
+    return out
 
 
 def _write_note(dirpath: str, run_id: str, rec: dict) -> None:

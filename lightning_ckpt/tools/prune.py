@@ -25,6 +25,7 @@ from .needed import (  # noqa: F401 - re-exported: the failed-run notes lived he
     CheckpointProtectedError,
     failed_run_ids,
     failed_runs,
+    live_holds,
     needed,
     record_failed_run,
 )
@@ -94,7 +95,8 @@ def remove_checkpoint(path: Any, *, force: bool = False) -> None:
     lock = None if store.remote else store.lock_unless_mine({"run_id": "remove_checkpoint"})
     try:
         if not force:
-            why = needed(list_checkpoints(store.uri)).get(name)
+            holds = {} if store.remote else live_holds(store.uri)
+            why = {**holds, **needed(list_checkpoints(store.uri))}.get(name)
             if why is not None:
                 raise CheckpointProtectedError(
                     f"{path} is {why}: a run needs it, so it was not deleted. Pass force=True to delete it all the same.")
@@ -137,6 +139,8 @@ def prune(dirpath: Any, rules: RetentionRules | None, *, failed: bool = False, d
         # ---- the plan: nothing is deleted before all of it is known
         ckpts = list_checkpoints(dirpath)
         keep = needed(ckpts)
+        if not store.remote:  # what live runs resumed from and have not recorded in a manifest yet (locks disabled)
+            keep.update({n: why for n, why in live_holds(store.uri).items() if n not in keep})
         doomed: dict[str, str] = {}
         if rules is not None and (rules.has_keep_rule or rules.max_total_bytes is not None):
             for name in plan_deletions(records_of(ckpts), [rules], set(keep)):
