@@ -288,9 +288,9 @@ class Uploader:
             log.warning("lightning_ckpt: cannot list %s for retention (%r); trying again after the next upload", self.uri, e)
             return
         records = records_of(of_run(ckpts, self.run_name))
-        # what any run of the location needs stays there too (a backup copy: its newest and best; resume points too when
-        # it is the run's own folder, an s3:// dirpath)
-        protected = self._protected() | set(needed(ckpts, history=self.primary))
+        # what any run of the location needs stays there (a backup copy: the newest of each run, the rest by its own
+        # rules; the run's own folder, an s3:// dirpath: the best and every resume and branch point too)
+        protected = self._protected() | set(needed(ckpts, copy=not self.primary))
         try:  # several rule sets on one location: a checkpoint kept by any of them stays
             doomed = plan_deletions(records, rule_sets, protected)
         except ValueError as e:  # a rule ranks by a metric no checkpoint recorded: delete nothing
@@ -314,7 +314,7 @@ class Uploader:
     def _delete(self, names: list[str], reason: str, protected: Optional[set] = None) -> None:
         if protected is None:  # a deletion asked by the run (best-k): what any run of the location needs stays
             try:
-                protected = self._protected() | set(needed(list_checkpoints(self.uri), history=self.primary))
+                protected = self._protected() | set(needed(list_checkpoints(self.uri), copy=not self.primary))
             except Exception as e:  # noqa: BLE001 - cannot tell what is needed there: delete nothing now
                 log.warning("lightning_ckpt: cannot list %s (%r); not deleting %s now", self.uri, e, ", ".join(names))
                 return

@@ -51,11 +51,12 @@ def _ref(path: Any) -> Optional[str]:
     return os.path.basename(os.path.normpath(path)) if isinstance(path, str) and path else None
 
 
-def needed(ckpts: list, live_rules: list = (), history: bool = True) -> dict[str, str]:
+def needed(ckpts: list, live_rules: list = (), copy: bool = False) -> dict[str, str]:
     """The checkpoints (``CheckpointInfo`` of one listing of a folder, oldest first) that no deletion may take, with
     the reason of each (see the module's docstring). ``live_rules``: ranking rules (``best_rule`` dicts) of a live
     run's callbacks, whose current best that run protects itself (it also knows its saves still in flight).
-    ``history=False`` (a backup location, a copy of a run folder that keeps them): not the resume and branch points."""
+    ``copy=True``: a backup location, a copy of a run folder kept by its own rules (the run's folder keeps the best
+    and the history): only the newest of each run."""
     names = {c.name for c in ckpts}
     out: dict[str, str] = {}
 
@@ -70,12 +71,12 @@ def needed(ckpts: list, live_rules: list = (), history: bool = True) -> dict[str
         lines.setdefault(run_name_of(c.manifest), []).append(c)
     for line, cs in lines.items():
         add(cs[-1].name, f"the newest checkpoint of run {line!r}" if line else "the newest checkpoint of the main line")
-        for rule in _best_rules(cs):
+        for rule in _best_rules(cs) if not copy else ():
             if rule in live_rules:
                 continue
             for c in rank_best(cs, rule["monitor"], rule.get("mode", "min"), rule.get("top_k")):
                 add(c.name, f"a current best by {rule['monitor']}")
-    for c in ckpts if history else ():
+    for c in ckpts if not copy else ():
         m = c.manifest
         add(_ref(m.get("resumed_from")), f"the checkpoint {c.name} resumed from")
         lin = m.get("lineage")
