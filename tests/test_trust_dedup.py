@@ -1,0 +1,171 @@
+"""Trust in the content store (issue 19): a reuse of stored bytes is proven by content that this process computed,
+never taken from a manifest's word; ``verify`` and every load check a packed tensor's content hash as well as its
+CRC32C; entries of ``.blobs`` that are not regular files are never read or deleted as packs and never stop a
+collection; conjugate and negative views are saved alike in every mode, nested tensors refused alike; the model file
+of a standalone export holds the whole model."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from lightning_ckpt import CheckpointWriter, list_checkpoints, load_checkpoint, verify_checkpoint
+from lightning_ckpt.errors import CheckpointCorruptError
+from lightning_ckpt.format import manifest as mf
+from lightning_ckpt.format.checksum import content_hash
+from lightning_ckpt.format.tensorfile import byte_view
+from lightning_ckpt.store.blobs import BlobStore
+
+
+def packs_in(d) -> list[str]:
+    return BlobStore(str(d)).names()
+
+
+def rewrite_manifest(path: str, edit) -> None:
+    """Edit a committed manifest and seal it with a fresh digest (a forgery that passes the digest check)."""
+    p = os.path.join(path, mf.MANIFEST)
+    with open(p, "rb") as f:
+        m = json.loads(f.read())
+    edit(m)
+    with open(p, "wb") as f:
+        f.write(mf.dumps(m))
+
+
+# ------------------------------------------------------------------ .blobs entries of the wrong type
+def test_entries_of_blobs_that_are_not_regular_files_are_never_read_or_deleted_and_never_stop_a_collection(tmp_path):
+    from lightning_ckpt.policy.retention import RetentionRules
+    from lightning_ckpt.tools.prune import prune
+
+    f, t = torch.randn(64), torch.randn(8)
+    w = CheckpointWriter(tmp_path, async_save=False)
+    w.save({"state_dict": {"f": f, "t": t}}, step=0, stable=["state_dict/f"])
+    f.mul_(-1.0)  # step 1 packs f anew: step 0's pack is referenced by step 0 alone
+    w.save({"state_dict": {"f": f, "t": t}}, step=1, stable=["state_dict/f"])
+    w.close()
+    old, new = list_checkpoints(tmp_path)
+    (old_pack,) = old.manifest["packs"]
+    blobs = tmp_path / mf.BLOBS
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(b"not a pack")
+    strays = {
+        "pack-0badc0de-1-rank00000.safetensors": lambda p: p.mkdir(),
+        "pack-0badc0de-2-rank00000.safetensors": lambda p: os.mkfifo(p),
+        "pack-0badc0de-3-rank00000.safetensors": lambda p: p.symlink_to(outside),
+        "pack-0badc0de-4-rank00000.safetensors": lambda p: p.symlink_to(tmp_path / "nowhere"),
+        "pack-0badc0de-5-rank00000.safetensors": lambda p: p.symlink_to(blobs / old_pack),
+    }
+    for n, make in strays.items():
+        make(blobs / n)
+    assert sorted(packs_in(tmp_path)) == sorted([old_pack, *new.manifest["packs"]])  # only regular files are packs
+    report = prune(str(tmp_path), RetentionRules(keep_last=1))  # deletes step 0, then collects its pack
+    assert [os.path.basename(d["path"]) for d in report.deleted] == [old.name]
+    assert [os.path.basename(p["path"]) for p in report.packs] == [old_pack]
+    for n in strays:
+        assert os.path.lexists(blobs / n), f"{n} was deleted"
+    assert outside.read_bytes() == b"not a pack"
+    verify_checkpoint(new.path)
+    # a new writer's content index ignores them too
+    w = CheckpointWriter(tmp_path, async_save=False)
+    res = w.save({"state_dict": {"f": f, "t": t}}, step=2, stable=["state_dict/f"]).result()
+    w.close()
+    verify_checkpoint(res.path)
+    assert torch.equal(load_checkpoint(res.path)["state_dict"]["f"], f)
+
+
+# ------------------------------------------------------------------ reuse proven by content
+def _forge_hash(ckpt_path: str, key: str, claimed: torch.Tensor) -> None:
+    """Claim in the checkpoint's manifest that the packed tensor ``key`` has ``claimed``'s content hash (CRCs left
+    alone, digest recomputed: the manifest still passes every check but the content hash's)."""
+    def edit(m):
+        c = m["tensors"][key]["chunks"][0]
+        m["packs"][c["pack"]]["tensors"][c["name"]]["xxh128"] = content_hash(byte_view(claimed))
+    rewrite_manifest(ckpt_path, edit)
+
+
+def test_a_forged_content_hash_never_makes_a_save_reference_the_wrong_bytes(tmp_path):
+    """A manifest claims that a stored tensor has the content hash of another tensor. Before: the next process's save
+    of that other tensor referenced the stored bytes instead, and its checkpoint verified and loaded the wrong
+    weights. Now the reuse is proven by reading the bytes, and verify and load refuse the forged record."""
+    torch.manual_seed(0)
+    f, g = torch.randn(256), torch.randn(256)
+    w = CheckpointWriter(tmp_path, async_save=False)
+    w.save({"state_dict": {"w": f}}, step=1, stable=["state_dict/w"])
+    w.close()
+    (a,) = list_checkpoints(tmp_path)
+    _forge_hash(a.path, "state_dict/w", claimed=g)
+    with pytest.raises(CheckpointCorruptError, match="content hash"):
+        verify_checkpoint(a.path)
+    with pytest.raises(CheckpointCorruptError, match="content hash"):
+        load_checkpoint(a.path)
+    with pytest.raises(CheckpointCorruptError, match="content hash"):
+        load_checkpoint(a.path, verify=True)
+    assert torch.equal(load_checkpoint(a.path, verify=False)["state_dict"]["w"], f)  # the CRCs alone pass
+
+    w = CheckpointWriter(tmp_path, async_save=True)  # a resumed process: finds "g" in a's pack by its forged hash
+    res = w.save({"state_dict": {"w": g}}, step=2, stable=["state_dict/w"]).result()
+    again = w.save({"state_dict": {"w": g}}, step=3, stable=["state_dict/w"]).result()
+    w.close()
+    for r in (res, again):
+        verify_checkpoint(r.path)
+        assert torch.equal(load_checkpoint(r.path)["state_dict"]["w"], g)
+        assert not set(list_checkpoints(tmp_path)[-1].manifest["packs"]) & set(a.manifest["packs"])
+
+
+def test_an_honest_pack_found_by_hash_is_read_back_once_and_reused(tmp_path, monkeypatch):
+    """The proof costs one read of the pack per process; the packs this process wrote need none."""
+    import lightning_ckpt.writer.dedup as dedup
+
+    calls = []
+    real = dedup.check_file
+    monkeypatch.setattr(dedup, "check_file", lambda f, entry, where, *a, **k: (calls.append(where), real(f, entry, where, *a, **k)))
+    f, t = torch.randn(256), torch.randn(8)
+    w = CheckpointWriter(tmp_path, async_save=False)
+    for step in (1, 2):
+        t.add_(1.0)
+        w.save({"state_dict": {"f": f, "t": t}}, step=step, stable=["state_dict/f"])
+    w.close()
+    assert calls == []  # its own pack: known, never read back
+    (pack,) = packs_in(tmp_path)
+    w = CheckpointWriter(tmp_path, async_save=False)
+    for step in (3, 4, 5):
+        t.add_(1.0)
+        res = w.save({"state_dict": {"f": f, "t": t}}, step=step, stable=["state_dict/f"]).result()
+    w.close()
+    assert [os.path.basename(c) for c in calls] == [pack]
+    assert packs_in(tmp_path) == [pack]
+    assert set(list_checkpoints(tmp_path)[-1].manifest["packs"]) == {pack}
+    verify_checkpoint(res.path)
+
+
+# ------------------------------------------------------------------ conjugate and negative views, nested tensors
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+@pytest.mark.parametrize("dedup", [True, False], ids=["dedup", "plain"])
+def test_conjugate_and_negative_views_are_saved_alike_and_nested_tensors_refused_alike(tmp_path, async_save, dedup):
+    """Before: a sync save of ``z.conj()`` failed with a torch RuntimeError while a background one round-tripped it,
+    and with dedup the second background save stopped training with a RuntimeError; a nested tensor failed with a
+    different raw error in each mode. Now every mode stores the views' values, and refuses a nested tensor at the
+    first save with one clear ValueError, the writer still usable after it."""
+    z = torch.randn(16, dtype=torch.complex64)
+    r = torch.randn(16)
+    w = CheckpointWriter(tmp_path, async_save=async_save, dedup=dedup)
+
+    def sd():
+        return {"conj": z.conj(), "neg": z.conj().imag, "negview": torch._neg_view(r), "plain": r}
+
+    stable = [f"state_dict/{k}" for k in sd()]
+    for step in range(3):
+        res = w.save({"state_dict": sd()}, step=step, stable=stable).result()
+        got = load_checkpoint(res.path)["state_dict"]
+        for k, v in sd().items():
+            assert not got[k].is_conj() and not got[k].is_neg()
+            assert torch.equal(got[k], v.resolve_conj().resolve_neg()), (step, k)
+    for bad in (torch.nested.nested_tensor([torch.randn(3), torch.randn(5)]),
+                torch.nested.nested_tensor([torch.randn(3), torch.randn(5)], layout=torch.jagged)):
+        with pytest.raises(ValueError, match="nested tensor.*unbind"):
+            w.save({"state_dict": {"n": bad, "plain": r}}, step=9, stable=["state_dict/n"])
+    res = w.save({"state_dict": sd()}, step=10, stable=stable).result()  # the refusal left the writer usable
+    w.close()
+    verify_checkpoint(res.path)
+    assert [c.step for c in list_checkpoints(tmp_path)] == [0, 1, 2, 10]
