@@ -169,3 +169,52 @@ def test_conjugate_and_negative_views_are_saved_alike_and_nested_tensors_refused
     w.close()
     verify_checkpoint(res.path)
     assert [c.step for c in list_checkpoints(tmp_path)] == [0, 1, 2, 10]
+
+
+# ------------------------------------------------------------------ the model file of a standalone export
+def test_the_model_file_of_a_standalone_export_alone_holds_the_whole_model(tmp_path, capsys):
+    """With dedup, a checkpoint's own model file lacks what its packs hold (frozen parameters and buffers even in the
+    first checkpoint; every unchanged tensor later). Before: ``export --standalone`` copied the packs as files of
+    their own, so its ``model-rank00000.safetensors`` lacked them too. Now that one file is the whole state dict."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from lightning_ckpt.cli import main
+
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.BatchNorm1d(32), torch.nn.Linear(32, 2))
+    model[0].requires_grad_(False)
+    model[1].eval()  # its running statistics are buffers that stay as they are
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad])
+    stable = [f"state_dict/{k}" for k, v in model.state_dict().items() if not v.requires_grad]
+    run, out = tmp_path / "run", tmp_path / "out"
+    w = CheckpointWriter(run, async_save=False)
+    expected = {}
+    for step, train in ((0, False), (1, True), (2, False)):  # step 2: nothing changed, everything is in packs
+        if train:
+            model(torch.randn(4, 32)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+        res = w.save({"state_dict": model.state_dict(), "optimizer_states": [opt.state_dict()]}, step=step,
+                     stable=stable).result()
+        expected[res.name] = {k: v.clone() for k, v in model.state_dict().items()}
+    w.close()
+    for c in list_checkpoints(run):
+        own = os.path.join(c.path, "model-rank00000.safetensors")
+        assert set(load_file(own) if os.path.exists(own) else {}) < set(expected[c.name])  # what the docs say
+        assert main(["export", "--standalone", c.path, str(out)]) == 0
+    shutil.rmtree(run)  # nothing of the source is left: no content store
+    capsys.readouterr()
+    for name, want in expected.items():
+        files = os.listdir(out / name)
+        assert "model-rank00000.safetensors" in files and not [f for f in files if f.startswith("pack-")], files
+        got = load_file(str(out / name / "model-rank00000.safetensors"))
+        assert set(got) == set(want), name
+        for k, v in want.items():
+            assert torch.equal(got[k], v), (name, k)
+        verify_checkpoint(str(out / name))
+        loaded = load_checkpoint(str(out / name))
+        assert all(torch.equal(loaded["state_dict"][k], v) for k, v in want.items())
+        m = json.loads((out / name / mf.MANIFEST).read_bytes())
+        assert m["format_version"] == mf.PLAIN_VERSION and "packs" not in m
