@@ -102,6 +102,14 @@ def test_a_forged_content_hash_never_makes_a_save_reference_the_wrong_bytes(tmp_
     with pytest.raises(CheckpointCorruptError, match="content hash"):
         load_checkpoint(a.path, verify=True)
     assert torch.equal(load_checkpoint(a.path, verify=False)["state_dict"]["w"], f)  # the CRCs alone pass
+    from lightning_ckpt.tools.merge import merge_checkpoint
+    from lightning_ckpt.tools.standalone import export_standalone
+
+    with pytest.raises(CheckpointCorruptError, match="content hash"):
+        merge_checkpoint(a.path, str(tmp_path / "merged.safetensors"))
+    with pytest.raises(CheckpointCorruptError, match="content hash"):
+        export_standalone(a.path, tmp_path / "copy")
+    assert not os.path.exists(tmp_path / "copy" / a.name)
 
     w = CheckpointWriter(tmp_path, async_save=True)  # a resumed process: finds "g" in a's pack by its forged hash
     res = w.save({"state_dict": {"w": g}}, step=2, stable=["state_dict/w"]).result()

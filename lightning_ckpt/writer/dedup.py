@@ -207,7 +207,8 @@ class Deduper:
         """The pack's bytes are what ``ref.entry`` (the record the new manifest will carry) says: known to this
         process, or read back now and checked whole (its header, every CRC32C, every XXH3-128), once per pack and
         record. A pack that fails is refused for the rest of the process, with a warning."""
-        if self._proven.get(ref.pack) == ref.entry:
+        known = self._proven.get(ref.pack)
+        if known is not None and (known is ref.entry or known == ref.entry):  # (the index shares one record per pack)
             return True
         if ref.pack in self._refused:
             return False
