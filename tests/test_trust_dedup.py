@@ -97,6 +97,9 @@ def test_a_forged_content_hash_never_makes_a_save_reference_the_wrong_bytes(tmp_
     _forge_hash(a.path, "state_dict/w", claimed=g)
     with pytest.raises(CheckpointCorruptError, match="content hash"):
         verify_checkpoint(a.path)
+    from lightning_ckpt.cli import main
+
+    assert main(["verify", a.path]) != 0
     with pytest.raises(CheckpointCorruptError, match="content hash"):
         load_checkpoint(a.path)
     with pytest.raises(CheckpointCorruptError, match="content hash"):
