@@ -229,3 +229,37 @@ def test_the_model_file_of_a_standalone_export_alone_holds_the_whole_model(tmp_p
         assert all(torch.equal(loaded["state_dict"][k], v) for k, v in want.items())
         m = json.loads((out / name / mf.MANIFEST).read_bytes())
         assert m["format_version"] == mf.PLAIN_VERSION and "packs" not in m
+
+
+def test_a_pull_replaces_what_is_not_a_pack_under_a_packs_name_and_never_writes_through_a_link(tmp_path):
+    """The copy of pulled packs into the local content store checked whether a pack was there with ``isfile``, which
+    follows links: a link under the pack's name was kept, and the pulled checkpoint could not be read."""
+    from lightning_ckpt.errors import CheckpointError
+    from lightning_ckpt.store import LocalStore
+    from lightning_ckpt.tools.transfer import _copy_packs
+
+    src = tmp_path / "src"
+    w = CheckpointWriter(src, async_save=False)
+    res = w.save({"state_dict": {"f": torch.randn(64)}}, step=1, stable=["state_dict/f"]).result()
+    w.close()
+    packs = list_checkpoints(src)[0].manifest["packs"]
+    (pack,) = packs
+    cache = src / mf.BLOBS  # (stands for the S3 read cache the packs were downloaded into, checked)
+    dest = tmp_path / "dest"
+    (dest / mf.BLOBS).mkdir(parents=True)
+    (dest / "elsewhere").write_bytes(b"x" * int(packs[pack]["size"]))
+    (dest / mf.BLOBS / pack).symlink_to(dest / "elsewhere")
+    _copy_packs(str(cache), LocalStore(dest), packs)
+    assert not os.path.islink(dest / mf.BLOBS / pack)
+    assert (dest / mf.BLOBS / pack).read_bytes() == (cache / pack).read_bytes()
+    assert (dest / "elsewhere").read_bytes() == b"x" * int(packs[pack]["size"])
+    (dest / mf.BLOBS / pack).unlink()
+    (dest / mf.BLOBS / pack).mkdir()
+    with pytest.raises(CheckpointError, match="is a folder"):
+        _copy_packs(str(cache), LocalStore(dest), packs)
+    other = tmp_path / "other"
+    (other / "real").mkdir(parents=True)
+    (other / mf.BLOBS).symlink_to(other / "real")
+    with pytest.raises(CheckpointError, match="not a folder"):
+        _copy_packs(str(cache), LocalStore(other), packs)
+    assert not os.listdir(other / "real")
