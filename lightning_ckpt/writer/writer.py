@@ -114,6 +114,13 @@ class CheckpointWriter:
         self.fsync = fsync
         self.auto_seal = auto_seal
         self._buffers = HostBuffers()
+        self._key_fn = None
+        if self.world_size > 1:
+            # model and optimizer tensors are the same on every rank (DDP) or sharded (FSDP); anything else (RNG
+            # states, callback tensors) is this rank's own and must not be deduplicated against the other ranks'
+            prefix = f"rank{self.rank:05d}/"
+            self._key_fn = lambda k: k if is_model_or_optim(k) else prefix + k  # noqa: E731
+        self._encoded: dict = {}  # codec.encode's memory of the state's structure (same key_fn at every save)
         self._executor = (
             cf.ThreadPoolExecutor(1, thread_name_prefix="lightning_ckpt-writer", initializer=background_priority)
             if self.async_save else None
@@ -221,13 +228,7 @@ class CheckpointWriter:
         self._wait_inflight()
         self.raise_if_failed()
         t0 = time.perf_counter()
-        key_fn = None
-        if self.world_size > 1:
-            # model and optimizer tensors are the same on every rank (DDP) or sharded (FSDP); anything else (RNG
-            # states, callback tensors) is this rank's own and must not be deduplicated against the other ranks'
-            prefix = f"rank{self.rank:05d}/"
-            key_fn = lambda k: k if is_model_or_optim(k) else prefix + k  # noqa: E731
-        doc, tensors = encode(state, on_unsupported=warn_unsupported, key_fn=key_fn)
+        doc, tensors = encode(state, on_unsupported=warn_unsupported, key_fn=self._key_fn, cache=self._encoded)
         if self.node_local and any(_as_dtensor(v) is not None or _is_sharded_tensor(v) for v in tensors.values()):
             raise CheckpointWriteError(
                 f"{self.dirpath} is local to each node, but this model's state is sharded across ranks (FSDP or "
