@@ -245,20 +245,28 @@ class CheckpointWriter:
                 k: v for k, v in tensors.items()
                 if (writes_shared if is_model_or_optim(k) else own_kept)
             }
+        inline = self._executor is None or sync
+        # a background save copies the small CPU tensors in bulk (writer/snapshot.py): their deduplication is planned
+        # in the background from the snapshot (Deduper.observe/finish); the others' on this thread, as a sync save's
+        sel = None if inline else self._buffers.select(tensors)
+        rest = tensors if sel is None else sel.rest
         plan = None
         if self.dedup is not None and self.folder_written:
             if self.is_leader:
-                plan = self.dedup.plan(tensors, stable)
+                plan = self.dedup.plan(rest, stable)
                 skip = set(plan.reuse)
             else:
-                skip = self.dedup.follower_plan(tensors)
-                plan = self.dedup.plan(tensors, (), leader=False)
+                skip = self.dedup.follower_plan(rest)
+                plan = self.dedup.plan(rest, (), leader=False)
             if skip:  # unchanged and already stored: not even snapshotted
-                tensors = {k: v for k, v in tensors.items() if k not in skip}
-        inline = self._executor is None or sync
-        if not inline:
-            tensors = self._buffers.snapshot(tensors)
-        else:
+                rest = {k: v for k, v in rest.items() if k not in skip}
+            if sel is not None and sel.keys:
+                self.dedup.observe(plan, sel.keys, sel.srcs, stable)
+        if sel is not None:
+            tensors = self._buffers.copy(sel, rest)
+        elif rest is not tensors:
+            tensors = rest
+        if inline:
             tensors = {k: v.detach() for k, v in tensors.items()}  # DCP copies device tensors to host as it writes
         # the document is the writer's own (new containers, immutable leaves): a background save encodes it (StateDoc)
         state_bytes = (StateDoc(doc) if not inline and not self.node_local else state_bytes_of(doc)) if own_kept else None
