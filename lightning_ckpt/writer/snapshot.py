@@ -218,6 +218,7 @@ class SmallSlabs:
         self.keys: list[str] = []
         self.views: list[torch.Tensor] = []
         self.slabs: list[torch.Tensor] = []
+        self.flat_1d: list[tuple[list[int], torch.Tensor]] | None = None  # (positions, buffer) per dtype
 
     def select(self, tensors: dict[str, torch.Tensor]) -> Selection:
         keys, vals = list(tensors), list(tensors.values())
@@ -250,7 +251,13 @@ class SmallSlabs:
     def copy(self, srcs: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """Copies of the selected tensors (key -> view), in one ``_foreach_copy_``."""
         with torch.no_grad():
-            foreach_copy(self.views, srcs)
+            if self.flat_1d is None:
+                foreach_copy(self.views, srcs)
+            elif len(self.flat_1d) == 1:  # one dtype, every tensor 1-D: one torch.cat into its buffer
+                torch.cat(srcs, out=self.flat_1d[0][1])
+            else:
+                for picked, flat in self.flat_1d:
+                    torch.cat([srcs[i] for i in picked], out=flat)
         return dict(zip(self.keys, self.views))
 
     def _allocate(self, keys: list[str], srcs: list[torch.Tensor]) -> None:
@@ -266,6 +273,10 @@ class SmallSlabs:
             pos[t.dtype] = p + n
         self.keys, self.views, self.slabs = keys, views, [f.view(torch.uint8) for f in flat.values()]
         self.owner.allocations += len(flat)
+        # every tensor 1-D (biases, norms; all of a flat state): torch.cat into each dtype's buffer copies the same
+        # bytes as _foreach_copy_ into the views, in about half the time (no per-tensor TensorIterator)
+        if all(t.dim() == 1 for t in srcs):
+            self.flat_1d = [([i for i, t in enumerate(srcs) if t.dtype == dt], f) for dt, f in flat.items()]
 
 
 def total_nbytes(tensors: dict) -> int:
