@@ -268,7 +268,8 @@ class CheckpointWriter:
             tensors = rest
         if inline:
             tensors = {k: v.detach() for k, v in tensors.items()}  # DCP copies device tensors to host as it writes
-        # the document is the writer's own (new containers, immutable leaves): a background save encodes it (StateDoc)
+        # the document is the writer's own (its containers or its encode cache's, never changed; immutable leaves):
+        # a background save encodes it (StateDoc)
         state_bytes = (StateDoc(doc) if not inline and not self.node_local else state_bytes_of(doc)) if own_kept else None
         handoff = None
         if self.node_local:  # this rank's own state, for the folders of the other nodes (see detect_folders)
