@@ -15,7 +15,7 @@ from lightning_ckpt.format.codec import encode
 from lightning_ckpt.writer import CheckpointWriter
 from lightning_ckpt.writer.dedup import Deduper
 
-N = 3000
+N = 2000
 STABLE = [f"state_dict/layer{i}.weight" for i in range(100)]  # frozen: never changed
 
 
@@ -39,7 +39,7 @@ def reused(c) -> set[str]:
 
 
 def test_a_background_save_keeps_the_state_at_save_when_training_changes_every_tensor_before_it_runs(tmp_path):
-    """3,000 tensors, deduplicated: each save is held back in the writer's thread until training changed every
+    """2,000 tensors, deduplicated: each save is held back in the writer's thread until training changed every
     trainable tensor (and, once, one of them through ``.data``, which skips the version counter), so the background
     thread sees only later values; the checkpoints hold the values at each save(), and a tensor changed after a save
     is never reused from the store afterwards."""
