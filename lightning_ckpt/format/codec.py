@@ -65,14 +65,39 @@ def _allowed_type(name: str) -> Any:
     return name
 
 
+_PLAIN_TENSORS = frozenset((torch.Tensor, torch.nn.Parameter))
+
+
 def encode(
     obj: Any,
     on_unsupported: Callable[[str, Any], None] | None = None,
     key_fn: Callable[[str], str] | None = None,
+    cache: dict | None = None,
 ) -> tuple[Any, dict[str, torch.Tensor]]:
-    """``key_fn`` may rename tensor keys (the writer prefixes a rank's own tensors with its rank)."""
+    """``key_fn`` may rename tensor keys (the writer prefixes a rank's own tensors with its rank).
+
+    ``cache``: a dict the caller keeps between calls with the same ``key_fn`` (the writer keeps one). A mapping of
+    string keys whose values are all plain tensors (a model's ``state_dict``) is then encoded in bulk: its document
+    and tensor keys are remembered by path and reused while its keys stay the same (one list comparison, the tensors
+    taken with one ``zip``), instead of being built per tensor at every save. The document returned shares those
+    remembered parts: treat it as read-only."""
     tensors: dict[str, torch.Tensor] = {}
     kf = key_fn or (lambda k: k)
+
+    def bulk(x: Any, path: tuple[str, ...]) -> Any:
+        vals = list(x.values())
+        if len(path) >= MAX_DEPTH or not set(map(type, vals)) <= _PLAIN_TENSORS:
+            return None
+        keys = list(x)
+        hit = cache.get(path)
+        if hit is None or hit[0] != keys:
+            if not all(isinstance(k, str) and not k.startswith("$") for k in keys):
+                return None
+            prefix = join_key(path) + SEP if path else ""
+            tkeys = [kf(prefix + escape(k)) for k in keys]
+            hit = cache[path] = (keys, {k: {"$t": tk} for k, tk in zip(keys, tkeys)}, tkeys)
+        tensors.update(zip(hit[2], vals))
+        return hit[1]
 
     def enc(x: Any, path: tuple[str, ...]) -> Any:
         if len(path) > MAX_DEPTH:
@@ -98,6 +123,10 @@ def encode(
                 return float(x)
             return {"$float": repr(x)}
         if isinstance(x, Mapping):
+            if cache is not None and len(x) > 1:
+                doc = bulk(x, path)
+                if doc is not None:
+                    return doc
             items = list(x.items())
             if all(isinstance(k, str) and not k.startswith("$") for k, _ in items):
                 return {k: enc(v, path + (k,)) for k, v in items}

@@ -28,6 +28,8 @@ import logging
 import os
 import random
 import stat
+from itertools import compress
+from operator import attrgetter, methodcaller
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -56,14 +58,24 @@ def signature(t: torch.Tensor) -> tuple | None:
     if version is None:
         return None
     try:
-        ptr = t.untyped_storage().data_ptr()
+        ptr = t.data_ptr()
     except (RuntimeError, NotImplementedError):
         return None
-    # (torch.device, torch.Size and the stride tuple compare by value: no conversion per tensor)
+    # (torch.device, torch.Size and the stride tuple compare by value: no conversion per tensor.) The data pointer
+    # (storage start + offset) names the storage as well as its start would: the tensor remembered with the signature
+    # keeps its storage alive, so no other storage can start where it does.
     return (t.device, t.dtype, t.shape, t.stride(), t.storage_offset(), ptr, version)
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+_VERSION, _DATA_PTR = attrgetter("_version"), methodcaller("data_ptr")
+
+
+def _data_ptr(t: torch.Tensor) -> int | None:
+    try:
+        return t.data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return None
 
 
 def eligible(key: str, t: Any, is_shared: Any) -> bool:
@@ -98,6 +110,10 @@ class Plan:
     reuse: dict[str, Ref] = field(default_factory=dict)  # unchanged since the previous save, already in a pack
     candidates: set[str] = field(default_factory=set)  # for the pack, unless found in the store by hash
     seen: dict[str, tuple[torch.Tensor, tuple]] = field(default_factory=dict)  # key -> (tensor, signature)
+    # tensors snapshotted in bulk whose planning ``finish`` completes in the background: (keys, tensors, version
+    # counters, data pointers), the last two read on the training thread at save(); and the save's stable keys
+    later: tuple | None = None
+    stable: frozenset = frozenset()
 
 
 @dataclass
@@ -127,6 +143,7 @@ class Deduper:
         # every checksum and content hash); packs whose bytes failed that check are not referenced by this process
         self._proven: dict[str, dict] = {}
         self._refused: set[str] = set()
+        self._shared: tuple[list[str] | None, list[bool]] = (None, [])  # observe(): is_shared of the last key list
 
     # ---------------------------------------------------------------- the training thread
     def plan(self, tensors: dict[str, Any], stable: Iterable[str], *, leader: bool = True) -> Plan:
@@ -142,7 +159,7 @@ class Deduper:
                 if version is None:
                     continue
                 try:
-                    ptr = t.untyped_storage().data_ptr()
+                    ptr = t.data_ptr()
                 except (RuntimeError, NotImplementedError):
                     continue
                 sig = (t.device, t.dtype, t.shape, t.stride(), t.storage_offset(), ptr, version)
@@ -164,6 +181,56 @@ class Deduper:
             elif kn is None and k in stable:
                 p.candidates.add(k)
         return p
+
+    def observe(self, plan: Plan, keys: list[str], tensors: list[torch.Tensor], stable: Iterable[str]) -> None:
+        """The training thread's part for tensors snapshotted in bulk (small plain CPU tensors, already known to be
+        dense and in memory): only what training may change right after save() returns is read now, their version
+        counters and data pointers, with one ``map`` each; :meth:`finish` does the rest in the background. Which
+        keys take part (``is_shared``) is remembered for the same key list."""
+        if self._shared[0] != keys:
+            self._shared = (keys, [self.is_shared(k) for k in keys])
+        mask = self._shared[1]
+        if not all(mask):
+            keys, tensors = list(compress(keys, mask)), list(compress(tensors, mask))
+        try:
+            versions = list(map(_VERSION, tensors))
+        except RuntimeError:  # an inference tensor has no version counter: it is not tracked
+            versions = [tensor_version(t) for t in tensors]
+        try:
+            ptrs = list(map(_DATA_PTR, tensors))
+        except (RuntimeError, NotImplementedError):
+            ptrs = [_data_ptr(t) for t in tensors]
+        plan.later, plan.stable = (keys, tensors, versions, ptrs), frozenset(stable)
+
+    def finish(self, plan: Plan, snapshot: dict[str, torch.Tensor], *, leader: bool = True) -> set[str]:
+        """The background thread's part of :meth:`observe`: the signatures (dtype and shape from the snapshot, taken
+        at save(); strides and offset now: they change only with the data pointer or the version counter, or through
+        ``.data =``, which the spot check catches as it catches writes through ``.data``) and the same decisions as
+        :meth:`plan`, spot checks made on the snapshot (the bytes as they were at save()). Returns the keys a rank
+        that does not commit leaves out (unchanged since they went into the store)."""
+        later, plan.later = plan.later, None
+        skip: set[str] = set()
+        if later is None:
+            return skip
+        known, seen, stable, cpu = self.known, plan.seen, plan.stable, torch.device("cpu")
+        for k, t, version, ptr in zip(*later):
+            view = snapshot.get(k)
+            if version is None or ptr is None or view is None:
+                continue
+            sig = (cpu, view.dtype, view.shape, t.stride(), t.storage_offset(), ptr, version)
+            seen[k] = (t, sig)
+            kn = known.get(k)
+            if not leader:
+                if kn is not None and kn.sig == sig:
+                    skip.add(k)
+            elif kn is not None and kn.sig == sig:
+                if kn.ref is not None and self._spot_check(view, kn.ref):
+                    plan.reuse[k] = kn.ref
+                else:
+                    plan.candidates.add(k)
+            elif kn is None and k in stable:
+                plan.candidates.add(k)
+        return skip
 
     def _spot_check(self, t: torch.Tensor, ref: Ref) -> bool:
         """Three windows of the live tensor equal the stored bytes (catches a change made through ``.data``, which

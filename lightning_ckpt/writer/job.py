@@ -59,9 +59,7 @@ class PendingSave:
     """
 
     def __init__(self, job: "SaveJob", future: cf.Future, step: int) -> None:
-        self._job = job
-        self._future = future
-        self.step = step
+        self._job, self._future, self.step = job, future, step
 
     @property
     def kind(self) -> str:
@@ -78,8 +76,8 @@ class PendingSave:
         return self._future.result(timeout)
 
 
-class _Abandoned(Exception):
-    """A save dropped before its commit (``CheckpointWriter.abandon``)."""
+class _Abandoned(Exception):  # a save dropped before its commit (CheckpointWriter.abandon)
+    pass
 
 
 class SaveJob:
@@ -110,8 +108,7 @@ class SaveJob:
         self.t0 = time.perf_counter()
         self.breakdown: dict = {}
         # the write's progress (any thread may read it): bytes of this rank's files written so far, of about how many
-        self.bytes_done = 0
-        self.bytes_total = total_nbytes(tensors) + (len(state_bytes) if isinstance(state_bytes, bytes) else 0)
+        self.bytes_done = self.bytes_total = 0  # (the total is counted in write(), off the training thread)
 
     def _progress(self, n: int) -> None:
         self.bytes_done += n
@@ -145,7 +142,8 @@ class SaveJob:
         IO_TIMES.on_bytes = self._progress
         crc0 = CHECKSUM_SECONDS[0]
         if self.state_bytes is not None and not isinstance(self.state_bytes, bytes):  # encoded here, off the caller
-            self.state_bytes = bytes(self.state_bytes); self.bytes_total += len(self.state_bytes)  # noqa: E702
+            self.state_bytes = bytes(self.state_bytes)
+        self.bytes_total = total_nbytes(self.tensors) + len(self.state_bytes or b"")
         folder = f"-n{w.folder_ranks[0]}" if w.node_local else ""  # never one partial folder for two folder groups
         # every rank of the folder writes into the same transaction: the same id, and rank 0's owner token
         self.tx = w.store.begin(self.name, tx_id=f"{w.writer_id}-{self.seq}{folder}", owner=w.owner)
@@ -168,8 +166,7 @@ class SaveJob:
             pack_keys: set[str] = set()
             if self.plan is not None:
                 collective_failed = True
-                self.decision = self._decide()
-                collective_failed = False
+                self.decision, collective_failed = self._decide(), False
                 self.tensors = {k: v for k, v in self.tensors.items() if k not in self.decision.reuse}
                 self.bytes_total = total_nbytes(self.tensors) + len(self.state_bytes or b"")
                 pack_keys = set(self.decision.to_pack)
@@ -241,6 +238,9 @@ class SaveJob:
         from .dedup import Decision
 
         w = self.w
+        if self.plan.later is not None:  # the plan of the tensors copied in bulk, from their snapshot (Deduper.finish)
+            skip = w.dedup.finish(self.plan, self.tensors, leader=w.is_leader)
+            self.tensors = {k: v for k, v in self.tensors.items() if k not in skip} if skip else self.tensors
         d = w.dedup.decide(self.plan, self.tensors) if w.is_leader else None
         if w.world_size > 1:
             box = [d.for_others() if d is not None else None]

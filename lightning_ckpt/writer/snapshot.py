@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import threading
+from operator import attrgetter
 from typing import Any
 
 import torch
@@ -103,19 +104,29 @@ class HostBuffers:
         Plain CPU tensors below :data:`PAGE_ALIGNED_FROM` bytes are copied as a group (:class:`SmallSlabs`): into
         views of one buffer per dtype, in one ``_foreach_copy_`` call, so a state of 50,000 small tensors is one bulk
         copy rather than 50,000 copies with Python in between."""
-        small = self._slabs.take(tensors)
-        if small is not None and len(small) == len(tensors):
+        return self.copy(self.select(tensors))
+
+    def select(self, tensors: dict[str, torch.Tensor]) -> "Selection":
+        """Which of ``tensors`` the next :meth:`copy` takes in bulk (laying the slabs out when the state changed)."""
+        return self._slabs.select(tensors)
+
+    def copy(self, sel: "Selection", rest: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The snapshot of a selection: its small tensors in bulk, ``rest`` (default: the selection's other tensors;
+        the writer passes them less those deduplication leaves out) one by one; in state order."""
+        rest = sel.rest if rest is None else rest
+        small = self._slabs.copy(sel.srcs) if sel.keys else None
+        if small is None:
+            return self.snapshot_each(rest)
+        if not rest:
             self._buffers = {}
             return small
-        if small:
-            rest = self.snapshot_each({k: v for k, v in tensors.items() if k not in small}, keep=small)
-            rest.update(small)
-            return {k: rest[k] for k in tensors}
-        return self.snapshot_each(tensors)
+        out = self.snapshot_each(rest)
+        out.update(small)
+        return {k: out[k] for k in sel.order if k in out}
 
-    def snapshot_each(self, tensors: dict[str, torch.Tensor], keep: Any = ()) -> dict[str, torch.Tensor]:
-        """Each tensor into its own buffer (large ones, device tensors, sharded ones); ``keep``: keys whose buffers
-        live elsewhere (the small slabs), not to be dropped here."""
+    def snapshot_each(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Each tensor into its own buffer (large ones, device tensors, sharded ones); the buffers of keys not in
+        ``tensors`` are dropped."""
         out: dict[str, torch.Tensor] = {}
         needs_sync = False
         locals_ = []
@@ -150,8 +161,6 @@ class HostBuffers:
         for key in list(self._buffers):
             if key.rpartition("#")[0] not in sharded and key not in tensors:
                 del self._buffers[key]
-        if not keep:
-            self._slabs.clear()
         if needs_sync:
             torch.cuda.synchronize()
         return out
@@ -195,46 +204,84 @@ class HostBuffers:
             old.clear()
 
 
+class Selection:
+    """One save's split of its tensors: ``keys``/``srcs`` (state order) are copied in bulk into the slabs, ``rest``
+    one by one; ``order``: every key, in state order."""
+
+    __slots__ = ("keys", "srcs", "rest", "order")
+
+    def __init__(self, keys: list[str], srcs: list[torch.Tensor], rest: dict, order: list[str]) -> None:
+        self.keys, self.srcs, self.rest, self.order = keys, srcs, rest, order
+
+
+_type, _is_cpu, _layout = type, attrgetter("is_cpu"), attrgetter("layout")
+_dtype, _shape = attrgetter("dtype"), attrgetter("shape")
+
+
 class SmallSlabs:
     """The small plain CPU tensors of a save, copied as a group: one buffer per dtype, a view of it per tensor, laid out
-    once and reused while the keys, shapes and dtypes stay the same (the layout is checked with one comparison of a
-    tuple built per save). The views are consecutive in their buffer, in state order, so the file written from them
-    is written in large pieces (``format.tensorfile.encode_tensors`` merges adjacent views)."""
+    once and reused while the state's keys, types, devices, layouts, dtypes and shapes stay the same. That check is
+    made in bulk (one ``map`` per property over the state's tensors, compared with the previous save's lists: no
+    Python per tensor); the split it implies is remembered with the layout. The views are consecutive in their
+    buffer, in state order, so the file written from them is written in large pieces
+    (``format.tensorfile.encode_tensors`` merges adjacent views)."""
 
     MIN_TENSORS = 64  # fewer small tensors: copied one by one as before
 
     def __init__(self, owner: HostBuffers) -> None:
         self.owner = owner
-        self.layout: tuple | None = None
-        self.keys: list[str] = []
-        self.views: list[torch.Tensor] = []
-        self.slabs: list[torch.Tensor] = []
+        self.clear()
 
     @property
     def nbytes(self) -> int:
         return sum(s.numel() for s in self.slabs)
 
     def clear(self) -> None:
-        self.layout, self.keys, self.views, self.slabs = None, [], [], []
+        self.scan: tuple | None = None
+        self.picked: list[int] | None = None  # positions (in state order) of the small tensors; None: all of them
+        self.keys: list[str] = []
+        self.views: list[torch.Tensor] = []
+        self.slabs: list[torch.Tensor] = []
+        self.flat_1d: list[tuple[list[int], torch.Tensor]] | None = None  # (positions, buffer) per dtype
 
-    def take(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
-        """Copies of the small plain CPU tensors of ``tensors`` (key -> view), or None when there are too few."""
-        keys, srcs, shapes = [], [], []
+    def select(self, tensors: dict[str, torch.Tensor]) -> Selection:
+        keys, vals = list(tensors), list(tensors.values())
+        scan = (keys, list(map(_type, vals)), list(map(_is_cpu, vals)), list(map(_layout, vals)),
+                list(map(_dtype, vals)), list(map(_shape, vals)))
+        if scan != self.scan:
+            self._lay_out(scan, vals)
+        picked = self.picked
+        if picked is None:
+            return Selection(keys, vals, {}, keys)
+        if not picked:
+            return Selection([], [], tensors, keys)
+        mine = set(picked)
+        return Selection(self.keys, [vals[i] for i in picked],
+                         {k: v for i, (k, v) in enumerate(tensors.items()) if i not in mine}, keys)
+
+    def _lay_out(self, scan: tuple, vals: list[torch.Tensor]) -> None:
+        keys, types, cpu, layouts = scan[:4]
         strided, limit = torch.strided, PAGE_ALIGNED_FROM
-        for k, t in tensors.items():
-            if type(t) in _PLAIN_TYPES and t.is_cpu and t.layout == strided and t.nbytes < limit:
-                keys.append(k)
-                srcs.append(t)
-                shapes.append((t.dtype, t.shape))
-        if len(keys) < self.MIN_TENSORS:
-            self.clear()
-            return None
-        layout = keys, shapes
-        if layout != self.layout:
-            self._allocate(keys, [t.detach() for t in srcs])
-            self.layout = layout
+        picked = [i for i, t in enumerate(vals)
+                  if types[i] in _PLAIN_TYPES and cpu[i] and layouts[i] == strided and t.nbytes < limit]
+        self.clear()
+        self.scan = scan
+        if len(picked) < self.MIN_TENSORS:
+            self.picked = []
+            return
+        self.picked = None if len(picked) == len(vals) else picked
+        self._allocate([keys[i] for i in picked], [vals[i].detach() for i in picked])
+
+    def copy(self, srcs: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Copies of the selected tensors (key -> view), in one ``_foreach_copy_``."""
         with torch.no_grad():
-            foreach_copy(self.views, srcs)
+            if self.flat_1d is None:
+                foreach_copy(self.views, srcs)
+            elif len(self.flat_1d) == 1:  # one dtype, every tensor 1-D: one torch.cat into its buffer
+                torch.cat(srcs, out=self.flat_1d[0][1])
+            else:
+                for picked, flat in self.flat_1d:
+                    torch.cat([srcs[i] for i in picked], out=flat)
         return dict(zip(self.keys, self.views))
 
     def _allocate(self, keys: list[str], srcs: list[torch.Tensor]) -> None:
@@ -250,6 +297,10 @@ class SmallSlabs:
             pos[t.dtype] = p + n
         self.keys, self.views, self.slabs = keys, views, [f.view(torch.uint8) for f in flat.values()]
         self.owner.allocations += len(flat)
+        # every tensor 1-D (biases, norms; all of a flat state): torch.cat into each dtype's buffer copies the same
+        # bytes as _foreach_copy_ into the views, in about half the time (no per-tensor TensorIterator)
+        if all(t.dim() == 1 for t in srcs):
+            self.flat_1d = [([i for i, t in enumerate(srcs) if t.dtype == dt], f) for dt, f in flat.items()]
 
 
 def total_nbytes(tensors: dict) -> int:

@@ -114,6 +114,13 @@ class CheckpointWriter:
         self.fsync = fsync
         self.auto_seal = auto_seal
         self._buffers = HostBuffers()
+        self._key_fn = None
+        if self.world_size > 1:
+            # model and optimizer tensors are the same on every rank (DDP) or sharded (FSDP); anything else (RNG
+            # states, callback tensors) is this rank's own and must not be deduplicated against the other ranks'
+            prefix = f"rank{self.rank:05d}/"
+            self._key_fn = lambda k: k if is_model_or_optim(k) else prefix + k  # noqa: E731
+        self._encoded: dict = {}  # codec.encode's memory of the state's structure (same key_fn at every save)
         self._executor = (
             cf.ThreadPoolExecutor(1, thread_name_prefix="lightning_ckpt-writer", initializer=background_priority)
             if self.async_save else None
@@ -221,13 +228,7 @@ class CheckpointWriter:
         self._wait_inflight()
         self.raise_if_failed()
         t0 = time.perf_counter()
-        key_fn = None
-        if self.world_size > 1:
-            # model and optimizer tensors are the same on every rank (DDP) or sharded (FSDP); anything else (RNG
-            # states, callback tensors) is this rank's own and must not be deduplicated against the other ranks'
-            prefix = f"rank{self.rank:05d}/"
-            key_fn = lambda k: k if is_model_or_optim(k) else prefix + k  # noqa: E731
-        doc, tensors = encode(state, on_unsupported=warn_unsupported, key_fn=key_fn)
+        doc, tensors = encode(state, on_unsupported=warn_unsupported, key_fn=self._key_fn, cache=self._encoded)
         tensors = dense_views(tensors)  # conjugate/negative views resolved, nested tensors refused: in every mode
         if self.node_local and any(_as_dtensor(v) is not None or _is_sharded_tensor(v) for v in tensors.values()):
             raise CheckpointWriteError(
@@ -245,22 +246,31 @@ class CheckpointWriter:
                 k: v for k, v in tensors.items()
                 if (writes_shared if is_model_or_optim(k) else own_kept)
             }
+        inline = self._executor is None or sync
+        # a background save copies the small CPU tensors in bulk (writer/snapshot.py): their deduplication is planned
+        # in the background from the snapshot (Deduper.observe/finish); the others' on this thread, as a sync save's
+        sel = None if inline else self._buffers.select(tensors)
+        rest = tensors if sel is None else sel.rest
         plan = None
         if self.dedup is not None and self.folder_written:
             if self.is_leader:
-                plan = self.dedup.plan(tensors, stable)
+                plan = self.dedup.plan(rest, stable)
                 skip = set(plan.reuse)
             else:
-                skip = self.dedup.follower_plan(tensors)
-                plan = self.dedup.plan(tensors, (), leader=False)
+                skip = self.dedup.follower_plan(rest)
+                plan = self.dedup.plan(rest, (), leader=False)
             if skip:  # unchanged and already stored: not even snapshotted
-                tensors = {k: v for k, v in tensors.items() if k not in skip}
-        inline = self._executor is None or sync
-        if not inline:
-            tensors = self._buffers.snapshot(tensors)
-        else:
+                rest = {k: v for k, v in rest.items() if k not in skip}
+            if sel is not None and sel.keys:
+                self.dedup.observe(plan, sel.keys, sel.srcs, stable)
+        if sel is not None:
+            tensors = self._buffers.copy(sel, rest)
+        elif rest is not tensors:
+            tensors = rest
+        if inline:
             tensors = {k: v.detach() for k, v in tensors.items()}  # DCP copies device tensors to host as it writes
-        # the document is the writer's own (new containers, immutable leaves): a background save encodes it (StateDoc)
+        # the document is the writer's own (its containers or its encode cache's, never changed; immutable leaves):
+        # a background save encodes it (StateDoc)
         state_bytes = (StateDoc(doc) if not inline and not self.node_local else state_bytes_of(doc)) if own_kept else None
         handoff = None
         if self.node_local:  # this rank's own state, for the folders of the other nodes (see detect_folders)
