@@ -15,8 +15,8 @@ from .dcp import LCStorageReader, _ChunkInfo, is_model_or_optim, unwrap_dcp_erro
 from .errors import CheckpointCorruptError, CheckpointError, CheckpointMismatchError
 from .format.codec import decode, encode
 from .format.gcpause import pausing
-from .format.checksum import crc32c
-from .format.tensorfile import dtype_from_name, readinto_exact
+from .format.checksum import content_hash, crc32c
+from .format.tensorfile import content_mismatch, dtype_from_name, readinto_exact
 from .format.manifest import chunk_member
 from .read import Opened, check_sizes, open_checkpoint, read_state_doc
 from .store.chunkread import mismatch
@@ -119,7 +119,8 @@ def read_small(ck: Opened, reader: LCStorageReader, wanted: list[str], verify: b
         member = chunk_member(cs[0])
         rec = ck.entry(member)["tensors"][cs[0]["name"]]
         if rec["end"] - rec["begin"] < SMALL:
-            per_member.setdefault(member, []).append((rec["begin"], rec["end"], rec["crc32c"], k, cs[0]["name"]))
+            per_member.setdefault(member, []).append((rec["begin"], rec["end"], rec["crc32c"], k, cs[0]["name"],
+                                                      rec.get("xxh128")))
     out: dict[str, torch.Tensor] = {}
     for member, items in sorted(per_member.items()):
         items.sort()
@@ -143,10 +144,12 @@ def _read_run(f: Any, where: str, run: list, index: dict, verify: bool, out: dic
     f.seek(b0)
     readinto_exact(f, mv[pad:], where)
     dtypes: dict[str, torch.dtype] = {}
-    for b, e, crc, key, name in run:
+    for b, e, crc, key, name, xxh in run:
         a = pad + b - b0
         if verify and crc32c(mv[a:a + e - b]) != crc:
             raise mismatch(where, name)
+        if verify and xxh is not None and content_hash(mv[a:a + e - b]) != xxh:  # a packed tensor: its content hash too
+            raise content_mismatch(where, name)
         t = index[key]
         dt = dtypes.get(t["dtype"]) or dtypes.setdefault(t["dtype"], dtype_from_name(t["dtype"]))
         piece = slab[a:a + e - b]

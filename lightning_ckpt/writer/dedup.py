@@ -21,6 +21,11 @@ checked against the record it is about to copy into the new manifest (header, ev
 ``_proved``). A hash read from a manifest is only a lead: the index built from the folder's manifests says where to
 look, never what is there. A pack that fails its proof is not referenced by this process (its tensors are written
 again) and a warning names it.
+
+One cohesive object, kept whole past 400 lines: :class:`Deduper` holds one state (what this process knows of the
+folder's packs and of its own previous save) that its training-thread half (``plan``/``observe``) and its background
+half (``finish``, the proof, the index) read and update under one set of rules; split, each half would reach into the
+other's attributes.
 """
 from __future__ import annotations
 
