@@ -28,6 +28,7 @@ from lightning_ckpt import list_checkpoints, load_checkpoint
 from lightning_ckpt.policy.retention import RetentionRules
 from lightning_ckpt.store.blobs import BlobStore
 from lightning_ckpt.store.lock import FolderBusyError
+from lightning_ckpt.store.base import owner_gone
 from lightning_ckpt.tools.needed import failed_runs
 from lightning_ckpt.tools.prune import CheckpointProtectedError, prune, remove_checkpoint
 
@@ -135,7 +136,7 @@ class DeletionMachine(RuleBasedStateMachine):
         self.dir = tempfile.mkdtemp(prefix="lc-delete-")
         self.writer: Writer | None = None
         self.expected: dict[str, dict] = {}  # name -> {"crc", "line", "loss", "tag", "run_id"}
-        self.parents: set[str] = set()  # every checkpoint a relaunch started from
+        self.parents: dict[str, str] = {}  # run id of a branch (a new run of the folder) -> the checkpoint it started from
         self.resumed_runs: set[str] = set()  # run ids of those checkpoints' writers
         self.runs = 0
         self.env = os.environ.get("LIGHTNING_CKPT_LOCK")
@@ -191,7 +192,8 @@ class DeletionMachine(RuleBasedStateMachine):
             names = sorted(self.expected)
             parent, line = names[pick % len(names)], f"b{self.runs}"
         if parent is not None:
-            self.parents.add(parent)
+            if line is not None:  # a branch; a relaunch of the main line from its newest goes on with its run
+                self.parents[f"run{self.runs + 1}"] = parent
             self.resumed_runs.add(self.expected[parent]["run_id"])
         self.launch(seed, parent, line)
 
@@ -208,8 +210,13 @@ class DeletionMachine(RuleBasedStateMachine):
 
     # ---------------------------------------------------------------- deletions in this process
     def needed(self) -> set[str]:
-        """What runs need, by the model: each line's newest and best, every relaunch's start."""
-        out = set(self.parents & set(self.expected))
+        """What runs need, by the model: each line's newest and best, every branch's start, and the live run's start
+        (a relaunch that goes on with its run pins where it resumed only while it runs: later it is an older
+        checkpoint of the same line)."""
+        runs = {e["run_id"] for e in self.expected.values()}  # a branch is known from its manifests once it committed
+        out = {p for rid, p in self.parents.items() if rid in runs and p in self.expected}
+        if self.writer is not None and self.writer.parent is not None:
+            out.add(os.path.basename(self.writer.parent))
         for line in {e["line"] for e in self.expected.values()}:
             names = self.ordered(line)
             out.add(names[-1])
@@ -244,7 +251,8 @@ class DeletionMachine(RuleBasedStateMachine):
         for n in gone:
             del self.expected[n]
         if self.writer is not None and self.writer.pending is not None:  # its save in progress is left alone
-            assert {e for e in os.listdir(self.dir) if e.startswith(".partial-")} >= partials
+            live = {p for p in partials if not owner_gone(p.split("~")[1])}  # (a dead writer's may go)
+            assert {e for e in os.listdir(self.dir) if e.startswith(".partial-")} >= live
 
     @precondition(lambda self: self.expected)
     @rule(pick=st.integers(0, 100))

@@ -7,8 +7,12 @@ A checkpoint is **needed** (:func:`needed`) when it is, from the folder's manife
   ``ckpt_path="last"`` of that run resume from it);
 - a current best: among the checkpoints tagged ``best``, the top-k of a ranking rule recorded in the manifests
   (``best_rule``; ``ckpt_path="best"`` picks from them);
-- a checkpoint some run resumed or branched from (``resumed_from``, ``lineage.parent`` of any manifest), so that no
-  run's history loses its starting point and ``lightning-ckpt lineage`` stays connected.
+- a checkpoint another run started from (``resumed_from`` or ``lineage.parent`` of a manifest of another lineage
+  run: a branch, a rewind, a new run), so that no run's history loses its starting point and ``lightning-ckpt
+  lineage`` stays connected. A relaunch that continues a run (same ``lineage.run``) does not pin where it resumed:
+  that checkpoint is then an older one of the same line (a preempted week-long run would otherwise keep one full
+  checkpoint per relaunch, forever); until the relaunch's first commit it is the line's newest, and the live run's
+  note holds it too.
 
 A live run's own protections (its resume point before its first commit, uploads in flight, in-memory best-k) are added
 by its session; a live writer's partial save is never debris (its owner token names a running process).
@@ -76,13 +80,26 @@ def needed(ckpts: list, live_rules: list = (), copy: bool = False) -> dict[str, 
                 continue
             for c in rank_best(cs, rule["monitor"], rule.get("mode", "min"), rule.get("top_k")):
                 add(c.name, f"a current best by {rule['monitor']}")
+    by_name = {c.name: c for c in ckpts}
     for c in ckpts if not copy else ():
         m = c.manifest
-        add(_ref(m.get("resumed_from")), f"the checkpoint {c.name} resumed from")
-        lin = m.get("lineage")
-        if isinstance(lin, dict):
-            add(_ref(lin.get("parent")), f"the checkpoint the run of {c.name} started from")
+        for ref, why in ((_ref(m.get("resumed_from")), f"the checkpoint {c.name} resumed from"),
+                         (_ref((m.get("lineage") or {}).get("parent") if isinstance(m.get("lineage"), dict) else None),
+                          f"the checkpoint the run of {c.name} started from")):
+            parent = by_name.get(ref) if ref else None
+            if parent is not None and not _continues(parent.manifest, m):
+                add(ref, why)
     return out
+
+
+def _continues(parent: dict, child: dict) -> bool:
+    """``child`` goes on with the run of ``parent`` (a relaunch after a crash or a stop resumed from the run's newest:
+    the same ``lineage.run``): then ``parent`` is an older checkpoint of the same line, kept or deleted by the rules
+    like any other (before the relaunch's first commit, the live run's note holds it, and it is the line's newest).
+    A branch, a rewind or a new run started from it keeps it: the lineage tree stays connected."""
+    a, b = parent.get("lineage"), child.get("lineage")
+    return (isinstance(a, dict) and isinstance(b, dict) and isinstance(a.get("run"), str)
+            and a.get("run") == b.get("run"))
 
 
 def _best_rules(cs: list) -> list[dict]:
