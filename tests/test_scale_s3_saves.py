@@ -22,7 +22,7 @@ from support import data, trainer
 from support.clones import manifest_for
 
 BUCKET = "scale-saves"
-MANY = 1100  # the manifests alone take two LIST pages
+MANY = 1005  # the manifests alone take two LIST pages
 
 
 def _template(tmp_path) -> dict:
@@ -66,13 +66,13 @@ def _lists(prefix: str):
 
 @pytest.mark.s3
 def test_saves_into_an_s3_location_of_many_checkpoints_make_no_list_of_it_per_save(tmp_path, s3):
-    """A fit with periodic saves, best-k and retention into an ``s3://`` location of 1,100 checkpoints: the whole
+    """A fit with periodic saves, best-k and retention into an ``s3://`` location of 1,005 checkpoints: the whole
     location is listed a fixed number of times (at the start), not after every upload for retention and again for
     the pack collection (before: 3-4 LIST pages per save, growing with the location); the other LISTs (the packs,
     the one checkpoint deleted) are a constant per save. Retention still keeps the milestones and deletes the rest."""
     uri = s3.uri("many")
     _fill(s3, "many", _template(tmp_path), MANY)
-    saves = 6
+    saves = 5
     cbs = [PeriodicCheckpoint(uri, every_n_train_steps=1, allow_existing=True, async_save=False),
            BestMetricCheckpoint(uri, monitor="train_loss", every_n_train_steps=1, top_k=2, async_save=False),
            RetentionPolicy(uri, keep_last=2, keep_every_n_steps=10)]
@@ -83,15 +83,15 @@ def test_saves_into_an_s3_location_of_many_checkpoints_make_no_list_of_it_per_sa
     finally:
         stop()
     whole = [c for c in calls if c[0] == "many/"]
-    assert 2 <= len(whole) <= 3 * 2, whole  # one or two listings at the start (two pages each) and the hint's
+    assert 2 <= len(whole) <= 2 * 2, whole  # two listings at the start (two pages each): 16 pages before
     assert KEPT.listings - listings <= 1  # retention, best-k, the collection: from the kept listing
     other = [c for c in calls if c[0] != "many/"]
-    assert len(other) <= 3 * saves, other  # per save: the packs (push, collection) and the deleted checkpoint
+    assert len(other) <= 3 * saves, other  # per save: the deleted checkpoint's objects (and the packs, if any)
     assert not KEPT.held(S3Store(uri))  # released at the end of fit
     steps = [c.step for c in list_checkpoints(uri)]  # a full listing: what is really there
     assert len([s for s in steps if s >= 1_000_000]) == MANY  # every milestone stays
     kept = [s for s in steps if s < 1_000_000]
-    assert saves in kept and 2 <= len(kept) <= 4, kept  # the newest two (and the best two) of the fit
+    assert saves in kept and 1 <= len(kept) <= 4, kept  # the newest (the milestones are newer) and the best two
 
 
 @pytest.mark.s3

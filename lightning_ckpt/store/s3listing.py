@@ -71,6 +71,46 @@ class KeptListings:
                 self.listings += 1
             return sorted(memo["entries"].items())
 
+    def scan(self, store: Any, info: Callable[[str, dict], Any], order: Callable[[Any], Any]) -> Optional[tuple[list, list]]:
+        """For ``read._scan``: the results of ``info(name, manifest)`` of the committed entries, sorted by ``order``,
+        and ``(path, error)`` of the manifests that cannot be read; each made once per manifest ETag, so that a save
+        costs a sort of the kept results, not a pass that reads (and re-makes) every one. None when not held."""
+        from ..errors import CheckpointError, StorageUnavailableError
+
+        with self._lock:
+            memo = self._memo.get(_key(store))
+            made = None if memo is None else memo.setdefault("made", {})  # name -> (ETag, info or error)
+        if made is None:
+            return None
+        listed = store._listed()
+        fresh = [(n, e) for n, e in listed if (made.get(n) or ("",))[0] != e]
+        if len(fresh) > 1:  # the first scan: the manifests are fetched 16 at a time
+            got = dict(store.manifests())
+            for n, e in fresh:
+                if n in got:
+                    m = got[n]
+                    made[n] = (e, m if isinstance(m, CheckpointError) else info(n, m))
+        else:
+            for n, e in fresh:
+                try:
+                    made[n] = (e, info(n, store._manifest(n, e)[0]))
+                except StorageUnavailableError:
+                    raise
+                except CheckpointError as err:
+                    made[n] = (e, err)
+        infos, bad = [], []
+        for n, e in listed:
+            got = made.get(n)
+            if got is None or got[0] != e:
+                continue  # deleted between the listing and the read
+            (bad.append((store.path(n), got[1])) if isinstance(got[1], CheckpointError) else infos.append(got[1]))
+        if len(made) > 2 * len(listed) + 64:  # forget what was deleted
+            names = {n for n, _ in listed}
+            for n in [n for n in made if n not in names]:
+                made.pop(n, None)
+        infos.sort(key=order)
+        return infos, bad
+
     def committed(self, store: Any, name: str, manifest: bytes) -> Optional[str]:
         """This process committed ``name`` with these manifest bytes; returns the ETag it is listed under (the MD5 of
         a one-part upload), or None when the location is not held."""
