@@ -617,10 +617,13 @@ def test_kill9_during_write_commit_retention_upload(fork_server, s3, tmp_path):
         # calibration: two uninterrupted runs (a fresh start and a relaunch over existing checkpoints) count how often
         # each kill point is passed per run and how long a run takes
         cal = Folder(str(tmp_path / "cal"), "cal")
-        run_trial(c, cal, 0, None, None, shapes, count=True)
+        first = run_trial(c, cal, 0, None, None, shapes, count=True)
         rep = run_trial(c, cal, 1, None, None, shapes, count=True)
-        c.counts = rep["counts"]
-        print(f"kill point passes in one relaunched run of {BUDGET} steps: {c.counts}")
+        # a point counts as passed when either run passed it (trials are fresh starts and relaunches alike): how much
+        # a run's own retention and collection find to delete depends on how far its uploads got, i.e. on timing
+        c.counts = {p: max(first["counts"].get(p, 0), rep["counts"].get(p, 0))
+                    for p in set(first["counts"]) | set(rep["counts"])}
+        print(f"kill point passes in the fresh and the relaunched run of {BUDGET} steps each: {c.counts}")
         never = [p for ph in PHASES for p in KILL_POINTS[ph] if not c.counts.get(p)]
         assert not never, (
             f"the uninterrupted run never passed the kill points {never}: the package no longer goes through the "

@@ -27,6 +27,11 @@ def content_hash(data) -> str:
     return _xxhash.xxh3_128_hexdigest(data)
 
 
+def content_hasher():
+    """An incremental XXH3-128 (``update(piece)``, then ``hexdigest()``): the content hash of bytes read in pieces."""
+    return _xxhash.xxh3_128()
+
+
 def crc32c_and_hash(data) -> tuple[int, str]:
     """The CRC32C and the XXH3-128 of ``data`` in one pass over memory."""
     view = memoryview(data).cast("B")

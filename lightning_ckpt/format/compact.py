@@ -36,7 +36,7 @@ COLUMNS = "columns"
 _RECORD_FIELDS = {"dtype", "shape", "begin", "end", "crc32c"}
 _HASHED_FIELDS = _RECORD_FIELDS | {"xxh128"}
 _INT, _STR, _KEY, _LIST = {int}, {str}, {str, type(None)}, {list}
-_HEX32 = re.compile(r"^[0-9a-f]{32}$")
+_HEX32 = re.compile(r"[0-9a-f]{32}\Z")
 MAX_DIMS = 64
 
 

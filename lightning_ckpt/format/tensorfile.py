@@ -19,7 +19,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 
 from ..errors import CheckpointCorruptError, CheckpointError
-from .checksum import crc32c, crc32c_and_hash, crc32c_combine
+from .checksum import content_hasher, crc32c, crc32c_and_hash, crc32c_combine
 from .views import byte_view, byte_views, nbytes_of  # noqa: F401 (re-exported: readers import them from here)
 
 DTYPE_TO_ST: dict[torch.dtype, str] = {
@@ -302,8 +302,10 @@ VERIFY_BLOCK = 64 << 20
 
 
 def check_file(f, entry: dict, where: str, progress=None, buf: memoryview | None = None) -> None:
-    """Check the open file ``f`` against its manifest ``entry``: size, safetensors header length, and the CRC32C of
-    every region (which together cover every byte). ``progress(n)`` is called after each block read."""
+    """Check the open file ``f`` against its manifest ``entry``: size, safetensors header length, the CRC32C of
+    every region (which together cover every byte) and, in the same pass, the XXH3-128 of every tensor that has its
+    content hash recorded (each tensor of a pack: the hash the content store finds it by). ``progress(n)`` is called
+    after each block read."""
     size = os.fstat(f.fileno()).st_size
     if size != entry["size"]:
         raise CheckpointCorruptError(f"{where} has {size} bytes where the manifest says {entry['size']}: the file was "
@@ -318,20 +320,40 @@ def check_file(f, entry: dict, where: str, progress=None, buf: memoryview | None
         largest = max((e - b for b, e, _ in iter_regions(entry)), default=0)
         buf = memoryview(bytearray(max(1, min(largest, VERIFY_BLOCK))))
     block = len(buf)
+    hashes: dict[tuple[int, int], dict[str, str]] = {}  # a tensor's [begin, end) -> {its name: its recorded hash}
+    for tname, t in (entry.get("tensors") or {}).items():
+        if t.get("xxh128") is not None:
+            hashes.setdefault((int(t["begin"]), int(t["end"])), {})[tname] = t["xxh128"]
     for begin, end, expected in sorted(iter_regions(entry)):
         f.seek(begin)
+        claims = hashes.get((begin, end)) if begin else None  # (region 0 is the header)
+        h = content_hasher() if claims else None
         crc, left = 0, end - begin
         while left:
             k = f.readinto(buf[: min(left, block)])
             if not k:
                 raise CheckpointCorruptError(f"{where} ended early; it is truncated")
             crc = crc32c(buf[:k], crc)
+            if h is not None:
+                h.update(buf[:k])
             left -= k
             if progress is not None:
                 progress(k)
         if crc != expected:
             raise CheckpointCorruptError(f"{where}: checksum mismatch in bytes [{begin}, {end}); the file is corrupt. "
                                          "Use an earlier checkpoint (latest_checkpoint skips corrupt ones).")
+        if h is not None:
+            got = h.hexdigest()
+            for tname, want in sorted(claims.items()):
+                if want != got:
+                    raise content_mismatch(where, tname)
+
+
+def content_mismatch(where: str, name: str) -> CheckpointCorruptError:
+    return CheckpointCorruptError(
+        f"{where}: tensor {name[:80]!r} does not match the content hash (XXH3-128) its record claims, although its "
+        "checksum may: the manifest is corrupt or hostile, and a deduplicated save could have referenced the wrong "
+        "bytes through it. Use an earlier checkpoint (latest_checkpoint skips corrupt ones).")
 
 
 def file_crc32c(entry: dict) -> int:

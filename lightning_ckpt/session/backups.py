@@ -27,11 +27,12 @@ from typing import Any, Callable, Optional
 
 from ..errors import CheckpointCorruptError, CheckpointNotFoundError
 from ..policy.retention import RetentionRules
-from ..read import ANY_RUN, list_checkpoints
+from ..read import ANY_RUN, list_checkpoints, of_run
 from ..store import LocalStore, open_store
 from ..store.blobs import BlobStore
 from ..store.s3listing import KEPT
-from ..tools.prune import committed_records, plan_deletions
+from ..tools.needed import needed
+from ..tools.prune import plan_deletions, records_of
 from ..tools.transfer import push_checkpoint
 from ..writer.meta import background_priority
 from ..writer.options import check_bool, check_seconds
@@ -288,11 +289,14 @@ class Uploader:
         if not rule_sets:
             return
         try:
-            records = committed_records(self.uri, self.run_name)
+            ckpts = list_checkpoints(self.uri)
         except Exception as e:  # noqa: BLE001
             log.warning("lightning_ckpt: cannot list %s for retention (%r); trying again after the next upload", self.uri, e)
             return
-        protected = self._protected()
+        records = records_of(of_run(ckpts, self.run_name))
+        # what any run of the location needs stays there (a backup copy: the newest of each run, the rest by its own
+        # rules; the run's own folder, an s3:// dirpath: the best and every resume and branch point too)
+        protected = self._protected() | set(needed(ckpts, copy=not self.primary))
         try:  # several rule sets on one location: a checkpoint kept by any of them stays
             doomed = plan_deletions(records, rule_sets, protected)
         except ValueError as e:  # a rule ranks by a metric no checkpoint recorded: delete nothing
@@ -324,7 +328,12 @@ class Uploader:
                      ".blobs", size / 1e6)
 
     def _delete(self, names: list[str], reason: str, protected: Optional[set] = None) -> None:
-        protected = self._protected() if protected is None else protected
+        if protected is None:  # a deletion asked by the run (best-k): what any run of the location needs stays
+            try:  # (the listing is from memory while the location is held: store/s3listing.py)
+                protected = self._protected() | set(needed(list_checkpoints(self.uri), copy=not self.primary))
+            except Exception as e:  # noqa: BLE001 - cannot tell what is needed there: delete nothing now
+                log.warning("lightning_ckpt: cannot list %s (%r); not deleting %s now", self.uri, e, ", ".join(names))
+                return
         try:  # from memory while the location is held; else no LIST for it: collect the whole location after
             known = dict(self.remote.manifests()) if KEPT.held(self.remote) else {}
         except Exception:  # noqa: BLE001 - the same

@@ -7,9 +7,10 @@ import logging
 import os
 from typing import Iterable
 
+from ..read import _scan, list_checkpoints, of_run
 from ..store.blobs import BlobStore
-from ..tools.lineage import branch_points
-from ..tools.prune import committed_records, plan_deletions
+from ..tools.needed import needed
+from ..tools.prune import plan_deletions, records_of
 
 log = logging.getLogger("lightning_ckpt")
 
@@ -17,7 +18,11 @@ log = logging.getLogger("lightning_ckpt")
 class Deleting:
     """Deletion and retention for a :class:`FolderSession` (which provides the attributes used here)."""
 
-    def protected(self) -> set[str]:
+    def protected(self, ckpts: list | None = None) -> set[str]:
+        """What no deletion of this session may take: this run's resume point, its participants' protections (best-k),
+        the checkpoints waiting for an upload, and what any run of the folder needs (``tools.needed``: the newest of
+        each run, the current best recorded in the manifests, every resume and branch point). ``ckpts``: the
+        folder's listing when the caller has one."""
         names: set[str] = set()
         if self.resumed_from:
             names.add(os.path.basename(os.path.normpath(self.resumed_from)))
@@ -28,7 +33,8 @@ class Deleting:
                 log.error("lightning_ckpt: %s could not say what to keep: %r", type(p).__name__, e)
         for up in list(self.uploaders.values()):
             names |= up.pending()  # a checkpoint waiting for its upload is never deleted locally
-        names |= branch_points(self.dirpath)
+        # a ranking rule of a live participant is left to it: it knows the saves in flight (its protect() above)
+        names |= set(needed(_scan(self.dirpath)[0] if ckpts is None else ckpts, live_rules=self.best_rules()))
         return names
 
     def delete(self, names: Iterable[str], reason: str) -> list[str]:
@@ -63,10 +69,11 @@ class Deleting:
 
     def apply_retention(self, newest: str) -> list[str]:
         """Delete what no retention rule set keeps (a checkpoint stays when any set keeps it)."""
+        ckpts = list_checkpoints(self.dirpath)
         try:
-            doomed = plan_deletions(committed_records(self.dirpath, self.options.run_name),
+            doomed = plan_deletions(records_of(of_run(ckpts, self.options.run_name)),
                                     [r for _, r in self.retention],
-                                    self.protected() | {newest})
+                                    self.protected(ckpts) | {newest})
         except ValueError as e:
             log.warning("lightning_ckpt: retention deletes nothing in %s: %s", self.key, e)
             return []

@@ -25,7 +25,7 @@ from ..errors import CheckpointError, CheckpointWriteError
 from ..policy.retention import RetentionRules
 from ..store import is_remote
 from ..tools.lineage import start_lineage
-from ..tools.prune import record_failed_run
+from ..tools.needed import hold_resume_point, record_failed_run, release_resume_point, settle_resumed
 from ..writer import CheckpointWriter
 from ..writer.job import SaveResult
 from .backups import BackupLocation, Uploader
@@ -80,7 +80,8 @@ class FolderSession(Deleting):
         self.last_stall_s: Optional[float] = None
         self.stalls: dict[int, float] = {}  # step -> training stall of its save (seconds)
         self.committed: list[SaveResult] = []  # commits not yet reported to the loggers
-        self.resumed_from: Optional[str] = None
+        self._resumed_from: Optional[str] = None
+        self._holds = False  # a "running" note says what this run resumed from (for deletions in other processes)
         self.branched = False  # resumed_from is a branch point (resume_from=): a new run, even in this folder
         self._lineage: Optional[dict] = None
         self.pending_rng: Optional[dict] = None  # RNG states to restore where the saved run was (see callbacks)
@@ -114,13 +115,32 @@ class FolderSession(Deleting):
         if w.is_leader and w.folder_written:
             try:
                 self.lock = self.store.lock({"run_id": self.run_id})
-                self.store.cleanup(everyone=True)  # this run alone writes here: every partial entry is debris
+                # holding the lock, this run alone writes here: every partial entry is debris. With locks disabled
+                # (LIGHTNING_CKPT_LOCK=0) only those of writers that are gone: the lock no longer waits, but a live
+                # writer's save is still never taken
+                self.store.cleanup(everyone=self.lock.held)
             except CheckpointError as e:
                 mine = e
         error = w.agree(None if mine is None else str(mine))
         if error is not None:
             self.close()
             raise mine if mine is not None else CheckpointWriteError(error)
+
+    @property
+    def resumed_from(self) -> Optional[str]:
+        """The checkpoint this fit resumed or branched from (None: a fresh start)."""
+        return self._resumed_from
+
+    @resumed_from.setter
+    def resumed_from(self, path: Optional[str]) -> None:
+        self._resumed_from = path
+        w = self.writer
+        if path and not self.remote and w.is_leader and w.folder_written:
+            try:  # a run noted as failed that this one resumes or branches from is not failed any more
+                settle_resumed(self.dirpath, path, self.run_id)
+                self._holds = hold_resume_point(self.dirpath, path, self.run_id) or self._holds
+            except (CheckpointError, OSError) as e:
+                log.error("lightning_ckpt: could not update the failed-run note of %s: %s", path, e)
 
     def join(self, participant: Participant, options: Optional[SaveOptions] = None) -> None:
         """Add a participant; a saving one brings its options, which must agree with the folder's."""
@@ -352,7 +372,7 @@ class FolderSession(Deleting):
             return  # a stop that was asked for (Ray Tune pausing or ending a trial at a report), not a failure
         try:
             record_failed_run(self.dirpath, self.run_id, repr(exception), time.time())
-        except OSError as e:
+        except (CheckpointError, OSError) as e:
             log.error("lightning_ckpt: could not record the failed run: %s", e)
 
     def close(self) -> None:
@@ -362,6 +382,12 @@ class FolderSession(Deleting):
         except CheckpointError as e:  # already reported at the end of fit or in on_exception
             log.error("lightning_ckpt: %s", e)
         finally:
+            if self._holds:
+                self._holds = False
+                try:
+                    release_resume_point(self.dirpath, self.run_id)
+                except (CheckpointError, OSError) as e:
+                    log.error("lightning_ckpt: could not remove this run's note in %s: %s", self.dirpath, e)
             self._deleter.shutdown(wait=True)
             for up in self.uploaders.values():
                 up.stop()

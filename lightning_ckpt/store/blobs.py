@@ -15,11 +15,17 @@ Two rules keep it crash-safe (see docs/DESIGN.md, "Deduplicated checkpoints"):
   for a commit in flight is never swept. A manifest that cannot be read stops the sweep: it may reference anything.
   A kill -9 anywhere leaves at worst unreferenced packs, and temp files of a copy into the store cut short (a pull),
   both removed by the next collection.
+
+Every entry of ``.blobs`` is checked for its type (``lstat``, never following a link) before it is listed, read or
+deleted: only regular files are packs. Anything else under a pack's name (a folder, a link, a FIFO, a device) is left
+alone with a warning: it is never read as a pack, never deleted, and never stops a collection, which runs after
+checkpoints were deleted and must not die half-way.
 """
 from __future__ import annotations
 
 import logging
 import os
+import stat
 import threading
 from collections import Counter
 from typing import Iterable
@@ -112,9 +118,41 @@ class BlobStore:
 
     # ---------------------------------------------------------------- garbage collection
     def names(self) -> list[str]:
+        """The packs in the store: regular files with a pack's name (an entry of another type under such a name is
+        skipped with a warning, see :meth:`_entries`)."""
+        return self._entries()[0]
+
+    def _entries(self) -> tuple[list[str], list[str]]:
+        """(packs, strays): the regular files with a pack's name, and the entries with a pack's name that are not
+        regular files (checked with ``lstat``: a link is a stray whatever it points to)."""
         if not _is_real_dir(self.path):
-            return []
-        return sorted(e for e in os.listdir(self.path) if PACK_RE.match(e))
+            return [], []
+        try:
+            listed = sorted(e for e in os.listdir(self.path) if PACK_RE.match(e))
+        except OSError as e:
+            log.warning("lightning_ckpt: cannot list the content store %s (%s)", self.path, e)
+            return [], []
+        packs, strays = [], []
+        for e in listed:
+            try:
+                mode = os.lstat(self.pack(e)).st_mode
+            except FileNotFoundError:
+                continue  # removed since the listing
+            except OSError as err:
+                log.warning("lightning_ckpt: cannot inspect %s (%s); leaving it alone", self.pack(e), err)
+                strays.append(e)
+                continue
+            if stat.S_ISREG(mode):
+                packs.append(e)
+            else:
+                strays.append(e)
+        if strays:
+            log.warning("lightning_ckpt: %s holds %d entr%s with a pack's name that %s not a regular file (%s): never "
+                        "read or deleted as a pack. Move %s away.", self.path, len(strays),
+                        "y" if len(strays) == 1 else "ies", "is" if len(strays) == 1 else "are",
+                        ", ".join(strays[:3]) + (", ..." if len(strays) > 3 else ""),
+                        "it" if len(strays) == 1 else "them")
+        return packs, strays
 
     def _remove_debris(self) -> None:
         """Remove the temp files of copies into the store whose process is gone (a pull killed while it copied a
@@ -123,52 +161,83 @@ class BlobStore:
         from .local import LocalStore
 
         for p in LocalStore(self.path, fsync=False).debris():
-            if _is_real_dir(p):
-                OPS.rmtree(p)
-            else:
-                OPS.unlink(p)
+            try:  # (lstat: a link is removed itself, never what it points to)
+                if _is_real_dir(p):
+                    OPS.rmtree(p)
+                else:
+                    OPS.unlink(p)
+            except OSError as e:
+                log.warning("lightning_ckpt: could not remove %s, left by an interrupted copy into the content store "
+                            "(%s)", p, e)
+                continue
             log.info("lightning_ckpt: removed %s, left by an interrupted copy into the content store", p)
 
     def collect(self, *, dry_run: bool = False) -> tuple[list[str], int]:
         """Remove every pack no committed manifest of the folder references and no pending save may reference.
-        Returns (removed pack names, bytes freed). Call it with the folder's lock held."""
+        Returns (removed pack names, bytes freed). Call it with the folder's lock held.
+
+        Never raises for what it finds in the store: it runs after checkpoints were deleted (retention, ``prune``),
+        and a collection that stopped there would leave the deletions reported as failed. A ``.blobs`` that is not
+        a folder, an entry that is not a regular file, or a pack that cannot be removed is logged and left alone
+        (the next collection tries again)."""
         from .local import LocalStore
 
         if not os.path.lexists(self.path):
             return [], 0
-        self._check_dir()
+        if not _is_real_dir(self.path):
+            log.warning("lightning_ckpt: not collecting unreferenced packs: %s is not a folder (a link or a file); it "
+                        "must be the folder's content store. Move it away; nothing is deleted through it.", self.path)
+            return [], 0
         store = LocalStore(self.root)
         with self.lock:
             if not dry_run:
                 self._remove_debris()
-            present = self.names()
+            present, _ = self._entries()
             if not present:
                 return [], 0
             marked: set[str] = set()
-            for name in store.names():
+            try:
+                names = store.names()
+            except OSError as e:
+                log.warning("lightning_ckpt: not collecting unreferenced packs in %s: the folder cannot be listed (%s)",
+                            self.path, e)
+                return [], 0
+            for name in names:
                 try:
                     m, _ = store.read_manifest(name)
                 except CheckpointNotFoundError:
                     continue  # deleted since the listing: its references are gone with it
-                except CheckpointError as e:
+                except (CheckpointError, OSError) as e:
                     log.warning("lightning_ckpt: not collecting unreferenced packs in %s: the manifest of %s cannot be "
                                 "read (%s), and it may reference any of them", self.path, name, e)
                     return [], 0
                 marked.update((m.get("packs") or {}).keys())
             marked |= self.pinned()
-            doomed = [n for n in present if n not in marked]
-            freed = 0
-            for n in doomed:
+            removed, freed = [], 0
+            for n in (n for n in present if n not in marked):
                 p = self.pack(n)
                 try:
-                    freed += os.lstat(p).st_size
+                    st = os.lstat(p)
                 except OSError:
+                    continue  # gone since the listing
+                if not stat.S_ISREG(st.st_mode):  # replaced since the listing: not a pack, left alone
+                    log.warning("lightning_ckpt: %s is not a regular file; not deleting it", p)
                     continue
                 if not dry_run:
-                    OPS.unlink(p)
-            if doomed and not dry_run:
+                    try:
+                        OPS.unlink(p)
+                    except OSError as e:
+                        log.warning("lightning_ckpt: could not remove the unreferenced pack %s (%s); the next "
+                                    "collection tries again", p, e)
+                        continue
+                removed.append(n)
+                freed += st.st_size
+            if removed and not dry_run:
                 if self.fsync:
-                    OPS.fsync_dir(self.path)
-                log.info("lightning_ckpt: removed %d unreferenced pack(s) from %s (%.1f MB)", len(doomed), self.path,
+                    try:
+                        OPS.fsync_dir(self.path)
+                    except OSError as e:
+                        log.warning("lightning_ckpt: could not fsync %s after removing packs (%s)", self.path, e)
+                log.info("lightning_ckpt: removed %d unreferenced pack(s) from %s (%.1f MB)", len(removed), self.path,
                          freed / 1e6)
-            return doomed, freed
+            return removed, freed

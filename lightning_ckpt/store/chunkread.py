@@ -1,6 +1,8 @@
 """Reading one tensor's bytes from an open member file into memory, verified: into host memory in pieces, each
 checksummed right after it was read (while it is still in the CPU's cache: one pass over memory, not two), or onto a
-GPU through two pinned staging pieces whose host-to-device copies overlap the disk reads."""
+GPU through two pinned staging pieces whose host-to-device copies overlap the disk reads. A tensor whose record carries
+a content hash (each tensor of a pack of the content store) is also hashed (XXH3-128) in the same pass and checked
+against it: the hash is what a deduplicated save finds the tensor by, so a record that lies about it is refused."""
 from __future__ import annotations
 
 import threading
@@ -9,8 +11,8 @@ from typing import Callable
 import torch
 
 from ..errors import CheckpointCorruptError
-from ..format.checksum import crc32c
-from ..format.tensorfile import byte_view, readinto_exact
+from ..format.checksum import content_hasher, crc32c
+from ..format.tensorfile import byte_view, content_mismatch, readinto_exact
 
 PIECE = 8 << 20  # bytes read, then checksummed, at a time into host memory
 GPU_PIECE = 64 << 20  # bytes per pinned staging piece on the way to a GPU
@@ -32,6 +34,7 @@ def read_to_host(f, where: str, t: dict, buf: torch.Tensor, verify: bool,
         raise CheckpointCorruptError(f"{where}: a tensor's byte range does not match its shape and dtype")
     mv = byte_view(buf)
     f.seek(t["begin"])
+    h = content_hasher() if verify and t.get("xxh128") is not None else None
     crc, pos = 0, 0
     while pos < n:
         k = min(PIECE, n - pos)
@@ -41,9 +44,13 @@ def read_to_host(f, where: str, t: dict, buf: torch.Tensor, verify: bool,
         readinto_exact(f, piece, where)
         if verify:
             crc = crc32c(piece, crc)
+            if h is not None:
+                h.update(piece)
         pos += k
     if verify and crc != t["crc32c"]:
         raise mismatch(where, t.get("_name", ""))
+    if h is not None and h.hexdigest() != t["xxh128"]:
+        raise content_mismatch(where, t.get("_name", ""))
 
 
 def read_to_cuda(f, where: str, t: dict, target: torch.Tensor, verify: bool, tls: threading.local) -> None:
@@ -60,6 +67,7 @@ def read_to_cuda(f, where: str, t: dict, target: torch.Tensor, verify: bool, tls
     staging, events, stream = tls.staging, tls.events, tls.stream
     dst = target.reshape(-1).view(torch.uint8) if n else target
     f.seek(t["begin"])
+    h = content_hasher() if verify and t.get("xxh128") is not None else None
     crc, pos, i = 0, 0, 0
     while pos < n:
         k = min(GPU_PIECE, n - pos)
@@ -71,6 +79,8 @@ def read_to_cuda(f, where: str, t: dict, target: torch.Tensor, verify: bool, tls
         readinto_exact(f, mv, where)
         if verify:
             crc = crc32c(mv, crc)
+            if h is not None:
+                h.update(mv)
         with torch.cuda.stream(stream):
             dst[pos : pos + k].copy_(buf[:k], non_blocking=True)
             ev = torch.cuda.Event()
@@ -84,3 +94,5 @@ def read_to_cuda(f, where: str, t: dict, target: torch.Tensor, verify: bool, tls
     torch.cuda.current_stream(target.device).wait_stream(stream)
     if verify and crc != t["crc32c"]:
         raise mismatch(where, t.get("_name", ""))
+    if h is not None and h.hexdigest() != t["xxh128"]:
+        raise content_mismatch(where, t.get("_name", ""))

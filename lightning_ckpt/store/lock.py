@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import stat
 import time
 
 from ..errors import CheckpointWriteError
@@ -19,6 +20,28 @@ from .base import LOCK_FILE, owner_token
 
 class FolderBusyError(CheckpointWriteError):
     """Another live process holds the folder's lock: two runs must not write into one folder."""
+
+
+class LockFileError(CheckpointWriteError):
+    """``<folder>/.lock`` is not a regular file (a directory, a symbolic link, a FIFO, ...): the lock cannot be taken
+    or read through it, and it is never followed. Remove it; a lock file is made again by the next run."""
+
+
+def check_lock_file(path: str) -> bool:
+    """Whether the lock file ``path`` exists; raises :class:`LockFileError` when it is anything but a regular file
+    (checked with ``lstat``: a link is never followed)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    except OSError as e:
+        raise LockFileError(f"cannot check the folder lock {path} ({e.strerror or e})") from None
+    if stat.S_ISREG(st.st_mode):
+        return True
+    what = ("a symbolic link" if stat.S_ISLNK(st.st_mode) else "a directory" if stat.S_ISDIR(st.st_mode)
+            else "not a regular file")
+    raise LockFileError(f"{path} is {what}, not the folder's lock file: nothing was written or deleted. Remove it "
+                        f"(`rm -r {path}`; a new lock file is made by the next run) and start again.")
 
 
 class FolderLock:
@@ -49,7 +72,18 @@ class FolderLock:
         if held is not None:
             raise FolderBusyError(self._busy_message(held.info, same_process=True))
         os.makedirs(self.folder, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o644)
+        check_lock_file(self.path)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0),
+                         0o644)
+        except OSError as e:  # replaced between the check and the open, or not writable
+            check_lock_file(self.path)
+            raise LockFileError(f"cannot open the folder lock {self.path} ({e.strerror or e}); check the folder's "
+                                "permissions, or remove the file and start again") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            check_lock_file(self.path)
+            raise LockFileError(f"{self.path} is not a regular file; remove it and start again")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -75,6 +109,12 @@ class FolderLock:
         os.close(self.fd)  # closing the only descriptor of the file releases the lock
         self.fd = None
 
+    @property
+    def held(self) -> bool:
+        """Whether this object holds the lock for real (False when locks are disabled: ``LIGHTNING_CKPT_LOCK=0``).
+        Only a real holder may treat every writer's leftovers in the folder as its own."""
+        return self.fd is not None
+
     def mine(self) -> bool:
         """Whether this process holds the lock."""
         return self.path in FolderLock._held
@@ -86,11 +126,16 @@ class FolderLock:
         held = FolderLock._held.get(self.path)
         if held is not None:
             return held.info
-        try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW)
-        except OSError:
+        if not check_lock_file(self.path):
             return None
         try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            check_lock_file(self.path)
+            return None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise LockFileError(f"{self.path} is not a regular file; remove it and start again")
             try:
                 fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except OSError as e:

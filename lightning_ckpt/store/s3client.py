@@ -114,7 +114,7 @@ def unavailable(e: BaseException, what: str) -> StorageUnavailableError:
 DOWNLOAD_PART = 64 << 20  # ranged GETs of 64 MiB, up to 8 in flight (boto3's managed download did the same)
 DOWNLOAD_THREADS = 8
 _READ = 1 << 20
-_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+_RANGE = re.compile(r"bytes ([0-9]+)-([0-9]+)/([0-9]+|\*)\Z")
 
 
 def _too_big_or_small(where: str, total: Any, size: int) -> CheckpointCorruptError:

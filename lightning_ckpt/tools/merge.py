@@ -20,9 +20,10 @@ from typing import Callable, Optional
 import torch
 
 from ..errors import CheckpointCorruptError, CheckpointError
-from ..format.checksum import crc32c
+from ..format.checksum import content_hash, crc32c
 from ..format.codec import split_key
-from ..format.tensorfile import byte_view, check_header, dtype_from_name, dtype_name, header_bytes, readinto_exact
+from ..format.tensorfile import (byte_view, check_header, content_mismatch, dtype_from_name, dtype_name, header_bytes,
+                                 readinto_exact)
 from ..format.manifest import chunk_member
 from ..read import Opened, check_sizes, open_checkpoint
 from ..store import LocalStore
@@ -254,6 +255,8 @@ def _assemble(ck: Opened, key: str, readers: dict, verify: bool) -> tuple[torch.
         readinto_exact(f, mv, where)
         if verify and crc32c(mv) != rec["crc32c"]:
             raise CheckpointCorruptError(f"{where}: checksum mismatch in tensor {c['name']!r}; the checkpoint is corrupt")
+        if verify and rec.get("xxh128") is not None and content_hash(mv) != rec["xxh128"]:
+            raise content_mismatch(where, c["name"])  # (a packed tensor: its recorded content hash is checked too)
         if buf is not dst:
             dst.copy_(buf)
         covered += _numel(sizes)

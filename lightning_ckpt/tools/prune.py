@@ -2,11 +2,13 @@
 
 Deletion goes through the store (``Store.delete``: out of the listing atomically, then the bytes). A prune of a local
 folder takes the folder's lock first, so it never runs beside a training run that writes there (whose protections it
-cannot see); leftovers of interrupted saves are removed only when their writer is gone.
+cannot see); leftovers of interrupted saves are removed only when their writer is gone. No deletion takes a checkpoint
+a run needs (:func:`~lightning_ckpt.tools.needed.needed`: the newest, the current best, resume and branch points),
+whatever the rules or ``--failed`` say. A prune plans everything first (the listing, the notes, the leftovers, each
+checked for its type) and deletes only once the plan is complete, so a failure while planning deletes nothing.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,18 +16,32 @@ from typing import Any
 from ..errors import CheckpointError
 from ..policy.retention import Record, RetentionRules, plan_retention
 from ..read import ANY_RUN, list_checkpoints, of_run
-from ..store import LocalStore, open_store
-from ..store.fs import read_member
-
-RUNS_DIR = ".runs"  # <dirpath>/.runs/<run_id>.json: a note left by a run that ended in an exception
+from ..store import open_store
+from ..store.base import owner_gone, owner_of
+from ..store.fs import OPS, _is_real_dir
+from ..store.lock import FolderLock
+from .needed import (  # noqa: F401 - re-exported: the failed-run notes lived here
+    RUNS_DIR,
+    CheckpointProtectedError,
+    failed_run_ids,
+    failed_runs,
+    live_holds,
+    needed,
+    record_failed_run,
+)
 
 
 def committed_records(where: Any, run_name: Any = ANY_RUN) -> list[Record]:
     """Retention records of the committed checkpoints of a folder or of an ``s3://`` location (``run_name``: of that
     run only, in a folder several runs share). A pack of the content store that several checkpoints share counts once,
     in the size of the oldest of them."""
+    return records_of(of_run(list_checkpoints(where), run_name))
+
+
+def records_of(ckpts: list) -> list[Record]:
+    """Retention records of listed checkpoints (``CheckpointInfo``, oldest first); a shared pack counts once."""
     out, counted = [], set()
-    for c in of_run(list_checkpoints(where), run_name):
+    for c in ckpts:
         rec = c.__dict__.get("_record")  # made once per listed checkpoint (a run's folder is listed from memory)
         packs = c.manifest.get("packs")
         if not packs:
@@ -75,51 +91,33 @@ def _collect_packs(store: Any, ckpts: list, doomed: dict, dry_run: bool) -> list
     return [{"path": blobs.pack(p), "bytes": sizes.get(p)} for p in removed]
 
 
-def remove_checkpoint(path: Any) -> None:
-    """Delete a committed checkpoint: it disappears from listings atomically, then its files are removed. The packs
-    of the folder's content store it alone referenced are removed too, unless a run holds the folder's lock (its next
-    retention pass, or ``lightning-ckpt prune``, removes them then)."""
+def remove_checkpoint(path: Any, *, force: bool = False) -> None:
+    """Delete a committed checkpoint: it disappears from listings atomically, then its files are removed, then the
+    packs of the folder's content store no checkpoint references any more.
+
+    Refuses (``CheckpointProtectedError``, nothing deleted) a checkpoint a run needs (the newest of the folder or of
+    a run, a current best, one a run resumed or branched from) unless ``force=True``, and (``FolderBusyError``) a
+    local folder whose lock another process holds: a run writes there, whose protections cannot be seen from here."""
     from ..store import locate
     from ..store.blobs import BlobStore
-    from ..store.lock import FolderBusyError
 
     store, name = locate(path)
-    store.delete(name)
-    if store.remote:
-        store.collect_packs()
-        return
+    lock = None if store.remote else store.lock_unless_mine({"run_id": "remove_checkpoint"})
     try:
-        lock = store.lock({"run_id": "remove_checkpoint"})
-    except FolderBusyError:
-        return
-    try:
-        BlobStore(store.uri, fsync=store.fsync).collect()
+        if not force:
+            holds = {} if store.remote else live_holds(store.uri)
+            why = {**holds, **needed(list_checkpoints(store.uri))}.get(name)
+            if why is not None:
+                raise CheckpointProtectedError(
+                    f"{path} is {why}: a run needs it, so it was not deleted. Pass force=True to delete it all the same.")
+        store.delete(name)
+        if store.remote:
+            store.collect_packs()
+        elif lock is None or lock.held:  # this process writes the folder, or holds its lock now: nobody else does
+            BlobStore(store.uri, fsync=store.fsync).collect()
     finally:
-        lock.release()
-
-
-def failed_run_ids(dirpath: str) -> set[str]:
-    """Runs recorded as ended in an exception (``<dirpath>/.runs/<run_id>.json``)."""
-    d = os.path.join(dirpath, RUNS_DIR)
-    out: set[str] = set()
-    try:
-        entries = os.listdir(d)
-    except OSError:
-        return out
-    for e in entries:
-        try:
-            rec = json.loads(read_member(d, e, 1 << 16))
-        except (CheckpointError, OSError, ValueError):
-            continue
-        if isinstance(rec, dict) and rec.get("status") == "failed" and isinstance(rec.get("run_id"), str):
-            out.add(rec["run_id"])
-    return out
-
-
-def record_failed_run(dirpath: str, run_id: str, error: str, when: float) -> None:
-    """Leave the note :func:`failed_run_ids` reads (``lightning-ckpt prune --failed`` removes that run's checkpoints)."""
-    LocalStore(os.path.join(dirpath, RUNS_DIR), fsync=False).write_atomic(
-        f"{run_id}.json", json.dumps({"run_id": run_id, "status": "failed", "error": error[:2000], "time": when}).encode())
+        if lock is not None:
+            lock.release()
 
 
 @dataclass
@@ -129,49 +127,85 @@ class PruneReport:
     partials: list = field(default_factory=list)  # paths of interrupted saves removed
     kept: list = field(default_factory=list)  # paths
     left_alone: list = field(default_factory=list)  # partial saves of a writer that still runs
+    protected: dict = field(default_factory=dict)  # path -> why a run needs it (kept whatever the rules say)
     packs: list = field(default_factory=list)  # {"path", "bytes"}: packs of the content store no checkpoint kept needs
 
 
 def prune(dirpath: Any, rules: RetentionRules | None, *, failed: bool = False, dry_run: bool = False) -> PruneReport:
-    """Delete the checkpoints of ``dirpath`` that ``rules`` do not keep (the newest is always kept) and, with
-    ``failed``, those of runs that ended in an exception plus the leftovers of interrupted saves whose writer is gone.
+    """Delete the checkpoints of ``dirpath`` that ``rules`` do not keep and, with ``failed``, those of runs that ended
+    in an exception (and were not resumed since) plus the leftovers of interrupted saves whose writer is gone. A
+    checkpoint a run needs (``report.protected``: the newest, the current best, resume and branch points) is never
+    deleted.
 
-    Raises ``FolderBusyError`` when a run holds the folder's lock, ValueError when ``rules`` rank by a metric no
-    checkpoint recorded (nothing is deleted then)."""
+    Raises ``FolderBusyError`` when a run holds the folder's lock, ``LockFileError``/``RunNotesError`` when the lock or
+    the failed-run notes are not what this package writes there, ValueError when ``rules`` rank by a metric no
+    checkpoint recorded; nothing is deleted then."""
     store = open_store(dirpath)
     lock = None
     if not store.remote and not dry_run:
         lock = store.lock({"run_id": "lightning-ckpt prune"})
     try:
         report = PruneReport(dry_run)
+        # ---- the plan: nothing is deleted before all of it is known
         ckpts = list_checkpoints(dirpath)
+        keep = needed(ckpts)
+        if not store.remote:  # what live runs resumed from and have not recorded in a manifest yet (locks disabled)
+            keep.update({n: why for n, why in live_holds(store.uri).items() if n not in keep})
         doomed: dict[str, str] = {}
         if rules is not None and (rules.has_keep_rule or rules.max_total_bytes is not None):
-            from .lineage import branch_points
-
-            keep = branch_points(store.uri) if not store.remote else set()
-            for name in plan_deletions(committed_records(dirpath), [rules], keep):
+            for name in plan_deletions(records_of(ckpts), [rules], set(keep)):
                 doomed[name] = "retention rules"
+        debris: list[str] = []
         if failed and not store.remote:
-            ids = failed_run_ids(store.uri)
-            newest = ckpts[-1].name if ckpts else None
+            ids = failed_runs(store.uri, ckpts)
             for c in ckpts:
-                if c.manifest.get("run_id") in ids and c.name != newest:
+                if c.manifest.get("run_id") in ids and c.name not in keep:
                     doomed.setdefault(c.name, "its run ended in an exception")
-            holder = store.lock_holder() if lock is None else None
-            debris = store.debris(everyone=holder is None)
+            debris = store.debris(everyone=_owns_folder(store, lock))
             report.left_alone = [p for p in store.debris(everyone=True) if p not in debris]
-            if not dry_run:
-                debris = store.cleanup(everyone=True)
-            report.partials = debris
+        report.protected = {c.path: keep[c.name] for c in ckpts if c.name in keep}
+        # ---- the deletions
+        if not dry_run:
+            _remove_debris(debris)
+        report.partials = debris
         for c in ckpts:
             if c.name in doomed:
                 if not dry_run:
                     store.delete(c.name)
                 report.deleted.append({"path": c.path, "reason": doomed[c.name], "bytes": c.size_bytes})
         report.kept = [c.path for c in ckpts if c.name not in doomed]
-        report.packs = _collect_packs(store, ckpts, doomed, dry_run)
+        if store.remote or _owns_folder(store, lock) or not _live_writer(store):
+            report.packs = _collect_packs(store, ckpts, doomed, dry_run)
         return report
     finally:
         if lock is not None:
             lock.release()
+
+
+def _owns_folder(store: Any, lock: Any) -> bool:
+    """Whether this prune may treat every leftover of the folder as debris: it holds the folder's lock for real (a
+    dry run: it would, since nobody holds it). With locks disabled (``LIGHTNING_CKPT_LOCK=0``) nobody owns the folder:
+    a leftover is debris only when its writer is gone (a disabled lock disables waiting, not safety)."""
+    if lock is not None:
+        return lock.held
+    return FolderLock.enabled() and store.lock_holder() is None
+
+
+def _live_writer(store: Any) -> bool:
+    """A running process of this machine, or one on another machine, has a save or a temp file in the folder."""
+    return any(not owner_gone(owner_of(os.path.basename(p))) for p in store.debris(everyone=True)
+               if not os.path.basename(p).startswith(".trash-"))
+
+
+def _remove_debris(paths: list[str]) -> None:
+    """Remove planned leftovers: a real folder with its content (never following a link inside), anything else (a
+    file, a link, a FIFO) by unlinking the entry itself."""
+    for p in paths:
+        try:
+            if _is_real_dir(p):
+                OPS.rmtree(p)
+            else:
+                OPS.unlink(p)
+        except OSError as e:
+            raise CheckpointError(f"could not remove the leftover {p} ({e.strerror or e}); no checkpoint was deleted. "
+                                  "Check the folder's permissions and run again.") from None

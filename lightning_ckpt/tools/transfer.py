@@ -16,6 +16,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import logging
 import os
+import stat
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -260,11 +261,19 @@ def _copy_packs(cache: str, local: LocalStore, packs: dict[str, dict]) -> None:
     """Put packs downloaded into the S3 read cache into ``local``'s content store (a pack already there is kept)."""
     import shutil
 
+    BlobStore(local.root, fsync=local.fsync)._check_dir()  # never through a .blobs that is a link or a file
     blobs = LocalStore(local.packs_folder(None), fsync=local.fsync)
     blobs.makedirs()
     for pack in packs:
-        if os.path.isfile(blobs.path(pack)):
+        try:  # lstat: a pack already there is a regular file of its size; a link or a FIFO under its name is replaced
+            st = os.lstat(blobs.path(pack))
+        except FileNotFoundError:
+            st = None
+        if st is not None and stat.S_ISREG(st.st_mode) and st.st_size == int(packs[pack]["size"]):
             continue
+        if st is not None and stat.S_ISDIR(st.st_mode):
+            raise CheckpointError(f"{blobs.path(pack)} is a folder where a pack of the content store must be; move it "
+                                  "away and pull again")
         with blobs.replacing(pack) as tmp:
             shutil.copyfile(os.path.join(cache, pack), tmp)
             if blobs.fsync:

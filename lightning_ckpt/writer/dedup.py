@@ -14,6 +14,13 @@ A save's tensors fall into three sets (decided by the folder's leader, who commi
 * everything else is written into the checkpoint's own files as before, hashed while it is written.
 
 Only plain tensors of the model and optimizer state take part (never sharded tensors, never one rank's own state).
+
+**Every reuse is proven by content.** A tensor becomes a reference only to bytes whose content this process knows:
+a pack it wrote itself (its hashes computed from the bytes as they were written), or a pack it read back whole and
+checked against the record it is about to copy into the new manifest (header, every CRC32C, every XXH3-128:
+``_proved``). A hash read from a manifest is only a lead: the index built from the folder's manifests says where to
+look, never what is there. A pack that fails its proof is not referenced by this process (its tensors are written
+again) and a warning names it.
 """
 from __future__ import annotations
 
@@ -28,7 +35,7 @@ import torch
 
 from ..compat import tensor_version
 from ..format.checksum import content_hash
-from ..format.tensorfile import byte_view, dtype_name
+from ..format.tensorfile import byte_view, check_file, dtype_name
 from ..store.blobs import BlobStore
 from ..store.fs import open_member
 from ..store.local import LocalStore
@@ -116,6 +123,10 @@ class Deduper:
         self.index: dict[tuple, Ref] | None = None  # (xxh128, dtype, shape) -> Ref, built from the folder's manifests
         self._pinned: list[str] = []
         self._rng = random.Random(0x1C)
+        # pack -> the record this process knows to be true of its bytes (it wrote them, or read them back and checked
+        # every checksum and content hash); packs whose bytes failed that check are not referenced by this process
+        self._proven: dict[str, dict] = {}
+        self._refused: set[str] = set()
 
     # ---------------------------------------------------------------- the training thread
     def plan(self, tensors: dict[str, Any], stable: Iterable[str], *, leader: bool = True) -> Plan:
@@ -201,11 +212,36 @@ class Deduper:
                 ref = self._lookup(t)
                 if ref is not None and ref.pack not in d.held and not self._hold(ref, d):
                     ref = None
+            if ref is not None and not self._proved(ref):
+                ref = None  # the index's word is not proof: its bytes are written again
             if ref is not None:
                 d.reuse[k] = ref
             else:
                 d.to_pack.add(k)
         return d
+
+    def _proved(self, ref: Ref) -> bool:
+        """The pack's bytes are what ``ref.entry`` (the record the new manifest will carry) says: known to this
+        process, or read back now and checked whole (its header, every CRC32C, every XXH3-128), once per pack and
+        record. A pack that fails is refused for the rest of the process, with a warning."""
+        known = self._proven.get(ref.pack)
+        if known is not None and (known is ref.entry or known == ref.entry):  # (the index shares one record per pack)
+            return True
+        if ref.pack in self._refused:
+            return False
+        where = self.blobs.pack(ref.pack)
+        try:
+            fd = open_member(self.blobs.path, ref.pack, int(ref.entry["size"]), where=where)
+            with os.fdopen(fd, "rb", buffering=0) as f:
+                check_file(f, ref.entry, where)
+        except (OSError, CheckpointError, KeyError, TypeError, ValueError) as e:
+            self._refused.add(ref.pack)
+            log.warning("lightning_ckpt: not reusing the bytes of %s: they do not prove what the folder's manifests "
+                        "record of them (%s). This save writes those tensors again; run `lightning-ckpt verify` on the "
+                        "checkpoints that reference the pack.", where, e)
+            return False
+        self._proven[ref.pack] = ref.entry
+        return True
 
     def _hold(self, ref: Ref, d: Decision) -> bool:
         """Pin ``ref``'s pack for the save deciding ``d`` if it is still in the store with its size (under the blob
@@ -237,12 +273,14 @@ class Deduper:
         if t.device.type != "cpu":
             t = t.cpu()
         key = (content_hash(byte_view(t.contiguous())), dtype_name(t.dtype), tuple(int(s) for s in t.shape))
-        return self.index.get(key)
+        ref = self.index.get(key)
+        return None if ref is None or ref.pack in self._refused else ref
 
     def _build_index(self) -> dict[tuple, Ref]:
         index: dict[tuple, Ref] = {}
         store = LocalStore(self.blobs.root)
         present = set(self.blobs.names())
+        self._proven = {p: e for p, e in self._proven.items() if p in present}  # (forget the collected ones)
         for name in store.names():
             try:
                 m, _ = store.read_manifest(name)
@@ -277,6 +315,8 @@ class Deduper:
                 ref = Ref(c["pack"], c["name"], packs[c["pack"]], rec.get("xxh128"))
             known[k] = _Known(t, sig, ref)
         self.known = known
+        # every pack of a manifest this process committed is proven: written by it, or proven before it was reused
+        self._proven.update(packs)
         if self.index is not None:
             self._index_packs(self.index, packs)
         pins = sorted({kn.ref.pack for kn in known.values() if kn.ref is not None})
@@ -302,9 +342,11 @@ class Deduper:
         return out
 
     def forget(self) -> None:
-        """A save failed: trust nothing remembered (the next save hashes and looks up again)."""
+        """A save failed: trust nothing remembered (the next save hashes, looks up and proves again)."""
         self.known = {}
         self.index = None
+        self._proven = {}
+        self._refused = set()
 
     def close(self) -> None:
         self.blobs.unpin(self._pinned)

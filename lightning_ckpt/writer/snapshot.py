@@ -29,6 +29,30 @@ def aligned_empty(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
     return raw[off:off + n].view(dtype).view(shape)
 
 
+def dense_views(tensors: dict[str, Any]) -> dict[str, Any]:
+    """The tensors of a save as the values to store, alike in every mode (sync or in the background, dedup on or
+    off), checked before anything is snapshotted or written: a conjugate or negative view (``z.conj()`` of a complex
+    tensor, ``z.conj().imag``) is resolved into a copy of its values, since its memory holds the values before the
+    conjugation or negation (read as bytes, the save would fail or store the wrong values); a nested or sparse tensor
+    is refused with a ValueError that says what to save instead. Sharded tensors and DTensors are left as they are."""
+    out = tensors
+    for key, t in tensors.items():
+        if not isinstance(t, torch.Tensor) or _is_sharded_tensor(t) or _as_dtensor(t) is not None:
+            continue
+        if t.is_nested:
+            raise ValueError(f"tensor {key!r} is a nested tensor; only dense tensors can be checkpointed. Save its "
+                             "components (list(t.unbind())) or a padded copy (t.to_padded_tensor(0.0)) and the "
+                             "lengths instead.")
+        if t.layout != torch.strided:
+            raise ValueError(f"tensor {key!r} has layout {t.layout}; only dense tensors can be checkpointed. Save "
+                             "t.to_dense() (or its indices and values) instead.")
+        if t.is_conj() or t.is_neg():
+            if out is tensors:
+                out = dict(tensors)
+            out[key] = t.detach().resolve_conj().resolve_neg()
+    return out
+
+
 class HostBuffers:
     def __init__(self, pin_memory: bool | None = None) -> None:
         self._buffers: dict[str, torch.Tensor] = {}

@@ -31,7 +31,7 @@ from .meta import StateDoc, background_priority, manifest_header, state_bytes_of
 from .dedup import Deduper
 from .elastic import warn_restart_store
 from .options import check_bool, check_choice, check_seconds, format_name, validate_name_template
-from .snapshot import HostBuffers, _as_dtensor, _is_sharded_tensor
+from .snapshot import HostBuffers, _as_dtensor, _is_sharded_tensor, dense_views
 
 log = logging.getLogger("lightning_ckpt")
 
@@ -228,6 +228,7 @@ class CheckpointWriter:
             prefix = f"rank{self.rank:05d}/"
             key_fn = lambda k: k if is_model_or_optim(k) else prefix + k  # noqa: E731
         doc, tensors = encode(state, on_unsupported=warn_unsupported, key_fn=key_fn)
+        tensors = dense_views(tensors)  # conjugate/negative views resolved, nested tensors refused: in every mode
         if self.node_local and any(_as_dtensor(v) is not None or _is_sharded_tensor(v) for v in tensors.values()):
             raise CheckpointWriteError(
                 f"{self.dirpath} is local to each node, but this model's state is sharded across ranks (FSDP or "
