@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lightning_ckpt import CheckpointWriter, list_checkpoints
-from lightning_ckpt.callbacks import BestMetricCheckpoint, PeriodicCheckpoint, RetentionPolicy
+from lightning_ckpt.callbacks import BestMetricCheckpoint, EarlyStopAndSave, PeriodicCheckpoint, RetentionPolicy
 from lightning_ckpt.demo import DemoModel
 from lightning_ckpt.store import hint
 from lightning_ckpt.store.s3 import S3Store, client
@@ -66,7 +66,7 @@ def _lists(prefix: str):
 
 @pytest.mark.s3
 def test_saves_into_an_s3_location_of_many_checkpoints_make_no_list_of_it_per_save(tmp_path, s3):
-    """A fit with periodic saves, best-k and retention into an ``s3://`` location of 300 checkpoints: the whole
+    """A fit with periodic saves, best-k, early stopping and retention into an ``s3://`` location of 300 checkpoints: the whole
     location is listed a fixed number of times (at the start), not after every upload for retention and again for
     the pack collection (before: 8 listings in 5 saves, each with pages that grow with the location); the other
     LISTs (the one checkpoint deleted, the packs if any) are a constant per save. Retention still keeps the
@@ -76,7 +76,8 @@ def test_saves_into_an_s3_location_of_many_checkpoints_make_no_list_of_it_per_sa
     saves = 5
     cbs = [PeriodicCheckpoint(uri, every_n_train_steps=1, allow_existing=True, async_save=False),
            BestMetricCheckpoint(uri, monitor="train_loss", every_n_train_steps=1, top_k=2, async_save=False),
-           RetentionPolicy(uri, keep_last=2, keep_every_n_steps=10)]
+           RetentionPolicy(uri, keep_last=2, keep_every_n_steps=10),
+           EarlyStopAndSave(uri, monitor="train_loss", check_on_train_epoch_end=True, patience=100, async_save=False)]
     calls, stop = _lists("many")
     listings = KEPT.listings
     try:
