@@ -312,8 +312,8 @@ class Uploader:
         try:
             due = self._unswept + 1 >= self.sweep_every
             if freed and not due and KEPT.held(self.remote):
-                live = self.remote.manifests()  # from memory (store/s3listing.py)
-                freed = freed - {p for _, m in live if isinstance(m, dict) for p in (m.get("packs") or {})}
+                live = list_checkpoints(self.uri)  # from memory (store/s3listing.py)
+                freed = freed - {p for c in live for p in (c.manifest.get("packs") or {})}
             if not freed and not due:
                 self._unswept += 1
                 return
@@ -335,7 +335,7 @@ class Uploader:
                 log.warning("lightning_ckpt: cannot list %s (%r); not deleting %s now", self.uri, e, ", ".join(names))
                 return
         try:  # from memory while the location is held; else no LIST for it: collect the whole location after
-            known = dict(self.remote.manifests()) if KEPT.held(self.remote) else {}
+            known = {c.name: c.manifest for c in list_checkpoints(self.uri)} if KEPT.held(self.remote) else {}
         except Exception:  # noqa: BLE001 - the same
             known = {}
         freed: set[str] = set()
@@ -343,7 +343,7 @@ class Uploader:
             if name in protected:
                 continue
             m = known.get(name)
-            freed.update((m.get("packs") or {}) if isinstance(m, dict) else {"?"})  # unknown: collect
+            freed.update((m.get("packs") or {}) if isinstance(m, dict) else {"?"})  # unknown (unreadable): collect
             try:
                 if not self.remote.delete(name):  # nothing there: the kept listing was wrong
                     KEPT.invalidate(self.remote)
