@@ -324,7 +324,13 @@ def bench_s3(args: Any, base: str, seed: str) -> dict:
             finally:
                 stop()
             row["ls_s"], _ = timed(lambda: cli("ls", uri), 1)
-            row.update(callbacks_per_save(uri, args.s3_steps, args.skip, fsync=args.fsync))
+            calls, stop = count_requests()
+            try:
+                row.update(callbacks_per_save(uri, args.s3_steps, args.skip, fsync=args.fsync))
+            finally:
+                stop()
+            row["fit_list_requests_per_save"] = calls.count("ListObjectsV2") / args.s3_steps
+            row["fit_requests_per_save"] = len(calls) / args.s3_steps
             out[str(n)] = row
             log(f"S3    {n:5d}: latest {row['latest_s'] * 1e3:7.1f} ms ({row['latest_requests']:.0f} requests: "
                 f"{row['latest_list_pages']:.0f} LIST, {row['latest_get_requests']:.0f} GET) | list cold "
@@ -332,7 +338,8 @@ def bench_s3(args: Any, base: str, seed: str) -> dict:
                 f"{row['list_warm_s'] * 1e3:6.0f} ms ({row['list_warm_requests']}), ls {row['ls_s'] * 1e3:6.0f} ms "
                 f"| after-commit {row['after_commit_cpu_s'] * 1e3:5.2f} ms CPU/save | fit +"
                 f"{row['wall_added_per_save_s'] * 1e3:6.1f} ms/save wall (step +"
-                f"{row['added_per_save_s'] * 1e3:.1f} ms CPU; first save +{row['first_save_extra_s'] * 1e3:.0f} ms)")
+                f"{row['added_per_save_s'] * 1e3:.1f} ms CPU; first save +{row['first_save_extra_s'] * 1e3:.0f} ms) | "
+                f"{row['fit_list_requests_per_save']:.1f} LIST, {row['fit_requests_per_save']:.1f} requests/save")
     return out
 
 

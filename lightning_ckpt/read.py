@@ -25,6 +25,7 @@ from .format.checksum import crc32c
 from .format.manifest import DIGEST, MANIFEST
 from .store.fs import open_member, read_member
 from .store.listing import LISTINGS
+from .store.s3listing import KEPT
 
 log = logging.getLogger("lightning_ckpt")
 
@@ -102,8 +103,10 @@ def _scan(dirpath: Any) -> tuple[list[CheckpointInfo], list[tuple[str, Checkpoin
     store = open_store(dirpath)
     if not store.remote:
         cached = LISTINGS.scan(store, lambda name: _info(store, name, store.read_manifest(name)[0]), _order)
-        if cached is not None:
-            return cached
+    else:  # a location an uploader of this process holds (store/s3listing.py)
+        cached = KEPT.scan(store, lambda name, m: _info(store, name, m), _order)
+    if cached is not None:
+        return cached
     out: list[CheckpointInfo] = []
     skipped: list[tuple[str, CheckpointError]] = []
     if store.remote:

@@ -30,6 +30,7 @@ from ..policy.retention import RetentionRules
 from ..read import ANY_RUN, list_checkpoints, of_run
 from ..store import LocalStore, open_store
 from ..store.blobs import BlobStore
+from ..store.s3listing import KEPT
 from ..tools.needed import needed
 from ..tools.prune import plan_deletions, records_of
 from ..tools.transfer import push_checkpoint
@@ -130,6 +131,8 @@ class Uploader:
         self.extra_rules: list[RetentionRules] = []  # RetentionPolicy callbacks on an s3:// dirpath
         self.orphan_age_s = 3600.0  # objects without a manifest untouched this long are debris of a crash
         self.pushed_packs: set[str] = set()  # packs this uploader sent (collected without the grace period)
+        self.sweep_every = 16  # deletion passes that orphaned no pack between two collections of the whole location
+        self._unswept = 0
         self.run_name: Any = ANY_RUN  # the run whose checkpoints its retention ranks (the session sets it)
         self.uploaded: list[str] = []
         self.deleted: list[str] = []
@@ -150,6 +153,7 @@ class Uploader:
         if self._thread is not None:
             return
         self._stop.clear()
+        KEPT.hold(self.remote)  # the location's listing is kept in memory while this uploader runs (store/s3listing.py)
         self._thread = threading.Thread(target=self._run, name="lightning_ckpt-upload", daemon=True)
         self._thread.start()
 
@@ -160,6 +164,7 @@ class Uploader:
         self._queue.put(None)
         self._thread.join(timeout=timeout)
         self._thread = None
+        KEPT.release(self.remote)
 
     # ------------------------------------------------------------ queueing
     def pending(self) -> set[str]:
@@ -178,7 +183,8 @@ class Uploader:
 
     def catch_up(self) -> None:
         """Queue the local checkpoints newer than the newest one at the location (a crash cut their upload short)."""
-        try:  # one LIST and one GET (latest.json): no manifest reads, however many checkpoints the location keeps
+        try:  # one LIST (kept for the next saves) and one GET (latest.json): no manifest reads
+            KEPT.invalidate(self.remote)
             names = set(self.remote.names())
             newest = self.remote.latest_step() if names else -1
         except Exception as e:  # noqa: BLE001 - the server may be down; the next commit tries again
@@ -299,35 +305,53 @@ class Uploader:
         if doomed:
             self._delete(doomed, "retention", protected)
 
-    def _collect_packs(self) -> None:
-        """After deletions: remove the packs no checkpoint at the location references any more."""
+    def _collect_packs(self, freed: set[str]) -> None:
+        """After deletions: remove the packs no checkpoint at the location references any more. Only when one of the
+        packs ``freed`` (those the deleted manifests referenced) is now unreferenced, or every ``sweep_every`` passes
+        (packs left by others, collected after the grace period): most saves of a run reuse their packs."""
         try:
-            removed, freed = self.remote.collect_packs(mine=self.pushed_packs)
+            due = self._unswept + 1 >= self.sweep_every
+            if freed and not due and KEPT.held(self.remote):
+                live = list_checkpoints(self.uri)  # from memory (store/s3listing.py)
+                freed = freed - {p for c in live for p in (c.manifest.get("packs") or {})}
+            if not freed and not due:
+                self._unswept += 1
+                return
+            self._unswept = 0
+            removed, size = self.remote.collect_packs(mine=self.pushed_packs)
         except Exception as e:  # noqa: BLE001 - try again after the next deletion
             log.warning("lightning_ckpt: could not collect unreferenced packs in %s (%r)", self.uri, e)
             return
         self.pushed_packs.difference_update(removed)
         if removed:
             log.info("lightning_ckpt: removed %d unreferenced pack(s) from %s/%s (%.1f MB)", len(removed), self.uri,
-                     ".blobs", freed / 1e6)
+                     ".blobs", size / 1e6)
 
     def _delete(self, names: list[str], reason: str, protected: Optional[set] = None) -> None:
         if protected is None:  # a deletion asked by the run (best-k): what any run of the location needs stays
-            try:
+            try:  # (the listing is from memory while the location is held: store/s3listing.py)
                 protected = self._protected() | set(needed(list_checkpoints(self.uri), copy=not self.primary))
             except Exception as e:  # noqa: BLE001 - cannot tell what is needed there: delete nothing now
                 log.warning("lightning_ckpt: cannot list %s (%r); not deleting %s now", self.uri, e, ", ".join(names))
                 return
+        try:  # from memory while the location is held; else no LIST for it: collect the whole location after
+            known = {c.name: c.manifest for c in list_checkpoints(self.uri)} if KEPT.held(self.remote) else {}
+        except Exception:  # noqa: BLE001 - the same
+            known = {}
+        freed: set[str] = set()
         for name in names:
             if name in protected:
                 continue
+            m = known.get(name)
+            freed.update((m.get("packs") or {}) if isinstance(m, dict) else {"?"})  # unknown (unreadable): collect
             try:
-                self.remote.delete(name)
+                if not self.remote.delete(name):  # nothing there: the kept listing was wrong
+                    KEPT.invalidate(self.remote)
                 self.deleted.append(name)
                 log.info("lightning_ckpt: deleted %s/%s (%s)", self.uri, name, reason)
             except Exception as e:  # noqa: BLE001 - try again at the next retention pass
                 log.warning("lightning_ckpt: could not delete %s/%s (%r)", self.uri, name, e)
-        self._collect_packs()
+        self._collect_packs(freed)
 
 
 def staging_dir(uri: str) -> str:

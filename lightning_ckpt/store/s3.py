@@ -31,6 +31,7 @@ from ..format import manifest as mf
 from . import s3client
 from .base import IfExists, Store, Transaction, owner_token
 from .s3client import client, error_code as _code, is_unavailable
+from .s3listing import KEPT
 
 __all__ = ["S3Store", "S3Transaction", "client", "parse_s3_uri", "join_key"]
 
@@ -187,15 +188,23 @@ class S3Store(Store):
         return {o["Key"][skip:]: o for o in self.list_objects(name) if "/" not in o["Key"][skip:]}
 
     def names(self) -> list[str]:
-        return [n for n, objs in self.objects_by_name().items() if mf.MANIFEST in objs]
+        return [n for n, _ in self._listed()]
+
+    def _listed(self) -> list[tuple[str, str]]:
+        """(name, manifest ETag) of every committed entry, sorted; from memory while an uploader of this process
+        holds the location (``store/s3listing.py``)."""
+        def list_now() -> dict[str, str]:
+            return {n: str(o[mf.MANIFEST].get("ETag", "")) for n, o in self.objects_by_name().items() if mf.MANIFEST in o}
+
+        kept = KEPT.listed(self, list_now)
+        return kept if kept is not None else sorted(list_now().items())
 
     def manifests(self) -> list[tuple[str, dict | CheckpointError]]:
         """(name, manifest, or the error reading it) of every committed entry. Manifests are cached by ETag, so
-        listing again costs one LIST request."""
+        listing again costs one LIST request (none while the listing is kept: ``store/s3listing.py``)."""
         import concurrent.futures as cf
 
-        listed = [(name, str(objs[mf.MANIFEST].get("ETag", ""))) for name, objs in sorted(self.objects_by_name().items())
-                  if mf.MANIFEST in objs]
+        listed = self._listed()
 
         def one(item: tuple[str, str]) -> tuple[str, dict | CheckpointError]:
             try:
@@ -336,6 +345,7 @@ class S3Store(Store):
         if not packs and not marks:
             return [], 0
         marked: set[str] = set()
+        KEPT.expire(self, grace_s / 2)  # a kept listing (store/s3listing.py) must be younger than this
         for name, m in self.manifests():
             if isinstance(m, CheckpointError):
                 log.warning("lightning_ckpt: not collecting unreferenced packs in %s: the manifest of %s cannot be read "
@@ -369,6 +379,7 @@ class S3Store(Store):
     def uncommit(self, name: str) -> None:
         """Delete the manifest of ``name``: from then on it is not a checkpoint (its objects are removed after)."""
         self.delete_keys([self.key(name, mf.MANIFEST)])
+        KEPT.deleted(self, name)
 
     def cleanup(self, older_than_s: float = 3600.0) -> list[str]:
         """Delete what interrupted uploads and deletions left: objects of a name that has no ``manifest.json`` and
@@ -404,6 +415,11 @@ class S3Transaction(Transaction):
         if manifest is None or (name is not None and name != self.name) or if_exists != "replace":
             raise ValueError("an S3 entry commits under the name it was begun with, by its manifest, replacing")
         self.store.put_bytes(self.store.key(self.name, mf.MANIFEST), manifest)  # the commit point on S3
+        etag = KEPT.committed(self.store, self.name, manifest)  # a kept listing (store/s3listing.py) takes it in
+        if etag is not None:  # and its manifest is cached under its ETag: no GET of what was just pushed
+            with self.store._cache_lock:
+                self.store._cache[(self.store.bucket, self.store.key(self.name, mf.MANIFEST), etag)] = (
+                    mf.parse_manifest(manifest, self.store.path(self.name)), manifest)
         return self.name
 
     def abort(self) -> None:
