@@ -77,7 +77,9 @@ class LightningCkptIO(CheckpointIO):
     def remove_checkpoint(self, path: Any) -> None:
         if is_checkpoint_dir(path):
             self.fabric.wait()
-            remove_checkpoint(path)
+            # an explicit request for this path (Fabric has no retention of its own that would call it): the
+            # protections of automatic deletions (the newest, the best, branch points) do not apply
+            remove_checkpoint(path, force=True)
             return
         self.wrapped.remove_checkpoint(path)
 

@@ -246,8 +246,14 @@ class SmallSlabs:
 
     def select(self, tensors: dict[str, torch.Tensor]) -> Selection:
         keys, vals = list(tensors), list(tensors.values())
-        scan = (keys, list(map(_type, vals)), list(map(_is_cpu, vals)), list(map(_layout, vals)),
-                list(map(_dtype, vals)), list(map(_shape, vals)))
+        types = list(map(_type, vals))
+        if set(types) <= _PLAIN_TYPES:
+            scan = (keys, types, list(map(_is_cpu, vals)), list(map(_layout, vals)), list(map(_dtype, vals)),
+                    list(map(_shape, vals)))
+        else:  # a ShardedTensor or DTensor among them: its properties are not asked (it is never copied here)
+            plain = [t in _PLAIN_TYPES for t in types]
+            scan = (keys, types) + tuple([f(v) if p else None for v, p in zip(vals, plain)]
+                                         for f in (_is_cpu, _layout, _dtype, _shape))
         if scan != self.scan:
             self._lay_out(scan, vals)
         picked = self.picked
@@ -318,7 +324,7 @@ def total_nbytes(tensors: dict) -> int:
     return n
 
 
-_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)  # neither sharded nor a DTensor: decided without an import
+_PLAIN_TYPES = frozenset((torch.Tensor, torch.nn.Parameter))  # neither sharded nor a DTensor: decided without an import
 
 
 def _is_sharded_tensor(t: Any) -> bool:
