@@ -244,14 +244,17 @@ def test_the_server_killed_in_the_middle_of_a_download(own_s3, tmp_path, monkeyp
     """The server dies while the newest checkpoint's largest object is being downloaded: every reader gives
     StorageUnavailableError within the timeouts (never an older checkpoint, never "no checkpoint": that would make
     a resume start over), nothing partial enters the cache, and the local copy of an earlier checkpoint stays."""
-    for k, v in {"LIGHTNING_CKPT_CACHE": str(tmp_path / "cache"), "LIGHTNING_CKPT_S3_CONNECT_TIMEOUT": "0.5",
-                 "LIGHTNING_CKPT_S3_READ_TIMEOUT": "0.5", "LIGHTNING_CKPT_S3_MAX_ATTEMPTS": "2"}.items():
-        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("LIGHTNING_CKPT_CACHE", str(tmp_path / "cache"))
     uri = f"s3://{BUCKET}/killed"
     push_checkpoint(_save(tmp_path / "a", 3), uri)
     push_checkpoint(_save(tmp_path / "b", 7, head_numel=4 << 20), uri)  # a 16 MiB shard
     dest = str(tmp_path / "local")
     pull_checkpoint(f"{uri}/{GOOD}", dest)
+    # short timeouts only from here: a freshly started server may take longer than 0.5 s to answer the setup's
+    # first uploads (it allocates its volumes then)
+    for k, v in {"LIGHTNING_CKPT_S3_CONNECT_TIMEOUT": "0.5", "LIGHTNING_CKPT_S3_READ_TIMEOUT": "0.5",
+                 "LIGHTNING_CKPT_S3_MAX_ATTEMPTS": "2"}.items():
+        monkeypatch.setenv(k, v)
     real = S3Store.download
 
     def download(store, key, path, *args):  # (..., size, progress): the last is the progress callback
