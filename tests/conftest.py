@@ -6,7 +6,7 @@ subset `.ci/run` also runs under the oldest supported Lightning), ``ray`` (a loc
 fixture of ``tests/test_ray.py``, one for all its tests). Tests under ``tests/distributed/`` are marked
 ``distributed`` and tests that use the ``s3`` or ``own_s3`` fixture ``s3`` here, so new tests get them too.
 
-The quick subset for local work: ``python -m pytest -q -m "not slow and not distributed and not s3 and not faults"``.
+The quick subset for local work: ``python -m pytest -q -m "not slow and not distributed and not s3 and not faults and not ray"``.
 
 torch runs single-threaded in the tests (``OMP_NUM_THREADS=1`` unless it is set): the models are tiny, and a second
 intra-op thread only spins against the checkpoint writer's threads and the other processes on the machine (on a
