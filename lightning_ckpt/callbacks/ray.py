@@ -30,7 +30,7 @@ import os
 import shutil
 import sys
 import tempfile
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 from ..errors import CheckpointError, CheckpointNotFoundError, CheckpointWriteError
 from ..format.manifest import DIGEST
@@ -38,9 +38,7 @@ from ..store import is_remote
 from ..read import REFERENCE, list_checkpoints, read_checkpoint_manifest, read_reference, reference_target
 from ..read import of_run, verify_checkpoint
 from ..tools.lineage import lineage_of
-
-if TYPE_CHECKING:
-    from ..session.session import FolderSession
+from ..session.session import FolderSession
 
 log = logging.getLogger("lightning_ckpt")
 
