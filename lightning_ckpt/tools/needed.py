@@ -83,9 +83,9 @@ def needed(ckpts: list, live_rules: list = (), copy: bool = False) -> dict[str, 
     by_name = {c.name: c for c in ckpts}
     for c in ckpts if not copy else ():
         m = c.manifest
+        lin = m.get("lineage") if isinstance(m.get("lineage"), dict) else {}
         for ref, why in ((_ref(m.get("resumed_from")), f"the checkpoint {c.name} resumed from"),
-                         (_ref((m.get("lineage") or {}).get("parent") if isinstance(m.get("lineage"), dict) else None),
-                          f"the checkpoint the run of {c.name} started from")):
+                         (_ref(lin.get("parent")), f"the checkpoint the run of {c.name} started from")):
             parent = by_name.get(ref) if ref else None
             if parent is not None and not _continues(parent.manifest, m):
                 add(ref, why)
