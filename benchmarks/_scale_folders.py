@@ -208,7 +208,7 @@ def callbacks_per_save(folder: str, steps: int, skip: int, **cb_options: Any) ->
 
 # ------------------------------------------------------------------------------------------------ local
 def bench_local(args: Any, base: str, seed: str) -> dict:
-    from lightning_ckpt.tools.lineage import format_tree, lineage
+    from lightning_ckpt.folder.lineage import format_tree, lineage
     from lightning_ckpt.tools.report import collect_run, render_report
 
     out: dict = {}
@@ -252,7 +252,7 @@ def build_s3(seed: str, uri: str, bucket: str, prefix: str, n: int) -> str:
     import concurrent.futures as cf
 
     from lightning_ckpt.store.s3 import client
-    from lightning_ckpt.tools.transfer import push_checkpoint
+    from lightning_ckpt.folder.transfer import push_checkpoint
     from support.clones import clone, manifest_for
 
     with open(os.path.join(seed, "manifest.json"), "rb") as f:

@@ -266,7 +266,7 @@ def bench_branches(args, base: str, ft: dict) -> dict:
 def bench_s3(args, base: str, ft: dict) -> dict:
     from seaweed import s3_server
 
-    from lightning_ckpt.tools.transfer import push_checkpoint
+    from lightning_ckpt.folder.transfer import push_checkpoint
 
     out: dict[str, Any] = {}
     with s3_server(os.path.join(base, "weed"), "bench"):

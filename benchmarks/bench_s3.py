@@ -67,7 +67,7 @@ from lightning_ckpt import BackupToS3, CheckpointWriter, PeriodicCheckpoint  # n
 from lightning_ckpt.read import verify_checkpoint  # noqa: E402
 from lightning_ckpt.demo import DemoDataModule  # noqa: E402
 from lightning_ckpt.store import s3 as s3mod  # noqa: E402
-from lightning_ckpt.tools.transfer import pull_checkpoint, push_checkpoint
+from lightning_ckpt.folder.transfer import pull_checkpoint, push_checkpoint
 from seaweed import list_remote  # noqa: E402
 from seaweed import s3_server  # noqa: E402
 

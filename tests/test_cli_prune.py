@@ -13,7 +13,7 @@ import torch
 from lightning_ckpt import BestMetricCheckpoint, CheckpointWriter, PeriodicCheckpoint, latest_checkpoint, list_checkpoints
 from lightning_ckpt.cli import main
 from lightning_ckpt.store.lock import LockFileError
-from lightning_ckpt.tools.needed import hold_resume_point, release_resume_point
+from lightning_ckpt.folder.needed import hold_resume_point, release_resume_point
 from lightning_ckpt.tools.prune import CheckpointProtectedError, failed_run_ids, remove_checkpoint
 from lightning_ckpt.demo import DemoModel
 

@@ -106,7 +106,7 @@ def test_conflicting_options_fail_before_training(tmp_path, base, edit, message)
 
 def test_finetune_and_branch_recipes_share_the_frozen_layers(tmp_path):
     from lightning_ckpt.store.blobs import BlobStore
-    from lightning_ckpt.tools.lineage import lineage
+    from lightning_ckpt.folder.lineage import lineage
 
     run_cli(tmp_path, "fit", "--config", config("finetune.yaml"))
     d = tmp_path / "runs" / "finetune"

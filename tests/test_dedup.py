@@ -24,7 +24,7 @@ from lightning_ckpt.format import manifest as mf
 from lightning_ckpt.store import LocalStore
 from lightning_ckpt.store.blobs import BlobStore
 from lightning_ckpt.tools.diff import diff_checkpoints
-from lightning_ckpt.tools.lineage import lineage
+from lightning_ckpt.folder.lineage import lineage
 from lightning_ckpt.tools.prune import prune, remove_checkpoint
 from lightning_ckpt.tools.standalone import export_standalone
 

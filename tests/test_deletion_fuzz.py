@@ -29,7 +29,7 @@ from lightning_ckpt.policy.retention import RetentionRules
 from lightning_ckpt.store.blobs import BlobStore
 from lightning_ckpt.store.lock import FolderBusyError
 from lightning_ckpt.store.base import owner_gone
-from lightning_ckpt.tools.needed import failed_runs
+from lightning_ckpt.folder.needed import failed_runs
 from lightning_ckpt.tools.prune import CheckpointProtectedError, prune, remove_checkpoint
 
 import support
@@ -42,8 +42,8 @@ import json, os, sys, zlib
 import torch
 from lightning_ckpt import CheckpointWriter, load_checkpoint
 from lightning_ckpt.store import LocalStore
-from lightning_ckpt.tools.lineage import start_lineage
-from lightning_ckpt.tools.needed import hold_resume_point, record_failed_run, settle_resumed
+from lightning_ckpt.folder.lineage import start_lineage
+from lightning_ckpt.folder.needed import hold_resume_point, record_failed_run, settle_resumed
 
 folder, seed, parent, run_id, line, locked = sys.argv[1:7]
 parent = parent or None

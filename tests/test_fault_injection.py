@@ -54,7 +54,7 @@ from lightning_ckpt.read import read_checkpoint_manifest
 from lightning_ckpt.store.blobs import BlobStore
 from lightning_ckpt.store.lock import FolderLock
 from lightning_ckpt.store.s3 import S3Store
-from lightning_ckpt.tools.transfer import pull_checkpoint
+from lightning_ckpt.folder.transfer import pull_checkpoint
 
 from support import ROOT, TESTS, list_remote, remote_steps, start_python
 from support.files import tail

@@ -38,7 +38,7 @@ from lightning_ckpt import (
     verify_checkpoint,
 )
 from lightning_ckpt.cli import main
-from lightning_ckpt.tools.best import best_checkpoints
+from lightning_ckpt.folder.best import best_checkpoints
 from lightning_ckpt.format import manifest as mf
 from lightning_ckpt.format.checksum import crc32c
 from lightning_ckpt.read import read_checkpoint_manifest

@@ -16,6 +16,7 @@ LAYERS = [
     ("dcp",),
     ("read", "load"),
     ("writer",),
+    ("folder",),
     ("tools",),
     ("session", "extras"),
     ("callbacks",),

@@ -22,7 +22,7 @@ from lightning_ckpt.errors import CheckpointCorruptError, CheckpointNotFoundErro
 from lightning_ckpt.format.manifest import DIGEST
 from lightning_ckpt.read import REFERENCE, is_checkpoint_dir, list_checkpoints, read_reference
 from lightning_ckpt.store import open_store
-from lightning_ckpt.tools.lineage import lineage_of
+from lightning_ckpt.folder.lineage import lineage_of
 
 import support
 
@@ -189,7 +189,7 @@ def test_ray_tune_population_based_training_exploits_are_branches_of_one_folder(
     from ray import tune
     from ray.tune.schedulers import PopulationBasedTraining
 
-    from lightning_ckpt.tools.lineage import lineage
+    from lightning_ckpt.folder.lineage import lineage
 
     root, folder = str(tmp_path), str(tmp_path / "ckpts")
     random.seed(0)  # PBT's choices

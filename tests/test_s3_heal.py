@@ -11,7 +11,7 @@ import torch
 
 from lightning_ckpt import CheckpointCorruptError, CheckpointWriter, load_checkpoint, resume_path, verify_checkpoint
 from lightning_ckpt.session.backups import BackupLocation, Uploader
-from lightning_ckpt.tools.transfer import push_checkpoint
+from lightning_ckpt.folder.transfer import push_checkpoint
 from seaweed import list_remote, s3_server
 
 BUCKET = "heal"

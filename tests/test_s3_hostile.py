@@ -31,7 +31,7 @@ from lightning_ckpt import (CheckpointError, CheckpointWriter, StorageUnavailabl
 from lightning_ckpt.cli import main
 from lightning_ckpt.format import manifest as mf
 from lightning_ckpt.store.s3 import S3Store
-from lightning_ckpt.tools.transfer import pull_checkpoint, push_checkpoint
+from lightning_ckpt.folder.transfer import pull_checkpoint, push_checkpoint
 
 BUCKET = "hostile"
 GOOD, VICTIM = "step=000003", "step=000007"

@@ -27,7 +27,7 @@ from lightning_ckpt import (
 from lightning_ckpt.session.session import staging_dir
 from lightning_ckpt.demo import DemoModel
 from lightning_ckpt.format import manifest as mf
-from lightning_ckpt.tools.transfer import push_checkpoint
+from lightning_ckpt.folder.transfer import push_checkpoint
 
 import support
 from support import ROOT, data, list_remote, run_python
@@ -352,7 +352,7 @@ def test_reupload_of_a_name_uncommits_the_old_one_first_and_orphans_are_cleaned(
 
 def test_resume_prefers_a_newer_backup_over_a_stale_local_folder(s3, tmp_path):
     from lightning_ckpt import resume_path
-    from lightning_ckpt.tools.transfer import pull_checkpoint
+    from lightning_ckpt.folder.transfer import pull_checkpoint
 
     d = str(tmp_path / "a")
     uri = f"s3://{BUCKET}/stale"

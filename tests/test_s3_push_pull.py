@@ -15,7 +15,7 @@ from lightning_ckpt.cli import main
 from lightning_ckpt.store import LocalStore
 from lightning_ckpt.store.lock import FolderBusyError
 from lightning_ckpt.store.s3 import S3Store
-from lightning_ckpt.tools.transfer import PULL_RUN_ID, pull_checkpoint, push_checkpoint
+from lightning_ckpt.folder.transfer import PULL_RUN_ID, pull_checkpoint, push_checkpoint
 
 from support import list_remote, run_python
 
@@ -171,7 +171,7 @@ def test_pulls_of_one_checkpoint_by_two_processes_wait_for_each_other_and_fetch_
     dest = tmp_path / "dest"
     # "another rank": holds the lock as a pull does for a moment, then pulls the same checkpoint itself
     other = _holding_the_lock(dest, PULL_RUN_ID, "time.sleep(1.0); lk.release(); "
-                              "from lightning_ckpt.tools.transfer import pull_checkpoint; "
+                              "from lightning_ckpt.folder.transfer import pull_checkpoint; "
                               "pull_checkpoint('s3://ckpts/twice', sys.argv[1])")
     try:
         t0 = time.monotonic()

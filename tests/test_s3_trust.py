@@ -20,7 +20,7 @@ from lightning_ckpt.format import manifest as mf
 from lightning_ckpt.policy.retention import RetentionRules
 from lightning_ckpt.store.s3 import S3Store, S3Transaction
 from lightning_ckpt.tools.prune import prune
-from lightning_ckpt.tools.transfer import push_checkpoint
+from lightning_ckpt.folder.transfer import push_checkpoint
 
 from support import start_python
 

@@ -20,7 +20,7 @@ from lightning_ckpt.demo import DemoModel
 from lightning_ckpt.format import manifest as mf
 from lightning_ckpt.store import LocalStore, hint
 from lightning_ckpt.store.s3 import S3Store, client
-from lightning_ckpt.tools.transfer import push_checkpoint
+from lightning_ckpt.folder.transfer import push_checkpoint
 
 from support import data, trainer
 from support.clones import clone, manifest_for

@@ -236,7 +236,7 @@ def test_a_pull_replaces_what_is_not_a_pack_under_a_packs_name_and_never_writes_
     follows links: a link under the pack's name was kept, and the pulled checkpoint could not be read."""
     from lightning_ckpt.errors import CheckpointError
     from lightning_ckpt.store import LocalStore
-    from lightning_ckpt.tools.transfer import _copy_packs
+    from lightning_ckpt.folder.transfer import _copy_packs
 
     src = tmp_path / "src"
     w = CheckpointWriter(src, async_save=False)

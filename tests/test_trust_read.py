@@ -124,7 +124,7 @@ def test_a_checkpoint_folder_swapped_for_a_link_after_its_manifest_was_read_is_r
 
 def test_push_refuses_a_link_on_the_path_before_a_byte_goes_up(s3, tmp_path, monkeypatch):
     from lightning_ckpt.store.s3 import S3Store
-    from lightning_ckpt.tools.transfer import push_checkpoint
+    from lightning_ckpt.folder.transfer import push_checkpoint
 
     paths = _run(tmp_path / "run")
     blobs = tmp_path / "run" / mf.BLOBS

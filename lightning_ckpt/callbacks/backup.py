@@ -23,7 +23,7 @@ class BackupToS3(Callback, Participant):
     location to saving callbacks you do not configure yourself.
 
     Uploads run in a background thread on rank 0 after the local commit: objects first, ``manifest.json`` last, then
-    ``latest.json`` (see :func:`lightning_ckpt.tools.transfer.push_checkpoint`), so a partial upload is never seen as a
+    ``latest.json`` (see :func:`lightning_ckpt.folder.transfer.push_checkpoint`), so a partial upload is never seen as a
     checkpoint. A failed upload is logged and retried with exponential backoff (the S3 server may be down for a while);
     it never stops training unless ``required=True``, in which case the error is raised at the end of ``fit``.
     A checkpoint waiting for its upload is never deleted locally by retention. When ``fit`` ends, the uploads still

@@ -27,7 +27,7 @@ from ..session.session import FolderSession, Participant
 from ..session.state import FULL, STATE_KEY, SaveRequest, warn_inexact
 from ..store import is_remote
 from ..tools.merge import merge_checkpoint
-from ..tools.best import best_checkpoints
+from ..folder.best import best_checkpoints
 from . import compat, names, resume_exact
 from .ray import attach as attach_ray
 from .context import SESSIONS, MonitorNotFoundError, TrainerContext, metric_value, session_of  # noqa: F401

@@ -11,7 +11,7 @@ from ..read import _scan, of_run, read_checkpoint_manifest, verify_checkpoint
 from ..session import resume
 from ..session.options import check_dirpath
 from ..store import is_remote, open_store
-from ..tools.best import best_checkpoints
+from ..folder.best import best_checkpoints
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl

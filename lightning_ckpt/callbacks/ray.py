@@ -37,7 +37,7 @@ from ..format.manifest import DIGEST
 from ..store import is_remote
 from ..read import REFERENCE, list_checkpoints, read_checkpoint_manifest, read_reference, reference_target
 from ..read import of_run, verify_checkpoint
-from ..tools.lineage import lineage_of
+from ..folder.lineage import lineage_of
 from ..session.session import FolderSession
 
 log = logging.getLogger("lightning_ckpt")

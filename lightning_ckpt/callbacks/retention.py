@@ -10,7 +10,7 @@ from lightning.pytorch.callbacks import Callback
 from ..policy.retention import RetentionRules
 from ..session.options import check_dirpath
 from ..session.session import Participant
-from ..tools.prune import committed_records, plan_deletions
+from ..folder.retention import committed_records, plan_deletions
 from ..writer.options import check_bool
 from . import compat
 from .base import session_of

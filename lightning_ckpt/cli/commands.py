@@ -130,9 +130,9 @@ def cmd_ls(args: argparse.Namespace) -> int:
 def _current_best(ckpts: list) -> dict[str, int]:
     """Name -> rank (1 = best) of the checkpoints in the top-k now, by the rule their manifests record, per run."""
     from ..read import of_run, run_name_of
-    from ..tools.best import rank_best
+    from ..folder.best import rank_best
 
-    from ..tools.best import best_rule
+    from ..folder.best import best_rule
 
     out: dict[str, int] = {}
     for run in {run_name_of(c.manifest) for c in ckpts}:

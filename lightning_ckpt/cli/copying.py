@@ -12,7 +12,7 @@ from .text import say
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from ..tools.transfer import push_checkpoint
+    from ..folder.transfer import push_checkpoint
 
     m = _manifest_or_hint(args.path)
     with _bar(sum(f["size"] for f in m["files"].values()), "push", args.quiet) as bar:
@@ -30,7 +30,7 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 def cmd_pull(args: argparse.Namespace) -> int:
     from ..store.fs import check_output_path
-    from ..tools.transfer import pull_checkpoint
+    from ..folder.transfer import pull_checkpoint
 
     check_output_path(args.dir, "the pulled checkpoint into", folder=True)  # before anything is downloaded
     with _bar(0, "pull", args.quiet) as bar:
@@ -77,7 +77,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_lineage(args: argparse.Namespace) -> int:
-    from ..tools.lineage import as_json, format_tree, lineage
+    from ..folder.lineage import as_json, format_tree, lineage
 
     roots = lineage(args.dir)
     if args.json:

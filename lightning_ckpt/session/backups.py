@@ -8,7 +8,7 @@ A location is ``"s3://bucket/prefix"`` or a dict with ``uri`` and retention rule
                        backup_uri=[{"uri": "s3://bucket/run1", "keep_last": 3, "keep_tags": ["best"]}])
 
 Uploads run on rank 0 (the checkpoint folder is shared by the ranks), one thread per location, in commit order.
-Objects go up first, ``manifest.json`` last, then ``latest.json`` (:func:`lightning_ckpt.tools.transfer.push_checkpoint`),
+Objects go up first, ``manifest.json`` last, then ``latest.json`` (:func:`lightning_ckpt.folder.transfer.push_checkpoint`),
 so an interrupted upload is never seen as a checkpoint. A failed upload is logged and retried with exponential backoff
 (the server may be down for a while); training goes on unless the location is ``required``. A local checkpoint that
 fails verification is reported and skipped (it is never uploaded, and it never holds back the uploads after it).
@@ -31,9 +31,9 @@ from ..read import ANY_RUN, list_checkpoints, of_run
 from ..store import LocalStore, open_store
 from ..store.blobs import BlobStore
 from ..store.s3listing import KEPT
-from ..tools.needed import needed
-from ..tools.prune import plan_deletions, records_of
-from ..tools.transfer import push_checkpoint
+from ..folder.needed import needed
+from ..folder.retention import plan_deletions, records_of
+from ..folder.transfer import push_checkpoint
 from ..writer.meta import background_priority
 from ..writer.options import check_bool, check_seconds
 

@@ -9,8 +9,8 @@ from typing import Iterable
 
 from ..read import _scan, list_checkpoints, of_run
 from ..store.blobs import BlobStore
-from ..tools.needed import needed
-from ..tools.prune import plan_deletions, records_of
+from ..folder.needed import needed
+from ..folder.retention import plan_deletions, records_of
 
 log = logging.getLogger("lightning_ckpt")
 
@@ -20,7 +20,7 @@ class Deleting:
 
     def protected(self, ckpts: list | None = None) -> set[str]:
         """What no deletion of this session may take: this run's resume point, its participants' protections (best-k),
-        the checkpoints waiting for an upload, and what any run of the folder needs (``tools.needed``: the newest of
+        the checkpoints waiting for an upload, and what any run of the folder needs (``folder.needed``: the newest of
         each run, the current best recorded in the manifests, every resume and branch point). ``ckpts``: the
         folder's listing when the caller has one."""
         names: set[str] = set()

@@ -13,7 +13,7 @@ from ..errors import CheckpointError, StorageUnavailableError
 from ..read import ANY_RUN, latest_checkpoint, list_checkpoints, of_run, read_checkpoint_manifest, verify_checkpoint
 from ..read import latest_checkpoint as _latest
 from ..store import is_remote, open_store
-from ..tools.transfer import pull_checkpoint
+from ..folder.transfer import pull_checkpoint
 
 if TYPE_CHECKING:
     from .session import FolderSession

@@ -24,8 +24,8 @@ from typing import Any, Iterable, Optional
 from ..errors import CheckpointError, CheckpointWriteError
 from ..policy.retention import RetentionRules
 from ..store import is_remote
-from ..tools.lineage import start_lineage
-from ..tools.needed import hold_resume_point, record_failed_run, release_resume_point, settle_resumed
+from ..folder.lineage import start_lineage
+from ..folder.needed import hold_resume_point, record_failed_run, release_resume_point, settle_resumed
 from ..writer import CheckpointWriter
 from ..writer.job import SaveResult
 from .backups import BackupLocation, Uploader

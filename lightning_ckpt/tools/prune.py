@@ -3,7 +3,7 @@
 Deletion goes through the store (``Store.delete``: out of the listing atomically, then the bytes). A prune of a local
 folder takes the folder's lock first, so it never runs beside a training run that writes there (whose protections it
 cannot see); leftovers of interrupted saves are removed only when their writer is gone. No deletion takes a checkpoint
-a run needs (:func:`~lightning_ckpt.tools.needed.needed`: the newest, the current best, resume and branch points),
+a run needs (:func:`~lightning_ckpt.folder.needed.needed`: the newest, the current best, resume and branch points),
 whatever the rules or ``--failed`` say. A prune plans everything first (the listing, the notes, the leftovers, each
 checked for its type) and deletes only once the plan is complete, so a failure while planning deletes nothing.
 """
@@ -14,13 +14,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import CheckpointError
-from ..policy.retention import Record, RetentionRules, plan_retention
+from ..policy.retention import RetentionRules
+from ..folder.retention import committed_records, plan_deletions, records_of  # noqa: F401 - re-exported
 from ..read import ANY_RUN, list_checkpoints, of_run
 from ..store import open_store
 from ..store.base import owner_gone, owner_of
 from ..store.fs import OPS, _is_real_dir
 from ..store.lock import FolderLock
-from .needed import (  # noqa: F401 - re-exported: the failed-run notes lived here
+from ..folder.needed import (  # noqa: F401 - re-exported: the failed-run notes lived here
     RUNS_DIR,
     CheckpointProtectedError,
     failed_run_ids,
@@ -29,43 +30,6 @@ from .needed import (  # noqa: F401 - re-exported: the failed-run notes lived he
     needed,
     record_failed_run,
 )
-
-
-def committed_records(where: Any, run_name: Any = ANY_RUN) -> list[Record]:
-    """Retention records of the committed checkpoints of a folder or of an ``s3://`` location (``run_name``: of that
-    run only, in a folder several runs share). A pack of the content store that several checkpoints share counts once,
-    in the size of the oldest of them."""
-    return records_of(of_run(list_checkpoints(where), run_name))
-
-
-def records_of(ckpts: list) -> list[Record]:
-    """Retention records of listed checkpoints (``CheckpointInfo``, oldest first); a shared pack counts once."""
-    out, counted = [], set()
-    for c in ckpts:
-        rec = c.__dict__.get("_record")  # made once per listed checkpoint (a run's folder is listed from memory)
-        packs = c.manifest.get("packs")
-        if not packs:
-            if rec is None:
-                rec = c.__dict__["_record"] = Record(c.name, c.step, c.size_bytes, dict(c.metrics), tuple(c.tags),
-                                                     c.created_unix or 0.0)
-            out.append(rec)
-            continue
-        size = c.size_bytes + sum(int(e["size"]) for n, e in packs.items() if n not in counted)
-        counted.update(packs)
-        if rec is None or rec.size_bytes != size:
-            rec = c.__dict__["_record"] = Record(c.name, c.step, size, dict(c.metrics), tuple(c.tags),
-                                                 c.created_unix or 0.0)
-        out.append(rec)
-    return out
-
-
-def plan_deletions(records: list[Record], rule_sets: list[RetentionRules], protected: set[str] = frozenset()) -> list[str]:
-    """Names no rule set keeps (a checkpoint stays when any rule of any set keeps it). Raises ValueError (from
-    ``plan_retention``) when a set ranks by a metric no checkpoint recorded."""
-    keep = [False] * len(records)
-    for rules in rule_sets:
-        keep = [a or b for a, b in zip(keep, plan_retention(records, rules, protected))]
-    return [r.name for r, k in zip(records, keep) if not k]
 
 
 def _collect_packs(store: Any, ckpts: list, doomed: dict, dry_run: bool) -> list[dict]:

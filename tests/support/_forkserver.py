@@ -71,7 +71,7 @@ def _warm_imports() -> None:
         import lightning_ckpt.extras.hpo  # noqa: F401
         import lightning_ckpt.extras.stages  # noqa: F401
         import lightning_ckpt.store.s3  # noqa: F401
-        import lightning_ckpt.tools.transfer  # noqa: F401
+        import lightning_ckpt.folder.transfer  # noqa: F401
 
         botocore.session.get_session().get_service_model("s3")  # parsed once, not in every child
         torch.manual_seed(0)
