@@ -414,7 +414,7 @@ def test_a_pack_found_by_hash_survives_a_collection_before_the_commit(tmp_path):
     pending = w.save({"state_dict": {"f": f, "t": t}}, step=5, stable=["state_dict/f"], sync=True)
     for c in list_checkpoints(tmp_path)[:-1]:
         LocalStore(tmp_path).delete(c.name)
-    BlobStore(str(tmp_path)).collect()
+    LocalStore(str(tmp_path)).collect_packs()
     assert pack_a <= set(packs_in(tmp_path)), "a pack a pending save references was collected"
     w.seal()
     res = pending.result()
@@ -422,7 +422,7 @@ def test_a_pack_found_by_hash_survives_a_collection_before_the_commit(tmp_path):
     assert set(list_checkpoints(tmp_path)[-1].manifest["packs"]) == pack_a
     verify_checkpoint(res.path)
     assert torch.equal(load_checkpoint(res.path)["state_dict"]["f"], f)
-    BlobStore(str(tmp_path)).collect()  # the pending save's hold is released: A is kept as referenced, no more
+    LocalStore(str(tmp_path)).collect_packs()  # the pending save's hold is released: A is kept as referenced, no more
     assert set(packs_in(tmp_path)) == pack_a
 
 
@@ -445,9 +445,9 @@ def test_a_copy_into_the_store_cut_short_by_a_crash_is_removed_by_the_next_colle
     live = tmp_path / mf.BLOBS / f"{TMP_PREFIX}{pack}{SEP}{owner_token()}{SEP}4567"  # a copy under way
     for p in (dead, live):
         p.write_bytes(b"half a pack")
-    assert BlobStore(str(tmp_path)).collect(dry_run=True) == ([], 0)
+    assert LocalStore(str(tmp_path)).collect_packs(dry_run=True) == ([], 0)
     assert dead.exists()  # a dry run removes nothing
-    BlobStore(str(tmp_path)).collect()
+    LocalStore(str(tmp_path)).collect_packs()
     assert not dead.exists() and live.exists()
     assert packs_in(tmp_path) == [pack]
     verify_checkpoint(list_checkpoints(tmp_path)[0].path)

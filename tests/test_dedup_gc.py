@@ -77,7 +77,7 @@ class ContentStoreMachine(RuleBasedStateMachine):
             name = names[delete_before_commit % len(names)]
             assert LocalStore(self.dir).delete(name)
             del self.expected[name]
-            BlobStore(self.dir).collect()
+            LocalStore(self.dir).collect_packs()
         b.writer.seal()
         res = pending.result()
         self.expected[res.name] = {k: v.clone() for k, v in b.model.items()}
@@ -111,7 +111,7 @@ class ContentStoreMachine(RuleBasedStateMachine):
 
     @rule()
     def collect(self):
-        BlobStore(self.dir).collect()
+        LocalStore(self.dir).collect_packs()
         self.collected = True
 
     @invariant()
@@ -138,7 +138,7 @@ class ContentStoreMachine(RuleBasedStateMachine):
         for b in self.branches:
             b.writer.close()
         assert not BlobStore(self.dir).pinned()
-        BlobStore(self.dir).collect()
+        LocalStore(self.dir).collect_packs()
         referenced = {p for c in list_checkpoints(self.dir) for p in (c.manifest.get("packs") or {})}
         assert set(BlobStore(self.dir).names()) == referenced
         assert not os.path.exists(os.path.join(self.dir, mf.BLOBS)) or referenced or not os.listdir(

@@ -27,6 +27,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from lightning_ckpt import list_checkpoints, load_checkpoint
 from lightning_ckpt.policy.retention import RetentionRules
 from lightning_ckpt.store.blobs import BlobStore
+from lightning_ckpt.store import LocalStore
 from lightning_ckpt.store.lock import FolderBusyError
 from lightning_ckpt.store.base import owner_gone
 from lightning_ckpt.folder.needed import failed_runs
@@ -272,7 +273,7 @@ class DeletionMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.writer is None or self.writer.pending is None)
     @rule()
     def collect(self):
-        BlobStore(self.dir).collect()
+        LocalStore(self.dir).collect_packs()
 
     # ---------------------------------------------------------------- after every step
     @invariant()

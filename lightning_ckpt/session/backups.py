@@ -191,7 +191,7 @@ class Uploader:
             log.warning("lightning_ckpt: cannot list %s (%r); skipping the upload catch-up", self.uri, e)
             return
         try:
-            for name in self.remote.cleanup(self.orphan_age_s):
+            for name in self.remote.cleanup(older_than_s=self.orphan_age_s):
                 log.info("lightning_ckpt: removed %s/%s, left without a manifest by an interrupted upload", self.uri, name)
         except Exception as e:  # noqa: BLE001 - cleaning up is best effort
             log.warning("lightning_ckpt: could not clean up interrupted uploads in %s (%r)", self.uri, e)
@@ -268,7 +268,7 @@ class Uploader:
                 log.info("lightning_ckpt: backed up %s to %s", path, self.uri)
                 if self.primary:  # dirpath is this location: the local copy was only staging
                     self.local.delete(name)
-                    BlobStore(self.dirpath).collect()
+                    LocalStore(self.dirpath).collect_packs()
                 self._apply_retention()
                 return
         finally:

@@ -63,7 +63,7 @@ class Deleting:
     def _collect_packs(self) -> None:
         """Remove the packs of the folder's content store no checkpoint references any more (the deleter thread)."""
         try:
-            BlobStore(self.dirpath, fsync=self.store.fsync).collect()
+            self.store.collect_packs()
         except Exception as e:  # noqa: BLE001 - retried after the next deletion
             log.error("lightning_ckpt: could not collect unreferenced packs in %s: %r", self.dirpath, e)
 

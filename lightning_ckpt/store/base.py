@@ -96,6 +96,27 @@ def owner_gone(owner: str | None) -> bool:
     return host == host_id() and _PID.fullmatch(pid) is not None and not pid_alive(int(pid))
 
 
+def debris_in(root: str, everyone: bool = False) -> list[str]:
+    """Paths of what interrupted writes and deletions left in the folder ``root``: trash always; partial, temp and
+    probe entries whose writer is gone (``everyone``: all of them, for the holder of the folder's lock)."""
+    try:
+        entries = os.listdir(root)
+    except OSError:
+        return []
+    mine = owner_token()
+    out = []
+    for e in entries:
+        if e.startswith(TRASH_PREFIX):
+            out.append(e)
+        elif e.startswith((PARTIAL_PREFIX, TMP_PREFIX, PROBE_PREFIX)):
+            owner = owner_of(e)
+            if owner == mine and not everyone:
+                continue
+            if everyone or owner_gone(owner):
+                out.append(e)
+    return [os.path.join(root, e) for e in sorted(out)]
+
+
 class Transaction(ABC):
     """One entry being written: the data first, the manifest last (``commit``), or nothing (``abort``)."""
 
@@ -160,3 +181,59 @@ class Store(ABC):
     @abstractmethod
     def delete(self, name: str) -> bool:
         """Delete entry ``name``: it leaves the listing atomically first, then its bytes go. False when it was gone."""
+
+    @abstractmethod
+    def cleanup(self, everyone: bool = False, older_than_s: float = 3600.0) -> list[str]:
+        """Remove what interrupted writes and deletions left (a dead writer's partial entry; with ``everyone``, the
+        lock holder's view: every partial entry; on a backend without owners, what nothing touched for
+        ``older_than_s``). Returns what was removed."""
+
+    @abstractmethod
+    def debris(self, everyone: bool = False) -> list[str]:
+        """What :meth:`cleanup` would remove now (paths or names), without removing it."""
+
+    # -- the content store (.blobs)
+    @abstractmethod
+    def pack_names(self) -> list[str]:
+        """The packs of the folder's content store."""
+
+    @abstractmethod
+    def collect_packs(self, *, mine: "set[str] | frozenset" = frozenset(), grace_s: float = 3600.0,
+                      dry_run: bool = False) -> tuple[list[str], int]:
+        """Delete the packs no committed manifest references (``dry_run``: only say which). Returns (pack names,
+        bytes freed)."""
+
+    # -- the folder lock (a capability: ``locking`` says whether the backend has one)
+    locking: bool = True
+
+    @abstractmethod
+    def lock(self, info: dict | None = None) -> "FolderLockLike":
+        """Take the folder's lock or raise ``FolderBusyError``. A backend without a lock returns :class:`NoLock`."""
+
+    @abstractmethod
+    def lock_unless_mine(self, info: dict | None = None) -> "FolderLockLike | None":
+        """Take the lock, or None when this process already holds it (or the backend has no lock)."""
+
+    @abstractmethod
+    def lock_holder(self) -> dict | None:
+        """Who holds the folder's lock, or None (always None without a lock)."""
+
+    def exists(self) -> bool:
+        """Whether the folder is there (a remote location always is: its prefix needs no creating)."""
+        return True
+
+
+class NoLock:
+    """The lock of a backend that has none (S3): holding it excludes nobody. ``held`` is False: its holder may not
+    treat other writers' partial entries as debris."""
+
+    held = False
+
+    def mine(self) -> bool:
+        return False
+
+    def release(self) -> None:
+        pass
+
+
+FolderLockLike = object  # FolderLock (store/lock.py) or NoLock

@@ -32,6 +32,7 @@ from typing import Iterable
 
 from ..errors import CheckpointError, CheckpointNotFoundError, CheckpointWriteError
 from ..format import manifest as mf
+from .base import Store, debris_in
 from .fs import OPS, _is_real_dir, _is_real_file
 
 log = logging.getLogger("lightning_ckpt")
@@ -158,9 +159,7 @@ class BlobStore:
         """Remove the temp files of copies into the store whose process is gone (a pull killed while it copied a
         pack: ``.tmp-<pack>~<owner>~<id>``, see ``LocalStore.replacing``). In this process no copy runs meanwhile:
         pulls copy under ``self.lock``."""
-        from .local import LocalStore
-
-        for p in LocalStore(self.path, fsync=False).debris():
+        for p in debris_in(self.path):
             try:  # (lstat: a link is removed itself, never what it points to)
                 if _is_real_dir(p):
                     OPS.rmtree(p)
@@ -172,23 +171,21 @@ class BlobStore:
                 continue
             log.info("lightning_ckpt: removed %s, left by an interrupted copy into the content store", p)
 
-    def collect(self, *, dry_run: bool = False) -> tuple[list[str], int]:
+    def collect(self, store: "Store", *, dry_run: bool = False) -> tuple[list[str], int]:
         """Remove every pack no committed manifest of the folder references and no pending save may reference.
-        Returns (removed pack names, bytes freed). Call it with the folder's lock held.
+        Returns (removed pack names, bytes freed). Call it with the folder's lock held; ``store``: the
+        folder's own store, whose committed manifests say what is referenced (callers use ``LocalStore.collect_packs``).
 
         Never raises for what it finds in the store: it runs after checkpoints were deleted (retention, ``prune``),
         and a collection that stopped there would leave the deletions reported as failed. A ``.blobs`` that is not
         a folder, an entry that is not a regular file, or a pack that cannot be removed is logged and left alone
         (the next collection tries again)."""
-        from .local import LocalStore
-
         if not os.path.lexists(self.path):
             return [], 0
         if not _is_real_dir(self.path):
             log.warning("lightning_ckpt: not collecting unreferenced packs: %s is not a folder (a link or a file); it "
                         "must be the folder's content store. Move it away; nothing is deleted through it.", self.path)
             return [], 0
-        store = LocalStore(self.root)
         with self.lock:
             if not dry_run:
                 self._remove_debris()

@@ -36,6 +36,7 @@ from .base import (
     Transaction,
     check_entry_name,
     first_free,
+    debris_in,
     new_id,
     owner_gone,
     owner_of,
@@ -43,6 +44,7 @@ from .base import (
     partial_name,
 )
 from . import direct
+from .blobs import BlobStore
 from .fs import OPS, _is_real_dir, _is_real_file, read_member
 from .lock import FolderLock
 
@@ -231,24 +233,9 @@ class LocalStore(Store):
     def debris(self, everyone: bool = False) -> list[str]:
         """Paths of what interrupted writes and deletions left: trash always; partial, temp and probe entries whose
         writer is gone (``everyone``: all of them, for the holder of the folder's lock, who alone writes there)."""
-        try:
-            entries = os.listdir(self.root)
-        except OSError:
-            return []
-        mine = owner_token()
-        out = []
-        for e in entries:
-            if e.startswith(TRASH_PREFIX):
-                out.append(e)
-            elif e.startswith((PARTIAL_PREFIX, TMP_PREFIX, PROBE_PREFIX)):
-                owner = owner_of(e)
-                if owner == mine and not everyone:
-                    continue
-                if everyone or owner_gone(owner):
-                    out.append(e)
-        return [os.path.join(self.root, e) for e in sorted(out)]
+        return debris_in(self.root, everyone)
 
-    def cleanup(self, everyone: bool = False) -> list[str]:
+    def cleanup(self, everyone: bool = False, older_than_s: float = 3600.0) -> list[str]:
         """Remove :meth:`debris`; returns what was removed."""
         removed = []
         for p in self.debris(everyone):
@@ -260,6 +247,15 @@ class LocalStore(Store):
         if removed:
             log.warning("lightning_ckpt: removed %d leftover partial save(s) in %s", len(removed), self.root)
         return removed
+
+    # ---------------------------------------------------------------- the content store
+    def pack_names(self) -> list[str]:
+        return BlobStore(self.root).names()
+
+    def collect_packs(self, *, mine: "set[str] | frozenset" = frozenset(), grace_s: float = 3600.0,
+                      dry_run: bool = False) -> tuple[list[str], int]:
+        """Local packs are pinned by the writers that reuse them (``BlobStore.pin``): no grace period is needed."""
+        return BlobStore(self.root, fsync=self.fsync).collect(self, dry_run=dry_run)
 
     # ---------------------------------------------------------------- lock
     def lock(self, info: dict | None = None) -> "FolderLock":

@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 from ..errors import CheckpointCorruptError, CheckpointError, CheckpointNotFoundError, StorageUnavailableError
 from ..format import manifest as mf
 from . import s3client
-from .base import IfExists, Store, Transaction, owner_token
+from .base import IfExists, NoLock, Store, Transaction, owner_token
 from .s3client import client, error_code as _code, is_unavailable
 from .s3listing import KEPT
 
@@ -381,7 +381,26 @@ class S3Store(Store):
         self.delete_keys([self.key(name, mf.MANIFEST)])
         KEPT.deleted(self, name)
 
-    def cleanup(self, older_than_s: float = 3600.0) -> list[str]:
+    # S3 has no lock (stated in docs/DESIGN.md): one training run writes an S3 location; readers and tools are safe
+    # beside it through the commit order and the packs' grace period and reuse marks.
+    locking = False
+
+    def lock(self, info: dict | None = None) -> NoLock:
+        return NoLock()
+
+    def lock_unless_mine(self, info: dict | None = None) -> None:
+        return None
+
+    def lock_holder(self) -> None:
+        return None
+
+    def pack_names(self) -> list[str]:
+        return sorted(self.blob_listing()[0])
+
+    def debris(self, everyone: bool = False) -> list[str]:
+        return []  # what interrupted uploads left is found by age, in cleanup()
+
+    def cleanup(self, everyone: bool = False, older_than_s: float = 3600.0) -> list[str]:
         """Delete what interrupted uploads and deletions left: objects of a name that has no ``manifest.json`` and
         that nothing touched for ``older_than_s`` seconds (an upload in progress elsewhere is left alone). Returns the
         names cleaned up."""

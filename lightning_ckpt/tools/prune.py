@@ -51,7 +51,7 @@ def _collect_packs(store: Any, ckpts: list, doomed: dict, dry_run: bool) -> list
         return [{"path": f"{store.uri}/{mf.BLOBS}/{p}", "bytes": None} for p in removed]
     blobs = BlobStore(store.uri, fsync=store.fsync)
     sizes = {p: os.path.getsize(blobs.pack(p)) for p in blobs.names()}
-    removed, _ = blobs.collect()
+    removed, _ = store.collect_packs()
     return [{"path": blobs.pack(p), "bytes": sizes.get(p)} for p in removed]
 
 
@@ -78,7 +78,7 @@ def remove_checkpoint(path: Any, *, force: bool = False) -> None:
         if store.remote:
             store.collect_packs()
         elif lock is None or lock.held:  # this process writes the folder, or holds its lock now: nobody else does
-            BlobStore(store.uri, fsync=store.fsync).collect()
+            store.collect_packs()
     finally:
         if lock is not None:
             lock.release()
