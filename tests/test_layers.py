@@ -17,14 +17,15 @@ LAYERS = [
     ("read", "load"),
     ("writer",),
     ("folder",),
-    ("tools",),
-    ("session", "extras"),
+    ("session", "tools", "extras"),
     ("callbacks",),
     ("cli", "extras.hpo", "demo"),
     ("__init__",),
 ]
 LIGHTNING_ALLOWED = ("callbacks", "extras.hpo", "demo")
 COMPAT_MODULES = ("compat", "callbacks.compat")
+# layers that stand side by side: neither imports the other (the session runs a fit; the tools work on folders)
+SIDE_BY_SIDE = [("session", "tools")]
 # whole layers that must stay pure: no I/O, no torch.distributed, nothing of this package but themselves
 PURE = {"policy": ("policy", "errors")}
 
@@ -48,15 +49,16 @@ def layer_of(mod: str) -> int:
     return rank
 
 
-def imports_of(mod: str, tree: ast.Module) -> list[tuple[str, int]]:
-    """(imported module, line) for every import in the module, function-level ones included."""
+def imports_of(mod: str, tree: ast.Module, *, annotations: bool = False) -> list[tuple[str, int]]:
+    """(imported module, line) for every import in the module, function-level ones included; with ``annotations``
+    also those under ``if TYPE_CHECKING:`` (never imported at run time, but a dependency all the same)."""
     pkg_parts = mod.split(".") if mod != "__init__" else []
     is_pkg = (PKG / mod.replace(".", "/") / "__init__.py").exists() or mod == "__init__"
     out = []
     skipped = {id(n) for n in ast.walk(tree) if isinstance(n, ast.If) and isinstance(n.test, ast.Name)
                and n.test.id == "TYPE_CHECKING" for n in ast.walk(n)}  # annotations only: never imported at run time
     for node in ast.walk(tree):
-        if id(node) in skipped:
+        if id(node) in skipped and not annotations:
             continue
         if isinstance(node, ast.Import):
             out += [(a.name, node.lineno) for a in node.names]
@@ -98,18 +100,24 @@ def test_each_layer_imports_only_its_own_and_lower_layers_and_lightning_only_abo
                 continue
             if layer_of(dep) > layer_of(mod):
                 bad.append(f"lightning_ckpt.{mod}:{line} imports lightning_ckpt.{dep}, a higher layer")
+            for a, b in SIDE_BY_SIDE:
+                for x, y in ((a, b), (b, a)):
+                    if (mod == x or mod.startswith(x + ".")) and (dep == y or dep.startswith(y + ".")):
+                        bad.append(f"lightning_ckpt.{mod}:{line} imports lightning_ckpt.{dep}: {x} and {y} stand side "
+                                   "by side (what both need belongs in a layer below them, such as folder/)")
             for pure, allowed in PURE.items():
                 if mod.startswith(pure) and not dep.startswith(allowed):
                     bad.append(f"lightning_ckpt.{mod}:{line} imports lightning_ckpt.{dep}; {pure} stays pure")
     assert not bad, "\n".join(bad)
 
 
-def test_no_import_cycles_among_the_package_modules():
+def test_no_import_cycles_among_the_package_modules_not_even_for_annotations():
+    """Imports under ``if TYPE_CHECKING:`` count: a cycle hidden there is a cycle of the design all the same."""
     mods = modules()
     known = set(mods)
     graph: dict[str, set[str]] = defaultdict(set)
     for mod, tree in mods.items():
-        for target, _ in imports_of(mod, tree):
+        for target, _ in imports_of(mod, tree, annotations=True):
             dep = internal(target, known)
             if dep is not None and dep != mod and mod != "__init__" and dep != "__init__":
                 if mod.startswith(dep + ".") or dep.startswith(mod + "."):
@@ -192,3 +200,50 @@ def test_only_the_store_decides_whether_a_location_is_local_or_s3():
                             for a in node.args)):
                 bad.append(f"lightning_ckpt.{mod}:{node.lineno}")
     assert not bad, "ask lightning_ckpt.store (is_remote, open_store, folder_key, locate) instead:\n" + "\n".join(bad)
+
+
+def test_no_private_name_is_imported_from_another_module():
+    """What another module needs is public: ``from ..read import _scan`` couples a module to another's internals."""
+    bad = []
+    for mod, tree in modules().items():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("lightning_ckpt")):
+                for a in node.names:
+                    if a.name.startswith("_") and not a.name.startswith("__"):
+                        bad.append(f"lightning_ckpt.{mod}:{node.lineno} imports {a.name} from {node.module or '.'}")
+    assert not bad, "make these public (or move them where they belong):\n" + "\n".join(bad)
+
+
+def _asks_backend(node: ast.AST) -> bool:
+    """Does this expression ask which backend a store or a location is? ``x.remote``, ``is_remote(...)``,
+    ``isinstance(x, S3Store/LocalStore)``."""
+    if isinstance(node, ast.Attribute) and node.attr == "remote" and isinstance(node.ctx, ast.Load):
+        return True
+    if isinstance(node, ast.Call):
+        f = node.func
+        name = f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else ""
+        if name == "is_remote":
+            return True
+        if name == "isinstance" and len(node.args) == 2:
+            kinds = node.args[1].elts if isinstance(node.args[1], ast.Tuple) else [node.args[1]]
+            return any(isinstance(k, (ast.Name, ast.Attribute)) and (getattr(k, "id", None) or getattr(k, "attr", ""))
+                       in ("S3Store", "LocalStore", "S3Transaction", "LocalTransaction") for k in kinds)
+    return False
+
+
+MAX_BACKEND_QUESTIONS = 5
+
+
+def test_at_most_a_handful_of_lines_outside_the_store_ask_which_backend_a_store_is():
+    """One store contract both backends honour: a caller that holds a Store never asks which one it is. The few
+    lines allowed are where a user's location decides what a run does (staging an s3:// folder locally)."""
+    lines = set()
+    for mod, tree in modules().items():
+        if mod == "store" or mod.startswith("store."):
+            continue
+        for node in ast.walk(tree):
+            if _asks_backend(node):
+                lines.add(f"lightning_ckpt.{mod}:{node.lineno}")
+    assert len(lines) <= MAX_BACKEND_QUESTIONS, (
+        f"{len(lines)} lines outside store/ ask which backend a store is (at most {MAX_BACKEND_QUESTIONS}); use the "
+        "store contract (store/base.py) instead:\n" + "\n".join(sorted(lines)))
