@@ -1,6 +1,7 @@
 """Lightning's names for checkpoints, for this package's folders: the default ``dirpath``, ``ckpt_path="last"`` and
-``"best"``, and where a ``fit`` starts (``ckpt_path``, ``resume="auto"``, ``resume_from=``, or fresh; a fresh start
-into a folder that holds the same run's checkpoints is refused unless ``allow_existing``)."""
+``"best"``, and where a ``fit`` starts. The decisions are :mod:`lightning_ckpt.session.start`'s (``newest``, ``best``,
+``decide``); this module hands them what Lightning knows (the callbacks' folders and options, the rank, the
+strategy's broadcast, Ray's checkpoint) and prints their lines where Lightning prints its own (rank 0)."""
 from __future__ import annotations
 
 import os

@@ -4,7 +4,8 @@ The inputs: what the user asked for (:class:`Ask`: the ``ckpt_path`` given to ``
 ``resume_from``, ``allow_existing``, and under Ray the checkpoint Ray hands the attempt) and the folder (:class:`Place`:
 where it commits, the ``s3://`` location a staged folder uploads to, its backup locations, its run, node-local or
 shared). The answer: a :class:`Start` (where the fit starts, why, whether it branches, whether a backup was pulled into
-the folder for it, and the line to print). The I/O goes through ``read``, ``store`` and ``folder.transfer``.
+the folder for it, and the line to print). The I/O goes through ``read``, ``store``, ``folder`` and the searches of
+:mod:`lightning_ckpt.session.resume`.
 
 The decision, first match wins (:func:`decide`):
 
@@ -37,6 +38,7 @@ import logging
 import os
 import warnings
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Callable, Iterable, Optional
 
 import torch.distributed as dist
@@ -51,8 +53,22 @@ from .resume import common_local_names, find_newest, newest_for_auto
 
 log = logging.getLogger("lightning_ckpt")
 
-# why a fit starts where it does (Start.reason)
-GIVEN, LAST, BEST, AUTO, RAY, BRANCH, FRESH = "ckpt_path", "last", "best", "auto", "ray", "resume_from", "fresh"
+
+
+class Reason(str, Enum):
+    """Why a fit starts where it does (``Start.reason``); each value is the option that decided it."""
+
+    GIVEN = "ckpt_path"
+    LAST = "last"
+    BEST = "best"
+    AUTO = "auto"
+    RAY = "ray"
+    BRANCH = "resume_from"
+    FRESH = "fresh"
+
+
+GIVEN, LAST, BEST, AUTO, RAY, BRANCH, FRESH = (Reason.GIVEN, Reason.LAST, Reason.BEST, Reason.AUTO, Reason.RAY,
+                                               Reason.BRANCH, Reason.FRESH)
 
 
 @dataclass(frozen=True)
@@ -104,7 +120,7 @@ class Start:
     """Where a fit starts."""
 
     path: Optional[str] = None  # the checkpoint to restore (None: a fresh start)
-    reason: str = FRESH  # GIVEN, LAST, BEST, AUTO, RAY, BRANCH or FRESH
+    reason: Reason = Reason.FRESH
     branch: bool = False  # a new run starts from another run's checkpoint (resume_from, a Ray clone)
     pulled_from: Optional[str] = None  # path is a local copy just pulled from this backup checkpoint
     message: Optional[str] = None  # the line to print on rank 0 (None: nothing to say)
