@@ -15,8 +15,9 @@ detects SLURM (no callback to add; ``LIGHTNING_CKPT_RAY=0`` turns it off), a fol
   (Ray Tune: one process; its report copies synchronously, so each save is reported at the first step boundary
   after its commit, in the training thread, and at the end of fit.)
 - **Resume** (``resume="auto"``, decided by ``session.start``; here only Ray's checkpoint is read): the checkpoint
-  Ray hands the attempt (``get_checkpoint()``) wins over the folder's scan. A reference to this folder's run continues that run: from the referenced checkpoint, or from a newer commit
-  of the same lineage run that Ray was not told of before the worker died. A reference to another run or folder
+  Ray hands the attempt (``get_checkpoint()``) wins over the folder's scan. A reference to this folder's run
+  continues that run: from the referenced checkpoint, or from a newer commit of the same lineage run that Ray was not
+  told of before the worker died. A reference to another run or folder
   (Tune's population-based training cloning trial B into trial A) starts a branch of it, as ``resume_from`` does: the
   new hyper-parameters apply, the lineage records the parent, unchanged tensors are shared.
 

@@ -38,7 +38,8 @@ def resume_path(dirpath: Any, backup_uri: Any = None, *, run_name: Any = ANY_RUN
     return find_newest(dirpath, backup_uri, run_name=run_name)[0]
 
 
-def find_newest(dirpath: Any, backup_uri: Any = None, *, run_name: Any = ANY_RUN) -> tuple[Optional[str], Optional[str]]:
+def find_newest(dirpath: Any, backup_uri: Any = None, *, run_name: Any = ANY_RUN
+                ) -> tuple[Optional[str], Optional[str]]:
     """:func:`resume_path`'s search: ``(path, pulled_from)``, ``pulled_from`` the backup checkpoint that ``path`` is
     a fresh local copy of (None: ``path`` was in the folder already)."""
     store = open_store(dirpath)
@@ -140,8 +141,9 @@ def _cannot_read(uri: str, e: Exception, what: str) -> CheckpointError:
 def newest_for_auto(dirpath: str, backups: Iterable[str], run_name: Any, *, staged_for: Optional[str] = None,
                     among: Optional[list[str]] = None, only_some: Iterable[str] = ()
                     ) -> Optional[tuple[str, bool, Optional[str]]]:
-    """Rank 0, ``resume="auto"``: ``(path, in this folder, pulled_from)`` of the newest valid checkpoint of the run among the folder
-    and its backups (local wins a tie; a staged folder: the newer of the staged and the uploaded one), or None.
+    """Rank 0, ``resume="auto"``: ``(path, in this folder, pulled_from)`` of the newest valid checkpoint of the run
+    among the folder and its backups (local wins a tie; a staged folder: the newer of the staged and the uploaded
+    one), or None.
     Raises when a location cannot be read and nothing is local. ``among``: node-local folders, the local checkpoints
     every folder holds (:func:`common_local_names`); a newer backup is then read from S3 by every rank rather than
     pulled into one node's folder. ``staged_for``: the ``s3://`` location the folder at ``dirpath`` is staged for."""
