@@ -14,9 +14,10 @@ detects SLURM (no callback to add; ``LIGHTNING_CKPT_RAY=0`` turns it off), a fol
   the reference into ``storage_path``. Training never waits for the commit; Ray keeps the reports in order.
   (Ray Tune: one process; its report copies synchronously, so each save is reported at the first step boundary
   after its commit, in the training thread, and at the end of fit.)
-- **Resume** (``resume="auto"``): the checkpoint Ray hands the attempt (``get_checkpoint()``) wins over the folder's
-  scan. A reference to this folder's run continues that run: from the referenced checkpoint, or from a newer commit
-  of the same lineage run that Ray was not told of before the worker died. A reference to another run or folder
+- **Resume** (``resume="auto"``, decided by ``session.start``; here only Ray's checkpoint is read): the checkpoint
+  Ray hands the attempt (``get_checkpoint()``) wins over the folder's scan. A reference to this folder's run
+  continues that run: from the referenced checkpoint, or from a newer commit of the same lineage run that Ray was not
+  told of before the worker died. A reference to another run or folder
   (Tune's population-based training cloning trial B into trial A) starts a branch of it, as ``resume_from`` does: the
   new hyper-parameters apply, the lineage records the parent, unchanged tensors are shared.
 
@@ -30,15 +31,14 @@ import os
 import shutil
 import sys
 import tempfile
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
-from ..errors import CheckpointError, CheckpointNotFoundError, CheckpointWriteError
+from ..errors import CheckpointWriteError
 from ..format.manifest import DIGEST
-from ..store import is_remote
-from ..read import REFERENCE, list_checkpoints, read_checkpoint_manifest, read_reference, reference_target
-from ..read import of_run, verify_checkpoint
+from ..read import REFERENCE, read_checkpoint_manifest, read_reference
 from ..folder.lineage import lineage_of
 from ..session.session import FolderSession
+from ..session.start import Place, from_reference, in_folder, shared
 
 log = logging.getLogger("lightning_ckpt")
 
@@ -192,50 +192,17 @@ def reported_checkpoint() -> Optional[dict]:
         return ref
 
 
-def start_from_ray(session: "FolderSession", is_global_zero: bool, broadcast: Any) -> Optional[tuple[str, bool]]:
-    """Collective (every rank): ``(path, branched)`` where a fit with ``resume="auto"`` starts under Ray, or None when
-    Ray hands no checkpoint of this package (then the folder decides, as without Ray). Rank 0 decides."""
-    if detect() is None:
-        return None
-    answer, error = None, None
-    if is_global_zero:
-        try:
-            ref = reported_checkpoint()
-            answer = _choose(session, ref) if ref is not None else None
-        except CheckpointError as e:
-            error = (type(e).__name__, str(e))
-    answer, error = broadcast((answer, error))
-    if error is not None:
-        raise (CheckpointNotFoundError if error[0] == "CheckpointNotFoundError" else CheckpointError)(error[1])
-    if answer is None:
-        return None
-    path, branched, relative = answer
-    return (os.path.join(session.dirpath, path) if relative else path), branched
+def checkpoint_reader() -> Optional[Callable[[], Optional[dict]]]:
+    """Under Ray: the function that reads the reference Ray hands this attempt (``session.start.decide`` calls it on
+    rank 0 with ``resume="auto"``); None outside Ray (then the folder decides alone)."""
+    return reported_checkpoint if detect() is not None else None
 
 
 def _choose(session: "FolderSession", ref: dict) -> tuple[str, bool, bool]:
-    """Rank 0: (path, branched, relative to the folder) of where to start from Ray's reference ``ref``."""
-    relative = session.writer.node_local and not session.remote  # node-local: each rank reads its own folder's copy
-    if _same_folder(ref.get("folder"), session.key) and ref.get("run_name") == session.run_name:
-        # this run: the reported checkpoint, or a commit of the same lineage run after it that Ray was not told of
-        # (the worker died before reporting it)
-        newer = [c for c in of_run(list_checkpoints(session.key), session.run_name)
-                 if lineage_of(c.manifest).get("run") == ref.get("lineage_run") and c.step > ref["step"]]
-        for c in reversed(newer):
-            try:
-                verify_checkpoint(c.path)
-                return (os.path.relpath(c.path, session.dirpath) if relative else c.path), False, relative
-            except CheckpointError as e:
-                log.warning("lightning_ckpt: resume='auto' skips %s: %s", c.path, e)
-        target = reference_target(ref, "Ray's checkpoint of this run")
-        verify_checkpoint(target)
-        return (os.path.relpath(target, session.dirpath) if relative else target), False, relative
-    target = reference_target(ref, "the checkpoint Ray hands this trial")  # another run's: a branch of it
-    verify_checkpoint(target)
-    return target, True, False
-
-
-def _same_folder(a: Any, b: str) -> bool:
-    if not isinstance(a, str):
-        return False
-    return a == b if is_remote(b) or is_remote(a) else os.path.realpath(a) == os.path.realpath(b)
+    """Rank 0: (path, branched, relative to the folder) of where to start from Ray's reference ``ref`` (the decision
+    is ``session.start.from_reference``; relative: a node-local folder's checkpoint, read from each rank's copy)."""
+    place = Place(session.key, session.dirpath, staged_for=session.remote, run_name=session.run_name,
+                  node_local=session.writer.node_local)
+    got = from_reference(place, ref)
+    path, relative = shared(place, str(got.path), in_folder(place, got))
+    return path, got.branch, relative
