@@ -17,12 +17,13 @@ from ..format import manifest as mf
 from ..format.checksum import crc32c
 from ..format.codec import decode, encode
 from ..format.tensorfile import byte_view, dtype_from_name, header_end_from_prefix, readinto_exact
+from ..policy.enums import Kind
 from ..read import read_state_doc
 from ..store import LocalStore
 from ..store.fs import open_member
 from .fingerprint import _canonical, _check_no_objects, _plain, _remember_crc
 
-KIND = "stage"
+KIND = Kind.STAGE.value  # the manifest kind (and tag) of a stage result, a plain string
 STAGE_FORMAT_VERSION = 1
 TENSOR_FILE = "output.safetensors"
 VALUE_FILE = "value.json"

@@ -68,12 +68,13 @@ class Stage(Name):
 
 
 class Kind(Name):
-    """What a checkpoint holds (the manifest's ``kind``; ``content`` takes the first three)."""
+    """What a checkpoint holds (the manifest's ``kind``; the ``content`` option takes the first three)."""
 
     FULL = "full"  # everything to resume training
     WEIGHTS = "weights"  # model weights, loops, hparams
     LIGHT = "light"  # no tensors of the model
     PARTIAL = "partial"  # a selection of tensors (include / exclude)
+    STAGE = "stage"  # the cached result of a pipeline stage (extras.stages), not a training state
 
 
 CONTENTS = (Kind.FULL, Kind.WEIGHTS, Kind.LIGHT)  # the values of the ``content`` option

@@ -10,6 +10,10 @@ one training hook and writes them once (``arrive``/``flush``), knows which check
 Which rank does what: every rank builds the session, opens it (collective) and saves (collective); the folder's
 leader (rank 0, or each node-local folder's lowest rank) holds the lock, commits, and runs the after-commit steps;
 rank 0 uploads.
+
+What only a Lightning fit has (the step plan, the resume record and RNG states to put back, the inexact-resume
+warnings, the undo handles of what the callbacks hook into Lightning) is not here: it is the callbacks'
+``callbacks.context.FolderFit``. A save tells its context what it recorded about resuming (``resume_noted``).
 """
 from __future__ import annotations
 

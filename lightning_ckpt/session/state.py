@@ -146,7 +146,12 @@ def filter_state(checkpoint: dict, include: tuple, exclude: tuple) -> dict:
 
 
 class SaveContext(Protocol):
-    """What a save needs from the training loop (the callbacks adapt Lightning's Trainer to it)."""
+    """What a save needs from the training loop (the callbacks adapt Lightning's Trainer to it,
+    ``callbacks.context.TrainerContext``). Two methods are optional, looked up on the object: ``resume_state(after)``
+    (for a full checkpoint: what a resumed run needs besides the dumped state, see :func:`resume_of`) and
+    ``resume_noted(summary, now, speaks)`` (the manifest's record of whether a resume from the state just taken is
+    exact; ``now``: the state is the step's, warn now, else only if it is the one kept; ``speaks``: rank 0). The
+    session keeps no warning state of its own: which reasons were already said is the caller's (per fit)."""
 
     step: int
     epoch: int
