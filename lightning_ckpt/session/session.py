@@ -265,7 +265,7 @@ class FolderSession(Deleting):
         self.guard(w.raise_if_failed)  # an earlier background save failed
         pending = self.guard(
             w.save, checkpoint, step=int(ctx.step), epoch=int(ctx.epoch), tags=tags, metrics=metrics,
-            hparams=ctx.hparams(), kind=kind_of(group),
+            hparams=ctx.hparams(), kind=kind_of(group).value,
             meta={"resumed_from": self.resumed_from, "run_id": self.run_id, "lineage": self.lineage(),
                   "best_rule": self.best_rules(),
                   "include": list(group[1]), "exclude": list(group[2]),
