@@ -282,6 +282,7 @@ class BaseCheckpointCallback(Checkpoint, Participant):
 def _end(trainer: Any, fit: FolderFit) -> None:
     """The fit is over for this folder: close its session (writer, threads, lock) and detach its callbacks."""
     unregister(trainer, fit)
+    fit.undo()  # after an exception Lightning runs no teardown: nothing of this fit stays hooked into the Trainer
     for p in fit.session.participants:
         if isinstance(p, BaseCheckpointCallback):
             p._fit = None
