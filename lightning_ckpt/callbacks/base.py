@@ -248,9 +248,8 @@ class BaseCheckpointCallback(Checkpoint, Participant):
             # after Lightning's end-of-fit hooks (an epoch end it runs when it stops mid-epoch, averaged weights copied
             # into the model, ...); with a full save of this step, on_train_end adds its tag to that save
             for p in session.saving:
-                tags = p._want_save_on_train_end(trainer) if isinstance(p, BaseCheckpointCallback) else None
-                if tags is not None:
-                    p.request_save(trainer, tags)
+                if isinstance(p, BaseCheckpointCallback):
+                    p.request_final_save(trainer)
         if stage == Stage.WAIT:
             if session.urgent:  # a preemption: take the state now as well, Lightning may stop before the step's end
                 session.flush(fit.context(trainer, hook, early=True), keep=True)  # (the step's end replaces it)
@@ -260,6 +259,12 @@ class BaseCheckpointCallback(Checkpoint, Participant):
         else:
             position = Position.TRAIN_END if hook == Hook.TRAIN_END else Position.AFTER_STEP
         session.flush(fit.context(trainer, position), after=stage == Stage.AFTER)
+
+    def request_final_save(self, trainer: "pl.Trainer") -> None:
+        """Request this callback's end-of-fit save now: the fit ends after the current step (see ``_hook``)."""
+        tags = self._want_save_on_train_end(trainer)
+        if tags is not None:
+            self.request_save(trainer, tags)
 
     def request_save(self, trainer: "pl.Trainer", tags: Iterable[str], *, force: bool = False,
                      content: Optional[str] = None, urgent: bool = False) -> None:
