@@ -233,3 +233,24 @@ def test_the_fits_lightning_side_warns_of_an_inexact_resume_once_and_of_an_early
         fit.warn_kept()  # the fit ended with that state: say it now
     assert fit.unwarned is None
     s.close()
+
+
+def test_a_fit_that_fails_before_lightning_restores_leaves_nothing_hooked_into_the_trainer(tmp_path):
+    from support import data, trainer
+
+    from lightning_ckpt import PeriodicCheckpoint
+    from lightning_ckpt.demo import DemoModel
+
+    class FailsToConfigure(DemoModel):
+        def configure_model(self) -> None:  # Lightning calls it after the callbacks' setup, before it restores
+            raise RuntimeError("configure_model failed")
+
+    folder = str(tmp_path / "ckpts")
+    t = trainer([PeriodicCheckpoint(folder, every_n_train_steps=2)], max_steps=2, val_every=None)
+    with pytest.raises(RuntimeError, match="configure_model failed"):
+        t.fit(FailsToConfigure(), data())
+    # Lightning runs no teardown after an exception: closing the folder's session undid the resume interception
+    connector = t._checkpoint_connector
+    assert getattr(connector.resume_start, "__func__", None) is type(connector).resume_start, "Lightning's own again"
+    t.fit(DemoModel(), data())  # the same Trainer again
+    assert [c.step for c in list_checkpoints(folder)] == [2]
