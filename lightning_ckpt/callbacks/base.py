@@ -1,7 +1,9 @@
 """The saving callbacks' common part: a thin adapter from Lightning's hooks to the folder's :class:`FolderSession`.
 
 - ``setup``: the first callback on a folder opens its session (every rank; the folder's lock, cleanup, node-local
-  detection), the others join it. One registry, ``SESSIONS``, maps a Trainer to its sessions.
+  detection), the others join it. One registry, ``SESSIONS``, maps a Trainer to its sessions; next to each session
+  a :class:`~lightning_ckpt.callbacks.context.FolderFit` holds the fit's Lightning-side state for that folder and
+  decides which callback acts where several see the same hook (``FITS``).
 - Every training hook: each saving callback decides (the subclasses' ``_want_save_on_*``) and requests; once every
   saving callback on the folder has seen the hook, the session writes the state once, with the union of the tags.
 - A save takes the state at the end of its training step, the last of our hooks a run that goes on runs in that
@@ -14,23 +16,23 @@
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any, Iterable, Optional
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Checkpoint
 
-from ..errors import CheckpointError
 from ..read import latest_checkpoint, list_checkpoints, of_run
 from ..session.options import SaveOptions, check_dirpath, check_option_names
+from ..policy.enums import Hook, Position, Stage, StepEnd
 from ..session.session import FolderSession, Participant
-from ..session.state import FULL, STATE_KEY, SaveRequest, warn_inexact
+from ..session.state import FULL, SaveRequest
 from ..store import is_remote
 from ..tools.merge import merge_checkpoint
 from ..folder.best import best_checkpoints
 from . import compat, names, resume_exact
 from .ray import attach as attach_ray
-from .context import SESSIONS, MonitorNotFoundError, TrainerContext, metric_value, session_of  # noqa: F401
+from .context import (FITS, SESSIONS, FolderFit, MonitorNotFoundError, TrainerContext, fit_of,  # noqa: F401
+                      metric_value, register, session_of, unregister)
 from .io import install_checkpoint_io
 
 log = logging.getLogger("lightning_ckpt")
@@ -61,9 +63,7 @@ class BaseCheckpointCallback(Checkpoint, Participant):
                                  "`lightning-ckpt merge s3://.../<checkpoint> OUT` after training")
             if any(loc.uri == self.dirpath for loc in self.options.locations):
                 raise ValueError(f"backup_uri repeats dirpath {self.dirpath}; the checkpoints already go there")
-        self._session: Optional[FolderSession] = None
-        self._undo_resume: Any = None
-        self._undo_data_hook: Any = None
+        self._fit: Optional[FolderFit] = None  # the folder's Lightning-side state in the current fit (shared)
 
     # ------------------------------------------------------------ subclass hooks: return tags to save, or None
     def _want_save_on_train_batch_end(self, trainer: "pl.Trainer") -> Optional[Iterable[str]]:
@@ -79,6 +79,11 @@ class BaseCheckpointCallback(Checkpoint, Participant):
         return None
 
     # ------------------------------------------------------------ Lightning
+    @property
+    def _session(self) -> Optional[FolderSession]:
+        """The folder's session during ``fit`` (None outside it)."""
+        return self._fit.session if self._fit is not None else None
+
     @property
     def state_key(self) -> str:
         return compat.state_key(self, dirpath=self.dirpath)
@@ -119,108 +124,71 @@ class BaseCheckpointCallback(Checkpoint, Participant):
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         compat.check(trainer)
         install_checkpoint_io(trainer)
-        if stage != "fit" or self._session is not None:
+        if stage != "fit" or self._fit is not None:
             return
         if self.dirpath is None:
             self.dirpath = names.default_dirpath(trainer)
-        sessions = SESSIONS.setdefault(trainer, {})
-        session = sessions.get(self.dirpath)
-        if session is None:
+        fit = fit_of(trainer, self.dirpath)
+        if fit is None:
             session = FolderSession(self.dirpath, self.options)
             session.open()  # every rank: the folder may be local to each node
-            sessions[self.dirpath] = session
+            fit = FolderFit(session)
+            register(trainer, fit)
             attach_ray(session)  # under Ray Train / Tune: report each commit to Ray (a reference)
             trainer.strategy.barrier("lightning_ckpt.setup")
+        session = fit.session
         session.join(self, self.options)
-        self._session = session
+        self._fit = fit
         if self.options.verbose:
             from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
             session.announce = rank_zero_info  # printed on rank 0 where Lightning prints its own lines
         session.add_backups(self.options.locations, uploading=trainer.is_global_zero)
-        if trainer.state.fn == "fit" and not any(
-                getattr(p, "_undo_resume", None) for p in session.participants if p is not self):
-            # where the fit starts (ckpt_path, resume="auto", resume_from, or fresh) is decided when Lightning restores
-            self._undo_resume = compat.intercept_resume(trainer, lambda path: names.choose_start(self, trainer, path))
+        # where the fit starts (ckpt_path, resume="auto", resume_from, or fresh) is decided when Lightning restores
+        fit.intercept_start(trainer, self)
 
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if self._session is not None and self._undo_resume is not None:  # the first saving callback of the folder
-            self._configured = names.optimizer_settings(trainer)  # before a restore overwrites them
+        if self._fit is not None:
+            self._fit.fit_start(trainer)
 
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        # after Lightning restored (which some strategies do only after on_fit_start)
-        if self._undo_resume is not None:
-            ran = self._undo_resume()
-            self._undo_resume = None
-            if not ran:
-                raise CheckpointError(
-                    f"{self.dirpath}: Lightning {pl.__version__} did not call the restore step this package hooks into, "
-                    "so resume='auto', resume_from and the check for another run's checkpoints would be skipped "
-                    f"silently. Use a supported Lightning ({compat.SUPPORTED}) or pass "
-                    "ckpt_path=lightning_ckpt.resume_path(dirpath) to fit().")
-        if self._session is not None and trainer.ckpt_path:
-            self._session.resumed_from = str(trainer.ckpt_path)
-        configured, self._configured = getattr(self, "_configured", None), None
-        if self._session is not None and self._session.branched and configured is not None:
-            for change in names.apply_branch_settings(trainer, configured):  # a branch runs with its own settings
-                self._announce(f"lightning_ckpt: branch {self.options.run_name or ''}: {change}")
-        if self._session is not None:
-            self._session.last_save_time = time.monotonic()
-            if self._session.resume_info is not None:
-                # Lightning decided how to restart; from here its fit loop must act as in a run that never stopped
-                compat.end_restart_after_reset(trainer)
+        if self._fit is not None:
+            self._fit.train_start(trainer)
 
     def on_load_checkpoint(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", checkpoint: dict[str, Any]) -> None:
-        session = self._session
-        if session is None:
-            return
-        ours = checkpoint.get(STATE_KEY)
-        if isinstance(ours, dict) and trainer.state.fn == "fit" and self._undo_data_hook is None and not any(
-                getattr(p, "_undo_data_hook", None) for p in session.participants if p is not self):
-            info = ours.get("resume") if isinstance(ours.get("resume"), dict) else None
-            rng = ours.get("rng") if isinstance(ours.get("rng"), dict) else None
-            session.resume_info = info
-            session.pending_rng = rng
-            # put back what Lightning does not, and the RNG, right after the fit loop set up its training data
-            self._undo_data_hook = compat.after_train_data_setup(
-                trainer, lambda: self._on_train_data_ready(trainer, session))
-        if session.last_saved_step is None:
-            # the step we resumed at is already on disk: do not write it again
-            session.last_saved_step = int(checkpoint.get("global_step", -1))
-
-    def _on_train_data_ready(self, trainer: "pl.Trainer", session: FolderSession) -> None:
-        self._undo_data_hook = None
-        rng, session.pending_rng = session.pending_rng, None
-        resume_exact.on_train_data_ready(trainer, session.resume_info, rng)
+        if self._fit is not None:
+            self._fit.loaded(trainer, checkpoint)
 
     def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int) -> None:
-        session = self._session
-        if session is None:
+        fit = self._fit
+        if fit is None:
             return
+        session = fit.session
         if session.requests:  # a hook we expected later in the last step did not come; save what was asked
             log.warning("lightning_ckpt: saving requests of step %s late (the step's last hook did not come)",
                         trainer.global_step)
-            session.flush(TrainerContext(trainer, "late"))
+            session.flush(fit.context(trainer, Position.LATE))
         session.guard(session.writer.seal)  # a step boundary: the previous step's save may commit now
-        if session.arrive(self, "batch_start"):
+        if session.arrive(self, Hook.BATCH_START):
             _report(trainer, session)
 
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int) -> None:
-        self._hook(trainer, self._want_save_on_train_batch_end, hook="batch_end")
+        self._hook(trainer, self._want_save_on_train_batch_end, hook=Hook.BATCH_END)
 
     def on_validation_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if trainer.sanity_checking or trainer.state.fn != "fit":
             return
-        self._hook(trainer, self._want_save_on_validation_end, hook="validation_end")
+        self._hook(trainer, self._want_save_on_validation_end, hook=Hook.VALIDATION_END)
 
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        self._hook(trainer, self._want_save_on_train_epoch_end, hook="epoch_end")
+        self._hook(trainer, self._want_save_on_train_epoch_end, hook=Hook.EPOCH_END)
 
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        self._hook(trainer, self._want_save_on_train_end, hook="train_end")
-        session = self._session
-        if session is None or not session.arrive(self, "train_end.finish"):
+        self._hook(trainer, self._want_save_on_train_end, hook=Hook.TRAIN_END)
+        fit = self._fit
+        if fit is None or not fit.session.arrive(self, Hook.TRAIN_END_FINISH):
             return
+        session = fit.session
         session.wait(raise_errors=session.on_save_error != "continue")
         trainer.strategy.barrier("lightning_ckpt.train_end")  # every rank sees the last commit
         _report(trainer, session)
@@ -230,70 +198,73 @@ class BaseCheckpointCallback(Checkpoint, Participant):
             _merge_latest(session)
 
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
-        session = self._session
-        if session is None:
+        fit = self._fit
+        if fit is None:
             return
+        session = fit.session
         session.requests.clear()
         # keep a save that was fully requested (it becomes a valid checkpoint) but never mask the training error
         session.wait(raise_errors=False)
-        if session.unwarned is not None:  # a state taken before its step's end is the one kept: say so now
-            step, record = session.unwarned
-            session.unwarned = None
-            warn_inexact(session.inexact_warned, record, step)
-        if session.arrive(self, "exception"):
+        fit.warn_kept()  # a state taken before its step's end is the one kept: say so now
+        if session.arrive(self, Hook.EXCEPTION):
             session.record_failure(exception)
-            _end(trainer, session)  # Lightning calls no teardown hook after an exception
+            _end(trainer, fit)  # Lightning calls no teardown hook after an exception
 
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
-        if self._undo_resume is not None:  # fit never restored: undo the interception
-            self._undo_resume()
-            self._undo_resume = None
-        if self._undo_data_hook is not None:  # fit never started its loop
-            self._undo_data_hook()
-            self._undo_data_hook = None
-        session = self._session
-        if session is None or stage != "fit":
+        fit = self._fit
+        if fit is None:
             return
-        self._last_buffer_allocations = session.writer._buffers.allocations
-        self._last_buffer_tensors = len(session.writer._buffers._buffers)
-        self._session = None
-        if session.leave(self):
-            _end(trainer, session)
+        fit.undo()  # a fit that never restored, or never started its loop: undo what is hooked into Lightning
+        if stage != "fit":
+            return
+        self._last_buffer_allocations, self._last_buffer_tensors = buffer_stats(fit.session.writer)
+        self._fit = None
+        if fit.session.leave(self):
+            _end(trainer, fit)
 
     def _condition_allows(self, trainer: "pl.Trainer") -> bool:
         """Whether a save this callback asks for should happen (PeriodicCheckpoint's conditional saving)."""
         return True
 
     # ------------------------------------------------------------ request / flush
-    def _hook(self, trainer: "pl.Trainer", want: Any, hook: str) -> None:
-        session = self._session
-        if session is None:
+    def _hook(self, trainer: "pl.Trainer", want: Any, hook: Hook) -> None:
+        fit = self._fit
+        if fit is None:
             return
-        if hook == "batch_end" and compat.accumulating(trainer):
-            session.step_plan = (int(trainer.global_step), "accumulating")
+        session = fit.session
+        if hook == Hook.BATCH_END and compat.accumulating(trainer):
+            fit.step_plan = (int(trainer.global_step), StepEnd.ACCUMULATING)
             session.arrive(self, hook)  # gradient accumulation: not a step boundary, nothing is decided here
             return
-        stage = resume_exact.stage_of(trainer, session, hook)
+        stage = resume_exact.stage_of(trainer, fit, hook)
         tags = want(trainer)
         if tags is not None:
             self.request_save(trainer, tags)
         if not session.arrive(self, hook):
             return
-        if stage == "end" and not any(r.group == FULL for r in session.requests) and \
-                compat.fit_ends_after_step(trainer, epoch_end=hook == "epoch_end"):
+        if stage == Stage.END and not any(r.group == FULL for r in session.requests) and \
+                compat.fit_ends_after_step(trainer, epoch_end=hook == Hook.EPOCH_END):
             # the fit ends after this step and nothing saves its full state: its final save takes the state here, not
             # after Lightning's end-of-fit hooks (an epoch end it runs when it stops mid-epoch, averaged weights copied
             # into the model, ...); with a full save of this step, on_train_end adds its tag to that save
             for p in session.saving:
-                tags = p._want_save_on_train_end(trainer) if isinstance(p, BaseCheckpointCallback) else None
-                if tags is not None:
-                    p.request_save(trainer, tags)
-        if stage == "wait":
+                if isinstance(p, BaseCheckpointCallback):
+                    p.request_final_save(trainer)
+        if stage == Stage.WAIT:
             if session.urgent:  # a preemption: take the state now as well, Lightning may stop before the step's end
-                session.flush(TrainerContext(trainer, hook, early=True), keep=True)  # (the step's end replaces it)
+                session.flush(fit.context(trainer, hook, early=True), keep=True)  # (the step's end replaces it)
             return
-        position = hook if stage == "end" else ("train_end" if hook == "train_end" else "after_step")
-        session.flush(TrainerContext(trainer, position), after=stage == "after")
+        if stage == Stage.END:
+            position = Position(hook)
+        else:
+            position = Position.TRAIN_END if hook == Hook.TRAIN_END else Position.AFTER_STEP
+        session.flush(fit.context(trainer, position), after=stage == Stage.AFTER)
+
+    def request_final_save(self, trainer: "pl.Trainer") -> None:
+        """Request this callback's end-of-fit save now: the fit ends after the current step (see ``_hook``)."""
+        tags = self._want_save_on_train_end(trainer)
+        if tags is not None:
+            self.request_save(trainer, tags)
 
     def request_save(self, trainer: "pl.Trainer", tags: Iterable[str], *, force: bool = False,
                      content: Optional[str] = None, urgent: bool = False) -> None:
@@ -313,13 +284,21 @@ class BaseCheckpointCallback(Checkpoint, Participant):
         session.request(SaveRequest(set(tags), o.content, o.include, o.exclude, urgent=urgent, sync=sync))
 
 
-def _end(trainer: Any, session: FolderSession) -> None:
+def _end(trainer: Any, fit: FolderFit) -> None:
     """The fit is over for this folder: close its session (writer, threads, lock) and detach its callbacks."""
-    SESSIONS.get(trainer, {}).pop(session.key, None)
-    for p in session.participants:
+    unregister(trainer, fit)
+    fit.undo()  # after an exception Lightning runs no teardown: nothing of this fit stays hooked into the Trainer
+    for p in fit.session.participants:
         if isinstance(p, BaseCheckpointCallback):
-            p._session = None
-    session.close()
+            p._fit = None
+    fit.session.close()
+
+
+def buffer_stats(writer: Any) -> tuple[int, int]:
+    """(host buffers the writer allocated in total, tensors its buffers hold now): tests check that saves reuse them.
+    Reads the writer's buffers until it has a public accessor for them (``CheckpointWriter.buffer_stats()``)."""
+    buffers = writer._buffers
+    return buffers.allocations, len(buffers._buffers)
 
 
 def best_path_at(dirpath: str, *, step: int, run_name: Optional[str] = None) -> Optional[str]:

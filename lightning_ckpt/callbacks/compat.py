@@ -17,6 +17,7 @@ from lightning.fabric.utilities.data import AttributeDict
 
 from ..errors import CheckpointError
 from ..format.codec import register_safe_type
+from ..policy.enums import StepEnd
 
 register_safe_type(AttributeDict)  # the type of a module's hparams, which Lightning saves in every checkpoint
 
@@ -92,7 +93,7 @@ def intercept_resume(trainer: "pl.Trainer", choose: Callable[[Any], Any]) -> Cal
     return undo
 
 
-def step_end_hook(trainer: "pl.Trainer") -> str:
+def step_end_hook(trainer: "pl.Trainer") -> StepEnd:
     """At ``on_train_batch_end``: the last of our hooks in this training step in a run that is not stopping here:
     ``"epoch_end"`` when the epoch ends after this batch, ``"validation_end"`` when validation is scheduled after
     it, else ``"batch_end"``. Validation that runs only because ``trainer.should_stop`` was set (Lightning validates
@@ -100,16 +101,16 @@ def step_end_hook(trainer: "pl.Trainer") -> str:
     ``_TrainingEpochLoop.on_advance_end`` and ``_FitLoop.on_advance_end``."""
     el = trainer.fit_loop.epoch_loop
     if el._num_ready_batches_reached():
-        return "epoch_end"
+        return StepEnd.EPOCH_END
     if el._skip_next_val:
-        return "batch_end"
+        return StepEnd.BATCH_END
     stop = trainer.should_stop
     try:
         trainer.should_stop = False
         scheduled = bool(el._should_check_val_fx(trainer.fit_loop._data_fetcher))
     finally:
         trainer.should_stop = stop
-    return "validation_end" if scheduled else "batch_end"
+    return StepEnd.VALIDATION_END if scheduled else StepEnd.BATCH_END
 
 
 def epoch_ended(trainer: "pl.Trainer") -> bool:

@@ -10,6 +10,7 @@ import torch
 
 from ..load import load_weights
 from ..policy.conditions import Monitor
+from ..policy.enums import Kind
 from . import compat
 from .base import BaseCheckpointCallback, best_path_at, metric_value
 
@@ -156,9 +157,9 @@ class EarlyStopAndSave(BaseCheckpointCallback):
                      urgent: bool = False) -> None:
         tags = set(tags)
         o = self.options
-        if "early-stop" in tags and content is None and (o.content != "full" or o.partial):
+        if "early-stop" in tags and content is None and (o.content != Kind.FULL or o.partial):
             # the state at the stop is always a full checkpoint; the best one follows `content`
-            super().request_save(trainer, {"early-stop"}, force=force, content="full", urgent=urgent)
+            super().request_save(trainer, {"early-stop"}, force=force, content=Kind.FULL, urgent=urgent)
             tags.discard("early-stop")
             if not tags:
                 return

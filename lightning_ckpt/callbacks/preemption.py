@@ -11,8 +11,9 @@ from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
 
+from ..policy.enums import Kind
 from . import compat
-from .base import BaseCheckpointCallback, TrainerContext
+from .base import BaseCheckpointCallback
 
 log = logging.getLogger("lightning_ckpt")
 
@@ -111,7 +112,7 @@ class PreemptionCheckpoint(BaseCheckpointCallback):
         **options: Any,
     ) -> None:
         super().__init__(dirpath, **options)
-        if self.options.content != "full" or self.options.partial:
+        if self.options.content != Kind.FULL or self.options.partial:
             raise ValueError("PreemptionCheckpoint saves the full state (the run resumes from it); drop content, "
                              "include and exclude")
         names = ["SIGTERM"] if signals is None else list(signals)
@@ -249,14 +250,15 @@ class PreemptionCheckpoint(BaseCheckpointCallback):
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
         from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-        session = self._session
-        if (isinstance(exception, SIGTERMException) and session is not None and self.preempted_step is None
-                and session.last_saved_step != int(trainer.global_step)):
+        fit = self._fit
+        session = fit.session if fit is not None else None
+        if (isinstance(exception, SIGTERMException) and fit is not None and self.preempted_step is None
+                and fit.session.last_saved_step != int(trainer.global_step)):
             # the signal came after this step's check: the loop stopped at a step boundary, save that state
             self.preempted_step = int(trainer.global_step)
-            session.requests.clear()
+            fit.session.requests.clear()
             self.request_save(trainer, ("preempt",), force=True)
-            session.flush(TrainerContext(trainer))
+            fit.session.flush(fit.context(trainer))
         super().on_exception(trainer, pl_module, exception)  # waits for the commit
         if isinstance(exception, SIGTERMException) and (self._requeue or self._requeue_received):
             # Lightning stopped the loop (a SIGTERM too, or SIGTERM is the requeue signal): requeue all the same once

@@ -23,43 +23,46 @@ from typing import Any, Optional
 
 import torch
 
+from ..policy.enums import MID_EPOCH, Hook, Position, Stage, StepEnd
 from . import compat
 
 log = logging.getLogger("lightning_ckpt")
 
-MID_EPOCH = ("batch_end", "validation_end")  # positions of a save in the middle of an epoch
 
-
-def stage_of(trainer: Any, session: Any, hook: str) -> str:
-    """Where ``hook`` stands in the current training step: ``"wait"`` (the step goes on to a later hook of ours),
-    ``"end"`` (the step's last hook: its save takes the state here) or ``"after"`` (past it: requests add their tags
-    to the step's save). ``session.step_plan`` remembers, from the step's ``on_train_batch_end``, which hook ends it."""
+def stage_of(trainer: Any, fit: Any, hook: Hook) -> Stage:
+    """Where ``hook`` stands in the current training step: ``WAIT`` (the step goes on to a later hook of ours),
+    ``END`` (the step's last hook: its save takes the state here) or ``AFTER`` (past it: requests add their tags
+    to the step's save). ``fit.step_plan`` (a :class:`~lightning_ckpt.callbacks.context.FolderFit`) remembers, from
+    the step's ``on_train_batch_end``, which hook ends it; ``fit.session`` is the folder's session."""
     step = int(trainer.global_step)
-    if hook == "batch_end":
+    if hook == Hook.BATCH_END:
         end = compat.step_end_hook(trainer)
-        session.step_plan = (step, end)
-        return "end" if end == "batch_end" else "wait"
-    plan = session.step_plan if session.step_plan is not None and session.step_plan[0] == step else None
-    if hook == "validation_end":
-        if plan is not None and plan[1] in ("validation_end", "accumulating"):
-            return "end"  # (a validation in the middle of gradient accumulation is recorded as not exact)
-        return "wait" if plan is not None and plan[1] == "epoch_end" else "after"
-    if hook == "epoch_end":
-        return "end" if compat.epoch_ended(trainer) else "after"
+        fit.step_plan = (step, end)
+        return Stage.END if end == StepEnd.BATCH_END else Stage.WAIT
+    plan = fit.step_plan if fit.step_plan is not None and fit.step_plan[0] == step else None
+    if hook == Hook.VALIDATION_END:
+        if plan is not None and plan[1] in (StepEnd.VALIDATION_END, StepEnd.ACCUMULATING):
+            return Stage.END  # (a validation in the middle of gradient accumulation is recorded as not exact)
+        return Stage.WAIT if plan is not None and plan[1] == StepEnd.EPOCH_END else Stage.AFTER
+    if hook == Hook.EPOCH_END:
+        return Stage.END if compat.epoch_ended(trainer) else Stage.AFTER
     # train_end: after the step's save if it has one, else the state is taken now
+    session = fit.session
     pending = session.writer.pending
     saved = (pending is not None and pending.step == step) or session.last_saved_step == step
-    return "after" if saved else "end"
+    return Stage.AFTER if saved else Stage.END
 
 
 # ----------------------------------------------------------------------------------------------------- saving
-def resume_state(trainer: Any, position: str, after: bool, early: bool = False) -> dict:
+def resume_state(trainer: Any, position: Position, after: bool, early: bool = False) -> dict:
     """Our part of a full checkpoint beyond Lightning's own: where the state was taken, the Trainer's callback
     metrics, the module's torchmetrics states, and why a resume from it would not be exact (empty when it is)."""
-    epoch_ended = bool(compat.epoch_ended(trainer)) if position in ("epoch_end", "train_end", "after_step") else False
-    reset = position == "epoch_end" and epoch_ended  # Lightning resets logged training metrics after this hook
+    position = Position(position)
+    ended_here = (Position.EPOCH_END, Position.TRAIN_END, Position.AFTER_STEP)
+    epoch_ended = bool(compat.epoch_ended(trainer)) if position in ended_here else False
+    reset = position == Position.EPOCH_END and epoch_ended  # Lightning resets logged training metrics after this hook
     return {
-        "position": position,
+        "position": position.value,  # a plain string in the checkpoint
         "epoch_ended": epoch_ended,
         "callback_metrics": {k: v.detach() for k, v in trainer.callback_metrics.items() if isinstance(v, torch.Tensor)},
         "metric_states": _metric_states(trainer, reset),
@@ -95,23 +98,23 @@ def _is_metric(m: Any) -> bool:
         isinstance(m, torch.nn.Module)
 
 
-def inexact_reasons(trainer: Any, position: str, after: bool, epoch_ended: bool, early: bool = False) -> list[str]:
+def inexact_reasons(trainer: Any, position: Position, after: bool, epoch_ended: bool, early: bool = False) -> list[str]:
     """Why resuming from a checkpoint saved now would not reproduce the uninterrupted run, each with what to change.
     Empty when the resume is exact."""
     reasons: list[str] = []
-    mid = position in MID_EPOCH or (position != "epoch_end" and not epoch_ended)  # the state is inside an epoch
+    mid = position in MID_EPOCH or (position != Position.EPOCH_END and not epoch_ended)  # the state is inside an epoch
     if early:
         reasons.append(
             "a preemption took the state before the end of its training step (the validation or epoch end that "
             "follows did not finish: SIGTERM stops Lightning there), and a resumed run does not run the rest of that "
             "step. Preempt with a signal Lightning does not act on itself (e.g. SIGUSR1 via --signal=USR1@90) so "
             "the step ends before the save")
-    if after or position == "late" or (position == "train_end" and not epoch_ended):
+    if after or position == Position.LATE or (position == Position.TRAIN_END and not epoch_ended):
         reasons.append(
             "the state was taken after the end of its training step (the run stopped in a way that could not be "
             "foreseen at the step's end, e.g. should_stop set in LightningModule.on_train_batch_end): a resumed run "
             "does not continue where the run that went on would be. Stop from a callback or validation instead")
-    if position == "after_step" and not epoch_ended and compat.step_end_hook(trainer) == "validation_end":
+    if position == Position.AFTER_STEP and not epoch_ended and compat.step_end_hook(trainer) == StepEnd.VALIDATION_END:
         reasons.append(
             "the state was taken after Lightning ended its step on SIGTERM, after the step's validation: a resumed "
             "run repeats what Lightning does after that validation (step-interval plateau schedulers, the logging "
@@ -202,14 +205,15 @@ def on_train_data_ready(trainer: Any, info: Optional[dict], rng: Optional[dict])
         if metrics:
             trainer.callback_metrics.update(metrics)  # the dict the Trainer holds (reset at the start of fit)
         _restore_metric_states(trainer, info.get("metric_states") or {})
-        position = info.get("position")
-        if position == "epoch_end":
+        position = info.get("position")  # a plain string, as saved (equal to its Position)
+        if position == Position.EPOCH_END:
             # Lightning steps the epoch-interval ReduceLROnPlateau schedulers right after on_train_epoch_end
             compat.replay_plateau_steps(trainer, "epoch")
-        if position == "epoch_end" or (position in ("train_end", "after_step") and info.get("epoch_ended")):
+        if position == Position.EPOCH_END or (position in (Position.TRAIN_END, Position.AFTER_STEP)
+                                               and info.get("epoch_ended")):
             compat.load_skipped_loader_states(trainer)
             compat.resume_at_epoch_start(trainer)
-        elif position == "batch_end":
+        elif position == Position.BATCH_END:
             # and the step-interval ones right after on_train_batch_end (after validation: Lightning replays those)
             compat.replay_plateau_steps(trainer, "step")
     if rng is not None:

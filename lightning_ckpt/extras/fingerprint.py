@@ -37,7 +37,7 @@ def _version_of(t: torch.Tensor) -> int | None:
     return tensor_version(t)
 
 
-def _remember_crc(t: torch.Tensor, crc: int) -> None:
+def remember_crc(t: torch.Tensor, crc: int) -> None:
     key, version = id(t), _version_of(t)
     if version is None:
         return
@@ -52,10 +52,10 @@ def _tensor_crc(t: torch.Tensor) -> int:
     hit = _known_crcs.get(id(t))
     if hit is not None and hit[0]() is t and hit[1] == _version_of(t):
         return hit[2]
-    return crc32c(byte_view(_plain(t)))
+    return crc32c(byte_view(plain_tensor(t)))
 
 
-def _plain(t: torch.Tensor) -> torch.Tensor:
+def plain_tensor(t: torch.Tensor) -> torch.Tensor:
     """A dense contiguous CPU tensor without autograd history, holding the same values."""
     t = t.detach()
     if t.layout != torch.strided:
@@ -65,7 +65,7 @@ def _plain(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous()
 
 
-def _code_identity(fn: Callable) -> str:
+def code_identity(fn: Callable) -> str:
     """A text that changes when the function's code changes, but not with comments, formatting or decorators."""
     try:
         src = textwrap.dedent(inspect.getsource(fn))
@@ -87,11 +87,11 @@ def _code_identity(fn: Callable) -> str:
     return "source:" + src
 
 
-def _canonical(doc: Any) -> bytes:
+def canonical(doc: Any) -> bytes:
     return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
 
 
-def _value_digest(value: Any, what: str) -> Any:
+def value_digest(value: Any, what: str) -> Any:
     """A JSON-able description of ``value`` that is equal for equal content: the codec document with every tensor
     replaced by its dtype, shape and CRC32C."""
 
@@ -102,7 +102,7 @@ def _value_digest(value: Any, what: str) -> Any:
             "or name the parameter in ignore=(...) and bump version= yourself when it changes."
         )
 
-    _check_no_objects(value, what)
+    check_no_objects(value, what)
     doc, tensors = encode(value, on_unsupported=unsupported)
     return {
         "doc": doc,
@@ -110,7 +110,7 @@ def _value_digest(value: Any, what: str) -> Any:
     }
 
 
-def _check_no_objects(value: Any, what: str, _depth: int = 0) -> None:
+def check_no_objects(value: Any, what: str, _depth: int = 0) -> None:
     """Refuse values the codec would store lossily (enums, classes, namedtuples, object arrays, arbitrary objects)."""
     if _depth > 200:
         raise UncacheableValueError(f"{what} is nested more than 200 levels deep")
@@ -128,12 +128,12 @@ def _check_no_objects(value: Any, what: str, _depth: int = 0) -> None:
         return
     if type(value) in (list, tuple, set, torch.Size):
         for i, v in enumerate(value):
-            _check_no_objects(v, f"{what}[{i}]", _depth + 1)
+            check_no_objects(v, f"{what}[{i}]", _depth + 1)
         return
     if type(value) is dict:
         for k, v in value.items():
-            _check_no_objects(k, f"{what} key {k!r}", _depth + 1)
-            _check_no_objects(v, f"{what}[{k!r}]", _depth + 1)
+            check_no_objects(k, f"{what} key {k!r}", _depth + 1)
+            check_no_objects(v, f"{what}[{k!r}]", _depth + 1)
         return
     raise UncacheableValueError(
         f"{what} is a {type(value).__module__}.{type(value).__qualname__}, which cannot be stored or fingerprinted "

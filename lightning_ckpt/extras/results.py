@@ -17,12 +17,13 @@ from ..format import manifest as mf
 from ..format.checksum import crc32c
 from ..format.codec import decode, encode
 from ..format.tensorfile import byte_view, dtype_from_name, header_end_from_prefix, readinto_exact
+from ..policy.enums import Kind
 from ..read import read_state_doc
 from ..store import LocalStore
 from ..store.fs import open_member
-from .fingerprint import _canonical, _check_no_objects, _plain, _remember_crc
+from .fingerprint import canonical, check_no_objects, plain_tensor, remember_crc
 
-KIND = "stage"
+KIND = Kind.STAGE.value  # the manifest kind (and tag) of a stage result, a plain string
 STAGE_FORMAT_VERSION = 1
 TENSOR_FILE = "output.safetensors"
 VALUE_FILE = "value.json"
@@ -100,7 +101,7 @@ def _read_tensors(path: str, m: dict, verify: bool) -> dict[str, torch.Tensor]:
                     raise CheckpointCorruptError(
                         f"{fpath}: checksum mismatch in tensor {name!r} (bytes [{begin}, {end})); the file is corrupt"
                     )
-                _remember_crc(t, crc)
+                remember_crc(t, crc)
             out[name] = t
     return out
 
@@ -111,9 +112,9 @@ def write_result(final: str, stage_info: dict, value: Any, fsync: bool) -> str:
     sdir, fp = os.path.split(final)
     name = stage_info["name"]
     os.makedirs(sdir, exist_ok=True)
-    _check_no_objects(value, f"the output of stage {name!r}")
+    check_no_objects(value, f"the output of stage {name!r}")
     doc, tensors = encode(value, key_fn=lambda k: f"{_KEY_PREFIX}/{k}" if k else _KEY_PREFIX)
-    plain = [(k, _plain(t)) for k, t in tensors.items()]
+    plain = [(k, plain_tensor(t)) for k, t in tensors.items()]
     store = LocalStore(sdir, fsync=fsync)
     tx = store.begin(fp)
     try:
@@ -129,8 +130,8 @@ def write_result(final: str, stage_info: dict, value: Any, fsync: bool) -> str:
             }
             for (_, t), tr in zip(tensors.items(), rec.tensors):
                 if isinstance(t, torch.Tensor):
-                    _remember_crc(t, tr.crc32c)
-        vrec = tx.write_bytes(VALUE_FILE, _canonical(doc))
+                    remember_crc(t, tr.crc32c)
+        vrec = tx.write_bytes(VALUE_FILE, canonical(doc))
         files[VALUE_FILE] = {"size": vrec.size, "header_end": vrec.header_end, "header_crc32c": vrec.header_crc32c}
         m = {
             "format": mf.FORMAT_NAME,

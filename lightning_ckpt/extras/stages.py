@@ -53,7 +53,7 @@ from typing import Any, Callable, Iterable, TypeVar, overload
 
 from ..errors import CheckpointError
 from ..store import LocalStore
-from .fingerprint import UncacheableValueError, _canonical, _code_identity, _value_digest
+from .fingerprint import UncacheableValueError, canonical, code_identity, value_digest
 from .results import STAGE_FORMAT_VERSION, load_result, write_result
 
 __all__ = [
@@ -245,7 +245,7 @@ class Stage:
         unknown = self.ignore - set(self.signature.parameters)
         if unknown:
             raise ValueError(f"ignore={sorted(unknown)} names no parameter of {self.name}{self.signature}")
-        self._code = _code_identity(fn)
+        self._code = code_identity(fn)
         self.last_event: StageEvent | None = None
         functools.update_wrapper(self, fn)
 
@@ -264,7 +264,7 @@ class Stage:
             raise TypeError(f"stage {self.name}: {e}") from None
         bound.apply_defaults()
         params = {k: v for k, v in bound.arguments.items() if k not in self.ignore}
-        digest = {k: _value_digest(v, f"argument {k!r} of stage {self.name!r}") for k, v in params.items()}
+        digest = {k: value_digest(v, f"argument {k!r} of stage {self.name!r}") for k, v in params.items()}
         doc = {
             "lightning_ckpt_stage": STAGE_FORMAT_VERSION,
             "name": self.name,
@@ -272,8 +272,8 @@ class Stage:
             "code": hashlib.sha256(self._code.encode()).hexdigest(),
             "args": digest,
         }
-        fp = hashlib.sha256(_canonical(doc)).hexdigest()
-        summary = {"code_sha256": doc["code"], "args_sha256": {k: hashlib.sha256(_canonical(v)).hexdigest()[:16] for k, v in digest.items()}}
+        fp = hashlib.sha256(canonical(doc)).hexdigest()
+        summary = {"code_sha256": doc["code"], "args_sha256": {k: hashlib.sha256(canonical(v)).hexdigest()[:16] for k, v in digest.items()}}
         return fp, summary
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:

@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal, Optional, Union
 
+from ..policy.enums import CONTENTS, Kind
 from ..store import open_store
 from ..writer.options import (
     check_bool,
@@ -22,7 +23,7 @@ from ..writer.options import (
 )
 from .backups import BackupLocation, parse_locations
 
-Content = Literal["full", "weights", "light"]
+Content = Literal["full", "weights", "light"]  # policy.enums.CONTENTS, spelled out for LightningCLI's YAML schema
 
 # options that shape the one writer of a folder: callbacks on one folder must agree on them (see FolderSession.join)
 FOLDER_OPTIONS = ("name_template", "if_busy", "distributed", "save_timeout_s", "dedup", "run_name", "resume_from")
@@ -131,10 +132,10 @@ class SaveOptions:
             self.resume_from = os.fspath(self.resume_from)
         self.name_template = validate_name_template(self.name_template)
         check_choice("if_busy", self.if_busy, ("wait", "skip"))
-        check_choice("content", self.content, ("full", "weights", "light"))
+        check_choice("content", self.content, tuple(c.value for c in CONTENTS))
         self.include = _patterns("include", self.include)
         self.exclude = _patterns("exclude", self.exclude)
-        if (self.include or self.exclude) and self.content == "light":
+        if (self.include or self.exclude) and self.content == Kind.LIGHT:
             raise ValueError("include/exclude select tensors, but content='light' saves none; use content='full' or 'weights'")
         check_choice("distributed", self.distributed, ("sharded", "rank0"), "every rank writes its share, or rank 0 all")
         self.save_timeout_s = check_seconds("save_timeout_s", self.save_timeout_s)
@@ -150,7 +151,7 @@ class SaveOptions:
 
     @property
     def kind(self) -> str:
-        return "partial" if self.partial else self.content
+        return Kind.PARTIAL if self.partial else Kind(self.content)
 
     def folder_settings(self) -> tuple:
         return tuple(getattr(self, f) for f in FOLDER_OPTIONS)

@@ -10,6 +10,10 @@ one training hook and writes them once (``arrive``/``flush``), knows which check
 Which rank does what: every rank builds the session, opens it (collective) and saves (collective); the folder's
 leader (rank 0, or each node-local folder's lowest rank) holds the lock, commits, and runs the after-commit steps;
 rank 0 uploads.
+
+What only a Lightning fit has (the step plan, the resume record and RNG states to put back, the inexact-resume
+warnings, the undo handles of what the callbacks hook into Lightning) is not here: it is the callbacks'
+``callbacks.context.FolderFit``. A save tells its context what it recorded about resuming (``resume_noted``).
 """
 from __future__ import annotations
 
@@ -84,11 +88,6 @@ class FolderSession(Deleting):
         self._holds = False  # a "running" note says what this run resumed from (for deletions in other processes)
         self.branched = False  # resumed_from is a branch point (resume_from=): a new run, even in this folder
         self._lineage: Optional[dict] = None
-        self.pending_rng: Optional[dict] = None  # RNG states to restore where the saved run was (see callbacks)
-        self.resume_info: Optional[dict] = None  # our entry of the checkpoint this fit resumed from ("resume")
-        self.step_plan: Optional[tuple] = None  # (step, the hook that ends it): where that step's save is taken
-        self.inexact_warned: set = set()  # the reasons a resume would not be exact, warned about once
-        self.unwarned: Optional[tuple] = None  # (step, resume record) of a state taken early: warned if it is kept
         self.on_save_error: Optional[str] = options.on_save_error
         self.save_errors: list[CheckpointError] = []
         self.deleted: list[str] = []
@@ -259,13 +258,14 @@ class FolderSession(Deleting):
             if ctx.any_rank(w.writing_sealed):
                 log.warning("lightning_ckpt: save at step %s skipped: a rank is still writing the previous one", ctx.step)
                 return
-        warned = self.inexact_warned if warn and w.rank == 0 else None  # every rank records it, rank 0 says it
-        checkpoint, summary = checkpoint_of(ctx, group, after, warned)
-        self.unwarned = None if warn or w.rank != 0 else (int(ctx.step), summary)
+        checkpoint, summary = checkpoint_of(ctx, group, after)
+        noted = getattr(ctx, "resume_noted", None)  # the caller's: warn about a resume that would not be exact
+        if callable(noted):
+            noted(summary, now=warn, speaks=w.rank == 0)
         self.guard(w.raise_if_failed)  # an earlier background save failed
         pending = self.guard(
             w.save, checkpoint, step=int(ctx.step), epoch=int(ctx.epoch), tags=tags, metrics=metrics,
-            hparams=ctx.hparams(), kind=kind_of(group),
+            hparams=ctx.hparams(), kind=kind_of(group).value,
             meta={"resumed_from": self.resumed_from, "run_id": self.run_id, "lineage": self.lineage(),
                   "best_rule": self.best_rules(),
                   "include": list(group[1]), "exclude": list(group[2]),

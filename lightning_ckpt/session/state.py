@@ -11,6 +11,7 @@ from typing import Any, Optional, Protocol
 import torch
 
 from ..format.manifest import STATE_KEY
+from ..policy.enums import Kind
 from .rng import capture_rng
 
 log = logging.getLogger("lightning_ckpt")
@@ -18,7 +19,7 @@ log = logging.getLogger("lightning_ckpt")
 
 class InexactResumeWarning(UserWarning):
     """A checkpoint was saved in a configuration where resuming from it does not reproduce the run bit for bit."""
-FULL = ("full", (), ())
+FULL = (Kind.FULL, (), ())
 
 
 @dataclass
@@ -26,7 +27,7 @@ class SaveRequest:
     """One callback's wish for a save at the current step."""
 
     tags: set
-    content: str = "full"
+    content: str = Kind.FULL
     include: tuple = ()
     exclude: tuple = ()
     urgent: bool = False  # commit before the hook returns (preemption)
@@ -50,9 +51,9 @@ def group_requests(requests: list[SaveRequest]) -> dict[tuple, set]:
     return groups
 
 
-def kind_of(group: tuple) -> str:
+def kind_of(group: tuple) -> Kind:
     content, include, exclude = group
-    return "partial" if (include or exclude) else content
+    return Kind.PARTIAL if (include or exclude) else Kind(content)
 
 
 def shape_checkpoint(checkpoint: dict, group: tuple, resume: Optional[dict] = None) -> dict:
@@ -60,24 +61,25 @@ def shape_checkpoint(checkpoint: dict, group: tuple, resume: Optional[dict] = No
     process and what a resumed run needs besides Lightning's state, ``resume``, for a full checkpoint, the only kind
     that resumes training)."""
     content, include, exclude = group
-    if content == "light":
+    if content == Kind.LIGHT:
         checkpoint.pop("state_dict", None)
     if include or exclude:
         checkpoint = filter_state(checkpoint, include, exclude)
     kind = kind_of(group)
-    checkpoint[STATE_KEY] = {"format": 1, "kind": kind}
-    if kind == "full":
+    checkpoint[STATE_KEY] = {"format": 1, "kind": kind.value}  # a plain string in the checkpoint
+    if kind == Kind.FULL:
         checkpoint[STATE_KEY]["rng"] = capture_rng()
         if resume is not None:
             checkpoint[STATE_KEY]["resume"] = resume
     return checkpoint
 
 
-def checkpoint_of(ctx: Any, group: tuple, after: bool, warned: Optional[set]) -> tuple[dict, Optional[dict]]:
+def checkpoint_of(ctx: Any, group: tuple, after: bool, warned: Optional[set] = None) -> tuple[dict, Optional[dict]]:
     """The checkpoint dictionary of one group from the save context, and the manifest's record of whether a resume
-    from it is exact (each reason it is not is warned about once per fit: ``warned``; None: not now)."""
+    from it is exact (``warned``: warn now about each reason it is not, once per set; the session leaves that to
+    its caller, see ``FolderSession._save``)."""
     resume = resume_of(ctx, group, after)
-    checkpoint = shape_checkpoint(ctx.dump(group[0] != "full"), group, resume)
+    checkpoint = shape_checkpoint(ctx.dump(group[0] != Kind.FULL), group, resume)
     summary = resume_summary(resume)
     if warned is not None:
         warn_inexact(warned, summary, ctx.step)
@@ -89,7 +91,7 @@ def resume_of(ctx: Any, group: tuple, after: bool) -> Optional[dict]:
     ``resume_state(after)`` (the callbacks': where in the step the state is taken, the reasons a resume from it would
     not be exact under ``"inexact"``); ``after``: the state is taken after its training step ended."""
     fn = getattr(ctx, "resume_state", None)
-    return fn(after) if kind_of(group) == "full" and callable(fn) else None
+    return fn(after) if kind_of(group) == Kind.FULL and callable(fn) else None
 
 
 def resume_summary(resume: Optional[dict]) -> Optional[dict]:
@@ -144,7 +146,12 @@ def filter_state(checkpoint: dict, include: tuple, exclude: tuple) -> dict:
 
 
 class SaveContext(Protocol):
-    """What a save needs from the training loop (the callbacks adapt Lightning's Trainer to it)."""
+    """What a save needs from the training loop (the callbacks adapt Lightning's Trainer to it,
+    ``callbacks.context.TrainerContext``). Two methods are optional, looked up on the object: ``resume_state(after)``
+    (for a full checkpoint: what a resumed run needs besides the dumped state, see :func:`resume_of`) and
+    ``resume_noted(summary, now, speaks)`` (the manifest's record of whether a resume from the state just taken is
+    exact; ``now``: the state is the step's, warn now, else only if it is the one kept; ``speaks``: rank 0). The
+    session keeps no warning state of its own: which reasons were already said is the caller's (per fit)."""
 
     step: int
     epoch: int
