@@ -14,6 +14,7 @@ import time
 import pytest
 import torch
 
+from lightning_ckpt.errors import CheckpointCorruptError
 from lightning_ckpt import CheckpointWriter, list_checkpoints, load_checkpoint, verify_checkpoint
 from lightning_ckpt.format import manifest as mf
 from lightning_ckpt.format.codec import encode
@@ -206,3 +207,16 @@ def test_the_kept_listing_answers_through_the_store(store, tmp_path):
         lk.release()
     assert first == ["a", "b"]
     assert store.kept(lambda n, m: n, str) is None and not store.listing_kept()
+
+
+def test_the_folders_own_files(store):
+    """A file beside the entries (``metrics.jsonl``, a note): replaced atomically, read with a bound, never listed."""
+    assert store.read_file("notes.jsonl", 1 << 10) is None
+    store.write_atomic("notes.jsonl", b'{"a": 1}\n')
+    store.write_atomic("notes.jsonl", b'{"a": 2}\n')
+    assert store.read_file("notes.jsonl", 1 << 10) == b'{"a": 2}\n'
+    with pytest.raises(CheckpointCorruptError):
+        store.read_file("notes.jsonl", 4)
+    with pytest.raises(ValueError):
+        store.write_atomic("../escape", b"")
+    assert store.names() == []

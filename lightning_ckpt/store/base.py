@@ -1,7 +1,7 @@
 """What a store is: a folder of committed entries (checkpoints, stage results, exports), written through one commit
 protocol and deleted through one deletion path. ``LocalStore`` and ``S3Store`` implement it; a caller that holds a
 ``Store`` never asks which one it has: what differs is a documented capability (an attribute of the store or the
-transaction, listed in the table below), never a branch on the backend outside ``store/``. One cohesive contract,
+transaction, listed below), never a branch on the backend outside ``store/``. One cohesive contract,
 kept whole past 400 lines: the operations, the policy and the table that says what differs are stated once, here.
 
 The commit protocol, the same on every backend::
@@ -21,42 +21,23 @@ one more complete entry. Deletion is ``store.delete(name)``: the entry leaves th
 :meth:`Store.remove`) then collects the content store's packs no manifest references any more, under the rule of
 :meth:`Store.may_collect`.
 
-What a backend cannot do the same way, stated once (the capabilities callers read):
+What a backend cannot do the same way, stated once (the capabilities callers read; docs/DESIGN.md has the table):
 
-===========================  ==========================================  ==========================================
-                             local (``LocalStore``)                      S3 (``S3Store``)
-===========================  ==========================================  ==========================================
-``commit`` the commit point  rename of the partial folder (atomic)       PUT of ``manifest.json`` (atomic per key)
-``if_exists="version"``      atomic: the rename fails on a taken name    the name's manifest is checked first (HEAD);
-                             and the next ``-vN`` is tried               two writers of one name at once are not
-                                                                         excluded (no conditional PUT): one S3
-                                                                         location has one writer
-``if_exists="discard"``      atomic (the rename fails, this entry goes)  the manifest is checked first, as above
-``if_exists="replace"``      atomic swap (``renameat2``) where the fs    the old manifest is removed first, then the
-                             has it, else the old entry is trashed first  objects copied in and the manifest put: a
-                                                                         reader sees the old entry, none, or the new
-``commit(None)``             an entry without manifest (exports)         refused (ValueError): on S3 the manifest is
-                                                                         the commit
-``write_tensors``            ``O_DIRECT``-aligned where it pays          staged in ``tx.path`` (a local temp folder),
-                             (``Transaction.direct_io``)                 uploaded, removed (``direct_io`` False)
-``tx.path`` / ``tx.file``    the partial entry itself                    a local staging folder; ``sync``/``commit``
-                                                                         upload what was written there
-``cleanup``/``debris``       owner tokens (``owners_recorded``): a dead  ``.partial-`` staging prefixes by owner as
-                             writer's partial; ``everyone`` for the      locally; objects under an entry's name carry
-                             lock holder; ``older_than_s`` unused        no owner: by age (``older_than_s``)
-``lock``                     ``FolderLock`` (``locking`` True)           ``NoLock`` (``locking`` False): one run
-                                                                         writes an S3 location; the commit order,
-                                                                         the packs' grace period and reuse marks
-                                                                         keep readers and tools safe beside it
-``may_collect``              this process holds (or could take) the      always: the grace period and reuse marks of
-                             lock, or no live writer has a save in        ``S3Store.collect_packs`` protect uploads in
-                             progress                                    progress
-``kept``/``listing_kept``    in memory while this process holds the      in memory while an uploader holds it
-                             folder's lock (``store/listing.py``):       (``store/s3listing.py``): possibly a subset
-                             complete (``listing_kept`` True)            (others write S3): ``listing_kept`` False
-``read_cache``               False: reads open the entry itself          True: reads go through a local cache of
-                                                                         checked downloads (``refresh`` fetches again)
-===========================  ==========================================  ==========================================
+- commit: locally the rename of the partial folder (atomic; ``version`` tries the next ``-vN`` when the rename finds
+  the name taken, ``replace`` swaps with ``renameat2`` or trashes the old entry first). On S3 the PUT of
+  ``manifest.json``; ``version``/``discard`` check the name's manifest first (a HEAD), so two writers of one name at
+  the same moment are not excluded (no conditional PUT: one run writes an S3 location); ``replace`` of a committed
+  entry removes its manifest first (a reader sees the old entry, none, or the new one). ``commit(None)`` (an entry
+  without manifest: exports) exists locally only; S3 refuses it (ValueError).
+- ``tx.path``: locally the partial entry itself; on S3 a local staging folder that ``sync``/``commit`` upload.
+  ``write_tensors`` lays files out for ``O_DIRECT`` only locally (``Transaction.direct_io``).
+- cleanup: local partial names carry their writer (``owners_recorded``); objects under an S3 entry's name do not, so
+  they go by age (``older_than_s``); ``everyone`` (the lock holder's view) applies only where there is a lock.
+- lock: ``FolderLock`` locally (``locking`` True), ``NoLock`` on S3 (``locking`` False): one run writes an S3
+  location; the commit order and the packs' grace period and reuse marks keep readers and tools safe beside it.
+- ``may_collect``: locally only under the lock or with no live writer; on S3 always (grace period, reuse marks).
+- ``kept``: locally complete while this process holds the lock (``listing_kept`` True); on S3 kept while an uploader
+  holds it, possibly a subset (``listing_kept`` False). ``read_cache``: S3 reads go through the checked read cache.
 """
 from __future__ import annotations
 
@@ -107,6 +88,14 @@ def check_entry_name(name: object) -> str:
         raise ValueError(f"{name!r} cannot name an entry of a folder: give one path component that does not start "
                          "with '.' and has no '/', '~' or control character")
     return name
+
+
+def check_folder_file(fname: object) -> str:
+    """A file of a folder itself (beside its entries) is one path component: ValueError otherwise."""
+    if (not isinstance(fname, str) or fname in ("", ".", "..") or "/" in fname or os.sep in fname or "\0" in fname
+            or len(fname) > 255):
+        raise ValueError(f"{fname!r} cannot name a file of a folder: give one path component such as 'metrics.jsonl'")
+    return fname  # type: ignore[return-value]
 
 
 def host_id() -> str:
@@ -287,7 +276,17 @@ class Store(ABC):
     def read_latest(self) -> dict | None:
         """The ``latest.json`` hint, or None when there is none or it is unreadable."""
 
+    @abstractmethod
+    def read_file(self, fname: str, limit: int) -> bytes | None:
+        """A file of the folder itself, beside its entries (``metrics.jsonl``, a note), at most ``limit`` bytes (a
+        larger one is ``CheckpointCorruptError``); None when there is none."""
+
     # -- writing
+    @abstractmethod
+    def write_atomic(self, fname: str, data: bytes) -> None:
+        """Replace the folder's own file ``fname`` atomically: readers see the old or the new content, never a part
+        (locally a temp file and a rename, fsynced as the store is; on S3 one PUT)."""
+
     @abstractmethod
     def begin(self, name: str, tx_id: str | None = None) -> Transaction:
         """Start writing entry ``name``. Several processes that pass the same ``tx_id`` write into one entry."""

@@ -34,6 +34,7 @@ from .base import (
     Store,
     Transaction,
     check_entry_name,
+    check_folder_file,
     check_if_exists,
     first_free,
     debris_in,
@@ -145,6 +146,12 @@ class LocalStore(Store):
     def listing_kept(self) -> bool:
         return LISTINGS.kept(self.root)
 
+    def read_file(self, fname: str, limit: int) -> bytes | None:
+        check_folder_file(fname)
+        if not os.path.lexists(os.path.join(self.root, fname)):
+            return None
+        return read_member(self.root, fname, limit, follow_folder=True)  # the user's folder
+
     def read_latest(self) -> dict | None:
         try:
             raw = read_member(self.root, mf.LATEST, MAX_LATEST_BYTES, follow_folder=True)  # the user's folder
@@ -174,7 +181,7 @@ class LocalStore(Store):
 
     def write_atomic(self, fname: str, data: bytes) -> None:
         """Replace the file ``fname`` of the folder: readers see the old or the new content, never a part."""
-        with self.replacing(fname) as tmp:
+        with self.replacing(check_folder_file(fname)) as tmp:
             OPS.write_file(tmp, data, fsync=self.fsync)
 
     @contextlib.contextmanager

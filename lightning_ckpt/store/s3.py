@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 from ..errors import CheckpointCorruptError, CheckpointError, CheckpointNotFoundError, StorageUnavailableError
 from ..format import manifest as mf
 from . import s3client
-from .base import NoLock, Store, owner_token
+from .base import NoLock, Store, check_folder_file, owner_token
 from .s3client import client, error_code as _code, is_unavailable
 from .s3listing import KEPT
 from .s3sweep import REUSED  # <prefix>/.blobs/<pack>.reused~<host>.<pid>: a push of that process reused the pack
@@ -254,6 +254,15 @@ class S3Store(Store):
                 f"a checkpoint). List the checkpoints with `lightning-ckpt ls {self.uri}` or use "
                 f"latest_checkpoint({self.uri!r}).") from None
 
+    def read_file(self, fname: str, limit: int) -> bytes | None:
+        try:
+            return self.get_bytes(self.key(check_folder_file(fname)), limit)
+        except CheckpointNotFoundError:
+            return None
+
+    def write_atomic(self, fname: str, data: bytes) -> None:
+        self.put_bytes(self.key(check_folder_file(fname)), data)
+
     def read_latest(self) -> dict | None:
         try:
             d = json.loads(self.get_bytes(self.key(mf.LATEST), 16 << 20))  # with the index (store/hint.py)
@@ -362,6 +371,15 @@ class S3Store(Store):
         from .s3sweep import collect_packs
 
         return collect_packs(self, grace_s=grace_s, mine=mine, dry_run=dry_run)
+
+    def committed(self, name: str, manifest: bytes) -> None:
+        """This process just committed ``name`` with these manifest bytes: a kept listing (``store/s3listing.py``)
+        takes it in, and the manifest is cached under its ETag (no GET of what was just pushed)."""
+        etag = KEPT.committed(self, name, manifest)
+        if etag is not None:
+            with self._cache_lock:
+                self._cache[(self.bucket, self.key(name, mf.MANIFEST), etag)] = (
+                    mf.parse_manifest(manifest, self.path(name)), manifest)
 
     def uncommit(self, name: str) -> None:
         """Delete the manifest of ``name``: from then on it is not a checkpoint (its objects are removed after)."""

@@ -25,7 +25,6 @@ from ..format import manifest as mf
 from ..format.tensorfile import EncodedFile, FileRecord
 from .base import IfExists, Transaction, check_if_exists, first_free, new_id, partial_name
 from .fs import OPS
-from .s3listing import KEPT
 
 log = logging.getLogger("lightning_ckpt")
 
@@ -131,11 +130,7 @@ class S3Transaction(Transaction):
         store.put_bytes(store.key(final, mf.MANIFEST), manifest)  # the commit point on S3
         if where != final:
             self._drop(self.put)
-        etag = KEPT.committed(store, final, manifest)  # a kept listing (store/s3listing.py) takes it in
-        if etag is not None:  # and its manifest is cached under its ETag: no GET of what was just pushed
-            with store._cache_lock:
-                store._cache[(store.bucket, store.key(final, mf.MANIFEST), etag)] = (
-                    mf.parse_manifest(manifest, store.path(final)), manifest)
+        store.committed(final, manifest)  # the kept listing and the manifest cache take it in
         store.last_commit = (final, manifest)
         self._clear_staging()
         self.committed = final
