@@ -46,7 +46,7 @@ from .format.tensorfile import (
 )
 from .store.chunkread import read_to_cuda, read_to_host
 from .store.fs import open_member
-from .store.local import LocalTransaction
+from .store.base import Transaction
 from .store.prefetch import MIN_BYTES as PREFETCH_MIN_BYTES, Prefetcher
 
 SMALL_CHUNK = 1 << 20  # chunks below this are read by one thread, without the prefetcher's per-chunk bookkeeping
@@ -95,7 +95,7 @@ class LCStorageWriter(StorageWriter):
 
     def __init__(
         self,
-        tx: LocalTransaction,
+        tx: Transaction,
         *,
         state_bytes: bytes | None,
         on_finish: Callable[[list[_FileResult], dict[str, dict]], None],
@@ -190,7 +190,7 @@ class LCStorageWriter(StorageWriter):
         return None
 
 
-def write_rank_files(tx: LocalTransaction, rank: int, items: list, *, pack_keys: set[str] | frozenset = frozenset(),
+def write_rank_files(tx: Transaction, rank: int, items: list, *, pack_keys: set[str] | frozenset = frozenset(),
                      pack_name: Callable[[int], str] | None = None, state_bytes: bytes | None = None,
                      extra_states: dict[int, bytes] | None = None, crc_executor: Executor | None = None,
                      content_hash: bool = True) -> tuple[list[_FileResult], list[tuple[Any, ChunkInfo, int]]]:

@@ -158,13 +158,15 @@ def test_delete_collects_what_it_orphans(store, tmp_path):
     names = [c.name for c in list_checkpoints(store.uri)]
     packs = store.pack_names()
     assert len(names) == 2 and packs
+    sizes = store.pack_sizes()
+    assert sorted(sizes) == packs and all(n > 0 for n in sizes.values())
     assert store.may_collect()  # nobody writes the folder
     assert store.delete(names[0], collect=True)
     assert store.pack_names() == packs  # the remaining checkpoint still references them
     verify_checkpoint(store.path(names[1]))
     assert load_checkpoint(store.path(names[1]))["state_dict"]["trained"][0] == 1.0
     got = store.remove([names[1], "never-there"], collect=True, mine=set(packs))
-    assert got.deleted == [names[1]] and sorted(got.packs) == sorted(packs) and got.freed > 0
+    assert got.deleted == [names[1]] and sorted(got.packs) == sorted(packs) and got.freed == sum(sizes.values())
     assert store.pack_names() == [] and store.names() == []
 
 

@@ -402,6 +402,10 @@ class Store(ABC):
         """The packs of the folder's content store."""
 
     @abstractmethod
+    def pack_sizes(self) -> dict[str, int]:
+        """{pack name: bytes} of the packs of the folder's content store (what a collection of each would free)."""
+
+    @abstractmethod
     def collect_packs(self, *, mine: "set[str] | frozenset" = frozenset(), grace_s: float = 3600.0,
                       dry_run: bool = False) -> tuple[list[str], int]:
         """Delete the packs no committed manifest references (``dry_run``: only say which). Returns (pack names,

@@ -123,6 +123,16 @@ class BlobStore:
         skipped with a warning, see :meth:`_entries`)."""
         return self._entries()[0]
 
+    def sizes(self) -> dict[str, int]:
+        """{pack: bytes} of the packs in the store (one collected since the listing is left out)."""
+        out = {}
+        for p in self.names():
+            try:
+                out[p] = os.lstat(self.pack(p)).st_size
+            except FileNotFoundError:
+                continue
+        return out
+
     def _entries(self) -> tuple[list[str], list[str]]:
         """(packs, strays): the regular files with a pack's name, and the entries with a pack's name that are not
         regular files (checked with ``lstat``: a link is a stray whatever it points to)."""

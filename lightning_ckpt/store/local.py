@@ -270,6 +270,9 @@ class LocalStore(Store):
     def pack_names(self) -> list[str]:
         return BlobStore(self.root).names()
 
+    def pack_sizes(self) -> dict[str, int]:
+        return BlobStore(self.root).sizes()
+
     def collect_packs(self, *, mine: "set[str] | frozenset" = frozenset(), grace_s: float = 3600.0,
                       dry_run: bool = False) -> tuple[list[str], int]:
         """Local packs are pinned by the writers that reuse them (``BlobStore.pin``): no grace period is needed."""

@@ -402,6 +402,9 @@ class S3Store(Store):
     def pack_names(self) -> list[str]:
         return sorted(self.blob_listing()[0])
 
+    def pack_sizes(self) -> dict[str, int]:
+        return {n: int(o["Size"]) for n, o in sorted(self.blob_listing()[0].items())}
+
     def _debris(self, older_than_s: float) -> dict[str, list[str]]:
         from .s3sweep import debris
 

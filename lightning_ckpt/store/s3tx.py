@@ -20,13 +20,14 @@ import tempfile
 import threading
 from typing import Any, Optional
 
-from ..errors import CheckpointWriteError
+from ..errors import CheckpointNotFoundError, CheckpointWriteError
 from ..format import manifest as mf
 from ..format.tensorfile import EncodedFile, FileRecord
-from .base import IfExists, Transaction, check_if_exists, first_free, new_id, partial_name
+from .base import IfExists, Transaction, check_entry_name, check_if_exists, first_free, new_id, partial_name
 from .fs import OPS
 
 log = logging.getLogger("lightning_ckpt")
+MAX_MANIFEST_BYTES = 64 * 1024 * 1024  # as s3.MAX_MANIFEST_BYTES
 
 
 class S3Transaction(Transaction):
@@ -98,6 +99,12 @@ class S3Transaction(Transaction):
     def _committed(self, name: str) -> bool:
         return bool(self.store.head(self.store.key(name, mf.MANIFEST)))
 
+    def _manifest_of(self, name: str) -> bytes | None:
+        try:
+            return self.store.get_bytes(self.store.key(name, mf.MANIFEST), MAX_MANIFEST_BYTES)
+        except CheckpointNotFoundError:
+            return None
+
     def commit(self, manifest: bytes | None, *, name: str | None = None, if_exists: IfExists = "replace") -> str | None:
         """See ``Transaction.commit`` and the module's docstring. The default stays ``"replace"`` on S3 (a push
         commits the checkpoint's own name, whose earlier copy it un-committed or repairs)."""
@@ -106,7 +113,7 @@ class S3Transaction(Transaction):
         check_if_exists(if_exists)
         store = self.store
         self.sync()
-        base = mf.check_member_name(name or self.name, "the entry name")
+        base = check_entry_name(name or self.name)
         where = self.where()
         if if_exists == "replace":
             final = base
@@ -122,8 +129,9 @@ class S3Transaction(Transaction):
                 f"another writer committed {store.path(final)} while this upload wrote under that name; S3 cannot "
                 "exclude two writers of one name (one run writes an S3 location)")
         if where != final:  # staged (or begun under another name): the objects are copied in on the server
-            if if_exists == "replace" and self._committed(final):
-                store.uncommit(final)  # the old entry leaves the listing before its objects are overwritten
+            if if_exists == "replace" and self._committed(final) and self._manifest_of(final) != manifest:
+                store.uncommit(final)  # another entry leaves the listing before its objects are overwritten (a
+                # repair of the same entry keeps it listed: every object copied in matches its manifest)
             skip = len(store.key(where)) + 1
             for key in list(self.put):
                 store.copy_key(key, store.key(final, key[skip:]))
