@@ -134,6 +134,23 @@ def test_cleanup_removes_a_dead_writers_partial_entry_not_a_live_ones(store):
     assert store.names() == []
 
 
+def test_cleanup_of_writes_onto_a_committed_name_goes_by_owner_on_both(store):
+    """A write onto a name already committed is staged under ``.partial-<name>~<owner>~<id>`` on both backends, and
+    the owner decides: a dead writer's is debris at once, a live one's is left alone, the committed entry stays."""
+    tx = _write(store, "a", 1)
+    tx.commit(tx.manifest)
+    host = owner_token().partition(".")[0]
+    for owner in (_dead_owner(), f"{host}.1"):
+        w = store.begin("a", owner=owner).open()
+        w.write_bytes("x.bin", b"0123")
+        w.sync()
+    staged = sorted(os.path.basename(p) for p in store.debris(everyone=False, older_than_s=3600))
+    assert len(staged) == 1 and staged[0].startswith(".partial-a~") and staged[0].split("~")[1] != f"{host}.1"
+    store.cleanup(older_than_s=3600)
+    assert store.debris(older_than_s=3600) == [] and store.names() == ["a"]
+    verify_checkpoint(store.path("a"))
+
+
 def _dedup_saves(folder: str, n: int) -> None:
     """``n`` checkpoints whose frozen tensor lives in a pack of the content store, and whose trained one changes, so
     that deleting all but the last orphans no pack and deleting the last does."""

@@ -290,9 +290,9 @@ class S3Store(Store):
 
     # ---------------------------------------------------------------- writing
     def begin(self, name: str, tx_id: str | None = None, owner: str | None = None) -> "S3Transaction":
-        """``owner`` is accepted for the contract's sake; S3 staging names carry this process's token."""
+        """``owner``: the owner token a staging prefix is named with (default: this process's)."""
         mf.check_member_name(name, "the entry name")
-        return S3Transaction(self, name, tx_id)
+        return S3Transaction(self, name, tx_id, owner)
 
     def publish_latest(self, doc: dict, manifest: tuple[dict, bytes] | None = None) -> None:
         """``latest.json`` never moves back to an older step (say, a ``push`` of an old checkpoint); its index

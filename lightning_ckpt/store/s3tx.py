@@ -35,10 +35,11 @@ class S3Transaction(Transaction):
 
     direct_io = False  # tensor files are staged in ``path`` and uploaded; O_DIRECT has nothing to gain there
 
-    def __init__(self, store: Any, name: str, tx_id: Optional[str] = None) -> None:
+    def __init__(self, store: Any, name: str, tx_id: Optional[str] = None, owner: Optional[str] = None) -> None:
         self.store = store
         self.name = name
         self.tx_id = tx_id or new_id()
+        self.owner = owner  # in the staging prefix's name (default: this process's token), for the cleanup policy
         self.put: list[str] = []  # the keys uploaded so far
         self.committed: Optional[str] = None
         self._where: Optional[str] = None  # the key folder the objects go under (decided at the first write)
@@ -60,7 +61,7 @@ class S3Transaction(Transaction):
         with self._lock:
             if self._where is None:
                 taken = bool(self.store.head(self.store.key(self.name, mf.MANIFEST)))
-                self._where = partial_name(self.name, self.tx_id) if taken else self.name
+                self._where = partial_name(self.name, self.tx_id, self.owner) if taken else self.name
             return self._where
 
     def open(self) -> "S3Transaction":
