@@ -20,7 +20,7 @@ import torch
 from .errors import CheckpointCorruptError, CheckpointError, CheckpointNotFoundError
 from .format.codec import decode, parse_state
 from .format.tensorfile import VERIFY_BLOCK, check_file, iter_regions
-from .store import Store, is_remote, locate, open_store
+from .store import Store, locate, open_store
 from .format.checksum import crc32c
 from .format.manifest import DIGEST, MANIFEST
 from .store.fs import open_member, read_member
@@ -258,7 +258,12 @@ def read_reference(folder: str) -> dict | None:
     """The record of a reference folder (``REFERENCE`` beside no manifest: what Ray keeps of a checkpoint this package
     reported), or None when ``folder`` is no reference. Raises CheckpointCorruptError for a malformed one."""
     import json  # here: the module's state parsing lives in format.codec
-    if not isinstance(folder, (str, os.PathLike)) or is_remote(folder):
+    if not isinstance(folder, (str, os.PathLike)):
+        return None
+    try:
+        if open_store(folder).read_cache:  # a location read through a cache (S3) holds no reference folder: Ray's
+            return None  # references are local folders
+    except ValueError:
         return None
     folder = os.fspath(folder)
     if not os.path.isfile(os.path.join(folder, REFERENCE)) or os.path.lexists(os.path.join(folder, MANIFEST)):
