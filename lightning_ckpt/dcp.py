@@ -75,7 +75,7 @@ def name_in_file(key: str, offsets: tuple[int, ...], is_shard: bool) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
-class _FileResult:
+class FileResult:
     """Carried to the coordinator inside a WriteResult: one written file's record."""
 
     rank: int
@@ -98,7 +98,7 @@ class LCStorageWriter(StorageWriter):
         tx: Transaction,
         *,
         state_bytes: bytes | None,
-        on_finish: Callable[[list[_FileResult], dict[str, dict]], None],
+        on_finish: Callable[[list[FileResult], dict[str, dict]], None],
         crc_executor: Executor | None = None,
         ranks: tuple[int, ...] | None = None,
         extra_states: dict[int, bytes] | None = None,
@@ -160,11 +160,11 @@ class LCStorageWriter(StorageWriter):
         return fut
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
-        files: list[_FileResult] = []
+        files: list[FileResult] = []
         tensors: dict[str, dict] = {}
         for rank_results in results:
             for wr in rank_results:
-                if isinstance(wr.storage_data, _FileResult):
+                if isinstance(wr.storage_data, FileResult):
                     files.append(wr.storage_data)
         for rank_results in results:
             for wr in rank_results:
@@ -193,7 +193,7 @@ class LCStorageWriter(StorageWriter):
 def write_rank_files(tx: Transaction, rank: int, items: list, *, pack_keys: set[str] | frozenset = frozenset(),
                      pack_name: Callable[[int], str] | None = None, state_bytes: bytes | None = None,
                      extra_states: dict[int, bytes] | None = None, crc_executor: Executor | None = None,
-                     content_hash: bool = True) -> tuple[list[_FileResult], list[tuple[Any, ChunkInfo, int]]]:
+                     content_hash: bool = True) -> tuple[list[FileResult], list[tuple[Any, ChunkInfo, int]]]:
     """Write one rank's tensors into the transaction: one safetensors file per group (model, optimizer, the rest; the
     tensors of ``pack_keys`` into this rank's pack), then the state files, then make them durable. ``items``:
     ``(key, tensor, offsets, sizes, is_shard, tag)``. Returns the files written and, per item, ``(tag, chunk info,
@@ -202,7 +202,7 @@ def write_rank_files(tx: Transaction, rank: int, items: list, *, pack_keys: set[
     for it in items:
         by_group["~pack" if it[0] in pack_keys else group_of(it[0])].append(it)
     written: list[tuple[Any, ChunkInfo, int]] = []
-    files: list[_FileResult] = []
+    files: list[FileResult] = []
     for group in sorted(by_group):
         is_pack = group == "~pack"
         fname = pack_name(rank) if is_pack else mf.shard_file_name(group, rank)
@@ -217,13 +217,13 @@ def write_rank_files(tx: Transaction, rank: int, items: list, *, pack_keys: set[
             tr = by_name[n]
             info = ChunkInfo(member, n, tuple(int(o) for o in offsets), tuple(int(s) for s in sizes))
             written.append((tag, info, tr.end - tr.begin))
-        files.append(_FileResult(rank, dict(_record_json(rec, rank), **({"pack": True} if is_pack else {}))))
+        files.append(FileResult(rank, dict(_record_json(rec, rank), **({"pack": True} if is_pack else {}))))
     states = dict(extra_states or {})
     if state_bytes is not None:
         states[rank] = state_bytes
     for r in sorted(states):
         srec = tx.write_bytes(mf.state_file_name(r), states[r])
-        files.append(_FileResult(r, _record_json(srec, r)))
+        files.append(FileResult(r, _record_json(srec, r)))
     if files:
         tx.sync()
     return files, written
@@ -439,3 +439,7 @@ def unwrap_dcp_error(e: BaseException) -> BaseException:
         if isinstance(first, tuple) and first and isinstance(first[0], BaseException):
             return first[0]
     return e
+
+
+# alias until the merge: the old private name, still imported by writer/plain.py and writer/job.py
+_FileResult = FileResult
