@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 from .commands import dump, folder_there, human_bytes, manifest_or_hint, progress_bar

@@ -25,7 +25,6 @@ from ..format import manifest as mf
 from ..format.manifest import is_plain_name
 from ..format.tensorfile import EncodedFile, FileRecord
 from .base import (
-    PARTIAL_PREFIX,
     PROBE_PREFIX,
     SEP,
     TMP_PREFIX,
