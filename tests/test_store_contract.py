@@ -187,6 +187,28 @@ def test_delete_collects_what_it_orphans(store, tmp_path):
     assert store.pack_names() == [] and store.names() == []
 
 
+def test_no_collection_beside_a_live_writer_where_packs_are_written_before_their_manifest(store, tmp_path,
+                                                                                         monkeypatch):
+    """``may_collect``: locally a save in progress writes packs before the manifest that references them, so nobody
+    collects beside a live writer unless it holds the folder's lock (here locks are off: nobody holds it); on S3
+    the grace period protects uploads in progress, so a collection may always run."""
+    src = str(tmp_path / "src")
+    _dedup_saves(src, 1)
+    if store.locking:
+        monkeypatch.setenv("LIGHTNING_CKPT_LOCK", "0")
+        store = open_store(src)
+        live = store.begin("next", owner=f"{owner_token().partition('.')[0]}.1").open()  # pid 1: alive
+        live.write_bytes("x.bin", b"0")
+        assert store.live_writer() and not store.may_collect()
+        packs = store.pack_names()
+        assert store.remove([c.name for c in list_checkpoints(src)], collect=True).packs == []
+        assert store.pack_names() == packs  # left for a collection once the writer is done
+        live.abort()
+        assert store.may_collect() and store.collect_orphans()[0] == packs
+    else:
+        assert store.may_collect() and not store.live_writer()
+
+
 def test_the_lock_capability(store):
     lk = store.lock({"run_id": "contract"})
     try:
