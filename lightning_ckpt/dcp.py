@@ -46,7 +46,7 @@ from .format.tensorfile import (
 )
 from .store.chunkread import read_to_cuda, read_to_host
 from .store.fs import open_member
-from .store.local import LocalTransaction
+from .store.base import Transaction
 from .store.prefetch import MIN_BYTES as PREFETCH_MIN_BYTES, Prefetcher
 
 SMALL_CHUNK = 1 << 20  # chunks below this are read by one thread, without the prefetcher's per-chunk bookkeeping
@@ -75,7 +75,7 @@ def name_in_file(key: str, offsets: tuple[int, ...], is_shard: bool) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
-class _FileResult:
+class FileResult:
     """Carried to the coordinator inside a WriteResult: one written file's record."""
 
     rank: int
@@ -83,7 +83,7 @@ class _FileResult:
 
 
 @dataclasses.dataclass(frozen=True)
-class _ChunkInfo:
+class ChunkInfo:
     file: Any  # the member: a file name when writing; ("file" | "pack", name) when reading
     name: str
     offsets: tuple[int, ...]
@@ -95,10 +95,10 @@ class LCStorageWriter(StorageWriter):
 
     def __init__(
         self,
-        tx: LocalTransaction,
+        tx: Transaction,
         *,
         state_bytes: bytes | None,
-        on_finish: Callable[[list[_FileResult], dict[str, dict]], None],
+        on_finish: Callable[[list[FileResult], dict[str, dict]], None],
         crc_executor: Executor | None = None,
         ranks: tuple[int, ...] | None = None,
         extra_states: dict[int, bytes] | None = None,
@@ -160,16 +160,16 @@ class LCStorageWriter(StorageWriter):
         return fut
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
-        files: list[_FileResult] = []
+        files: list[FileResult] = []
         tensors: dict[str, dict] = {}
         for rank_results in results:
             for wr in rank_results:
-                if isinstance(wr.storage_data, _FileResult):
+                if isinstance(wr.storage_data, FileResult):
                     files.append(wr.storage_data)
         for rank_results in results:
             for wr in rank_results:
                 info = wr.storage_data
-                if not isinstance(info, _ChunkInfo):
+                if not isinstance(info, ChunkInfo):
                     continue
                 md = metadata.state_dict_metadata[wr.index.fqn]
                 assert isinstance(md, TensorStorageMetadata)
@@ -190,10 +190,10 @@ class LCStorageWriter(StorageWriter):
         return None
 
 
-def write_rank_files(tx: LocalTransaction, rank: int, items: list, *, pack_keys: set[str] | frozenset = frozenset(),
+def write_rank_files(tx: Transaction, rank: int, items: list, *, pack_keys: set[str] | frozenset = frozenset(),
                      pack_name: Callable[[int], str] | None = None, state_bytes: bytes | None = None,
                      extra_states: dict[int, bytes] | None = None, crc_executor: Executor | None = None,
-                     content_hash: bool = True) -> tuple[list[_FileResult], list[tuple[Any, _ChunkInfo, int]]]:
+                     content_hash: bool = True) -> tuple[list[FileResult], list[tuple[Any, ChunkInfo, int]]]:
     """Write one rank's tensors into the transaction: one safetensors file per group (model, optimizer, the rest; the
     tensors of ``pack_keys`` into this rank's pack), then the state files, then make them durable. ``items``:
     ``(key, tensor, offsets, sizes, is_shard, tag)``. Returns the files written and, per item, ``(tag, chunk info,
@@ -201,8 +201,8 @@ def write_rank_files(tx: LocalTransaction, rank: int, items: list, *, pack_keys:
     by_group: dict[str, list] = defaultdict(list)
     for it in items:
         by_group["~pack" if it[0] in pack_keys else group_of(it[0])].append(it)
-    written: list[tuple[Any, _ChunkInfo, int]] = []
-    files: list[_FileResult] = []
+    written: list[tuple[Any, ChunkInfo, int]] = []
+    files: list[FileResult] = []
     for group in sorted(by_group):
         is_pack = group == "~pack"
         fname = pack_name(rank) if is_pack else mf.shard_file_name(group, rank)
@@ -215,15 +215,15 @@ def write_rank_files(tx: LocalTransaction, rank: int, items: list, *, pack_keys:
         member = ("pack" if is_pack else "file", fname)
         for n, t, offsets, sizes, tag in named:
             tr = by_name[n]
-            info = _ChunkInfo(member, n, tuple(int(o) for o in offsets), tuple(int(s) for s in sizes))
+            info = ChunkInfo(member, n, tuple(int(o) for o in offsets), tuple(int(s) for s in sizes))
             written.append((tag, info, tr.end - tr.begin))
-        files.append(_FileResult(rank, dict(_record_json(rec, rank), **({"pack": True} if is_pack else {}))))
+        files.append(FileResult(rank, dict(_record_json(rec, rank), **({"pack": True} if is_pack else {}))))
     states = dict(extra_states or {})
     if state_bytes is not None:
         states[rank] = state_bytes
     for r in sorted(states):
         srec = tx.write_bytes(mf.state_file_name(r), states[r])
-        files.append(_FileResult(r, _record_json(srec, r)))
+        files.append(FileResult(r, _record_json(srec, r)))
     if files:
         tx.sync()
     return files, written
@@ -250,7 +250,7 @@ class LCStorageReader(StorageReader):
         self.path = ck.folder
         self.manifest = ck.m
         self.verify = verify
-        self.storage_data: dict[MetadataIndex, _ChunkInfo] = {}
+        self.storage_data: dict[MetadataIndex, ChunkInfo] = {}
         self._headers_checked: set = set()
         self._header_lock = threading.Lock()
         self._tls = threading.local()
@@ -260,13 +260,13 @@ class LCStorageReader(StorageReader):
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         sd_md: dict[str, Any] = {}
-        storage: dict[MetadataIndex, _ChunkInfo] = {}
+        storage: dict[MetadataIndex, ChunkInfo] = {}
         for key, t in self.manifest.get("tensors", {}).items():
             chunks = []
             for c in t["chunks"]:
                 offsets, sizes = tuple(int(o) for o in c["offsets"]), tuple(int(s) for s in c["sizes"])
                 chunks.append(ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes)))
-                storage[MetadataIndex(key, offsets)] = _ChunkInfo(mf.chunk_member(c), c["name"], offsets, sizes)
+                storage[MetadataIndex(key, offsets)] = ChunkInfo(mf.chunk_member(c), c["name"], offsets, sizes)
             sd_md[key] = TensorStorageMetadata(
                 properties=TensorProperties(dtype=dtype_from_name(t["dtype"])),
                 size=torch.Size(int(s) for s in t["shape"]),
@@ -309,7 +309,7 @@ class LCStorageReader(StorageReader):
         fut.set_result(None)
         return fut
 
-    def read_chunks(self, chunks: list[tuple[Any, _ChunkInfo]], planner: Any) -> None:
+    def read_chunks(self, chunks: list[tuple[Any, ChunkInfo]], planner: Any) -> None:
         """Read ``(item, chunk)`` pairs: ``item.storage_offsets``/``item.lengths`` select the part of the stored chunk
         that ``planner.resolve_tensor(item)`` receives (``planner.commit_tensor(item, tensor)`` follows). DCP's load
         plan gives them; so does ``load.load_tensors`` without DCP (``WholeChunks``)."""
@@ -359,7 +359,7 @@ class LCStorageReader(StorageReader):
             for fd in fds:
                 os.close(fd)
 
-    def _host_region(self, planner: LoadPlanner, item: Any, info: _ChunkInfo, key: Any) -> tuple[int, int] | None:
+    def _host_region(self, planner: LoadPlanner, item: Any, info: ChunkInfo, key: Any) -> tuple[int, int] | None:
         """The host memory a chunk is read straight into (address, bytes), or None (a GPU, or through a copy)."""
         target = planner.resolve_tensor(item)
         t = self.ck.entry(key)["tensors"][info.name]
@@ -368,7 +368,7 @@ class LCStorageReader(StorageReader):
         return target.data_ptr(), t["end"] - t["begin"]
 
     @staticmethod
-    def _direct(item: Any, info: _ChunkInfo, target: torch.Tensor, t: dict) -> bool:
+    def _direct(item: Any, info: ChunkInfo, target: torch.Tensor, t: dict) -> bool:
         """The whole chunk goes into a destination laid out exactly like it: read straight into its memory."""
         return (all(o == 0 for o in item.storage_offsets) and tuple(item.lengths) == info.sizes
                 and target.is_contiguous() and target.dtype == dtype_from_name(t["dtype"])
@@ -403,7 +403,7 @@ class LCStorageReader(StorageReader):
         read_to_host(f, where, t, buf, self.verify, gate)
         return buf
 
-    def _read_item(self, f, where, entry, item, info: _ChunkInfo, planner: LoadPlanner, cache, gate: Any = None) -> None:
+    def _read_item(self, f, where, entry, item, info: ChunkInfo, planner: LoadPlanner, cache, gate: Any = None) -> None:
         t = dict(entry["tensors"][info.name], _name=info.name)
         if tuple(int(s) for s in t["shape"]) != info.sizes:
             raise CheckpointCorruptError(f"{where}: tensor {info.name!r} has a shape that does not match the manifest index")
@@ -439,3 +439,7 @@ def unwrap_dcp_error(e: BaseException) -> BaseException:
         if isinstance(first, tuple) and first and isinstance(first[0], BaseException):
             return first[0]
     return e
+
+
+# alias until the merge: the old private name, still imported by writer/plain.py and writer/job.py
+_FileResult = FileResult

@@ -11,7 +11,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
-from .dcp import LCStorageReader, _ChunkInfo, is_model_or_optim, unwrap_dcp_error
+from .dcp import LCStorageReader, ChunkInfo, is_model_or_optim, unwrap_dcp_error
 from .errors import CheckpointCorruptError, CheckpointError, CheckpointMismatchError
 from .format.codec import decode, encode
 from .format.gcpause import pausing
@@ -38,7 +38,7 @@ class WholeChunks:
     load)."""
 
     def __init__(self, ck: Any, targets: dict[str, torch.Tensor]) -> None:
-        self.chunks: list[tuple[_Whole, _ChunkInfo]] = []
+        self.chunks: list[tuple[_Whole, ChunkInfo]] = []
         index = ck.m["tensors"]
         for key, target in targets.items():
             for c in index[key]["chunks"]:
@@ -47,7 +47,7 @@ class WholeChunks:
                 if view.dim() and (any(offsets) or sizes != tuple(target.shape)):
                     for dim, (o, n) in enumerate(zip(offsets, sizes)):
                         view = view.narrow(dim, o, n)
-                self.chunks.append((_Whole(view, sizes), _ChunkInfo(chunk_member(c), c["name"], offsets, sizes)))
+                self.chunks.append((_Whole(view, sizes), ChunkInfo(chunk_member(c), c["name"], offsets, sizes)))
 
     @staticmethod
     def resolve_tensor(item: _Whole) -> torch.Tensor:

@@ -20,12 +20,10 @@ import torch
 from .errors import CheckpointCorruptError, CheckpointError, CheckpointNotFoundError
 from .format.codec import decode, parse_state
 from .format.tensorfile import VERIFY_BLOCK, check_file, iter_regions
-from .store import Store, is_remote, locate, open_store
+from .store import Store, locate, open_store
 from .format.checksum import crc32c
 from .format.manifest import DIGEST, MANIFEST
 from .store.fs import open_member, read_member
-from .store.listing import LISTINGS
-from .store.s3listing import KEPT
 
 log = logging.getLogger("lightning_ckpt")
 
@@ -92,35 +90,23 @@ def list_checkpoints(dirpath: Any) -> list[CheckpointInfo]:
     warning, and one deleted while the folder is listed is skipped silently. Checksums are not verified here (see
     :func:`verify_checkpoint`).
     """
-    infos, skipped = _scan(dirpath)
+    infos, skipped = scan_checkpoints(dirpath)
     for path, err in skipped:
         warnings.warn(f"lightning_ckpt: skipping {path}: {err}", stacklevel=2)
     return infos
 
 
-def _scan(dirpath: Any) -> tuple[list[CheckpointInfo], list[tuple[str, CheckpointError]]]:
-    """The readable checkpoints of a folder (sorted) and (path, error) of those whose manifest could not be read."""
+def scan_checkpoints(dirpath: Any) -> tuple[list[CheckpointInfo], list[tuple[str, CheckpointError]]]:
+    """The readable checkpoints of a folder (sorted as :func:`list_checkpoints` sorts them) and (path, error) of those
+    whose manifest could not be read, without warning about them (the caller decides). From the listing the store
+    keeps in memory where it keeps one (``Store.kept``: a run's own folder, an S3 location an uploader holds)."""
     store = open_store(dirpath)
-    if not store.remote:
-        cached = LISTINGS.scan(store, lambda name: _info(store, name, store.read_manifest(name)[0]), _order)
-    else:  # a location an uploader of this process holds (store/s3listing.py)
-        cached = KEPT.scan(store, lambda name, m: _info(store, name, m), _order)
+    cached = store.kept(lambda name, m: _info(store, name, m), _order)
     if cached is not None:
         return cached
     out: list[CheckpointInfo] = []
     skipped: list[tuple[str, CheckpointError]] = []
-    if store.remote:
-        got = store.manifests()
-    else:
-        got = []
-        for name in store.names():
-            try:
-                got.append((name, store.read_manifest(name)[0]))
-            except CheckpointNotFoundError:
-                continue  # deleted (retention) since the folder was listed
-            except CheckpointError as err:
-                got.append((name, err))
-    for name, m in got:
+    for name, m in store.manifests():
         if isinstance(m, CheckpointError):
             skipped.append((store.path(name), m))
         else:
@@ -148,15 +134,17 @@ def verify_checkpoint(path: Any, *, progress: Any = None) -> None:
     """
     ck = open_checkpoint(path, everything=True)
     try:
-        _verify_files(ck, progress)
+        verify_files(ck, progress)
     except CheckpointCorruptError:
-        if not ck.store.remote:
+        if not ck.store.read_cache:
             raise
         # a cached copy went bad after it was downloaded (every download is checked): fetch it again, once
-        _verify_files(open_checkpoint(path, everything=True, refresh=True), progress)
+        verify_files(open_checkpoint(path, everything=True, refresh=True), progress)
 
 
-def _verify_files(ck: "Opened", progress: Any) -> None:
+def verify_files(ck: "Opened", progress: Any = None) -> None:
+    """Check every member of an opened checkpoint (its files and the packs it references) against the manifest, byte
+    by byte, and that the non-tensor state parses and refers only to tensors the manifest lists."""
     members = ck.members()
     largest = max((e - b for key in members for b, e, _ in iter_regions(ck.entry(key))), default=0)
     buf = memoryview(bytearray(max(1, min(largest, VERIFY_BLOCK))))
@@ -196,14 +184,14 @@ def latest_checkpoint(dirpath: Any, *, verify: bool = True, run_name: Any = ANY_
     (None: the folder's main line) in a folder several runs share.
     """
     store = open_store(dirpath)
-    if not store.remote and not store.exists():
+    if not store.exists():
         warnings.warn(f"lightning_ckpt: {store.uri} does not exist: no checkpoint to resume from (is the path "
                       "right?)", stacklevel=2)
         return None
     fast = _latest_hinted(store, verify, run_name)
     if fast is not False:
         return fast
-    ckpts, skipped = _scan(dirpath)
+    ckpts, skipped = scan_checkpoints(dirpath)
     for path, err in skipped:
         warnings.warn(f"lightning_ckpt: skipping {path}: {err}", stacklevel=2)
     for c in reversed(of_run(ckpts, run_name)):
@@ -228,7 +216,7 @@ def _latest_hinted(store: Store, verify: bool, run_name: Any) -> Any:
     run has no checkpoint), or False when the hint cannot answer or what it finds does not verify (then the folder
     is listed and every manifest read, as before). A folder whose listing this process keeps in memory (a run's
     folder: ``store/listing.py``) is answered from that listing."""
-    if not store.remote and LISTINGS.kept(store.uri):
+    if store.listing_kept():
         return False
     try:
         got = store.newest_hinted(None if run_name is ANY_RUN else run_name, run_name is ANY_RUN)
@@ -270,7 +258,12 @@ def read_reference(folder: str) -> dict | None:
     """The record of a reference folder (``REFERENCE`` beside no manifest: what Ray keeps of a checkpoint this package
     reported), or None when ``folder`` is no reference. Raises CheckpointCorruptError for a malformed one."""
     import json  # here: the module's state parsing lives in format.codec
-    if not isinstance(folder, (str, os.PathLike)) or is_remote(folder):
+    if not isinstance(folder, (str, os.PathLike)):
+        return None
+    try:
+        if open_store(folder).read_cache:  # a location read through a cache (S3) holds no reference folder: Ray's
+            return None  # references are local folders
+    except ValueError:
         return None
     folder = os.fspath(folder)
     if not os.path.isfile(os.path.join(folder, REFERENCE)) or os.path.lexists(os.path.join(folder, MANIFEST)):
@@ -348,9 +341,8 @@ class Opened:
         return (self.folder if key[0] == "file" else self.packs_folder), key[1], self.entry(key)
 
     def fetch(self, keys: Iterable[tuple[str, str]]) -> None:
-        """Make these members readable locally (a no-op for a local checkpoint)."""
-        if not self.store.remote:
-            return
+        """Make these members readable locally (downloaded into the read cache where the store has one; a local
+        checkpoint's members already are)."""
         keys = list(keys)
         files = [n for k, n in keys if k == "file"]
         if files:
@@ -366,8 +358,6 @@ def open_checkpoint(path: Any, rank: int | None = None, *, everything: bool = Fa
     reader's plan needs later. A reference folder (``REFERENCE``) opens the checkpoint it names."""
     store, name = locate(resolve_reference(path))
     m, raw = store.read_manifest(name)
-    if not store.remote:
-        return Opened(store, name, m, raw, store.local_folder(name))
     state_file = state_file_of(m, rank or 0)
     ck = Opened(store, name, m, raw, store.local_folder(name, [state_file] if state_file else [], (m, raw),
                                                         refresh=refresh), refresh)
@@ -388,4 +378,9 @@ def is_checkpoint_dir(path: Any) -> bool:
         store, name = locate(path)
     except (TypeError, ValueError):
         return False
-    return store.remote or os.path.isfile(os.path.join(store.local_folder(name), MANIFEST))
+    return store.looks_committed(name)
+
+
+# alias until the merge: the old private names, still imported by modules other helpers own
+_scan = scan_checkpoints
+_verify_files = verify_files

@@ -25,20 +25,30 @@ def _jsonable(x):
     return x
 
 
-def _dump(x) -> None:
+def dump(x) -> None:
     print(json.dumps(_jsonable(x), indent=1))  # json escapes control characters
 
 
-def _manifest_or_hint(path: str) -> dict:
+def folder_there(location: str) -> bool:
+    """Whether the folder ``location`` names is there (a remote location always is: its prefix needs no creating).
+    Something that is no folder path nor URI gives True: the call that follows refuses it with its own message."""
+    from ..store import open_store
+
+    try:
+        return open_store(location).exists()
+    except ValueError:
+        return True
+
+
+def manifest_or_hint(path: str) -> dict:
     """The manifest of the checkpoint at ``path``; for a run folder (checkpoints inside), an error that lists them."""
     from ..read import list_checkpoints, read_checkpoint_manifest
-    from ..store import is_remote
 
     try:
         return read_checkpoint_manifest(path)
     except CheckpointNotFoundError as e:
         inside = []
-        if is_remote(path) or os.path.isdir(path):
+        if folder_there(path):
             try:
                 inside = [c.path for c in list_checkpoints(path)]
             except (CheckpointError, ValueError):
@@ -51,7 +61,7 @@ def _manifest_or_hint(path: str) -> dict:
                                       f"holds:\n  {shown}") from e
 
 
-def _human_bytes(n: float) -> str:
+def human_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if abs(n) < 1000 or unit == "TB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -79,9 +89,8 @@ def _secs(v) -> str:
 
 def cmd_ls(args: argparse.Namespace) -> int:
     from ..read import list_checkpoints, verify_checkpoint
-    from ..store import is_remote
 
-    if not is_remote(args.dir) and not os.path.isdir(args.dir):
+    if not folder_there(args.dir):
         say(f"lightning-ckpt: {args.dir} is not a folder", file=sys.stderr)
         return 2
     ckpts = list_checkpoints(args.dir)
@@ -96,7 +105,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
                 verified[c.name] = "CORRUPT"
                 say(f"lightning-ckpt: {e}", file=sys.stderr, lines=True)
     if args.json:
-        _dump([
+        dump([
             {"name": c.name, "path": c.path, "step": c.step, "epoch": c.epoch, "tags": c.tags, "metrics": c.metrics,
              "size_bytes": c.size_bytes, "kind": c.kind, "created_unix": c.created_unix,
              "best_rank": best_now.get(c.name) or None,
@@ -112,7 +121,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         metrics = " ".join(f"{k}={_fmt_metric(v)}" for k, v in sorted(c.metrics.items())[:4])
         created = c.created_unix if isinstance(c.created_unix, (int, float)) else None
         rows.append(tuple(shown(cell) for cell in (  # escaped before the widths are measured
-            c.name, str(c.step), str(c.epoch), _tags_text(c, best_now), metrics, _human_bytes(c.size_bytes),
+            c.name, str(c.step), str(c.epoch), _tags_text(c, best_now), metrics, human_bytes(c.size_bytes),
             _human_age(created), verified.get(c.name, "-"))))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
@@ -155,9 +164,9 @@ def _tags_text(c: Any, best_now: dict) -> str:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    m = _manifest_or_hint(args.path)
+    m = manifest_or_hint(args.path)
     if args.json:
-        _dump(m)
+        dump(m)
         return 0
     size = sum(f["size"] for f in m["files"].values())
     from ..store import folder_key
@@ -177,7 +186,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         say("exact resume no, because")
         for why in resume.get("why") or ["(no reason recorded)"]:
             say(f"  - {why}")
-    say(f"size         {_human_bytes(size)} in {len(m['files'])} files, {len(m.get('tensors', {}))} tensors")
+    say(f"size         {human_bytes(size)} in {len(m['files'])} files, {len(m.get('tensors', {}))} tensors")
     t = m.get("timings") if isinstance(m.get("timings"), dict) else {}
     if t:
         say(f"timings      snapshot {_secs(t.get('snapshot_s'))}, write {_secs(t.get('write_s'))}")
@@ -198,7 +207,7 @@ def cmd_show(args: argparse.Namespace) -> int:
             say(f"  {k} = {str(v)[:200]}")
     say("files")
     for name, f in sorted(m["files"].items()):
-        say(f"  {shown(name):40s} {_human_bytes(f['size']):>10s}  {len(f.get('tensors', {}))} tensors")
+        say(f"  {shown(name):40s} {human_bytes(f['size']):>10s}  {len(f.get('tensors', {}))} tensors")
     return 0
 
 
@@ -210,9 +219,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
     for p in args.paths:
         t0 = time.perf_counter()
         try:
-            size = sum(f["size"] for f in _manifest_or_hint(p)["files"].values())
+            size = sum(f["size"] for f in manifest_or_hint(p)["files"].values())
             show = not args.json and sys.stderr.isatty()
-            with _bar(size, shown(f"verify {os.path.basename(p)}"), not show) as bar:
+            with progress_bar(size, shown(f"verify {os.path.basename(p)}"), not show) as bar:
                 verify_checkpoint(p, progress=bar.update if show and bar is not None else None)
         except (CheckpointCorruptError, CheckpointFormatError, CheckpointNotFoundError) as e:
             if not args.json:
@@ -223,9 +232,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
         dt = time.perf_counter() - t0
         report.append({"path": p, "ok": True, "bytes": size, "seconds": round(dt, 4)})
         if not args.json:
-            say(f"OK      {p}  ({_human_bytes(size)} checked in {dt:.2f}s)")
+            say(f"OK      {p}  ({human_bytes(size)} checked in {dt:.2f}s)")
     if args.json:
-        _dump(report)
+        dump(report)
     return status
 
 
@@ -256,7 +265,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         say(f"lightning-ckpt prune: {e}", file=sys.stderr, lines=True)
         return 2
     if args.json:
-        _dump({"dry_run": report.dry_run, "deleted": report.deleted, "partials": report.partials,
+        dump({"dry_run": report.dry_run, "deleted": report.deleted, "partials": report.partials,
                "kept": report.kept, "left_alone": report.left_alone, "packs": report.packs})
         return 0
     verb = "would delete" if args.dry_run else "deleted"
@@ -265,20 +274,20 @@ def cmd_prune(args: argparse.Namespace) -> int:
     for p in report.left_alone:
         say(f"left {p}  (a save in progress by a running process)")
     for d in report.deleted:
-        say(f"{verb} {d['path']}  ({d['reason']}, {_human_bytes(d['bytes'])})")
+        say(f"{verb} {d['path']}  ({d['reason']}, {human_bytes(d['bytes'])})")
     for p in report.packs:
-        size = f", {_human_bytes(p['bytes'])}" if p.get("bytes") is not None else ""
+        size = f", {human_bytes(p['bytes'])}" if p.get("bytes") is not None else ""
         say(f"{verb} {p['path']}  (no checkpoint kept references it{size})")
     kept = {os.path.basename(p) for p in report.kept}
     kept_bytes = sum(r.size_bytes for r in committed_records(args.dir) if r.name in kept)  # shared packs once
-    say(f"kept {len(report.kept)} checkpoint(s), {_human_bytes(kept_bytes)}")
+    say(f"kept {len(report.kept)} checkpoint(s), {human_bytes(kept_bytes)}")
     return 0
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from ..tools.merge import merge_checkpoint
 
-    with _bar(0, "merging", args.quiet) as bar:
+    with progress_bar(0, "merging", args.quiet) as bar:
 
         def progress(done: int, total: int) -> None:
             if bar is not None:
@@ -292,10 +301,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
             return 2
     gbps = res.bytes / res.seconds / 1e9 if res.seconds > 0 else 0.0
     if args.json:
-        _dump({"files": res.files, "index": res.index_path, "checksums": res.checksums_path,
+        dump({"files": res.files, "index": res.index_path, "checksums": res.checksums_path,
                "tensors": res.tensors, "bytes": res.bytes, "seconds": round(res.seconds, 4)})
         return 0
-    say(f"wrote {', '.join(res.files)}: {res.tensors} tensors, {_human_bytes(res.bytes)} in {res.seconds:.2f}s ({gbps:.2f} GB/s)")
+    say(f"wrote {', '.join(res.files)}: {res.tensors} tensors, {human_bytes(res.bytes)} in {res.seconds:.2f}s ({gbps:.2f} GB/s)")
     if res.index_path:
         say(f"index {res.index_path}")
     say(f"checksums {res.checksums_path}")
@@ -307,7 +316,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
     d = diff_checkpoints(args.a, args.b, prefix="state_dict/" if args.model_only else None, values=not args.quick)
     if args.json:
-        _dump({
+        dump({
             "a": d.a, "b": d.b, "step_a": d.step_a, "step_b": d.step_b,
             "metrics": {k: {"a": va, "b": vb} for k, (va, vb) in d.metrics.items()},
             "tensors": [t.__dict__ for t in d.tensors],
@@ -333,7 +342,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 
 @contextlib.contextmanager
-def _bar(total: int, desc: str, quiet: bool):
+def progress_bar(total: int, desc: str, quiet: bool):
     """A byte progress bar on stderr (closed on exit); ``None`` when tqdm is missing."""
     try:
         from tqdm import tqdm

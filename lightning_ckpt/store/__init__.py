@@ -1,5 +1,7 @@
 """Where bytes live: a :class:`Store` is a folder of committed entries with one commit protocol and one deletion path
-(``base``), on the local filesystem (``local``) or S3 (``s3``, with its read cache ``s3cache``).
+(``base``, which states the contract and what differs between backends), on the local filesystem (``local``, its
+kept listing ``listing``) or S3 (``s3``, its transaction ``s3tx``, its sweeps ``s3sweep``, its kept listing
+``s3listing``, its read cache ``s3cache``).
 
 :func:`open_store` is the one place that tells a local path from an ``s3://`` URI; everything above asks it.
 """

@@ -1,17 +1,43 @@
 """What a store is: a folder of committed entries (checkpoints, stage results, exports), written through one commit
-protocol and deleted through one deletion path. ``LocalStore`` and ``S3Store`` implement it.
+protocol and deleted through one deletion path. ``LocalStore`` and ``S3Store`` implement it; a caller that holds a
+``Store`` never asks which one it has: what differs is a documented capability (an attribute of the store or the
+transaction, listed below), never a branch on the backend outside ``store/``. One cohesive contract,
+kept whole past 400 lines: the operations, the policy and the table that says what differs are stated once, here.
 
 The commit protocol, the same on every backend::
 
     tx = store.begin(name)            # a partial location nobody lists: .partial-<name>~<owner>~<id> (local), or
-                                      # objects under <prefix>/<name>/ without a manifest (S3)
-    tx.write_bytes(...) / write_tensors(...) / put_file(...)   # the data, durable before the commit
-    name = tx.commit(manifest_bytes)  # manifest last; its presence under the final name is the commit
+                                      # objects under <prefix>/<name>/ without a manifest (S3; under
+                                      # <prefix>/.partial-<name>~<owner>~<id>/ when <name> is committed already)
+    tx.open()                         # tx.path: a local folder whose files become the entry's files
+    tx.write_bytes(...) / write_tensors(...) / write_file(...) / put_file(...)   # the data
+    tx.sync()                         # the data is durable in the store before the commit
+    name = tx.commit(manifest_bytes, if_exists=...)  # manifest last; its presence under the final name is the commit
     store.publish_latest({...})       # the hint latest.json, replaced atomically, never the source of truth
 
 Readers list only names whose manifest is there, so a crash at any point leaves either the earlier entries alone or
 one more complete entry. Deletion is ``store.delete(name)``: the entry leaves the listing atomically first (a rename to
-``.trash-*`` locally, the manifest first on S3), then its bytes go.
+``.trash-*`` locally, the manifest first on S3), then its bytes go; ``delete(name, collect=True)`` (or
+:meth:`Store.remove`) then collects the content store's packs no manifest references any more, under the rule of
+:meth:`Store.may_collect`.
+
+What a backend cannot do the same way, stated once (the capabilities callers read; docs/DESIGN.md has the table):
+
+- commit: locally the rename of the partial folder (atomic; ``version`` tries the next ``-vN`` when the rename finds
+  the name taken, ``replace`` swaps with ``renameat2`` or trashes the old entry first). On S3 the PUT of
+  ``manifest.json``; ``version``/``discard`` check the name's manifest first (a HEAD), so two writers of one name at
+  the same moment are not excluded (no conditional PUT: one run writes an S3 location); ``replace`` of a committed
+  entry removes its manifest first (a reader sees the old entry, none, or the new one). ``commit(None)`` (an entry
+  without manifest: exports) exists locally only; S3 refuses it (ValueError).
+- ``tx.path``: locally the partial entry itself; on S3 a local staging folder that ``sync``/``commit`` upload.
+  ``write_tensors`` lays files out for ``O_DIRECT`` only locally (``Transaction.direct_io``).
+- cleanup: local partial names carry their writer (``owners_recorded``); objects under an S3 entry's name do not, so
+  they go by age (``older_than_s``); ``everyone`` (the lock holder's view) applies only where there is a lock.
+- lock: ``FolderLock`` locally (``locking`` True), ``NoLock`` on S3 (``locking`` False): one run writes an S3
+  location; the commit order and the packs' grace period and reuse marks keep readers and tools safe beside it.
+- ``may_collect``: locally only under the lock or with no live writer; on S3 always (grace period, reuse marks).
+- ``kept``: locally complete while this process holds the lock (``listing_kept`` True); on S3 kept while an uploader
+  holds it, possibly a subset (``listing_kept`` False). ``read_cache``: S3 reads go through the checked read cache.
 """
 from __future__ import annotations
 
@@ -21,7 +47,11 @@ import socket
 import uuid
 import zlib
 from abc import ABC, abstractmethod
-from typing import Callable, Iterable, Literal
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Literal, Optional
+
+from ..format import manifest as mf
+from ..format.tensorfile import EncodedFile, FileRecord, encode_bytes, encode_tensors
 
 PARTIAL_PREFIX = ".partial-"
 TRASH_PREFIX = ".trash-"
@@ -33,6 +63,13 @@ SEP = "~"  # never in an entry name (see check_name), so it splits partial names
 _PID = re.compile(r"[1-9][0-9]{0,8}")  # ASCII digits (str.isdigit() takes "²"), small enough for os.kill
 
 IfExists = Literal["version", "discard", "replace"]
+
+
+def check_if_exists(value: object) -> IfExists:
+    """``value`` if it is one of ``"version"``, ``"discard"``, ``"replace"``; ValueError otherwise."""
+    if value not in ("version", "discard", "replace"):
+        raise ValueError(f"if_exists={value!r}: give 'version', 'discard' or 'replace'")
+    return value  # type: ignore[return-value]
 
 
 def first_free(base: str, taken: Callable[[str], bool]) -> str:
@@ -51,6 +88,14 @@ def check_entry_name(name: object) -> str:
         raise ValueError(f"{name!r} cannot name an entry of a folder: give one path component that does not start "
                          "with '.' and has no '/', '~' or control character")
     return name
+
+
+def check_folder_file(fname: object) -> str:
+    """A file of a folder itself (beside its entries) is one path component: ValueError otherwise."""
+    if (not isinstance(fname, str) or fname in ("", ".", "..") or "/" in fname or os.sep in fname or "\0" in fname
+            or len(fname) > 255):
+        raise ValueError(f"{fname!r} cannot name a file of a folder: give one path component such as 'metrics.jsonl'")
+    return fname  # type: ignore[return-value]
 
 
 def host_id() -> str:
@@ -118,19 +163,83 @@ def debris_in(root: str, everyone: bool = False) -> list[str]:
 
 
 class Transaction(ABC):
-    """One entry being written: the data first, the manifest last (``commit``), or nothing (``abort``)."""
+    """One entry being written: the data first, the manifest last (``commit``), or nothing (``abort``). Every operation
+    here exists on every backend (see the module's table for what each backend does):
+
+    - ``open()``: make ``path`` ready; returns the transaction.
+    - ``path`` / ``file(fname)``: a local folder (and a path in it) whose files become the entry's files: a caller may
+      write there directly (an export, ``save_pretrained``); ``sync``/``commit`` make them part of the entry.
+    - ``write_file(encoded)`` / ``write_bytes`` / ``write_tensors``: write one file, return its record (checksums).
+    - ``put_file(fname, src)``: copy the local file ``src`` in as the entry's file ``fname``.
+    - ``sync()``: everything written so far is durable in the store (local: the folder fsynced; S3: uploaded).
+    - ``commit(manifest, name=, if_exists=)`` / ``abort()``.
+    """
 
     name: str
+    path: str
+    committed: Optional[str] = None  # the name it was committed under, once it was
+    direct_io: bool = False  # whether write_tensors lays files out for O_DIRECT (store/direct.py)
+
+    @abstractmethod
+    def open(self) -> "Transaction":
+        """Make ``path`` ready for files; returns the transaction."""
+
+    def file(self, fname: str) -> str:
+        """The local path of the entry's file ``fname`` inside ``path`` (a member name, checked)."""
+        return os.path.join(self.path, mf.check_member_name(fname, "a file of the entry"))
+
+    @abstractmethod
+    def write_file(self, encoded: EncodedFile) -> FileRecord:
+        """Write an encoded file (see ``format.tensorfile``) into the entry; returns its record (checksums)."""
+
+    def write_bytes(self, fname: str, data: bytes) -> FileRecord:
+        """A small file whose whole content is one checksummed region."""
+        return self.write_file(encode_bytes(fname, data))
+
+    def write_tensors(self, fname: str, tensors: Iterable, metadata: dict | None = None, crc_executor: Any = None,
+                      content_hash: bool = True) -> FileRecord:
+        """A safetensors file of CPU tensors (each tensor's XXH3-128 recorded unless ``content_hash`` is off); laid
+        out for direct I/O where this transaction writes that way (``direct_io``, ``store/direct.py``)."""
+        tensors = list(tensors)
+        nbytes = sum(t.numel() * t.element_size() for _, t in tensors)
+        return self.write_file(encode_tensors(fname, tensors, metadata, crc_executor, content_hash,
+                                              align=self.tensor_align(nbytes)))
+
+    def tensor_align(self, nbytes: int) -> int | None:
+        """The alignment a tensor file of ``nbytes`` is laid out with (None: packed, the default)."""
+        return None
+
+    @abstractmethod
+    def put_file(self, fname: str, src: str, progress: Callable[[int], None] | None = None,
+                 metadata: dict | None = None) -> None:
+        """Copy the local file ``src`` in as the entry's file ``fname`` (``progress`` is called with byte counts;
+        ``metadata``: object metadata where the backend keeps any (S3), ignored locally: the manifest holds the
+        checksums)."""
+
+    @abstractmethod
+    def sync(self) -> None:
+        """Make everything written so far durable in the store (before the commit)."""
 
     @abstractmethod
     def commit(self, manifest: bytes | None, *, name: str | None = None, if_exists: IfExists = "version") -> str | None:
-        """Make the entry visible under ``name`` (default: the name it was begun with). ``if_exists``: ``"version"``
-        takes the first free of ``name``, ``name-v2``, ...; ``"discard"`` drops this entry when the name is taken
-        (returns None); ``"replace"`` swaps it for the existing one. Returns the committed name."""
+        """Make the entry visible under ``name`` (default: the name it was begun with), ``manifest`` (its bytes)
+        written last. ``if_exists``: ``"version"`` takes the first free of ``name``, ``name-v2``, ...; ``"discard"``
+        drops this entry when the name is taken (returns None); ``"replace"`` swaps it for the existing one. Returns
+        the committed name. What each backend makes atomic: the module's table (S3 checks the name's manifest first
+        and cannot exclude a second writer of the same name at the same moment)."""
 
     @abstractmethod
     def abort(self) -> None:
         """Remove what was written; nothing becomes visible."""
+
+
+@dataclass
+class Removed:
+    """What :meth:`Store.remove` did: the entries deleted, the packs collected after, and the bytes those freed."""
+
+    deleted: list = field(default_factory=list)
+    packs: list = field(default_factory=list)
+    freed: int = 0
 
 
 class Store(ABC):
@@ -167,7 +276,17 @@ class Store(ABC):
     def read_latest(self) -> dict | None:
         """The ``latest.json`` hint, or None when there is none or it is unreadable."""
 
+    @abstractmethod
+    def read_file(self, fname: str, limit: int) -> bytes | None:
+        """A file of the folder itself, beside its entries (``metrics.jsonl``, a note), at most ``limit`` bytes (a
+        larger one is ``CheckpointCorruptError``); None when there is none."""
+
     # -- writing
+    @abstractmethod
+    def write_atomic(self, fname: str, data: bytes) -> None:
+        """Replace the folder's own file ``fname`` atomically: readers see the old or the new content, never a part
+        (locally a temp file and a rename, fsynced as the store is; on S3 one PUT)."""
+
     @abstractmethod
     def begin(self, name: str, tx_id: str | None = None) -> Transaction:
         """Start writing entry ``name``. Several processes that pass the same ``tx_id`` write into one entry."""
@@ -177,25 +296,114 @@ class Store(ABC):
         """Replace ``latest.json`` atomically with ``doc`` (``name``, ``step``, ``epoch``) and the folder's index
         (``store/hint.py``); ``manifest``: the (manifest, bytes) of the entry just committed, if the caller has it."""
 
+    @abstractmethod
+    def manifests(self) -> list[tuple[str, "dict | Exception"]]:
+        """(name, manifest, or the ``CheckpointError`` reading it raised) of every committed entry, sorted by name;
+        an entry deleted between the listing and the read is left out."""
+
+    def looks_committed(self, name: str) -> bool:
+        """A cheap answer to "may ``name`` be a committed entry?": locally, its manifest is there; on a backend where
+        asking costs a request, True (the load that follows says what is wrong)."""
+        return True
+
+    # -- the kept listing (a capability: read.scan_checkpoints asks the store, never the backend)
+    read_cache: bool = False  # reads go through a local cache of checked downloads (refresh=True fetches again)
+
+    @abstractmethod
+    def kept(self, info: Callable[[str, dict], Any], order: Callable[[Any], Any]) -> "tuple[list, list] | None":
+        """From the listing this process keeps in memory for this folder: ``info(name, manifest)`` of the committed
+        entries sorted by ``order``, and (path, error) of those whose manifest cannot be read; each made once per
+        manifest. None when no listing is kept (the caller lists the folder)."""
+
+    def listing_kept(self) -> bool:
+        """Whether this process keeps the complete listing of the folder in memory now (then it, not ``latest.json``,
+        answers which entry is newest)."""
+        return False
+
+    def hold_listing(self) -> None:
+        """Keep this folder's listing in memory until :meth:`release_listing` (where the backend keeps it by holding:
+        S3; a local folder's listing is kept while its lock is held)."""
+
+    def release_listing(self) -> None:
+        """Stop keeping the listing :meth:`hold_listing` asked for."""
+
+    def listing_held(self) -> bool:
+        """Whether :meth:`hold_listing` holds this folder's listing now."""
+        return False
+
+    def listing_stale(self) -> None:
+        """The kept listing was found wrong (a deletion found nothing): list the folder again at the next read."""
+
     # -- deleting
     @abstractmethod
-    def delete(self, name: str) -> bool:
-        """Delete entry ``name``: it leaves the listing atomically first, then its bytes go. False when it was gone."""
+    def delete(self, name: str, *, collect: bool = False, lock: Any = None) -> bool:
+        """Delete entry ``name``: it leaves the listing atomically first, then its bytes go. False when it was gone.
+        ``collect``: then collect the packs no manifest references any more (:meth:`collect_orphans`, with ``lock``
+        the lock this process took for the deletion, if any)."""
+
+    def remove(self, names: Iterable[str], *, collect: bool = True, lock: Any = None,
+               mine: "set[str] | frozenset" = frozenset()) -> Removed:
+        """Delete the entries ``names`` (those already gone are skipped), then, with ``collect``, the packs they
+        orphaned (:meth:`collect_orphans`). The folder layer's one way to delete."""
+        out = Removed()
+        for name in names:
+            if self.delete(name):
+                out.deleted.append(name)
+        if collect:
+            out.packs, out.freed = self.collect_orphans(lock=lock, mine=mine)
+        return out
+
+    def collect_orphans(self, *, lock: Any = None, mine: "set[str] | frozenset" = frozenset(),
+                        dry_run: bool = False) -> tuple[list[str], int]:
+        """:meth:`collect_packs` when :meth:`may_collect` allows it now, else nothing ([], 0)."""
+        if not self.may_collect(lock):
+            return [], 0
+        return self.collect_packs(mine=mine, dry_run=dry_run)
+
+    @abstractmethod
+    def may_collect(self, lock: Any = None) -> bool:
+        """Whether this process may collect unreferenced packs now (``lock``: the lock it took for the work at hand,
+        None when it took none). Locally: it holds the folder's lock (``lock.held``, or this process held it
+        already), or could take it (nobody holds it, locks enabled), or no live writer has a save or temp file in the
+        folder (:meth:`live_writer`): a save in progress writes packs before the manifest that references them. On
+        S3: always, since the grace period and reuse marks of ``collect_packs`` protect uploads in progress."""
+
+    def owns(self, lock: Any = None) -> bool:
+        """Whether this process may treat every leftover of the folder as debris (``cleanup(everyone=True)``): it
+        holds the folder's lock for real (``lock``: the one it took; None: it took none, and nobody holds it). Never
+        on a backend without a lock."""
+        return False
+
+    def live_writer(self) -> bool:
+        """Whether a writer that may still run (this machine's live processes, other machines' of unknown state) has
+        a partial entry in progress here. False on a backend whose partial entries carry no owner."""
+        return False
+
+    # -- the cleanup policy, one for every backend:
+    #   an interrupted write or deletion is debris when its writer is known to be gone (an owner token of this machine
+    #   whose process no longer runs), or, for the holder of the folder's lock, always (``everyone``), or, where the
+    #   backend records no owner (``owners_recorded`` False: objects under an S3 entry's name), when nothing touched
+    #   it for ``older_than_s``. Trash (a deletion's leftover) is always debris. A partial entry of a live writer is
+    #   never removed but by the lock holder; this process's own partial entries are left alone but with everyone.
+    owners_recorded: bool = True
 
     @abstractmethod
     def cleanup(self, everyone: bool = False, older_than_s: float = 3600.0) -> list[str]:
-        """Remove what interrupted writes and deletions left (a dead writer's partial entry; with ``everyone``, the
-        lock holder's view: every partial entry; on a backend without owners, what nothing touched for
-        ``older_than_s``). Returns what was removed."""
+        """Remove :meth:`debris` (the policy above). Returns what was removed: paths locally, entry names on S3
+        (as :meth:`debris` names them)."""
 
     @abstractmethod
-    def debris(self, everyone: bool = False) -> list[str]:
-        """What :meth:`cleanup` would remove now (paths or names), without removing it."""
+    def debris(self, everyone: bool = False, older_than_s: float = 3600.0) -> list[str]:
+        """What :meth:`cleanup` would remove now, without removing it."""
 
     # -- the content store (.blobs)
     @abstractmethod
     def pack_names(self) -> list[str]:
         """The packs of the folder's content store."""
+
+    @abstractmethod
+    def pack_sizes(self) -> dict[str, int]:
+        """{pack name: bytes} of the packs of the folder's content store (what a collection of each would free)."""
 
     @abstractmethod
     def collect_packs(self, *, mine: "set[str] | frozenset" = frozenset(), grace_s: float = 3600.0,

@@ -33,7 +33,7 @@ from typing import Iterable
 from ..errors import CheckpointError, CheckpointNotFoundError, CheckpointWriteError
 from ..format import manifest as mf
 from .base import Store, debris_in
-from .fs import OPS, _is_real_dir, _is_real_file
+from .fs import OPS, is_real_dir, is_real_file
 
 log = logging.getLogger("lightning_ckpt")
 
@@ -69,7 +69,7 @@ class BlobStore:
         return os.path.join(self.path, name)
 
     def _check_dir(self) -> None:
-        if os.path.lexists(self.path) and not _is_real_dir(self.path):
+        if os.path.lexists(self.path) and not is_real_dir(self.path):
             raise CheckpointError(f"{self.path} is not a folder (a link or a file): it must be the folder's content "
                                   "store. Move it away; nothing is written or deleted through it.")
 
@@ -98,7 +98,7 @@ class BlobStore:
                 raise CheckpointWriteError(
                     f"{p} is missing: a pack this checkpoint shares with earlier ones was deleted by hand or by another "
                     "process. Nothing was committed; the next save writes the tensors again.") from None
-            if not _is_real_file(p) or st.st_size != int(entry["size"]):
+            if not is_real_file(p) or st.st_size != int(entry["size"]):
                 raise CheckpointWriteError(f"{p} is not the pack the checkpoint expects (size {st.st_size}, expected "
                                            f"{entry['size']}); nothing was committed")
 
@@ -123,10 +123,20 @@ class BlobStore:
         skipped with a warning, see :meth:`_entries`)."""
         return self._entries()[0]
 
+    def sizes(self) -> dict[str, int]:
+        """{pack: bytes} of the packs in the store (one collected since the listing is left out)."""
+        out = {}
+        for p in self.names():
+            try:
+                out[p] = os.lstat(self.pack(p)).st_size
+            except FileNotFoundError:
+                continue
+        return out
+
     def _entries(self) -> tuple[list[str], list[str]]:
         """(packs, strays): the regular files with a pack's name, and the entries with a pack's name that are not
         regular files (checked with ``lstat``: a link is a stray whatever it points to)."""
-        if not _is_real_dir(self.path):
+        if not is_real_dir(self.path):
             return [], []
         try:
             listed = sorted(e for e in os.listdir(self.path) if PACK_RE.match(e))
@@ -161,7 +171,7 @@ class BlobStore:
         pulls copy under ``self.lock``."""
         for p in debris_in(self.path):
             try:  # (lstat: a link is removed itself, never what it points to)
-                if _is_real_dir(p):
+                if is_real_dir(p):
                     OPS.rmtree(p)
                 else:
                     OPS.unlink(p)
@@ -182,7 +192,7 @@ class BlobStore:
         (the next collection tries again)."""
         if not os.path.lexists(self.path):
             return [], 0
-        if not _is_real_dir(self.path):
+        if not is_real_dir(self.path):
             log.warning("lightning_ckpt: not collecting unreferenced packs: %s is not a folder (a link or a file); it "
                         "must be the folder's content store. Move it away; nothing is deleted through it.", self.path)
             return [], 0

@@ -132,6 +132,21 @@ class FsOps:
         """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where the system cannot."""
         return _rename_exchange(a, b)
 
+    def copy_file(self, src: str, dst: str, *, fsync: bool) -> None:
+        """Copy the local file ``src`` into a new file ``dst`` (created, never through a link), fsynced when asked."""
+        fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        try:
+            with open(src, "rb") as f:
+                while True:
+                    chunk = f.read(8 << 20)
+                    if not chunk:
+                        break
+                    self.write_all(fd, chunk)
+            if fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+
     def rmtree(self, path: str) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
@@ -265,18 +280,22 @@ def check_output_path(path: Any, what: str = "the output", *, folder: bool = Fal
     return p
 
 
-def _is_real_dir(path: str) -> bool:
+def is_real_dir(path: str) -> bool:
+    """``path`` is a folder itself, not a link to one (``lstat``); False when it is missing or unreadable."""
     try:
         return stat.S_ISDIR(os.lstat(path).st_mode)
     except OSError:
         return False
 
 
-def _is_real_file(path: str) -> bool:
+def is_real_file(path: str) -> bool:
+    """``path`` is a regular file itself, not a link to one (``lstat``); False when it is missing or unreadable."""
     try:
         return stat.S_ISREG(os.lstat(path).st_mode)
     except OSError:
         return False
 
 
-# ------------------------------------------------------------------------------------------------ the store
+# alias until the merge: the old private names, still imported by modules other helpers own
+_is_real_dir = is_real_dir
+_is_real_file = is_real_file

@@ -1,4 +1,4 @@
-"""The listing of a run's own folder, kept in memory while the run holds the folder's lock (``read._scan``)."""
+"""The listing of a run's own folder, kept in memory while the run holds the folder's lock (``Store.kept``, read by ``read.scan_checkpoints``)."""
 from __future__ import annotations
 
 import bisect
@@ -10,10 +10,40 @@ from typing import Any, Callable
 
 from ..errors import CheckpointError, CheckpointNotFoundError
 from ..format.manifest import MANIFEST
-from . import local as local_store
-from .fs import _is_real_file
+from .fs import is_real_file
 from .hint import local_entries
 from .lock import FolderLock
+
+
+_WATCHED: dict[str, list[str]] = {}  # root -> names committed or trashed there by this process since it was watched
+_WATCH_LOCK = threading.Lock()
+
+
+def watch(root: str) -> None:
+    """Start recording the names this process commits or deletes in ``root`` (``Listings``)."""
+    with _WATCH_LOCK:
+        _WATCHED[root] = []
+
+
+def unwatch(root: str) -> None:
+    with _WATCH_LOCK:
+        _WATCHED.pop(root, None)
+
+
+def changed_since(root: str, seen: int) -> tuple[list[str], int] | None:
+    """The names changed in a watched ``root`` after the first ``seen`` changes, and the new count (None: not
+    watched)."""
+    with _WATCH_LOCK:
+        log_ = _WATCHED.get(root)
+        return None if log_ is None else (log_[seen:], len(log_))
+
+
+def changed(root: str, name: str) -> None:
+    """Note that this process committed or deleted ``name`` in ``root`` (``LocalStore``)."""
+    with _WATCH_LOCK:
+        log_ = _WATCHED.get(root)
+        if log_ is not None:
+            log_.append(name)
 
 
 class Listings:
@@ -22,7 +52,7 @@ class Listings:
     ``latest_checkpoint(verify=False)``) read no manifest again, however many checkpoints the folder holds.
 
     Nobody else writes such a folder (that is what the lock is for): the listing is updated from the names this
-    process commits or deletes there (``store.local.watch``), each read once. The entry names are also listed again
+    process commits or deletes there (:func:`watch`), each read once. The entry names are also listed again
     (``scandir``, no ``stat`` per entry) at most every ``RELIST_S`` seconds, and an entry whose inode changed is read
     again, so that a change by other means (a checkpoint removed by hand) is seen within that time. A folder whose
     lock this process does not hold is listed and read in full at every call, as before."""
@@ -49,13 +79,13 @@ class Listings:
             if held is None:
                 if memo is not None:
                     del self._by_root[root]
-                    local_store.unwatch(root)
+                    unwatch(root)
                 return None
             if memo is None or memo["lock"] is not held:
-                local_store.watch(root)  # before the listing: nothing committed after it is missed
+                watch(root)  # before the listing: nothing committed after it is missed
                 memo = self._by_root[root] = {"lock": held, "seen": 0, "listed": -1e9, "entries": {}, "sorted": None,
                                               "added": [], "removed": []}
-            changed = local_store.changed_since(root, memo["seen"])
+            changed = changed_since(root, memo["seen"])
             if changed is None:  # unwatched meanwhile (another reader saw the lock released): start over
                 del self._by_root[root]
                 return None
@@ -82,7 +112,7 @@ class Listings:
                         todo.append((name, ino))
             for name, ino in todo:
                 try:
-                    if not _is_real_file(os.path.join(root, name, MANIFEST)):
+                    if not is_real_file(os.path.join(root, name, MANIFEST)):
                         raise CheckpointNotFoundError(name)
                     got: Any = read(name)
                 except CheckpointNotFoundError:

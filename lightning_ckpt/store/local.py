@@ -18,15 +18,13 @@ import errno
 import json
 import logging
 import os
-import threading
 from typing import Any, Iterable, Iterator
 
 from ..errors import CheckpointError, CheckpointNotFoundError, CheckpointWriteError
 from ..format import manifest as mf
 from ..format.manifest import is_plain_name
-from ..format.tensorfile import EncodedFile, FileRecord, encode_bytes, encode_tensors
+from ..format.tensorfile import EncodedFile, FileRecord
 from .base import (
-    PARTIAL_PREFIX,
     PROBE_PREFIX,
     SEP,
     TMP_PREFIX,
@@ -35,6 +33,8 @@ from .base import (
     Store,
     Transaction,
     check_entry_name,
+    check_folder_file,
+    check_if_exists,
     first_free,
     debris_in,
     new_id,
@@ -45,41 +45,14 @@ from .base import (
 )
 from . import direct
 from .blobs import BlobStore
-from .fs import OPS, _is_real_dir, _is_real_file, read_member
+from .fs import OPS, is_real_dir, is_real_file, read_member
+from .listing import LISTINGS, changed as _changed
 from .lock import FolderLock
 
 log = logging.getLogger("lightning_ckpt")
 
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024
 
-_WATCHED: dict[str, list[str]] = {}  # root -> names committed or trashed there by this process since it was watched
-_WATCH_LOCK = threading.Lock()
-
-
-def watch(root: str) -> None:
-    """Start recording the names this process commits or deletes in ``root`` (``read._Listings``)."""
-    with _WATCH_LOCK:
-        _WATCHED[root] = []
-
-
-def unwatch(root: str) -> None:
-    with _WATCH_LOCK:
-        _WATCHED.pop(root, None)
-
-
-def changed_since(root: str, seen: int) -> tuple[list[str], int] | None:
-    """The names changed in a watched ``root`` after the first ``seen`` changes, and the new count (None: not
-    watched)."""
-    with _WATCH_LOCK:
-        log_ = _WATCHED.get(root)
-        return None if log_ is None else (log_[seen:], len(log_))
-
-
-def _changed(root: str, name: str) -> None:
-    with _WATCH_LOCK:
-        log_ = _WATCHED.get(root)
-        if log_ is not None:
-            log_.append(name)
 MAX_LATEST_BYTES = 16 << 20  # latest.json with the index of a folder of ~1M checkpoints (store/hint.py)
 
 
@@ -118,12 +91,12 @@ class LocalStore(Store):
             entries = os.listdir(self.root)
         except OSError as e:
             raise CheckpointError(f"cannot list {self.root} ({e.strerror or e})") from None
-        return [e for e in entries if is_plain_name(e) and _is_real_dir(os.path.join(self.root, e))
-                and _is_real_file(os.path.join(self.root, e, mf.MANIFEST))]
+        return [e for e in entries if is_plain_name(e) and is_real_dir(os.path.join(self.root, e))
+                and is_real_file(os.path.join(self.root, e, mf.MANIFEST))]
 
     def read_manifest(self, name: str) -> tuple[dict, bytes]:
         folder = self.path(name)
-        if not _is_real_dir(folder):
+        if not is_real_dir(folder):
             if os.path.lexists(folder):
                 what = "a symbolic link" if os.path.islink(folder) else "a file"
                 raise CheckpointNotFoundError(
@@ -149,6 +122,34 @@ class LocalStore(Store):
 
     def packs_folder(self, entries: dict[str, dict] | None = None, *, refresh: bool = False) -> str:
         return os.path.join(self.root, mf.BLOBS)
+
+    def manifests(self) -> list[tuple[str, dict | CheckpointError]]:
+        got: list[tuple[str, dict | CheckpointError]] = []
+        for name in sorted(self.names()):
+            try:
+                got.append((name, self.read_manifest(name)[0]))
+            except CheckpointNotFoundError:
+                continue  # deleted (retention) since the folder was listed
+            except CheckpointError as err:
+                got.append((name, err))
+        return got
+
+    def looks_committed(self, name: str) -> bool:
+        return os.path.isfile(os.path.join(self.path(name), mf.MANIFEST))
+
+    def kept(self, info: Any, order: Any) -> tuple[list, list] | None:
+        """Kept while this process holds the folder's lock (``store/listing.py``): complete, since nobody else
+        writes the folder then."""
+        return LISTINGS.scan(self, lambda name: info(name, self.read_manifest(name)[0]), order)
+
+    def listing_kept(self) -> bool:
+        return LISTINGS.kept(self.root)
+
+    def read_file(self, fname: str, limit: int) -> bytes | None:
+        check_folder_file(fname)
+        if not os.path.lexists(os.path.join(self.root, fname)):
+            return None
+        return read_member(self.root, fname, limit, follow_folder=True)  # the user's folder
 
     def read_latest(self) -> dict | None:
         try:
@@ -179,7 +180,7 @@ class LocalStore(Store):
 
     def write_atomic(self, fname: str, data: bytes) -> None:
         """Replace the file ``fname`` of the folder: readers see the old or the new content, never a part."""
-        with self.replacing(fname) as tmp:
+        with self.replacing(check_folder_file(fname)) as tmp:
             OPS.write_file(tmp, data, fsync=self.fsync)
 
     @contextlib.contextmanager
@@ -223,23 +224,39 @@ class LocalStore(Store):
         """Remove the bytes of an entry :meth:`trash` took out of the listing."""
         OPS.rmtree(trash)
 
-    def delete(self, name: str) -> bool:
+    def delete(self, name: str, *, collect: bool = False, lock: Any = None) -> bool:
         trash = self.trash(name)
-        if trash is None:
-            return False
-        self.purge(trash)
-        return True
+        if trash is not None:
+            self.purge(trash)
+        if collect:
+            self.collect_orphans(lock=lock)
+        return trash is not None
 
-    def debris(self, everyone: bool = False) -> list[str]:
+    def may_collect(self, lock: Any = None) -> bool:
+        return self.owns(lock) or FolderLock(self.root).mine() or not self.live_writer()
+
+    def owns(self, lock: Any = None) -> bool:
+        """With locks disabled (``LIGHTNING_CKPT_LOCK=0``) nobody owns the folder: a leftover is debris only when its
+        writer is gone (a disabled lock disables waiting, not safety)."""
+        if lock is not None:
+            return bool(lock.held)
+        return FolderLock.enabled() and self.lock_holder() is None
+
+    def live_writer(self) -> bool:
+        return any(not owner_gone(owner_of(os.path.basename(p))) for p in self.debris(everyone=True)
+                   if not os.path.basename(p).startswith(TRASH_PREFIX))
+
+    def debris(self, everyone: bool = False, older_than_s: float = 3600.0) -> list[str]:
         """Paths of what interrupted writes and deletions left: trash always; partial, temp and probe entries whose
         writer is gone (``everyone``: all of them, for the holder of the folder's lock, who alone writes there)."""
         return debris_in(self.root, everyone)
 
     def cleanup(self, everyone: bool = False, older_than_s: float = 3600.0) -> list[str]:
-        """Remove :meth:`debris`; returns what was removed."""
+        """Remove :meth:`debris`; returns the paths removed (``older_than_s`` is unused: every partial name here
+        carries its writer, ``owners_recorded``)."""
         removed = []
         for p in self.debris(everyone):
-            if _is_real_dir(p):
+            if is_real_dir(p):
                 OPS.rmtree(p)
             else:
                 OPS.unlink(p)
@@ -251,6 +268,9 @@ class LocalStore(Store):
     # ---------------------------------------------------------------- the content store
     def pack_names(self) -> list[str]:
         return BlobStore(self.root).names()
+
+    def pack_sizes(self) -> dict[str, int]:
+        return BlobStore(self.root).sizes()
 
     def collect_packs(self, *, mine: "set[str] | frozenset" = frozenset(), grace_s: float = 3600.0,
                       dry_run: bool = False) -> tuple[list[str], int]:
@@ -287,30 +307,26 @@ class LocalTransaction(Transaction):
         self.path = os.path.join(store.root, partial_name(name, tx_id, owner))
         self.committed: str | None = None
 
+    @property
+    def direct_io(self) -> bool:  # type: ignore[override]
+        return self.store.fsync
+
     def open(self) -> "LocalTransaction":
         os.makedirs(self.path, exist_ok=True)
         return self
 
-    def file(self, fname: str) -> str:
-        return os.path.join(self.path, mf.check_member_name(fname, "a file of the entry"))
-
     def write_file(self, encoded: EncodedFile) -> FileRecord:
-        """Write an encoded file (see ``format.tensorfile``) into the entry; returns its record (checksums)."""
         OPS.write_file(self.file(encoded.name), encoded.pieces, fsync=self.store.fsync)
         return encoded.record()
 
-    def write_bytes(self, fname: str, data: bytes) -> FileRecord:
-        """A small file whose whole content is one checksummed region."""
-        return self.write_file(encode_bytes(fname, data))
+    def tensor_align(self, nbytes: int) -> int | None:
+        return direct.ALIGN if self.store.fsync and direct.wanted(nbytes, self.path) else None
 
-    def write_tensors(self, fname: str, tensors, metadata: dict | None = None, crc_executor: Any = None,
-                      content_hash: bool = True) -> FileRecord:
-        """A safetensors file of CPU tensors (each tensor's XXH3-128 recorded unless ``content_hash`` is off); laid
-        out for direct I/O when it will be written that way (``store/direct.py``)."""
-        tensors = list(tensors)
-        nbytes = sum(t.numel() * t.element_size() for _, t in tensors)
-        align = direct.ALIGN if self.store.fsync and direct.wanted(nbytes, self.path) else None
-        return self.write_file(encode_tensors(fname, tensors, metadata, crc_executor, content_hash, align=align))
+    def put_file(self, fname: str, src: str, progress: Any = None, metadata: dict | None = None) -> None:
+        dst = self.file(fname)
+        OPS.copy_file(src, dst, fsync=self.store.fsync)
+        if progress is not None:
+            progress(os.path.getsize(dst))
 
     def sync(self) -> None:
         """Make the entries of the partial folder durable (after a rank wrote its files)."""
@@ -318,6 +334,7 @@ class LocalTransaction(Transaction):
             OPS.fsync_dir(self.path)
 
     def commit(self, manifest: bytes | None, *, name: str | None = None, if_exists: IfExists = "version") -> str | None:
+        check_if_exists(if_exists)
         store = self.store
         if manifest is not None:
             OPS.write_file(os.path.join(self.path, mf.MANIFEST), manifest, fsync=store.fsync)

@@ -20,7 +20,6 @@ the kill -9 campaign can wrap each request and nothing else; the client settings
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
 import json
 import logging
 import threading
@@ -29,9 +28,10 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 from ..errors import CheckpointCorruptError, CheckpointError, CheckpointNotFoundError, StorageUnavailableError
 from ..format import manifest as mf
 from . import s3client
-from .base import IfExists, NoLock, Store, Transaction, owner_token
+from .base import NoLock, Store, check_folder_file, owner_token
 from .s3client import client, error_code as _code, is_unavailable
 from .s3listing import KEPT
+from .s3sweep import REUSED  # <prefix>/.blobs/<pack>.reused~<host>.<pid>: a push of that process reused the pack
 
 __all__ = ["S3Store", "S3Transaction", "client", "parse_s3_uri", "join_key"]
 
@@ -39,8 +39,6 @@ log = logging.getLogger("lightning_ckpt")
 
 ProgressFn = Optional[Callable[[int], None]]
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024
-REUSED = ".reused~"  # <prefix>/.blobs/<pack>.reused~<host>.<pid>: that process's push found the pack there and
-# committed (or is committing) a manifest referencing it
 SCHEME = "s3://"
 
 
@@ -73,6 +71,8 @@ class S3Store(Store):
     """Checkpoints under ``s3://bucket/prefix``."""
 
     remote = True
+    read_cache = True  # reads go through the local read cache (store/s3cache.py)
+    owners_recorded = False  # objects under an entry's name carry no owner: cleanup goes by age there
     last_commit: tuple[str, bytes] | None = None  # (name, manifest bytes) this object pushed last (store/hint.py)
 
     def __init__(self, uri: str) -> None:
@@ -148,6 +148,11 @@ class S3Store(Store):
         another size is refused before more than that is read (``s3client.download``)."""
         with self._request(f"downloading s3://{self.bucket}/{key}"):
             s3client.download(self.bucket, key, dest, size, progress)
+
+    def copy_key(self, src: str, dst: str) -> None:
+        """Copy an object of the bucket on the server (a managed, multipart copy for large objects)."""
+        with self._request(f"copying s3://{self.bucket}/{src}"):
+            client().copy({"Bucket": self.bucket, "Key": src}, self.bucket, dst, Config=upload_config())
 
     def delete_keys(self, keys: list[str]) -> None:
         with self._request(f"deleting objects under {self.uri}"):
@@ -249,6 +254,15 @@ class S3Store(Store):
                 f"a checkpoint). List the checkpoints with `lightning-ckpt ls {self.uri}` or use "
                 f"latest_checkpoint({self.uri!r}).") from None
 
+    def read_file(self, fname: str, limit: int) -> bytes | None:
+        try:
+            return self.get_bytes(self.key(check_folder_file(fname)), limit)
+        except CheckpointNotFoundError:
+            return None
+
+    def write_atomic(self, fname: str, data: bytes) -> None:
+        self.put_bytes(self.key(check_folder_file(fname)), data)
+
     def read_latest(self) -> dict | None:
         try:
             d = json.loads(self.get_bytes(self.key(mf.LATEST), 16 << 20))  # with the index (store/hint.py)
@@ -275,9 +289,10 @@ class S3Store(Store):
         return fetch_packs(self, entries or {}, progress=progress, refresh=refresh)
 
     # ---------------------------------------------------------------- writing
-    def begin(self, name: str, tx_id: str | None = None) -> "S3Transaction":
+    def begin(self, name: str, tx_id: str | None = None, owner: str | None = None) -> "S3Transaction":
+        """``owner``: the owner token a staging prefix is named with (default: this process's)."""
         mf.check_member_name(name, "the entry name")
-        return S3Transaction(self, name)
+        return S3Transaction(self, name, tx_id, owner)
 
     def publish_latest(self, doc: dict, manifest: tuple[dict, bytes] | None = None) -> None:
         """``latest.json`` never moves back to an older step (say, a ``push`` of an old checkpoint); its index
@@ -299,12 +314,35 @@ class S3Store(Store):
 
         return newest(self, run_name, any_run)
 
-    def delete(self, name: str) -> bool:
+    def delete(self, name: str, *, collect: bool = False, lock: Any = None) -> bool:
         mf.check_member_name(name, "delete")
         self.uncommit(name)
         keys = [o["Key"] for o in self.list_objects(name)]
         self.delete_keys(keys)
+        if collect:
+            self.collect_orphans(lock=lock)
         return bool(keys)
+
+    def may_collect(self, lock: Any = None) -> bool:
+        return True  # the grace period and reuse marks of collect_packs protect the uploads in progress
+
+    # ---------------------------------------------------------------- the kept listing (store/s3listing.py)
+    def kept(self, info: Any, order: Any) -> tuple[list, list] | None:
+        """Kept while an uploader of this process holds the location: possibly a subset (others write S3), hence
+        ``listing_kept`` stays False."""
+        return KEPT.scan(self, info, order)
+
+    def hold_listing(self) -> None:
+        KEPT.hold(self)
+
+    def release_listing(self) -> None:
+        KEPT.release(self)
+
+    def listing_held(self) -> bool:
+        return KEPT.held(self)
+
+    def listing_stale(self) -> None:
+        KEPT.invalidate(self)
 
     def blob_listing(self) -> tuple[dict[str, dict], dict[str, list[dict]]]:
         """The content store's packs and their reuse marks: ({pack: listing}, {pack: [listing of each
@@ -328,53 +366,20 @@ class S3Store(Store):
 
     def collect_packs(self, *, grace_s: float = 3600.0, mine: set[str] | frozenset = frozenset(),
                       dry_run: bool = False) -> tuple[list[str], int]:
-        """Delete the packs of the content store (``<prefix>/.blobs/``) that no committed manifest references: those
-        this process uploaded (``mine``) at once unless a push of another process reused one since, any other only once
-        neither it nor its reuse marks were touched for ``grace_s`` seconds (it may belong to an upload in progress elsewhere, whose
-        manifest comes last). A manifest that cannot be read stops the sweep. Returns (deleted pack names, bytes
-        freed).
+        """Delete the packs of the content store (``<prefix>/.blobs/``) that no committed manifest references, under
+        the grace period and reuse marks of ``store/s3sweep.py`` (:func:`~.s3sweep.collect_packs`)."""
+        from .s3sweep import collect_packs
 
-        Against a push in another process that found a pack there and did not upload it (``tools/transfer.py``):
-        that push writes the pack's reuse mark right before its manifest. This collection reads the manifests after
-        its first listing and lists the marks again right before it deletes: a push that committed before the
-        manifests were read marks the pack by its manifest, one that wrote its mark before the second listing is
-        seen there; only a push that marks and commits between the second listing and the delete request is not,
-        and that push checks the pack again after its commit and uploads it again if it is gone.
-        """
-        packs, marks = self.blob_listing()
-        if not packs and not marks:
-            return [], 0
-        marked: set[str] = set()
-        KEPT.expire(self, grace_s / 2)  # a kept listing (store/s3listing.py) must be younger than this
-        for name, m in self.manifests():
-            if isinstance(m, CheckpointError):
-                log.warning("lightning_ckpt: not collecting unreferenced packs in %s: the manifest of %s cannot be read "
-                            "(%s)", self.uri, name, m)
-                return [], 0
-            marked.update((m.get("packs") or {}).keys())
-        now = _dt.datetime.now(_dt.timezone.utc)
+        return collect_packs(self, grace_s=grace_s, mine=mine, dry_run=dry_run)
 
-        me = REUSED + owner_token()
-
-        def due(n: str, packs: dict, marks: dict) -> bool:
-            o, ts = packs[n], marks.get(n, [])
-            if n in mine and not any(t["LastModified"] >= o["LastModified"] for t in ts if not t["Key"].endswith(me)):
-                return True  # this process uploaded it, and no push of another process reused it since
-            newest = max([o["LastModified"]] + [t["LastModified"] for t in ts])
-            return (now - newest).total_seconds() >= grace_s
-
-        doomed = [n for n in sorted(packs) if n not in marked and due(n, packs, marks)]
-        orphans = [t["Key"] for n, ts in sorted(marks.items()) if n not in packs for t in ts
-                   if (now - t["LastModified"]).total_seconds() >= grace_s]
-        if dry_run:
-            return doomed, sum(int(packs[n]["Size"]) for n in doomed)
-        if doomed:  # a push elsewhere may have marked one as reused since the first listing: look again, then delete
-            packs, marks = self.blob_listing()
-            doomed = [n for n in doomed if n in packs and due(n, packs, marks)]
-        if doomed or orphans:
-            self.delete_keys([packs[n]["Key"] for n in doomed] + [t["Key"] for n in doomed for t in marks.get(n, [])]
-                             + orphans)
-        return doomed, sum(int(packs[n]["Size"]) for n in doomed)
+    def committed(self, name: str, manifest: bytes) -> None:
+        """This process just committed ``name`` with these manifest bytes: a kept listing (``store/s3listing.py``)
+        takes it in, and the manifest is cached under its ETag (no GET of what was just pushed)."""
+        etag = KEPT.committed(self, name, manifest)
+        if etag is not None:
+            with self._cache_lock:
+                self._cache[(self.bucket, self.key(name, mf.MANIFEST), etag)] = (
+                    mf.parse_manifest(manifest, self.path(name)), manifest)
 
     def uncommit(self, name: str) -> None:
         """Delete the manifest of ``name``: from then on it is not a checkpoint (its objects are removed after)."""
@@ -397,53 +402,24 @@ class S3Store(Store):
     def pack_names(self) -> list[str]:
         return sorted(self.blob_listing()[0])
 
-    def debris(self, everyone: bool = False) -> list[str]:
-        return []  # what interrupted uploads left is found by age, in cleanup()
+    def pack_sizes(self) -> dict[str, int]:
+        return {n: int(o["Size"]) for n, o in sorted(self.blob_listing()[0].items())}
+
+    def _debris(self, older_than_s: float) -> dict[str, list[str]]:
+        from .s3sweep import debris
+
+        return debris(self, older_than_s)
+
+    def debris(self, everyone: bool = False, older_than_s: float = 3600.0) -> list[str]:
+        return list(self._debris(older_than_s))
 
     def cleanup(self, everyone: bool = False, older_than_s: float = 3600.0) -> list[str]:
-        """Delete what interrupted uploads and deletions left: objects of a name that has no ``manifest.json`` and
-        that nothing touched for ``older_than_s`` seconds (an upload in progress elsewhere is left alone). Returns the
-        names cleaned up."""
-        now = _dt.datetime.now(_dt.timezone.utc)
+        """Delete :meth:`debris` (an upload in progress elsewhere is left alone). Returns the names cleaned up."""
         cleaned = []
-        for name, objs in sorted(self.objects_by_name().items()):
-            if mf.MANIFEST in objs:
-                continue
-            newest = max(o["LastModified"] for o in objs.values())
-            if (now - newest).total_seconds() < older_than_s:
-                continue
-            self.delete_keys([o["Key"] for o in objs.values()])
+        for name, keys in self._debris(older_than_s).items():
+            self.delete_keys(keys)
             cleaned.append(name)
         return cleaned
 
 
-class S3Transaction(Transaction):
-    """An entry being uploaded: objects first, the manifest last."""
-
-    def __init__(self, store: S3Store, name: str) -> None:
-        self.store = store
-        self.name = name
-        self.put: list[str] = []
-
-    def put_file(self, fname: str, path: str, progress: ProgressFn = None, metadata: dict | None = None) -> None:
-        key = self.store.key(self.name, mf.check_member_name(fname, "a file of the entry"))
-        self.store.put_file(key, path, progress, metadata)
-        self.put.append(key)
-
-    def commit(self, manifest: bytes | None, *, name: str | None = None, if_exists: IfExists = "replace") -> str | None:
-        if manifest is None or (name is not None and name != self.name) or if_exists != "replace":
-            raise ValueError("an S3 entry commits under the name it was begun with, by its manifest, replacing")
-        self.store.put_bytes(self.store.key(self.name, mf.MANIFEST), manifest)  # the commit point on S3
-        etag = KEPT.committed(self.store, self.name, manifest)  # a kept listing (store/s3listing.py) takes it in
-        if etag is not None:  # and its manifest is cached under its ETag: no GET of what was just pushed
-            with self.store._cache_lock:
-                self.store._cache[(self.store.bucket, self.store.key(self.name, mf.MANIFEST), etag)] = (
-                    mf.parse_manifest(manifest, self.store.path(self.name)), manifest)
-        return self.name
-
-    def abort(self) -> None:
-        try:
-            self.store.delete_keys(self.put)
-        except Exception as e:  # noqa: BLE001 - S3Store.cleanup removes them later
-            log.warning("lightning_ckpt: could not remove the objects of an aborted upload to %s (%r)",
-                        self.store.path(self.name), e)
+from .s3tx import S3Transaction  # noqa: E402 - the transaction sits in its own module, re-exported here

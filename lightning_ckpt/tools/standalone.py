@@ -23,7 +23,7 @@ from ..dcp import group_of, name_in_file
 from ..format import manifest as mf
 from ..format.checksum import crc32c
 from ..format.tensorfile import dtype_from_name, header_bytes
-from ..read import _verify_files, open_checkpoint, Opened
+from ..read import Opened, open_checkpoint, verify_files
 from ..store import LocalStore
 from ..store.fs import OPS, open_member
 
@@ -134,7 +134,7 @@ def export_standalone(path: Any, dest_dir: Any, *, name: Optional[str] = None) -
         raw = mf.dumps(m)
         mf.parse_manifest(raw, "the standalone manifest")
         tx.sync()
-        _verify_files(Opened(local, name, mf.parse_manifest(raw, "the standalone manifest"), raw, tx.path), None)
+        verify_files(Opened(local, name, mf.parse_manifest(raw, "the standalone manifest"), raw, tx.path), None)
         committed = tx.commit(raw, name=name, if_exists="discard")
     except BaseException:
         tx.abort()
