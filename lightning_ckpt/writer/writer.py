@@ -269,6 +269,7 @@ class CheckpointWriter:
         self._wait_inflight()
         self.raise_if_failed()
         t0 = time.perf_counter()
+        # the training thread's part, in three steps (writer/steps.py): select, plan, snapshot
         topo, inline = self.topology, self._executor is None or sync
         roles = Roles.of(topo, self.mode)
         doc, tensors = steps.select(state, topo, roles, key_fn=self._key_fn, cache=self._encoded, where=self.dirpath)
@@ -276,14 +277,14 @@ class CheckpointWriter:
                                      stable=stable)
         tensors, state_bytes, handoff = steps.snapshot(doc, tensors, sel, rest, topo, roles, buffers=self._buffers)
         snapshot_s = time.perf_counter() - t0
+        # then the job: written and committed in the background (or here, inline), driven by its PendingSave
+        name = name if name is not None else format_name(self.name_template, step, epoch, metrics)
         self._seq += 1
         header = manifest_header(step=step, epoch=epoch, tags=tags, metrics=metrics, hparams=hparams, meta=meta,
                                  kind=kind, save_id=f"{self.writer_id}-{self._seq}", world_size=topo.world_size,
                                  mode=self.mode)
-        job = SaveJob(self._deps(), name=name if name is not None else format_name(self.name_template, step, epoch,
-                                                                                    metrics),
-                      tensors=tensors, state_bytes=state_bytes, header=header, snapshot_s=snapshot_s,
-                      sealed=self.auto_seal, seq=self._seq, handoff=handoff, plan=plan)
+        job = SaveJob(self._deps(), name=name, tensors=tensors, state_bytes=state_bytes, header=header,
+                      snapshot_s=snapshot_s, sealed=self.auto_seal, seq=self._seq, handoff=handoff, plan=plan)
         pending = PendingSave.start(job, int(step), None if inline else self._executor)
         self._inflight = pending
         if pending.inline and pending.done():
