@@ -1,6 +1,8 @@
-"""Which ranks share a checkpoint folder (a shared filesystem, or a node-local disk per node), found with probe files."""
+"""Which ranks share a checkpoint folder (a shared filesystem, or a node-local disk per node), found with probe files:
+:func:`detect` returns the writer's :class:`~.topology.Topology` with the folders it found."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from datetime import timedelta
@@ -14,6 +16,7 @@ from ..store.base import PROBE_PREFIX, SEP
 from ..store.fs import OPS
 from ..store.local import LocalStore
 from ..format.tensorfile import byte_view, dtype_from_name, dtype_name
+from .topology import Topology
 
 log = logging.getLogger("lightning_ckpt")
 
@@ -48,32 +51,33 @@ def folder_groups(store: LocalStore, rank: int, world_size: int, pg: Any, writer
     return sorted({tuple(r for r in range(world_size) if leader_of[r] == ld) for ld in leader_of.values()})
 
 
-def split_by_folder(w: Any) -> None:
-    """Collective (every rank of the writer ``w``): when its ranks see different folders, make each folder a whole
-    checkpoint of its own (see ``CheckpointWriter.detect_folders``): one gloo group per folder, the writer marked
-    node-local, deduplication off (every folder holds a whole copy anyway)."""
-    groups = folder_groups(w.store, w.rank, w.world_size, w.pg, w.writer_id)
+def detect(store: LocalStore, topology: Topology, writer_id: str, every_folder: bool = True) -> Topology:
+    """Collective (every rank of ``topology``): which ranks see the same folder (see
+    ``CheckpointWriter.detect_folders``). The topology returned is node-local when its ranks see different folders:
+    then each folder is a whole checkpoint of its own, written through one gloo group per folder."""
+    topology = dataclasses.replace(topology, every_folder=bool(every_folder))
+    if topology.world_size == 1:
+        return topology
+    groups = folder_groups(store, topology.rank, topology.world_size, topology.group, writer_id)
     if len(groups) == 1:
-        return
-    w.node_local = True
-    if w.dedup is not None:
-        w.dedup.close()
-        w.dedup = None
+        return topology
+    mine: tuple[tuple[int, ...], Any] = ((), None)
     for g in groups:  # every rank creates every group, in the same order
-        pg = dist.new_group(ranks=list(g), backend="gloo", timeout=timedelta(seconds=w.timeout_s))
-        if w.rank in g:
-            w.folder_ranks, w.folder_pg = g, pg
+        pg = dist.new_group(ranks=list(g), backend="gloo", timeout=timedelta(seconds=topology.timeout_s))
+        if topology.rank in g:
+            mine = (g, pg)
     log.info("lightning_ckpt: %s is local to ranks %s (%d folders); each folder is committed as a whole checkpoint",
-             w.dirpath, list(w.folder_ranks), len(groups))
+             store.root, list(mine[0]), len(groups))
+    return topology.with_folders(*mine)
 
 
-def _packed(t: torch.Tensor) -> tuple[str, list[int], bytes]:
+def packed(t: torch.Tensor) -> tuple[str, list[int], bytes]:
     """A CPU tensor as plain values, to hand to another rank (no tensor pickling: the snapshot buffers are views)."""
     t = t.detach().cpu().contiguous()
     return dtype_name(t.dtype), list(t.shape), bytes(byte_view(t))
 
 
-def _unpacked(p: tuple[str, list[int], bytes]) -> torch.Tensor:
+def unpacked(p: tuple[str, list[int], bytes]) -> torch.Tensor:
     dtype, shape, data = p
     if not data:
         return torch.empty(shape, dtype=dtype_from_name(dtype))

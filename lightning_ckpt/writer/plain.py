@@ -22,15 +22,17 @@ The files are the same as DCP's path writes (``dcp.write_rank_files``), so reade
 from __future__ import annotations
 
 import hashlib
+from concurrent.futures import Executor
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 
-from ..dcp import _FileResult, is_model_or_optim, write_rank_files
+from ..dcp import is_model_or_optim, write_rank_files
 from ..errors import CheckpointWriteError
 from ..format.tensorfile import dtype_name
 from .snapshot import _as_dtensor, _is_sharded_tensor
+from .topology import Topology
 
 
 def _is_sharded(t: Any) -> bool:
@@ -56,20 +58,22 @@ def split_runs(sizes: list[int], parts: int) -> list[int]:
     return out
 
 
-def write_plain(w: Any, tx: Any, tensors: dict[str, torch.Tensor], *, state_bytes: bytes | None,
-                pack_keys: set[str], pack_name: Callable[[int], str],
-                content_hash: bool) -> tuple[list[_FileResult], dict[str, dict]] | None:
-    """Write this rank's part of ``tensors`` (a collective with several ranks). Returns the files and the tensor index
-    (on the leader: every rank's; elsewhere: empty), or None when the state needs DCP (every rank then gets None)."""
+def write_plain(topology: Topology, crc_pool: Executor | None, tx: Any, tensors: dict[str, torch.Tensor], *,
+                state_bytes: bytes | None, pack_keys: set[str], pack_name: Callable[[int], str],
+                content_hash: bool) -> tuple[list[Any], dict[str, dict]] | None:
+    """Write this rank's part of ``tensors`` (a collective over ``topology.group`` with several ranks; the checksums
+    computed in ``crc_pool``). Returns the files and the tensor index (on the leader: every rank's; elsewhere: empty),
+    or None when the state needs DCP (every rank then gets None)."""
     sharded = any(_is_sharded(t) for t in tensors.values())
     shared = [(k, t) for k, t in tensors.items() if is_model_or_optim(k)]
     grank, parts, holders = 0, 1, [0]
-    multi = w.world_size > 1 and w.pg is not None
+    pg = topology.group
+    multi = topology.world_size > 1 and pg is not None
     if multi:
-        grank = dist.get_rank(w.pg)
+        grank = dist.get_rank(pg)
         mine = (sharded, None if sharded else _digest(shared), len(shared))
-        everyone: list = [None] * dist.get_world_size(w.pg)
-        dist.all_gather_object(everyone, mine, group=w.pg)
+        everyone: list = [None] * dist.get_world_size(pg)
+        dist.all_gather_object(everyone, mine, group=pg)
         if any(x[0] for x in everyone):
             return None
         holders = [r for r, x in enumerate(everyone) if x[2]]
@@ -85,11 +89,11 @@ def write_plain(w: Any, tx: Any, tensors: dict[str, torch.Tensor], *, state_byte
         items = [(k, t, (0,) * t.dim(), tuple(t.shape), False, k) for (k, t), o in zip(shared, owner) if o == me]
     items += [(k, t, (0,) * t.dim(), tuple(t.shape), False, k) for k, t in tensors.items() if not is_model_or_optim(k)]
     error: BaseException | None = None
-    files: list[_FileResult] = []
+    files: list[Any] = []
     index: dict[str, dict] = {}
     try:
         files, written = write_rank_files(tx, grank, items, pack_keys=pack_keys, pack_name=pack_name,
-                                          state_bytes=state_bytes, crc_executor=w._crc_pool,
+                                          state_bytes=state_bytes, crc_executor=crc_pool,
                                           content_hash=content_hash)
         for key, info, _ in written:
             t = tensors[key]
@@ -104,13 +108,13 @@ def write_plain(w: Any, tx: Any, tensors: dict[str, torch.Tensor], *, state_byte
         return files, index
     report = None if error is None else f"{type(error).__name__}: {error}"[:500]
     leader = grank == 0
-    got: list | None = [None] * dist.get_world_size(w.pg) if leader else None
-    dist.gather_object((report, files, index), got, dst=dist.get_global_rank(w.pg, 0), group=w.pg)
+    got: list | None = [None] * dist.get_world_size(pg) if leader else None
+    dist.gather_object((report, files, index), got, dst=dist.get_global_rank(pg, 0), group=pg)
     outcome = [None]
     if leader:
         bad = [(r, x[0]) for r, x in enumerate(got) if x[0] is not None]
         outcome = [bad[0] if bad else None]
-    dist.broadcast_object_list(outcome, src=dist.get_global_rank(w.pg, 0), group=w.pg)
+    dist.broadcast_object_list(outcome, src=dist.get_global_rank(pg, 0), group=pg)
     if error is not None:
         raise error
     if outcome[0] is not None:

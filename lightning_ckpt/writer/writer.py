@@ -4,34 +4,41 @@ One save is a transaction of the folder's ``LocalStore`` (see ``store/local.py``
 writes its files into the same partial folder through DCP (``dcp.LCStorageWriter``), then the folder's leader commits
 it (manifest last, rename) and publishes ``latest.json``. A crash at any point leaves the previous checkpoints and
 either no new one or a complete one; leftover partial folders are never listed and are removed by the next run.
-The module is one cohesive object (the writer's save, seal and commit states), a little over 400 lines.
+
+The writer holds the settings, the save in flight and what finished saves left; the parts it puts together each own
+one responsibility: ``topology.py`` (which ranks save together, and their collectives; ``folders.py`` finds node-local
+folders), ``steps.py`` (the training thread's select, plan and snapshot), ``job.py`` (one save's write and commit, given
+its dependencies), ``pending.py`` (the handle: seal, abandon, merge, wait).
 """
 from __future__ import annotations
 
 import concurrent.futures as cf
+import dataclasses
 import logging
 import os
 import threading
 import time
 import uuid
-from datetime import timedelta
+from dataclasses import dataclass
 from typing import Any, Iterable, Literal
 
 import torch.distributed as dist
 
 from ..dcp import is_model_or_optim
 from ..errors import CheckpointError, CheckpointWriteError
-from ..format.codec import encode, warn_unsupported
 from ..format.gcpause import pausing
 from ..store.base import owner_token
 from ..store.local import LocalStore, check_writable_dir
-from .folders import _packed, split_by_folder
-from .job import PendingSave, SaveJob, SaveResult, _Abandoned
-from .meta import StateDoc, background_priority, manifest_header, state_bytes_of
+from . import steps
 from .dedup import Deduper
-from .elastic import warn_restart_store
+from .folders import detect
+from .job import JobDeps, SaveJob
+from .meta import background_priority, manifest_header
 from .options import check_bool, check_choice, check_seconds, format_name, validate_name_template
-from .snapshot import HostBuffers, _as_dtensor, _is_sharded_tensor, dense_views
+from .pending import Abandoned, PendingSave, SaveResult
+from .snapshot import HostBuffers
+from .steps import Roles
+from .topology import Topology, join
 
 log = logging.getLogger("lightning_ckpt")
 
@@ -39,6 +46,14 @@ IfBusy = Literal["wait", "skip"]
 
 # which content satisfies which request: a full checkpoint also serves as a weights one
 _CONTENT_COVERS = {"full": {"full", "weights", "light"}, "weights": {"weights", "light"}, "light": {"light"}, "partial": set()}
+
+
+@dataclass(frozen=True)
+class BufferStats:
+    """The host buffers of a writer's background snapshots (:meth:`CheckpointWriter.buffer_stats`)."""
+
+    allocations: int  # buffers allocated so far, in total
+    tensors: int  # tensors that hold a buffer now
 
 
 class CheckpointWriter:
@@ -85,42 +100,41 @@ class CheckpointWriter:
         alone: bool = False,
     ) -> None:
         check_choice("if_busy", if_busy, ("wait", "skip"))
+        # settings
         self.mode = check_choice("mode", mode, ("sharded", "rank0"), "every rank writes its share, or rank 0 all")
         self.timeout_s = check_seconds("timeout_s", timeout_s)
-        self.rank, self.world_size, self.pg = 0, 1, None
-        self._given_pg = process_group is not None
-        self.writer_id = uuid.uuid4().hex[:8]
-        self.owner = owner_token()  # rank 0's: every rank's files of one save go into one partial folder
-        self._seq = 0
-        if not alone and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-            self.pg = process_group if process_group is not None else dist.new_group(
-                backend="gloo", timeout=timedelta(seconds=self.timeout_s)
-            )
-            ids = [(self.writer_id, self.owner)]
-            dist.broadcast_object_list(ids, src=dist.get_global_rank(self.pg, 0) if process_group is not None else 0, group=self.pg)
-            self.writer_id, self.owner = ids[0]
-            warn_restart_store(self.rank)  # torchrun --max-restarts with the agent's shared store (writer/elastic.py)
-        # Which ranks see the same folder (see detect_folders): all of them unless the folder is node-local.
-        self.folder_ranks: tuple[int, ...] = tuple(range(self.world_size))
-        self.node_local = False
-        self.folder_pg: Any = None  # the process group of this folder's ranks, when node-local
-        self.every_folder = True  # node-local: every folder gets a whole copy; False: only rank 0's folder is written
-        self.dirpath = os.path.abspath(os.fspath(dirpath))
-        self.store = LocalStore(self.dirpath, fsync=fsync)
         self.async_save = check_bool("async_save", async_save)
         self.name_template = validate_name_template(name_template)
         self.if_busy = if_busy
         self.fsync = fsync
         self.auto_seal = auto_seal
+        self.dedup_enabled = check_bool("dedup", dedup)
+        # record the XXH3-128 of each tensor written into the content store (its identity); benchmarks turn it off
+        # to measure what it costs
+        self.content_hash = True
+        # where this rank stands (writer/topology.py), and the save's identity, the same on every rank (rank 0's)
+        self.topology: Topology = join(process_group, self.timeout_s, alone)
+        self._given_pg = process_group is not None
+        self.writer_id, self.owner = uuid.uuid4().hex[:8], owner_token()
+        if self.topology.world_size > 1:
+            self.writer_id, self.owner = self.topology.broadcast((self.writer_id, self.owner))
+        self._seq = 0
+        # the folder and what saves into it
+        self.dirpath = os.path.abspath(os.fspath(dirpath))
+        self.store = LocalStore(self.dirpath, fsync=fsync)
+        self.dedup: Deduper | None = (
+            Deduper(self.dirpath, fsync=fsync, is_shared=is_model_or_optim) if self.dedup_enabled else None)
+        # the training thread's snapshot: host buffers reused across saves, codec.encode's memory of the state's
+        # structure (same key_fn at every save)
         self._buffers = HostBuffers()
+        self._encoded: dict = {}
         self._key_fn = None
-        if self.world_size > 1:
+        if self.topology.world_size > 1:
             # model and optimizer tensors are the same on every rank (DDP) or sharded (FSDP); anything else (RNG
             # states, callback tensors) is this rank's own and must not be deduplicated against the other ranks'
-            prefix = f"rank{self.rank:05d}/"
+            prefix = f"rank{self.topology.rank:05d}/"
             self._key_fn = lambda k: k if is_model_or_optim(k) else prefix + k  # noqa: E731
-        self._encoded: dict = {}  # codec.encode's memory of the state's structure (same key_fn at every save)
+        # the background threads: the save's write and commit, and the checksums
         self._executor = (
             cf.ThreadPoolExecutor(1, thread_name_prefix="lightning_ckpt-writer", initializer=background_priority)
             if self.async_save else None
@@ -128,6 +142,7 @@ class CheckpointWriter:
         self._crc_pool = cf.ThreadPoolExecutor(
             1, thread_name_prefix="lightning_ckpt-crc", initializer=background_priority if self.async_save else None
         )
+        # the save in flight, and what the finished ones left
         self._inflight: PendingSave | None = None
         self._error: BaseException | None = None
         self._lock = threading.Lock()
@@ -135,12 +150,45 @@ class CheckpointWriter:
         self.history: list[SaveResult] = []
         self.committed_names: set[str] = set()
         self.on_commit: list = []  # callables(SaveResult), run in the committing thread after latest.json
-        self.dedup_enabled = check_bool("dedup", dedup)
-        # record the XXH3-128 of each tensor written into the content store (its identity); benchmarks turn it off
-        # to measure what it costs
-        self.content_hash = True
-        self.dedup: Deduper | None = (
-            Deduper(self.dirpath, fsync=fsync, is_shared=is_model_or_optim) if self.dedup_enabled else None)
+
+    # ----------------------------------------------------------------- topology (read-only views of self.topology)
+    @property
+    def rank(self) -> int:
+        return self.topology.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.topology.world_size
+
+    @property
+    def pg(self) -> Any:
+        """The process group of the save's collectives (None alone)."""
+        return self.topology.group
+
+    @property
+    def folder_ranks(self) -> tuple[int, ...]:
+        return self.topology.folder_ranks
+
+    @property
+    def folder_pg(self) -> Any:
+        return self.topology.folder_group
+
+    @property
+    def node_local(self) -> bool:
+        return self.topology.node_local
+
+    @property
+    def every_folder(self) -> bool:
+        return self.topology.every_folder
+
+    @property
+    def is_leader(self) -> bool:
+        """This rank commits its folder (rank 0, or the lowest rank of a node-local folder)."""
+        return self.topology.is_leader
+
+    @property
+    def folder_written(self) -> bool:
+        return self.topology.folder_written
 
     # ----------------------------------------------------------------- public
     def prepare_dir(self) -> None:
@@ -159,26 +207,14 @@ class CheckpointWriter:
         part. A lost node then loses no checkpoint, and any folder resumes the run at any world size.
         With ``every_folder=False`` (the local staging folders of an ``s3://`` dirpath) only rank 0's folder is
         written; the other ranks hand it their own state."""
-        self.every_folder = bool(every_folder)
-        if self.world_size > 1:
-            split_by_folder(self)
+        self.topology = detect(self.store, self.topology, self.writer_id, every_folder)
+        if self.topology.node_local and self.dedup is not None:  # every folder holds a whole copy anyway
+            self.dedup.close()
+            self.dedup = None
 
     def agree(self, error: str | None) -> str | None:
         """Collective over the writer's ranks: the first rank's error, if any rank had one (else None)."""
-        if self.world_size == 1:
-            return error
-        everyone: list = [None] * self.world_size
-        dist.all_gather_object(everyone, error, group=self.pg)
-        return next((e for e in everyone if e is not None), None)
-
-    @property
-    def is_leader(self) -> bool:
-        """This rank commits its folder (rank 0, or the lowest rank of a node-local folder)."""
-        return self.rank == self.folder_ranks[0] if self.node_local else self.rank == 0
-
-    @property
-    def folder_written(self) -> bool:
-        return not self.node_local or self.every_folder or 0 in self.folder_ranks
+        return self.topology.agree(error)
 
     @property
     def pending(self) -> PendingSave | None:
@@ -186,13 +222,18 @@ class CheckpointWriter:
         p = self._inflight
         return p if p is not None and not p.done() else None
 
+    def buffer_stats(self) -> BufferStats:
+        """How many host buffers the background snapshots allocated so far, and for how many tensors they hold one
+        now (equal when every save reused them)."""
+        return BufferStats(allocations=self._buffers.allocations, tensors=len(self._buffers._buffers))
+
     def merge(self, step: int, tags: Iterable[str] = (), metrics: dict | None = None, kind: str = "full") -> bool:
         """Add ``tags``/``metrics`` to the uncommitted save of ``step`` if it has content that covers ``kind``.
         Returns False (nothing merged) otherwise."""
         p = self.pending
         if p is None or p.step != int(step) or kind not in _CONTENT_COVERS.get(p.kind, set()):
             return False
-        return p._job.add(tags, metrics)
+        return p.add(tags, metrics)
 
     @pausing
     def save(
@@ -228,103 +269,39 @@ class CheckpointWriter:
         self._wait_inflight()
         self.raise_if_failed()
         t0 = time.perf_counter()
-        doc, tensors = encode(state, on_unsupported=warn_unsupported, key_fn=self._key_fn, cache=self._encoded)
-        tensors = dense_views(tensors)  # conjugate/negative views resolved, nested tensors refused: in every mode
-        if self.node_local and any(_as_dtensor(v) is not None or _is_sharded_tensor(v) for v in tensors.values()):
-            raise CheckpointWriteError(
-                f"{self.dirpath} is local to each node, but this model's state is sharded across ranks (FSDP or "
-                "tensor parallel): a node's folder cannot hold a whole checkpoint. Save to a folder every rank shares "
-                "(a shared filesystem) or to an s3:// dirpath."
-            )
-        # rank0 mode: rank 0 (node-local: each folder's lowest rank) writes the model and optimizer; the other ranks'
-        # own state (RNG, loader position) is kept only in sharded mode
-        own_kept = self.mode == "sharded" or self.rank == 0
-        writes_shared = self.folder_written and (self.mode == "sharded" or self.is_leader)
-        writes_own = own_kept and self.folder_written
-        if not (writes_shared and own_kept):  # (both: every tensor is kept, no per-tensor filter)
-            tensors = {
-                k: v for k, v in tensors.items()
-                if (writes_shared if is_model_or_optim(k) else own_kept)
-            }
-        inline = self._executor is None or sync
-        # a background save copies the small CPU tensors in bulk (writer/snapshot.py): their deduplication is planned
-        # in the background from the snapshot (Deduper.observe/finish); the others' on this thread, as a sync save's
-        sel = None if inline else self._buffers.select(tensors)
-        rest = tensors if sel is None else sel.rest
-        plan = None
-        if self.dedup is not None and self.folder_written:
-            if self.is_leader:
-                plan = self.dedup.plan(rest, stable)
-                skip = set(plan.reuse)
-            else:
-                skip = self.dedup.follower_plan(rest)
-                plan = self.dedup.plan(rest, (), leader=False)
-            if skip:  # unchanged and already stored: not even snapshotted
-                rest = {k: v for k, v in rest.items() if k not in skip}
-            if sel is not None and sel.keys:
-                self.dedup.observe(plan, sel.keys, sel.srcs, stable)
-        if sel is not None:
-            tensors = self._buffers.copy(sel, rest)
-        elif rest is not tensors:
-            tensors = rest
-        if inline:
-            tensors = {k: v.detach() for k, v in tensors.items()}  # DCP copies device tensors to host as it writes
-        # the document is the writer's own (its containers or its encode cache's, never changed; immutable leaves):
-        # a background save encodes it (StateDoc)
-        state_bytes = (StateDoc(doc) if not inline and not self.node_local else state_bytes_of(doc)) if own_kept else None
-        handoff = None
-        if self.node_local:  # this rank's own state, for the folders of the other nodes (see detect_folders)
-            handoff = None if not own_kept else (
-                {k: _packed(v) for k, v in tensors.items() if not is_model_or_optim(k)}, state_bytes)
-        if not writes_own:
-            tensors = {k: v for k, v in tensors.items() if is_model_or_optim(k)}
-            state_bytes = None
+        # the training thread's part, in three steps (writer/steps.py): select, plan, snapshot
+        topo, inline = self.topology, self._executor is None or sync
+        roles = Roles.of(topo, self.mode)
+        doc, tensors = steps.select(state, topo, roles, key_fn=self._key_fn, cache=self._encoded, where=self.dirpath)
+        sel, rest, plan = steps.plan(tensors, topo, buffers=None if inline else self._buffers, dedup=self.dedup,
+                                     stable=stable)
+        tensors, state_bytes, handoff = steps.snapshot(doc, tensors, sel, rest, topo, roles, buffers=self._buffers)
         snapshot_s = time.perf_counter() - t0
+        # then the job: written and committed in the background (or here, inline), driven by its PendingSave
         name = name if name is not None else format_name(self.name_template, step, epoch, metrics)
         self._seq += 1
-        job = SaveJob(
-            writer=self,
-            name=name,
-            tensors=tensors,
-            state_bytes=state_bytes,
-            header=manifest_header(step=step, epoch=epoch, tags=tags, metrics=metrics, hparams=hparams, meta=meta,
-                                   kind=kind, save_id=f"{self.writer_id}-{self._seq}", world_size=self.world_size,
-                                   mode=self.mode),
-            snapshot_s=snapshot_s,
-            sealed=self.auto_seal,
-            seq=self._seq,
-            handoff=handoff,
-            plan=plan,
-        )
-        job.inline = inline
-        if not inline:
-            fut = self._executor.submit(job.run_logged)
-        else:
-            fut = cf.Future()
-            try:
-                job.write()
-                if job.sealed.is_set():
-                    fut.set_result(job.commit())
-            except BaseException as e:  # noqa: BLE001 - re-raised right below for sync saves
-                fut.set_exception(e)
-        pending = PendingSave(job, fut, int(step))
+        header = manifest_header(step=step, epoch=epoch, tags=tags, metrics=metrics, hparams=hparams, meta=meta,
+                                 kind=kind, save_id=f"{self.writer_id}-{self._seq}", world_size=topo.world_size,
+                                 mode=self.mode)
+        job = SaveJob(self._deps(), name=name, tensors=tensors, state_bytes=state_bytes, header=header,
+                      snapshot_s=snapshot_s, sealed=self.auto_seal, seq=self._seq, handoff=handoff, plan=plan)
+        pending = PendingSave.start(job, int(step), None if inline else self._executor)
         self._inflight = pending
-        job.future = fut
-        if inline and fut.done():
+        if pending.inline and pending.done():
             self._collect(pending)
         return pending
+
+    def _deps(self) -> JobDeps:
+        """What a save job is given of this writer (its settings as they are now: benchmarks turn content_hash
+        off, folder detection turns deduplication off)."""
+        return JobDeps(topology=self.topology, store=self.store, writer_id=self.writer_id, owner=self.owner,
+                       crc_pool=self._crc_pool, dedup=self.dedup, content_hash=self.content_hash,
+                       on_commit=self.on_commit, committed_names=self.committed_names)
 
     def seal(self) -> None:
         """Let the pending save commit (sync mode: commit it now)."""
         p = self._inflight
-        if p is None or p._job.sealed.is_set():
-            return
-        p._job.sealed.set()
-        if p._job.inline and not p._future.done():
-            try:
-                p._future.set_result(p._job.commit())
-            except BaseException as e:  # noqa: BLE001
-                p._future.set_exception(e)
+        if p is not None and p.seal():  # committed here, inline
             self._collect(p)
 
     def wait(self) -> SaveResult | None:
@@ -356,10 +333,9 @@ class CheckpointWriter:
     def _destroy_groups(self) -> None:
         """Shut down the process groups this writer created, so that their threads are joined now rather than at
         interpreter exit (where a gloo group left alive can abort the process)."""
-        groups = [g for g in (self.folder_pg, None if self._given_pg else self.pg) if g is not None]
-        self.folder_pg = None
-        if not self._given_pg:
-            self.pg = None
+        topo = self.topology
+        groups = [g for g in (topo.folder_group, None if self._given_pg else topo.group) if g is not None]
+        self.topology = dataclasses.replace(topo, folder_group=None, group=topo.group if self._given_pg else None)
         for g in groups:
             try:
                 if dist.is_initialized():
@@ -370,10 +346,10 @@ class CheckpointWriter:
     def abandon(self) -> None:
         """Drop an uncommitted save (its partial folder is removed); used when training failed before its step ended."""
         p = self._inflight
-        if p is None or p._job.sealed.is_set():
+        if p is None or p.sealed:
             return
-        p._job.abandoned = True
-        self.seal()
+        if p.abandon():  # dropped here, inline
+            self._collect(p)
         self._wait_inflight()
 
     @property
@@ -383,7 +359,7 @@ class CheckpointWriter:
     @property
     def writing_sealed(self) -> bool:
         """A sealed save is still being written: with ``if_busy="skip"`` the next save is skipped."""
-        return self.busy and self._inflight._job.sealed.is_set()
+        return self.busy and self._inflight.sealed
 
     # ----------------------------------------------------------------- internals
     def _wait_inflight(self) -> None:
@@ -391,23 +367,23 @@ class CheckpointWriter:
         if p is None:
             return
         self.seal()
-        cf.wait([p._future])
+        p.wait()
         self._collect(p)
 
     def _collect(self, p: PendingSave) -> None:
         if self._inflight is p:
             self._inflight = None
-        exc = p._future.exception()
+        exc = p.error()
         if exc is not None:
-            if isinstance(exc, _Abandoned):
+            if isinstance(exc, Abandoned):
                 return
             with self._lock:
                 if self._error is None:
                     self._error = exc
-            if p._job.inline:
+            if p.inline:
                 self.raise_if_failed()
         else:
-            res = p._future.result()
+            res = p.result()
             if res is not None and (not self.history or self.history[-1] is not res):
                 self.last_result = res
                 self.history.append(res)
