@@ -165,8 +165,12 @@ def test_the_kept_state_equals_the_whole_computation_after_commits_and_deletions
             listing = listing + [_info(i, line, best, loss, ref, kind, has_rules)]
         else:
             listing = [c for j, c in enumerate(listing) if j != pick % len(listing)]
-        if pick % 7 == 0:  # the listing read afresh (new objects): the state starts over
+        if pick % 7 == 0:  # the listing read afresh: new objects, the same values
             listing = [dataclasses.replace(c) for c in listing]
+        if pick % 5 == 0 and listing:  # one checkpoint replaced under its name (other metrics and tags)
+            k = pick % len(listing)
+            old = listing[k]
+            listing[k] = dataclasses.replace(old, tags=[] if old.tags else ["best"], metrics={"loss": loss + 1.0})
         assert idx.needed(listing, [RULE] if pick % 3 == 0 else ()) == needed(listing, [RULE] if pick % 3 == 0 else (),
                                                                                copy=copy)
         protected = {c.name for c in listing[:: 3]}

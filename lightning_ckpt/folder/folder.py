@@ -23,7 +23,7 @@ from ..policy.retention import RetentionRules
 from ..read import ANY_RUN, _scan
 from ..store import open_store
 from ..store.base import Store
-from .index import NeededIndex, RetentionIndex
+from .index import NeededIndex, RetentionIndex, order_key
 from .needed import failed_runs, live_holds
 from .retention import plan_deletions, records_of
 
@@ -114,15 +114,14 @@ class Folder:
         plan = Plan(ckpts, protected=keep)
         doomed = self.doomed_by(ckpts, [r for r in rule_sets if r.has_keep_rule or r.max_total_bytes is not None],
                                 set(keep))
-        by_failure = set()
+        by_name = self._needed.by_name  # the listing's, after needed() above
+        plan.doomed = {n: RULES for n in sorted(doomed, key=lambda n: order_key(by_name[n]))}
         if failed:
             ids = self.failed_runs(ckpts)
-            by_failure = {c.name for c in ckpts if c.manifest.get("run_id") in ids and c.name not in keep}
-        for c in ckpts:
-            if c.name in doomed:
-                plan.doomed[c.name] = RULES
-            elif c.name in by_failure:
-                plan.doomed[c.name] = FAILED
+            for c in ckpts:
+                if c.manifest.get("run_id") in ids and c.name not in keep:
+                    plan.doomed.setdefault(c.name, FAILED)
+            plan.doomed = {c.name: plan.doomed[c.name] for c in ckpts if c.name in plan.doomed}  # oldest first
         return plan
 
     def doomed_by(self, ckpts: list, rule_sets: list[RetentionRules], protected: set) -> set[str]:

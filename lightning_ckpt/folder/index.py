@@ -42,46 +42,70 @@ def _insert(seq: list, c: Any) -> None:
 
 
 def _remove(seq: list, c: Any) -> None:
+    """Remove the entry of ``c``'s name (the object held may be another one read with the same values)."""
     i = bisect.bisect_left(seq, order_key(c), key=order_key)
-    while i < len(seq) and seq[i] is not c:
-        i += 1
-    if i < len(seq):
+    if i < len(seq) and seq[i].name == c.name:
         del seq[i]
+
+
+def listing_diff(last: list, new: list, limit: int) -> Optional[tuple[list, list]]:
+    """(removed, added) from ``last`` to ``new``, two listings sorted by :func:`order_key` that share most of their
+    objects; None when more than ``limit`` entries changed. The common parts are found by comparing slices (the same
+    objects compare in C, without calling ``__eq__``; a checkpoint read again compares equal when its values are the
+    same), so a commit or a deletion costs a few comparisons of slices, not a Python step per checkpoint."""
+    removed: list = []
+    added: list = []
+    i = j = 0
+    while True:
+        n = min(len(last) - i, len(new) - j)
+        if last[i:i + n] == new[j:j + n]:
+            k = n
+        else:  # the longest common run from (i, j): a binary search on slices
+            lo, hi = 0, n - 1
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                if last[i:i + mid] == new[j:j + mid]:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            k = lo
+        i, j = i + k, j + k
+        if i == len(last) or j == len(new):
+            removed += last[i:]
+            added += new[j:]
+            return (removed, added) if len(removed) + len(added) <= limit else None
+        a, b = last[i], new[j]
+        if order_key(a) <= order_key(b):  # a is not in ``new`` (sorted: it would be here), or was read again (b)
+            removed.append(a)
+            i += 1
+        else:
+            added.append(b)
+            j += 1
+        if len(removed) + len(added) > limit:
+            return None
 
 
 class Tracked(ABC):
     """Follows one listing across calls (see the module's docstring); subclasses say what to do per checkpoint."""
 
-    MAX_CHANGES = 256
+    MAX_CHANGES = 64
 
     def __init__(self) -> None:
-        self._held: dict[int, Any] = {}  # id -> the checkpoint (held, so that an id is never reused meanwhile)
+        self._last: Optional[list] = None  # the listing of the last call (its objects held: ids stay unique)
         self.rebuilds = 0  # times the state was computed from the whole listing (tests and the benchmark read it)
 
     def sync(self, ckpts: list) -> None:
-        ids = set(map(id, ckpts))
-        held = self._held
-        gone_ids = held.keys() - ids
-        new_ids = ids - held.keys()
-        if not held or len(gone_ids) + len(new_ids) > self.MAX_CHANGES:
-            self._held = {id(c): c for c in ckpts}
+        last, self._last = self._last, list(ckpts)
+        diff = None if last is None else listing_diff(last, self._last, self.MAX_CHANGES)
+        if diff is None:
             self.rebuilds += 1
             self.reset()
-            for c in ckpts:
+            for c in self._last:
                 self.add(c)
             return
-        added: list = []
-        if new_ids:  # a commit is the newest: look from the end
-            for c in reversed(ckpts):
-                if id(c) in new_ids:
-                    added.append(c)
-                    if len(added) == len(new_ids):
-                        break
-            added.reverse()
-        for i in gone_ids:
-            self.remove(held.pop(i))
-        for c in added:
-            held[id(c)] = c
+        for c in diff[0]:
+            self.remove(c)
+        for c in diff[1]:
             self.add(c)
 
     @abstractmethod
@@ -129,10 +153,8 @@ class NeededIndex(Tracked):
             self.refs[c.name] = (c, refs)
 
     def remove(self, c: Any) -> None:
-        if self.by_name.get(c.name) is c:
-            del self.by_name[c.name]
-        if self.refs.get(c.name, (None,))[0] is c:
-            del self.refs[c.name]
+        self.by_name.pop(c.name, None)
+        self.refs.pop(c.name, None)
         line = c.run_name
         for table in (self.lines, self.best, self.ruled):
             seq = table.get(line)
@@ -190,7 +212,7 @@ class RetentionIndex(Tracked):
         self.all: list = []  # the run's checkpoints, oldest first
         self.candidates: list = []  # those no per-checkpoint rule keeps
         self.scored: list = []  # (sort key of the metric, -step, listing order, checkpoint), best first
-        self.with_monitor: dict[int, Any] = {}  # the checkpoints that recorded the monitored metric
+        self.with_monitor: dict[str, Any] = {}  # the checkpoints that recorded the monitored metric
 
     def _mine(self, c: Any) -> bool:
         return self.run_name is ANY_RUN or c.run_name == self.run_name
@@ -203,7 +225,7 @@ class RetentionIndex(Tracked):
     def _score(self, c: Any) -> Optional[tuple]:
         v = c.metrics.get(self.monitor.monitor) if self.monitor is not None else None
         if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-            return (self.monitor.sort_key(float(v)), -c.step, order_key(c), id(c))
+            return (self.monitor.sort_key(float(v)), -c.step, order_key(c))
         return None
 
     def add(self, c: Any) -> None:
@@ -214,10 +236,10 @@ class RetentionIndex(Tracked):
             _insert(self.candidates, c)
         if self.monitor is not None:
             if self.monitor.monitor in c.metrics:
-                self.with_monitor[id(c)] = c
+                self.with_monitor[c.name] = c
             s = self._score(c)
             if s is not None:
-                bisect.insort(self.scored, (*s, c), key=lambda t: t[:4])
+                bisect.insort(self.scored, (*s, c), key=lambda t: t[:3])
 
     def remove(self, c: Any) -> None:
         if not self._mine(c):
@@ -225,11 +247,11 @@ class RetentionIndex(Tracked):
         _remove(self.all, c)
         _remove(self.candidates, c)
         if self.monitor is not None:
-            self.with_monitor.pop(id(c), None)
+            self.with_monitor.pop(c.name, None)
             s = self._score(c)
             if s is not None:
-                i = bisect.bisect_left(self.scored, s, key=lambda t: t[:4])
-                if i < len(self.scored) and self.scored[i][-1] is c:
+                i = bisect.bisect_left(self.scored, s, key=lambda t: t[:3])
+                if i < len(self.scored) and self.scored[i][2] == s[2]:
                     del self.scored[i]
 
     def doomed(self, ckpts: list, protected: set) -> set[str]:
@@ -244,16 +266,16 @@ class RetentionIndex(Tracked):
             raise UnknownMonitorError(f"keep_best ranks checkpoints by {r.monitor!r}, which none recorded")
         if not self.candidates:
             return set()
-        deciders = {id(c): c for c in self.candidates}
-        deciders[id(self.all[-1])] = self.all[-1]
+        deciders = {c.name: c for c in self.candidates}
+        deciders[self.all[-1].name] = self.all[-1]
         for c in self.all[-r.keep_last:] if r.keep_last else ():
-            deciders[id(c)] = c
+            deciders[c.name] = c
         if self.monitor is not None:
             for t in self.scored[: r.keep_best]:
-                deciders[id(t[-1])] = t[-1]
+                deciders[t[-1].name] = t[-1]
             if not any(self.monitor.monitor in c.metrics for c in deciders.values()):
                 c = next(iter(self.with_monitor.values()))
-                deciders[id(c)] = c
+                deciders[c.name] = c
         chosen = sorted(deciders.values(), key=order_key)
         keep = plan_retention([_record(c) for c in chosen], r, protected)
         return {c.name for c, k in zip(chosen, keep) if not k}
