@@ -84,6 +84,10 @@ class Folder:
         calls)."""
         return self._needed.needed(self.checkpoints() if ckpts is None else ckpts, live_rules)
 
+    def get(self, name: str) -> Any:
+        """The checkpoint ``name`` of the listing last planned or asked :meth:`needed` of (None: not in it)."""
+        return self._needed.by_name.get(name)
+
     @property
     def keeps_notes(self) -> bool:
         """Failed-run notes and live runs' holds (``.runs/``) are local files beside the folder's lock: kept where

@@ -23,7 +23,7 @@ from ..errors import CheckpointError, CheckpointNotFoundError
 from ..read import _scan, open_checkpoint, read_state_doc
 from ..folder.history import HISTORY, MAX_HISTORY_BYTES, MAX_STEP  # noqa: F401 - re-exported
 from ..folder.history import read_history as _read_history
-from ..store import LocalStore, is_remote, open_store
+from ..store import LocalStore, open_store
 from .report_svg import bar_chart, line_chart
 
 MAX_METRIC_PLOTS = 24  # more metrics than this are listed in the table only
@@ -322,10 +322,11 @@ def render_report(rep: RunReport, now: Optional[float] = None) -> str:
 
 def default_output(run_folder: Any) -> str:
     """``<run>/report.html`` for a local folder; ``./<last part of the prefix>-report.html`` for an S3 one."""
-    if is_remote(run_folder):
-        base = str(run_folder).rstrip("/").rsplit("/", 1)[-1] or "run"
-        return os.path.abspath(f"{base}-report.html")
-    return os.path.join(os.path.abspath(os.fspath(run_folder)), "report.html")
+    where = os.fspath(run_folder) if isinstance(run_folder, (str, os.PathLike)) else str(run_folder)
+    if os.path.isdir(where):  # a folder of this machine holds its report (a listed run folder always exists)
+        return os.path.join(os.path.abspath(where), "report.html")
+    base = str(where).rstrip("/").rsplit("/", 1)[-1] or "run"
+    return os.path.abspath(f"{base}-report.html")
 
 
 def save_html(page: str, out_html: Any) -> str:
