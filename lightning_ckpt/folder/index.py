@@ -57,18 +57,7 @@ def listing_diff(last: list, new: list, limit: int) -> Optional[tuple[list, list
     added: list = []
     i = j = 0
     while True:
-        n = min(len(last) - i, len(new) - j)
-        if last[i:i + n] == new[j:j + n]:
-            k = n
-        else:  # the longest common run from (i, j): a binary search on slices
-            lo, hi = 0, n - 1
-            while lo < hi:
-                mid = (lo + hi + 1) // 2
-                if last[i:i + mid] == new[j:j + mid]:
-                    lo = mid
-                else:
-                    hi = mid - 1
-            k = lo
+        k = _common_run(last, new, i, j)
         i, j = i + k, j + k
         if i == len(last) or j == len(new):
             removed += last[i:]
@@ -83,6 +72,30 @@ def listing_diff(last: list, new: list, limit: int) -> Optional[tuple[list, list
             j += 1
         if len(removed) + len(added) > limit:
             return None
+
+
+def _common_run(last: list, new: list, i: int, j: int) -> int:
+    """The length of the longest common run of ``last[i:]`` and ``new[j:]``. First a binary search on single
+    elements (the same object at both ends of a run: O(log n) steps), checked with one comparison of the two slices;
+    when a later change realigned the lists (the check fails), a binary search on slices."""
+    n = min(len(last) - i, len(new) - j)
+    lo, hi = 0, n
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if last[i + mid - 1] is new[j + mid - 1]:
+            lo = mid
+        else:
+            hi = mid - 1
+    if last[i:i + lo] == new[j:j + lo] and (lo == n or last[i + lo] != new[j + lo]):
+        return lo
+    lo, hi = 0, n
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if last[i:i + mid] == new[j:j + mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 class Tracked(ABC):
