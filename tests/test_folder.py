@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import dataclasses
-import json
 import os
 
 import pytest
