@@ -30,6 +30,10 @@ class Deleting:
             f = self.__dict__["_folder"] = Folder(self.store, run_name=self.options.run_name)
         return f
 
+    @folder.setter
+    def folder(self, f: Folder) -> None:
+        self.__dict__["_folder"] = f
+
     def own_protections(self) -> dict[str, str]:
         """What this run keeps beyond what the folder needs: its resume point, its participants' protections
         (best-k), the checkpoints waiting for an upload."""
