@@ -175,31 +175,45 @@ def callbacks_per_save(folder: str, steps: int, skip: int, **cb_options: Any) ->
     """The callbacks' added time per save: median step with them minus median step without (CPU time of the
     process, and wall time), the first ``skip`` steps left out; the first save's extra time (the folder's listing
     is read once per fit); and the fit's wall time per save."""
+    from lightning_ckpt.session.backups import Uploader
     from lightning_ckpt.session.session import FolderSession
 
     base_wall_steps, base_cpu_steps, base_wall = fit_steps(None, steps)
-    spent: dict[str, list[float]] = {"after_commit": [], "publish_latest": []}
-    real = {"after_commit": FolderSession._after_commit, "publish_latest": LocalStore.publish_latest}
+    spent: dict[str, list[float]] = {"after_commit": [], "publish_latest": [], "upload": [], "upload_retention": []}
+    real = {"after_commit": FolderSession._after_commit, "publish_latest": LocalStore.publish_latest,
+            "upload": Uploader._upload, "upload_retention": Uploader._apply_retention}
+    walls: dict[str, list[float]] = {"upload": []}
 
     def timed_method(what: str) -> Callable:
         def wrapper(*a: Any, **kw: Any) -> Any:
             t = time.thread_time()  # CPU time of the committing thread: other jobs on the machine barely show
+            w = time.perf_counter()
             try:
                 return real[what](*a, **kw)
             finally:
                 spent[what].append(time.thread_time() - t)
+                walls.setdefault(what, []).append(time.perf_counter() - w)
         return wrapper
 
     FolderSession._after_commit = timed_method("after_commit")  # type: ignore[method-assign]
     LocalStore.publish_latest = timed_method("publish_latest")  # type: ignore[method-assign]
+    Uploader._upload = timed_method("upload")  # type: ignore[method-assign]
+    Uploader._apply_retention = timed_method("upload_retention")  # type: ignore[method-assign]
     try:
         cb_wall_steps, cb_cpu_steps, cb_wall = fit_steps(folder, steps, **cb_options)
     finally:
         FolderSession._after_commit = real["after_commit"]  # type: ignore[method-assign]
         LocalStore.publish_latest = real["publish_latest"]  # type: ignore[method-assign]
+        Uploader._upload = real["upload"]  # type: ignore[method-assign]
+        Uploader._apply_retention = real["upload_retention"]  # type: ignore[method-assign]
     med = statistics.median
     return {"after_commit_cpu_s": med(spent["after_commit"][skip:] or [0.0]),
-            "publish_latest_cpu_s": med(spent["publish_latest"][skip:] or [0.0]),"added_per_save_s": med(cb_cpu_steps[skip:]) - med(base_cpu_steps[skip:]),
+            "publish_latest_cpu_s": med(spent["publish_latest"][skip:] or [0.0]),
+            # S3: the uploader's work per save (its thread: the push, then the location's retention planned and
+            # applied there): wall time of one upload, CPU time of its retention pass
+            "upload_wall_s": med(walls["upload"][skip:] or [0.0]),
+            "upload_retention_cpu_s": med(spent["upload_retention"][skip:] or [0.0]),
+            "added_per_save_s": med(cb_cpu_steps[skip:]) - med(base_cpu_steps[skip:]),
             "step_cpu_s_without": med(base_cpu_steps[skip:]), "step_cpu_s_with": med(cb_cpu_steps[skip:]),
             "added_per_save_wall_s": med(cb_wall_steps[skip:]) - med(base_wall_steps[skip:]),
             "first_save_extra_s": (cb_wall_steps[0] - med(cb_wall_steps[skip:])) if cb_wall_steps else 0.0,
@@ -336,7 +350,8 @@ def bench_s3(args: Any, base: str, seed: str) -> dict:
                 f"{row['latest_list_pages']:.0f} LIST, {row['latest_get_requests']:.0f} GET) | list cold "
                 f"{row['list_cold_s'] * 1e3:6.0f} ms ({row['list_cold_requests']} requests), warm "
                 f"{row['list_warm_s'] * 1e3:6.0f} ms ({row['list_warm_requests']}), ls {row['ls_s'] * 1e3:6.0f} ms "
-                f"| after-commit {row['after_commit_cpu_s'] * 1e3:5.2f} ms CPU/save | fit +"
+                f"| after-commit {row['after_commit_cpu_s'] * 1e3:5.2f} ms CPU/save | upload {row['upload_wall_s'] * 1e3:5.1f}"
+                f" ms wall/save, its retention {row['upload_retention_cpu_s'] * 1e3:5.2f} ms CPU | fit +"
                 f"{row['wall_added_per_save_s'] * 1e3:6.1f} ms/save wall (step +"
                 f"{row['added_per_save_s'] * 1e3:.1f} ms CPU; first save +{row['first_save_extra_s'] * 1e3:.0f} ms) | "
                 f"{row['fit_list_requests_per_save']:.1f} LIST, {row['fit_requests_per_save']:.1f} requests/save")
@@ -363,7 +378,8 @@ def run(args: Any) -> dict:
             rows = out.get(where) or {}
             if len(rows) >= 2:
                 lo, hi = rows[min(rows, key=int)], rows[max(rows, key=int)]
-                for key in ("added_per_save_s", "after_commit_cpu_s"):
+                for key in ("added_per_save_s", "after_commit_cpu_s", "upload_wall_s", "upload_retention_cpu_s",
+                            "wall_added_per_save_s"):
                     out[f"{where}_{key}_ratio"] = hi[key] / lo[key] if lo[key] > 0 else None
         out["settings"] = {k: v for k, v in vars(args).items() if k != "json"}
         return out
@@ -392,7 +408,10 @@ def main(argv: list[str] | None = None) -> int:
     out = run(args)
     for where in ("local", "s3"):
         for key, what in (("after_commit_cpu_s", "after-commit work per save (CPU)"),
-                          ("added_per_save_s", "callbacks' added step time per save (CPU)")):
+                          ("added_per_save_s", "callbacks' added step time per save (CPU)"),
+                          ("upload_wall_s", "one upload per save (wall, the uploader's thread)"),
+                          ("upload_retention_cpu_s", "the location's retention per save (CPU)"),
+                          ("wall_added_per_save_s", "the fit's wall time per save, one-time costs included")):
             r = out.get(f"{where}_{key}_ratio")
             if r is not None:
                 log(f"{where}: {what}, largest folder / smallest: {r:.2f}x")

@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import Callback
 from ..read import latest_checkpoint, list_checkpoints
 from ..session.options import check_dirpath
 from ..session.session import Participant
+from ..folder.history import history_path
 from ..store import is_remote
 from ..tools.export import data_fingerprint, export_checkpoint
 from ..tools.merge import parse_dtype
@@ -87,7 +88,7 @@ class ExportOnTrainEnd(Callback, Participant):
         except Exception as e:  # noqa: BLE001 - the export goes on without the config
             log.warning("lightning_ckpt: could not record the LightningCLI config: %r", e)
         dm = getattr(trainer, "datamodule", None)
-        hist = os.path.join(session.dirpath, "metrics.jsonl")
+        hist = history_path(session.dirpath)
         self.exported = export_checkpoint(path, self.export_dir, config_yaml=config_yaml, data_fp=data_fingerprint(dm),
                                           dtype=self.dtype, history=hist)
         log.info("lightning_ckpt: exported %s to %s", path, self.exported)

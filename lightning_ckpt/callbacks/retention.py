@@ -10,7 +10,6 @@ from lightning.pytorch.callbacks import Callback
 from ..policy.retention import RetentionRules
 from ..session.options import check_dirpath
 from ..session.session import Participant
-from ..folder.retention import committed_records, plan_deletions
 from ..writer.options import check_bool
 from . import compat
 from .base import session_of
@@ -96,9 +95,8 @@ class RetentionPolicy(Callback, Participant):
         if session is None:
             return
         if self.dry_run:
-            try:
-                doomed = plan_deletions(committed_records(session.dirpath, session.options.run_name), [self.rules],
-                                        session.protected() | {result.name})
+            try:  # the session's plan, with every protection of the run (the commit just made included)
+                doomed = session.plan([self.rules], result.name).names
             except ValueError as e:
                 log.warning("lightning_ckpt: retention (dry run): %s", e)
                 return

@@ -44,11 +44,22 @@ class TransferResult:
     packs: tuple[str, ...] = ()  # packs of the content store sent (the others were there already)
 
 
-def _remote(dest: Any) -> Any:
-    store = open_store(dest)
-    if not store.remote:
-        raise ValueError(f"{dest!r} is not a remote location; write it as s3://bucket/prefix")
+def remote_location(dest: Any, what: Any = None) -> Any:
+    """The store of an ``s3://bucket/prefix`` location (a push's destination, a backup location: copies go to another
+    machine's storage, never to a local folder), or ValueError saying how to write one (``what``: the argument)."""
+    try:
+        store = open_store(dest)
+    except ValueError as e:
+        if what is None:
+            raise
+        raise ValueError(f"{what}: {e}") from None
+    if not store.remote:  # the one question of this kind here: what the user named must be a remote location
+        raise ValueError(f"{what}={dest!r} is not a remote location; write it as s3://bucket/prefix" if what else
+                         f"{dest!r} is not a remote location; write it as s3://bucket/prefix")
     return store
+
+
+_remote = remote_location
 
 
 def _stale(store: Any, keys: dict[str, dict], listed: dict[str, dict]) -> list[str]:
@@ -125,12 +136,14 @@ def push_checkpoint(path: Any, dest: Any, *, progress: ProgressFn = None, verify
     m, raw = src.read_manifest(name)
     folder = src.local_folder(name)
     remote = _remote(dest)
-    if not src.remote:  # each member a regular file of its size inside the folder, never through a link, before a
-        # byte goes up (the upload opens it by path; the concurrent verification catches a swap after this check)
-        for fname, entry in m["files"].items():
-            os.close(open_member(folder, fname, int(entry["size"])))
-        for pack, entry in (m.get("packs") or {}).items():
-            os.close(open_member(src.packs_folder(None), pack, int(entry["size"])))
+    # each member a regular file of its size inside the folder, never through a link, before a byte goes up (the
+    # upload opens it by path; the concurrent verification catches a swap after this check)
+    for fname, entry in m["files"].items():
+        os.close(open_member(folder, fname, int(entry["size"])))
+    packs = m.get("packs") or {}
+    packs_at = src.packs_folder(packs) if packs else ""
+    for pack, entry in packs.items():
+        os.close(open_member(packs_at, pack, int(entry["size"])))
     try:
         existing = remote.get_bytes(remote.key(name, mf.MANIFEST), 64 << 20)
     except CheckpointNotFoundError:

@@ -27,13 +27,11 @@ from typing import Any, Callable, Optional
 
 from ..errors import CheckpointCorruptError, CheckpointNotFoundError
 from ..policy.retention import RetentionRules
-from ..read import ANY_RUN, list_checkpoints, of_run
-from ..store import LocalStore, open_store
-from ..store.blobs import BlobStore
+from ..folder import Folder, Plan
+from ..folder.transfer import push_checkpoint, remote_location
+from ..read import ANY_RUN, list_checkpoints
+from ..store import LocalStore
 from ..store.s3listing import KEPT
-from ..folder.needed import needed
-from ..folder.retention import plan_deletions, records_of
-from ..folder.transfer import push_checkpoint
 from ..writer.meta import background_priority
 from ..writer.options import check_bool, check_seconds
 
@@ -98,13 +96,7 @@ def parse_locations(spec: Any, what: str = "backup_uri") -> list[BackupLocation]
 
 def _remote_uri(uri: Any, what: str) -> str:
     """The URI of a remote location (validated: a bucket and a prefix), without a trailing slash."""
-    try:
-        store = open_store(uri)
-    except ValueError as e:
-        raise ValueError(f"{what}: {e}") from None
-    if not store.remote:
-        raise ValueError(f"{what}={uri!r} is not a remote location; write it as s3://bucket/prefix")
-    return store.uri
+    return remote_location(uri, what).uri
 
 
 class Uploader:
@@ -122,17 +114,19 @@ class Uploader:
                  primary: bool = False) -> None:
         self.location = location
         self.uri = location.uri
-        self.remote = open_store(location.uri)
+        # the location (its retention planned and applied there: a backup copy needs only the newest of each run;
+        # the run's own s3:// dirpath everything a run needs) and the local folder the checkpoints come from
+        self.folder = Folder(location.uri, copy=not primary)
+        self.store = self.folder.store
         self.dirpath = dirpath
         self.local = LocalStore(dirpath)
+        self.staging = Folder(self.local)  # a primary location's local copies: removed once uploaded
         self.max_retry_s = location.max_retry_s
         self.protect_fn = protect
         self.primary = primary
         self.extra_rules: list[RetentionRules] = []  # RetentionPolicy callbacks on an s3:// dirpath
         self.orphan_age_s = 3600.0  # objects without a manifest untouched this long are debris of a crash
         self.pushed_packs: set[str] = set()  # packs this uploader sent (collected without the grace period)
-        self.sweep_every = 16  # deletion passes that orphaned no pack between two collections of the whole location
-        self._unswept = 0
         self.run_name: Any = ANY_RUN  # the run whose checkpoints its retention ranks (the session sets it)
         self.uploaded: list[str] = []
         self.deleted: list[str] = []
@@ -153,7 +147,7 @@ class Uploader:
         if self._thread is not None:
             return
         self._stop.clear()
-        KEPT.hold(self.remote)  # the location's listing is kept in memory while this uploader runs (store/s3listing.py)
+        KEPT.hold(self.store)  # the location's listing is kept in memory while this uploader runs (store/s3listing.py)
         self._thread = threading.Thread(target=self._run, name="lightning_ckpt-upload", daemon=True)
         self._thread.start()
 
@@ -164,7 +158,7 @@ class Uploader:
         self._queue.put(None)
         self._thread.join(timeout=timeout)
         self._thread = None
-        KEPT.release(self.remote)
+        KEPT.release(self.store)
 
     # ------------------------------------------------------------ queueing
     def pending(self) -> set[str]:
@@ -184,14 +178,14 @@ class Uploader:
     def catch_up(self) -> None:
         """Queue the local checkpoints newer than the newest one at the location (a crash cut their upload short)."""
         try:  # one LIST (kept for the next saves) and one GET (latest.json): no manifest reads
-            KEPT.invalidate(self.remote)
-            names = set(self.remote.names())
-            newest = self.remote.latest_step() if names else -1
+            KEPT.invalidate(self.store)
+            names = set(self.store.names())
+            newest = self.store.latest_step() if names else -1
         except Exception as e:  # noqa: BLE001 - the server may be down; the next commit tries again
             log.warning("lightning_ckpt: cannot list %s (%r); skipping the upload catch-up", self.uri, e)
             return
         try:
-            for name in self.remote.cleanup(older_than_s=self.orphan_age_s):
+            for name in self.store.cleanup(older_than_s=self.orphan_age_s):
                 log.info("lightning_ckpt: removed %s/%s, left without a manifest by an interrupted upload", self.uri, name)
         except Exception as e:  # noqa: BLE001 - cleaning up is best effort
             log.warning("lightning_ckpt: could not clean up interrupted uploads in %s (%r)", self.uri, e)
@@ -267,8 +261,7 @@ class Uploader:
                 self.failing_since = None
                 log.info("lightning_ckpt: backed up %s to %s", path, self.uri)
                 if self.primary:  # dirpath is this location: the local copy was only staging
-                    self.local.delete(name)
-                    LocalStore(self.dirpath).collect_packs()
+                    self.staging.apply(Plan([], {name: "uploaded"}))
                 self._apply_retention()
                 return
         finally:
@@ -284,74 +277,74 @@ class Uploader:
                 log.error("lightning_ckpt: protector failed: %r", e)
         return names
 
+    @property
+    def run_name(self) -> Any:
+        return self.folder.run_name
+
+    @run_name.setter
+    def run_name(self, name: Any) -> None:
+        self.folder.run_name = name
+
+    @property
+    def sweep_every(self) -> int:
+        """Deletion passes that orphaned no pack between two collections of the whole location."""
+        return self.folder.sweep_every
+
+    @sweep_every.setter
+    def sweep_every(self, n: int) -> None:
+        self.folder.sweep_every = n
+
     def _apply_retention(self) -> None:
         rule_sets = ([self.location.rules] if self.location.prunes else []) + list(self.extra_rules)
         if not rule_sets:
             return
         try:
-            ckpts = list_checkpoints(self.uri)
+            ckpts = self.folder.checkpoints()  # from memory while this uploader holds the location
         except Exception as e:  # noqa: BLE001
             log.warning("lightning_ckpt: cannot list %s for retention (%r); trying again after the next upload", self.uri, e)
             return
-        records = records_of(of_run(ckpts, self.run_name))
-        # what any run of the location needs stays there (a backup copy: the newest of each run, the rest by its own
-        # rules; the run's own folder, an s3:// dirpath: the best and every resume and branch point too)
-        protected = self._protected() | set(needed(ckpts, copy=not self.primary))
-        try:  # several rule sets on one location: a checkpoint kept by any of them stays
-            doomed = plan_deletions(records, rule_sets, protected)
+        try:  # several rule sets on one location: a checkpoint kept by any of them stays; what any run of the
+            # location needs stays there (a backup copy: the newest of each run; the run's own s3:// dirpath: the
+            # best and every resume and branch point too), and what the run protects (uploads pending, best-k)
+            plan = self.folder.plan(rule_sets, ckpts=ckpts, protect=self._protected())
         except ValueError as e:  # a rule ranks by a metric no checkpoint recorded: delete nothing
             log.warning("lightning_ckpt: retention of %s deletes nothing: %s", self.uri, e)
             return
-        if doomed:
-            self._delete(doomed, "retention", protected)
+        if plan.doomed:
+            self._delete(plan.names, "retention", set(plan.protected), ckpts)
 
-    def _collect_packs(self, freed: set[str]) -> None:
-        """After deletions: remove the packs no checkpoint at the location references any more. Only when one of the
-        packs ``freed`` (those the deleted manifests referenced) is now unreferenced, or every ``sweep_every`` passes
-        (packs left by others, collected after the grace period): most saves of a run reuse their packs."""
-        try:
-            due = self._unswept + 1 >= self.sweep_every
-            if freed and not due and KEPT.held(self.remote):
-                live = list_checkpoints(self.uri)  # from memory (store/s3listing.py)
-                freed = freed - {p for c in live for p in (c.manifest.get("packs") or {})}
-            if not freed and not due:
-                self._unswept += 1
-                return
-            self._unswept = 0
-            removed, size = self.remote.collect_packs(mine=self.pushed_packs)
-        except Exception as e:  # noqa: BLE001 - try again after the next deletion
-            log.warning("lightning_ckpt: could not collect unreferenced packs in %s (%r)", self.uri, e)
+    def _delete(self, names: list[str], reason: str, protected: Optional[set] = None,
+                ckpts: Optional[list] = None) -> None:
+        try:  # (the listing is from memory while the location is held: store/s3listing.py)
+            if ckpts is None:
+                ckpts = self.folder.checkpoints()
+            if protected is None:  # a deletion asked by the run (best-k): what any run of the location needs stays
+                protected = self._protected() | set(self.folder.needed(ckpts))
+        except Exception as e:  # noqa: BLE001 - cannot tell what is needed there: delete nothing now
+            log.warning("lightning_ckpt: cannot list %s (%r); not deleting %s now", self.uri, e, ", ".join(names))
             return
-        self.pushed_packs.difference_update(removed)
-        if removed:
-            log.info("lightning_ckpt: removed %d unreferenced pack(s) from %s/%s (%.1f MB)", len(removed), self.uri,
-                     ".blobs", size / 1e6)
-
-    def _delete(self, names: list[str], reason: str, protected: Optional[set] = None) -> None:
-        if protected is None:  # a deletion asked by the run (best-k): what any run of the location needs stays
-            try:  # (the listing is from memory while the location is held: store/s3listing.py)
-                protected = self._protected() | set(needed(list_checkpoints(self.uri), copy=not self.primary))
-            except Exception as e:  # noqa: BLE001 - cannot tell what is needed there: delete nothing now
-                log.warning("lightning_ckpt: cannot list %s (%r); not deleting %s now", self.uri, e, ", ".join(names))
-                return
-        try:  # from memory while the location is held; else no LIST for it: collect the whole location after
-            known = {c.name: c.manifest for c in list_checkpoints(self.uri)} if KEPT.held(self.remote) else {}
-        except Exception:  # noqa: BLE001 - the same
-            known = {}
+        held = KEPT.held(self.store)  # else the listing is not the location's for sure: collect the whole location
+        known = {n: c.manifest for n in names if (c := self.folder.get(n)) is not None} if held else {}
         freed: set[str] = set()
         for name in names:
-            if name in protected:
-                continue
-            m = known.get(name)
-            freed.update((m.get("packs") or {}) if isinstance(m, dict) else {"?"})  # unknown (unreadable): collect
-            try:
-                if not self.remote.delete(name):  # nothing there: the kept listing was wrong
-                    KEPT.invalidate(self.remote)
-                self.deleted.append(name)
-                log.info("lightning_ckpt: deleted %s/%s (%s)", self.uri, name, reason)
-            except Exception as e:  # noqa: BLE001 - try again at the next retention pass
-                log.warning("lightning_ckpt: could not delete %s/%s (%r)", self.uri, name, e)
-        self._collect_packs(freed)
+            if name not in protected:
+                m = known.get(name)
+                freed.update((m.get("packs") or {}) if isinstance(m, dict) else {"?"})  # unknown (unreadable): collect
+
+        def deleted(name: str) -> None:
+            self.deleted.append(name)
+            log.info("lightning_ckpt: deleted %s/%s (%s)", self.uri, name, reason)
+
+        def gone(name: str) -> None:  # nothing there: the kept listing was wrong
+            KEPT.invalidate(self.store)
+            deleted(name)
+
+        def failed(name: str, e: Exception) -> None:  # tried again at the next retention pass
+            log.warning("lightning_ckpt: could not delete %s/%s (%r)", self.uri, name, e)
+
+        self.folder.delete(names, protected=protected, on_deleted=deleted, on_gone=gone, on_error=failed)
+        removed = self.folder.collect(freed, mine=self.pushed_packs, listed=held)
+        self.pushed_packs.difference_update(removed)
 
 
 def staging_dir(uri: str) -> str:

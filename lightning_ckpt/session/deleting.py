@@ -1,82 +1,101 @@
 """What a folder's session keeps and deletes: the protections of its participants and uploads, deletions (out of the
 listing at once, the bytes in the background, then the content store's unreferenced packs), and the retention rules
-applied after each commit. A mixin of :class:`~lightning_ckpt.session.session.FolderSession`."""
+applied after each commit. A mixin of :class:`~lightning_ckpt.session.session.FolderSession`; the planning and the
+deleting are the folder's (:class:`~lightning_ckpt.folder.Folder`), held here across saves so that its state follows
+the commits and deletions of the run instead of being computed again from the whole folder at each save.
+
+Runs on the folder's leader (the committing thread, after each commit); ``delete`` also when a best-k callback evicts.
+"""
 from __future__ import annotations
 
 import logging
 import os
-from typing import Iterable
+from typing import Iterable, Optional
 
-from ..read import _scan, list_checkpoints, of_run
-from ..store.blobs import BlobStore
-from ..folder.needed import needed
-from ..folder.retention import plan_deletions, records_of
+from ..folder import Folder, Plan
 
 log = logging.getLogger("lightning_ckpt")
 
 
 class Deleting:
-    """Deletion and retention for a :class:`FolderSession` (which provides the attributes used here)."""
+    """Deletion and retention for a :class:`FolderSession`. It uses the session's ``dirpath``, ``store``, ``options``,
+    ``participants``, ``uploaders``, ``primary``, ``retention``, ``resumed_from``, ``best_rules()``,
+    ``announce``, ``_deleter``, ``deleted`` and ``retention_deleted``."""
 
-    def protected(self, ckpts: list | None = None) -> set[str]:
-        """What no deletion of this session may take: this run's resume point, its participants' protections (best-k),
-        the checkpoints waiting for an upload, and what any run of the folder needs (``folder.needed``: the newest of
-        each run, the current best recorded in the manifests, every resume and branch point). ``ckpts``: the
-        folder's listing when the caller has one."""
-        names: set[str] = set()
+    @property
+    def folder(self) -> Folder:
+        """The session's :class:`Folder` (its committed checkpoints, kept across saves)."""
+        f = self.__dict__.get("_folder")
+        if f is None:
+            f = self.__dict__["_folder"] = Folder(self.store, run_name=self.options.run_name)
+        return f
+
+    @folder.setter
+    def folder(self, f: Folder) -> None:
+        self.__dict__["_folder"] = f
+
+    def own_protections(self) -> dict[str, str]:
+        """What this run keeps beyond what the folder needs: its resume point, its participants' protections
+        (best-k), the checkpoints waiting for an upload."""
+        out: dict[str, str] = {}
         if self.resumed_from:
-            names.add(os.path.basename(os.path.normpath(self.resumed_from)))
+            out[os.path.basename(os.path.normpath(self.resumed_from))] = "the checkpoint this run resumed from"
         for p in list(self.participants):
             try:
-                names |= set(p.protect())
+                for n in p.protect():
+                    out.setdefault(n, f"kept by {type(p).__name__}")
             except Exception as e:  # noqa: BLE001
                 log.error("lightning_ckpt: %s could not say what to keep: %r", type(p).__name__, e)
         for up in list(self.uploaders.values()):
-            names |= up.pending()  # a checkpoint waiting for its upload is never deleted locally
-        # a ranking rule of a live participant is left to it: it knows the saves in flight (its protect() above)
-        names |= set(needed(_scan(self.dirpath)[0] if ckpts is None else ckpts, live_rules=self.best_rules()))
-        return names
+            for n in up.pending():  # a checkpoint waiting for its upload is never deleted locally
+                out.setdefault(n, f"waiting for its upload to {up.uri}")
+        return out
 
-    def delete(self, names: Iterable[str], reason: str) -> list[str]:
-        """Delete committed checkpoints (never a protected one): out of the listing now, the bytes in the background.
-        Returns the names deleted."""
-        protected = self.protected()
-        done = []
-        for name in names:
-            if name in protected:
-                continue
-            if self.primary is not None:  # an s3:// dirpath: delete there, after the uploads queued before
-                self.primary.enqueue_delete(name)
-            else:
-                trash = self.store.trash(name)
-                if trash is None:
-                    continue
-                self._deleter.submit(self.store.purge, trash)
-            done.append(name)
-            self.announce(f"lightning_ckpt: deleted {self.store.path(name) if not self.remote else self.remote + '/' + name}"
-                          f" ({reason})")
+    def protected(self, ckpts: list | None = None) -> set[str]:
+        """What no deletion of this session may take: :meth:`own_protections` and what any run of the folder needs
+        (``folder.needed``: the newest of each run, the current best recorded in the manifests, every resume and
+        branch point; a ranking rule of a live participant is left to it: it knows the saves in flight). ``ckpts``:
+        the folder's listing when the caller has one."""
+        return set(self.own_protections()) | set(self.folder.needed(ckpts, live_rules=self.best_rules()))
+
+    def plan(self, rule_sets: list, newest: Optional[str] = None, ckpts: list | None = None) -> Plan:
+        """What ``rule_sets`` would delete in the folder now (``newest``: kept too, the commit being handled)."""
+        own = self.own_protections()
+        if newest is not None:
+            own.setdefault(newest, "the checkpoint just committed")
+        return self.folder.plan(rule_sets, ckpts=ckpts, protect=own, live_rules=self.best_rules())
+
+    def delete(self, names: Iterable[str], reason: str, protected: Optional[set] = None) -> list[str]:
+        """Delete committed checkpoints (never a protected one): out of the listing now, the bytes in the background,
+        then the packs no checkpoint references any more. Returns the names deleted."""
+        if protected is None:
+            protected = self.protected()
+        names = [n for n in names if n not in protected]
+
+        primary = self.primary
+        where = primary.folder.store if primary is not None else self.store  # the folder the user named
+
+        def said(name: str) -> None:
+            self.announce(f"lightning_ckpt: deleted {where.path(name)} ({reason})")
+
+        if primary is not None:  # an s3:// dirpath: delete there, after the uploads queued before
+            done = list(names)
+            for name in done:
+                primary.enqueue_delete(name)
+                said(name)
+        else:
+            plan = Plan([], dict.fromkeys(names, reason), {})
+            done = self.folder.apply(plan, purge=self._deleter, on_deleted=said)
         self.deleted += done
-        if done and self.primary is None:
-            self._deleter.submit(self._collect_packs)  # after the purges queued above
         return done
-
-    def _collect_packs(self) -> None:
-        """Remove the packs of the folder's content store no checkpoint references any more (the deleter thread)."""
-        try:
-            self.store.collect_packs()
-        except Exception as e:  # noqa: BLE001 - retried after the next deletion
-            log.error("lightning_ckpt: could not collect unreferenced packs in %s: %r", self.dirpath, e)
 
     def apply_retention(self, newest: str) -> list[str]:
         """Delete what no retention rule set keeps (a checkpoint stays when any set keeps it)."""
-        ckpts = list_checkpoints(self.dirpath)
         try:
-            doomed = plan_deletions(records_of(of_run(ckpts, self.options.run_name)),
-                                    [r for _, r in self.retention],
-                                    self.protected(ckpts) | {newest})
+            plan = self.plan([r for _, r in self.retention], newest)
         except ValueError as e:
             log.warning("lightning_ckpt: retention deletes nothing in %s: %s", self.key, e)
             return []
-        done = self.delete(doomed, "retention policy") if doomed else []
+        done = self.delete(plan.names, "retention policy", set(plan.protected)) if plan.doomed else []
         self.retention_deleted += done
         return done

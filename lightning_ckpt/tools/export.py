@@ -19,12 +19,13 @@ from typing import Any, Optional
 
 from ..read import read_checkpoint_manifest
 from ..store import LocalStore, folder_key
+from ..folder.history import HISTORY
 from ..errors import CheckpointError
 from ..store.fs import OPS, read_member
 from .merge import merge_checkpoint
 
 log = logging.getLogger("lightning_ckpt")
-MAX_HISTORY_BYTES = 256 << 20  # the metrics.jsonl copied alongside
+MAX_HISTORY_BYTES = 256 << 20  # the run history (folder/history.py) copied alongside
 
 
 def data_fingerprint(datamodule: Any) -> Optional[str]:
@@ -71,7 +72,7 @@ def export_checkpoint(
         files: dict[str, bytes] = {"metrics.json": json.dumps(metrics, indent=1).encode()}
         if history and os.path.isfile(history):  # a regular file, never through a link, never a FIFO; bounded
             try:
-                files["metrics.jsonl"] = read_member(os.path.dirname(os.path.abspath(history)),
+                files[HISTORY] = read_member(os.path.dirname(os.path.abspath(history)),
                                                      os.path.basename(history), MAX_HISTORY_BYTES, follow_folder=True)
             except CheckpointError as e:
                 log.warning("lightning_ckpt: the export of %s leaves out %s: %s", path, history, e)

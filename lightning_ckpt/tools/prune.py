@@ -16,7 +16,8 @@ from typing import Any
 from ..errors import CheckpointError
 from ..policy.retention import RetentionRules
 from ..folder.retention import committed_records, plan_deletions, records_of  # noqa: F401 - re-exported
-from ..read import ANY_RUN, list_checkpoints, of_run
+from ..folder import Folder
+from ..read import ANY_RUN, list_checkpoints, of_run  # noqa: F401 - re-exported
 from ..store import open_store
 from ..store.base import owner_gone, owner_of
 from ..store.fs import OPS, _is_real_dir
@@ -32,29 +33,6 @@ from ..folder.needed import (  # noqa: F401 - re-exported: the failed-run notes 
 )
 
 
-def _collect_packs(store: Any, ckpts: list, doomed: dict, dry_run: bool) -> list[dict]:
-    """The packs no kept checkpoint references: removed (or, ``dry_run``, only listed)."""
-    from ..format import manifest as mf
-    from ..store.blobs import BlobStore
-
-    if dry_run:  # what the deletions would leave unreferenced
-        needed = {p for c in ckpts if c.name not in doomed for p in (c.manifest.get("packs") or {})}
-        sizes = {p: int(e["size"]) for c in ckpts for p, e in (c.manifest.get("packs") or {}).items()}
-        if store.remote:
-            present = set(store.blob_listing()[0])  # the packs, not their reuse marks
-        else:
-            present = set(BlobStore(store.uri).names())
-        return [{"path": f"{store.uri}/{mf.BLOBS}/{p}", "bytes": sizes.get(p, 0)}
-                for p in sorted(present - needed)]
-    if store.remote:
-        removed, _ = store.collect_packs()
-        return [{"path": f"{store.uri}/{mf.BLOBS}/{p}", "bytes": None} for p in removed]
-    blobs = BlobStore(store.uri, fsync=store.fsync)
-    sizes = {p: os.path.getsize(blobs.pack(p)) for p in blobs.names()}
-    removed, _ = store.collect_packs()
-    return [{"path": blobs.pack(p), "bytes": sizes.get(p)} for p in removed]
-
-
 def remove_checkpoint(path: Any, *, force: bool = False) -> None:
     """Delete a committed checkpoint: it disappears from listings atomically, then its files are removed, then the
     packs of the folder's content store no checkpoint references any more.
@@ -63,22 +41,20 @@ def remove_checkpoint(path: Any, *, force: bool = False) -> None:
     a run, a current best, one a run resumed or branched from) unless ``force=True``, and (``FolderBusyError``) a
     local folder whose lock another process holds: a run writes there, whose protections cannot be seen from here."""
     from ..store import locate
-    from ..store.blobs import BlobStore
 
     store, name = locate(path)
-    lock = None if store.remote else store.lock_unless_mine({"run_id": "remove_checkpoint"})
+    folder = Folder(store)
+    lock = store.lock_unless_mine({"run_id": "remove_checkpoint"})  # None: this process holds it, or no lock there
     try:
         if not force:
-            holds = {} if store.remote else live_holds(store.uri)
-            why = {**holds, **needed(list_checkpoints(store.uri))}.get(name)
+            why = {**folder.holds(), **needed(list_checkpoints(store.uri))}.get(name)
             if why is not None:
                 raise CheckpointProtectedError(
                     f"{path} is {why}: a run needs it, so it was not deleted. Pass force=True to delete it all the same.")
-        store.delete(name)
-        if store.remote:
-            store.collect_packs()
-        elif lock is None or lock.held:  # this process writes the folder, or holds its lock now: nobody else does
-            store.collect_packs()
+        # this process writes the folder, or holds its lock now, or the folder has no lock: collect the packs
+        folder.delete([name])
+        if lock is None or lock.held:
+            folder.collect()
     finally:
         if lock is not None:
             lock.release()
@@ -105,26 +81,16 @@ def prune(dirpath: Any, rules: RetentionRules | None, *, failed: bool = False, d
     the failed-run notes are not what this package writes there, ValueError when ``rules`` rank by a metric no
     checkpoint recorded; nothing is deleted then."""
     store = open_store(dirpath)
-    lock = None
-    if not store.remote and not dry_run:
-        lock = store.lock({"run_id": "lightning-ckpt prune"})
+    folder = Folder(store)
+    lock = None if dry_run else store.lock({"run_id": "lightning-ckpt prune"})  # NoLock where there is none (S3)
     try:
         report = PruneReport(dry_run)
-        # ---- the plan: nothing is deleted before all of it is known
-        ckpts = list_checkpoints(dirpath)
-        keep = needed(ckpts)
-        if not store.remote:  # what live runs resumed from and have not recorded in a manifest yet (locks disabled)
-            keep.update({n: why for n, why in live_holds(store.uri).items() if n not in keep})
-        doomed: dict[str, str] = {}
-        if rules is not None and (rules.has_keep_rule or rules.max_total_bytes is not None):
-            for name in plan_deletions(records_of(ckpts), [rules], set(keep)):
-                doomed[name] = "retention rules"
+        # ---- the plan: nothing is deleted before all of it is known (with the holds of live runs: locks disabled)
+        plan = folder.plan([rules] if rules is not None else [], ckpts=list_checkpoints(dirpath), holds=True,
+                           failed=failed)
+        ckpts, doomed, keep = plan.ckpts, plan.doomed, plan.protected
         debris: list[str] = []
-        if failed and not store.remote:
-            ids = failed_runs(store.uri, ckpts)
-            for c in ckpts:
-                if c.manifest.get("run_id") in ids and c.name not in keep:
-                    doomed.setdefault(c.name, "its run ended in an exception")
+        if failed:  # the leftovers of interrupted saves (a folder without owners has none: found by age, in cleanup)
             debris = store.debris(everyone=_owns_folder(store, lock))
             report.left_alone = [p for p in store.debris(everyone=True) if p not in debris]
         report.protected = {c.path: keep[c.name] for c in ckpts if c.name in keep}
@@ -135,11 +101,11 @@ def prune(dirpath: Any, rules: RetentionRules | None, *, failed: bool = False, d
         for c in ckpts:
             if c.name in doomed:
                 if not dry_run:
-                    store.delete(c.name)
+                    folder.delete([c.name])
                 report.deleted.append({"path": c.path, "reason": doomed[c.name], "bytes": c.size_bytes})
         report.kept = [c.path for c in ckpts if c.name not in doomed]
-        if store.remote or _owns_folder(store, lock) or not _live_writer(store):
-            report.packs = _collect_packs(store, ckpts, doomed, dry_run)
+        if _owns_folder(store, lock) or not _live_writer(store):
+            report.packs = folder.collect_report(ckpts, doomed, dry_run)
         return report
     finally:
         if lock is not None:

@@ -13,7 +13,6 @@ Content-Security-Policy that forbids scripts and any network access.
 from __future__ import annotations
 
 import html
-import json
 import math
 import os
 import time
@@ -22,14 +21,12 @@ from typing import Any, Optional
 
 from ..errors import CheckpointError, CheckpointNotFoundError
 from ..read import _scan, open_checkpoint, read_state_doc
-from ..store import LocalStore, is_remote, open_store
-from ..store.fs import open_member
+from ..folder.history import HISTORY, MAX_HISTORY_BYTES, MAX_STEP  # noqa: F401 - re-exported
+from ..folder.history import read_history as _read_history
+from ..store import LocalStore, open_store
 from .report_svg import bar_chart, line_chart
 
-HISTORY = "metrics.jsonl"
-MAX_HISTORY_BYTES = 64 << 20  # a longer history is read from its end
 MAX_METRIC_PLOTS = 24  # more metrics than this are listed in the table only
-MAX_STEP = 1 << 62  # a history line with a larger step is malformed
 _NONFINITE = {"nan": math.nan, "inf": math.inf, "+inf": math.inf, "-inf": -math.inf, "infinity": math.inf,
               "-infinity": -math.inf}
 
@@ -104,46 +101,6 @@ def _seconds(t: Any, key: str) -> Optional[float]:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
 
 
-def _read_history(store: Any) -> tuple[Optional[list[dict]], int]:
-    """The lines of the run's ``metrics.jsonl`` that are well-formed (None when there is none) and how many were not."""
-    try:
-        if store.remote:
-            raw = store.get_bytes(store.key(HISTORY), MAX_HISTORY_BYTES)
-        else:
-            path = store.path(HISTORY)
-            if not os.path.isfile(path):
-                return None, 0
-            raw = _tail(store.root)
-    except (CheckpointError, OSError):
-        return None, 0
-    lines, bad = [], 0
-    for text in raw.decode("utf-8", "replace").splitlines():
-        if not text.strip():
-            continue
-        try:
-            d = json.loads(text)
-        except (ValueError, RecursionError):
-            bad += 1
-            continue
-        if (isinstance(d, dict) and isinstance(d.get("name"), str) and isinstance(d.get("step"), int)
-                and not isinstance(d.get("step"), bool) and 0 <= d["step"] < MAX_STEP):
-            lines.append(d)
-        else:
-            bad += 1
-    return lines, bad
-
-
-def _tail(root: str) -> bytes:
-    """The history, or its last ``MAX_HISTORY_BYTES`` (from a line start): a regular file, never through a link."""
-    with os.fdopen(open_member(root, HISTORY, follow_folder=True), "rb", buffering=0) as f:
-        size = os.fstat(f.fileno()).st_size
-        if size <= MAX_HISTORY_BYTES:
-            return f.read(MAX_HISTORY_BYTES)
-        f.seek(-MAX_HISTORY_BYTES, os.SEEK_END)
-        data = f.read(MAX_HISTORY_BYTES)
-    return data[data.find(b"\n") + 1:]  # the first line is cut
-
-
 def _monitor_from_state(path: str) -> Optional[tuple[str, str, str]]:
     """(monitor, mode, who) recorded by a BestMetricCheckpoint / EarlyStopAndSave in a checkpoint's state."""
     try:
@@ -176,7 +133,7 @@ def collect_run(run_folder: Any, *, monitor: Optional[str] = None, mode: Optiona
     if mode not in (None, "min", "max"):
         raise ValueError(f"mode={mode!r} is invalid; use 'min' or 'max'")
     store = open_store(run_folder)
-    if not store.remote and not store.exists():
+    if not store.exists():  # a local folder that is not there (a remote location always is)
         raise CheckpointNotFoundError(f"{run_folder} is not a folder")
     infos, skipped = _scan(run_folder)
     rows: list[Row] = []
@@ -365,10 +322,11 @@ def render_report(rep: RunReport, now: Optional[float] = None) -> str:
 
 def default_output(run_folder: Any) -> str:
     """``<run>/report.html`` for a local folder; ``./<last part of the prefix>-report.html`` for an S3 one."""
-    if is_remote(run_folder):
-        base = str(run_folder).rstrip("/").rsplit("/", 1)[-1] or "run"
-        return os.path.abspath(f"{base}-report.html")
-    return os.path.join(os.path.abspath(os.fspath(run_folder)), "report.html")
+    where = os.fspath(run_folder) if isinstance(run_folder, (str, os.PathLike)) else str(run_folder)
+    if os.path.isdir(where):  # a folder of this machine holds its report (a listed run folder always exists)
+        return os.path.join(os.path.abspath(where), "report.html")
+    base = str(where).rstrip("/").rsplit("/", 1)[-1] or "run"
+    return os.path.abspath(f"{base}-report.html")
 
 
 def save_html(page: str, out_html: Any) -> str:

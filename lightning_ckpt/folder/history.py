@@ -1,0 +1,92 @@
+"""The run history of a folder, ``<dirpath>/metrics.jsonl``: one JSON line per committed checkpoint (step, name, tags,
+time, metrics), appended by the folder's session after each commit and read by ``lightning-ckpt report`` (the
+checkpoints retention or best-k deleted since still show there) and copied by an export. This module owns its name,
+its format and both ends: the append goes through the store's file operations (``OPS``, where the fault injection
+of the tests reaches it), never through a link; a read takes at most ``MAX_HISTORY_BYTES`` from its end.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Optional
+
+from ..errors import CheckpointError
+from ..store.fs import OPS, open_member
+
+HISTORY = "metrics.jsonl"
+MAX_HISTORY_BYTES = 64 << 20  # a longer history is read from its end
+MAX_STEP = 1 << 62
+
+
+def history_line(step: int, name: str, tags: Any, metrics: dict, when: Optional[float] = None) -> dict:
+    """The line recorded for one commit."""
+    return {"step": step, "name": name, "tags": tags, "time": time.time() if when is None else when,
+            "metrics": metrics}
+
+
+def history_path(dirpath: str) -> str:
+    """Where the history of a local folder is (the file may not exist)."""
+    return os.path.join(dirpath, HISTORY)
+
+
+def append_history(dirpath: str, line: dict) -> None:
+    """Append ``line`` to the history of the local folder ``dirpath`` (created when missing; never through a link:
+    a link there raises OSError). Raises ValueError for a line that is not JSON (a NaN metric is written as null by
+    the caller's metrics, never as NaN)."""
+    data = (json.dumps(line, allow_nan=False, default=str) + "\n").encode()
+    fd = os.open(history_path(dirpath), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        OPS.write_all(fd, data)
+    finally:
+        os.close(fd)
+
+
+def _tail(root: str) -> bytes:
+    """The history, or its last ``MAX_HISTORY_BYTES`` (from a line start): a regular file, never through a link."""
+    with os.fdopen(open_member(root, HISTORY, follow_folder=True), "rb", buffering=0) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size <= MAX_HISTORY_BYTES:
+            return f.read(MAX_HISTORY_BYTES)
+        f.seek(-MAX_HISTORY_BYTES, os.SEEK_END)
+        data = f.read(MAX_HISTORY_BYTES)
+    return data[data.find(b"\n") + 1:]  # the first line is cut
+
+
+def parse_history(raw: bytes) -> tuple[list[dict], int]:
+    """The well-formed lines of a history and how many were not."""
+    lines, bad = [], 0
+    for text in raw.decode("utf-8", "replace").splitlines():
+        if not text.strip():
+            continue
+        try:
+            d = json.loads(text)
+        except (ValueError, RecursionError):
+            bad += 1
+            continue
+        if (isinstance(d, dict) and isinstance(d.get("name"), str) and isinstance(d.get("step"), int)
+                and not isinstance(d.get("step"), bool) and 0 <= d["step"] < MAX_STEP):
+            lines.append(d)
+        else:
+            bad += 1
+    return lines, bad
+
+
+def read_history(store: Any) -> tuple[Optional[list[dict]], int]:
+    """The well-formed lines of the history of the folder of ``store`` (None when it has none) and how many lines
+    were not. A history that cannot be read counts as none."""
+    try:
+        raw = _raw(store)
+    except (CheckpointError, OSError):
+        return None, 0
+    return (None, 0) if raw is None else parse_history(raw)
+
+
+def _raw(store: Any) -> Optional[bytes]:
+    # the history is a file of the folder beside its entries; the store contract reads entries, not such files,
+    # so the two ways of reading one are named here (an S3 location: one GET; a folder: its tail, no link)
+    if store.remote:
+        return store.get_bytes(store.key(HISTORY), MAX_HISTORY_BYTES)
+    if not os.path.isfile(store.path(HISTORY)):
+        return None
+    return _tail(store.root)
