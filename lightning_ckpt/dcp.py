@@ -439,7 +439,3 @@ def unwrap_dcp_error(e: BaseException) -> BaseException:
         if isinstance(first, tuple) and first and isinstance(first[0], BaseException):
             return first[0]
     return e
-
-
-# alias until the merge: the old private name, still imported by writer/plain.py and writer/job.py
-_FileResult = FileResult

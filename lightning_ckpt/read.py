@@ -257,7 +257,6 @@ def read_state_doc(folder: str, m: dict, rank: int = 0) -> Any:
 def read_reference(folder: str) -> dict | None:
     """The record of a reference folder (``REFERENCE`` beside no manifest: what Ray keeps of a checkpoint this package
     reported), or None when ``folder`` is no reference. Raises CheckpointCorruptError for a malformed one."""
-    import json  # here: the module's state parsing lives in format.codec
     if not isinstance(folder, (str, os.PathLike)):
         return None
     try:
@@ -379,8 +378,3 @@ def is_checkpoint_dir(path: Any) -> bool:
     except (TypeError, ValueError):
         return False
     return store.looks_committed(name)
-
-
-# alias until the merge: the old private names, still imported by modules other helpers own
-_scan = scan_checkpoints
-_verify_files = verify_files

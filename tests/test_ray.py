@@ -307,7 +307,7 @@ def test_the_start_under_ray_continues_the_run_from_its_newest_commit_or_branche
 
     folder = str(tmp_path / "ckpts")
     first, second, third = _three_checkpoints(folder)
-    session = types.SimpleNamespace(key=folder, dirpath=folder, run_name=None, remote=None,
+    session = types.SimpleNamespace(key=folder, dirpath=folder, run_name=None, staged_for=None,
                                     writer=types.SimpleNamespace(node_local=False))
     # Ray knows step 2 only (the worker died before reporting 4 and 6): the run goes on from its newest commit
     assert _choose(session, _reference(first)) == (third, False, False)

@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import threading
 from typing import Any, Literal, Optional
 
 import lightning.pytorch as pl
 
-from ..store import is_remote
+from ..store import open_store
 from ..policy.conditions import Monitor
 from . import compat
 from .base import BaseCheckpointCallback, best_path_at, metric_value
@@ -207,5 +206,5 @@ class BestMetricCheckpoint(BaseCheckpointCallback):
 
     def on_load_checkpoint(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(trainer, pl_module, checkpoint)
-        if is_remote(self.dirpath) or os.path.isdir(self.dirpath):
+        if open_store(self.dirpath).exists():
             self._rebuild_from_disk(int(checkpoint.get("global_step", 0)))

@@ -160,7 +160,7 @@ class RayReporter:
         lin = lineage_of(m)
         self.last = {
             "format": REF_FORMAT, "version": 1, "folder": s.key, "name": res.name, "path": res.path,
-            "uri": f"{s.remote}/{res.name}" if s.remote else None, "step": int(m["step"]), "epoch": m.get("epoch"),
+            "uri": f"{s.staged_for}/{res.name}" if s.staged_for else None, "step": int(m["step"]), "epoch": m.get("epoch"),
             "run_name": lin.get("run_name"), "lineage_run": lin.get("run"), DIGEST: m.get(DIGEST),
             "tags": list(m.get("tags") or []),
         }
@@ -201,7 +201,7 @@ def checkpoint_reader() -> Optional[Callable[[], Optional[dict]]]:
 def _choose(session: "FolderSession", ref: dict) -> tuple[str, bool, bool]:
     """Rank 0: (path, branched, relative to the folder) of where to start from Ray's reference ``ref`` (the decision
     is ``session.start.from_reference``; relative: a node-local folder's checkpoint, read from each rank's copy)."""
-    place = Place(session.key, session.dirpath, staged_for=session.remote, run_name=session.run_name,
+    place = Place(session.key, session.dirpath, staged_for=session.staged_for, run_name=session.run_name,
                   node_local=session.writer.node_local)
     got = from_reference(place, ref)
     path, relative = shared(place, str(got.path), in_folder(place, got))

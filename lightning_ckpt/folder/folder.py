@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
 
 from ..policy.retention import RetentionRules
-from ..read import ANY_RUN, _scan
+from ..read import ANY_RUN, scan_checkpoints
 from ..store import open_store
 from ..store.base import Store
 from .index import NeededIndex, RetentionIndex, order_key
@@ -71,7 +71,7 @@ class Folder:
     def checkpoints(self) -> list:
         """The committed checkpoints, oldest first (the unreadable ones left out without a warning: the listing
         commands say them)."""
-        return _scan(self.uri)[0]
+        return scan_checkpoints(self.uri)[0]
 
     def records(self, ckpts: Optional[list] = None) -> list:
         """Retention records of the run's checkpoints (a shared pack counted once)."""

@@ -12,7 +12,7 @@ import time
 from typing import Any, Optional
 
 from ..errors import CheckpointError
-from ..store.fs import OPS, open_member
+from ..store.fs import OPS
 
 HISTORY = "metrics.jsonl"
 MAX_HISTORY_BYTES = 64 << 20  # a longer history is read from its end
@@ -40,17 +40,6 @@ def append_history(dirpath: str, line: dict) -> None:
         OPS.write_all(fd, data)
     finally:
         os.close(fd)
-
-
-def _tail(root: str) -> bytes:
-    """The history, or its last ``MAX_HISTORY_BYTES`` (from a line start): a regular file, never through a link."""
-    with os.fdopen(open_member(root, HISTORY, follow_folder=True), "rb", buffering=0) as f:
-        size = os.fstat(f.fileno()).st_size
-        if size <= MAX_HISTORY_BYTES:
-            return f.read(MAX_HISTORY_BYTES)
-        f.seek(-MAX_HISTORY_BYTES, os.SEEK_END)
-        data = f.read(MAX_HISTORY_BYTES)
-    return data[data.find(b"\n") + 1:]  # the first line is cut
 
 
 def parse_history(raw: bytes) -> tuple[list[dict], int]:
@@ -83,10 +72,10 @@ def read_history(store: Any) -> tuple[Optional[list[dict]], int]:
 
 
 def _raw(store: Any) -> Optional[bytes]:
-    # the history is a file of the folder beside its entries; the store contract reads entries, not such files,
-    # so the two ways of reading one are named here (an S3 location: one GET; a folder: its tail, no link)
-    if store.remote:
-        return store.get_bytes(store.key(HISTORY), MAX_HISTORY_BYTES)
-    if not os.path.isfile(store.path(HISTORY)):
-        return None
-    return _tail(store.root)
+    # the history is a file of the folder beside its entries (Store.read_file), read from its tail: one grown past
+    # the bound loses its oldest lines, from a line start
+    raw = store.read_file(HISTORY, MAX_HISTORY_BYTES + 1, tail=True)
+    if raw is None or len(raw) <= MAX_HISTORY_BYTES:
+        return raw
+    raw = raw[-MAX_HISTORY_BYTES:]
+    return raw[raw.find(b"\n") + 1:]  # the first line is cut

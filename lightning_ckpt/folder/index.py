@@ -29,7 +29,7 @@ from ..policy.conditions import Monitor
 from ..policy.retention import Record, RetentionRules, UnknownMonitorError, plan_retention
 from ..read import ANY_RUN
 from .best import rank_best
-from .needed import _best_rules, _continues, _ref
+from .needed import recorded_best_rules, continues, checkpoint_ref
 
 
 def order_key(c: Any) -> tuple:
@@ -155,12 +155,12 @@ class NeededIndex(Tracked):
         _insert(self.lines.setdefault(line, []), c)
         if "best" in c.tags:
             _insert(self.best.setdefault(line, []), c)
-        if _best_rules([c]):
+        if recorded_best_rules([c]):
             _insert(self.ruled.setdefault(line, []), c)
         m = c.manifest
         lin = m.get("lineage") if isinstance(m.get("lineage"), dict) else {}
-        refs = [(r, why) for r, why in ((_ref(m.get("resumed_from")), f"the checkpoint {c.name} resumed from"),
-                                        (_ref(lin.get("parent")), f"the checkpoint the run of {c.name} started from"))
+        refs = [(r, why) for r, why in ((checkpoint_ref(m.get("resumed_from")), f"the checkpoint {c.name} resumed from"),
+                                        (checkpoint_ref(lin.get("parent")), f"the checkpoint the run of {c.name} started from"))
                 if r]
         if refs:
             self.refs[c.name] = (c, refs)
@@ -188,7 +188,7 @@ class NeededIndex(Tracked):
                            else "the newest checkpoint of the main line")
             if self.copy:
                 continue
-            for rule in _best_rules(self.ruled.get(line, ())):
+            for rule in recorded_best_rules(self.ruled.get(line, ())):
                 if rule in live_rules:
                     continue
                 for c in rank_best(self.best.get(line, []), rule["monitor"], rule.get("mode", "min"), rule.get("top_k")):
@@ -197,7 +197,7 @@ class NeededIndex(Tracked):
             for c, refs in sorted(self.refs.values(), key=lambda cr: order_key(cr[0])):
                 for ref, why in refs:
                     parent = self.by_name.get(ref)
-                    if parent is not None and not _continues(parent.manifest, c.manifest):
+                    if parent is not None and not continues(parent.manifest, c.manifest):
                         out.setdefault(ref, why)
         return out
 

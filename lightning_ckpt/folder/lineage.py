@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from ..errors import CheckpointError
-from ..read import _scan, list_checkpoints, read_checkpoint_manifest
+from ..read import scan_checkpoints, list_checkpoints, read_checkpoint_manifest
 
 
 @dataclass
@@ -47,7 +47,7 @@ def lineage_of(m: dict) -> dict:
             "branch": False}
 
 
-def start_lineage(parent: Optional[str], dirpath: str, *, remote: bool = False, branched: bool = False,
+def start_lineage(parent: Optional[str], dirpath: str, *, staged: bool = False, branched: bool = False,
                   run_name: Optional[str] = None) -> dict:
     """The lineage record of a run that starts from checkpoint ``parent`` (None: fresh) and saves into ``dirpath``.
     Resuming from the newest checkpoint of a run in this folder continues that run; anything else (a fresh start,
@@ -56,7 +56,7 @@ def start_lineage(parent: Optional[str], dirpath: str, *, remote: bool = False, 
     run, ref = None, parent
     if parent:
         folder = os.path.dirname(os.path.normpath(str(parent)))
-        same = not remote and os.path.realpath(folder) == os.path.realpath(dirpath)
+        same = not staged and os.path.realpath(folder) == os.path.realpath(dirpath)
         try:
             pm = read_checkpoint_manifest(parent)
         except (CheckpointError, OSError, ValueError):
@@ -65,7 +65,7 @@ def start_lineage(parent: Optional[str], dirpath: str, *, remote: bool = False, 
             ref = os.path.basename(os.path.normpath(str(parent)))
         if same and pm is not None and not branched and lineage_of(pm).get("run_name") == run_name:
             plin = lineage_of(pm)
-            newest = max((c.step for c in _scan(dirpath)[0] if lineage_of(c.manifest)["run"] == plin["run"]),
+            newest = max((c.step for c in scan_checkpoints(dirpath)[0] if lineage_of(c.manifest)["run"] == plin["run"]),
                          default=-1)
             if int(pm["step"]) >= newest:  # a continuation after a crash or a stop
                 run = plin["run"]
@@ -78,7 +78,7 @@ def branch_points(dirpath: str) -> set[str]:
     out: set[str] = set()
     if not os.path.isdir(dirpath):
         return out
-    for c in _scan(dirpath)[0]:
+    for c in scan_checkpoints(dirpath)[0]:
         parent = c.__dict__.get("_branch_parent", False)  # worked out once per listed checkpoint
         if parent is False:
             lin = c.manifest.get("lineage")

@@ -51,7 +51,7 @@ class RunNotesError(CheckpointError):
     """``<dirpath>/.runs`` or one of its notes is not what this package writes there (a link, a file, a FIFO...)."""
 
 
-def _ref(path: Any) -> Optional[str]:
+def checkpoint_ref(path: Any) -> Optional[str]:
     return os.path.basename(os.path.normpath(path)) if isinstance(path, str) and path else None
 
 
@@ -75,7 +75,7 @@ def needed(ckpts: list, live_rules: list = (), copy: bool = False) -> dict[str, 
         lines.setdefault(run_name_of(c.manifest), []).append(c)
     for line, cs in lines.items():
         add(cs[-1].name, f"the newest checkpoint of run {line!r}" if line else "the newest checkpoint of the main line")
-        for rule in _best_rules(cs) if not copy else ():
+        for rule in recorded_best_rules(cs) if not copy else ():
             if rule in live_rules:
                 continue
             for c in rank_best(cs, rule["monitor"], rule.get("mode", "min"), rule.get("top_k")):
@@ -84,15 +84,15 @@ def needed(ckpts: list, live_rules: list = (), copy: bool = False) -> dict[str, 
     for c in ckpts if not copy else ():
         m = c.manifest
         lin = m.get("lineage") if isinstance(m.get("lineage"), dict) else {}
-        for ref, why in ((_ref(m.get("resumed_from")), f"the checkpoint {c.name} resumed from"),
-                         (_ref(lin.get("parent")), f"the checkpoint the run of {c.name} started from")):
+        for ref, why in ((checkpoint_ref(m.get("resumed_from")), f"the checkpoint {c.name} resumed from"),
+                         (checkpoint_ref(lin.get("parent")), f"the checkpoint the run of {c.name} started from")):
             parent = by_name.get(ref) if ref else None
-            if parent is not None and not _continues(parent.manifest, m):
+            if parent is not None and not continues(parent.manifest, m):
                 add(ref, why)
     return out
 
 
-def _continues(parent: dict, child: dict) -> bool:
+def continues(parent: dict, child: dict) -> bool:
     """``child`` goes on with the run of ``parent`` (a relaunch after a crash or a stop resumed from the run's newest:
     the same ``lineage.run``): then ``parent`` is an older checkpoint of the same line, kept or deleted by the rules
     like any other (before the relaunch's first commit, the live run's note holds it, and it is the line's newest).
@@ -102,7 +102,7 @@ def _continues(parent: dict, child: dict) -> bool:
             and a.get("run") == b.get("run"))
 
 
-def _best_rules(cs: list) -> list[dict]:
+def recorded_best_rules(cs: list) -> list[dict]:
     """Every ranking rule the newest checkpoint with rules recorded (a folder may have several ranking callbacks)."""
     for c in reversed(cs):
         rules = c.manifest.get("best_rule")
@@ -183,7 +183,7 @@ def failed_runs(dirpath: str, ckpts: list) -> set[str]:
         lin = m.get("lineage") if isinstance(m.get("lineage"), dict) else {}
         if isinstance(lin.get("run"), str):
             runs.setdefault(lin["run"], set()).add(m.get("run_id"))
-        for ref in (_ref(m.get("resumed_from")), _ref(lin.get("parent"))):
+        for ref in (checkpoint_ref(m.get("resumed_from")), checkpoint_ref(lin.get("parent"))):
             parent = by_name.get(ref) if ref else None
             if parent is not None and parent.manifest.get("run_id") != m.get("run_id"):
                 went_on.add(parent.manifest.get("run_id"))

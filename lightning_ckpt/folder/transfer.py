@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional
 from ..errors import CheckpointError, CheckpointNotFoundError
 from ..format import manifest as mf
 from ..format.tensorfile import file_crc32c
-from ..read import Opened, _verify_files, verify_checkpoint
+from ..read import Opened, verify_files, verify_checkpoint
 from ..store import LocalStore, locate, open_store
 from ..store.blobs import BlobStore
 from ..store.fs import OPS, open_member
@@ -263,7 +263,7 @@ def _pull_into(store: Any, name: str, m: dict, raw: bytes, local: LocalStore, pr
         with blobs.lock:  # this process collects no pack between their arrival and the commit
             if packs:  # into the local content store first, then the checkpoint
                 _copy_packs(store.packs_folder(None), local, packs)
-            _verify_files(Opened(local, name, m, raw, tx.path), None)
+            verify_files(Opened(local, name, m, raw, tx.path), None)
             return local.path(tx.commit(raw, if_exists="replace"))
     except BaseException:
         tx.abort()

@@ -44,7 +44,7 @@ def find_newest(dirpath: Any, backup_uri: Any = None, *, run_name: Any = ANY_RUN
     a fresh local copy of (None: ``path`` was in the folder already)."""
     store = open_store(dirpath)
     local = latest_checkpoint(store.uri, run_name=run_name) if store.exists() else None
-    if store.remote:  # a location is read where it is: there is no folder to pull a backup into
+    if store.read_cache:  # a location read where it is (through the read cache): no folder to pull a backup into
         return local, None
     local_step = _step(local)
     uris = _uris(backup_uri)

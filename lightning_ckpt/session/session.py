@@ -63,8 +63,10 @@ class FolderSession(Deleting):
 
     def __init__(self, key: str, options: SaveOptions) -> None:
         self.key = key
-        self.remote: Optional[str] = key if is_remote(key) else None
-        self.dirpath = staging_dir(key) if self.remote else key  # where the writer commits
+        # the one place a session asks what its location is: an s3:// folder is written into a local staging folder
+        # and uploaded there (the location's uploader is the primary, see session/backups.py)
+        self.staged_for: Optional[str] = key if is_remote(key) else None
+        self.dirpath = staging_dir(key) if self.staged_for else key  # where the writer commits
         self.options = options
         self.writer = CheckpointWriter(
             self.dirpath, async_save=options.async_save, name_template=options.name_template, if_busy=options.if_busy,
@@ -109,7 +111,7 @@ class FolderSession(Deleting):
         leader and remove what interrupted saves left. Raises on every rank when any rank failed."""
         w = self.writer
         w.prepare_dir()
-        w.detect_folders(every_folder=self.remote is None)
+        w.detect_folders(every_folder=self.staged_for is None)
         mine: Optional[CheckpointError] = None
         if w.is_leader and w.folder_written:
             try:
@@ -134,7 +136,7 @@ class FolderSession(Deleting):
     def resumed_from(self, path: Optional[str]) -> None:
         self._resumed_from = path
         w = self.writer
-        if path and not self.remote and w.is_leader and w.folder_written:
+        if path and not self.staged_for and w.is_leader and w.folder_written:
             try:  # a run noted as failed that this one resumes or branches from is not failed any more
                 settle_resumed(self.dirpath, path, self.run_id)
                 self._holds = hold_resume_point(self.dirpath, path, self.run_id) or self._holds
@@ -169,17 +171,17 @@ class FolderSession(Deleting):
         """Upload every commit of the folder to these locations (rank 0 runs the uploads). An ``s3://`` dirpath is
         itself the first, required location. Returns the uploaders added."""
         locs = list(locations)
-        if self.remote and self.remote not in self.uploaders:
-            locs.insert(0, BackupLocation(self.remote, required=True))
+        if self.staged_for and self.staged_for not in self.uploaders:
+            locs.insert(0, BackupLocation(self.staged_for, required=True))
         added = []
         for loc in locs:
             up = self.uploaders.get(loc.uri)
             if up is not None:
-                if up.location != loc and loc.uri != self.remote:
+                if up.location != loc and loc.uri != self.staged_for:
                     raise ValueError(f"callbacks saving into {self.key} give {loc.uri} different retention rules; "
                                      "give it once, or the same rules on each")
                 continue
-            primary = loc.uri == self.remote  # the run's own folder: the callbacks' protections hold there too
+            primary = loc.uri == self.staged_for  # the run's own folder: the callbacks' protections hold there too
             up = Uploader(loc, self.dirpath, protect=self.protected if primary else None, primary=primary)
             up.run_name = self.options.run_name
             self.uploaders[loc.uri] = up
@@ -199,7 +201,7 @@ class FolderSession(Deleting):
     @property
     def primary(self) -> Optional[Uploader]:
         """The uploader of an ``s3://`` dirpath, else None."""
-        return self.uploaders.get(self.remote) if self.remote else None
+        return self.uploaders.get(self.staged_for) if self.staged_for else None
 
     # ------------------------------------------------------------------ saving
     @property
@@ -297,7 +299,7 @@ class FolderSession(Deleting):
     def lineage(self) -> dict:
         """The run this session's checkpoints belong to and where it came from (see ``tools/lineage.start_lineage``)."""
         if self._lineage is None:
-            self._lineage = start_lineage(self.resumed_from, self.dirpath, remote=bool(self.remote),
+            self._lineage = start_lineage(self.resumed_from, self.dirpath, staged=bool(self.staged_for),
                                           branched=self.branched, run_name=self.options.run_name)
         return self._lineage
 
@@ -332,7 +334,7 @@ class FolderSession(Deleting):
         except (OSError, ValueError) as e:
             log.error("lightning_ckpt: could not append to metrics.jsonl: %s", e)
         stall = self.stalls.get(res.step)
-        self.announce(f"lightning_ckpt: saved {res.path if not self.remote else self.remote + '/' + res.name} (step "
+        self.announce(f"lightning_ckpt: saved {res.path if not self.staged_for else self.staged_for + '/' + res.name} (step "
                       f"{res.step}" + (f", {', '.join(res.tags)}" if res.tags else "") + f"; {res.bytes / 1e6:.1f} MB written"
                       + (f", training paused {stall:.2f} s" if stall is not None else "") + ")")
         if self.uploading:

@@ -47,7 +47,7 @@ from .. import errors
 from ..errors import CheckpointError, CheckpointNotFoundError, FolderNotEmptyError
 from ..folder.best import best_checkpoints
 from ..folder.lineage import lineage_of
-from ..read import _scan, list_checkpoints, of_run, read_checkpoint_manifest, reference_target, verify_checkpoint
+from ..read import scan_checkpoints, list_checkpoints, of_run, read_checkpoint_manifest, reference_target, verify_checkpoint
 from ..store import folder_key, open_store
 from .resume import common_local_names, find_newest, newest_for_auto
 
@@ -92,7 +92,7 @@ class Place:
     def of(cls, session: Any) -> "Place":
         """The folder of a :class:`~lightning_ckpt.session.session.FolderSession` (every rank)."""
         w = session.writer
-        staged_for = session.remote
+        staged_for = session.staged_for
 
         def gather(obj: Any) -> list:
             out: list = [None] * w.world_size
@@ -307,7 +307,7 @@ def refuse_existing(place: Place) -> None:
             return
         if store.newest_hinted(run_name, False) == []:
             return  # the folder's index says this run has no checkpoint there (no manifest read, no GET each)
-        ckpts = of_run(_scan(place.key)[0], run_name)
+        ckpts = of_run(scan_checkpoints(place.key)[0], run_name)
     except CheckpointError:
         raise
     except Exception:  # noqa: BLE001 - S3 unreachable: the first upload reports it

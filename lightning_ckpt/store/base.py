@@ -277,9 +277,10 @@ class Store(ABC):
         """The ``latest.json`` hint, or None when there is none or it is unreadable."""
 
     @abstractmethod
-    def read_file(self, fname: str, limit: int) -> bytes | None:
+    def read_file(self, fname: str, limit: int, *, tail: bool = False) -> bytes | None:
         """A file of the folder itself, beside its entries (``metrics.jsonl``, a note), at most ``limit`` bytes (a
-        larger one is ``CheckpointCorruptError``); None when there is none."""
+        larger one is ``CheckpointCorruptError``; with ``tail``, its last ``limit`` bytes); None when there is
+        none."""
 
     # -- writing
     @abstractmethod

@@ -294,8 +294,3 @@ def is_real_file(path: str) -> bool:
         return stat.S_ISREG(os.lstat(path).st_mode)
     except OSError:
         return False
-
-
-# alias until the merge: the old private names, still imported by modules other helpers own
-_is_real_dir = is_real_dir
-_is_real_file = is_real_file

@@ -45,7 +45,7 @@ from .base import (
 )
 from . import direct
 from .blobs import BlobStore
-from .fs import OPS, is_real_dir, is_real_file, read_member
+from .fs import OPS, is_real_dir, is_real_file, open_member, read_member
 from .listing import LISTINGS, changed as _changed
 from .lock import FolderLock
 
@@ -145,11 +145,16 @@ class LocalStore(Store):
     def listing_kept(self) -> bool:
         return LISTINGS.kept(self.root)
 
-    def read_file(self, fname: str, limit: int) -> bytes | None:
+    def read_file(self, fname: str, limit: int, *, tail: bool = False) -> bytes | None:
         check_folder_file(fname)
         if not os.path.lexists(os.path.join(self.root, fname)):
             return None
-        return read_member(self.root, fname, limit, follow_folder=True)  # the user's folder
+        if not tail:
+            return read_member(self.root, fname, limit, follow_folder=True)  # the user's folder
+        with os.fdopen(open_member(self.root, fname, follow_folder=True), "rb", buffering=0) as f:  # never a link
+            if os.fstat(f.fileno()).st_size > limit:
+                f.seek(-limit, os.SEEK_END)
+            return f.read(limit)
 
     def read_latest(self) -> dict | None:
         try:

@@ -99,10 +99,13 @@ class S3Store(Store):
                 raise s3client.unavailable(e, what) from e
             raise
 
-    def get_bytes(self, key: str, limit: int) -> bytes:
+    def get_bytes(self, key: str, limit: int, *, tail: bool = False) -> bytes:
+        """The object's bytes, at most ``limit`` (a larger object is ``CheckpointCorruptError``; with ``tail``, its
+        last ``limit`` bytes, one suffix-ranged GET)."""
         with self._request(f"reading s3://{self.bucket}/{key}"):
             try:
-                resp = client().get_object(Bucket=self.bucket, Key=key, Range=f"bytes=0-{limit}")
+                resp = client().get_object(Bucket=self.bucket, Key=key,
+                                           Range=f"bytes=-{limit}" if tail else f"bytes=0-{limit}")
             except Exception as e:  # noqa: BLE001 - botocore's ClientError, without importing botocore here
                 if _code(e) in ("NoSuchKey", "404", "NoSuchBucket"):
                     raise CheckpointNotFoundError(f"s3://{self.bucket}/{key} does not exist") from None
@@ -112,7 +115,7 @@ class S3Store(Store):
             body = resp["Body"]
             try:
                 total = str(resp.get("ContentRange") or "").rpartition("/")[2]
-                if (total.isdigit() and int(total) > limit) or int(resp.get("ContentLength") or 0) > limit:
+                if not tail and ((total.isdigit() and int(total) > limit) or int(resp.get("ContentLength") or 0) > limit):
                     raise CheckpointCorruptError(
                         f"s3://{self.bucket}/{key} is larger than {limit} bytes; refusing to read it")
                 data = body.read(limit + 1)  # never more than the bound, whatever the server sends
@@ -254,9 +257,9 @@ class S3Store(Store):
                 f"a checkpoint). List the checkpoints with `lightning-ckpt ls {self.uri}` or use "
                 f"latest_checkpoint({self.uri!r}).") from None
 
-    def read_file(self, fname: str, limit: int) -> bytes | None:
+    def read_file(self, fname: str, limit: int, *, tail: bool = False) -> bytes | None:
         try:
-            return self.get_bytes(self.key(check_folder_file(fname)), limit)
+            return self.get_bytes(self.key(check_folder_file(fname)), limit, tail=tail)
         except CheckpointNotFoundError:
             return None
 

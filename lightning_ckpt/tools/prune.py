@@ -20,7 +20,7 @@ from ..folder import Folder
 from ..read import ANY_RUN, list_checkpoints, of_run  # noqa: F401 - re-exported
 from ..store import open_store
 from ..store.base import owner_gone, owner_of
-from ..store.fs import OPS, _is_real_dir
+from ..store.fs import OPS, is_real_dir
 from ..store.lock import FolderLock
 from ..folder.needed import (  # noqa: F401 - re-exported: the failed-run notes lived here
     RUNS_DIR,
@@ -132,7 +132,7 @@ def _remove_debris(paths: list[str]) -> None:
     file, a link, a FIFO) by unlinking the entry itself."""
     for p in paths:
         try:
-            if _is_real_dir(p):
+            if is_real_dir(p):
                 OPS.rmtree(p)
             else:
                 OPS.unlink(p)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from ..errors import CheckpointError, CheckpointNotFoundError
-from ..read import _scan, open_checkpoint, read_state_doc
+from ..read import scan_checkpoints, open_checkpoint, read_state_doc
 from ..folder.history import HISTORY, MAX_HISTORY_BYTES, MAX_STEP  # noqa: F401 - re-exported
 from ..folder.history import read_history as _read_history
 from ..store import LocalStore, open_store
@@ -135,7 +135,7 @@ def collect_run(run_folder: Any, *, monitor: Optional[str] = None, mode: Optiona
     store = open_store(run_folder)
     if not store.exists():  # a local folder that is not there (a remote location always is)
         raise CheckpointNotFoundError(f"{run_folder} is not a folder")
-    infos, skipped = _scan(run_folder)
+    infos, skipped = scan_checkpoints(run_folder)
     rows: list[Row] = []
     for c in infos:
         t = c.manifest.get("timings")
