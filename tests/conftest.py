@@ -47,13 +47,15 @@ def pytest_collection_modifyitems(config, items):
 def pytest_collection_finish(session):
     """Start the servers the selected tests need now, in the background: they start while the first tests run."""
     names = set()
+    private = 0  # tests that take a private S3 server (own_s3): each gets one started now, not in its setup
     for item in session.items:
         names.update(getattr(item, "fixturenames", ()))
+        private += "own_s3" in getattr(item, "fixturenames", ())
     if "forkserver" in names:
         _forkserver.prestart()
     if "s3" in names:
         seaweed.session_server(wait=False)
-    if "own_s3" in names:
+    for _ in range(private):
         seaweed.prestart_private()
 
 

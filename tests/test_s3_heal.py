@@ -12,15 +12,9 @@ import torch
 from lightning_ckpt import CheckpointCorruptError, CheckpointWriter, load_checkpoint, resume_path, verify_checkpoint
 from lightning_ckpt.session.backups import BackupLocation, Uploader
 from lightning_ckpt.folder.transfer import push_checkpoint
-from seaweed import list_remote, s3_server
+from seaweed import list_remote
 
-BUCKET = "heal"
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    with s3_server(str(tmp_path_factory.mktemp("weed")), BUCKET) as server:
-        yield server
+BUCKET = "heal"  # the s3 fixture's bucket for this module (the session's server: no server of its own to start)
 
 
 @pytest.fixture(autouse=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 
 import pytest
@@ -17,7 +16,7 @@ from lightning_ckpt.store.lock import FolderBusyError
 from lightning_ckpt.store.s3 import S3Store
 from lightning_ckpt.folder.transfer import PULL_RUN_ID, pull_checkpoint, push_checkpoint
 
-from support import list_remote, run_python
+from support import list_remote, run_python, start_python
 
 BUCKET = "ckpts"  # the s3 fixture's bucket for this module (the session's server)
 
@@ -131,16 +130,17 @@ def test_read_cache_keeps_the_newest_versions_of_a_folder(s3, tmp_path, monkeypa
 
 def _holding_the_lock(dest, run_id: str, then: str) -> subprocess.Popen:
     """Another process that takes ``dest``'s lock as ``run_id`` and, once it holds it, runs the statements ``then``
-    (``lk``: the lock)."""
-    p = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from lightning_ckpt.store import LocalStore; "
+    (``lk``: the lock). A fork-server child (``support.start_python``): a process of its own, without the seconds
+    of a cold interpreter's imports."""
+    p = start_python(
+        ["-c", "import sys, time; from lightning_ckpt.store import LocalStore; "
          f"lk = LocalStore(sys.argv[1]).lock({{'run_id': {run_id!r}}}); print('held', flush=True); {then}",
          str(dest)], stdout=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "held"
     return p
 
 
-def test_pull_into_a_folder_another_process_is_writing_is_refused(s3, tmp_path):
+def test_pull_into_a_folder_another_process_is_writing_is_refused(s3, forkserver, tmp_path):
     """A pull writes a checkpoint and packs into the folder: not while another run holds its lock (that run's
     retention and collection would race with it); the same process (a run pulling its own backup) may."""
     (a,) = _ckpts(tmp_path, steps=(3,))
@@ -163,7 +163,8 @@ def test_pull_into_a_folder_another_process_is_writing_is_refused(s3, tmp_path):
     assert LocalStore(str(dest)).lock_holder() is None  # the pull did not leave the lock taken
 
 
-def test_pulls_of_one_checkpoint_by_two_processes_wait_for_each_other_and_fetch_once(s3, tmp_path, monkeypatch):
+def test_pulls_of_one_checkpoint_by_two_processes_wait_for_each_other_and_fetch_once(s3, forkserver, tmp_path,
+                                                                                     monkeypatch):
     """Every rank of a job resolving ckpt_path='last' pulls the newest backup into the same folder: the second waits
     for the first (its lock says it is a pull), then finds the checkpoint there and fetches nothing."""
     (a,) = _ckpts(tmp_path, steps=(4,))

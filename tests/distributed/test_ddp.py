@@ -153,7 +153,7 @@ def test_stuck_rank_fails_the_save_on_the_others_within_the_timeout(tmp_path):
     d = str(tmp_path / "ckpts")
     t0 = time.monotonic()
     p = torchrun(2, SCRIPT, "--dir", d, "--max-steps", "12", "--every", "4", "--hang-rank", "1", "--hang-step", "8",
-                 "--timeout", "5", "--sync", ok=False, timeout=200)
+                 "--timeout", "3", "--sync", ok=False, timeout=200)
     elapsed = time.monotonic() - t0
     assert p.returncode != 0
     assert elapsed < 120, elapsed

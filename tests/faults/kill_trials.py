@@ -487,15 +487,15 @@ def install_gc_points(kp: KillPoints) -> None:
 
     real_collect = store_blobs.BlobStore.collect
 
-    def collect(blobs, *, dry_run=False):
+    def collect(blobs, *args, dry_run=False, **kwargs):  # (store, ...): whatever the real one takes, passed on
         if dry_run:
-            return real_collect(blobs, dry_run=True)
+            return real_collect(blobs, *args, dry_run=True, **kwargs)
         with blobs.lock:  # no commit in between: what the manifests reference now is what the collection sees
             referenced, readable = _local_references(blobs)
             pinned = blobs.pinned()
             sweep.n = 0
             try:
-                out = real_collect(blobs)
+                out = real_collect(blobs, *args, **kwargs)
             finally:
                 sweep.n = None
             left = set(blobs.names()) - referenced - pinned - blobs.pinned()

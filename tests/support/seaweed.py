@@ -49,7 +49,9 @@ class SeaweedS3:
                                      start_new_session=True)
 
     def wait_ready(self, timeout: float = 60.0) -> None:
-        s3 = self.client()
+        # one attempt per probe: botocore's own retries back off for seconds while the server is still starting
+        # (it answered about 3 s before the probe noticed, in a restart), and this loop already polls every 0.1 s
+        s3 = self.client(retries={"max_attempts": 1, "mode": "standard"}, connect_timeout=2, read_timeout=10)
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -63,7 +65,7 @@ class SeaweedS3:
                     self.stop()
                     raise RuntimeError(f"SeaweedFS did not answer (exit status {rc}); {self.workdir}/weed.log ends "
                                        f"with:\n{self.log_tail()}")
-                time.sleep(0.2)
+                time.sleep(0.1)
 
     def start(self, timeout: float = 60.0) -> None:
         self.launch()
@@ -72,11 +74,13 @@ class SeaweedS3:
     def log_tail(self, n: int = 3000) -> str:
         return tail(os.path.join(self.workdir, "weed.log"), n)
 
-    def client(self):
+    def client(self, **config):
+        """A boto3 S3 client of this server; ``config``: botocore ``Config`` options (none: boto3's defaults)."""
         import boto3
+        from botocore.config import Config
 
         return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id="test", aws_secret_access_key="test",
-                            region_name="us-east-1")
+                            region_name="us-east-1", config=Config(**config) if config else None)
 
     def env(self) -> dict:
         return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
