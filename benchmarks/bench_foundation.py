@@ -373,9 +373,8 @@ class RecordingCheckpoint(PeriodicCheckpoint):
         s = self._session
         p = s.writer.pending if s is not None else None
         if p is not None:
-            job = p._job
-            self.at_train_end = {"pending_step": p.step, "bytes_done": int(getattr(job, "bytes_done", 0)),
-                                 "bytes_total": int(getattr(job, "bytes_total", 0))}
+            done, total = p.progress()
+            self.at_train_end = {"pending_step": p.step, "bytes_done": done, "bytes_total": total}
         super().on_train_end(trainer, pl_module)
 
 

@@ -378,7 +378,7 @@ def main() -> None:
     stalls = []
     for i in range(10):
         h = w.save(state, step=i + 1)
-        stalls.append(h._job.snapshot_s)
+        stalls.append(h.snapshot_s)
         w.wait()
         for e in os.listdir(wd):  # keep only the newest on disk
             p = os.path.join(wd, e)

@@ -217,7 +217,8 @@ class BaseCheckpointCallback(Checkpoint, Participant):
         fit.undo()  # a fit that never restored, or never started its loop: undo what is hooked into Lightning
         if stage != "fit":
             return
-        self._last_buffer_allocations, self._last_buffer_tensors = buffer_stats(fit.session.writer)
+        stats = fit.session.writer.buffer_stats()
+        self._last_buffer_allocations, self._last_buffer_tensors = stats.allocations, stats.tensors
         self._fit = None
         if fit.session.leave(self):
             _end(trainer, fit)
@@ -292,13 +293,6 @@ def _end(trainer: Any, fit: FolderFit) -> None:
         if isinstance(p, BaseCheckpointCallback):
             p._fit = None
     fit.session.close()
-
-
-def buffer_stats(writer: Any) -> tuple[int, int]:
-    """(host buffers the writer allocated in total, tensors its buffers hold now): tests check that saves reuse them.
-    Reads the writer's buffers until it has a public accessor for them (``CheckpointWriter.buffer_stats()``)."""
-    buffers = writer._buffers
-    return buffers.allocations, len(buffers._buffers)
 
 
 def best_path_at(dirpath: str, *, step: int, run_name: Optional[str] = None) -> Optional[str]:

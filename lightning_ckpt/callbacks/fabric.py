@@ -134,7 +134,7 @@ class FabricFolders:
                 f"part, and {name!r} is not a plain name (letters, digits and '_.=+@,-', not starting with '.'); "
                 "save to a path such as 'checkpoints/step-000100'.")
         writer = self._writer(folder)
-        if os.path.lexists(target) or (writer.pending is not None and writer.pending._job.name == name):
+        if os.path.lexists(target) or (writer.pending is not None and writer.pending.name == name):
             raise ValueError(
                 f"fabric.save({os.fspath(path)!r}): {target} already exists; a lightning_ckpt checkpoint is never "
                 "overwritten in place. Save under a new name (say with the step in it), or delete the old one first "

@@ -93,15 +93,14 @@ class RayReporter:
         """Every rank, training thread, at a step boundary (after the seal) and at the end of fit."""
         while self.queue:
             p = self.queue[0]
-            job = p._job
-            if job.abandoned:  # replaced by a newer state of its step (every rank drops it alike)
+            if p.abandoned:  # replaced by a newer state of its step (every rank drops it alike)
                 self.queue.pop(0)
                 continue
-            if not job.sealed.is_set() or (self.mode == "tune" and not p.done()):
+            if not p.sealed or (self.mode == "tune" and not p.done()):
                 return
             self.queue.pop(0)
-            metrics = {k: v for k, v in dict(job.header.get("metrics") or {}).items() if isinstance(v, (int, float))}
-            metrics.update(step=int(p.step), epoch=job.header.get("epoch"))
+            metrics = {k: v for k, v in p.metrics.items() if isinstance(v, (int, float))}
+            metrics.update(step=int(p.step), epoch=p.epoch)
             if self.mode == "train":
                 self._report_train(p, metrics, trainer)
             else:

@@ -182,7 +182,7 @@ def push_checkpoint(path: Any, dest: Any, *, progress: ProgressFn = None, verify
                 raise bad
     if files or existing != raw:
         _keep_reused(src, remote, m, reused, progress)
-        tx.commit(raw)  # the commit point on S3
+        tx.commit(raw, if_exists="replace")  # the commit point on S3
         if reused:  # a collection's delete already on its way when the marks were written: put the pack back
             gone = _upload_missing_packs(src, remote, m, reused, progress)
             if gone:

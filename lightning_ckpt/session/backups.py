@@ -31,7 +31,6 @@ from ..folder import Folder, Plan
 from ..folder.transfer import push_checkpoint, remote_location
 from ..read import ANY_RUN, list_checkpoints
 from ..store import LocalStore
-from ..store.s3listing import KEPT
 from ..writer.meta import background_priority
 from ..writer.options import check_bool, check_seconds
 
@@ -147,7 +146,7 @@ class Uploader:
         if self._thread is not None:
             return
         self._stop.clear()
-        KEPT.hold(self.store)  # the location's listing is kept in memory while this uploader runs (store/s3listing.py)
+        self.store.hold_listing()  # the location's listing is kept in memory while this uploader runs (store/s3listing.py)
         self._thread = threading.Thread(target=self._run, name="lightning_ckpt-upload", daemon=True)
         self._thread.start()
 
@@ -158,7 +157,7 @@ class Uploader:
         self._queue.put(None)
         self._thread.join(timeout=timeout)
         self._thread = None
-        KEPT.release(self.store)
+        self.store.release_listing()
 
     # ------------------------------------------------------------ queueing
     def pending(self) -> set[str]:
@@ -178,7 +177,7 @@ class Uploader:
     def catch_up(self) -> None:
         """Queue the local checkpoints newer than the newest one at the location (a crash cut their upload short)."""
         try:  # one LIST (kept for the next saves) and one GET (latest.json): no manifest reads
-            KEPT.invalidate(self.store)
+            self.store.listing_stale()
             names = set(self.store.names())
             newest = self.store.latest_step() if names else -1
         except Exception as e:  # noqa: BLE001 - the server may be down; the next commit tries again
@@ -323,7 +322,7 @@ class Uploader:
         except Exception as e:  # noqa: BLE001 - cannot tell what is needed there: delete nothing now
             log.warning("lightning_ckpt: cannot list %s (%r); not deleting %s now", self.uri, e, ", ".join(names))
             return
-        held = KEPT.held(self.store)  # else the listing is not the location's for sure: collect the whole location
+        held = self.store.listing_held()  # else the listing is not the location's for sure: collect the whole location
         known = {n: c.manifest for n in names if (c := self.folder.get(n)) is not None} if held else {}
         freed: set[str] = set()
         for name in names:
@@ -336,7 +335,7 @@ class Uploader:
             log.info("lightning_ckpt: deleted %s/%s (%s)", self.uri, name, reason)
 
         def gone(name: str) -> None:  # nothing there: the kept listing was wrong
-            KEPT.invalidate(self.store)
+            self.store.listing_stale()
             deleted(name)
 
         def failed(name: str, e: Exception) -> None:  # tried again at the next retention pass

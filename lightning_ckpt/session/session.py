@@ -4,8 +4,8 @@ Who takes part is explicit: every callback that uses the folder ``join``s it as 
 callbacks, retention, backups, export). The session owns the folder's writer and lock, collects the save requests of
 one training hook and writes them once (``arrive``/``flush``), knows which checkpoints must never be deleted
 (``protected``), deletes through the store (``delete``), runs the steps after each commit in a fixed order
-(``_after_commit``: history, uploads, participants, retention) and at the end of fit (``finish``), and chooses where
-``resume="auto"`` resumes from (``resume.choose``).
+(``_after_commit``: history, uploads, participants, retention) and at the end of fit (``finish``). Where a fit starts is decided by
+``session.start.decide``, which the callbacks call.
 
 Which rank does what: every rank builds the session, opens it (collective) and saves (collective); the folder's
 leader (rank 0, or each node-local folder's lowest rank) holds the lock, commits, and runs the after-commit steps;
@@ -18,9 +18,7 @@ warnings, the undo handles of what the callbacks hook into Lightning) is not her
 from __future__ import annotations
 
 import concurrent.futures as cf
-import json
 import logging
-import os
 import time
 import uuid
 from typing import Any, Iterable, Optional
@@ -28,10 +26,12 @@ from typing import Any, Iterable, Optional
 from ..errors import CheckpointError, CheckpointWriteError
 from ..policy.retention import RetentionRules
 from ..store import is_remote
+from ..folder import Folder
+from ..folder.history import HISTORY, append_history, history_line
 from ..folder.lineage import start_lineage
 from ..folder.needed import hold_resume_point, record_failed_run, release_resume_point, settle_resumed
 from ..writer import CheckpointWriter
-from ..writer.job import SaveResult
+from ..writer import SaveResult
 from .backups import BackupLocation, Uploader
 from .options import FOLDER_OPTIONS, SaveOptions
 from .deleting import Deleting
@@ -74,6 +74,7 @@ class FolderSession(Deleting):
             dedup=options.dedup)
         self.writer.on_commit.append(self._after_commit)
         self.store = self.writer.store
+        self.folder = Folder(self.store, run_name=options.run_name)  # records, protections, retention, collection
         self.participants: list[Participant] = []
         self.retention: list[tuple[Any, RetentionRules]] = []  # (owner, rules): a checkpoint stays if any set keeps it
         self.uploaders: dict[str, Uploader] = {}  # uri -> uploader (rank 0 runs them)
@@ -327,12 +328,10 @@ class FolderSession(Deleting):
     def _after_commit(self, res: SaveResult) -> None:
         """In the committing thread: the run's metric history, the uploads, the participants, then retention."""
         self.committed.append(res)
-        line = {"step": res.step, "name": res.name, "tags": res.tags, "time": time.time(), "metrics": res.metrics}
         try:
-            with open(os.path.join(self.dirpath, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(line, allow_nan=False, default=str) + "\n")
+            append_history(self.dirpath, history_line(res.step, res.name, res.tags, res.metrics))
         except (OSError, ValueError) as e:
-            log.error("lightning_ckpt: could not append to metrics.jsonl: %s", e)
+            log.error("lightning_ckpt: could not append to %s: %s", HISTORY, e)
         stall = self.stalls.get(res.step)
         self.announce(f"lightning_ckpt: saved {res.path if not self.staged_for else self.staged_for + '/' + res.name} (step "
                       f"{res.step}" + (f", {', '.join(res.tags)}" if res.tags else "") + f"; {res.bytes / 1e6:.1f} MB written"

@@ -10,6 +10,8 @@ Commit, locally (``LocalTransaction.commit``): every file is written and fsynced
 point) -> the parent is fsynced. ``publish_latest`` then replaces ``latest.json`` through a temp file and a rename.
 Readers open members without following links, check that each is a regular file of the size the manifest says, and
 never read more bytes than that (a FIFO, a device or a link planted in a checkpoint folder is refused, not read).
+
+One cohesive object, the local side of the whole store contract (``store/base.py``): its length is that contract's.
 """
 from __future__ import annotations
 

@@ -106,10 +106,9 @@ class S3Transaction(Transaction):
         except CheckpointNotFoundError:
             return None
 
-    def commit(self, manifest: bytes | None, *, name: str | None = None, if_exists: IfExists = "replace") -> str | None:
-        """See ``Transaction.commit`` and the module's docstring. The default is still ``"replace"`` here (not
-        ``"version"`` as in the contract) until ``push_checkpoint`` passes ``if_exists="replace"`` itself: a push
-        commits the checkpoint's own name, whose earlier copy it un-committed or repairs."""
+    def commit(self, manifest: bytes | None, *, name: str | None = None, if_exists: IfExists = "version") -> str | None:
+        """See ``Transaction.commit`` and the module's docstring (``push_checkpoint`` passes ``"replace"``: a push
+        commits the checkpoint's own name, whose earlier copy it un-committed or repairs)."""
         if manifest is None:
             raise ValueError("an S3 entry is committed by its manifest: pass the manifest bytes")
         check_if_exists(if_exists)
