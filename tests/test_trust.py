@@ -36,6 +36,7 @@ from lightning_ckpt.format import manifest as mf
 from lightning_ckpt.policy.retention import Record, RetentionRules, plan_retention
 from lightning_ckpt.store import LocalStore
 from lightning_ckpt.store.lock import FolderBusyError
+from support import start_python
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -72,11 +73,12 @@ HOLDER = textwrap.dedent("""
 
 
 @pytest.fixture
-def first_run(tmp_path):
-    """Another process that holds the folder's lock and is writing a save (its partial folder)."""
+def first_run(tmp_path, forkserver):
+    """Another process that holds the folder's lock and is writing a save (its partial folder): a fork-server child
+    (``support.start_python``), a process of its own without the seconds of a cold interpreter's imports."""
     d = tmp_path / "run"
     d.mkdir()
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER.format(repo=REPO), str(d)], stdout=subprocess.PIPE, text=True)
+    proc = start_python(["-c", HOLDER.format(repo=REPO), str(d)], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "holding"
     partial = next(p for p in d.iterdir() if p.name.startswith(".partial-"))
     yield d, proc, partial

@@ -137,7 +137,7 @@ class Uploader:
         self.flush_timeout_s = 600.0  # how long the end of fit waits for the queued uploads
         self._queue: "queue.Queue[Optional[tuple[str, str]]]" = queue.Queue()
         self._pending: set[str] = set()
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()  # notified when an upload leaves _pending (flush waits on it)
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
@@ -198,9 +198,6 @@ class Uploader:
         when uploads have failed for ``give_up_after_s`` without one success (the location is unreachable)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            with self._lock:
-                if not self._pending:
-                    return []
             if self._thread is None:
                 break
             failing = self.failing_since
@@ -208,7 +205,10 @@ class Uploader:
                 log.error("lightning_ckpt: uploads to %s have failed for %.0fs (%r); not waiting for them any longer",
                           self.uri, time.monotonic() - failing, self.last_error)
                 break
-            time.sleep(0.1)
+            with self._lock:
+                if not self._pending:
+                    return []
+                self._lock.wait(min(0.5, max(0.0, deadline - time.monotonic())))  # woken by each finished upload
         with self._lock:
             return sorted(self._pending)
 
@@ -266,6 +266,7 @@ class Uploader:
         finally:
             with self._lock:
                 self._pending.discard(name)
+                self._lock.notify_all()
 
     def _protected(self) -> set[str]:
         names = self.pending()
