@@ -252,9 +252,12 @@ class SaveJob:
         return d
 
     def _release(self) -> None:
-        """The save is over: the packs its decision held for it are no longer pinned by it (writer/dedup.py)."""
+        """The save is over: the packs its decision held for it are no longer pinned by it (writer/dedup.py), and
+        its per-tensor records are freed now, in the thread that ends the save, rather than in the training thread
+        when it drops this save's handle at its next save (30-50 ms at 50,000 tensors)."""
         if self.decision is not None and self.w.dedup is not None:
             self.w.dedup.release(self.decision)
+        self.files, self.tensor_index, self.plan = [], {}, None
 
     def _translate(self, e: BaseException) -> BaseException:
         err = unwrap_dcp_error(e)
@@ -299,6 +302,7 @@ class SaveJob:
         if not (self.w.is_leader and self.w.folder_written):  # rank 0 (node-local: each folder's first rank) commits
             if self.decision is not None and self.w.dedup is not None:
                 self.w.dedup.follower_saw(self.plan, self.decision.for_others())
+            self.files, self.tensor_index, self.plan = [], {}, None  # freed here, not in the training thread
             return SaveResult(name=self.name, path=os.path.join(self.w.dirpath, self.name), step=self.header["step"],
                               bytes=0, snapshot_s=self.snapshot_s, write_s=time.perf_counter() - self.t0,
                               tags=sorted(self.tags), kind=self.header["kind"], metrics=dict(self.header["metrics"]))
