@@ -173,19 +173,22 @@ def test_the_bulk_snapshot_follows_every_change_to_a_tensor_between_saves_bitwis
         live = {f"w{i}": torch.randn(5) for i in range(150)}
         live.update({f"z{i}": torch.randn(3, dtype=torch.complex64) for i in range(3)})
         live["p"] = torch.nn.Parameter(torch.randn(6))
+        def do(*fs):
+            return lambda: [f() for f in fs]
+
         changes = [
             lambda: None,
             lambda: None,  # unchanged: the layout is reused
-            lambda: live.__setitem__("w1", torch.randn(5)),  # another tensor, same shape and dtype
-            lambda: setattr(live["p"], "data", torch.randn(6)),  # another storage through .data
-            lambda: live["w2"].resize_(7),  # resized in place
-            lambda: live.__setitem__("w3", torch.randn(10)[::2]),  # same shape, strided
-            lambda: setattr(live["p"], "data", live["p"].data.view(2, 3)),  # same pointer and version, another shape
+            do(lambda: live.__setitem__("w1", torch.randn(5)),  # another tensor, same shape and dtype
+               lambda: setattr(live["p"], "data", torch.randn(6))),  # another storage through .data
+            do(lambda: live["w2"].resize_(7),  # resized in place
+               lambda: live.__setitem__("w3", torch.randn(10)[::2])),  # same shape, strided
+            lambda: setattr(live["p"], "data", live["p"].data.view(2, 3)),  # same pointer and version, new shape
             lambda: setattr(live["w4"], "data", live["w4"].data.view(torch.int32)),  # same bytes, another dtype
-            lambda: live.__setitem__("w5", torch.randn(5, dtype=torch.complex64).conj().imag),  # a negative view
-            lambda: live.__setitem__("z1", live["z1"].conj()),  # a conjugate view
-            lambda: live.__setitem__("w5", torch.randn(5)),  # back to plain tensors
-            lambda: live.__setitem__("z1", torch.randn(3, dtype=torch.complex64)),
+            do(lambda: live.__setitem__("w5", torch.randn(5, dtype=torch.complex64).conj().imag),  # a negative view
+               lambda: live.__setitem__("z1", live["z1"].conj())),  # a conjugate view
+            do(lambda: live.__setitem__("w5", torch.randn(5)),  # back to plain tensors
+               lambda: live.__setitem__("z1", torch.randn(3, dtype=torch.complex64))),
             lambda: live["w6"].resize_(40000),  # 160 KB: out of the bulk copy
             lambda: None,
         ]
