@@ -386,7 +386,7 @@ class Deduper:
                 rec = packs[c["pack"]]["tensors"][c["name"]]
                 ref = Ref(c["pack"], c["name"], packs[c["pack"]], rec.get("xxh128"))
             known[k] = _Known(t, sig, ref)
-        self.known = known
+        self.known, plan.seen = known, {}  # (the plan's pairs are freed here, not by the training thread)
         # every pack of a manifest this process committed is proven: written by it, or proven before it was reused
         self._proven.update(packs)
         if self.index is not None:

@@ -252,12 +252,9 @@ class SaveJob:
         return d
 
     def _release(self) -> None:
-        """The save is over: the packs its decision held for it are no longer pinned by it (writer/dedup.py), and
-        its per-tensor records are freed now, in the thread that ends the save, rather than in the training thread
-        when it drops this save's handle at its next save (30-50 ms at 50,000 tensors)."""
+        """The save is over: the packs its decision held for it are no longer pinned by it (writer/dedup.py)."""
         if self.decision is not None and self.w.dedup is not None:
             self.w.dedup.release(self.decision)
-        self.files, self.tensor_index, self.plan = [], {}, None
 
     def _translate(self, e: BaseException) -> BaseException:
         err = unwrap_dcp_error(e)
@@ -302,7 +299,6 @@ class SaveJob:
         if not (self.w.is_leader and self.w.folder_written):  # rank 0 (node-local: each folder's first rank) commits
             if self.decision is not None and self.w.dedup is not None:
                 self.w.dedup.follower_saw(self.plan, self.decision.for_others())
-            self.files, self.tensor_index, self.plan = [], {}, None  # freed here, not in the training thread
             return SaveResult(name=self.name, path=os.path.join(self.w.dirpath, self.name), step=self.header["step"],
                               bytes=0, snapshot_s=self.snapshot_s, write_s=time.perf_counter() - self.t0,
                               tags=sorted(self.tags), kind=self.header["kind"], metrics=dict(self.header["metrics"]))
@@ -344,7 +340,7 @@ class SaveJob:
 
     def _commit(self, name: str | None = None) -> SaveResult:
         w = self.w
-        files = self.files
+        files, self.files = self.files, []  # (freed here, not by the training thread at its next save)
         if name is None:
             name = first_free(self.name, lambda n: os.path.lexists(w.store.path(n)))
         m = dict(self.header)
@@ -355,7 +351,7 @@ class SaveJob:
         new_packs = {f.record["name"]: {k: v for k, v in f.record.items() if k not in ("name", "pack")}
                      for f in files if f.record.get("pack")}
         m["files"] = {f.record["name"]: {k: v for k, v in f.record.items() if k != "name"} for f in own}
-        tensors = dict(self.tensor_index)
+        tensors, self.tensor_index = self.tensor_index, {}  # (the same: tens of ms at 50,000 tensors)
         packs = dict(new_packs)
         for key, ref in sorted((self.decision.reuse if self.decision is not None else {}).items()):
             rec = ref.entry["tensors"][ref.name]
