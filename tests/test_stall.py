@@ -149,3 +149,125 @@ def test_encode_with_a_cache_gives_what_encode_without_one_gives():
             assert doc == doc0 and list(tensors) == list(tensors0)
             assert all(tensors[k] is tensors0[k] for k in tensors)
         cache.clear()
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.resolve_conj().resolve_neg().contiguous().reshape(-1).view(torch.uint8).clone()
+
+
+def _same_bits(got: torch.Tensor, exp: torch.Tensor) -> bool:
+    return got.dtype == exp.dtype and got.shape == exp.shape and torch.equal(_bits(got), _bits(exp))
+
+
+def test_the_bulk_snapshot_follows_every_change_to_a_tensor_between_saves_bitwise(tmp_path):
+    """The layout of the bulk copy is reused while the state's keys, dtypes and shapes stay the same (read in bulk by
+    dense_views, not per tensor), whatever the tensors' storage. Between background saves, tensors are replaced by
+    others, given another storage through ``.data``, resized in place, re-strided, reinterpreted as another dtype,
+    reshaped over the same storage (``.data = t.data.view(...)``: same data pointer and version), turned into negative
+    and conjugate views, grown out of the bulk copy; the state given as the same dict of the same tensor objects
+    (a loop that keeps its own) or as fresh detached tensors at each save (as ``state_dict()`` gives them). Every
+    checkpoint holds, bit for bit, the values, dtypes and shapes at its save(); an unchanged state is not laid out
+    again (no buffer allocated)."""
+    for fresh in (False, True):
+        folder = tmp_path / ("fresh" if fresh else "same")
+        live = {f"w{i}": torch.randn(5) for i in range(150)}
+        live.update({f"z{i}": torch.randn(3, dtype=torch.complex64) for i in range(3)})
+        live["p"] = torch.nn.Parameter(torch.randn(6))
+        def do(*fs):
+            return lambda: [f() for f in fs]
+
+        changes = [
+            lambda: None,
+            lambda: None,  # unchanged: the layout is reused
+            do(lambda: live.__setitem__("w1", torch.randn(5)),  # another tensor, same shape and dtype
+               lambda: setattr(live["p"], "data", torch.randn(6))),  # another storage through .data
+            do(lambda: live["w2"].resize_(7),  # resized in place
+               lambda: live.__setitem__("w3", torch.randn(10)[::2])),  # same shape, strided
+            lambda: setattr(live["p"], "data", live["p"].data.view(2, 3)),  # same pointer and version, new shape
+            lambda: setattr(live["w4"], "data", live["w4"].data.view(torch.int32)),  # same bytes, another dtype
+            do(lambda: live.__setitem__("w5", torch.randn(5, dtype=torch.complex64).conj().imag),  # a negative view
+               lambda: live.__setitem__("z1", live["z1"].conj())),  # a conjugate view
+            do(lambda: live.__setitem__("w5", torch.randn(5)),  # back to plain tensors
+               lambda: live.__setitem__("z1", torch.randn(3, dtype=torch.complex64))),
+            lambda: live["w6"].resize_(40000),  # 160 KB: out of the bulk copy
+            lambda: None,
+        ]
+        w = CheckpointWriter(folder, async_save=True)
+        expected, allocations = [], []
+        try:
+            for step, change in enumerate(changes):
+                change()
+                sd = {k: t.detach() for k, t in live.items()} if fresh else live
+                p = w.save({"state_dict": sd}, step=step)
+                expected.append({k: _bits(t) for k, t in sd.items()})
+                expected[-1].update({f"{k}$meta": (t.dtype, t.shape) for k, t in sd.items()})
+                allocations.append(w._buffers.allocations)
+                with torch.no_grad():
+                    for t in live.values():
+                        if t.dtype.is_floating_point or t.dtype.is_complex:
+                            t.mul_(-1.5)  # training changes every tensor right after save() returned
+                        else:
+                            t.add_(3)
+                p.result()
+        finally:
+            w.close()
+        assert allocations[1] == allocations[0]  # nothing changed: the bulk layout was reused
+        assert allocations[2] == allocations[1]  # another tensor of the same shape: reused too
+        ckpts = list_checkpoints(folder)
+        assert [c.step for c in ckpts] == list(range(len(changes)))
+        for c in ckpts:
+            got = load_checkpoint(c.path)["state_dict"]
+            exp = expected[c.step]
+            assert sorted(got) == sorted(k for k in exp if not k.endswith("$meta"))
+            bad = [k for k, t in got.items() if (t.dtype, t.shape) != exp[f"{k}$meta"] or not torch.equal(_bits(t), exp[k])]
+            assert not bad, (fresh, c.step, bad)
+
+
+def test_a_checked_state_changed_after_dense_views_is_read_again():
+    """dense_views hands the bulk snapshot what it read (Checked); a dict changed after it is scanned again rather
+    than trusted: the snapshot holds the tensors the dict holds when it is taken."""
+    from lightning_ckpt.format.views import Checked, dense_views
+    from lightning_ckpt.writer.snapshot import HostBuffers
+
+    state = {f"t{i}": torch.randn(4) for i in range(100)}
+    buffers = HostBuffers(pin_memory=False)
+    for change in (lambda c: None, lambda c: c.__setitem__("t3", torch.randn(2, 2)),
+                   lambda c: c.__setitem__("t4", torch.arange(4)), lambda c: c.pop("t5"),
+                   lambda c: c.__setitem__("t6", torch.randn(4))):
+        checked = dense_views(state)
+        assert type(checked) is Checked
+        change(checked)
+        snap = buffers.snapshot(checked)
+        assert list(snap) == list(checked)
+        assert all(_same_bits(snap[k], t) for k, t in checked.items())
+    assert type(dense_views({"n": torch.randn(2, dtype=torch.complex64).conj()})) is not Checked
+
+
+def test_the_bulk_copy_falls_back_to_copy_when_cat_refuses_a_tensor(tmp_path, monkeypatch):
+    """The steady-state check reads no device: a tensor that leaves the CPU makes torch.cat refuse (it never
+    converts); the snapshot is then taken with copy_ (which copies across devices) and the next save lays out again.
+    (No second device here: cat's refusal is injected once.)"""
+    from lightning_ckpt.format.views import dense_views
+    from lightning_ckpt.writer import snapshot
+
+    state = {f"t{i}": torch.randn(4) for i in range(100)}
+    buffers = snapshot.HostBuffers(pin_memory=False)
+    buffers.snapshot(dense_views(state))
+    allocated = buffers.allocations
+    real_cat, calls = torch.cat, []
+
+    def refusing_cat(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("Expected all tensors to be on the same device")
+        return real_cat(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "cat", refusing_cat)
+    for t in state.values():
+        t.add_(1)
+    snap = buffers.snapshot(dense_views(state))
+    assert calls and all(_same_bits(snap[k], t) for k, t in state.items())
+    assert buffers.allocations == allocated
+    snap = buffers.snapshot(dense_views(state))  # laid out again
+    assert buffers.allocations > allocated
+    assert all(_same_bits(snap[k], t) for k, t in state.items())

@@ -1,9 +1,98 @@
-"""Byte views of CPU tensors' memory (no copies): what files are written from and checksummed over."""
+"""Views of a save's tensors: :func:`dense_views`, the values to store (checked in bulk, resolved where a view's
+memory does not hold its values), and :func:`byte_views`, byte views of CPU tensors' memory (no copies), what files
+are written from and checksummed over."""
 from __future__ import annotations
 
-from typing import Sequence
+from operator import attrgetter, is_ as _is
+from typing import Any, Sequence
 
 import torch
+
+from .. import compat
+
+# one property of many tensors is read with one C-level map (no Python frame per tensor)
+_type, get_cpu, get_layout = type, attrgetter("is_cpu"), attrgetter("layout")
+get_dtype, get_shape = attrgetter("dtype"), attrgetter("shape")
+_is_neg, _is_conj = torch.Tensor.is_neg, torch.Tensor.is_conj
+_STRIDED = frozenset((torch.strided,))
+_COMPLEX = frozenset(dt for dt in vars(torch).values() if isinstance(dt, torch.dtype) and dt.is_complex)
+
+
+def dense_views(tensors: dict[str, Any]) -> dict[str, Any]:
+    """The tensors of a save as the values to store, alike in every mode (sync or in the background, dedup on or
+    off), checked before anything is snapshotted or written: a conjugate or negative view (``z.conj()`` of a complex
+    tensor, ``z.conj().imag``) is resolved into a copy of its values, since its memory holds the values before the
+    conjugation or negation (read as bytes, the save would fail or store the wrong values); a nested or sparse tensor
+    is refused with a ValueError that says what to save instead. Sharded tensors and DTensors are left as they are.
+
+    When every value is a plain tensor and none needs a change (the common case), the check is made in bulk, one
+    C-level ``map`` per property, and the result is a :class:`Checked` dict that carries the properties it read, so
+    that the bulk snapshot (``writer/snapshot.SmallSlabs.select``) does not read them again."""
+    vals = list(tensors.values())
+    if set(map(_type, vals)) <= PLAIN_TYPES:
+        try:
+            shapes = list(map(get_shape, vals))  # a nested tensor has no shape: it raises (refused below)
+        except RuntimeError:
+            shapes = None
+        if shapes is not None and set(map(get_layout, vals)) <= _STRIDED:
+            dtypes = list(map(get_dtype, vals))
+            # a conjugate bit only changes the values of a complex tensor; a negative bit those of any dtype
+            if not any(map(_is_neg, vals)) and (_COMPLEX.isdisjoint(dtypes) or not any(map(_is_conj, vals))):
+                return Checked(tensors, vals, dtypes, shapes)
+    return _dense_views_each(tensors)
+
+
+def _dense_views_each(tensors: dict[str, Any]) -> dict[str, Any]:
+    out = tensors
+    for key, t in tensors.items():
+        if not isinstance(t, torch.Tensor) or is_sharded_tensor(t) or as_dtensor(t) is not None:
+            continue
+        if t.is_nested:
+            raise ValueError(f"tensor {key!r} is a nested tensor; only dense tensors can be checkpointed. Save its "
+                             "components (list(t.unbind())) or a padded copy (t.to_padded_tensor(0.0)) and the "
+                             "lengths instead.")
+        if t.layout != torch.strided:
+            raise ValueError(f"tensor {key!r} has layout {t.layout}; only dense tensors can be checkpointed. Save "
+                             "t.to_dense() (or its indices and values) instead.")
+        if t.is_conj() or t.is_neg():
+            if out is tensors:
+                out = dict(tensors)
+            out[key] = t.detach().resolve_conj().resolve_neg()
+    return out
+
+
+class Checked(dict):
+    """What :func:`dense_views` returns when every tensor is a plain dense tensor that needs no change: the same
+    key -> tensor dict, with the lists it read on the way (``order``: the keys; ``vals``: the tensors; their dtypes
+    and shapes), which the bulk snapshot reuses (``writer/snapshot.SmallSlabs.select``) instead of reading each tensor again.
+    :meth:`intact` says whether the dict still holds exactly those tensors (nobody changed it since)."""
+
+    __slots__ = ("order", "vals", "dtypes", "shapes")
+
+    def __init__(self, tensors: dict, vals: list, dtypes: list, shapes: list) -> None:
+        super().__init__(tensors)
+        self.order, self.vals, self.dtypes, self.shapes = list(tensors), vals, dtypes, shapes
+
+    def intact(self) -> bool:
+        return (len(self) == len(self.vals) and list(self) == self.order
+                and all(map(_is, self.values(), self.vals)))
+
+
+PLAIN_TYPES = frozenset((torch.Tensor, torch.nn.Parameter))  # neither sharded nor a DTensor: decided without an import
+
+
+def is_sharded_tensor(t: Any) -> bool:
+    return type(t) not in PLAIN_TYPES and compat.is_sharded_tensor(t)
+
+
+def as_dtensor(t: torch.Tensor):
+    if type(t) in PLAIN_TYPES:
+        return None
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover
+        return None
+    return t if isinstance(t, DTensor) else None
 
 
 def byte_views(tensors: Sequence[torch.Tensor]) -> tuple[list[memoryview], list[memoryview]]:

@@ -47,7 +47,7 @@ from ..store.blobs import BlobStore
 from ..store.fs import open_member
 from ..store.local import LocalStore
 from ..errors import CheckpointError
-from .snapshot import _as_dtensor, _is_sharded_tensor
+from ..format.views import as_dtensor, is_sharded_tensor
 
 log = logging.getLogger("lightning_ckpt")
 
@@ -84,7 +84,7 @@ def _data_ptr(t: torch.Tensor) -> int | None:
 
 
 def eligible(key: str, t: Any, is_shared: Any) -> bool:
-    return (isinstance(t, torch.Tensor) and is_shared(key) and _as_dtensor(t) is None and not _is_sharded_tensor(t)
+    return (isinstance(t, torch.Tensor) and is_shared(key) and as_dtensor(t) is None and not is_sharded_tensor(t)
             and t.layout == torch.strided)
 
 
@@ -386,7 +386,7 @@ class Deduper:
                 rec = packs[c["pack"]]["tensors"][c["name"]]
                 ref = Ref(c["pack"], c["name"], packs[c["pack"]], rec.get("xxh128"))
             known[k] = _Known(t, sig, ref)
-        self.known = known
+        self.known, plan.seen = known, {}  # (the plan's pairs are freed here, not by the training thread)
         # every pack of a manifest this process committed is proven: written by it, or proven before it was reused
         self._proven.update(packs)
         if self.index is not None:

@@ -311,7 +311,7 @@ class SaveJob:
 
     def _commit(self, name: str | None = None) -> SaveResult:
         d = self.deps
-        files = self.files
+        files, self.files = self.files, []  # (freed here, not by the training thread at its next save)
         if name is None:
             name = first_free(self.name, lambda n: os.path.lexists(d.store.path(n)))
         m = dict(self.header)
@@ -322,7 +322,7 @@ class SaveJob:
         new_packs = {f.record["name"]: {k: v for k, v in f.record.items() if k not in ("name", "pack")}
                      for f in files if f.record.get("pack")}
         m["files"] = {f.record["name"]: {k: v for k, v in f.record.items() if k != "name"} for f in own}
-        tensors = dict(self.tensor_index)
+        tensors, self.tensor_index = self.tensor_index, {}  # (the same: tens of ms at 50,000 tensors)
         packs = dict(new_packs)
         for key, ref in sorted((self.decision.reuse if self.decision is not None else {}).items()):
             rec = ref.entry["tensors"][ref.name]

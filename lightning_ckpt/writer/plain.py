@@ -31,12 +31,12 @@ import torch.distributed as dist
 from ..dcp import is_model_or_optim, write_rank_files
 from ..errors import CheckpointWriteError
 from ..format.tensorfile import dtype_name
-from .snapshot import _as_dtensor, _is_sharded_tensor
+from ..format.views import as_dtensor, is_sharded_tensor
 from .topology import Topology
 
 
 def _is_sharded(t: Any) -> bool:
-    return _as_dtensor(t) is not None or _is_sharded_tensor(t)
+    return as_dtensor(t) is not None or is_sharded_tensor(t)
 
 
 def _digest(shared: list[tuple[str, torch.Tensor]]) -> str:

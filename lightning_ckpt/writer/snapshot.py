@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import math
 import threading
-from operator import attrgetter
 from typing import Any
 
 import torch
 
-from ..compat import foreach_copy, is_sharded_tensor, shard_types, sharded_tensor_like
+from ..compat import foreach_copy, shard_types, sharded_tensor_like
+from ..format.views import (PLAIN_TYPES, Checked, as_dtensor, get_cpu, get_dtype, get_layout, get_shape,
+                            is_sharded_tensor)
 
 PAGE = 4096
 PAGE_ALIGNED_FROM = 64 << 10
+_ALL = ("all",)  # in a scan: every tensor is a plain, strided one (dense_views checked it)
+
 
 
 def aligned_empty(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
@@ -28,30 +31,6 @@ def aligned_empty(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
     raw = torch.empty(n + PAGE, dtype=torch.uint8)
     off = (-raw.data_ptr()) % PAGE
     return raw[off:off + n].view(dtype).view(shape)
-
-
-def dense_views(tensors: dict[str, Any]) -> dict[str, Any]:
-    """The tensors of a save as the values to store, alike in every mode (sync or in the background, dedup on or
-    off), checked before anything is snapshotted or written: a conjugate or negative view (``z.conj()`` of a complex
-    tensor, ``z.conj().imag``) is resolved into a copy of its values, since its memory holds the values before the
-    conjugation or negation (read as bytes, the save would fail or store the wrong values); a nested or sparse tensor
-    is refused with a ValueError that says what to save instead. Sharded tensors and DTensors are left as they are."""
-    out = tensors
-    for key, t in tensors.items():
-        if not isinstance(t, torch.Tensor) or _is_sharded_tensor(t) or _as_dtensor(t) is not None:
-            continue
-        if t.is_nested:
-            raise ValueError(f"tensor {key!r} is a nested tensor; only dense tensors can be checkpointed. Save its "
-                             "components (list(t.unbind())) or a padded copy (t.to_padded_tensor(0.0)) and the "
-                             "lengths instead.")
-        if t.layout != torch.strided:
-            raise ValueError(f"tensor {key!r} has layout {t.layout}; only dense tensors can be checkpointed. Save "
-                             "t.to_dense() (or its indices and values) instead.")
-        if t.is_conj() or t.is_neg():
-            if out is tensors:
-                out = dict(tensors)
-            out[key] = t.detach().resolve_conj().resolve_neg()
-    return out
 
 
 class HostBuffers:
@@ -132,12 +111,12 @@ class HostBuffers:
         locals_ = []
         sharded = {}
         for key, t in tensors.items():
-            if _is_sharded_tensor(t):  # FSDP1's sharded state dict: one buffer per local shard
+            if is_sharded_tensor(t):  # FSDP1's sharded state dict: one buffer per local shard
                 sharded[key] = t
                 for i, shard in enumerate(t.local_shards()):
                     locals_.append((f"{key}#{i}", shard.tensor.detach()))
                 continue
-            d = _as_dtensor(t)
+            d = as_dtensor(t)
             locals_.append((key, (d.to_local() if d is not None else t).detach()))
         self._allocate_missing(locals_)
         for key, t in tensors.items():
@@ -146,7 +125,7 @@ class HostBuffers:
                 needs_sync |= non_blocking
                 continue
             t = t.detach()
-            dt = _as_dtensor(t)
+            dt = as_dtensor(t)
             local = dt.to_local() if dt is not None else t
             if local.layout != torch.strided:
                 raise ValueError(f"tensor {key!r} has layout {local.layout}; only dense tensors can be checkpointed")
@@ -214,10 +193,6 @@ class Selection:
         self.keys, self.srcs, self.rest, self.order = keys, srcs, rest, order
 
 
-_type, _is_cpu, _layout = type, attrgetter("is_cpu"), attrgetter("layout")
-_dtype, _shape = attrgetter("dtype"), attrgetter("shape")
-
-
 class SmallSlabs:
     """The small plain CPU tensors of a save, copied as a group: one buffer per dtype, a view of it per tensor, laid out
     once and reused while the state's keys, types, devices, layouts, dtypes and shapes stay the same. That check is
@@ -241,19 +216,27 @@ class SmallSlabs:
         self.picked: list[int] | None = None  # positions (in state order) of the small tensors; None: all of them
         self.keys: list[str] = []
         self.views: list[torch.Tensor] = []
+        self.snap: dict[str, torch.Tensor] = {}  # key -> view, copied for each save
         self.slabs: list[torch.Tensor] = []
-        self.flat_1d: list[tuple[list[int], torch.Tensor]] | None = None  # (positions, buffer) per dtype
+        # per dtype: (positions in the selection, None: all of them; its runs: first, end, part of the buffer)
+        self.flat_1d: list[tuple[list[int] | None, list[tuple[int, int, torch.Tensor]]]] | None = None
 
     def select(self, tensors: dict[str, torch.Tensor]) -> Selection:
-        keys, vals = list(tensors), list(tensors.values())
-        types = list(map(_type, vals))
-        if set(types) <= _PLAIN_TYPES:
-            scan = (keys, types, list(map(_is_cpu, vals)), list(map(_layout, vals)), list(map(_dtype, vals)),
-                    list(map(_shape, vals)))
-        else:  # a ShardedTensor or DTensor among them: its properties are not asked (it is never copied here)
-            plain = [t in _PLAIN_TYPES for t in types]
-            scan = (keys, types) + tuple([f(v) if p else None for v, p in zip(vals, plain)]
-                                         for f in (_is_cpu, _layout, _dtype, _shape))
+        if type(tensors) is Checked and tensors.intact():
+            # dense_views read the types, layouts, dtypes and shapes; the devices are read when laying out only:
+            # a tensor that leaves the CPU later makes torch.cat refuse (SmallSlabs.copy), never convert it
+            keys, vals = tensors.order, tensors.vals
+            scan = (keys, _ALL, None, _ALL, tensors.dtypes, tensors.shapes)
+        else:
+            keys, vals = list(tensors), list(tensors.values())
+            types = list(map(type, vals))
+            if set(types) <= PLAIN_TYPES:
+                scan = (keys, types, list(map(get_cpu, vals)), list(map(get_layout, vals)),
+                        list(map(get_dtype, vals)), list(map(get_shape, vals)))
+            else:  # a ShardedTensor or DTensor among them: its properties are not asked (it is never copied here)
+                plain = [t in PLAIN_TYPES for t in types]
+                scan = (keys, types) + tuple([f(v) if p else None for v, p in zip(vals, plain)]
+                                             for f in (get_cpu, get_layout, get_dtype, get_shape))
         if scan != self.scan:
             self._lay_out(scan, vals)
         picked = self.picked
@@ -267,9 +250,12 @@ class SmallSlabs:
 
     def _lay_out(self, scan: tuple, vals: list[torch.Tensor]) -> None:
         keys, types, cpu, layouts = scan[:4]
+        if cpu is None:
+            cpu = list(map(get_cpu, vals))
         strided, limit = torch.strided, PAGE_ALIGNED_FROM
         picked = [i for i, t in enumerate(vals)
-                  if types[i] in _PLAIN_TYPES and cpu[i] and layouts[i] == strided and t.nbytes < limit]
+                  if (types is _ALL or types[i] in PLAIN_TYPES) and cpu[i]
+                  and (layouts is _ALL or layouts[i] == strided) and t.nbytes < limit]
         self.clear()
         self.scan = scan
         if len(picked) < self.MIN_TENSORS:
@@ -279,16 +265,25 @@ class SmallSlabs:
         self._allocate([keys[i] for i in picked], [vals[i].detach() for i in picked])
 
     def copy(self, srcs: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Copies of the selected tensors (key -> view), in one ``_foreach_copy_``."""
+        """Copies of the selected tensors (key -> view): when every one is 1-D, one ``torch.cat`` per run of about
+        :data:`CAT_BYTES` into its part of the buffer (same bytes as ``_foreach_copy_`` into the views, without a
+        TensorIterator per tensor); otherwise one ``_foreach_copy_``."""
         with torch.no_grad():
             if self.flat_1d is None:
                 foreach_copy(self.views, srcs)
-            elif len(self.flat_1d) == 1:  # one dtype, every tensor 1-D: one torch.cat into its buffer
-                torch.cat(srcs, out=self.flat_1d[0][1])
-            else:
-                for picked, flat in self.flat_1d:
-                    torch.cat([srcs[i] for i in picked], out=flat)
-        return dict(zip(self.keys, self.views))
+                return dict(self.snap)
+            try:
+                cat = torch.cat
+                for picked, runs in self.flat_1d:
+                    part = srcs if picked is None else [srcs[i] for i in picked]
+                    for a, b, out in runs:
+                        cat(part[a:b], out=out)
+            except (RuntimeError, NotImplementedError):
+                # a tensor left the CPU since the layout (dense_views' bulk check reads no device): cat refuses a
+                # tensor of another device, it never converts one; copy_ does, and the next save lays out again
+                self.scan = None
+                foreach_copy(self.views, srcs)
+        return dict(self.snap)  # (a dict of its own: the save's job may add to it)
 
     def _allocate(self, keys: list[str], srcs: list[torch.Tensor]) -> None:
         by_dtype: dict[torch.dtype, int] = {}
@@ -302,11 +297,33 @@ class SmallSlabs:
             views.append(flat[t.dtype][p:p + n].view(t.shape))
             pos[t.dtype] = p + n
         self.keys, self.views, self.slabs = keys, views, [f.view(torch.uint8) for f in flat.values()]
+        self.snap = dict(zip(keys, views))
         self.owner.allocations += len(flat)
         # every tensor 1-D (biases, norms; all of a flat state): torch.cat into each dtype's buffer copies the same
-        # bytes as _foreach_copy_ into the views, in about half the time (no per-tensor TensorIterator)
+        # bytes as _foreach_copy_ into the views, in about half the time (no per-tensor TensorIterator); cut into runs
+        # of about CAT_BYTES, since one cat of tens of thousands of tensors costs more per tensor than several
         if all(t.dim() == 1 for t in srcs):
-            self.flat_1d = [([i for i, t in enumerate(srcs) if t.dtype == dt], f) for dt, f in flat.items()]
+            self.flat_1d = []
+            for dt, f in flat.items():
+                picked = None if len(flat) == 1 else [i for i, t in enumerate(srcs) if t.dtype == dt]
+                part = srcs if picked is None else [srcs[i] for i in picked]
+                self.flat_1d.append((picked, _runs(part, f)))
+
+
+CAT_BYTES = 1 << 20
+
+
+def _runs(part: list[torch.Tensor], flat: torch.Tensor) -> list[tuple[int, int, torch.Tensor]]:
+    """``part`` (1-D tensors of one dtype, laid out back to back in ``flat``) cut into runs of about
+    :data:`CAT_BYTES`: (first, end, the run's part of ``flat``)."""
+    runs, a, start, n, nb, size = [], 0, 0, 0, 0, flat.element_size()
+    for b, t in enumerate(part, 1):
+        n += t.numel()
+        nb += t.numel() * size
+        if nb >= CAT_BYTES or b == len(part):
+            runs.append((a, b, flat[start:n]))
+            a, start, nb = b, n, 0
+    return runs
 
 
 def total_nbytes(tensors: dict) -> int:
@@ -314,7 +331,7 @@ def total_nbytes(tensors: dict) -> int:
     global size, whose ``numel`` it may not support)."""
     n = 0
     for t in tensors.values():
-        if type(t) in _PLAIN_TYPES:
+        if type(t) in PLAIN_TYPES:
             n += t.nbytes
         elif isinstance(t, torch.Tensor):
             try:
@@ -322,20 +339,3 @@ def total_nbytes(tensors: dict) -> int:
             except Exception:  # noqa: BLE001 (progress is informational)
                 pass
     return n
-
-
-_PLAIN_TYPES = frozenset((torch.Tensor, torch.nn.Parameter))  # neither sharded nor a DTensor: decided without an import
-
-
-def _is_sharded_tensor(t: Any) -> bool:
-    return type(t) not in _PLAIN_TYPES and is_sharded_tensor(t)
-
-
-def _as_dtensor(t: torch.Tensor):
-    if type(t) in _PLAIN_TYPES:
-        return None
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover
-        return None
-    return t if isinstance(t, DTensor) else None

@@ -18,7 +18,8 @@ from ..format.codec import encode, warn_unsupported
 from .dedup import Deduper
 from .folders import packed
 from .meta import StateDoc, state_bytes_of
-from .snapshot import HostBuffers, _as_dtensor, _is_sharded_tensor, dense_views
+from ..format.views import as_dtensor, dense_views, is_sharded_tensor
+from .snapshot import HostBuffers
 from .topology import Topology
 
 
@@ -51,7 +52,7 @@ def select(state: dict, topology: Topology, roles: Roles, *, key_fn: Callable[[s
     Conjugate and negative views are resolved and nested tensors refused here, in every mode (``dense_views``)."""
     doc, tensors = encode(state, on_unsupported=warn_unsupported, key_fn=key_fn, cache=cache)
     tensors = dense_views(tensors)
-    if topology.node_local and any(_as_dtensor(v) is not None or _is_sharded_tensor(v) for v in tensors.values()):
+    if topology.node_local and any(as_dtensor(v) is not None or is_sharded_tensor(v) for v in tensors.values()):
         raise CheckpointWriteError(
             f"{where} is local to each node, but this model's state is sharded across ranks (FSDP or tensor "
             "parallel): a node's folder cannot hold a whole checkpoint. Save to a folder every rank shares (a shared "
