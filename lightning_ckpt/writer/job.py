@@ -271,6 +271,7 @@ class SaveJob:
         if not (topo.is_leader and topo.folder_written):  # rank 0 (node-local: each folder's first rank) commits
             if self.decision is not None and d.dedup is not None:
                 d.dedup.follower_saw(self.plan, self.decision.for_others())
+            self.files, self.tensor_index, self.plan = [], {}, None  # freed here, not by the training thread later
             return SaveResult(name=self.name, path=os.path.join(d.store.root, self.name), step=self.header["step"],
                               bytes=0, snapshot_s=self.snapshot_s, write_s=time.perf_counter() - self.t0,
                               tags=sorted(self.tags), kind=self.header["kind"], metrics=dict(self.header["metrics"]))
