@@ -40,7 +40,8 @@ class KeptListings:
 
     def hold(self, store: Any) -> None:
         with self._lock:
-            memo = self._memo.setdefault(_key(store), {"holders": 0, "entries": None, "listed": -1e18, "changes": 0})
+            memo = self._memo.setdefault(_key(store), {"holders": 0, "entries": None, "listed": -1e18, "changes": 0,
+                                                       "v": 0})  # v: bumped at every change of the entries
             memo["holders"] += 1
 
     def release(self, store: Any) -> None:
@@ -68,8 +69,12 @@ class KeptListings:
                 started = time.monotonic()
                 memo["entries"] = dict(list_fn())
                 memo["listed"], memo["changes"] = started, 0
+                memo["v"] += 1
                 self.listings += 1
-            return sorted(memo["entries"].items())
+            kept = memo.get("sorted")
+            if kept is None or kept[0] != memo["v"]:  # sorted once per change, not at every read
+                kept = memo["sorted"] = (memo["v"], sorted(memo["entries"].items()))
+            return list(kept[1])
 
     def scan(self, store: Any, info: Callable[[str, dict], Any], order: Callable[[Any], Any]) -> Optional[tuple[list, list]]:
         """For ``read._scan``: the results of ``info(name, manifest)`` of the committed entries, sorted by ``order``,
@@ -83,6 +88,10 @@ class KeptListings:
         if made is None:
             return None
         listed = store._listed()
+        with self._lock:
+            v, last = memo["v"], memo.get("scanned")
+        if last is not None and last[0] == v and last[1] is order and memo["entries"] is not None:
+            return list(last[2]), list(last[3])  # nothing changed since the last scan: its results, not a new pass
         fresh = [(n, e) for n, e in listed if (made.get(n) or ("",))[0] != e]
         if len(fresh) > 1:  # the first scan: the manifests are fetched 16 at a time
             got = dict(store.manifests())
@@ -109,6 +118,10 @@ class KeptListings:
             for n in [n for n in made if n not in names]:
                 made.pop(n, None)
         infos.sort(key=order)
+        if len(infos) + len(bad) == len(listed):  # complete (nothing deleted in between): the next scan may reuse it
+            with self._lock:
+                if memo.get("v") == v:
+                    memo["scanned"] = (v, order, list(infos), list(bad))
         return infos, bad
 
     def committed(self, store: Any, name: str, manifest: bytes) -> Optional[str]:
@@ -121,6 +134,7 @@ class KeptListings:
             etag = f'"{hashlib.md5(manifest).hexdigest()}"'
             memo["entries"][name] = etag
             memo["changes"] += 1
+            memo["v"] += 1
             return etag
 
     def deleted(self, store: Any, name: str) -> None:
@@ -130,6 +144,7 @@ class KeptListings:
             if memo is not None and memo["entries"] is not None:
                 memo["entries"].pop(name, None)
                 memo["changes"] += 1
+                memo["v"] += 1
 
     def expire(self, store: Any, max_age_s: float) -> None:
         """List the location at the next call if the kept listing is older than ``max_age_s``."""
@@ -137,6 +152,7 @@ class KeptListings:
             memo = self._memo.get(_key(store))
             if memo is not None and time.monotonic() - memo["listed"] > max_age_s:
                 memo["entries"] = None
+                memo["v"] += 1
 
     def invalidate(self, store: Any) -> None:
         """The kept listing was found wrong: list the location at the next call."""
@@ -144,6 +160,7 @@ class KeptListings:
             memo = self._memo.get(_key(store))
             if memo is not None:
                 memo["entries"] = None
+                memo["v"] += 1
 
 
 KEPT = KeptListings()
