@@ -21,6 +21,7 @@ from .format.manifest import chunk_member
 from .read import Opened, check_sizes, open_checkpoint, read_state_doc
 from .store.chunkread import mismatch
 from .store.fs import open_member
+from .policy.enums import Kind
 
 
 class _Whole:
@@ -39,7 +40,7 @@ class WholeChunks:
 
     def __init__(self, ck: Any, targets: dict[str, torch.Tensor]) -> None:
         self.chunks: list[tuple[_Whole, ChunkInfo]] = []
-        index = ck.m["tensors"]
+        index = ck.m.get("tensors", {})
         for key, target in targets.items():
             for c in index[key]["chunks"]:
                 offsets, sizes = tuple(c["offsets"]), tuple(c["sizes"])
@@ -109,7 +110,7 @@ def read_small(ck: Opened, reader: LCStorageReader, wanted: list[str], verify: b
     on its slice, and each model or optimizer tensor comes back as a view of that buffer (the others, and any whose
     offset does not suit its dtype, as a copy of their own). 50,000 tensors cost one read and 50,000 checksums and views instead of 50,000 seeks, reads and NumPy
     views; the buffer is freed with the last of its tensors. Every allocation is bounded by the file's size."""
-    index = ck.m["tensors"]
+    index = ck.m.get("tensors", {})  # a manifest may list no tensor (a light checkpoint, or a hostile one)
     per_member: dict[tuple, list] = {}
     for k in wanted:
         t = index[k]
@@ -263,14 +264,14 @@ def load_weights(path: str, model: torch.nn.Module, *, strict: bool = True, map_
     """
     ck = open_checkpoint(path, 0)
     path, m = ck.folder, ck.m
-    kind = m.get("kind", "full")
+    kind = m.get("kind", Kind.FULL.value)
     doc = read_state_doc(path, m)
     sd_doc = doc.get("state_dict") if isinstance(doc, dict) else None
     if sd_doc is None:
         raise CheckpointMismatchError(
             f"{path} is a {kind!r} checkpoint without model weights; use one saved with content='full' or 'weights'"
         )
-    if kind == "partial" and strict:
+    if kind == Kind.PARTIAL and strict:
         raise CheckpointMismatchError(
             f"{path} is a partial checkpoint (include={m.get('include')}, exclude={m.get('exclude')}); it holds only "
             "some of the model's tensors. Load it with strict=False."

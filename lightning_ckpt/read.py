@@ -24,6 +24,7 @@ from .store import Store, locate, open_store
 from .format.checksum import crc32c
 from .format.manifest import DIGEST, MANIFEST
 from .store.fs import open_member, read_member
+from .policy.enums import Kind
 
 log = logging.getLogger("lightning_ckpt")
 
@@ -76,7 +77,7 @@ def _info(store: Store, name: str, m: dict) -> CheckpointInfo:
         tags=list(m.get("tags") or []),
         metrics=dict(m.get("metrics") or {}),
         size_bytes=sum(int(f["size"]) for f in m["files"].values()),
-        kind=str(m.get("kind", "full")),
+        kind=str(m.get("kind", Kind.FULL.value)),
         created_unix=m.get("created_unix"),
         manifest=m,
     )

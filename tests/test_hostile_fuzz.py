@@ -338,6 +338,16 @@ def test_mutated_manifests(world, victim, data):
     _read_everything(world, bad, data_intact=True)
 
 
+def test_a_manifest_without_its_tensor_index_is_read_by_every_reader_without_a_raw_error(world, victim):
+    """The example the fuzzer above found (its ``tensors`` deleted, digest recomputed): ``load_weights`` raised a raw
+    KeyError in the small-tensor read path instead of loading nothing or a CheckpointError."""
+    bad = victim()
+    m = _manifest(bad)
+    _delete(m, ("tensors",))
+    _rewrite(bad, m)
+    _read_everything(world, bad, data_intact=True)
+
+
 @FUZZ
 @given(data=st.data())
 def test_mutated_lineage_ranking_and_resume_records(world, victim, data):

@@ -17,6 +17,7 @@ from ..tools.export import data_fingerprint, export_checkpoint
 from ..tools.merge import parse_dtype
 from . import compat
 from .base import SESSIONS, session_of
+from ..policy.enums import Kind
 
 log = logging.getLogger("lightning_ckpt")
 
@@ -74,7 +75,7 @@ class ExportOnTrainEnd(Callback, Participant):
         if not trainer.is_global_zero:
             return
         path = self._pick(session)
-        if path is None or not any(c.path == path and c.kind != "light" for c in list_checkpoints(self.dirpath)):
+        if path is None or not any(c.path == path and c.kind != Kind.LIGHT for c in list_checkpoints(self.dirpath)):
             log.warning("lightning_ckpt: nothing to export from %s", self.dirpath)
             return
         config_yaml = None

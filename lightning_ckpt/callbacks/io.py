@@ -24,6 +24,7 @@ from ..tools.prune import remove_checkpoint
 from ..writer.options import check_bool
 from . import compat
 from .fabric import FabricFolders, from_checkpoint
+from ..policy.enums import Kind
 
 
 class LightningCkptIO(CheckpointIO):
@@ -100,15 +101,15 @@ class LightningCkptIO(CheckpointIO):
                 dist.barrier()
 
     def _check_kind(self, path: str) -> None:
-        kind = read_checkpoint_manifest(path).get("kind", "full")
+        kind = read_checkpoint_manifest(path).get("kind", Kind.FULL.value)
         trainer = self.trainer
         fn = getattr(getattr(trainer, "state", None), "fn", None)
-        if kind != "full" and (fn is None or fn == "fit"):
+        if kind != Kind.FULL and (fn is None or fn == "fit"):
             raise CheckpointMismatchError(
                 f"{path} is a {kind!r} checkpoint: it does not hold the full training state, so training cannot "
                 "resume from it. Resume from a checkpoint saved with content='full', or load its weights with "
                 "lightning_ckpt.load_weights(path, model, strict=False)"
-                + (" (it has no weights)" if kind == "light" else "")
+                + (" (it has no weights)" if kind == Kind.LIGHT else "")
                 + " or pass it to trainer.validate/test."
             )
 

@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 from ..errors import CheckpointCorruptError, CheckpointError, CheckpointFormatError, CheckpointNotFoundError
 from .text import say, shown
+from ..policy.enums import Kind
 
 
 def _jsonable(x):
@@ -176,7 +177,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     say(f"step         {m['step']}   epoch {m.get('epoch')}   kind {m.get('kind')}   world size {m.get('world_size')}")
     say(f"tags         {', '.join(m.get('tags') or []) or '-'}")
     resume = m.get("resume")
-    if m.get("kind", "full") != "full":
+    if m.get("kind", Kind.FULL.value) != Kind.FULL:
         say(f"exact resume -  (a {m.get('kind')} checkpoint does not resume training)")
     elif not isinstance(resume, dict):
         say("exact resume unknown (not recorded: written by an older lightning_ckpt)")

@@ -78,3 +78,8 @@ class Kind(Name):
 
 
 CONTENTS = (Kind.FULL, Kind.WEIGHTS, Kind.LIGHT)  # the values of the ``content`` option
+# what a checkpoint of each kind can stand for: a full one serves a weights or light request made at the same step
+# (the session then saves once; the writer merges such a request's tags into it)
+COVERS = {Kind.FULL: frozenset((Kind.FULL, Kind.WEIGHTS, Kind.LIGHT)),
+          Kind.WEIGHTS: frozenset((Kind.WEIGHTS, Kind.LIGHT)),
+          Kind.LIGHT: frozenset((Kind.LIGHT,)), Kind.PARTIAL: frozenset()}

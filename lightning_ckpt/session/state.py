@@ -11,7 +11,7 @@ from typing import Any, Optional, Protocol
 import torch
 
 from ..format.manifest import STATE_KEY
-from ..policy.enums import Kind
+from ..policy.enums import COVERS, Kind
 from .rng import capture_rng
 
 log = logging.getLogger("lightning_ckpt")
@@ -46,7 +46,7 @@ def group_requests(requests: list[SaveRequest]) -> dict[tuple, set]:
         groups.setdefault(r.group, set()).update(r.tags)
     if FULL in groups:
         for g in list(groups):
-            if g != FULL and not g[1] and not g[2]:
+            if g != FULL and not g[1] and not g[2] and g[0] in COVERS[Kind.FULL]:
                 groups[FULL] |= groups.pop(g)
     return groups
 

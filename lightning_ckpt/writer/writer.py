@@ -27,6 +27,7 @@ import torch.distributed as dist
 from ..dcp import is_model_or_optim
 from ..errors import CheckpointError, CheckpointWriteError
 from ..format.gcpause import pausing
+from ..policy.enums import COVERS, Kind
 from ..store.base import owner_token
 from ..store.local import LocalStore, check_writable_dir
 from . import steps
@@ -45,7 +46,6 @@ log = logging.getLogger("lightning_ckpt")
 IfBusy = Literal["wait", "skip"]
 
 # which content satisfies which request: a full checkpoint also serves as a weights one
-_CONTENT_COVERS = {"full": {"full", "weights", "light"}, "weights": {"weights", "light"}, "light": {"light"}, "partial": set()}
 
 
 @dataclass(frozen=True)
@@ -227,11 +227,11 @@ class CheckpointWriter:
         now (equal when every save reused them)."""
         return BufferStats(allocations=self._buffers.allocations, tensors=len(self._buffers._buffers))
 
-    def merge(self, step: int, tags: Iterable[str] = (), metrics: dict | None = None, kind: str = "full") -> bool:
+    def merge(self, step: int, tags: Iterable[str] = (), metrics: dict | None = None, kind: str = Kind.FULL.value) -> bool:
         """Add ``tags``/``metrics`` to the uncommitted save of ``step`` if it has content that covers ``kind``.
         Returns False (nothing merged) otherwise."""
         p = self.pending
-        if p is None or p.step != int(step) or kind not in _CONTENT_COVERS.get(p.kind, set()):
+        if p is None or p.step != int(step) or kind not in COVERS.get(p.kind, ()):
             return False
         return p.add(tags, metrics)
 
@@ -246,7 +246,7 @@ class CheckpointWriter:
         metrics: dict | None = None,
         hparams: Any = None,
         meta: dict | None = None,
-        kind: str = "full",
+        kind: str = Kind.FULL.value,
         if_busy: IfBusy | None = None,
         sync: bool = False,
         stable: Iterable[str] = (),
