@@ -9,28 +9,17 @@ checked for its type) and deletes only once the plan is complete, so a failure w
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import CheckpointError
-from ..policy.retention import RetentionRules
-from ..folder.retention import committed_records, plan_deletions, records_of  # noqa: F401 - re-exported
 from ..folder import Folder
-from ..read import ANY_RUN, list_checkpoints, of_run  # noqa: F401 - re-exported
+from ..folder.needed import CheckpointProtectedError, failed_run_ids, needed  # noqa: F401 - re-exported
+from ..folder.retention import committed_records  # noqa: F401 - re-exported (the CLI's prune --dry-run)
+from ..policy.retention import RetentionRules
+from ..read import list_checkpoints
 from ..store import open_store
-from ..store.base import owner_gone, owner_of
 from ..store.fs import OPS, is_real_dir
-from ..store.lock import FolderLock
-from ..folder.needed import (  # noqa: F401 - re-exported: the failed-run notes lived here
-    RUNS_DIR,
-    CheckpointProtectedError,
-    failed_run_ids,
-    failed_runs,
-    live_holds,
-    needed,
-    record_failed_run,
-)
 
 
 def remove_checkpoint(path: Any, *, force: bool = False) -> None:
@@ -51,9 +40,8 @@ def remove_checkpoint(path: Any, *, force: bool = False) -> None:
             if why is not None:
                 raise CheckpointProtectedError(
                     f"{path} is {why}: a run needs it, so it was not deleted. Pass force=True to delete it all the same.")
-        # this process writes the folder, or holds its lock now, or the folder has no lock: collect the packs
         folder.delete([name])
-        if lock is None or lock.held:
+        if store.may_collect(lock):  # the store's one rule (store/base.py): never beside a live writer's save
             folder.collect()
     finally:
         if lock is not None:
@@ -91,7 +79,7 @@ def prune(dirpath: Any, rules: RetentionRules | None, *, failed: bool = False, d
         ckpts, doomed, keep = plan.ckpts, plan.doomed, plan.protected
         debris: list[str] = []
         if failed:  # the leftovers of interrupted saves (a folder without owners has none: found by age, in cleanup)
-            debris = store.debris(everyone=_owns_folder(store, lock))
+            debris = store.debris(everyone=store.owns(lock))
             report.left_alone = [p for p in store.debris(everyone=True) if p not in debris]
         report.protected = {c.path: keep[c.name] for c in ckpts if c.name in keep}
         # ---- the deletions
@@ -104,27 +92,12 @@ def prune(dirpath: Any, rules: RetentionRules | None, *, failed: bool = False, d
                     folder.delete([c.name])
                 report.deleted.append({"path": c.path, "reason": doomed[c.name], "bytes": c.size_bytes})
         report.kept = [c.path for c in ckpts if c.name not in doomed]
-        if _owns_folder(store, lock) or not _live_writer(store):
+        if store.may_collect(lock):  # the store's one rule (store/base.py): never beside a live writer's save
             report.packs = folder.collect_report(ckpts, doomed, dry_run)
         return report
     finally:
         if lock is not None:
             lock.release()
-
-
-def _owns_folder(store: Any, lock: Any) -> bool:
-    """Whether this prune may treat every leftover of the folder as debris: it holds the folder's lock for real (a
-    dry run: it would, since nobody holds it). With locks disabled (``LIGHTNING_CKPT_LOCK=0``) nobody owns the folder:
-    a leftover is debris only when its writer is gone (a disabled lock disables waiting, not safety)."""
-    if lock is not None:
-        return lock.held
-    return FolderLock.enabled() and store.lock_holder() is None
-
-
-def _live_writer(store: Any) -> bool:
-    """A running process of this machine, or one on another machine, has a save or a temp file in the folder."""
-    return any(not owner_gone(owner_of(os.path.basename(p))) for p in store.debris(everyone=True)
-               if not os.path.basename(p).startswith(".trash-"))
 
 
 def _remove_debris(paths: list[str]) -> None:
