@@ -16,8 +16,10 @@ faster: a lost or stale update leaves more entries to read, never a wrong answer
 Writing (``publish_local`` / ``publish_s3``): the old index plus the entry just committed (one manifest, which the
 writer passes). Locally the entry names are listed again (``scandir``) at the first publish of a process and every
 ``RESCAN_EVERY`` publishes, so the ids of deleted entries go and entries committed without a publish are accounted;
-on S3 the ids are re-listed when they outgrow the last listing by ``RESCAN_EVERY``. A folder without an index (a
-first save, or written by an older release) is indexed once by reading every manifest.
+on S3 the ids are re-listed when they outgrow the last listing by ``RESCAN_EVERY`` or an eighth of it, whichever is
+more (a listing of the location costs pages in proportion to its size, so it is taken in proportion less often: the
+same cost per publish at any size; an id of a deleted entry left meanwhile only makes the index a little larger).
+A folder without an index (a first save, or written by an older release) is indexed once by reading every manifest.
 """
 from __future__ import annotations
 
@@ -219,7 +221,7 @@ def publish_s3(store: Any, doc: dict, manifest: tuple[dict, bytes] | None, old_d
         old = Index.parse(old_doc)
         meta = old_doc.get("index", {}).get("listed", 0) if isinstance(old_doc, dict) and old is not None else 0
         listed = meta if isinstance(meta, int) and not isinstance(meta, bool) else 0
-        if old is None or len(old.ids) >= listed + RESCAN_EVERY:
+        if old is None or len(old.ids) >= listed + max(RESCAN_EVERY, listed // 8):  # amortized: O(1) per publish
             present = {n: etag(objs[mf.MANIFEST]) for n, objs in store.objects_by_name().items() if mf.MANIFEST in objs}
             if old is not None and all(present.get(e["name"]) == e["version"] for e in old.runs.values()):
                 idx = Index(dict(old.runs), {entry_id(n, v) for n, v in present.items()} & old.ids)

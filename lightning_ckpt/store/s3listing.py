@@ -6,12 +6,13 @@ The listing is ``{name: ETag of its manifest}`` of the committed entries, taken 
 commits and deletions this process makes there (``S3Transaction.commit`` and ``S3Store.uncommit`` note them); the
 manifests themselves stay cached by ETag (``S3Store._cache``). Unlike a local folder under its lock, an S3 location
 can be written by others (another run's pushes, ``lightning-ckpt prune``, a hand deletion), so the listing is taken
-again after ``RELIST_EVERY`` changes, at least every ``RELIST_S`` seconds, and when the uploader finds it wrong (a
-deletion that found nothing). Until then a checkpoint added by another process is not in the listing: retention then
-ranks a subset of the location's checkpoints, and a rule that keeps the best, the newest or the milestones of a
-subset keeps at least those of them it would keep of the whole, so it never deletes more; a checkpoint another
-process deleted is dropped at the next listing. The pack collection, which must see every manifest that references a
-pack, asks for a listing younger than half its grace period (``S3Store.collect_packs``): a manifest committed by
+again after ``RELIST_EVERY`` changes (or an eighth of the entries, whichever is more: a listing costs pages in
+proportion to the location, so it is taken in proportion less often), at least every ``RELIST_S`` seconds, and
+when the uploader finds it wrong (a deletion that found nothing). Until then a checkpoint added by another process
+is not in the listing: retention then ranks a subset of the location's checkpoints, and a rule that keeps the
+best, the newest or the milestones of a subset keeps at least those of them it would keep of the whole, so it never
+deletes more; a checkpoint another process deleted is dropped at the next listing. The pack collection, which must
+see every manifest that references a pack, asks for a listing younger than half its grace period (``S3Store.collect_packs``): a manifest committed by
 another process since then marked or uploaded its packs less than that long ago, so they are within the grace.
 A location no uploader of this process holds is listed at every call, as before.
 """
@@ -65,7 +66,8 @@ class KeptListings:
             if memo is None:
                 return None
             age = time.monotonic() - memo["listed"]
-            if memo["entries"] is None or memo["changes"] >= RELIST_EVERY or age >= RELIST_S:
+            due = max(RELIST_EVERY, len(memo["entries"] or ()) // 8)  # in proportion to the pages a listing costs
+            if memo["entries"] is None or memo["changes"] >= due or age >= RELIST_S:
                 started = time.monotonic()
                 memo["entries"] = dict(list_fn())
                 memo["listed"], memo["changes"] = started, 0
@@ -77,9 +79,10 @@ class KeptListings:
             return list(kept[1])
 
     def scan(self, store: Any, info: Callable[[str, dict], Any], order: Callable[[Any], Any]) -> Optional[tuple[list, list]]:
-        """For ``read._scan``: the results of ``info(name, manifest)`` of the committed entries, sorted by ``order``,
-        and ``(path, error)`` of the manifests that cannot be read; each made once per manifest ETag, so that a save
-        costs a sort of the kept results, not a pass that reads (and re-makes) every one. None when not held."""
+        """For ``read.scan_checkpoints``: the results of ``info(name, manifest)`` of the committed entries, sorted by
+        ``order``, and ``(path, error)`` of the manifests that cannot be read; each made once per manifest ETag, and
+        the whole result kept until the listing changes, so that a save costs no pass over every entry. None when not
+        held."""
         from ..errors import CheckpointError, StorageUnavailableError
 
         with self._lock:
