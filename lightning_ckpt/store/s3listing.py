@@ -1,20 +1,20 @@
 """The listing of an S3 location kept in memory while this process uploads to it (a run's uploader,
-``session/backups.py``), so that the work of each save there (the location's retention, the callbacks' listings of an
-``s3://`` dirpath, the pack collection) makes no LIST request whose pages grow with the checkpoints it holds.
+``session/backups.py``), so that the work of each save there (the location's retention, the callbacks' listings of
+an ``s3://`` dirpath, the pack collection) makes no LIST request whose pages grow with the checkpoints it holds.
 
 The listing is ``{name: ETag of its manifest}`` of the committed entries, taken from one LIST, then updated from the
 commits and deletions this process makes there (``S3Transaction.commit`` and ``S3Store.uncommit`` note them); the
 manifests themselves stay cached by ETag (``S3Store._cache``). Unlike a local folder under its lock, an S3 location
 can be written by others (another run's pushes, ``lightning-ckpt prune``, a hand deletion), so the listing is taken
 again after ``RELIST_EVERY`` changes (or an eighth of the entries, whichever is more: a listing costs pages in
-proportion to the location, so it is taken in proportion less often), at least every ``RELIST_S`` seconds, and
-when the uploader finds it wrong (a deletion that found nothing). Until then a checkpoint added by another process
-is not in the listing: retention then ranks a subset of the location's checkpoints, and a rule that keeps the
-best, the newest or the milestones of a subset keeps at least those of them it would keep of the whole, so it never
-deletes more; a checkpoint another process deleted is dropped at the next listing. The pack collection, which must
-see every manifest that references a pack, asks for a listing younger than half its grace period (``S3Store.collect_packs``): a manifest committed by
-another process since then marked or uploaded its packs less than that long ago, so they are within the grace.
-A location no uploader of this process holds is listed at every call, as before.
+proportion to the location, so it is taken in proportion less often), at least every ``RELIST_S`` seconds, and when
+the uploader finds it wrong (a deletion that found nothing). Until then a checkpoint added by another process is not
+in the listing: retention then ranks a subset of the location's checkpoints, and a rule that keeps the best, the
+newest or the milestones of a subset keeps at least those of them it would keep of the whole, so it never deletes
+more; a checkpoint another process deleted is dropped at the next listing. The pack collection, which must see every
+manifest that references a pack, asks for a listing younger than half its grace period (``S3Store.collect_packs``):
+a manifest committed by another process since then marked or uploaded its packs less than that long ago, so they are
+within the grace. A location no uploader of this process holds is listed at every call, as before.
 """
 from __future__ import annotations
 
