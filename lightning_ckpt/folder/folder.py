@@ -15,7 +15,6 @@ A :class:`Folder` that lives across saves (the session's, the uploader's) keeps 
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
 
@@ -225,19 +224,6 @@ class Folder:
             kept = {p for c in ckpts if c.name not in doomed for p in (c.manifest.get("packs") or {})}
             gone = sorted(set(self.store.pack_names()) - kept)
         else:
-            orphans = [p for p in self.store.pack_names() if p not in sizes]  # no manifest says their size
-            if orphans:
-                sizes.update(self._pack_sizes(orphans))
+            sizes = {**self.store.pack_sizes(), **sizes}  # an orphan's size is no manifest's: the store says it
             gone = sorted(self.store.collect_packs()[0])
         return [{"path": self.store.path(f".blobs/{p}"), "bytes": sizes.get(p)} for p in gone]
-
-    def _pack_sizes(self, names: list[str]) -> dict[str, int]:
-        """Sizes of the packs no manifest records (orphans), where their folder holds them (a local folder)."""
-        folder = self.store.packs_folder(None)
-        out = {}
-        for p in names:
-            try:
-                out[p] = os.path.getsize(os.path.join(folder, p))
-            except OSError:
-                continue
-        return out

@@ -345,7 +345,9 @@ class Store(ABC):
     def remove(self, names: Iterable[str], *, collect: bool = True, lock: Any = None,
                mine: "set[str] | frozenset" = frozenset()) -> Removed:
         """Delete the entries ``names`` (those already gone are skipped), then, with ``collect``, the packs they
-        orphaned (:meth:`collect_orphans`). The folder layer's one way to delete."""
+        orphaned (:meth:`collect_orphans`). The Folder layer does not use it: it deletes an entry at a time
+        (``trash`` and a background ``purge`` for a session) and collects through ``collect_packs``, after
+        ``prune`` and ``remove_checkpoint`` asked :meth:`may_collect`."""
         out = Removed()
         for name in names:
             if self.delete(name):
