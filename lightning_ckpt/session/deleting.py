@@ -12,27 +12,16 @@ import logging
 import os
 from typing import Iterable, Optional
 
-from ..folder import Folder, Plan
+from ..folder import Plan
 
 log = logging.getLogger("lightning_ckpt")
 
 
 class Deleting:
-    """Deletion and retention for a :class:`FolderSession`. It uses the session's ``dirpath``, ``store``, ``options``,
-    ``participants``, ``uploaders``, ``primary``, ``retention``, ``resumed_from``, ``best_rules()``,
-    ``announce``, ``_deleter``, ``deleted`` and ``retention_deleted``."""
-
-    @property
-    def folder(self) -> Folder:
-        """The session's :class:`Folder` (its committed checkpoints, kept across saves)."""
-        f = self.__dict__.get("_folder")
-        if f is None:
-            f = self.__dict__["_folder"] = Folder(self.store, run_name=self.options.run_name)
-        return f
-
-    @folder.setter
-    def folder(self, f: Folder) -> None:
-        self.__dict__["_folder"] = f
+    """Deletion and retention for a :class:`FolderSession`. It uses the session's ``folder`` (its
+    :class:`~lightning_ckpt.folder.Folder`, kept across saves), ``dirpath``, ``store``, ``options``, ``participants``,
+    ``uploaders``, ``primary``, ``retention``, ``resumed_from``, ``best_rules()``, ``announce``, ``_deleter``,
+    ``deleted`` and ``retention_deleted``."""
 
     def own_protections(self) -> dict[str, str]:
         """What this run keeps beyond what the folder needs: its resume point, its participants' protections
