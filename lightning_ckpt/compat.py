@@ -1,7 +1,8 @@
 """Every private torch attribute this package touches, in one place (the Lightning ones are in
 ``callbacks/compat.py``). Each is used through a function here; :func:`check` raises a
 :class:`~lightning_ckpt.CheckpointError` naming the supported torch versions when one is missing, never a silent
-fallback."""
+fallback. The one exception is an accelerator, :func:`tensor_guard`: without it a save does the same work in Python,
+so where it is missing (or fails its self-test) it is simply not used."""
 from __future__ import annotations
 
 from typing import Any
@@ -57,6 +58,69 @@ def foreach_copy(dsts: list, srcs: list) -> None:
             d.copy_(s)
     else:
         fn(dsts, srcs)
+
+
+_GUARDS: list = []  # [the TensorGuards class, or None where it is missing or failed the self-test]; decided once
+
+
+def tensor_guard(tensors: list, shapes: list) -> Any:
+    """One C++ check of many tensors' metadata, or None where this torch cannot give one.
+
+    ``tensors``: plain dense tensors (``type(t)`` is ``torch.Tensor`` or ``Parameter``, not nested: a nested tensor
+    aborts the process inside the check, so callers exclude those first); ``shapes``: their shapes, as read now.
+    Returns a callable ``check(*tensors) -> bool`` that is True only when each tensor passed has the Python type,
+    dispatch keys (device type, layout, the conjugate and negative bits), dtype, device index, ``requires_grad``,
+    sizes and strides the tensor in the same position had here.
+
+    This is torch's private ``torch._C._dynamo.guards.TensorGuards``: the check ``torch.compile`` relies on to reuse
+    compiled code (its ``TensorCheck``), one C++ pass instead of one Python-level pass per property. It is an
+    accelerator only: where it is missing, refuses the arguments, or fails a self-test of the changes it must catch
+    (run once per process), this returns None and the caller reads the properties itself."""
+    if not _GUARDS:
+        _GUARDS.append(_tensor_guards_class())
+    cls = _GUARDS[0]
+    if cls is None:
+        return None
+    try:
+        return cls(*tensors, dynamic_dims_sizes=list(map(list, shapes)),
+                   dynamic_dims_strides=list(map(list, map(torch.Tensor.stride, tensors)))).check
+    except Exception:  # noqa: BLE001 (an accelerator: the caller reads the properties instead)
+        return None
+
+
+def _tensor_guards_class() -> Any:
+    """``TensorGuards`` if it is present and catches, on this torch, each change the snapshot relies on it to see."""
+    try:
+        from torch._C._dynamo.guards import TensorGuards
+    except ImportError:
+        return None
+
+    def guard(ts: list) -> Any:
+        return TensorGuards(*ts, dynamic_dims_sizes=[list(t.shape) for t in ts],
+                            dynamic_dims_strides=[list(t.stride()) for t in ts]).check
+
+    try:
+        base = [torch.zeros(6), torch.zeros(2, 3)]
+        if not guard(base)(*base):
+            return None
+        # each keeps the tensor object (``.data =``), its version counter and mostly its data pointer
+        changes = (lambda t: t.view(3, 2), lambda t: t.reshape(-1)[:4], lambda t: t.view(torch.int32),
+                   lambda t: t._neg_view(), lambda t: t.reshape(3, 2).t(), lambda t: t.to(torch.float64),
+                   lambda t: torch.zeros(1).expand(t.shape), lambda t: torch.zeros(t.shape[:-1] + (2 * t.shape[-1],))[..., ::2])
+        for change in changes:
+            for i in range(2):
+                ts = [t.clone() for t in base]
+                check = guard(ts)
+                ts[i].data = change(ts[i].data)
+                if check(*ts):
+                    return None
+        z = [torch.zeros(3, dtype=torch.complex64)]
+        check = guard(z)
+        if check(z[0].conj()):
+            return None
+    except Exception:  # noqa: BLE001 (another signature or behaviour: not used)
+        return None
+    return TensorGuards
 
 
 def check() -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 
+import pytest
 import torch
 
 from lightning_ckpt import list_checkpoints, load_checkpoint, verify_checkpoint
@@ -243,13 +244,18 @@ def test_a_checked_state_changed_after_dense_views_is_read_again():
     assert type(dense_views({"n": torch.randn(2, dtype=torch.complex64).conj()})) is not Checked
 
 
-def test_the_bulk_copy_falls_back_to_copy_when_cat_refuses_a_tensor(tmp_path, monkeypatch):
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_bulk_copy_falls_back_to_copy_when_cat_refuses_a_tensor(tmp_path, monkeypatch, threads):
     """The steady-state check reads no device: a tensor that leaves the CPU makes torch.cat refuse (it never
     converts); the snapshot is then taken with copy_ (which copies across devices) and the next save lays out again.
-    (No second device here: cat's refusal is injected once.)"""
+    (No second device here: cat's refusal is injected once.) With two threads copying (a large state: here forced,
+    with runs of 64 bytes), a refusal in either thread does the same."""
     from lightning_ckpt.format.views import dense_views
     from lightning_ckpt.writer import snapshot
 
+    if threads == 2:
+        monkeypatch.setattr(snapshot.SmallSlabs, "TWO_THREADS_FROM", 1)
+        monkeypatch.setattr(snapshot, "CAT_BYTES", 64)
     state = {f"t{i}": torch.randn(4) for i in range(100)}
     buffers = snapshot.HostBuffers(pin_memory=False)
     buffers.snapshot(dense_views(state))
@@ -271,3 +277,179 @@ def test_the_bulk_copy_falls_back_to_copy_when_cat_refuses_a_tensor(tmp_path, mo
     snap = buffers.snapshot(dense_views(state))  # laid out again
     assert buffers.allocations > allocated
     assert all(_same_bits(snap[k], t) for k, t in state.items())
+
+
+def _guarded(monkeypatch, chunk: int = 16) -> list:
+    """Guards on every state of a test (not only from 1,024 tensors), in chunks of ``chunk`` tensors, and the bulk
+    copy split between two threads at any size; returns a list that records, per save, whether the guards stood in
+    for the bulk check (True) or it ran (False)."""
+    from lightning_ckpt.format.views import DenseMemo
+    from lightning_ckpt.writer.snapshot import SmallSlabs
+
+    monkeypatch.setattr(DenseMemo, "MIN_TENSORS", 1)
+    monkeypatch.setattr(DenseMemo, "CHUNK", chunk)
+    monkeypatch.setattr(SmallSlabs, "TWO_THREADS_FROM", 1)
+    hits: list = []
+    real = DenseMemo.recall
+
+    def recall(self, tensors, vals):
+        got = real(self, tensors, vals)
+        hits.append(got is not None)
+        return got
+
+    monkeypatch.setattr(DenseMemo, "recall", recall)
+    return hits
+
+
+def test_the_guards_over_a_known_state_see_every_change_the_bulk_check_sees(tmp_path, monkeypatch):
+    """Once a state was seen twice, one C++ guard per chunk (torch's TensorGuards) stands in for the bulk check's
+    reads (format/views.DenseMemo). Each change of the list of the bulk snapshot test above is made to a plain state
+    after three unchanged saves (so the guards are built and used), on the same tensor objects and on fresh detached
+    ones: the guards refuse the changed state (the bulk check runs again) and accept an unchanged one, and every
+    checkpoint holds, bit for bit, the values, dtypes and shapes at its save(), with deduplication's reads taken in
+    the same pass. Fails when the guards compare no shapes or strides (checked: ``dynamic_dims_sizes``/``strides``
+    of None)."""
+    hits = _guarded(monkeypatch)
+    base = {f"w{i}": torch.randn(5) for i in range(150)}
+    base.update({f"z{i}": torch.randn(3, dtype=torch.complex64) for i in range(3)})
+    for fresh in (False, True):
+        live: dict = {}
+        changes = [  # (a change to what the save must store, whether the guards see it)
+            (lambda: live.__setitem__("w1", torch.randn(5)), False),  # another tensor alike: nothing to see
+            (lambda: setattr(live["p"], "data", live["p"].data.view(2, 3)), True),  # same pointer and version
+            (lambda: live["w2"].resize_(7), True),
+            (lambda: live.__setitem__("w3", torch.randn(10)[::2]), True),  # same shape, strided
+            (lambda: setattr(live["w4"], "data", live["w4"].data.view(torch.int32)), True),  # another dtype
+            (lambda: live.__setitem__("w5", torch.randn(5, dtype=torch.complex64).conj().imag), True),  # negative
+            (lambda: live.__setitem__("z1", live["z1"].conj()), True),  # conjugate view
+            (lambda: live.__setitem__("w6", torch.randn(1, 5)), True),  # same size, one more dimension
+            (lambda: live["w7"].resize_(40000), True),  # out of the bulk copy
+        ]
+        for i, (change, seen) in enumerate(changes):
+            folder = tmp_path / f"{fresh}-{i}"
+            live.clear()
+            live.update({k: t.clone() for k, t in base.items()}, p=torch.nn.Parameter(torch.randn(6)))
+            w = CheckpointWriter(folder, async_save=True)
+            expected = []
+            try:
+                for phase in ("again", "again", "again", "changed"):
+                    if phase == "changed":
+                        change()
+                    sd = {k: t.detach() for k, t in live.items()} if fresh else live
+                    before = len(hits)
+                    p = w.save({"state_dict": sd}, step=len(expected))
+                    guarded = hits[-1] if len(hits) > before else None  # None: no guards to try
+                    expected.append({k: (t.dtype, t.shape, _bits(t)) for k, t in sd.items()})
+                    with torch.no_grad():
+                        for t in live.values():
+                            if t.dtype.is_floating_point or t.dtype.is_complex:
+                                t.mul_(-1.5)  # training changes every tensor right after save() returned
+                            else:
+                                t.add_(3)
+                    p.result()
+                    if phase == "changed":
+                        assert guarded is (not seen), (fresh, i, "the guards missed a change" if seen else guarded)
+                    elif len(expected) == 3:
+                        assert guarded is True, (fresh, i, "an unchanged state was checked again")
+            finally:
+                w.close()
+            for c in list_checkpoints(folder):
+                got = load_checkpoint(c.path)["state_dict"]
+                exp = expected[c.step]
+                assert sorted(got) == sorted(exp)
+                bad = [k for k, t in got.items()
+                       if (t.dtype, t.shape) != exp[k][:2] or not torch.equal(_bits(t), exp[k][2])]
+                assert not bad, (fresh, i, c.step, bad)
+
+
+def test_a_nested_tensor_in_a_guarded_state_is_refused_not_checked(tmp_path, monkeypatch):
+    """A nested tensor must never reach the guards (inside their C++ check its strides abort the process): a state
+    whose guards are built, with a nested tensor put in place of one of its tensors, is refused with the ValueError of
+    the bulk check; the process lives on, and a later save of the plain state works."""
+    hits = _guarded(monkeypatch)
+    state = {f"t{i}": torch.randn(4) for i in range(40)}
+    w = CheckpointWriter(tmp_path, async_save=True)
+    try:
+        for step in range(3):
+            w.save({"state_dict": state}, step=step).result()
+        assert hits[-1] is True
+        plain = state["t5"]
+        state["t5"] = torch.nested.nested_tensor([torch.randn(2), torch.randn(3)])
+        try:
+            w.save({"state_dict": state}, step=3)
+            raise AssertionError("a nested tensor was saved")
+        except ValueError as e:
+            assert "nested tensor" in str(e)
+        state["t5"] = plain
+        w.save({"state_dict": state}, step=4).result()
+    finally:
+        w.close()
+    assert torch.equal(load_checkpoint(list_checkpoints(tmp_path)[-1].path)["state_dict"]["t5"], plain)
+
+
+def test_guards_that_keep_failing_on_a_state_the_save_finds_unchanged_are_built_less_and_less_often(tmp_path,
+                                                                                                    monkeypatch):
+    """A change the guards see and the save does not care about (``requires_grad`` turned on and off at every save)
+    makes them fail while the bulk check finds the same state: they are built again only after a wait that doubles
+    with each such miss (building them costs about two bulk checks), and every save is kept."""
+    from lightning_ckpt import compat
+
+    hits = _guarded(monkeypatch)
+    builds = []
+    real = compat.tensor_guard
+    monkeypatch.setattr(compat, "tensor_guard", lambda ts, shapes: builds.append(1) or real(ts, shapes))
+    state = {f"t{i}": torch.randn(4) for i in range(40)}
+    w = CheckpointWriter(tmp_path, async_save=True)
+    try:
+        for step in range(24):
+            state["t3"].requires_grad_(step % 2 == 1)
+            w.save({"state_dict": state}, step=step).result()
+    finally:
+        w.close()
+    assert hits and not any(hits)
+    # built after saves 1, 3, 6, 11 and 20 (waits of 1, 2, 4 and 8 saves), 3 guards each (40 tensors, chunks of 16)
+    assert len(builds) == 5 * 3, len(builds)
+    assert len(list_checkpoints(tmp_path)) == 24
+
+
+def test_saves_without_the_guards_keep_the_bulk_check(tmp_path, monkeypatch):
+    """Where torch lacks TensorGuards or it fails the self-test of the changes it must catch (compat.tensor_guard),
+    nothing is built and every save runs the bulk check."""
+    from lightning_ckpt import compat
+
+    hits = _guarded(monkeypatch)
+    monkeypatch.setattr(compat, "_GUARDS", [None])
+    state = {f"t{i}": torch.randn(4) for i in range(40)}
+    w = CheckpointWriter(tmp_path, async_save=True)
+    try:
+        for step in range(4):
+            w.save({"state_dict": state}, step=step).result()
+    finally:
+        w.close()
+    assert w._dense.checks is None and hits == []
+    assert compat._tensor_guards_class() is not None  # (the torch CI runs on has a TensorGuards that passes)
+
+
+def test_the_self_test_refuses_a_tensor_guard_that_misses_a_change(monkeypatch):
+    """compat.tensor_guard uses torch's private TensorGuards only after checking, once per process, that it catches each
+    change the snapshot relies on it to see: a class whose check passes everything (or raises) is refused."""
+    import torch._C._dynamo.guards as guards
+
+    from lightning_ckpt import compat
+
+    class Blind:
+        def __init__(self, *tensors, **kwargs):
+            pass
+
+        def check(self, *tensors):
+            return True
+
+    class Raising(Blind):
+        def check(self, *tensors):
+            raise TypeError("another signature")
+
+    for fake in (Blind, Raising):
+        monkeypatch.setattr(guards, "TensorGuards", fake)
+        assert compat._tensor_guards_class() is None
+        monkeypatch.setattr(compat, "_GUARDS", [])
+        assert compat.tensor_guard([torch.zeros(2)], [torch.Size([2])]) is None

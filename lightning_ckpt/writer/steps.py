@@ -18,7 +18,7 @@ from ..format.codec import encode, warn_unsupported
 from .dedup import Deduper
 from .folders import packed
 from .meta import StateDoc, state_bytes_of
-from ..format.views import as_dtensor, dense_views, is_sharded_tensor
+from ..format.views import DenseMemo, as_dtensor, dense_views, is_sharded_tensor
 from .snapshot import HostBuffers
 from .topology import Topology
 
@@ -47,11 +47,12 @@ class Roles:
 
 
 def select(state: dict, topology: Topology, roles: Roles, *, key_fn: Callable[[str], str] | None, cache: dict,
-           where: str) -> tuple[Any, dict]:
+           where: str, memo: DenseMemo | None = None) -> tuple[Any, dict]:
     """Step 1: ``state`` encoded (its document, and its tensors by flat key), and the tensors this rank keeps.
-    Conjugate and negative views are resolved and nested tensors refused here, in every mode (``dense_views``)."""
+    Conjugate and negative views are resolved and nested tensors refused here, in every mode (``dense_views``;
+    ``memo``: the writer's, for a state seen at the saves before)."""
     doc, tensors = encode(state, on_unsupported=warn_unsupported, key_fn=key_fn, cache=cache)
-    tensors = dense_views(tensors)
+    tensors = dense_views(tensors, memo)
     if topology.node_local and any(as_dtensor(v) is not None or is_sharded_tensor(v) for v in tensors.values()):
         raise CheckpointWriteError(
             f"{where} is local to each node, but this model's state is sharded across ranks (FSDP or tensor "
@@ -82,7 +83,9 @@ def plan(tensors: dict, topology: Topology, *, buffers: HostBuffers | None, dedu
         if skip:
             rest = {k: v for k, v in rest.items() if k not in skip}
         if sel is not None and sel.keys:
-            dedup.observe(dedup_plan, sel.keys, sel.srcs, stable)
+            # read with the check of this save's state when it covered exactly these tensors (DenseMemo)
+            signals = getattr(tensors, "signals", None) if sel.srcs is getattr(tensors, "vals", None) else None
+            dedup.observe(dedup_plan, sel.keys, sel.srcs, stable, signals)
     return sel, rest, dedup_plan
 
 

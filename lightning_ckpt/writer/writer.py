@@ -27,6 +27,7 @@ import torch.distributed as dist
 from ..dcp import is_model_or_optim
 from ..errors import CheckpointError, CheckpointWriteError
 from ..format.gcpause import pausing
+from ..format.views import DenseMemo
 from ..policy.enums import COVERS, Kind
 from ..store.base import owner_token
 from ..store.local import LocalStore, check_writable_dir
@@ -128,6 +129,7 @@ class CheckpointWriter:
         # structure (same key_fn at every save)
         self._buffers = HostBuffers()
         self._encoded: dict = {}
+        self._dense = DenseMemo()
         self._key_fn = None
         if self.topology.world_size > 1:
             # model and optimizer tensors are the same on every rank (DDP) or sharded (FSDP); anything else (RNG
@@ -272,7 +274,9 @@ class CheckpointWriter:
         # the training thread's part, in three steps (writer/steps.py): select, plan, snapshot
         topo, inline = self.topology, self._executor is None or sync
         roles = Roles.of(topo, self.mode)
-        doc, tensors = steps.select(state, topo, roles, key_fn=self._key_fn, cache=self._encoded, where=self.dirpath)
+        self._dense.signatures = self.dedup is not None and not inline  # (read for Deduper.observe, see steps.plan)
+        doc, tensors = steps.select(state, topo, roles, key_fn=self._key_fn, cache=self._encoded, where=self.dirpath,
+                                   memo=self._dense)
         sel, rest, plan = steps.plan(tensors, topo, buffers=None if inline else self._buffers, dedup=self.dedup,
                                      stable=stable)
         tensors, state_bytes, handoff = steps.snapshot(doc, tensors, sel, rest, topo, roles, buffers=self._buffers)
