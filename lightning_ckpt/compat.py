@@ -81,11 +81,46 @@ def tensor_guard(tensors: list, shapes: list) -> Any:
     cls = _GUARDS[0]
     if cls is None:
         return None
+    # The guard compares dispatch keys as the thread-local include/exclude sets make them look: with the negative
+    # or conjugate key excluded (inside a dispatcher kernel), a negative view would pass for a plain tensor. So it is
+    # built only where none of the keys that change what a tensor's memory means is excluded, and checks only where
+    # those sets are what they were when it was built (read once per check: no cost per tensor).
+    tls = _dispatch_tls()
+    if tls is None or (torch._C._dispatch_tls_local_exclude_set() & _MEANINGFUL_KEYS).raw_repr():
+        return None
     try:
-        return cls(*tensors, dynamic_dims_sizes=list(map(list, shapes)),
-                   dynamic_dims_strides=list(map(list, map(torch.Tensor.stride, tensors)))).check
+        guard = cls(*tensors, dynamic_dims_sizes=list(map(list, shapes)),
+                    dynamic_dims_strides=list(map(list, map(torch.Tensor.stride, tensors)))).check
     except Exception:  # noqa: BLE001 (an accelerator: the caller reads the properties instead)
         return None
+
+    def check(*ts: torch.Tensor) -> bool:
+        return _dispatch_tls() == tls and guard(*ts)
+
+    return check
+
+
+def _dispatch_tls() -> tuple[int, int] | None:
+    """This thread's dispatch key include and exclude sets (None where torch lacks the accessors)."""
+    try:
+        c = torch._C
+        return c._dispatch_tls_local_include_set().raw_repr(), c._dispatch_tls_local_exclude_set().raw_repr()
+    except AttributeError:
+        return None
+
+
+def _meaningful_keys() -> Any:
+    try:
+        k = torch._C.DispatchKey
+        keys = torch._C.DispatchKeySet(k.Negative)
+        for name in ("Conjugate", "Sparse", "SparseCsr", "NestedTensor", "Python", "PythonTLSSnapshot"):
+            keys = keys | torch._C.DispatchKeySet(getattr(k, name))
+        return keys
+    except AttributeError:  # pragma: no cover (then no guard is built: see tensor_guard)
+        return None
+
+
+_MEANINGFUL_KEYS = _meaningful_keys()
 
 
 def _tensor_guards_class() -> Any:
@@ -93,6 +128,8 @@ def _tensor_guards_class() -> Any:
     try:
         from torch._C._dynamo.guards import TensorGuards
     except ImportError:
+        return None
+    if _MEANINGFUL_KEYS is None or _dispatch_tls() is None:
         return None
 
     def guard(ts: list) -> Any:

@@ -453,3 +453,23 @@ def test_the_self_test_refuses_a_tensor_guard_that_misses_a_change(monkeypatch):
         assert compat._tensor_guards_class() is None
         monkeypatch.setattr(compat, "_GUARDS", [])
         assert compat.tensor_guard([torch.zeros(2)], [torch.Size([2])]) is None
+
+
+def test_a_guard_is_neither_built_nor_trusted_where_the_dispatch_keys_that_mark_a_view_are_excluded():
+    """The guards compare dispatch keys as this thread's include/exclude sets make them look: with the negative key
+    excluded (as inside a dispatcher kernel) a negative view would look plain. No guard is built there, and one built
+    elsewhere fails there (and under inference mode, whose sets differ), so the bulk check runs."""
+    from lightning_ckpt import compat
+
+    ts = [torch.randn(3) for _ in range(4)]
+    check = compat.tensor_guard(ts, [t.shape for t in ts])
+    assert check(*ts)
+    neg = list(ts)
+    neg[2] = torch.randn(3)._neg_view()
+    keys = torch._C.DispatchKeySet(torch._C.DispatchKey.Negative)
+    with torch._C._ExcludeDispatchKeyGuard(keys):
+        assert compat.tensor_guard(ts, [t.shape for t in ts]) is None
+        assert not check(*ts) and not check(*neg)
+    with torch.inference_mode():
+        assert not check(*ts)
+    assert check(*ts) and not check(*neg)
