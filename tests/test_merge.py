@@ -25,7 +25,12 @@ def _ckpt(tmp_path, n_layers=8, width=64):
     return res.result().path, sd
 
 
-def test_merge_writes_clean_names_and_equal_tensors(tmp_path):
+@pytest.mark.parametrize("ahead_from", [None, 1024, 0])
+def test_merge_writes_clean_names_and_equal_tensors(tmp_path, monkeypatch, ahead_from):
+    """(``ahead_from``: the size from which the reader thread reads the next tensor ahead; by default 1 MiB, so none
+    of these; 1024: the weights ahead and the biases inline, interleaved; 0: all of them ahead.)"""
+    if ahead_from is not None:
+        monkeypatch.setattr("lightning_ckpt.tools.merge._AHEAD_FROM", ahead_from)
     path, sd = _ckpt(tmp_path)
     res = merge_checkpoint(path, str(tmp_path / "out" / "model.safetensors"))
     merged = load_file(str(tmp_path / "out" / "model.safetensors"))
