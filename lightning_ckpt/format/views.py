@@ -29,8 +29,8 @@ def dense_views(tensors: dict[str, Any], memo: "DenseMemo | None" = None) -> dic
     C-level ``map`` per property, and the result is a :class:`Checked` dict that carries the properties it read, so
     that the bulk snapshot (``writer/snapshot.SmallSlabs.select``) does not read them again.
 
-    ``memo`` (one per writer): what the last saves' bulk check found, and a guard over it that checks a state of as
-    many tensors in one C++ pass (:class:`DenseMemo`)."""
+    ``memo`` (one per writer): what the last saves' bulk check found, and guards over it that check the same state
+    again in one C++ pass per chunk of tensors (:class:`DenseMemo`)."""
     vals = list(tensors.values())
     if set(map(_type, vals)) <= PLAIN_TYPES:
         if memo is not None and memo.checks is not None:
