@@ -18,7 +18,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import threading
-from collections import defaultdict
+import uuid
+from collections import OrderedDict, defaultdict
 from concurrent.futures import Executor
 from typing import Any, Callable
 
@@ -196,7 +197,7 @@ class LCStorageWriter(StorageWriter):
 
 
 def save_planned(state: dict, writer: LCStorageWriter, planner: SavePlanner, group: Any = None,
-                 use_dist: bool = True) -> None:
+                 use_dist: bool = True, cache_key: Any = None) -> None:
     """``dcp.save(state, storage_writer=writer, planner=planner, process_group=group)`` of a flat dict of tensors, with
     DCP's planning (the planner's local plans, global plan, deduplication and validation, unchanged) but without what
     costs per tensor for nothing here (issue 22; measured with 2 ranks of 10,000 DTensor shards each):
@@ -212,7 +213,13 @@ def save_planned(state: dict, writer: LCStorageWriter, planner: SavePlanner, gro
 
     The collectives are DCP's five-step shape less nothing: gather the local plans, scatter the replies, gather the
     write results, broadcast the outcome. As in DCP, an error on any rank raises a ``CheckpointException`` (its
-    ``failures``: rank -> (exception, traceback)) on every rank, and a rank that failed planning does not write."""
+    ``failures``: rank -> (exception, traceback)) on every rank, and a rank that failed planning does not write.
+
+    ``cache_key`` (the same on every rank: the writer's id) caches the planning between saves, see :class:`_PlanCache`:
+    a rank whose local plan equals the one it sent last time sends a token instead, and when every rank did, the
+    coordinator reuses its global plan and metadata. (DCP's own ``enable_plan_caching`` is not used: its cache is
+    per process and per planner class, shared by every writer and process group, and its plan comparison ignores
+    the dtype, so a model cast between saves of the same shapes would be described by the old metadata.)"""
     from torch.distributed.checkpoint.api import CheckpointException
 
     if use_dist:
@@ -234,6 +241,10 @@ def save_planned(state: dict, writer: LCStorageWriter, planner: SavePlanner, gro
     def failures_in(objs: list) -> dict:
         return {i: o for i, o in enumerate(objs) if _is_wrapped(o)}
 
+    key = None
+    if cache_key is not None:
+        key = (cache_key, tuple(dist.get_process_group_ranks(group)) if use_dist and group is not None else world)
+    cache = _PlanCache.get(key)
     # plan: DCP's local_step
     local: Any = None
     try:
@@ -241,33 +252,37 @@ def save_planned(state: dict, writer: LCStorageWriter, planner: SavePlanner, gro
             planner.set_up_planner(state_dict=state, storage_meta=writer.storage_meta(), is_coordinator=is_coordinator)
             writer.set_up_storage_writer(is_coordinator, rank=rank)
             local = writer.prepare_local_plan(planner.create_local_plan())
-        sent: Any = local
+        mine: Any = local
     except BaseException as e:  # noqa: BLE001 - reported to the coordinator, raised on every rank
-        sent = _wrap(e)
-    plans = gather(sent)
+        mine = _wrap(e)
+    token = cache.sent_token(local) if cache is not None and local is not None else None
     metadata: Metadata | None = None
-    replies: list | None = None
-    if is_coordinator:
-        assert plans is not None
-        failed = failures_in(plans)
-        if not failed:
-            try:
-                global_plans, metadata = planner.create_global_plan(plans)
-                global_plans = writer.prepare_global_plan(global_plans)
-                replies = [_plan_reply(g, p) for g, p in zip(global_plans, plans)]
-            except BaseException as e:  # noqa: BLE001
-                failed[rank] = _wrap(e)
-        if failed:
-            replies = [CheckpointException("plan", failed)] * world
-    if use_dist:
-        got = [None]
-        dist.scatter_object_list(got, replies if is_coordinator else None, src=coordinator, group=group)
-        reply = got[0]
-    else:
-        assert replies is not None
-        reply = replies[0]
-    if isinstance(reply, CheckpointException):
-        raise reply
+    for attempt in (0, 1):  # a second round only when the coordinator lacks a plan a rank named by its token
+        plans = gather(("cached", token) if attempt == 0 and token is not None else mine)
+        replies: list | None = None
+        if is_coordinator:
+            assert plans is not None
+            failed = failures_in(plans)
+            if not failed:
+                try:
+                    replies, metadata = _global_step(planner, writer, plans, cache)
+                except BaseException as e:  # noqa: BLE001
+                    failed[rank] = _wrap(e)
+            if failed:
+                replies = [CheckpointException("plan", failed)] * world
+        if use_dist:
+            got = [None]
+            dist.scatter_object_list(got, replies if is_coordinator else None, src=coordinator, group=group)
+            reply = got[0]
+        else:
+            assert replies is not None
+            reply = replies[0]
+        if isinstance(reply, CheckpointException):
+            raise reply
+        if reply[0] != "resend":
+            break
+    if cache is not None:
+        cache.sent(local, reply[2])
     central = dataclasses.replace(local, storage_data=reply[1]) if reply[0] == "same" else reply[1]
     # write: DCP's write_data, then finish on the coordinator
     try:
@@ -293,6 +308,72 @@ def save_planned(state: dict, writer: LCStorageWriter, planner: SavePlanner, gro
         outcome = box[0]
     if outcome is not None:
         raise outcome
+
+
+def _global_step(planner: SavePlanner, writer: LCStorageWriter, plans: list, cache: _PlanCache | None
+                 ) -> tuple[list, Metadata | None]:
+    """The coordinator's part of the planning: the replies to every rank (``("same", storage_data, token)``,
+    ``("plan", plan, token)``, or ``("resend",)`` to all when a rank named by its token a plan this process does not
+    hold) and the global metadata."""
+    by_token = [p for p in plans if isinstance(p, tuple) and p and p[0] == "cached"]
+    if by_token and (cache is None or cache.plans is None or any(p[1] != cache.token for p in by_token)):
+        return [("resend",)] * len(plans), None
+    full = [cache.plans[r] if isinstance(p, tuple) else p for r, p in enumerate(plans)]  # type: ignore[union-attr]
+    if len(by_token) == len(plans):  # every local plan is the one planned last time: so are the global plans
+        global_plans, metadata, token = cache.global_plans, cache.metadata, cache.token  # type: ignore[union-attr]
+    else:
+        global_plans, metadata = planner.create_global_plan(full)
+        token = uuid.uuid4().hex
+        if cache is not None:
+            cache.planned(full, global_plans, metadata, token)
+    prepared = writer.prepare_global_plan(global_plans)
+    return [_plan_reply(g, p) + (token,) for g, p in zip(prepared, full)], metadata
+
+
+class _PlanCache:
+    """The planning of the last save of one writer on one process group (``save_planned``'s ``cache_key``), in this
+    process: as a rank, the local plan it sent and the token the coordinator answered; as the coordinator, every
+    rank's local plan, the global plans and metadata, and the token naming them. A rank sends the token only when
+    its new local plan equals (``WriteItem`` equality: chunks, sizes, dtype and the other tensor properties) the one
+    it sent and its flattening map is the same; the coordinator takes it only when the token is its own, else every
+    rank sends its plan again (one more gather and scatter, whatever the number of tensors). Only the last few
+    writers' plans are kept."""
+
+    KEEP = 4
+    _all: OrderedDict = OrderedDict()
+    _lock = threading.Lock()
+
+    def __init__(self) -> None:
+        self.local: SavePlan | None = None  # (as a rank)
+        self.local_token: str | None = None
+        self.plans: list[SavePlan] | None = None  # (as the coordinator)
+        self.global_plans: list[SavePlan] | None = None
+        self.metadata: Metadata | None = None
+        self.token: str | None = None
+
+    @classmethod
+    def get(cls, key: Any) -> _PlanCache | None:
+        if key is None:
+            return None
+        with cls._lock:
+            c = cls._all.pop(key, None) or cls()
+            cls._all[key] = c
+            while len(cls._all) > cls.KEEP:
+                cls._all.popitem(last=False)
+            return c
+
+    def sent_token(self, local: SavePlan) -> str | None:
+        old = self.local
+        if (old is None or self.local_token is None or len(old.items) != len(local.items)
+                or old.planner_data != local.planner_data or old.items != local.items):
+            return None
+        return self.local_token
+
+    def sent(self, local: SavePlan, token: str) -> None:
+        self.local, self.local_token = local, token
+
+    def planned(self, plans: list, global_plans: list, metadata: Metadata, token: str) -> None:
+        self.plans, self.global_plans, self.metadata, self.token = plans, global_plans, metadata, token
 
 
 def _plan_reply(global_plan: SavePlan, local_plan: SavePlan) -> tuple:

@@ -199,13 +199,15 @@ class SaveJob:
 
     def _save_dcp(self, storage_writer: LCStorageWriter, pg: Any) -> None:
         """Sharded state (or node-local folders): DCP's planner decides who writes which chunk; ``dcp.save_planned``
-        drives it as ``dcp.save`` does, less DCP's per-tensor costs that buy nothing here (issue 22)."""
+        drives it as ``dcp.save`` does, less DCP's per-tensor costs that buy nothing here, and reuses the writer's last
+        global plan when no rank's local plan changed (issue 22)."""
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
             if pg is not None and len(self.deps.topology.folder_ranks) > 1:
-                save_planned(self.tensors, storage_writer, DefaultSavePlanner(), group=pg)
+                save_planned(self.tensors, storage_writer, DefaultSavePlanner(), group=pg, cache_key=self.deps.writer_id)
             else:
-                save_planned(self.tensors, storage_writer, DefaultSavePlanner(), use_dist=False)
+                save_planned(self.tensors, storage_writer, DefaultSavePlanner(), use_dist=False,
+                             cache_key=self.deps.writer_id)
 
     def _decide(self) -> Any:
         """The leader decides which tensors are reused or packed (writer/dedup.py); every rank learns it (one
