@@ -20,7 +20,8 @@ from typing import Any, Iterable
 
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
-from ..dcp import LCStorageWriter, save_planned, unwrap_dcp_error
+from ..dcp import LCStorageWriter, unwrap_dcp_error
+from ..dcp.planned import save_planned
 from ..errors import CheckpointError, CheckpointWriteError
 from ..format import manifest as mf
 from ..format.tensorfile import CHECKSUM_SECONDS
@@ -198,13 +199,14 @@ class SaveJob:
             raise self._translate(failed)
 
     def _save_dcp(self, storage_writer: LCStorageWriter, pg: Any) -> None:
-        """Sharded state (or node-local folders): DCP's planner decides who writes which chunk; ``dcp.save_planned``
-        drives it as ``dcp.save`` does, less DCP's per-tensor costs that buy nothing here, and reuses the writer's last
-        global plan when no rank's local plan changed (issue 22)."""
+        """Sharded state (or node-local folders): DCP's planner decides who writes which chunk;
+        ``dcp.planned.save_planned`` drives it as ``dcp.save`` does, less DCP's per-tensor costs that buy nothing
+        here, and reuses the writer's last global plan while no rank's local plan changed (issue 22)."""
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
             if pg is not None and len(self.deps.topology.folder_ranks) > 1:
-                save_planned(self.tensors, storage_writer, DefaultSavePlanner(), group=pg, cache_key=self.deps.writer_id)
+                save_planned(self.tensors, storage_writer, DefaultSavePlanner(), group=pg,
+                             cache_key=self.deps.writer_id)
             else:
                 save_planned(self.tensors, storage_writer, DefaultSavePlanner(), use_dist=False,
                              cache_key=self.deps.writer_id)

@@ -1,6 +1,7 @@
-"""FSDP2 saves through ``dcp.save_planned`` on 2 gloo ranks, where one rank fails: in its local plan, in its write.
+"""FSDP2 saves through ``dcp.planned.save_planned`` on 2 gloo ranks, where one rank fails: in its local plan, in its write.
 Every rank must raise, nothing may be committed, and the next save must commit and load back (reply paths "same"
-and "plan" both taken: DTensor shards plus a replicated plain tensor that DCP deduplicates)."""
+and "plan" both taken: DTensor shards plus a replicated plain tensor that DCP deduplicates). Then loads where one
+rank fails to read, or to plan (``dcp.planned.load_planned``): every rank must raise."""
 from __future__ import annotations
 
 import json
@@ -11,12 +12,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from torch.distributed.checkpoint.default_planner import DefaultSavePlanner  # noqa: E402
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner  # noqa: E402
 from torch.distributed.checkpoint.state_dict import get_model_state_dict  # noqa: E402
 from torch.distributed.fsdp import fully_shard  # noqa: E402
 
 from lightning_ckpt import CheckpointWriter, list_checkpoints, load_into  # noqa: E402
 from lightning_ckpt import dcp as lc_dcp  # noqa: E402
+from lightning_ckpt.dcp import planned  # noqa: E402
 
 
 def main(d: str) -> None:
@@ -29,14 +31,14 @@ def main(d: str) -> None:
     w = CheckpointWriter(folder, async_save=False, dedup=False)
     out: dict = {"rank": rank}
     replies: list = []
-    real_reply = lc_dcp._plan_reply
+    real_reply = planned._plan_reply
 
     def counted_reply(g, p):  # (the coordinator's) which reply each rank got
         r = real_reply(g, p)
         replies.append(r[0])
         return r
 
-    lc_dcp._plan_reply = counted_reply
+    planned._plan_reply = counted_reply
 
     def attempt(label: str, step: int) -> None:
         try:
@@ -80,6 +82,34 @@ def main(d: str) -> None:
             (v.to_local() if hasattr(v, "to_local") else v).zero_()
     load_into(list_checkpoints(folder)[-1].path, state)
     out["loaded_equal"] = all(torch.equal(full(state["state_dict"][k]), want[k]) for k in want)
+    real_read = lc_dcp.LCStorageReader.read_data
+
+    def bad_read(self, plan, planner):
+        if rank == 1:
+            raise OSError(5, "injected: input/output error")
+        return real_read(self, plan, planner)
+
+    lc_dcp.LCStorageReader.read_data = bad_read
+    try:
+        load_into(list_checkpoints(folder)[-1].path, state)
+        out["read_failure"] = "ok"
+    except BaseException as e:  # noqa: BLE001
+        out["read_failure"] = f"{type(e).__name__}: {e}"
+    lc_dcp.LCStorageReader.read_data = real_read
+    real_plan_load = DefaultLoadPlanner.create_local_plan
+
+    def bad_load_plan(self):
+        if rank == 0:
+            raise RuntimeError("injected load plan failure")
+        return real_plan_load(self)
+
+    DefaultLoadPlanner.create_local_plan = bad_load_plan
+    try:
+        load_into(list_checkpoints(folder)[-1].path, state)
+        out["load_plan_failure"] = "ok"
+    except BaseException as e:  # noqa: BLE001
+        out["load_plan_failure"] = f"{type(e).__name__}: {e}"
+    DefaultLoadPlanner.create_local_plan = real_plan_load
     with open(os.path.join(d, f"out-{rank}.json"), "w") as f:
         json.dump(out, f)
     dist.barrier()

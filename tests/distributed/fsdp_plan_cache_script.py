@@ -1,4 +1,4 @@
-"""FSDP2 saves of one writer on 2 gloo ranks and the planning ``dcp.save_planned`` reuses between them: a second
+"""FSDP2 saves of one writer on 2 gloo ranks and the planning ``dcp.planned.save_planned`` reuses between them: a second
 save of the same state reuses the global plan; a cast to another dtype and a rank without the cached plan (the
 coordinator's cache lost: every rank plans again) are planned afresh; each checkpoint loads back what was saved."""
 from __future__ import annotations
@@ -17,6 +17,7 @@ from torch.distributed.fsdp import fully_shard  # noqa: E402
 
 from lightning_ckpt import CheckpointWriter, load_into  # noqa: E402
 from lightning_ckpt import dcp as lc_dcp  # noqa: E402
+from lightning_ckpt.dcp import planned  # noqa: E402
 
 
 def main(d: str) -> None:
@@ -63,7 +64,7 @@ def main(d: str) -> None:
     save(3, "cast")
     save(4, "cast again")
     if rank == 0:
-        lc_dcp._PlanCache._all.clear()  # the coordinator lost its plans; rank 1 still names its plan by token
+        planned._PlanCache._all.clear()  # the coordinator lost its plans; rank 1 still names its plan by token
     save(5, "coordinator without the plans")
     save(6, "after")
     w.close()

@@ -1,4 +1,4 @@
-"""``dcp.save_planned`` reuses a writer's global plan between FSDP2 saves only while no rank's local plan changed
+"""``dcp.planned.save_planned`` reuses a writer's global plan between FSDP2 saves only while no rank's local plan changed
 (dtype included), and recovers with one more round when the coordinator lacks the plan a rank names."""
 from __future__ import annotations
 
