@@ -1,6 +1,6 @@
 """Loading committed checkpoints: the Lightning checkpoint dictionary, tensors in place into (sharded) state of any
 world size, model weights. Every byte read is verified; every allocation is bounded by bytes on disk; nothing is
-unpickled. Reading goes through DCP with this package's ``StorageReader`` (``dcp.py``), so resharding works."""
+unpickled. Reading goes through DCP with this package's ``StorageReader`` (``dcp/``), so resharding works."""
 from __future__ import annotations
 
 import os
