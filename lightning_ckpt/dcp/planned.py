@@ -34,8 +34,8 @@ def save_planned(state: dict, writer: LCStorageWriter, planner: SavePlanner, gro
     - ``dcp.save`` ends by broadcasting the whole ``Metadata`` from the coordinator to every rank; here the
       coordinator broadcasts only whether ``finish`` succeeded.
 
-    The collectives are DCP's five-step shape less nothing: gather the local plans, scatter the replies, gather the
-    write results, broadcast the outcome. As in DCP, an error on any rank raises a ``CheckpointException`` (its
+    The collectives are ``dcp.save``'s four, none per tensor: gather the local plans, scatter the replies, gather the
+    write results, broadcast the outcome (plus one gather and scatter when a cached plan must be sent again). As in DCP, an error on any rank raises a ``CheckpointException`` (its
     ``failures``: rank -> (exception, traceback)) on every rank, and a rank that failed planning does not write.
 
     ``cache_key`` (the same on every rank: the writer's id) caches the planning between saves, see :class:`_PlanCache`:
@@ -178,7 +178,8 @@ def load_planned(state: dict, reader: LCStorageReader, planner: LoadPlanner, gro
         outcome = _wrap(e)
     everyone("plan", outcome)
     try:
-        reader.read_data(plan, planner).wait()
+        with torch.no_grad():  # (resolve_tensor: DTensor.to_local() per chunk; in the reader's threads it is not)
+            reader.read_data(plan, planner).wait()
         outcome = None
     except BaseException as e:  # noqa: BLE001
         outcome = _wrap(e)
