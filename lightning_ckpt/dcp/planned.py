@@ -116,10 +116,11 @@ def save_planned(state: dict, writer: LCStorageWriter, planner: SavePlanner, gro
     results = gather(written)
     outcome: Any = None
     if is_coordinator:
-        assert results is not None and metadata is not None
+        assert results is not None
         failed = failures_in(results)
         if not failed:
             try:
+                assert metadata is not None  # (set by the planning round that was not a "resend")
                 writer.finish_chunks(metadata, results)
             except BaseException as e:  # noqa: BLE001
                 failed[rank] = _wrap(e)
