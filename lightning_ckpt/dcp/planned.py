@@ -201,11 +201,15 @@ def _global_step(planner: SavePlanner, writer: LCStorageWriter, plans: list, cac
         global_plans, metadata, token = cache.global_plans, cache.metadata, cache.token  # type: ignore[union-attr]
     else:
         global_plans, metadata = planner.create_global_plan(full)
-        token = uuid.uuid4().hex
-        if cache is not None:
+        token = None
+        if cache is not None:  # kept between saves only up to CACHE_MAX_ITEMS write items of all ranks together
+            token = uuid.uuid4().hex if sum(len(p.items) for p in full) <= CACHE_MAX_ITEMS else None
             cache.planned(full, global_plans, metadata, token)
     prepared = writer.prepare_global_plan(global_plans)
     return [_plan_reply(g, p) + (token,) for g, p in zip(prepared, full)], metadata
+
+
+CACHE_MAX_ITEMS = 1 << 18  # write items of all ranks together whose planning a writer keeps between saves
 
 
 class _PlanCache:
@@ -215,7 +219,9 @@ class _PlanCache:
     its new local plan equals (``WriteItem`` equality: chunks, sizes, dtype and the other tensor properties) the one
     it sent and its flattening map is the same; the coordinator takes it only when the token is its own, else every
     rank sends its plan again (one more gather and scatter, whatever the number of tensors). Only the last few
-    writers' plans are kept."""
+    writers' plans are kept, and only plans of at most ``CACHE_MAX_ITEMS`` write items over all ranks (about 1 KB
+    each on the coordinator, which holds every rank's plan and the global plans between saves; beyond that every
+    save plans afresh, as ``dcp.save`` does)."""
 
     KEEP = 4
     _all: OrderedDict = OrderedDict()
@@ -247,10 +253,12 @@ class _PlanCache:
             return None
         return self.local_token
 
-    def sent(self, local: SavePlan, token: str) -> None:
-        self.local, self.local_token = local, token
+    def sent(self, local: SavePlan, token: str | None) -> None:
+        self.local, self.local_token = (local, token) if token is not None else (None, None)
 
-    def planned(self, plans: list, global_plans: list, metadata: Metadata, token: str) -> None:
+    def planned(self, plans: list, global_plans: list, metadata: Metadata, token: str | None) -> None:
+        if token is None:  # too large to keep: planned afresh at every save, as without the cache
+            plans, global_plans, metadata = None, None, None  # type: ignore[assignment]
         self.plans, self.global_plans, self.metadata, self.token = plans, global_plans, metadata, token
 
 

@@ -67,6 +67,10 @@ def main(d: str) -> None:
         planned._PlanCache._all.clear()  # the coordinator lost its plans; rank 1 still names its plan by token
     save(5, "coordinator without the plans")
     save(6, "after")
+    planned.CACHE_MAX_ITEMS = 0  # (every rank, caches emptied) plans too large to keep: planned at every save
+    planned._PlanCache._all.clear()
+    save(7, "too large to keep")
+    save(8, "too large to keep, again")
     w.close()
     with open(os.path.join(d, f"out-{rank}.json"), "w") as f:
         json.dump(out, f)

@@ -26,3 +26,6 @@ def test_the_global_plan_is_reused_only_while_every_local_plan_is_unchanged(tmp_
     lost = saves["coordinator without the plans"]
     assert lost["global_plans"] == 1 and lost["gathers"] == saves["cast again"]["gathers"] + 1, rank0["saves"]
     assert saves["after"]["global_plans"] == 0
+    # beyond CACHE_MAX_ITEMS nothing is kept: every save plans afresh, with no extra round
+    for label in ("too large to keep", "too large to keep, again"):
+        assert saves[label]["global_plans"] == 1 and saves[label]["gathers"] == saves["after"]["gathers"], saves[label]
