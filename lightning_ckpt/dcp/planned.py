@@ -209,7 +209,7 @@ def _global_step(planner: SavePlanner, writer: LCStorageWriter, plans: list, cac
     return [_plan_reply(g, p) + (token,) for g, p in zip(prepared, full)], metadata
 
 
-CACHE_MAX_ITEMS = 1 << 18  # write items of all ranks together whose planning a writer keeps between saves
+CACHE_MAX_ITEMS = 1 << 17  # write items of all ranks together whose planning a writer keeps between saves
 
 
 class _PlanCache:
@@ -219,7 +219,7 @@ class _PlanCache:
     its new local plan equals (``WriteItem`` equality: chunks, sizes, dtype and the other tensor properties) the one
     it sent and its flattening map is the same; the coordinator takes it only when the token is its own, else every
     rank sends its plan again (one more gather and scatter, whatever the number of tensors). Only the last few
-    writers' plans are kept, and only plans of at most ``CACHE_MAX_ITEMS`` write items over all ranks (about 1 KB
+    writers' plans are kept, and only plans of at most ``CACHE_MAX_ITEMS`` write items over all ranks (about 1.5 KB
     each on the coordinator, which holds every rank's plan and the global plans between saves; beyond that every
     save plans afresh, as ``dcp.save`` does)."""
 
