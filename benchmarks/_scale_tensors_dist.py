@@ -7,7 +7,8 @@ DTensor shards, through DCP), against one process saving the same state; and the
 
 Per layout: durable synchronous save time (slowest rank), load time (DDP: ``load_checkpoint`` in each rank; FSDP2:
 ``load_into`` the sharded state), collectives per save at ``--tensors`` and at ``--tensors // 10`` tensors (counted by wrapping
-``torch.distributed``'s functions).
+``torch.distributed``'s functions); "next save": a second save of the same state by the same writer (FSDP2: the
+writer's cached global plan, ``dcp.planned.save_planned``).
 """
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ COLLECTIVES = ("all_gather_object", "gather_object", "broadcast_object_list", "a
 
 
 def _worker(a: argparse.Namespace) -> None:
+    if a.tree:
+        sys.path.insert(0, a.tree)
     import torch
     import torch.distributed as dist
 
@@ -71,7 +74,8 @@ def _worker(a: argparse.Namespace) -> None:
                 state = {"state_dict": get_model_state_dict(model)}
             w = CheckpointWriter(d, async_save=False, dedup=False)
             save_s, ran = timed_save(w, state, n)
-            res[n] = {"save_s": save_s, "collectives": ran}
+            again_s, ran_again = timed_save(w, state, n + 1)  # the same writer, the same state: a training run's next save
+            res[n] = {"save_s": save_s, "collectives": ran, "save_again_s": again_s, "collectives_again": ran_again}
             w.close()
             path = os.path.join(d, f"step={n:06d}")
             dist.barrier()
@@ -113,8 +117,9 @@ def run(args: argparse.Namespace) -> dict:
         out = os.path.join(d, "dist.json")
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                os.path.abspath(__file__), "--worker", "--dir", d, "--out", out, "--tensors", str(args.n),
-               "--total-mb", str(args.total_mb)]
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+               "--total-mb", str(args.total_mb), "--tree", args.tree]
+        env = dict(os.environ, OMP_NUM_THREADS="1",
+                   PYTHONPATH=args.tree + os.pathsep + os.environ.get("PYTHONPATH", ""))
         subprocess.run(cmd, check=True, env=env, cwd=ROOT)
         with open(out) as f:
             result = json.load(f)
@@ -126,6 +131,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tensors", dest="n", type=int, default=10000, help="tensors per rank")
     p.add_argument("--total-mb", type=int, default=64)
+    p.add_argument("--tree", default=ROOT, help="the lightning_ckpt source tree to measure (default: this one)")
     p.add_argument("--worker", action="store_true")
     p.add_argument("--dir")
     p.add_argument("--out")
@@ -134,14 +140,19 @@ def main() -> int:
     if a.worker:
         _worker(a)
         return 0
+    a.tree = os.path.abspath(a.tree)
+    sys.path.insert(0, a.tree)
     r = run(a)
+    r["tree"] = a.tree
     one = r["single_process"]
+    print(f"lightning_ckpt from {a.tree}")
     print(f"one process, {a.n:,} tensors: save {one['save_s']:.2f} s, load {one['load_s']:.2f} s")
     for layout in ("ddp", "fsdp2"):
         for n, x in sorted(r[layout].items(), key=lambda kv: int(kv[0])):
             print(f"2 ranks {layout:5s} {int(n):>7,} tensors: save {x['save_s']:.2f} s ({x['save_s'] / one['save_s']:.2f}x "
-                  f"one process at {a.n:,}), load {x['load_s']:.2f} s, collectives {sum(x['collectives'].values())} "
-                  f"{x['collectives']}")
+                  f"one process at {a.n:,}), next save {x['save_again_s']:.2f} s, load {x['load_s']:.2f} s, collectives "
+                  f"{sum(x['collectives'].values())} {x['collectives']} (next save: "
+                  f"{sum(x['collectives_again'].values())})")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(r, f, indent=1)

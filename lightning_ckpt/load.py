@@ -1,6 +1,6 @@
 """Loading committed checkpoints: the Lightning checkpoint dictionary, tensors in place into (sharded) state of any
 world size, model weights. Every byte read is verified; every allocation is bounded by bytes on disk; nothing is
-unpickled. Reading goes through DCP with this package's ``StorageReader`` (``dcp.py``), so resharding works."""
+unpickled. Reading goes through DCP with this package's ``StorageReader`` (``dcp/``), so resharding works."""
 from __future__ import annotations
 
 import os
@@ -13,6 +13,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
 from .dcp import LCStorageReader, ChunkInfo, is_model_or_optim, unwrap_dcp_error
+from .dcp.planned import load_planned
 from .errors import CheckpointCorruptError, CheckpointError, CheckpointMismatchError
 from .format.codec import decode, encode
 from .format.gcpause import pausing
@@ -271,7 +272,10 @@ def load_into(path: str, state: dict, *, process_group: Any = None, verify: bool
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-            if distributed:
+            # each rank reads by its own plan (dcp.planned.load_planned: DCP's default load plans no global step)
+            if load_planned(targets, reader, DefaultLoadPlanner(), group=process_group, use_dist=distributed):
+                pass
+            elif distributed:
                 dcp.load(targets, storage_reader=reader, planner=DefaultLoadPlanner(), process_group=process_group)
             else:
                 dcp.load(targets, storage_reader=reader, planner=DefaultLoadPlanner(), no_dist=True)

@@ -18,10 +18,10 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
 from ..dcp import LCStorageWriter, unwrap_dcp_error
+from ..dcp.planned import save_planned
 from ..errors import CheckpointError, CheckpointWriteError
 from ..format import manifest as mf
 from ..format.tensorfile import CHECKSUM_SECONDS
@@ -199,13 +199,17 @@ class SaveJob:
             raise self._translate(failed)
 
     def _save_dcp(self, storage_writer: LCStorageWriter, pg: Any) -> None:
-        """Sharded state (or node-local folders): DCP plans who writes which chunk."""
+        """Sharded state (or node-local folders): DCP's planner decides who writes which chunk;
+        ``dcp.planned.save_planned`` drives it as ``dcp.save`` does, less DCP's per-tensor costs that buy nothing
+        here, and reuses the writer's last global plan while no rank's local plan changed (issue 22)."""
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
             if pg is not None and len(self.deps.topology.folder_ranks) > 1:
-                dcp.save(self.tensors, storage_writer=storage_writer, planner=DefaultSavePlanner(), process_group=pg)
+                save_planned(self.tensors, storage_writer, DefaultSavePlanner(), group=pg,
+                             cache_key=self.deps.writer_id)
             else:
-                dcp.save(self.tensors, storage_writer=storage_writer, planner=DefaultSavePlanner(), no_dist=True)
+                save_planned(self.tensors, storage_writer, DefaultSavePlanner(), use_dist=False,
+                             cache_key=self.deps.writer_id)
 
     def _decide(self) -> Any:
         """The leader decides which tensors are reused or packed (writer/dedup.py); every rank learns it (one

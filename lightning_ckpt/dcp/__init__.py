@@ -34,20 +34,20 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, SavePlan, SavePlanner, WriteItemType
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
 
-from .errors import CheckpointCorruptError, CheckpointError
-from .format import manifest as mf
-from .format.checksum import crc32c
-from .format.tensorfile import (
+from ..errors import CheckpointCorruptError, CheckpointError
+from ..format import manifest as mf
+from ..format.checksum import crc32c
+from ..format.tensorfile import (
     FileRecord,
     check_header,
     dtype_from_name,
     dtype_name,
     header_end_from_prefix,
 )
-from .store.chunkread import read_to_cuda, read_to_host
-from .store.fs import open_member
-from .store.base import Transaction
-from .store.prefetch import MIN_BYTES as PREFETCH_MIN_BYTES, Prefetcher
+from ..store.chunkread import read_to_cuda, read_to_host
+from ..store.fs import open_member
+from ..store.base import Transaction
+from ..store.prefetch import MIN_BYTES as PREFETCH_MIN_BYTES, Prefetcher
 
 SMALL_CHUNK = 1 << 20  # chunks below this are read by one thread, without the prefetcher's per-chunk bookkeeping
 
@@ -137,49 +137,54 @@ class LCStorageWriter(StorageWriter):
         return [dataclasses.replace(p, storage_data=self.ranks[i] if self.ranks else i) for i, p in enumerate(plans)]
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
-        rank = plan.storage_data if isinstance(plan.storage_data, int) else self.rank
-        items = []
-        for item in plan.items:
-            if item.type == WriteItemType.BYTE_IO:
-                raise CheckpointError(
-                    f"{item.index.fqn!r} is not a tensor; non-tensor state must go through the JSON state file"
-                )
-            t = planner.resolve_data(item)
-            assert isinstance(t, torch.Tensor)
-            chunk = item.tensor_data.chunk
-            is_shard = item.type == WriteItemType.SHARD or tuple(chunk.sizes) != tuple(item.tensor_data.size)
-            items.append((item.index.fqn, t, tuple(chunk.offsets), tuple(chunk.sizes), is_shard, item))
-        files, written = write_rank_files(
-            self.tx, rank, items, pack_keys=self.pack_keys, pack_name=self.pack_name, state_bytes=self.state_bytes,
-            extra_states=self.extra_states, crc_executor=self.crc_executor, content_hash=self.content_hash)
-        results = [WriteResult(index=item.index, size_in_bytes=n, storage_data=info) for item, info, n in written]
+        files, chunks = self.write_chunks(plan, planner)
+        results = [WriteResult(index=MetadataIndex(c[0]), size_in_bytes=c[5], storage_data=c) for c in chunks]
         for fr in files:
             results.append(WriteResult(index=MetadataIndex(f"$file/{fr.record['name']}"), size_in_bytes=fr.record["size"], storage_data=fr))
         fut: Future[list[WriteResult]] = Future()
         fut.set_result(results)
         return fut
 
+    def write_chunks(self, plan: SavePlan, planner: SavePlanner) -> tuple[list[FileResult], list[tuple]]:
+        """Write this rank's part of the plan: its files, and per chunk ``(key, (kind, file), name, offsets, sizes,
+        bytes)`` (plain tuples: they travel to the coordinator pickled, far cheaper than DCP's ``WriteResult``)."""
+        rank = plan.storage_data if isinstance(plan.storage_data, int) else self.rank
+        items = []
+        with torch.no_grad():  # a DTensor's to_local() is then its local tensor, not an autograd call per tensor
+            for item in plan.items:
+                if item.type == WriteItemType.BYTE_IO:
+                    raise CheckpointError(
+                        f"{item.index.fqn!r} is not a tensor; non-tensor state must go through the JSON state file"
+                    )
+                t = planner.resolve_data(item)
+                assert isinstance(t, torch.Tensor)
+                chunk = item.tensor_data.chunk
+                is_shard = item.type == WriteItemType.SHARD or tuple(chunk.sizes) != tuple(item.tensor_data.size)
+                items.append((item.index.fqn, t, tuple(chunk.offsets), tuple(chunk.sizes), is_shard, item.index.fqn))
+        files, written = write_rank_files(
+            self.tx, rank, items, pack_keys=self.pack_keys, pack_name=self.pack_name, state_bytes=self.state_bytes,
+            extra_states=self.extra_states, crc_executor=self.crc_executor, content_hash=self.content_hash)
+        return files, [(key, info.file, info.name, info.offsets, info.sizes, n) for key, info, n in written]
+
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
-        files: list[FileResult] = []
+        files = [wr.storage_data for rr in results for wr in rr if isinstance(wr.storage_data, FileResult)]
+        self.finish_chunks(metadata, [(files, [wr.storage_data for rr in results for wr in rr
+                                               if isinstance(wr.storage_data, tuple)])])
+
+    def finish_chunks(self, metadata: Metadata, results: list[tuple[list[FileResult], list[tuple]]]) -> None:
+        """The coordinator: every rank's ``write_chunks`` result into the files and the manifest's tensor index."""
+        files: list[FileResult] = [fr for rank_files, _ in results for fr in rank_files]
         tensors: dict[str, dict] = {}
-        for rank_results in results:
-            for wr in rank_results:
-                if isinstance(wr.storage_data, FileResult):
-                    files.append(wr.storage_data)
-        for rank_results in results:
-            for wr in rank_results:
-                info = wr.storage_data
-                if not isinstance(info, ChunkInfo):
-                    continue
-                md = metadata.state_dict_metadata[wr.index.fqn]
-                assert isinstance(md, TensorStorageMetadata)
-                entry = tensors.setdefault(
-                    wr.index.fqn,
-                    {"dtype": dtype_name(md.properties.dtype), "shape": [int(s) for s in md.size], "chunks": []},
-                )
-                kind, fname = info.file
-                entry["chunks"].append({kind: fname, "name": info.name, "offsets": list(info.offsets),
-                                        "sizes": list(info.sizes)})
+        sd_md = metadata.state_dict_metadata
+        for _, chunks in results:
+            for key, (kind, fname), name, offsets, sizes, _n in chunks:
+                entry = tensors.get(key)
+                if entry is None:
+                    md = sd_md[key]
+                    assert isinstance(md, TensorStorageMetadata)
+                    entry = tensors[key] = {"dtype": dtype_name(md.properties.dtype), "shape": [int(s) for s in md.size],
+                                            "chunks": []}
+                entry["chunks"].append({kind: fname, "name": name, "offsets": list(offsets), "sizes": list(sizes)})
         self.on_finish(files, tensors)
 
     @classmethod
