@@ -262,6 +262,13 @@ class _PlanCache:
         self.plans, self.global_plans, self.metadata, self.token = plans, global_plans, metadata, token
 
 
+def forget_plans(cache_key: Any) -> None:
+    """Drop the planning kept for ``cache_key`` (a writer's id) on any process group: the writer closed."""
+    with _PlanCache._lock:
+        for key in [k for k in _PlanCache._all if k[0] == cache_key]:
+            del _PlanCache._all[key]
+
+
 def _plan_reply(global_plan: SavePlan, local_plan: SavePlan) -> tuple:
     """What the coordinator sends a rank back: ``("same", storage_data)`` when its global plan writes exactly the chunks
     of the local plan it sent, in the same order and alike (DCP only rewrote index hints), else ``("plan", plan)``."""

@@ -25,6 +25,7 @@ from typing import Any, Iterable, Literal
 import torch.distributed as dist
 
 from ..dcp import is_model_or_optim
+from ..dcp.planned import forget_plans
 from ..errors import CheckpointError, CheckpointWriteError
 from ..format.gcpause import pausing
 from ..format.views import DenseMemo
@@ -330,6 +331,7 @@ class CheckpointWriter:
                 self._executor.shutdown(wait=True)
             self._crc_pool.shutdown(wait=True)
             self._buffers.clear(background=True)
+            forget_plans(self.writer_id)  # (the sharded saves' planning kept between saves, dcp/planned.py)
             if self.dedup is not None:
                 self.dedup.close()
             self._destroy_groups()

@@ -71,7 +71,9 @@ def main(d: str) -> None:
     planned._PlanCache._all.clear()
     save(7, "too large to keep")
     save(8, "too large to keep, again")
-    w.close()
+    out["kept_before_close"] = sum(k[0] == w.writer_id for k in planned._PlanCache._all)
+    w.close()  # drops this writer's planning
+    out["kept_after_close"] = sum(k[0] == w.writer_id for k in planned._PlanCache._all)
     with open(os.path.join(d, f"out-{rank}.json"), "w") as f:
         json.dump(out, f)
     dist.barrier()

@@ -29,3 +29,4 @@ def test_the_global_plan_is_reused_only_while_every_local_plan_is_unchanged(tmp_
     # beyond CACHE_MAX_ITEMS nothing is kept: every save plans afresh, with no extra round
     for label in ("too large to keep", "too large to keep, again"):
         assert saves[label]["global_plans"] == 1 and saves[label]["gathers"] == saves["after"]["gathers"], saves[label]
+    assert rank0["kept_before_close"] == 1 and rank0["kept_after_close"] == 0  # close() drops the writer's planning
