@@ -111,8 +111,7 @@ class CheckpointWriter:
         self.fsync = fsync
         self.auto_seal = auto_seal
         self.dedup_enabled = check_bool("dedup", dedup)
-        # record the XXH3-128 of each tensor written into the content store (its identity); benchmarks turn it off
-        # to measure what it costs
+        # record each content-store tensor's XXH3-128 (its identity); benchmarks turn it off to measure its cost
         self.content_hash = True
         # where this rank stands (writer/topology.py), and the save's identity, the same on every rank (rank 0's)
         self.topology: Topology = join(process_group, self.timeout_s, alone)
@@ -127,7 +126,7 @@ class CheckpointWriter:
         self.dedup: Deduper | None = (
             Deduper(self.dirpath, fsync=fsync, is_shared=is_model_or_optim) if self.dedup_enabled else None)
         # the training thread's snapshot: host buffers reused across saves, codec.encode's memory of the state's
-        # structure (same key_fn at every save)
+        # structure (same key_fn at every save), dense_views' memory of the state's tensors (format/views.DenseMemo)
         self._buffers = HostBuffers()
         self._encoded: dict = {}
         self._dense = DenseMemo()
@@ -276,8 +275,8 @@ class CheckpointWriter:
         topo, inline = self.topology, self._executor is None or sync
         roles = Roles.of(topo, self.mode)
         self._dense.signatures = self.dedup is not None and not inline  # (read for Deduper.observe, see steps.plan)
-        doc, tensors = steps.select(state, topo, roles, key_fn=self._key_fn, cache=self._encoded, where=self.dirpath,
-                                   memo=self._dense)
+        doc, tensors = steps.select(state, topo, roles, key_fn=self._key_fn, cache=self._encoded, memo=self._dense,
+                                    where=self.dirpath)
         sel, rest, plan = steps.plan(tensors, topo, buffers=None if inline else self._buffers, dedup=self.dedup,
                                      stable=stable)
         tensors, state_bytes, handoff = steps.snapshot(doc, tensors, sel, rest, topo, roles, buffers=self._buffers)
