@@ -158,8 +158,12 @@ def _account(store: Any, idx: Index, present: dict[str, Any], names: Iterable[st
         idx.add(name, present[name], m, raw)
 
 
-def _rescan_local(store: Any, old: Index | None) -> Index:
+def _rescan_local(store: Any, old: Index | None, adding: str | None = None) -> Index:
+    """The index of what the folder holds, from ``old`` where it still holds, else from the manifests; ``adding``: a
+    name whose manifest the caller adds itself (just committed: not read again)."""
     present = local_entries(store.root)
+    if adding is not None:
+        present.pop(adding, None)
     idx = Index()
     if old is not None and all(present.get(e["name"]) is not None and e["version"] == str(present[e["name"]])
                                for e in old.runs.values()):
@@ -191,7 +195,7 @@ def publish_local(store: Any, doc: dict, manifest: tuple[dict, bytes] | None) ->
             n = _MEMO.get(store.root)
             rescan = old is None or n is None or n >= RESCAN_EVERY
             _MEMO[store.root] = 0 if rescan else n + 1
-        idx = _rescan_local(store, old) if rescan else old
+        idx = _rescan_local(store, old, adding=name) if rescan else old
         if not idx.add(name, version, m, raw):
             idx = _rescan_local(store, None)
         if len(idx.ids) > MAX_IDS:
