@@ -8,7 +8,8 @@ host buffers, the second, which builds the guards over a state seen twice, and t
 one bulk copy of the same bytes; against ``safetensors.save_file`` +
 fsync, ``safetensors.load_file``, ``torch.save`` + fsync, ``torch.load`` and ``torch.distributed.checkpoint.save``
 (one process, no process group). Loads read warm files (each file is read once before it is timed: our durable saves
-bypass the page cache, the anchors' do not), so the figures compare per-tensor work, not the disk.
+bypass the page cache, the anchors' do not), so the figures compare per-tensor work, not the disk; each load is the
+best of three (``LOADS``), each save one timing.
 
 ``run(args) -> dict`` (used by ``benchmarks/bench_scale.py``); ``python benchmarks/_scale_tensors.py`` prints the
 ratios and writes ``benchmarks/results/scale-tensors-cpu.json``. Goals at N = 50,000 (64 MB): save <= 1.2x
@@ -58,6 +59,20 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
+LOADS = 3  # each load (ours and the anchors') is timed this many times, the best kept: one load of 50,000 tensors
+           # moves by 20-30% from run to run with the heap's state; saves (durable, seconds each) are timed once
+
+
+def _best_load(fn) -> float:
+    """The best of :data:`LOADS` timings of ``fn``, the loaded state kept until the timer stops (then dropped)."""
+    best = float("inf")
+    for _ in range(LOADS):
+        kept = []
+        best = min(best, _timed(lambda: kept.append(fn())))
+        del kept
+    return best
+
+
 def one_count(n: int, total_mb: int, base: str, dcp: bool) -> dict[str, Any]:
     import safetensors.torch as st
     import torch
@@ -74,11 +89,11 @@ def one_count(n: int, total_mb: int, base: str, dcp: bool) -> dict[str, Any]:
         f = os.path.join(d, "st.safetensors")
         out["safetensors_save_s"] = _timed(lambda: (st.save_file(sd, f), _fsync(f)))
         _warm(f)
-        out["safetensors_load_s"] = _timed(lambda: st.load_file(f))
+        out["safetensors_load_s"] = _best_load(lambda: st.load_file(f))
         f = os.path.join(d, "t.pt")
         out["torch_save_s"] = _timed(lambda: (torch.save(sd, f), _fsync(f)))
         _warm(f)
-        out["torch_load_s"] = _timed(lambda: torch.load(f, weights_only=True))
+        out["torch_load_s"] = _best_load(lambda: torch.load(f, weights_only=True))
         if dcp:
             import torch.distributed.checkpoint as tdcp
 
@@ -92,10 +107,8 @@ def one_count(n: int, total_mb: int, base: str, dcp: bool) -> dict[str, Any]:
         path = res[0].path
         out["manifest_bytes"] = os.path.getsize(os.path.join(path, "manifest.json"))
         _warm(path)
-        loaded = []
-        out["ours_load_s"] = _timed(lambda: loaded.append(load_checkpoint(path)))
-        assert len(loaded[0]["state_dict"]) == n
-        del loaded
+        out["ours_load_s"] = _best_load(lambda: load_checkpoint(path))
+        assert len(load_checkpoint(path)["state_dict"]) == n
         w = CheckpointWriter(os.path.join(d, "async"), async_save=True)
         stalls = []
         for step in (1, 2, 3, 4, 5):
