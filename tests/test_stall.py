@@ -473,3 +473,29 @@ def test_a_guard_is_neither_built_nor_trusted_where_the_dispatch_keys_that_mark_
     with torch.inference_mode():
         assert not check(*ts)
     assert check(*ts) and not check(*neg)
+
+
+def test_two_copying_threads_take_parameters_that_need_grad_without_laying_out_again(tmp_path, monkeypatch):
+    """The helper thread that copies half of a large state runs without autograd too (``no_grad`` is per thread, and
+    ``cat(out=)`` refuses a tensor that requires grad): a state of live ``Parameter`` objects is copied in bulk by
+    both threads at every save, the layout kept, the values those at each save()."""
+    from lightning_ckpt.writer import snapshot
+
+    monkeypatch.setattr(snapshot.SmallSlabs, "TWO_THREADS_FROM", 1)
+    monkeypatch.setattr(snapshot, "CAT_BYTES", 64)
+    params = {f"p{i}": torch.nn.Parameter(torch.randn(4)) for i in range(100)}
+    w = CheckpointWriter(tmp_path, async_save=True, dedup=False)
+    expected, allocations = [], []
+    try:
+        for step in range(3):
+            p = w.save({"state_dict": params}, step=step)
+            expected.append({k: t.detach().clone() for k, t in params.items()})
+            allocations.append(w._buffers.allocations)
+            with torch.no_grad():
+                for t in params.values():
+                    t.mul_(-2)
+            p.result()
+    finally:
+        w.close()
+    assert allocations[0] == allocations[1] == allocations[2]  # laid out once: no refusal, no fallback
+    check(tmp_path, expected)

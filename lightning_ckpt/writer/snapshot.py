@@ -352,8 +352,9 @@ CAT_BYTES = 1 << 20
 
 def _cat_all(jobs: list) -> None:
     cat = torch.cat
-    for part, out in jobs:
-        cat(part, out=out)
+    with torch.no_grad():  # (thread-local: the helper thread needs its own; cat(out=) refuses a tensor needing grad)
+        for part, out in jobs:
+            cat(part, out=out)
 
 
 def _runs(part: list[torch.Tensor], flat: torch.Tensor) -> list[tuple[int, int, torch.Tensor]]:
