@@ -28,12 +28,12 @@ import os
 import stat
 import threading
 from collections import Counter
-from typing import Iterable
+from typing import Any, Iterable
 
 from ..errors import CheckpointError, CheckpointNotFoundError, CheckpointWriteError
 from ..format import manifest as mf
 from .base import Store, debris_in
-from .fs import OPS, is_real_dir, is_real_file
+from .fs import OPS, is_real_dir, is_real_file, open_member
 
 log = logging.getLogger("lightning_ckpt")
 
@@ -248,3 +248,31 @@ class BlobStore:
                 log.info("lightning_ckpt: removed %d unreferenced pack(s) from %s (%.1f MB)", len(removed), self.path,
                          freed / 1e6)
             return removed, freed
+
+
+class PackFiles:
+    """Packs of a content store opened for reading, each once (``open_member``: a regular file of the recorded size,
+    never through a link), all closed on leaving the ``with`` block: what one deduplication plan's spot checks read
+    (``writer/dedup.py``). A pack that cannot be opened is remembered as such (None: its tensors are not reused)."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+        self.fds: dict[tuple[str, int], int | None] = {}
+
+    def open(self, pack: str, size: int) -> int | None:
+        key = (pack, size)
+        if key not in self.fds:
+            try:
+                self.fds[key] = open_member(self.folder, pack, size)
+            except (OSError, CheckpointError):
+                self.fds[key] = None
+        return self.fds[key]
+
+    def __enter__(self) -> "PackFiles":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for fd in self.fds.values():
+            if fd is not None:
+                os.close(fd)
+        self.fds.clear()

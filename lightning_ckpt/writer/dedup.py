@@ -42,7 +42,7 @@ import torch
 from ..compat import tensor_version
 from ..format.checksum import content_hash
 from ..format.tensorfile import byte_view, check_file, dtype_name
-from ..store.blobs import BlobStore
+from ..store.blobs import BlobStore, PackFiles
 from ..store.fs import open_member
 from ..store.local import LocalStore
 from ..errors import CheckpointError
@@ -79,34 +79,6 @@ def _data_ptr(t: torch.Tensor) -> int | None:
         return t.data_ptr()
     except (RuntimeError, NotImplementedError):
         return None
-
-
-class _PackFiles:
-    """The pack files one plan's spot checks read, each opened once (``open_member``: a regular file of the recorded
-    size, never through a link) and closed when the plan is made. A pack that cannot be opened is remembered as such
-    (its tensors are not reused: they are written again)."""
-
-    def __init__(self, folder: str) -> None:
-        self.folder = folder
-        self.fds: dict[tuple[str, int], int | None] = {}
-
-    def open(self, pack: str, size: int) -> int | None:
-        key = (pack, size)
-        if key not in self.fds:
-            try:
-                self.fds[key] = open_member(self.folder, pack, size)
-            except (OSError, CheckpointError):
-                self.fds[key] = None
-        return self.fds[key]
-
-    def __enter__(self) -> "_PackFiles":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for fd in self.fds.values():
-            if fd is not None:
-                os.close(fd)
-        self.fds.clear()
 
 
 def eligible(key: str, t: Any, is_shared: Any) -> bool:
@@ -182,7 +154,7 @@ class Deduper:
         stable = set(stable)
         p = Plan()
         is_shared, known, seen, strided = self.is_shared, self.known, p.seen, torch.strided
-        with _PackFiles(self.blobs.path) as packs:
+        with PackFiles(self.blobs.path) as packs:
             for k, t in tensors.items():
                 if type(t) in _PLAIN:  # (the common case: signature() inlined, without eligible's type checks)
                     if not is_shared(k) or t.layout != strided:
@@ -252,11 +224,11 @@ class Deduper:
         skip: set[str] = set()
         if later is None:
             return skip
-        with _PackFiles(self.blobs.path) as packs:
+        with PackFiles(self.blobs.path) as packs:
             self._finish(plan, snapshot, later, leader, packs, skip)
         return skip
 
-    def _finish(self, plan: Plan, snapshot: dict, later: tuple, leader: bool, packs: "_PackFiles", skip: set) -> None:
+    def _finish(self, plan: Plan, snapshot: dict, later: tuple, leader: bool, packs: PackFiles, skip: set) -> None:
         known, seen, stable, cpu = self.known, plan.seen, plan.stable, torch.device("cpu")
         for k, t, version, ptr in zip(*later):
             view = snapshot.get(k)
@@ -276,7 +248,7 @@ class Deduper:
             elif kn is None and k in stable:
                 plan.candidates.add(k)
 
-    def _spot_check(self, t: torch.Tensor, ref: Ref, packs: "_PackFiles") -> bool:
+    def _spot_check(self, t: torch.Tensor, ref: Ref, packs: PackFiles) -> bool:
         """Three windows of the live tensor equal the stored bytes (catches a change made through ``.data``, which
         the version counter does not see). ``packs``: the pack files opened by this plan so far (each pack is opened
         once per plan, not once per tensor: an unchanged state of 50,000 tensors spent 2 s opening files)."""
