@@ -499,3 +499,42 @@ def test_two_copying_threads_take_parameters_that_need_grad_without_laying_out_a
         w.close()
     assert allocations[0] == allocations[1] == allocations[2]  # laid out once: no refusal, no fallback
     check(tmp_path, expected)
+
+
+def test_a_forked_child_copies_with_a_thread_of_its_own(monkeypatch):
+    """The copying helper thread does not survive a fork: a child process whose host buffers were used with two
+    threads in the parent starts a thread of its own (with the parent's pool it would wait forever for a thread
+    that is not there)."""
+    import os
+    import time
+
+    from lightning_ckpt.format.views import dense_views
+    from lightning_ckpt.writer import snapshot
+
+    monkeypatch.setattr(snapshot.SmallSlabs, "TWO_THREADS_FROM", 1)
+    monkeypatch.setattr(snapshot, "CAT_BYTES", 64)
+    state = {f"t{i}": torch.randn(4) for i in range(100)}
+    buffers = snapshot.HostBuffers(pin_memory=False)
+    buffers.snapshot(dense_views(state))  # the parent's helper thread
+    pid = os.fork()
+    if pid == 0:  # the child: exit status 0 when its copy is right
+        code = 2
+        try:
+            for t in state.values():
+                t.add_(1)
+            snap = buffers.snapshot(dense_views(state))
+            code = 0 if all(_same_bits(snap[k], t) for k, t in state.items()) else 1
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 20
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            raise AssertionError("the child's copy never finished")
+        time.sleep(0.05)
+    assert os.waitstatus_to_exitcode(status) == 0
+    buffers.clear()

@@ -210,6 +210,7 @@ class SmallSlabs:
     def __init__(self, owner: HostBuffers) -> None:
         self.owner = owner
         self._pool: cf.ThreadPoolExecutor | None = None
+        self._pool_pid = 0
         self.clear()
 
     @property
@@ -305,8 +306,9 @@ class SmallSlabs:
     def _helper(self) -> cf.ThreadPoolExecutor:
         """The thread that copies the second half of a large state's runs while the training thread copies the first
         (``torch.cat`` releases the GIL; its cost is per tensor, about 0.4 us each, not per byte)."""
-        if self._pool is None:
+        if self._pool is None or self._pool_pid != os.getpid():  # (a forked child has no thread behind the pool)
             self._pool = cf.ThreadPoolExecutor(1, thread_name_prefix="lightning_ckpt-copy")
+            self._pool_pid = os.getpid()
         return self._pool
 
     @staticmethod
