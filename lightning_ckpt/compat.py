@@ -89,8 +89,7 @@ def tensor_guard(tensors: list, shapes: list) -> Any:
     if tls is None or (torch._C._dispatch_tls_local_exclude_set() & _MEANINGFUL_KEYS).raw_repr():
         return None
     try:
-        guard = cls(*tensors, dynamic_dims_sizes=list(map(list, shapes)),
-                    dynamic_dims_strides=list(map(list, map(torch.Tensor.stride, tensors)))).check
+        guard = _guard(cls, tensors, shapes)
     except Exception:  # noqa: BLE001 (an accelerator: the caller reads the properties instead)
         return None
 
@@ -123,6 +122,13 @@ def _meaningful_keys() -> Any:
 _MEANINGFUL_KEYS = _meaningful_keys()
 
 
+def _guard(cls: Any, tensors: list, shapes: list) -> Any:
+    """The check of a ``cls`` (TensorGuards) built over ``tensors``: their sizes (``shapes``) and strides as they are
+    now, every dimension static."""
+    return cls(*tensors, dynamic_dims_sizes=list(map(list, shapes)),
+               dynamic_dims_strides=list(map(list, map(torch.Tensor.stride, tensors)))).check
+
+
 def _tensor_guards_class() -> Any:
     """``TensorGuards`` if it is present and catches, on this torch, each change the snapshot relies on it to see."""
     try:
@@ -133,8 +139,7 @@ def _tensor_guards_class() -> Any:
         return None
 
     def guard(ts: list) -> Any:
-        return TensorGuards(*ts, dynamic_dims_sizes=[list(t.shape) for t in ts],
-                            dynamic_dims_strides=[list(t.stride()) for t in ts]).check
+        return _guard(TensorGuards, ts, [t.shape for t in ts])
 
     try:
         base = [torch.zeros(6), torch.zeros(2, 3)]
