@@ -9,14 +9,13 @@ import threading
 import traceback
 import uuid
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.planner import LoadPlanner, SavePlan, SavePlanner
 
-if TYPE_CHECKING:
-    from . import LCStorageReader, LCStorageWriter
+from . import LCStorageReader, LCStorageWriter
 
 
 def save_planned(state: dict, writer: LCStorageWriter, planner: SavePlanner, group: Any = None,
