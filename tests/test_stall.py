@@ -152,6 +152,16 @@ def test_encode_with_a_cache_gives_what_encode_without_one_gives():
         cache.clear()
 
 
+def train(live: dict) -> None:
+    """A training step's changes to every tensor of ``live``, in place."""
+    with torch.no_grad():
+        for t in live.values():
+            if t.dtype.is_floating_point or t.dtype.is_complex:
+                t.mul_(-1.5)
+            else:
+                t.add_(3)
+
+
 def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.resolve_conj().resolve_neg().contiguous().reshape(-1).view(torch.uint8).clone()
 
@@ -203,12 +213,7 @@ def test_the_bulk_snapshot_follows_every_change_to_a_tensor_between_saves_bitwis
                 expected.append({k: _bits(t) for k, t in sd.items()})
                 expected[-1].update({f"{k}$meta": (t.dtype, t.shape) for k, t in sd.items()})
                 allocations.append(w._buffers.allocations)
-                with torch.no_grad():
-                    for t in live.values():
-                        if t.dtype.is_floating_point or t.dtype.is_complex:
-                            t.mul_(-1.5)  # training changes every tensor right after save() returned
-                        else:
-                            t.add_(3)
+                train(live)  # training changes every tensor right after save() returned
                 p.result()
         finally:
             w.close()
@@ -340,12 +345,7 @@ def test_the_guards_over_a_known_state_see_every_change_the_bulk_check_sees(tmp_
                     p = w.save({"state_dict": sd}, step=len(expected))
                     guarded = hits[-1] if len(hits) > before else None  # None: no guards to try
                     expected.append({k: (t.dtype, t.shape, _bits(t)) for k, t in sd.items()})
-                    with torch.no_grad():
-                        for t in live.values():
-                            if t.dtype.is_floating_point or t.dtype.is_complex:
-                                t.mul_(-1.5)  # training changes every tensor right after save() returned
-                            else:
-                                t.add_(3)
+                    train(live)  # training changes every tensor right after save() returned
                     p.result()
                     if phase == "changed":
                         assert guarded is (not seen), (fresh, i, "the guards missed a change" if seen else guarded)
