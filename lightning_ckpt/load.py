@@ -272,13 +272,13 @@ def load_into(path: str, state: dict, *, process_group: Any = None, verify: bool
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-            # each rank reads by its own plan (dcp.planned.load_planned: DCP's default load plans no global step)
-            if load_planned(targets, reader, DefaultLoadPlanner(), group=process_group, use_dist=distributed):
-                pass
-            elif distributed:
-                dcp.load(targets, storage_reader=reader, planner=DefaultLoadPlanner(), process_group=process_group)
-            else:
-                dcp.load(targets, storage_reader=reader, planner=DefaultLoadPlanner(), no_dist=True)
+            # each rank reads by its own plan (dcp.planned.load_planned: DCP's default load plans no global step);
+            # a torch whose default load plan has a global step goes through DCP's own driver
+            if not load_planned(targets, reader, DefaultLoadPlanner(), group=process_group, use_dist=distributed):
+                if distributed:
+                    dcp.load(targets, storage_reader=reader, planner=DefaultLoadPlanner(), process_group=process_group)
+                else:
+                    dcp.load(targets, storage_reader=reader, planner=DefaultLoadPlanner(), no_dist=True)
     except BaseException as e:
         err = unwrap_dcp_error(e)
         if isinstance(err, CheckpointError):
