@@ -134,3 +134,127 @@ def test_a_kept_listing_follows_this_process_and_sees_others_at_the_next_listing
     assert not KEPT.held(store)
 
 
+
+
+def _fresh(s3, prefix: str) -> tuple[list[str], list[str]]:
+    """The location as a fresh reader sees it, straight from the server: the names of the readable checkpoints in
+    listing order (step, commit time, name) and the names whose manifest cannot be read."""
+    from lightning_ckpt.errors import CheckpointError
+    from lightning_ckpt.format.manifest import parse_manifest
+
+    c = s3.client()
+    keys = [o["Key"] for page in c.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=f"{prefix}/")
+            for o in page.get("Contents", []) if o["Key"].endswith("/manifest.json")]
+    good, bad = [], []
+    for key in keys:
+        name = key[len(prefix) + 1:-len("/manifest.json")]
+        try:
+            m = parse_manifest(c.get_object(Bucket=BUCKET, Key=key)["Body"].read(), key)
+        except CheckpointError:
+            bad.append(name)
+            continue
+        good.append(((int(m["step"]), m.get("created_unix") or 0.0, name), name))
+    return [n for _, n in sorted(good)], sorted(bad)
+
+
+@pytest.mark.s3
+def test_a_held_location_scanned_after_each_change_matches_a_fresh_listing_without_a_pass_over_it(tmp_path, s3):
+    """Held, a scan moves the records of the names changed since the last scan only (``KEPT.passes`` stays), keeps
+    the same objects for the others, and gives what a fresh reader of the location sees: across commits, a name
+    committed again with another manifest, deletions (of a readable and of an unreadable checkpoint) and several
+    changes between two scans. A new listing (``invalidate``) takes one whole pass, and the scans after it move
+    again."""
+    import random
+
+    from lightning_ckpt.read import scan_checkpoints
+
+    prefix = "moves"
+    uri = s3.uri(prefix)
+    template = _template(tmp_path)
+    _fill(s3, prefix, template, 12)
+    s3.client().put_object(Bucket=BUCKET, Key=f"{prefix}/torn/manifest.json", Body=b"{not json")
+    store = S3Store(uri)
+    rng = random.Random(22)
+    KEPT.hold(store)
+    try:
+        def check() -> list:
+            infos, bad = scan_checkpoints(uri)
+            want_good, want_bad = _fresh(s3, prefix)
+            assert [c.name for c in infos] == want_good
+            assert sorted(p.rsplit("/", 1)[-1] for p, _ in bad) == want_bad
+            return infos
+
+        last = check()
+        passes = KEPT.passes
+        names = [c.name for c in last]
+        for round_ in range(14):
+            changed = set()
+            for _ in range(rng.randint(1, 3)):
+                op = rng.choice(["commit", "again", "delete"])
+                if op == "commit" or not names:
+                    name = f"new-{round_}-{len(changed)}"
+                    # a step inside the range already there: sorted among the others, not appended
+                    store.begin(name).commit(manifest_for(template, rng.randint(1_000_000, 1_000_200),
+                                                          created=rng.random()))
+                    names.append(name)
+                elif op == "again":
+                    name = rng.choice(names)
+                    store.begin(name).commit(manifest_for(template, rng.randint(0, 2_000_000)), if_exists="replace")
+                else:
+                    name = names.pop(rng.randrange(len(names)))
+                    store.delete(name)  # (only a manifest there: it reports nothing left to delete)
+                changed.add(name)
+            now = check()
+            assert KEPT.passes == passes  # moved, not a pass over every entry
+            before = {c.name: c for c in last}
+            for c in now:  # the same objects for the names not changed (folder/index.py diffs by identity)
+                if c.name not in changed:
+                    assert c is before[c.name]
+            last = now
+        store.delete("torn")  # the unreadable one leaves the errors
+        assert check() and KEPT.passes == passes
+        KEPT.invalidate(store)
+        check()
+        assert KEPT.passes == passes + 1
+        store.begin("after").commit(manifest_for(template, 5))
+        assert check()[0].name == "after" and KEPT.passes == passes + 1
+    finally:
+        KEPT.release(store)
+
+
+@pytest.mark.s3
+def test_the_manifest_cache_stays_within_its_budget_and_forgets_what_this_process_uncommits(tmp_path, s3):
+    """Every manifest this process pushes is cached parsed by ETag (no GET of what it just wrote): over a long run
+    that must not pile up. The cache keeps the most recently used within its byte budget and drops a name's
+    manifests when this process uncommits it; what it dropped is read again from the server, correct."""
+    from lightning_ckpt.read import scan_checkpoints
+    from lightning_ckpt.store.s3listing import MANIFESTS
+
+    uri = s3.uri("budget")
+    template = _template(tmp_path)
+    store = S3Store(uri)
+    raw = [manifest_for(template, 100 + i, created=1.0 + i) for i in range(10)]
+    budget = 3 * max(len(r) for r in raw)
+    MANIFESTS.clear()
+    MANIFESTS.budget = budget
+    KEPT.hold(store)  # as an uploader does (it lists the location first): its commits are cached
+    store.names()
+    try:
+        for i, r in enumerate(raw):
+            store.begin(f"step={100 + i}").commit(r)
+            assert MANIFESTS.nbytes <= budget
+        KEPT.release(store)
+        assert 1 <= len(MANIFESTS) <= 3
+        newest = (BUCKET, store.key("step=109", "manifest.json"), f'"{hashlib.md5(raw[-1]).hexdigest()}"')
+        assert newest in MANIFESTS  # the most recent stays
+        infos, bad = scan_checkpoints(uri)  # the others are read again: the same checkpoints
+        assert [c.step for c in infos] == list(range(100, 110)) and not bad
+        assert MANIFESTS.nbytes <= budget
+        store.delete("step=109")
+        assert newest not in MANIFESTS
+        assert [c.step for c in scan_checkpoints(uri)[0]] == list(range(100, 109))
+    finally:
+        if KEPT.held(store):
+            KEPT.release(store)
+        MANIFESTS.budget = None
+        MANIFESTS.clear()

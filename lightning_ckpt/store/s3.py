@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import threading
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 from ..errors import CheckpointCorruptError, CheckpointError, CheckpointNotFoundError, StorageUnavailableError
@@ -30,7 +29,7 @@ from ..format import manifest as mf
 from . import s3client
 from .base import NoLock, Store, check_folder_file, owner_token
 from .s3client import client, error_code as _code, is_unavailable
-from .s3listing import KEPT
+from .s3listing import KEPT, MANIFESTS
 from .s3sweep import REUSED  # <prefix>/.blobs/<pack>.reused~<host>.<pid>: a push of that process reused the pack
 
 __all__ = ["S3Store", "S3Transaction", "client", "parse_s3_uri", "join_key"]
@@ -210,9 +209,13 @@ class S3Store(Store):
     def manifests(self) -> list[tuple[str, dict | CheckpointError]]:
         """(name, manifest, or the error reading it) of every committed entry. Manifests are cached by ETag, so
         listing again costs one LIST request (none while the listing is kept: ``store/s3listing.py``)."""
-        import concurrent.futures as cf
+        return self.fetch_manifests(self._listed())
 
-        listed = self._listed()
+    def fetch_manifests(self, items: list[tuple[str, str]]) -> list[tuple[str, dict | CheckpointError]]:
+        """(name, manifest, or the error reading it) of ``items`` [(name, manifest ETag)]: from the cache by ETag,
+        the others fetched 16 at a time. Raises ``StorageUnavailableError`` (the endpoint, never a reason to skip a
+        checkpoint)."""
+        import concurrent.futures as cf
 
         def one(item: tuple[str, str]) -> tuple[str, dict | CheckpointError]:
             try:
@@ -222,30 +225,26 @@ class S3Store(Store):
             except CheckpointError as e:
                 return item[0], e
 
-        with self._cache_lock:
-            fresh = [it for it in listed if (self.bucket, self.key(it[0], mf.MANIFEST), it[1]) not in self._cache]
+        fresh = [it for it in items if (self.bucket, self.key(it[0], mf.MANIFEST), it[1]) not in self._cache]
         got = {}
         if len(fresh) > 1:
             with cf.ThreadPoolExecutor(min(16, len(fresh))) as ex:  # the GETs overlap (a folder of 1,000s)
                 got = dict(ex.map(one, fresh))
-        return [(item[0], got[item[0]]) if item[0] in got else one(item) for item in listed]
+        return [(item[0], got[item[0]]) if item[0] in got else one(item) for item in items]
 
-    _cache: dict = {}
-    _cache_lock = threading.Lock()
+    _cache = MANIFESTS  # parsed manifests by (bucket, key, ETag), bounded (store/s3listing.py)
 
     def _manifest(self, name: str, etag: str | None) -> tuple[dict, bytes]:
         mf.check_member_name(name, self.uri)
         key = self.key(name, mf.MANIFEST)
         if etag:
-            with self._cache_lock:
-                hit = self._cache.get((self.bucket, key, etag))
+            hit = self._cache.get((self.bucket, key, etag))
             if hit is not None:
                 return hit
         raw = self.get_bytes(key, MAX_MANIFEST_BYTES)
         got = (mf.parse_manifest(raw, f"s3://{self.bucket}/{key}"), raw)
         if etag:  # a committed manifest never changes under one ETag
-            with self._cache_lock:
-                self._cache[(self.bucket, key, etag)] = got
+            self._cache.put((self.bucket, key, etag), got)
         return got
 
     def read_manifest(self, name: str) -> tuple[dict, bytes]:
@@ -380,14 +379,14 @@ class S3Store(Store):
         takes it in, and the manifest is cached under its ETag (no GET of what was just pushed)."""
         etag = KEPT.committed(self, name, manifest)
         if etag is not None:
-            with self._cache_lock:
-                self._cache[(self.bucket, self.key(name, mf.MANIFEST), etag)] = (
-                    mf.parse_manifest(manifest, self.path(name)), manifest)
+            self._cache.put((self.bucket, self.key(name, mf.MANIFEST), etag),
+                            (mf.parse_manifest(manifest, self.path(name)), manifest))
 
     def uncommit(self, name: str) -> None:
         """Delete the manifest of ``name``: from then on it is not a checkpoint (its objects are removed after)."""
         self.delete_keys([self.key(name, mf.MANIFEST)])
         KEPT.deleted(self, name)
+        self._cache.drop(self.bucket, self.key(name, mf.MANIFEST))
 
     # S3 has no lock (stated in docs/DESIGN.md): one training run writes an S3 location; readers and tools are safe
     # beside it through the commit order and the packs' grace period and reuse marks.
