@@ -14,12 +14,16 @@ folder does):
   ``BestMetricCheckpoint`` top 2 every step, ``RetentionPolicy(keep_last=2, keep_every_n_steps=10)``; synchronous
   saves, so that all the per-save work is in the training step; not fsynced unless ``--fsync``, so that the disk's
   flush time, which does not depend on the folder, does not hide the callbacks' own work): the median step time with the callbacks minus the
-  median step time of the same fit without them, the first steps left out. The one-time cost of a fit into a big
-  folder (its listing is read once) is reported apart (``first_save_extra_s``). Beside it, the CPU time of the
+  median step time of the same fit without them, the first steps left out (on S3 also those before the uploader's
+  first retention pass ended). The one-time cost of a fit into a big folder (its listing, and on S3 its manifests,
+  read once) is reported apart (``first_save_extra_s``: the wall time of the steps left out beyond their median). Beside it, the CPU time of the
   committing thread in the session's after-commit work (metric history, best-k evictions, retention: what depends
   on the folder's size) and in ``publish_latest`` per save, medians: the numbers the shared machine disturbs least. On S3 the folder is the ``s3://``
   location itself (staged locally, uploaded after each commit, retention applied there): the fit's wall time per
-  save minus that of a fit without callbacks (the uploads run in the background; the fit waits for the last).
+  save minus that of a fit without callbacks (the uploads run in the background; the fit waits for the last). On
+  S3 each size is fitted ``--s3-rounds`` times, the sizes taking turns (10, 1000, 1000, 10, 10, 1000, ...), each fit
+  into a location built afresh, and the step samples of a size are pooled: a SeaweedFS server and the fit share the
+  two cores, and one fit per size left the ratio to whichever minute of the machine each fit fell in.
 
 No pass/fail; ratios are only taken between numbers of the same run. ``run(args) -> dict``; ``python
 benchmarks/_scale_folders.py`` prints the table and writes ``benchmarks/results/scale-folders-cpu.json``.
@@ -136,10 +140,10 @@ def cli(*argv: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ a real fit
-def fit_steps(dirpath: str | None, steps: int, **cb_options: Any) -> tuple[list[float], list[float], float]:
+def fit_steps(dirpath: str | None, steps: int, **cb_options: Any) -> tuple[list[float], list[float], float, list[float]]:
     """Step durations (s) of a real fit (with the saving callbacks on ``dirpath``, none when None): wall time, and CPU
-    time of the process (every thread; far less sensitive than wall time to other jobs on a shared machine), and the
-    fit's wall time."""
+    time of the process (every thread; far less sensitive than wall time to other jobs on a shared machine), the
+    fit's wall time, and when each step began (``perf_counter``)."""
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import Callback
 
@@ -168,21 +172,30 @@ def fit_steps(dirpath: str | None, steps: int, **cb_options: Any) -> tuple[list[
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         tr.fit(DemoModel(), datamodule=DemoDataModule())
     wall = time.perf_counter() - t
-    return [b - a for a, b in zip(marks, marks[1:])], [b - a for a, b in zip(cpu, cpu[1:])], wall
+    return [b - a for a, b in zip(marks, marks[1:])], [b - a for a, b in zip(cpu, cpu[1:])], wall, marks[:-1]
 
 
 def callbacks_per_save(folder: str, steps: int, skip: int, **cb_options: Any) -> dict:
     """The callbacks' added time per save: median step with them minus median step without (CPU time of the
     process, and wall time), the first ``skip`` steps left out; the first save's extra time (the folder's listing
     is read once per fit); and the fit's wall time per save."""
+    return summarize([fit_samples(folder, steps, skip, **cb_options)])
+
+
+def fit_samples(folder: str, steps: int, skip: int, **cb_options: Any) -> dict:
+    """The raw samples behind :func:`callbacks_per_save` for one fit with the callbacks and one without: per step
+    and per call of the timed methods, and the fits' wall times. Left out: the first ``skip`` steps and calls, and on
+    S3 also the steps that began before the uploader's first retention pass ended (that pass reads the manifests of
+    the location once per fit, in the background: a one-time cost, in ``first_save_extra``)."""
     from lightning_ckpt.session.backups import Uploader
     from lightning_ckpt.session.session import FolderSession
 
-    base_wall_steps, base_cpu_steps, base_wall = fit_steps(None, steps)
+    base_wall_steps, base_cpu_steps, base_wall, _ = fit_steps(None, steps)
     spent: dict[str, list[float]] = {"after_commit": [], "publish_latest": [], "upload": [], "upload_retention": []}
     real = {"after_commit": FolderSession._after_commit, "publish_latest": LocalStore.publish_latest,
             "upload": Uploader._upload, "upload_retention": Uploader._apply_retention}
     walls: dict[str, list[float]] = {"upload": []}
+    ended: dict[str, list[float]] = {}
 
     def timed_method(what: str) -> Callable:
         def wrapper(*a: Any, **kw: Any) -> Any:
@@ -193,6 +206,7 @@ def callbacks_per_save(folder: str, steps: int, skip: int, **cb_options: Any) ->
             finally:
                 spent[what].append(time.thread_time() - t)
                 walls.setdefault(what, []).append(time.perf_counter() - w)
+                ended.setdefault(what, []).append(time.perf_counter())
         return wrapper
 
     FolderSession._after_commit = timed_method("after_commit")  # type: ignore[method-assign]
@@ -200,24 +214,44 @@ def callbacks_per_save(folder: str, steps: int, skip: int, **cb_options: Any) ->
     Uploader._upload = timed_method("upload")  # type: ignore[method-assign]
     Uploader._apply_retention = timed_method("upload_retention")  # type: ignore[method-assign]
     try:
-        cb_wall_steps, cb_cpu_steps, cb_wall = fit_steps(folder, steps, **cb_options)
+        cb_wall_steps, cb_cpu_steps, cb_wall, began = fit_steps(folder, steps, **cb_options)
     finally:
         FolderSession._after_commit = real["after_commit"]  # type: ignore[method-assign]
         LocalStore.publish_latest = real["publish_latest"]  # type: ignore[method-assign]
         Uploader._upload = real["upload"]  # type: ignore[method-assign]
         Uploader._apply_retention = real["upload_retention"]  # type: ignore[method-assign]
+    first_pass = (ended.get("upload_retention") or [-1e18])[0]
+    steady = max([skip] + [i + 1 for i, t in enumerate(began) if t < first_pass])
+    steady = min(steady, max(skip, len(began) - 10))  # (a pass that outlasted the fit: the last 10 steps)
+    return {"after_commit": spent["after_commit"][skip:], "publish_latest": spent["publish_latest"][skip:],
+            "upload_wall": walls["upload"][skip:], "upload_retention": spent["upload_retention"][skip:],
+            "cpu_with": cb_cpu_steps[steady:], "cpu_without": base_cpu_steps[skip:],
+            "wall_with": cb_wall_steps[steady:], "wall_without": base_wall_steps[skip:],
+            "first_save_extra": [sum(cb_wall_steps[:steady]) - statistics.median(cb_wall_steps[steady:]) * steady
+                                 if cb_wall_steps else 0.0],
+            "steady_from": [steady], "wall_added": [(cb_wall - base_wall) / steps]}
+
+
+def summarize(fits: list[dict]) -> dict:
+    """Medians over the samples of one or more fits (:func:`fit_samples`; several: pooled), and with several the
+    added step time of each on its own (``added_per_save_s_each``)."""
     med = statistics.median
-    return {"after_commit_cpu_s": med(spent["after_commit"][skip:] or [0.0]),
-            "publish_latest_cpu_s": med(spent["publish_latest"][skip:] or [0.0]),
-            # S3: the uploader's work per save (its thread: the push, then the location's retention planned and
-            # applied there): wall time of one upload, CPU time of its retention pass
-            "upload_wall_s": med(walls["upload"][skip:] or [0.0]),
-            "upload_retention_cpu_s": med(spent["upload_retention"][skip:] or [0.0]),
-            "added_per_save_s": med(cb_cpu_steps[skip:]) - med(base_cpu_steps[skip:]),
-            "step_cpu_s_without": med(base_cpu_steps[skip:]), "step_cpu_s_with": med(cb_cpu_steps[skip:]),
-            "added_per_save_wall_s": med(cb_wall_steps[skip:]) - med(base_wall_steps[skip:]),
-            "first_save_extra_s": (cb_wall_steps[0] - med(cb_wall_steps[skip:])) if cb_wall_steps else 0.0,
-            "wall_added_per_save_s": (cb_wall - base_wall) / steps}
+
+    def pooled(key: str) -> float:
+        vals = [v for f in fits for v in f[key]]
+        return med(vals) if vals else 0.0
+
+    out = {"after_commit_cpu_s": pooled("after_commit"), "publish_latest_cpu_s": pooled("publish_latest"),
+           # S3: the uploader's work per save (its thread: the push, then the location's retention planned and
+           # applied there): wall time of one upload, CPU time of its retention pass
+           "upload_wall_s": pooled("upload_wall"), "upload_retention_cpu_s": pooled("upload_retention"),
+           "added_per_save_s": pooled("cpu_with") - pooled("cpu_without"),
+           "step_cpu_s_without": pooled("cpu_without"), "step_cpu_s_with": pooled("cpu_with"),
+           "added_per_save_wall_s": pooled("wall_with") - pooled("wall_without"),
+           "first_save_extra_s": pooled("first_save_extra"), "wall_added_per_save_s": pooled("wall_added")}
+    if len(fits) > 1:
+        out["added_per_save_s_each"] = [med(f["cpu_with"]) - med(f["cpu_without"]) for f in fits]
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ local
@@ -254,7 +288,7 @@ def bench_local(args: Any, base: str, seed: str) -> dict:
             f"latest.json {row['publish_latest_cpu_s'] * 1e3:5.2f} ms CPU/save | callbacks +"
             f"{row['added_per_save_s'] * 1e3:5.1f} ms CPU/save "
             f"(step {row['step_cpu_s_without'] * 1e3:.1f} -> {row['step_cpu_s_with'] * 1e3:.1f} ms CPU; wall "
-            f"+{row['added_per_save_wall_s'] * 1e3:.1f} ms; first save +{row['first_save_extra_s'] * 1e3:.0f} ms)")
+            f"+{row['added_per_save_wall_s'] * 1e3:.1f} ms; one-time at the start +{row['first_save_extra_s'] * 1e3:.0f} ms)")
         shutil.rmtree(folder, ignore_errors=True)
     return out
 
@@ -285,7 +319,7 @@ def build_s3(seed: str, uri: str, bucket: str, prefix: str, n: int) -> str:
         {"name": items[-1][0] if items else "", "step": 0, "epoch": 0,
          "index": {**idx.to_doc(), "listed": len(items)}}).encode())
     newest = 1_000_000 + MILESTONE * (n - 1)
-    local = os.path.join(os.path.dirname(seed), f"s3-newest-{n}")
+    local = os.path.join(os.path.dirname(seed), f"s3-newest-{prefix}")
     (path,) = clone(seed, local, [newest])
     push_checkpoint(path, uri)
     return f"{uri}/step={newest:06d}"
@@ -309,43 +343,54 @@ def bench_s3(args: Any, base: str, seed: str) -> dict:
     from lightning_ckpt.store.s3 import S3Store
 
     out: dict = {}
+    fits: dict[int, list[dict]] = {n: [] for n in args.s3}
+    requests: dict[int, list[int]] = {n: [0, 0] for n in args.s3}  # LIST, all: over every measured fit
     with s3_server(os.path.join(base, "weed"), "bench"):
+        # the measured fits of the sizes take turns (ABBA...), each into a location of its own built afresh, so that a
+        # slower minute of the shared machine falls on every size alike; their samples are pooled per size
+        for r in range(args.s3_rounds):
+            for n in (args.s3 if r % 2 == 0 else list(reversed(args.s3))):
+                uri = f"s3://bench/n{n}-r{r}"
+                want = build_s3(seed, uri, "bench", f"n{n}-r{r}", n)
+                row: dict = out.setdefault(str(n), {})
+                if r == 0:
+                    calls, stop = count_requests()
+                    try:
+                        row["latest_s"], got = timed(lambda: latest_checkpoint(uri), args.repeats)
+                    finally:
+                        stop()
+                    assert got == want, (got, want)
+                    row["latest_requests"] = len(calls) / args.repeats
+                    row["latest_list_pages"] = calls.count("ListObjectsV2") / args.repeats
+                    row["latest_get_requests"] = calls.count("GetObject") / args.repeats
+                    S3Store._cache.clear()
+                    calls, stop = count_requests()
+                    try:
+                        row["list_cold_s"], infos = timed(lambda: list_checkpoints(uri), 1)
+                        row["list_cold_requests"] = len(calls)
+                    finally:
+                        stop()
+                    assert len(infos) == n
+                    calls, stop = count_requests()
+                    try:
+                        row["list_warm_s"], _ = timed(lambda: list_checkpoints(uri), 1)  # manifests cached by ETag
+                        row["list_warm_requests"] = len(calls)
+                    finally:
+                        stop()
+                    row["ls_s"], _ = timed(lambda: cli("ls", uri), 1)
+                calls, stop = count_requests()
+                try:
+                    fits[n].append(fit_samples(uri, args.s3_steps, args.skip, fsync=args.fsync))
+                finally:
+                    stop()
+                requests[n][0] += calls.count("ListObjectsV2")
+                requests[n][1] += len(calls)
         for n in args.s3:
-            uri = f"s3://bench/n{n}"
-            want = build_s3(seed, uri, "bench", f"n{n}", n)
-            row: dict = {}
-            calls, stop = count_requests()
-            try:
-                row["latest_s"], got = timed(lambda: latest_checkpoint(uri), args.repeats)
-            finally:
-                stop()
-            assert got == want, (got, want)
-            row["latest_requests"] = len(calls) / args.repeats
-            row["latest_list_pages"] = calls.count("ListObjectsV2") / args.repeats
-            row["latest_get_requests"] = calls.count("GetObject") / args.repeats
-            S3Store._cache.clear()
-            calls, stop = count_requests()
-            try:
-                row["list_cold_s"], infos = timed(lambda: list_checkpoints(uri), 1)
-                row["list_cold_requests"] = len(calls)
-            finally:
-                stop()
-            assert len(infos) == n
-            calls, stop = count_requests()
-            try:
-                row["list_warm_s"], _ = timed(lambda: list_checkpoints(uri), 1)  # manifests cached by ETag
-                row["list_warm_requests"] = len(calls)
-            finally:
-                stop()
-            row["ls_s"], _ = timed(lambda: cli("ls", uri), 1)
-            calls, stop = count_requests()
-            try:
-                row.update(callbacks_per_save(uri, args.s3_steps, args.skip, fsync=args.fsync))
-            finally:
-                stop()
-            row["fit_list_requests_per_save"] = calls.count("ListObjectsV2") / args.s3_steps
-            row["fit_requests_per_save"] = len(calls) / args.s3_steps
-            out[str(n)] = row
+            row = out[str(n)]
+            row.update(summarize(fits[n]))
+            row["fit_list_requests_per_save"] = requests[n][0] / (args.s3_steps * args.s3_rounds)
+            row["fit_requests_per_save"] = requests[n][1] / (args.s3_steps * args.s3_rounds)
+            each = ", ".join(f"+{x * 1e3:.1f}" for x in row.get("added_per_save_s_each", []))
             log(f"S3    {n:5d}: latest {row['latest_s'] * 1e3:7.1f} ms ({row['latest_requests']:.0f} requests: "
                 f"{row['latest_list_pages']:.0f} LIST, {row['latest_get_requests']:.0f} GET) | list cold "
                 f"{row['list_cold_s'] * 1e3:6.0f} ms ({row['list_cold_requests']} requests), warm "
@@ -353,8 +398,9 @@ def bench_s3(args: Any, base: str, seed: str) -> dict:
                 f"| after-commit {row['after_commit_cpu_s'] * 1e3:5.2f} ms CPU/save | upload {row['upload_wall_s'] * 1e3:5.1f}"
                 f" ms wall/save, its retention {row['upload_retention_cpu_s'] * 1e3:5.2f} ms CPU | fit +"
                 f"{row['wall_added_per_save_s'] * 1e3:6.1f} ms/save wall (step +"
-                f"{row['added_per_save_s'] * 1e3:.1f} ms CPU; first save +{row['first_save_extra_s'] * 1e3:.0f} ms) | "
-                f"{row['fit_list_requests_per_save']:.1f} LIST, {row['fit_requests_per_save']:.1f} requests/save")
+                f"{row['added_per_save_s'] * 1e3:.1f} ms CPU, {args.s3_rounds} fits pooled; each {each}; one-time at the start "
+                f"+{row['first_save_extra_s'] * 1e3:.0f} ms) | {row['fit_list_requests_per_save']:.1f} LIST, "
+                f"{row['fit_requests_per_save']:.1f} requests/save")
     return out
 
 
@@ -392,7 +438,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--local", type=int, nargs="+", default=[10, 1000, 3000], help="local folder sizes")
     p.add_argument("--s3", type=int, nargs="+", default=[10, 1000], help="S3 location sizes")
     p.add_argument("--steps", type=int, default=40, help="saves per measured local fit (one per step)")
-    p.add_argument("--s3-steps", type=int, default=20, help="saves per measured S3 fit")
+    p.add_argument("--s3-steps", type=int, default=60, help="saves per measured S3 fit")
+    p.add_argument("--s3-rounds", type=int, default=4, help="measured S3 fits per size, the sizes taking turns "
+                   "(their samples pooled)")
     p.add_argument("--skip", type=int, default=3, help="first steps left out of the medians")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--fsync", action="store_true", help="fsync the saves of the measured fits (default off: the "
