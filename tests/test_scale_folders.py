@@ -168,6 +168,40 @@ def test_the_index_follows_commits_and_deletions_of_a_writer(tmp_path):
     assert latest_checkpoint(str(d)) == str(d / "step=000006")
 
 
+def test_a_writer_publishes_from_the_index_it_wrote_unless_latest_json_changed_since(tmp_path, monkeypatch):
+    """Each publish starts from the index in ``latest.json``. The writer keeps the one it wrote (no parse of the file
+    per save: it holds an id per checkpoint) and uses it only while the file is the one it wrote; a file replaced
+    since (another writer, an older release, a hand edit) is read again."""
+    d = tmp_path / "w"
+    parsed = {"n": 0}
+    real = hint.Index.parse
+
+    def counted(doc):
+        parsed["n"] += 1
+        return real(doc)
+
+    w = CheckpointWriter(str(d), async_save=False)
+    try:
+        for step in (1, 2):  # (the first publish of a process rescans the folder)
+            w.save({"state_dict": {"w": torch.randn(4)}, "global_step": step}, step=step).result()
+        monkeypatch.setattr(hint.Index, "parse", staticmethod(counted))
+        w.save({"state_dict": {"w": torch.randn(4)}, "global_step": 3}, step=3).result()
+        assert parsed["n"] == 0  # from the index it wrote
+        # another writer's latest.json: its index accounts for an entry this writer never saw
+        doc = json.loads((d / "latest.json").read_text())
+        idx = real(doc)
+        ghost = hint.entry_id("ghost", 7)
+        idx.ids.add(ghost)
+        LocalStore(str(d)).write_atomic("latest.json", json.dumps({**doc, "index": idx.to_doc()}).encode())
+        w.save({"state_dict": {"w": torch.randn(4)}, "global_step": 4}, step=4).result()
+        assert parsed["n"] >= 1
+    finally:
+        w.close()
+    got = real(json.loads((d / "latest.json").read_text()))
+    assert ghost in got.ids and got.runs[None]["name"] == "step=000004"  # started from the file, not the memo
+    assert latest_checkpoint(str(d)) == str(d / "step=000004")
+
+
 def test_callbacks_read_o1_manifests_per_save_in_a_big_folder(tmp_path, reads):
     """A fit with periodic saves, best-k and retention into a folder that already holds N checkpoints reads each
     manifest once, not N per save (the run's folder is listed from memory while it holds the lock)."""

@@ -100,9 +100,13 @@ class Index:
         return out
 
     def to_doc(self) -> dict:
-        ids = sorted(self.ids)
+        """The ``index`` field of ``latest.json``. The ids go in the set's order (readers take them as a set; sorting
+        3,000 of them cost 0.2 ms a publish)."""
         return {"v": VERSION, "runs": [self.runs[k] for k in sorted(self.runs, key=lambda k: (k is not None, k or ""))],
-                "ids": base64.b64encode(struct.pack(f"<{len(ids)}Q", *ids)).decode()}
+                "ids": base64.b64encode(struct.pack(f"<{len(self.ids)}Q", *self.ids)).decode()}
+
+    def copy(self) -> "Index":
+        return Index(dict(self.runs), set(self.ids))
 
     def add(self, name: str, version: Any, m: dict, raw: bytes) -> bool:
         """Account for committed entry ``name`` (its manifest ``m``, bytes ``raw``). False when that cannot be done
@@ -122,6 +126,41 @@ class Index:
 # ------------------------------------------------------------------------------------------------ local folders
 _MEMO: dict[str, int] = {}  # local root -> publishes by this process since its last scan
 _MEMO_LOCK = threading.Lock()
+_BUILT: dict[str, Index] = {}  # local root -> the index publish_local built last (not written yet)
+_WRITTEN: dict[str, tuple[tuple, Index]] = {}  # local root -> (latest.json's signature, the index written there)
+
+
+def _signature(root: str) -> tuple | None:
+    """Inode, size and modification time of a folder's ``latest.json``: any other writer (``os.replace`` of a new
+    file) changes it."""
+    try:
+        st = os.stat(os.path.join(root, mf.LATEST))
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def written_local(root: str) -> None:
+    """``LocalStore.publish_latest`` wrote the document ``publish_local`` built last for ``root``: its index is the
+    next publish's starting point, while ``latest.json`` keeps this signature (no parse of the file each save)."""
+    sig = _signature(root)
+    with _MEMO_LOCK:
+        idx = _BUILT.pop(root, None)
+        if idx is not None and sig is not None:
+            _WRITTEN[root] = (sig, idx)
+        else:
+            _WRITTEN.pop(root, None)
+
+
+def _last_local(store: Any) -> Index | None:
+    """The index in ``latest.json``: the one this process wrote there when the file is still that one (a copy),
+    else parsed from the file."""
+    sig = _signature(store.root)
+    with _MEMO_LOCK:
+        known = _WRITTEN.get(store.root)
+    if known is not None and sig is not None and known[0] == sig:
+        return known[1].copy()
+    return Index.parse(store.read_latest())
 
 
 def local_entries(root: str) -> dict[str, int]:
@@ -183,6 +222,8 @@ def publish_local(store: Any, doc: dict, manifest: tuple[dict, bytes] | None) ->
     then committed again, by a writer that dies before it publishes, into a folder whose inode number the filesystem
     reused for it. The first publish of each process rescans, so this needs a deletion and that commit in the same
     process, between two scans."""
+    with _MEMO_LOCK:
+        _BUILT.pop(store.root, None)  # (one built for a write that failed)
     try:
         name = doc["name"]
         version = os.lstat(store.path(name)).st_ino
@@ -190,7 +231,7 @@ def publish_local(store: Any, doc: dict, manifest: tuple[dict, bytes] | None) ->
         if manifest is None and last is not None and last[0] == name:
             manifest = (json.loads(last[1]), last[1])  # this store object's own commit, just written
         m, raw = manifest if manifest is not None else store.read_manifest(name)
-        old = Index.parse(store.read_latest())
+        old = _last_local(store)
         with _MEMO_LOCK:
             n = _MEMO.get(store.root)
             rescan = old is None or n is None or n >= RESCAN_EVERY
@@ -200,6 +241,8 @@ def publish_local(store: Any, doc: dict, manifest: tuple[dict, bytes] | None) ->
             idx = _rescan_local(store, None)
         if len(idx.ids) > MAX_IDS:
             return doc
+        with _MEMO_LOCK:
+            _BUILT[store.root] = idx
         return {**doc, "index": idx.to_doc()}
     except Exception as e:  # noqa: BLE001 - a hint that cannot be built is left out, never a failed save
         log.warning("lightning_ckpt: latest.json of %s is written without its index (%r); readers list the folder",

@@ -175,9 +175,10 @@ class LocalStore(Store):
         return LocalTransaction(self, name, tx_id or new_id(), owner)
 
     def publish_latest(self, doc: dict, manifest: tuple[dict, bytes] | None = None) -> None:
-        from .hint import hint_json, publish_local
+        from .hint import hint_json, publish_local, written_local
 
         self.write_atomic(mf.LATEST, hint_json(publish_local(self, doc, manifest)))
+        written_local(self.root)
 
     def newest_hinted(self, run_name: Any, any_run: bool) -> list[tuple[str, dict]] | None:
         """The newest checkpoint of a run through ``latest.json`` (``store/hint.py``), or None: list the folder."""
