@@ -503,3 +503,49 @@ def test_merge_convert_and_export_read_the_shared_bytes_of_a_deduplicated_checkp
         exported.update(load_file(f))
     for k, v in want.items():
         assert torch.equal(exported[k], v), k
+
+
+def test_a_deletion_collects_the_content_store_only_when_it_orphaned_a_pack(tmp_path, monkeypatch):
+    """Retention of a run whose checkpoints share a pack (a frozen backbone) deletes one checkpoint per save; the
+    collection reads every manifest of the folder, so it runs when a pack the deleted manifests referenced is
+    referenced by none left (then at once), and otherwise only every ``sweep_every`` deletion passes."""
+    from lightning_ckpt.folder import Folder, Plan
+
+    calls = {"n": 0}
+    real = LocalStore.collect_packs
+
+    def counted(self, **kw):
+        calls["n"] += 1
+        return real(self, **kw)
+
+    monkeypatch.setattr(LocalStore, "collect_packs", counted)
+    d = tmp_path / "ckpts"
+    _fit(d, 40)  # a save every 2 steps, keep_last=2: 18 deletions, the pack shared by all
+    assert [c.name for c in list_checkpoints(d)] == ["step=000038", "step=000040"]
+    assert 1 <= calls["n"] <= 2  # every 16th pass, not 18
+    shared = set(packs_in(d))
+    assert len(shared) == 1
+    for c in list_checkpoints(d):
+        verify_checkpoint(c.path)
+
+    # the writer's own folder: A shared by steps 0 and 1, B (every stable tensor changed) by step 2 only
+    model = FineTune()
+    opt = torch.optim.Adam(model.head.parameters())
+    w = CheckpointWriter(tmp_path / "w", async_save=False)
+    for step in (0, 1):
+        w.save(state(model, opt), step=step, stable=STABLE)
+    with torch.no_grad():
+        for t in (model.frozen.weight, model.frozen.bias, model.stats):
+            t.add_(1.0)
+    w.save(state(model, opt), step=2, stable=STABLE)
+    w.close()
+    ckpts = list_checkpoints(tmp_path / "w")
+    pack_a = set(ckpts[0].manifest["packs"]) - set(ckpts[2].manifest["packs"])
+    assert pack_a and pack_a <= set(packs_in(tmp_path / "w"))
+    folder = Folder(str(tmp_path / "w"))
+    calls["n"] = 0
+    folder.apply(Plan(ckpts, {"step=000000": "test"}))  # step 1 still references A: no collection
+    assert calls["n"] == 0 and pack_a <= set(packs_in(tmp_path / "w"))
+    folder.apply(Plan(list_checkpoints(tmp_path / "w"), {"step=000001": "test"}))  # A orphaned: collected now
+    assert calls["n"] == 1 and not pack_a & set(packs_in(tmp_path / "w"))
+    verify_checkpoint(list_checkpoints(tmp_path / "w")[0].path)

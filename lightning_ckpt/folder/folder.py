@@ -181,14 +181,31 @@ class Folder:
     def apply(self, plan: Plan, *, purge: Any = None, collect: bool = True,
               on_deleted: Optional[Callable[[str], None]] = None) -> list[str]:
         """Delete what ``plan`` dooms (never what it protects), then collect the packs left unreferenced (``purge``:
-        after the purges, in that executor). Returns the names deleted."""
+        after the purges, in that executor). The collection, which reads every manifest of the folder, runs when a
+        pack the deleted manifests referenced is referenced by none left (or every ``sweep_every`` passes, or when a
+        deleted manifest is unknown here): as the S3 uploader does, so that a run whose checkpoints share a pack (a
+        frozen backbone) does not read the whole folder at each deletion. Returns the names deleted."""
+        known = {c.name: c for c in plan.ckpts}
         done = self.delete(plan.doomed, protected=plan.protected, purge=purge, on_deleted=on_deleted)
         if done and collect:
+            freed = self._packs_of(done, known)
             if purge is not None:
-                purge.submit(self.collect)
+                purge.submit(self.collect, freed)
             else:
-                self.collect()
+                self.collect(freed)
         return done
+
+    def _packs_of(self, names: Iterable[str], known: dict) -> Optional[set]:
+        """The packs the manifests of ``names`` referenced (from ``known``, else the listing last planned), or None
+        when one of them is unknown here (the caller collects the whole content store)."""
+        out: set = set()
+        for name in names:
+            c = known.get(name) or self.get(name)
+            m = getattr(c, "manifest", None)
+            if not isinstance(m, dict):
+                return None
+            out.update(m.get("packs") or {})
+        return out
 
     # ------------------------------------------------------------------ the content store
     def collect(self, freed: Optional[set] = None, *, mine: Any = frozenset(), listed: bool = True) -> list[str]:
