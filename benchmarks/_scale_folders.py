@@ -190,6 +190,9 @@ def fit_samples(folder: str, steps: int, skip: int, **cb_options: Any) -> dict:
     from lightning_ckpt.session.backups import Uploader
     from lightning_ckpt.session.session import FolderSession
 
+    # the folder was just built (thousands of files): its writeback would run during the fits and slow every file
+    # operation there (a profile at 1,000 showed each open 5x slower than at 10); flush it first
+    os.sync()
     base_wall_steps, base_cpu_steps, base_wall, _ = fit_steps(None, steps)
     spent: dict[str, list[float]] = {"after_commit": [], "publish_latest": [], "upload": [], "upload_retention": []}
     real = {"after_commit": FolderSession._after_commit, "publish_latest": LocalStore.publish_latest,
@@ -260,36 +263,43 @@ def bench_local(args: Any, base: str, seed: str) -> dict:
     from lightning_ckpt.tools.report import collect_run, render_report
 
     out: dict = {}
+    fits: dict[int, list[dict]] = {n: [] for n in args.local}
+    # as on S3: the measured fits of the sizes take turns, each into a folder built afresh, samples pooled per size
+    for r in range(args.rounds):
+        for n in (args.local if r % 2 == 0 else list(reversed(args.local))):
+            folder = os.path.join(base, f"local-{n}-r{r}")
+            build_local(seed, folder, n)
+            row: dict = out.setdefault(str(n), {})
+            if r == 0:
+                with Counter() as c:
+                    row["latest_s"], got = timed(lambda: latest_checkpoint(folder), args.repeats)
+                row["latest_manifest_reads"] = c.n / args.repeats
+                assert got.endswith(f"step={1_000_000 + MILESTONE * (n - 1):06d}"), got
+                undo = without_index(folder)
+                with Counter() as c:
+                    row["latest_no_index_s"], _ = timed(lambda: latest_checkpoint(folder), max(1, args.repeats // 2))
+                row["latest_no_index_manifest_reads"] = c.n / max(1, args.repeats // 2)
+                undo()
+                row["list_s"], infos = timed(lambda: list_checkpoints(folder), 1)
+                assert len(infos) == n
+                row["ls_s"], _ = timed(lambda: cli("ls", folder), 1)
+                row["lineage_s"], _ = timed(lambda: format_tree(lineage(folder), lambda b: f"{b}"), 1)
+                row["report_s"], _ = timed(lambda: render_report(collect_run(folder)), 1)
+                row["report_cli_s"], _ = timed(lambda: cli("report", folder, "-o", os.path.join(base, f"r{n}.html")), 1)
+            fits[n].append(fit_samples(folder, args.steps, args.skip, fsync=args.fsync))
+            shutil.rmtree(folder, ignore_errors=True)
     for n in args.local:
-        folder = os.path.join(base, f"local-{n}")
-        build_local(seed, folder, n)
-        row: dict = {}
-        with Counter() as c:
-            row["latest_s"], got = timed(lambda: latest_checkpoint(folder), args.repeats)
-        row["latest_manifest_reads"] = c.n / args.repeats
-        assert got.endswith(f"step={1_000_000 + MILESTONE * (n - 1):06d}"), got
-        undo = without_index(folder)
-        with Counter() as c:
-            row["latest_no_index_s"], _ = timed(lambda: latest_checkpoint(folder), max(1, args.repeats // 2))
-        row["latest_no_index_manifest_reads"] = c.n / max(1, args.repeats // 2)
-        undo()
-        row["list_s"], infos = timed(lambda: list_checkpoints(folder), 1)
-        assert len(infos) == n
-        row["ls_s"], _ = timed(lambda: cli("ls", folder), 1)
-        row["lineage_s"], _ = timed(lambda: format_tree(lineage(folder), lambda b: f"{b}"), 1)
-        row["report_s"], _ = timed(lambda: render_report(collect_run(folder)), 1)
-        row["report_cli_s"], _ = timed(lambda: cli("report", folder, "-o", os.path.join(base, f"r{n}.html")), 1)
-        row.update(callbacks_per_save(folder, args.steps, args.skip, fsync=args.fsync))
-        out[str(n)] = row
+        row = out[str(n)]
+        row.update(summarize(fits[n]))
+        each = ", ".join(f"+{x * 1e3:.1f}" for x in row.get("added_per_save_s_each", []))
         log(f"local {n:5d}: latest {row['latest_s'] * 1e3:7.1f} ms ({row['latest_manifest_reads']:.0f} manifests; "
             f"without the index {row['latest_no_index_s'] * 1e3:7.1f} ms, {row['latest_no_index_manifest_reads']:.0f}) "
             f"| list {row['list_s'] * 1e3:6.0f} ms, ls {row['ls_s'] * 1e3:6.0f} ms, lineage {row['lineage_s'] * 1e3:6.0f}"
             f" ms, report {row['report_s'] * 1e3:6.0f} ms | after-commit {row['after_commit_cpu_s'] * 1e3:5.2f} ms + "
             f"latest.json {row['publish_latest_cpu_s'] * 1e3:5.2f} ms CPU/save | callbacks +"
-            f"{row['added_per_save_s'] * 1e3:5.1f} ms CPU/save "
+            f"{row['added_per_save_s'] * 1e3:5.1f} ms CPU/save, {args.rounds} fits pooled; each {each} "
             f"(step {row['step_cpu_s_without'] * 1e3:.1f} -> {row['step_cpu_s_with'] * 1e3:.1f} ms CPU; wall "
             f"+{row['added_per_save_wall_s'] * 1e3:.1f} ms; one-time at the start +{row['first_save_extra_s'] * 1e3:.0f} ms)")
-        shutil.rmtree(folder, ignore_errors=True)
     return out
 
 
@@ -427,6 +437,12 @@ def run(args: Any) -> dict:
                 for key in ("added_per_save_s", "after_commit_cpu_s", "upload_wall_s", "upload_retention_cpu_s",
                             "wall_added_per_save_s"):
                     out[f"{where}_{key}_ratio"] = hi[key] / lo[key] if lo[key] > 0 else None
+                each = list(zip(lo.get("added_per_save_s_each", []), hi.get("added_per_save_s_each", [])))
+                if each:  # round by round (the two fits of a round ran next to each other)
+                    out[f"{where}_added_per_save_s_round_ratios"] = [h / lo_ if lo_ > 0 else None for lo_, h in each]
+                out[f"{where}_added_per_save_s_ratio_by_size"] = {  # every size against the smallest
+                    n: r["added_per_save_s"] / lo["added_per_save_s"] if lo["added_per_save_s"] > 0 else None
+                    for n, r in rows.items()}
         out["settings"] = {k: v for k, v in vars(args).items() if k != "json"}
         return out
     finally:
@@ -438,8 +454,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--local", type=int, nargs="+", default=[10, 1000, 3000], help="local folder sizes")
     p.add_argument("--s3", type=int, nargs="+", default=[10, 1000], help="S3 location sizes")
     p.add_argument("--steps", type=int, default=40, help="saves per measured local fit (one per step)")
+    p.add_argument("--rounds", type=int, default=4, help="measured local fits per size, the sizes taking turns "
+                   "(their samples pooled)")
     p.add_argument("--s3-steps", type=int, default=60, help="saves per measured S3 fit")
-    p.add_argument("--s3-rounds", type=int, default=4, help="measured S3 fits per size, the sizes taking turns "
+    p.add_argument("--s3-rounds", type=int, default=8, help="measured S3 fits per size, the sizes taking turns "
                    "(their samples pooled)")
     p.add_argument("--skip", type=int, default=3, help="first steps left out of the medians")
     p.add_argument("--repeats", type=int, default=5)
@@ -463,6 +481,14 @@ def main(argv: list[str] | None = None) -> int:
             r = out.get(f"{where}_{key}_ratio")
             if r is not None:
                 log(f"{where}: {what}, largest folder / smallest: {r:.2f}x")
+        by_size = out.get(f"{where}_added_per_save_s_ratio_by_size") or {}
+        if by_size:
+            log(f"{where}: callbacks' added step time per save (CPU) against the smallest folder: " + ", ".join(
+                f"{n}: {r:.2f}x" for n, r in by_size.items() if r is not None))
+        rounds = [r for r in out.get(f"{where}_added_per_save_s_round_ratios") or [] if r is not None]
+        if rounds:
+            log(f"{where}: the same, round by round: {', '.join(f'{r:.2f}x' for r in rounds)} (median "
+                f"{statistics.median(rounds):.2f}x)")
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(out, f, indent=1)
