@@ -208,6 +208,11 @@ class Folder:
         return out
 
     # ------------------------------------------------------------------ the content store
+    def collect_skipped(self) -> list[str]:
+        """Collect the whole content store if a deletion pass skipped it since the last whole collection (the end of
+        a fit: packs a crashed predecessor or an aborted commit left unreferenced are not left behind)."""
+        return self.collect() if self._unswept else []
+
     def collect(self, freed: Optional[set] = None, *, mine: Any = frozenset(), listed: bool = True) -> list[str]:
         """Remove the packs no committed checkpoint references any more. ``freed``: the packs the deleted manifests
         referenced; then the collection (which lists every pack and manifest) runs only when one of them is

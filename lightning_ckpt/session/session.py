@@ -389,6 +389,8 @@ class FolderSession(Deleting):
                     release_resume_point(self.dirpath, self.run_id)
                 except (CheckpointError, OSError) as e:
                     log.error("lightning_ckpt: could not remove this run's note in %s: %s", self.dirpath, e)
+            if self.lock is not None:  # (the leader: deletions skipped the whole collection, see Folder.apply)
+                self._deleter.submit(self.folder.collect_skipped)
             self._deleter.shutdown(wait=True)
             for up in self.uploaders.values():
                 up.stop()
