@@ -63,7 +63,8 @@ def panels(tensors: dict, folders: dict) -> list[dict]:
                 "series": {"ls": fcol(local, "ls_s"), "lineage": fcol(local, "lineage_s"),
                            "report": fcol(local, "report_s"), "list (S3, cold)": fcol(s3, "list_cold_s")}})
     out.append({"title": "Callbacks' added time per save", "xlabel": "checkpoints in the folder", "ylabel": "seconds",
-                "series": {"local": fcol(local, "added_per_save_s"), "S3 (wall, uploads)": fcol(s3, "wall_added_per_save_s")}})
+                "series": {"local (CPU)": fcol(local, "added_per_save_s"),
+                           "S3 (CPU, the uploads included)": fcol(s3, "added_per_save_s")}})
     return out
 
 
