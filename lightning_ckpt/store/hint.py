@@ -134,7 +134,7 @@ def _signature(root: str) -> tuple | None:
     """Inode, size and modification time of a folder's ``latest.json``: any other writer (``os.replace`` of a new
     file) changes it."""
     try:
-        st = os.stat(os.path.join(root, mf.LATEST))
+        st = os.lstat(os.path.join(root, mf.LATEST))
     except OSError:
         return None
     return st.st_ino, st.st_size, st.st_mtime_ns
