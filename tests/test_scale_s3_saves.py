@@ -258,3 +258,61 @@ def test_the_manifest_cache_stays_within_its_budget_and_forgets_what_this_proces
             KEPT.release(store)
         MANIFESTS.budget = None
         MANIFESTS.clear()
+
+
+@pytest.mark.s3
+def test_scans_beside_a_thread_that_commits_and_deletes_end_as_a_fresh_listing(tmp_path, s3):
+    """The uploader's thread commits and deletes while another thread (a callback listing an ``s3://`` dirpath) scans:
+    every scan is a sorted listing of readable checkpoints, and once the changes stop the next scan is exactly what
+    a fresh reader sees, without a pass over the location."""
+    import random
+    import threading
+
+    from lightning_ckpt.read import scan_checkpoints
+
+    prefix = "threads"
+    uri = s3.uri(prefix)
+    template = _template(tmp_path)
+    _fill(s3, prefix, template, 8)
+    store = S3Store(uri)
+    KEPT.hold(store)
+    stop = threading.Event()
+    seen: list = []
+    errors: list = []
+
+    def reader() -> None:
+        try:
+            while not stop.is_set():
+                infos, _ = scan_checkpoints(uri)
+                keys = [(c.step, c.created_unix or 0.0, c.name) for c in infos]
+                assert keys == sorted(keys) and len({c.name for c in infos}) == len(infos)
+                seen.append(len(infos))
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread
+            errors.append(e)
+
+    try:
+        scan_checkpoints(uri)
+        passes = KEPT.passes
+        t = threading.Thread(target=reader)
+        t.start()
+        rng = random.Random(7)
+        names = [f"step={1_000_000 + 10 * i:07d}" for i in range(8)]
+        try:
+            for i in range(30):
+                if names and rng.random() < 0.4:
+                    store.delete(names.pop(rng.randrange(len(names))))
+                else:
+                    name = f"mine-{i}"
+                    store.begin(name).commit(manifest_for(template, rng.randint(1_000_000, 1_000_100),
+                                                          created=rng.random()))
+                    names.append(name)
+        finally:
+            stop.set()
+            t.join(30)
+        assert not errors, errors
+        assert seen  # the reader ran beside the changes
+        infos, bad = scan_checkpoints(uri)
+        assert [c.name for c in infos] == _fresh(s3, prefix)[0] and not bad
+        assert KEPT.passes == passes
+    finally:
+        KEPT.release(store)
