@@ -234,7 +234,7 @@ def test_the_manifest_cache_stays_within_its_budget_and_forgets_what_this_proces
     template = _template(tmp_path)
     store = S3Store(uri)
     raw = [manifest_for(template, 100 + i, created=1.0 + i) for i in range(10)]
-    budget = 3 * max(len(r) for r in raw)
+    budget = 3 * max(len(r) for r in raw) * s3listing.PARSED_PER_BYTE
     MANIFESTS.clear()
     MANIFESTS.budget = budget
     KEPT.hold(store)  # as an uploader does (it lists the location first): its commits are cached

@@ -166,3 +166,39 @@ def test_a_checkpoint_of_the_previous_format_still_loads(tmp_path):
     out = load_checkpoint(str(dst))
     assert out["epoch"] == 1 and len(out["state_dict"]) == 300
     assert torch.equal(out["state_dict"]["layer299.weight"], torch.tensor([299.0, 300.0]))
+
+
+def test_a_run_holds_a_summary_of_each_listed_checkpoint_not_its_tensor_index(tmp_path):
+    """A run keeps its folder's listing in memory (retention, best-k, the callbacks read it at every save). A manifest
+    of many tensors is large once parsed (58 MB at 50,000), so the listing keeps each checkpoint's summary: every
+    field but the per-tensor parts; ``CheckpointInfo.manifest`` still gives the whole manifest, read when asked."""
+    import tracemalloc
+
+    from lightning_ckpt import list_checkpoints
+    from lightning_ckpt.store import LocalStore
+
+    d = tmp_path / "many"
+    w = CheckpointWriter(str(d), async_save=False, fsync=False)
+    try:
+        for step in range(1, 4):
+            w.save({"state_dict": model(3000, shift=step), "global_step": step}, step=step).result()
+        lock = LocalStore(str(d)).lock()  # held as a run holds it: the listing is kept in memory
+        try:
+            tracemalloc.start()
+            try:
+                held = list_checkpoints(str(d))  # reads every manifest once, and keeps the listing
+                kept, _ = tracemalloc.get_traced_memory()
+            finally:
+                tracemalloc.stop()
+            assert [c.step for c in list_checkpoints(str(d))] == [1, 2, 3]  # from memory
+        finally:
+            lock.release()
+    finally:
+        w.close()
+    assert kept < 1_000_000  # three parsed 3,000-tensor manifests: about 11 MB
+    for c in held:
+        assert "tensors" not in c.summary and all("tensors" not in f for f in c.summary["files"].values())
+        assert c.summary["step"] == c.step and c.summary["files"]
+    c = held[-1]
+    assert set(c.manifest["tensors"]) == {f"state_dict/layer{i}.weight" for i in range(3000)}  # read when asked
+    assert c.size_bytes == sum(int(f["size"]) for f in c.manifest["files"].values())

@@ -145,7 +145,7 @@ def _current_best(ckpts: list) -> dict[str, int]:
     from ..folder.best import best_rule
 
     out: dict[str, int] = {}
-    for run in {run_name_of(c.manifest) for c in ckpts}:
+    for run in {run_name_of(c.summary) for c in ckpts}:
         mine = of_run(ckpts, run)
         if best_rule(mine) is None:  # written before rules were recorded: the tags are all there is
             out.update({c.name: 0 for c in mine if "best" in c.tags})

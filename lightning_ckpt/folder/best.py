@@ -17,7 +17,7 @@ from ..read import ANY_RUN, CheckpointInfo, list_checkpoints, of_run
 def best_rule(ckpts: list[CheckpointInfo]) -> Optional[dict]:
     """The ranking rule recorded by the newest checkpoint that has one (``{"monitor", "mode", "top_k"}``)."""
     for c in reversed(ckpts):
-        rules = c.manifest.get("best_rule")
+        rules = c.summary.get("best_rule")
         if isinstance(rules, list) and rules and isinstance(rules[0], dict) and isinstance(rules[0].get("monitor"), str):
             return rules[0]
     return None

@@ -122,7 +122,7 @@ class Folder:
         if failed:
             ids = self.failed_runs(ckpts)
             for c in ckpts:
-                if c.manifest.get("run_id") in ids and c.name not in keep:
+                if c.summary.get("run_id") in ids and c.name not in keep:
                     plan.doomed.setdefault(c.name, FAILED)
             plan.doomed = {c.name: plan.doomed[c.name] for c in ckpts if c.name in plan.doomed}  # oldest first
         return plan
@@ -201,7 +201,7 @@ class Folder:
         out: set = set()
         for name in names:
             c = known.get(name) or self.get(name)
-            m = getattr(c, "manifest", None)
+            m = getattr(c, "summary", None)
             if not isinstance(m, dict):
                 return None
             out.update(m.get("packs") or {})
@@ -223,7 +223,7 @@ class Folder:
             due = self._unswept + 1 >= self.sweep_every
             if freed is not None and not due:
                 if freed and listed:
-                    freed = freed - {p for c in self.checkpoints() for p in (c.manifest.get("packs") or {})}
+                    freed = freed - {p for c in self.checkpoints() for p in (c.summary.get("packs") or {})}
                 if not freed:
                     self._unswept += 1
                     return []
@@ -241,9 +241,9 @@ class Folder:
         """For ``prune``: the packs no kept checkpoint references, ``{"path", "bytes"}`` each: removed, or (``dry_run``)
         those the planned deletions would leave unreferenced."""
         doomed = set(doomed)
-        sizes = {p: int(e["size"]) for c in ckpts for p, e in (c.manifest.get("packs") or {}).items()}
+        sizes = {p: int(e["size"]) for c in ckpts for p, e in (c.summary.get("packs") or {}).items()}
         if dry_run:
-            kept = {p for c in ckpts if c.name not in doomed for p in (c.manifest.get("packs") or {})}
+            kept = {p for c in ckpts if c.name not in doomed for p in (c.summary.get("packs") or {})}
             gone = sorted(set(self.store.pack_names()) - kept)
         else:
             sizes = {**self.store.pack_sizes(), **sizes}  # an orphan's size is no manifest's: the store says it

@@ -157,7 +157,7 @@ class NeededIndex(Tracked):
             _insert(self.best.setdefault(line, []), c)
         if recorded_best_rules([c]):
             _insert(self.ruled.setdefault(line, []), c)
-        m = c.manifest
+        m = c.summary
         lin = m.get("lineage") if isinstance(m.get("lineage"), dict) else {}
         refs = [(r, why) for r, why in ((checkpoint_ref(m.get("resumed_from")), f"the checkpoint {c.name} resumed from"),
                                         (checkpoint_ref(lin.get("parent")), f"the checkpoint the run of {c.name} started from"))
@@ -197,7 +197,7 @@ class NeededIndex(Tracked):
             for c, refs in sorted(self.refs.values(), key=lambda cr: order_key(cr[0])):
                 for ref, why in refs:
                     parent = self.by_name.get(ref)
-                    if parent is not None and not continues(parent.manifest, c.manifest):
+                    if parent is not None and not continues(parent.summary, c.summary):
                         out.setdefault(ref, why)
         return out
 

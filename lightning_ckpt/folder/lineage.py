@@ -65,7 +65,7 @@ def start_lineage(parent: Optional[str], dirpath: str, *, staged: bool = False, 
             ref = os.path.basename(os.path.normpath(str(parent)))
         if same and pm is not None and not branched and lineage_of(pm).get("run_name") == run_name:
             plin = lineage_of(pm)
-            newest = max((c.step for c in scan_checkpoints(dirpath)[0] if lineage_of(c.manifest)["run"] == plin["run"]),
+            newest = max((c.step for c in scan_checkpoints(dirpath)[0] if lineage_of(c.summary)["run"] == plin["run"]),
                          default=-1)
             if int(pm["step"]) >= newest:  # a continuation after a crash or a stop
                 run = plin["run"]
@@ -81,7 +81,7 @@ def branch_points(dirpath: str) -> set[str]:
     for c in scan_checkpoints(dirpath)[0]:
         parent = c.__dict__.get("_branch_parent", False)  # worked out once per listed checkpoint
         if parent is False:
-            lin = c.manifest.get("lineage")
+            lin = c.summary.get("lineage")
             parent = lin["parent"] if (isinstance(lin, dict) and lin.get("branch")
                                        and isinstance(lin.get("parent"), str)) else None
             c.__dict__["_branch_parent"] = parent
@@ -97,7 +97,7 @@ def lineage(dirpath: Any) -> list[Run]:
     where: dict[str, str] = {}  # checkpoint name -> run
     counted: set[str] = set()
     for c in list_checkpoints(dirpath):
-        m = c.manifest
+        m = c.summary
         lin = lineage_of(m)
         run = runs.get(lin["run"])
         if run is None:

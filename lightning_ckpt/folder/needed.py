@@ -72,7 +72,7 @@ def needed(ckpts: list, live_rules: list = (), copy: bool = False) -> dict[str, 
         add(ckpts[-1].name, "the folder's newest checkpoint")
     lines: dict[Optional[str], list] = {}
     for c in ckpts:
-        lines.setdefault(run_name_of(c.manifest), []).append(c)
+        lines.setdefault(run_name_of(c.summary), []).append(c)
     for line, cs in lines.items():
         add(cs[-1].name, f"the newest checkpoint of run {line!r}" if line else "the newest checkpoint of the main line")
         for rule in recorded_best_rules(cs) if not copy else ():
@@ -82,12 +82,12 @@ def needed(ckpts: list, live_rules: list = (), copy: bool = False) -> dict[str, 
                 add(c.name, f"a current best by {rule['monitor']}")
     by_name = {c.name: c for c in ckpts}
     for c in ckpts if not copy else ():
-        m = c.manifest
+        m = c.summary
         lin = m.get("lineage") if isinstance(m.get("lineage"), dict) else {}
         for ref, why in ((checkpoint_ref(m.get("resumed_from")), f"the checkpoint {c.name} resumed from"),
                          (checkpoint_ref(lin.get("parent")), f"the checkpoint the run of {c.name} started from")):
             parent = by_name.get(ref) if ref else None
-            if parent is not None and not continues(parent.manifest, m):
+            if parent is not None and not continues(parent.summary, m):
                 add(ref, why)
     return out
 
@@ -105,7 +105,7 @@ def continues(parent: dict, child: dict) -> bool:
 def recorded_best_rules(cs: list) -> list[dict]:
     """Every ranking rule the newest checkpoint with rules recorded (a folder may have several ranking callbacks)."""
     for c in reversed(cs):
-        rules = c.manifest.get("best_rule")
+        rules = c.summary.get("best_rule")
         if isinstance(rules, list) and rules:
             ok = [r for r in rules if isinstance(r, dict) and isinstance(r.get("monitor"), str)
                   and r.get("mode", "min") in ("min", "max")
@@ -179,14 +179,14 @@ def failed_runs(dirpath: str, ckpts: list) -> set[str]:
     went_on: set[str] = set()
     runs: dict[str, set] = {}  # lineage run -> the process run ids that wrote it
     for c in ckpts:
-        m = c.manifest
+        m = c.summary
         lin = m.get("lineage") if isinstance(m.get("lineage"), dict) else {}
         if isinstance(lin.get("run"), str):
             runs.setdefault(lin["run"], set()).add(m.get("run_id"))
         for ref in (checkpoint_ref(m.get("resumed_from")), checkpoint_ref(lin.get("parent"))):
             parent = by_name.get(ref) if ref else None
-            if parent is not None and parent.manifest.get("run_id") != m.get("run_id"):
-                went_on.add(parent.manifest.get("run_id"))
+            if parent is not None and parent.summary.get("run_id") != m.get("run_id"):
+                went_on.add(parent.summary.get("run_id"))
     for writers in runs.values():
         if len(writers) > 1:
             went_on |= writers

@@ -20,7 +20,7 @@ def records_of(ckpts: list) -> list[Record]:
     out, counted = [], set()
     for c in ckpts:
         rec = c.__dict__.get("_record")  # made once per listed checkpoint (a run's folder is listed from memory)
-        packs = c.manifest.get("packs")
+        packs = c.summary.get("packs")
         if not packs:
             if rec is None:
                 rec = c.__dict__["_record"] = Record(c.name, c.step, c.size_bytes, dict(c.metrics), tuple(c.tags),

@@ -324,7 +324,7 @@ class Uploader:
             log.warning("lightning_ckpt: cannot list %s (%r); not deleting %s now", self.uri, e, ", ".join(names))
             return
         held = self.store.listing_held()  # else the listing is not the location's for sure: collect the whole location
-        known = {n: c.manifest for n in names if (c := self.folder.get(n)) is not None} if held else {}
+        known = {n: c.summary for n in names if (c := self.folder.get(n)) is not None} if held else {}
         freed: set[str] = set()
         for name in names:
             if name not in protected:

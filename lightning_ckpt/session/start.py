@@ -253,7 +253,7 @@ def from_reference(place: Place, ref: dict) -> Start:
     into trial A) starts a branch of exactly that checkpoint."""
     if _same_folder(ref.get("folder"), place.key) and ref.get("run_name") == place.run_name:
         newer = [c for c in of_run(list_checkpoints(place.key), place.run_name)
-                 if lineage_of(c.manifest).get("run") == ref.get("lineage_run") and c.step > ref["step"]]
+                 if lineage_of(c.summary).get("run") == ref.get("lineage_run") and c.step > ref["step"]]
         for c in reversed(newer):
             try:
                 verify_checkpoint(c.path)

@@ -138,7 +138,7 @@ def collect_run(run_folder: Any, *, monitor: Optional[str] = None, mode: Optiona
     infos, skipped = scan_checkpoints(run_folder)
     rows: list[Row] = []
     for c in infos:
-        t = c.manifest.get("timings")
+        t = c.summary.get("timings")
         created = c.created_unix if isinstance(c.created_unix, (int, float)) and math.isfinite(c.created_unix) else None
         rows.append(Row(c.name, c.step, list(c.tags), dict(c.metrics), True, c.epoch, c.size_bytes,
                         _seconds(t, "snapshot_s"), _seconds(t, "write_s"), created))
@@ -159,7 +159,7 @@ def collect_run(run_folder: Any, *, monitor: Optional[str] = None, mode: Optiona
         rows.append(Row(d["name"], d["step"], tags, dict(metrics), False, time_unix=when))
     rows.sort(key=lambda r: (r.step, r.time_unix or 0.0, r.name))
     rep = RunReport(store.uri, rows, history_found=history is not None, history_bad_lines=bad,
-                    unreadable=[(p, str(e)) for p, e in skipped], newest=infos[-1].manifest if infos else {})
+                    unreadable=[(p, str(e)) for p, e in skipped], newest=infos[-1].summary if infos else {})
     best_kept = [c for c in infos if "best" in c.tags]
     if monitor is not None:
         rep.monitor, rep.mode, rep.monitor_source = monitor, mode or "min", "given"
