@@ -307,7 +307,6 @@ def canonical(m: dict) -> bytes:
     return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
 
 
-@pausing
 def summary_of(m: dict) -> dict:
     """A parsed manifest without its per-tensor parts (the index ``tensors`` and each file's and pack's tensor
     records): what a listing keeps of each checkpoint. Those parts grow with the tensors (58 MB of Python objects for
@@ -322,6 +321,7 @@ def summary_of(m: dict) -> dict:
     return out
 
 
+@pausing
 def parse_manifest(raw: bytes, where: str) -> dict:
     """Parse the bytes of a ``manifest.json``, check its digest first (when it has one: manifests written before
     the digest existed have none), then validate its structure (``where`` names it in errors)."""
