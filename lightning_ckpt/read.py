@@ -73,10 +73,14 @@ class CheckpointInfo:
 
     @functools.cached_property
     def manifest(self) -> dict:
-        """The whole manifest (its tensor index and records included), read from the checkpoint. Raises
-        ``CheckpointNotFoundError`` when it was deleted since it was listed."""
+        """The whole manifest (its tensor index and records included), read from the checkpoint: the one listed (its
+        digest is the summary's). Raises ``CheckpointNotFoundError`` when it was deleted or replaced since."""
         store, name = locate(self.path)
-        return store.read_manifest(name)[0]
+        m = store.read_manifest(name)[0]
+        if m.get(DIGEST) != self.summary.get(DIGEST):
+            raise CheckpointNotFoundError(f"{self.path} was replaced by another checkpoint since it was listed (its "
+                                          "manifest digest differs): list the folder again")
+        return m
 
 
 def _info(store: Store, name: str, m: dict) -> CheckpointInfo:

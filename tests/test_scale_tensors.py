@@ -202,3 +202,15 @@ def test_a_run_holds_a_summary_of_each_listed_checkpoint_not_its_tensor_index(tm
     c = held[-1]
     assert set(c.manifest["tensors"]) == {f"state_dict/layer{i}.weight" for i in range(3000)}  # read when asked
     assert c.size_bytes == sum(int(f["size"]) for f in c.manifest["files"].values())
+    # the manifest read when asked is the one listed: a checkpoint replaced under its name since is refused
+    from lightning_ckpt.errors import CheckpointNotFoundError
+
+    first = held[0]
+    LocalStore(str(d)).delete(first.name)
+    w = CheckpointWriter(str(d), async_save=False, fsync=False)
+    try:
+        w.save({"state_dict": model(3000, shift=9), "global_step": 1}, step=1).result()
+    finally:
+        w.close()
+    with pytest.raises(CheckpointNotFoundError, match="replaced"):
+        first.manifest

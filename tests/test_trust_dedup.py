@@ -121,7 +121,7 @@ def test_a_forged_content_hash_never_makes_a_save_reference_the_wrong_bytes(tmp_
     for r in (res, again):
         verify_checkpoint(r.path)
         assert torch.equal(load_checkpoint(r.path)["state_dict"]["w"], g)
-        assert not set(list_checkpoints(tmp_path)[-1].manifest["packs"]) & set(a.manifest["packs"])
+        assert not set(list_checkpoints(tmp_path)[-1].summary["packs"]) & set(a.summary["packs"])
 
 
 def test_an_honest_pack_found_by_hash_is_read_back_once_and_reused(tmp_path, monkeypatch):
