@@ -188,16 +188,18 @@ class Folder:
         known = {c.name: c for c in plan.ckpts}
         done = self.delete(plan.doomed, protected=plan.protected, purge=purge, on_deleted=on_deleted)
         if done and collect:
-            freed = self._packs_of(done, known)
+            freed = self.packs_of(done, known)
             if purge is not None:
                 purge.submit(self.collect, freed)
             else:
                 self.collect(freed)
         return done
 
-    def _packs_of(self, names: Iterable[str], known: dict) -> Optional[set]:
-        """The packs the manifests of ``names`` referenced (from ``known``, else the listing last planned), or None
-        when one of them is unknown here (the caller collects the whole content store)."""
+    def packs_of(self, names: Iterable[str], known: Optional[dict] = None) -> Optional[set]:
+        """The packs the manifests of ``names`` referenced (from ``known``, name -> checkpoint, else the listing last
+        planned), or None when one of them is unknown here: what :meth:`collect` takes as ``freed`` (None: the whole
+        content store)."""
+        known = known or {}
         out: set = set()
         for name in names:
             c = known.get(name) or self.get(name)

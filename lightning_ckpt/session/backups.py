@@ -324,12 +324,9 @@ class Uploader:
             log.warning("lightning_ckpt: cannot list %s (%r); not deleting %s now", self.uri, e, ", ".join(names))
             return
         held = self.store.listing_held()  # else the listing is not the location's for sure: collect the whole location
-        known = {n: c.summary for n in names if (c := self.folder.get(n)) is not None} if held else {}
-        freed: set[str] = set()
-        for name in names:
-            if name not in protected:
-                m = known.get(name)
-                freed.update((m.get("packs") or {}) if isinstance(m, dict) else {"?"})  # unknown (unreadable): collect
+        # the packs of what is deleted, known before the deletion (None: one is unknown, collect the whole location)
+        doomed = [n for n in names if n not in protected]
+        freed = self.folder.packs_of(doomed) if held or not doomed else None
 
         def deleted(name: str) -> None:
             self.deleted.append(name)
