@@ -175,16 +175,9 @@ def fit_steps(dirpath: str | None, steps: int, **cb_options: Any) -> tuple[list[
     return [b - a for a, b in zip(marks, marks[1:])], [b - a for a, b in zip(cpu, cpu[1:])], wall, marks[:-1]
 
 
-def callbacks_per_save(folder: str, steps: int, skip: int, **cb_options: Any) -> dict:
-    """The callbacks' added time per save: median step with them minus median step without (CPU time of the
-    process, and wall time), the first ``skip`` steps left out; the first save's extra time (the folder's listing
-    is read once per fit); and the fit's wall time per save."""
-    return summarize([fit_samples(folder, steps, skip, **cb_options)])
-
-
 def fit_samples(folder: str, steps: int, skip: int, **cb_options: Any) -> dict:
-    """The raw samples behind :func:`callbacks_per_save` for one fit with the callbacks and one without: per step
-    and per call of the timed methods, and the fits' wall times. Left out: the first ``skip`` steps and calls, and on
+    """The callbacks' added time per save, as raw samples for :func:`summarize`: one fit with the callbacks and one
+    without, per step and per call of the timed methods, and the fits' wall times. Left out: the first ``skip`` steps and calls, and on
     S3 also the steps that began before the uploader's first retention pass ended (that pass reads the manifests of
     the location once per fit, in the background: a one-time cost, in ``first_save_extra``)."""
     from lightning_ckpt.session.backups import Uploader
