@@ -4,6 +4,7 @@ and "plan" both taken: DTensor shards plus a replicated plain tensor that DCP de
 rank fails to read, or to plan (``dcp.planned.load_planned``): every rank must raise."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -40,37 +41,42 @@ def main(d: str) -> None:
 
     planned._plan_reply = counted_reply
 
-    def attempt(label: str, step: int) -> None:
+    def attempt(label: str, run) -> None:
         try:
-            w.save(state, step=step).result()
+            run()
             out[label] = "ok"
         except BaseException as e:  # noqa: BLE001
             out[label] = f"{type(e).__name__}: {e}"
 
-    real_plan = DefaultSavePlanner.create_local_plan
+    def save(step: int):
+        return lambda: w.save(state, step=step).result()
 
-    def bad_plan(self):
-        if rank == 1:
-            raise RuntimeError("injected plan failure")
-        return real_plan(self)
+    def load():
+        load_into(list_checkpoints(folder)[-1].path, state)
 
-    DefaultSavePlanner.create_local_plan = bad_plan
-    attempt("plan_failure", 1)
-    DefaultSavePlanner.create_local_plan = real_plan
+    @contextlib.contextmanager
+    def failing(cls, attr: str, on_rank: int, exc: BaseException):
+        """``cls.attr`` raises ``exc`` on rank ``on_rank`` while the block runs."""
+        real = getattr(cls, attr)
 
-    real_write = lc_dcp.LCStorageWriter.write_chunks
+        def bad(self, *a):
+            if rank == on_rank:
+                raise exc
+            return real(self, *a)
 
-    def bad_write(self, plan, planner):
-        if rank == 1:
-            raise OSError(28, "injected: no space left on device")
-        return real_write(self, plan, planner)
+        setattr(cls, attr, bad)
+        try:
+            yield
+        finally:
+            setattr(cls, attr, real)
 
-    lc_dcp.LCStorageWriter.write_chunks = bad_write
-    attempt("write_failure", 2)
-    lc_dcp.LCStorageWriter.write_chunks = real_write
+    with failing(DefaultSavePlanner, "create_local_plan", 1, RuntimeError("injected plan failure")):
+        attempt("plan_failure", save(1))
+    with failing(lc_dcp.LCStorageWriter, "write_chunks", 1, OSError(28, "injected: no space left on device")):
+        attempt("write_failure", save(2))
     dist.barrier()
     out["committed_after_failures"] = [c.name for c in list_checkpoints(folder)]
-    attempt("good", 3)
+    attempt("good", save(3))
     w.close()
     dist.barrier()
     out["committed"] = [c.name for c in list_checkpoints(folder)]
@@ -80,36 +86,12 @@ def main(d: str) -> None:
     with torch.no_grad():
         for v in state["state_dict"].values():
             (v.to_local() if hasattr(v, "to_local") else v).zero_()
-    load_into(list_checkpoints(folder)[-1].path, state)
+    load()
     out["loaded_equal"] = all(torch.equal(full(state["state_dict"][k]), want[k]) for k in want)
-    real_read = lc_dcp.LCStorageReader.read_data
-
-    def bad_read(self, plan, planner):
-        if rank == 1:
-            raise OSError(5, "injected: input/output error")
-        return real_read(self, plan, planner)
-
-    lc_dcp.LCStorageReader.read_data = bad_read
-    try:
-        load_into(list_checkpoints(folder)[-1].path, state)
-        out["read_failure"] = "ok"
-    except BaseException as e:  # noqa: BLE001
-        out["read_failure"] = f"{type(e).__name__}: {e}"
-    lc_dcp.LCStorageReader.read_data = real_read
-    real_plan_load = DefaultLoadPlanner.create_local_plan
-
-    def bad_load_plan(self):
-        if rank == 0:
-            raise RuntimeError("injected load plan failure")
-        return real_plan_load(self)
-
-    DefaultLoadPlanner.create_local_plan = bad_load_plan
-    try:
-        load_into(list_checkpoints(folder)[-1].path, state)
-        out["load_plan_failure"] = "ok"
-    except BaseException as e:  # noqa: BLE001
-        out["load_plan_failure"] = f"{type(e).__name__}: {e}"
-    DefaultLoadPlanner.create_local_plan = real_plan_load
+    with failing(lc_dcp.LCStorageReader, "read_data", 1, OSError(5, "injected: input/output error")):
+        attempt("read_failure", load)
+    with failing(DefaultLoadPlanner, "create_local_plan", 0, RuntimeError("injected load plan failure")):
+        attempt("load_plan_failure", load)
     with open(os.path.join(d, f"out-{rank}.json"), "w") as f:
         json.dump(out, f)
     dist.barrier()
